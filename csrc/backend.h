@@ -1,0 +1,83 @@
+/*
+** backend.h: the model and session as every backend sees them, and the
+** narrow set of operations a backend implements.
+**
+** The model description (which tensors, in what order the ops run, the KV
+** layout) lives in model.c and session.c once; a backend only runs blocks.
+*/
+#ifndef GPTOSS_BACKEND_H
+#define GPTOSS_BACKEND_H
+
+#include "internal.h"
+
+typedef struct gptoss_backend gptoss_backend;
+
+struct gptoss_model {
+  gptoss_config cfg;
+  gptoss_st *st;
+  char *dir;
+  char device[32];
+  int device_index;
+  int context;                       /* max positions per session */
+  const gptoss_tensor *embed, *norm, *lm_head;
+  const gptoss_tensor *(*layer)[GPTOSS_T_PER_LAYER];   /* [layer][role - GPTOSS_T_LAYER_FIRST] */
+  float *inv_freq;                   /* head_dim/2 rotary frequencies (YaRN applied) */
+  float rope_scale;                  /* YaRN attention scaling, applied to cos and sin */
+  int threads;
+  const gptoss_backend *be;
+  void *bm;                          /* backend state */
+};
+
+#define LAYER_T(m, l, role) ((m)->layer[l][(role) - GPTOSS_T_LAYER_FIRST])
+
+struct gptoss_session {
+  gptoss_model *m;
+  int pos;                           /* tokens in the cache */
+  int context;                       /* hard limit on pos */
+  int ring;                          /* positions a sliding layer keeps */
+  int32_t *history;                  /* every token fed, [context] */
+  int has_logits;                    /* the last feed left logits to sample from */
+  float *logits;                     /* host copy of the last position's logits (CPU backend) */
+  int trace;
+  int32_t *trace_e;                  /* [trace_cap][layers][k] */
+  float *trace_w;
+  int trace_n, trace_cap;
+  void *bs;                          /* backend state */
+};
+
+struct gptoss_backend {
+  const char *name;
+  gptoss_status (*model_init)(gptoss_model *m, const gptoss_model_opts *o);
+  void (*model_free)(gptoss_model *m);
+  gptoss_status (*session_init)(gptoss_session *s);
+  void (*session_free)(gptoss_session *s);
+  /* copies the cache of src into dst (same model and capacity) */
+  gptoss_status (*session_copy)(gptoss_session *dst, const gptoss_session *src);
+  /* Runs counts[i] tokens of ss[i] (ids concatenated), at each session's
+     pos, updating caches. Does not advance pos: the caller does. Logits:
+     LAST gives one row per session, ALL one per token, into out (host) when
+     out is not NULL; a backend also keeps the last row for sample(). */
+  gptoss_status (*forward)(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
+                           gptoss_logits_mode mode, float *out);
+  gptoss_status (*sample)(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out);
+  void (*memory)(const gptoss_model *m, gptoss_memory *out);
+};
+
+extern const gptoss_backend gptoss_cpu_backend;
+
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
+/* records one token's routing for layer l when tracing (called by backends) */
+void gptoss_trace_record(gptoss_session *s, int token_index, int layer, const int32_t *experts, const float *w);
+/* grows the trace buffers to hold `extra` more tokens */
+gptoss_status gptoss_trace_reserve(gptoss_session *s, int extra);
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+
+/* ring slot of absolute position p in a sliding layer */
+static inline int gptoss_ring_slot(const gptoss_session *s, int p) { return p % s->ring; }
+
+#endif

@@ -1,0 +1,37 @@
+/*
+** cpu.h: the CPU backend's kernels. fp32 arithmetic on bf16 and MXFP4
+** weights read straight from the mapping; nothing is dequantized into a
+** second copy of the model.
+*/
+#ifndef GPTOSS_CPU_H
+#define GPTOSS_CPU_H
+
+#include "../backend.h"
+
+/* the FP4 (E2M1) code points, bit 3 the sign */
+extern const float gptoss_fp4_values[16];
+
+float cpu_dot(const float *a, const float *b, int n);
+void cpu_bf16_row(float *dst, const uint16_t *src, int n);
+/* one MXFP4 row of n = 32*G values: blocks[G][16], scales[G] */
+void cpu_mxfp4_row(float *dst, const uint8_t *blocks, const uint8_t *scales, int n);
+static inline float cpu_e8m0(uint8_t e) {
+  union { uint32_t u; float f; } v;
+  v.u = e ? (uint32_t)e << 23 : 0x00400000u;   /* 2^(e-127); e = 0 is the subnormal 2^-127 */
+  return v.f;
+}
+
+/* out[t*os + r] = bias[r] + W[r,:] . in[t*is + :] for r < N, t < T; W bf16 [N][K] */
+void cpu_matmul_bf16(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+                     const uint16_t *W, int N, int K, const uint16_t *bias);
+/* the same for the MXFP4 rows of one expert: blocks [N][K/32][16], scales [N][K/32] */
+void cpu_matmul_mxfp4(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+                      const uint8_t *blocks, const uint8_t *scales, int N, int K, const uint16_t *bias);
+
+void cpu_rmsnorm(float *out, const float *x, const uint16_t *w, int n, float eps);
+/* half-split rotation of one head: pairs (i, i + d/2) by angle pos*inv_freq[i] */
+void cpu_rope(float *x, int d, int pos, const float *inv_freq, float scale);
+/* clamped SwiGLU over interleaved gate/up: out[j] from h[2j] (gate), h[2j+1] (up) */
+void cpu_swiglu(float *out, const float *h, int n, float limit);
+
+#endif

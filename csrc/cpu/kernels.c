@@ -1,0 +1,144 @@
+/*
+** kernels.c: the CPU backend's arithmetic, in plain C the compiler
+** vectorises. Hot loops are cloned for AVX2/AVX-512 and picked at load time,
+** so one binary runs on any x86-64 and uses what the machine has.
+*/
+#include <math.h>
+#include <string.h>
+#include <stdlib.h>
+#include "cpu.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define HOT __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define HOT
+#endif
+
+const float gptoss_fp4_values[16] = {
+  +0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
+  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f,
+};
+
+/* Sixteen partial sums: enough independent chains for the vector units, and
+   a summation order that does not depend on the thread count. */
+HOT float cpu_dot(const float *a, const float *b, int n) {
+  float acc[16] = {0};
+  int i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; j++) acc[j] += a[i + j] * b[i + j];
+  float s = 0;
+  for (int j = 0; j < 16; j++) s += acc[j];
+  for (; i < n; i++) s += a[i] * b[i];
+  return s;
+}
+
+HOT void cpu_bf16_row(float *dst, const uint16_t *src, int n) {
+  uint32_t *d = (uint32_t *)dst;
+  for (int i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+}
+
+/* byte -> (low nibble value, high nibble value): the low nibble comes first */
+static float fp4_pairs[256][2];
+static void fp4_init(void) {
+  for (int b = 0; b < 256; b++) {
+    fp4_pairs[b][0] = gptoss_fp4_values[b & 15];
+    fp4_pairs[b][1] = gptoss_fp4_values[b >> 4];
+  }
+}
+__attribute__((constructor)) static void kernels_init(void) { fp4_init(); }
+
+void cpu_mxfp4_row(float *dst, const uint8_t *blocks, const uint8_t *scales, int n) {
+  int G = n / 32;
+  for (int g = 0; g < G; g++) {
+    float s = cpu_e8m0(scales[g]);
+    const uint8_t *b = blocks + 16 * g;
+    float *o = dst + 32 * g;
+    for (int j = 0; j < 16; j++) {
+      o[2 * j] = fp4_pairs[b[j]][0] * s;
+      o[2 * j + 1] = fp4_pairs[b[j]][1] * s;
+    }
+  }
+}
+
+typedef struct mm_job {
+  float *out;
+  int os, is, T, N, K;
+  const float *in;
+  const uint16_t *W, *bias;
+  const uint8_t *blocks, *scales;
+} mm_job;
+
+/* Rows are independent, so each thread takes a contiguous range of them and
+   converts each row once for all T tokens. */
+static void mm_bf16_worker(void *ctx, int tid, int nth) {
+  mm_job *j = ctx;
+  int64_t lo, hi;
+  gptoss_split(j->N, tid, nth, &lo, &hi);
+  float *row = malloc(sizeof(float) * (size_t)j->K);
+  if (!row) abort();
+  for (int64_t r = lo; r < hi; r++) {
+    cpu_bf16_row(row, j->W + (size_t)r * (size_t)j->K, j->K);
+    float b = j->bias ? gptoss_bf16_to_f32(j->bias[r]) : 0.0f;
+    for (int t = 0; t < j->T; t++)
+      j->out[(size_t)t * (size_t)j->os + (size_t)r] = cpu_dot(row, j->in + (size_t)t * (size_t)j->is, j->K) + b;
+  }
+  free(row);
+}
+
+void cpu_matmul_bf16(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+                     const uint16_t *W, int N, int K, const uint16_t *bias) {
+  mm_job j = { out, os, is, T, N, K, in, W, bias, NULL, NULL };
+  gptoss_pool_run(p, mm_bf16_worker, &j);
+}
+
+static void mm_mxfp4_worker(void *ctx, int tid, int nth) {
+  mm_job *j = ctx;
+  int64_t lo, hi;
+  gptoss_split(j->N, tid, nth, &lo, &hi);
+  float *row = malloc(sizeof(float) * (size_t)j->K);
+  if (!row) abort();
+  int G = j->K / 32;
+  for (int64_t r = lo; r < hi; r++) {
+    cpu_mxfp4_row(row, j->blocks + (size_t)r * (size_t)G * 16, j->scales + (size_t)r * (size_t)G, j->K);
+    float b = j->bias ? gptoss_bf16_to_f32(j->bias[r]) : 0.0f;
+    for (int t = 0; t < j->T; t++)
+      j->out[(size_t)t * (size_t)j->os + (size_t)r] = cpu_dot(row, j->in + (size_t)t * (size_t)j->is, j->K) + b;
+  }
+  free(row);
+}
+
+void cpu_matmul_mxfp4(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+                      const uint8_t *blocks, const uint8_t *scales, int N, int K, const uint16_t *bias) {
+  mm_job j = { out, os, is, T, N, K, in, NULL, bias, blocks, scales };
+  gptoss_pool_run(p, mm_mxfp4_worker, &j);
+}
+
+/* RMSNorm as transformers computes it: fp32 mean of squares, then the weight */
+void cpu_rmsnorm(float *out, const float *x, const uint16_t *w, int n, float eps) {
+  float ss = cpu_dot(x, x, n) / (float)n;
+  float r = 1.0f / sqrtf(ss + eps);
+  for (int i = 0; i < n; i++) out[i] = gptoss_bf16_to_f32(w[i]) * (x[i] * r);
+}
+
+void cpu_rope(float *x, int d, int pos, const float *inv_freq, float scale) {
+  int h = d / 2;
+  for (int i = 0; i < h; i++) {
+    float th = (float)pos * inv_freq[i];
+    float c = cosf(th) * scale, s = sinf(th) * scale;
+    float a = x[i], b = x[i + h];
+    x[i] = a * c - b * s;
+    x[i + h] = b * c + a * s;
+  }
+}
+
+void cpu_swiglu(float *out, const float *h, int n, float limit) {
+  const float alpha = 1.702f;
+  for (int j = 0; j < n; j++) {
+    float g = h[2 * j], u = h[2 * j + 1];
+    if (g > limit) g = limit;
+    if (u > limit) u = limit;
+    if (u < -limit) u = -limit;
+    float glu = g / (1.0f + expf(-alpha * g));
+    out[j] = (u + 1.0f) * glu;
+  }
+}

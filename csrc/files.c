@@ -1,0 +1,54 @@
+/*
+** files.c: whole-file reads and path helpers.
+*/
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include "internal.h"
+
+char *gptoss_read_file(const char *path, size_t *len) {
+  FILE *f = fopen(path, "rb");
+  if (!f) { gptoss_fail(GPTOSS_EIO, "%s: cannot open: %s", path, strerror(errno)); return NULL; }
+  struct stat st;
+  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+    fclose(f);
+    gptoss_fail(GPTOSS_EIO, "%s: not a regular file", path);
+    return NULL;
+  }
+  size_t n = (size_t)st.st_size;
+  char *buf = malloc(n + 1);
+  if (!buf) { fclose(f); gptoss_fail(GPTOSS_ENOMEM, "%s: out of memory reading %zu bytes", path, n); return NULL; }
+  if (n && fread(buf, 1, n, f) != n) {
+    int e = errno;
+    free(buf); fclose(f);
+    gptoss_fail(GPTOSS_EIO, "%s: read failed: %s", path, e ? strerror(e) : "short read");
+    return NULL;
+  }
+  fclose(f);
+  buf[n] = 0;
+  if (len) *len = n;
+  return buf;
+}
+
+char *gptoss_path_join(const char *dir, const char *name) {
+  size_t a = strlen(dir), b = strlen(name);
+  char *s = malloc(a + b + 2);
+  if (!s) return NULL;
+  memcpy(s, dir, a);
+  size_t k = a;
+  if (a && dir[a - 1] != '/') s[k++] = '/';
+  memcpy(s + k, name, b + 1);
+  return s;
+}
+
+int gptoss_is_dir(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+int gptoss_file_exists(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}

@@ -1,0 +1,310 @@
+/*
+** gptoss.h: the public C API of the gptoss engine.
+**
+** Plain C11, no Lua. Every function that can fail returns a gptoss_status
+** (0 on success) and leaves a message for gptoss_errmsg(); the message is
+** per thread, so engine threads and Lua states never see each other's.
+** Objects are opaque and freed by their *_free function, which accepts NULL.
+*/
+#ifndef GPTOSS_H
+#define GPTOSS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* the C API is what the shared objects export; everything else is hidden */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+
+#define GPTOSS_VERSION "0.1.0"
+
+/* {====================================================== errors */
+typedef enum gptoss_status {
+  GPTOSS_OK = 0,
+  GPTOSS_EARG = 1,     /* bad argument: a programming error of the caller */
+  GPTOSS_EIO = 2,      /* open/read/write/mmap/rename failed */
+  GPTOSS_EFORMAT = 3,  /* a file's contents are invalid */
+  GPTOSS_ENOMEM = 4,   /* host or device memory exhausted */
+  GPTOSS_ERANGE = 5,   /* a position, id or size past a limit */
+  GPTOSS_EDEVICE = 6,  /* a CUDA or backend failure */
+  GPTOSS_ESTATE = 7,   /* object closed or in the wrong state */
+  GPTOSS_EUNSUP = 8    /* valid input that this build does not support */
+} gptoss_status;
+
+const char *gptoss_errmsg(void);           /* message of this thread's last failure */
+gptoss_status gptoss_errcode(void);        /* code of this thread's last failure */
+/* internal but shared by all engine files: sets the message and returns code */
+gptoss_status gptoss_fail(gptoss_status code, const char *fmt, ...)
+#if defined(__GNUC__)
+  __attribute__((format(printf, 2, 3)))
+#endif
+  ;
+/* }====================================================== */
+
+/* {====================================================== dtypes */
+/* Same order as the safetensors crate: tensors are laid out by dtype
+   descending, then by name, and this enum's order decides that. */
+typedef enum gptoss_dtype {
+  GPTOSS_BOOL, GPTOSS_U8, GPTOSS_I8, GPTOSS_F8_E5M2, GPTOSS_F8_E4M3,
+  GPTOSS_I16, GPTOSS_U16, GPTOSS_F16, GPTOSS_BF16, GPTOSS_I32, GPTOSS_U32,
+  GPTOSS_F32, GPTOSS_F64, GPTOSS_I64, GPTOSS_U64,
+  GPTOSS_DTYPE_COUNT
+} gptoss_dtype;
+
+const char *gptoss_dtype_name(gptoss_dtype t);
+int gptoss_dtype_from_name(const char *name);     /* -1 when unknown */
+size_t gptoss_dtype_size(gptoss_dtype t);
+/* }====================================================== */
+
+/* {====================================================== safetensors */
+#define GPTOSS_MAX_DIMS 8
+
+typedef struct gptoss_tensor {
+  const char *name;
+  gptoss_dtype dtype;
+  int ndim;
+  int64_t shape[GPTOSS_MAX_DIMS];
+  const void *data;        /* points into the mapping: no copy */
+  size_t nbytes;
+  const char *file;        /* the file it was read from */
+} gptoss_tensor;
+
+typedef struct gptoss_st gptoss_st;  /* a set of mapped safetensors files */
+
+/* path: a .safetensors file, a model.safetensors.index.json, or a directory
+   holding either model.safetensors.index.json or model.safetensors. */
+gptoss_status gptoss_st_open(const char *path, gptoss_st **out);
+size_t gptoss_st_count(const gptoss_st *st);
+const gptoss_tensor *gptoss_st_at(const gptoss_st *st, size_t i);
+const gptoss_tensor *gptoss_st_find(const gptoss_st *st, const char *name);
+/* "__metadata__" entry of the (first) file, or NULL */
+const char *gptoss_st_metadata(const gptoss_st *st, const char *key);
+void gptoss_st_free(gptoss_st *st);
+
+/* Writer: tensors are declared first, then the file is written in the
+   safetensors crate's layout to "<path>.tmp-XXXXXX" and renamed into place
+   by commit, so no reader ever sees a half-written file. */
+typedef struct gptoss_st_writer gptoss_st_writer;
+
+typedef enum gptoss_fill_kind {
+  GPTOSS_FILL_DATA,        /* copy of caller bytes */
+  GPTOSS_FILL_NORMAL,      /* a + b * N(0,1), for float dtypes */
+  GPTOSS_FILL_UNIFORM,     /* uniform in [a, b), float dtypes; ints in [a, b] */
+  GPTOSS_FILL_CONST        /* every element = a */
+} gptoss_fill_kind;
+
+typedef struct gptoss_fill {
+  gptoss_fill_kind kind;
+  double a, b;
+  uint64_t seed;           /* random fills are a pure function of (seed, element index) */
+  const void *data;        /* GPTOSS_FILL_DATA: nbytes of it are copied at add time */
+  size_t nbytes;
+} gptoss_fill;
+
+gptoss_status gptoss_stw_new(const char *path, gptoss_st_writer **out);
+gptoss_status gptoss_stw_add(gptoss_st_writer *w, const char *name, gptoss_dtype dtype,
+                             int ndim, const int64_t *shape, const gptoss_fill *fill);
+gptoss_status gptoss_stw_metadata(gptoss_st_writer *w, const char *key, const char *value);
+uint64_t gptoss_stw_data_bytes(const gptoss_st_writer *w);
+gptoss_status gptoss_stw_commit(gptoss_st_writer *w, int threads);
+void gptoss_stw_free(gptoss_st_writer *w);  /* without commit: nothing is left on disk */
+/* }====================================================== */
+
+/* {====================================================== config */
+#define GPTOSS_MAX_LAYERS 256
+#define GPTOSS_MAX_EOS 8
+
+typedef struct gptoss_config {
+  int hidden_size, intermediate_size, num_hidden_layers;
+  int num_attention_heads, num_key_value_heads, head_dim;
+  int num_local_experts, num_experts_per_tok;
+  int vocab_size, sliding_window;
+  int max_position_embeddings, initial_context_length;
+  double rope_theta;
+  int rope_yarn;                       /* 0: plain RoPE, 1: YaRN */
+  double rope_factor, rope_beta_fast, rope_beta_slow;
+  int rope_original_max_position_embeddings, rope_truncate;
+  double swiglu_limit, rms_norm_eps;
+  int eos_token_ids[GPTOSS_MAX_EOS], n_eos;
+  int pad_token_id, bos_token_id;      /* -1 when absent */
+  int tie_word_embeddings;
+  int experts_mxfp4;                   /* quantization_config.quant_method == "mxfp4" */
+  unsigned char layer_sliding[GPTOSS_MAX_LAYERS];
+} gptoss_config;
+
+/* Parses and validates a config.json text; `where` names it in errors. */
+gptoss_status gptoss_config_parse(const char *json, size_t len, const char *where,
+                                  gptoss_config *out);
+gptoss_status gptoss_config_load(const char *path, gptoss_config *out);
+/* Serialises the config in the Hugging Face config.json form. Caller frees. */
+char *gptoss_config_to_json(const gptoss_config *c);
+/* Validates a config built in memory (also used by the parser). */
+gptoss_status gptoss_config_check(const gptoss_config *c, const char *where);
+/* }====================================================== */
+
+/* {====================================================== model description */
+typedef enum gptoss_role {
+  GPTOSS_T_EMBED, GPTOSS_T_NORM, GPTOSS_T_LM_HEAD,
+  GPTOSS_T_ATTN_NORM, GPTOSS_T_Q_W, GPTOSS_T_Q_B, GPTOSS_T_K_W, GPTOSS_T_K_B,
+  GPTOSS_T_V_W, GPTOSS_T_V_B, GPTOSS_T_O_W, GPTOSS_T_O_B, GPTOSS_T_SINKS,
+  GPTOSS_T_MLP_NORM, GPTOSS_T_ROUTER_W, GPTOSS_T_ROUTER_B,
+  GPTOSS_T_GU_BLOCKS, GPTOSS_T_GU_SCALES, GPTOSS_T_GU_BIAS,
+  GPTOSS_T_DN_BLOCKS, GPTOSS_T_DN_SCALES, GPTOSS_T_DN_BIAS,
+  GPTOSS_T_ROLE_COUNT
+} gptoss_role;
+#define GPTOSS_T_LAYER_FIRST GPTOSS_T_ATTN_NORM
+#define GPTOSS_T_PER_LAYER (GPTOSS_T_ROLE_COUNT - GPTOSS_T_LAYER_FIRST)
+
+typedef struct gptoss_tensor_spec {
+  char name[80];
+  gptoss_dtype dtype;
+  int ndim;
+  int64_t shape[4];
+  gptoss_role role;
+  int layer;                /* -1 for global tensors */
+} gptoss_tensor_spec;
+
+/* The tensors a gpt-oss checkpoint of this config holds, in Hugging Face
+   names and layout, in state-dict order (layers, then embed, norm, lm_head). */
+gptoss_status gptoss_tensor_specs(const gptoss_config *c, gptoss_tensor_spec **out, size_t *n);
+uint64_t gptoss_tensor_spec_bytes(const gptoss_tensor_spec *s);
+/* }====================================================== */
+
+/* {====================================================== tokenizer */
+typedef struct gptoss_tokenizer gptoss_tokenizer;
+
+gptoss_status gptoss_tokenizer_load(const char *path, gptoss_tokenizer **out);
+void gptoss_tokenizer_free(gptoss_tokenizer *t);
+int gptoss_tokenizer_vocab_size(const gptoss_tokenizer *t);   /* incl. specials */
+int gptoss_tokenizer_n_ordinary(const gptoss_tokenizer *t);   /* mergeable ranks */
+
+/* A growable id buffer owned by the caller. */
+typedef struct gptoss_ids { int32_t *v; size_t n, cap; } gptoss_ids;
+void gptoss_ids_free(gptoss_ids *ids);
+
+enum {
+  GPTOSS_ENC_SPECIAL = 1,   /* recognise special-token strings (all, or those allowed) */
+  GPTOSS_ENC_BYTES = 2      /* accept invalid UTF-8 (bytes mode) */
+};
+/* allowed: NULL = every special when GPTOSS_ENC_SPECIAL; else a NULL-terminated
+   list of special names. Appends to out. */
+gptoss_status gptoss_encode(const gptoss_tokenizer *t, const char *text, size_t len,
+                            int flags, const char *const *allowed, gptoss_ids *out);
+/* Bytes of one token (specials give their name); NULL when out of range. */
+const char *gptoss_token_bytes(const gptoss_tokenizer *t, int32_t id, size_t *len);
+int32_t gptoss_special_id(const gptoss_tokenizer *t, const char *name);  /* -1 if none */
+int gptoss_is_special(const gptoss_tokenizer *t, int32_t id);
+/* }====================================================== */
+
+/* {====================================================== sampling */
+typedef struct gptoss_sampling {
+  float temperature;        /* 0 = greedy */
+  int top_k;                /* 0 = off */
+  float top_p;              /* 1 = off; in (0, 1] */
+  float min_p;              /* 0 = off; in [0, 1] */
+  float repetition_penalty; /* 1 = off; > 0 */
+  float presence_penalty, frequency_penalty;  /* 0 = off */
+  int penalty_window;       /* last N tokens of the session; 0 = whole history */
+  uint64_t seed;
+  int n_bias;
+  const int32_t *bias_ids;
+  const float *bias_values;
+} gptoss_sampling;
+
+void gptoss_sampling_default(gptoss_sampling *s);
+gptoss_status gptoss_sampling_check(const gptoss_sampling *s, int vocab);
+
+typedef struct gptoss_sampler gptoss_sampler;
+gptoss_status gptoss_sampler_new(const gptoss_sampling *s, int vocab, gptoss_sampler **out);
+void gptoss_sampler_free(gptoss_sampler *s);
+/* Samples from logits[vocab] given the token history (for penalties). The
+   logits array is used as scratch. */
+int32_t gptoss_sampler_sample(gptoss_sampler *s, float *logits,
+                              const int32_t *history, size_t n_history);
+/* }====================================================== */
+
+/* {====================================================== model and sessions */
+typedef struct gptoss_model gptoss_model;
+typedef struct gptoss_session gptoss_session;
+
+typedef struct gptoss_model_opts {
+  const char *device;      /* "cpu" (default) or "cuda[:N]" */
+  int threads;             /* CPU threads; 0 = number of cores */
+  int context;             /* max tokens per session; 0 = min(max_position_embeddings, 8192) */
+  size_t memory_budget;    /* CUDA: bytes the model may hold; 0 = 90% of free memory */
+} gptoss_model_opts;
+
+gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);
+void gptoss_model_free(gptoss_model *m);
+const gptoss_config *gptoss_model_config(const gptoss_model *m);
+const gptoss_st *gptoss_model_weights(const gptoss_model *m);
+const char *gptoss_model_device(const gptoss_model *m);
+int gptoss_model_context(const gptoss_model *m);
+
+typedef struct gptoss_memory {
+  uint64_t weights, kv, workspace, total, device_free, device_total;
+} gptoss_memory;
+void gptoss_model_memory(const gptoss_model *m, gptoss_memory *out);
+
+typedef struct gptoss_session_opts {
+  int context;             /* 0 = the model's */
+  int rewind;              /* how many positions a rewind may go back past the
+                              sliding window; sliding layers keep window+rewind */
+} gptoss_session_opts;
+
+gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o,
+                                 gptoss_session **out);
+void gptoss_session_free(gptoss_session *s);
+int gptoss_session_pos(const gptoss_session *s);
+int gptoss_session_context(const gptoss_session *s);
+const int32_t *gptoss_session_history(const gptoss_session *s);
+gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out);
+gptoss_status gptoss_session_rewind(gptoss_session *s, int pos);
+
+typedef enum { GPTOSS_LOGITS_NONE, GPTOSS_LOGITS_LAST, GPTOSS_LOGITS_ALL } gptoss_logits_mode;
+/* Runs n tokens through the model at the session's position. With
+   GPTOSS_LOGITS_ALL, out receives n*vocab floats; with LAST, vocab floats. */
+gptoss_status gptoss_session_feed(gptoss_session *s, const int32_t *ids, int n,
+                                  gptoss_logits_mode mode, float *out);
+/* Samples the next token from the logits of the last fed position. */
+gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id);
+/* One decode step for many sessions at once: feeds ids[i] to ss[i] and
+   samples next[i] with smp[i]. */
+gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids,
+                                gptoss_sampler **smp, int32_t *next);
+
+/* Expert routing trace: while enabled, every fed token records, per layer,
+   its top-k experts and their weights. */
+gptoss_status gptoss_session_trace(gptoss_session *s, int enable);
+/* Copies the recorded trace: experts[t][layer][k], weights likewise;
+   returns the number of traced tokens in *n. Buffers may be NULL to query. */
+gptoss_status gptoss_session_trace_get(const gptoss_session *s, int32_t *experts,
+                                       float *weights, int *n);
+/* }====================================================== */
+
+/* {====================================================== misc */
+int gptoss_cpu_count(void);
+/* bf16 helpers shared by the CPU backend and the tools */
+static inline float gptoss_bf16_to_f32(uint16_t h) {
+  union { uint32_t u; float f; } v; v.u = (uint32_t)h << 16; return v.f;
+}
+static inline uint16_t gptoss_f32_to_bf16(float f) {  /* round to nearest even */
+  union { uint32_t u; float f; } v; v.f = f;
+  if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  /* NaN */
+  return (uint16_t)((v.u + 0x7fffu + ((v.u >> 16) & 1u)) >> 16);
+}
+/* }====================================================== */
+
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+
+#ifdef __cplusplus
+}
+#endif
+#endif

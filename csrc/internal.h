@@ -1,0 +1,73 @@
+/*
+** internal.h: what the engine's files share and the public API hides.
+*/
+#ifndef GPTOSS_INTERNAL_H
+#define GPTOSS_INTERNAL_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include "gptoss.h"
+
+/* {====================================================== hashing */
+static inline uint64_t gptoss_fnv1a(const void *p, size_t n) {
+  const unsigned char *s = (const unsigned char *)p;
+  uint64_t h = 1469598103934665603ull;
+  for (size_t i = 0; i < n; i++) { h ^= s[i]; h *= 1099511628211ull; }
+  return h;
+}
+
+/* splitmix64's finaliser: a good 64-bit mix, used as a counter-based RNG */
+static inline uint64_t gptoss_mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+/* uniform double in [0, 1) from 53 random bits */
+static inline double gptoss_u01(uint64_t x) { return (double)(x >> 11) * (1.0 / 9007199254740992.0); }
+/* }====================================================== */
+
+/* {====================================================== thread pool */
+/* Fork-join pool: run() calls fn(ctx, tid, nthreads) on every thread (the
+   caller is thread 0) and returns when all are done. Workers spin briefly
+   before sleeping, since a forward pass issues hundreds of short regions. */
+typedef struct gptoss_pool gptoss_pool;
+gptoss_pool *gptoss_pool_new(int nthreads);
+void gptoss_pool_free(gptoss_pool *p);
+int gptoss_pool_size(const gptoss_pool *p);
+void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), void *ctx);
+
+/* [lo, hi) share of n items for thread tid of nth */
+static inline void gptoss_split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi) {
+  *lo = n * tid / nth;
+  *hi = n * (tid + 1) / nth;
+}
+/* }====================================================== */
+
+/* {====================================================== files */
+/* Reads a whole file; returns NULL and sets the error (naming path) on failure. */
+char *gptoss_read_file(const char *path, size_t *len);
+/* dir + "/" + name, malloc'd */
+char *gptoss_path_join(const char *dir, const char *name);
+int gptoss_is_dir(const char *path);
+int gptoss_file_exists(const char *path);
+/* }====================================================== */
+
+/* {====================================================== JSON helpers (over cJSON) */
+struct cJSON;
+/* Walks a JSON object one member at a time with cJSON, so that large members
+   the caller does not need can be skipped without building them. */
+typedef struct gptoss_json_walk {
+  const char *p, *end, *start;
+  int first;
+} gptoss_json_walk;
+int gptoss_json_walk_begin(gptoss_json_walk *w, const char *p, const char *end);
+/* 1: key in *key (malloc'd), cursor at the value; 0: object ended; -1: error */
+int gptoss_json_walk_next(gptoss_json_walk *w, char **key);
+struct cJSON *gptoss_json_walk_value(gptoss_json_walk *w);   /* parses the value */
+int gptoss_json_walk_skip(gptoss_json_walk *w);              /* skips the value */
+size_t gptoss_json_walk_offset(const gptoss_json_walk *w);
+/* }====================================================== */
+
+#endif

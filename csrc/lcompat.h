@@ -1,0 +1,41 @@
+/*
+** lcompat.h: the few Lua C API differences between Lua 5.4 and LuaJIT 2.1
+** (a 5.1 API with some 5.2 additions), kept in this one header.
+*/
+#ifndef GPTOSS_LCOMPAT_H
+#define GPTOSS_LCOMPAT_H
+
+#include <lua.h>
+#include <lauxlib.h>
+#include <lualib.h>
+
+#if LUA_VERSION_NUM < 502
+#define lua_rawlen(L, i) lua_objlen(L, i)
+#define lua_getuservalue(L, i) lua_getfenv(L, i)
+#define lua_setuservalue(L, i) lua_setfenv(L, i)
+#ifndef luaL_newlib
+#define luaL_newlib(L, f) (lua_createtable(L, 0, sizeof(f) / sizeof((f)[0]) - 1), luaL_setfuncs(L, f, 0))
+#endif
+#endif
+
+#if LUA_VERSION_NUM < 504
+#define lua_newuserdatauv(L, sz, nuv) lua_newuserdata(L, sz)
+#endif
+
+/* an integer argument that must be exactly integral, on either VM */
+static inline int lcompat_tointeger(lua_State *L, int idx, lua_Integer *out) {
+#if LUA_VERSION_NUM >= 503
+  int ok;
+  lua_Integer v = lua_tointegerx(L, idx, &ok);
+  if (ok) { *out = v; return 1; }
+  return 0;
+#else
+  if (lua_type(L, idx) != LUA_TNUMBER) return 0;
+  lua_Number n = lua_tonumber(L, idx);
+  if (n != n || n < -9007199254740992.0 || n > 9007199254740992.0 || (lua_Number)(lua_Integer)n != n) return 0;
+  *out = (lua_Integer)n;
+  return 1;
+#endif
+}
+
+#endif

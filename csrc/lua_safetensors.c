@@ -1,0 +1,341 @@
+/*
+** lua_safetensors.c: gptoss.SafeTensors (reader), gptoss.Writer, and the
+** config and tensor-table functions the checkpoint generator is built on.
+*/
+#include <stdlib.h>
+#include <string.h>
+#include "lua_gptoss.h"
+
+/* {====================================================== config */
+static void push_config(lua_State *L, const gptoss_config *c) {
+  lua_newtable(L);
+#define I(k) lua_pushinteger(L, c->k); lua_setfield(L, -2, #k)
+#define N(k) lua_pushnumber(L, c->k); lua_setfield(L, -2, #k)
+  lua_pushstring(L, "gpt_oss"); lua_setfield(L, -2, "model_type");
+  I(hidden_size); I(intermediate_size); I(num_hidden_layers); I(num_attention_heads);
+  I(num_key_value_heads); I(head_dim); I(num_local_experts); I(num_experts_per_tok);
+  I(vocab_size); I(sliding_window); I(max_position_embeddings); I(initial_context_length);
+  N(rope_theta); N(swiglu_limit); N(rms_norm_eps);
+#undef I
+#undef N
+  lua_createtable(L, c->num_hidden_layers, 0);
+  for (int i = 0; i < c->num_hidden_layers; i++) {
+    lua_pushstring(L, c->layer_sliding[i] ? "sliding_attention" : "full_attention");
+    lua_rawseti(L, -2, i + 1);
+  }
+  lua_setfield(L, -2, "layer_types");
+  if (c->rope_yarn) {
+    lua_newtable(L);
+    lua_pushstring(L, "yarn"); lua_setfield(L, -2, "rope_type");
+    lua_pushnumber(L, c->rope_factor); lua_setfield(L, -2, "factor");
+    lua_pushnumber(L, c->rope_beta_fast); lua_setfield(L, -2, "beta_fast");
+    lua_pushnumber(L, c->rope_beta_slow); lua_setfield(L, -2, "beta_slow");
+    lua_pushinteger(L, c->rope_original_max_position_embeddings); lua_setfield(L, -2, "original_max_position_embeddings");
+    lua_pushboolean(L, c->rope_truncate); lua_setfield(L, -2, "truncate");
+    lua_setfield(L, -2, "rope_scaling");
+  }
+  if (c->n_eos == 1) lua_pushinteger(L, c->eos_token_ids[0]);
+  else {
+    lua_createtable(L, c->n_eos, 0);
+    for (int i = 0; i < c->n_eos; i++) { lua_pushinteger(L, c->eos_token_ids[i]); lua_rawseti(L, -2, i + 1); }
+  }
+  lua_setfield(L, -2, "eos_token_id");
+  if (c->pad_token_id >= 0) { lua_pushinteger(L, c->pad_token_id); lua_setfield(L, -2, "pad_token_id"); }
+  if (c->bos_token_id >= 0) { lua_pushinteger(L, c->bos_token_id); lua_setfield(L, -2, "bos_token_id"); }
+  lua_pushboolean(L, c->tie_word_embeddings); lua_setfield(L, -2, "tie_word_embeddings");
+  lua_pushstring(L, c->experts_mxfp4 ? "mxfp4" : "none"); lua_setfield(L, -2, "quant_method");
+}
+
+/* exported for lua_model.c (model.config) */
+void lg_push_config(lua_State *L, const gptoss_config *c) { push_config(L, c); }
+
+/* config_parse(json [, where]) -> table | nil, message */
+static int l_config_parse(lua_State *L) {
+  size_t len;
+  const char *s = luaL_checklstring(L, 1, &len);
+  const char *where = luaL_optstring(L, 2, "config.json");
+  gptoss_config c;
+  if (gptoss_config_parse(s, len, where, &c)) return lg_fail(L);
+  push_config(L, &c);
+  return 1;
+}
+
+/* config_load(path) -> table | nil, message */
+static int l_config_load(lua_State *L) {
+  gptoss_config c;
+  if (gptoss_config_load(luaL_checkstring(L, 1), &c)) return lg_fail(L);
+  push_config(L, &c);
+  return 1;
+}
+
+static void parse_or_raise(lua_State *L, int idx, gptoss_config *c) {
+  size_t len;
+  const char *s = luaL_checklstring(L, idx, &len);
+  if (gptoss_config_parse(s, len, "config", c)) lg_raise(L);
+}
+
+/* config_json(json) -> the canonical Hugging Face config.json text */
+static int l_config_json(lua_State *L) {
+  gptoss_config c;
+  parse_or_raise(L, 1, &c);
+  char *s = gptoss_config_to_json(&c);
+  if (!s) return luaL_error(L, "out of memory");
+  lua_pushstring(L, s);
+  free(s);
+  return 1;
+}
+
+/* tensor_specs(json) -> { {name=, dtype=, shape={...}, bytes=, layer=}, ... } */
+static int l_tensor_specs(lua_State *L) {
+  gptoss_config c;
+  parse_or_raise(L, 1, &c);
+  gptoss_tensor_spec *v;
+  size_t n;
+  if (gptoss_tensor_specs(&c, &v, &n)) return lg_raise(L);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_createtable(L, 0, 5);
+    lua_pushstring(L, v[i].name); lua_setfield(L, -2, "name");
+    lua_pushstring(L, gptoss_dtype_name(v[i].dtype)); lua_setfield(L, -2, "dtype");
+    lua_createtable(L, v[i].ndim, 0);
+    for (int d = 0; d < v[i].ndim; d++) { lua_pushinteger(L, (lua_Integer)v[i].shape[d]); lua_rawseti(L, -2, d + 1); }
+    lua_setfield(L, -2, "shape");
+    lua_pushnumber(L, (lua_Number)gptoss_tensor_spec_bytes(&v[i])); lua_setfield(L, -2, "bytes");
+    lua_pushinteger(L, v[i].layer); lua_setfield(L, -2, "layer");
+    lua_rawseti(L, -2, (lua_Integer)(i + 1));
+  }
+  free(v);
+  return 1;
+}
+/* }====================================================== */
+
+/* {====================================================== reader */
+typedef struct lreader { gptoss_st *st; } lreader;
+
+static lreader *checkreader(lua_State *L) {
+  lreader *r = lg_udata(L, 1, READER_T);
+  if (!r->st) luaL_error(L, "safetensors reader is closed");
+  return r;
+}
+
+static int l_safetensors(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  lreader *r = lua_newuserdatauv(L, sizeof *r, 0);
+  r->st = NULL;
+  luaL_setmetatable(L, READER_T);
+  if (gptoss_st_open(path, &r->st)) return lg_fail(L);
+  return 1;
+}
+
+static int rd_gc(lua_State *L) {
+  lreader *r = lg_udata(L, 1, READER_T);
+  gptoss_st_free(r->st);
+  r->st = NULL;
+  return 0;
+}
+
+static void push_tensor_info(lua_State *L, const gptoss_tensor *t) {
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, t->name); lua_setfield(L, -2, "name");
+  lua_pushstring(L, gptoss_dtype_name(t->dtype)); lua_setfield(L, -2, "dtype");
+  lua_createtable(L, t->ndim, 0);
+  for (int d = 0; d < t->ndim; d++) { lua_pushinteger(L, (lua_Integer)t->shape[d]); lua_rawseti(L, -2, d + 1); }
+  lua_setfield(L, -2, "shape");
+  lua_pushnumber(L, (lua_Number)t->nbytes); lua_setfield(L, -2, "bytes");
+  lua_pushstring(L, t->file); lua_setfield(L, -2, "file");
+}
+
+void lg_push_tensor_list(lua_State *L, const gptoss_st *st) {
+  size_t n = gptoss_st_count(st);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    push_tensor_info(L, gptoss_st_at(st, i));
+    lua_rawseti(L, -2, (lua_Integer)(i + 1));
+  }
+}
+
+static int rd_tensors(lua_State *L) {
+  lg_push_tensor_list(L, checkreader(L)->st);
+  return 1;
+}
+
+static const gptoss_tensor *find_or_raise(lua_State *L, lreader *r) {
+  const char *name = luaL_checkstring(L, 2);
+  const gptoss_tensor *t = gptoss_st_find(r->st, name);
+  if (!t) luaL_error(L, "no tensor named '%s'", name);
+  return t;
+}
+
+static int rd_tensor(lua_State *L) {
+  lreader *r = checkreader(L);
+  const gptoss_tensor *t = gptoss_st_find(r->st, luaL_checkstring(L, 2));
+  if (!t) return 0;
+  push_tensor_info(L, t);
+  return 1;
+}
+
+static int rd_read(lua_State *L) {
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  lua_pushlstring(L, t->data, t->nbytes);
+  return 1;
+}
+
+/* r:floats(name) -> Floats (F32, BF16 or F16 converted), 2-D as rows x cols,
+   any other rank as 1 x n */
+static int rd_floats(lua_State *L) {
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  size_t n = 1;
+  for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+  int rows = t->ndim == 2 ? (int)t->shape[0] : 1, cols = t->ndim == 2 ? (int)t->shape[1] : (int)n;
+  lfloats *f = NULL;
+  if (t->dtype == GPTOSS_F32) { f = lg_floats_new(L, rows, cols); memcpy(f->v, t->data, n * 4); }
+  else if (t->dtype == GPTOSS_BF16) {
+    f = lg_floats_new(L, rows, cols);
+    const uint16_t *p = t->data;
+    for (size_t i = 0; i < n; i++) f->v[i] = gptoss_bf16_to_f32(p[i]);
+  } else if (t->dtype == GPTOSS_F16) {
+    f = lg_floats_new(L, rows, cols);
+    const uint16_t *p = t->data;
+    for (size_t i = 0; i < n; i++) {
+      uint32_t h = p[i], s = (h & 0x8000u) << 16, e = (h >> 10) & 31, m = h & 0x3ffu, u;
+      if (e == 0) {
+        if (!m) u = s;
+        else { e = 113; while (!(m & 0x400u)) { m <<= 1; e--; } u = s | (e << 23) | ((m & 0x3ffu) << 13); }
+      } else if (e == 31) u = s | 0x7f800000u | (m << 13);
+      else u = s | ((e + 112) << 23) | (m << 13);
+      memcpy(&f->v[i], &u, 4);
+    }
+  } else {
+    return luaL_error(L, "tensor '%s' is %s, not a float type", t->name, gptoss_dtype_name(t->dtype));
+  }
+  return 1;
+}
+
+static int rd_metadata(lua_State *L) {
+  lreader *r = checkreader(L);
+  const char *v = gptoss_st_metadata(r->st, luaL_checkstring(L, 2));
+  if (v) lua_pushstring(L, v); else lua_pushnil(L);
+  return 1;
+}
+/* }====================================================== */
+
+/* {====================================================== writer */
+typedef struct lwriter { gptoss_st_writer *w; } lwriter;
+
+static lwriter *checkwriter(lua_State *L) {
+  lwriter *w = lg_udata(L, 1, WRITER_T);
+  if (!w->w) luaL_error(L, "writer is closed (committed or discarded)");
+  return w;
+}
+
+static int l_writer(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  lwriter *w = lua_newuserdatauv(L, sizeof *w, 0);
+  w->w = NULL;
+  luaL_setmetatable(L, WRITER_T);
+  if (gptoss_stw_new(path, &w->w)) return lg_raise(L);
+  return 1;
+}
+
+static int wr_gc(lua_State *L) {
+  lwriter *w = lg_udata(L, 1, WRITER_T);
+  gptoss_stw_free(w->w);
+  w->w = NULL;
+  return 0;
+}
+
+/* w:add(name, dtype, shape, data_string | { fill = "normal"|"uniform"|"const", ... }) */
+static int wr_add(lua_State *L) {
+  lwriter *w = checkwriter(L);
+  const char *name = luaL_checkstring(L, 2);
+  const char *dtn = luaL_checkstring(L, 3);
+  int dt = gptoss_dtype_from_name(dtn);
+  if (dt < 0) return luaL_error(L, "unknown dtype '%s'", dtn);
+  luaL_checktype(L, 4, LUA_TTABLE);
+  int nd = (int)lua_rawlen(L, 4);
+  if (nd > GPTOSS_MAX_DIMS) return luaL_error(L, "at most %d dimensions", GPTOSS_MAX_DIMS);
+  int64_t shape[GPTOSS_MAX_DIMS];
+  for (int d = 0; d < nd; d++) {
+    lua_rawgeti(L, 4, d + 1);
+    lua_Integer v;
+    if (!lcompat_tointeger(L, -1, &v) || v < 0) return luaL_error(L, "shape[%d] must be a non-negative integer", d + 1);
+    shape[d] = (int64_t)v;
+    lua_pop(L, 1);
+  }
+  gptoss_fill f;
+  memset(&f, 0, sizeof f);
+  if (lua_type(L, 5) == LUA_TSTRING) {
+    f.kind = GPTOSS_FILL_DATA;
+    f.data = lua_tolstring(L, 5, &f.nbytes);
+  } else if (lua_istable(L, 5)) {
+    static const char *const keys[] = {"fill", "mean", "std", "min", "max", "value", "seed", NULL};
+    lg_check_keys(L, 5, "writer:add", keys);
+    const char *k = lg_opt_str(L, 5, "fill", NULL);
+    if (!k) return luaL_error(L, "writer:add: fill table needs fill = \"normal\", \"uniform\" or \"const\"");
+    if (strcmp(k, "normal") == 0) { f.kind = GPTOSS_FILL_NORMAL; f.a = lg_opt_num(L, 5, "mean", 0); f.b = lg_opt_num(L, 5, "std", 1); }
+    else if (strcmp(k, "uniform") == 0) { f.kind = GPTOSS_FILL_UNIFORM; f.a = lg_opt_num(L, 5, "min", 0); f.b = lg_opt_num(L, 5, "max", 1); }
+    else if (strcmp(k, "const") == 0) { f.kind = GPTOSS_FILL_CONST; f.a = lg_opt_num(L, 5, "value", 0); }
+    else return luaL_error(L, "writer:add: unknown fill '%s'", k);
+    f.seed = (uint64_t)lg_opt_num(L, 5, "seed", 0);
+  } else {
+    return luaL_argerror(L, 5, "data string or fill table expected");
+  }
+  if (gptoss_stw_add(w->w, name, (gptoss_dtype)dt, nd, shape, &f)) return lg_raise(L);
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int wr_metadata(lua_State *L) {
+  lwriter *w = checkwriter(L);
+  if (gptoss_stw_metadata(w->w, luaL_checkstring(L, 2), luaL_checkstring(L, 3))) return lg_raise(L);
+  lua_settop(L, 1);
+  return 1;
+}
+
+static int wr_bytes(lua_State *L) {
+  lwriter *w = checkwriter(L);
+  lua_pushnumber(L, (lua_Number)gptoss_stw_data_bytes(w->w));
+  return 1;
+}
+
+/* w:commit([threads]) -> true | nil, message; the writer is closed after */
+static int wr_commit(lua_State *L) {
+  lwriter *w = checkwriter(L);
+  int threads = (int)luaL_optinteger(L, 2, gptoss_cpu_count());
+  gptoss_status rc = gptoss_stw_commit(w->w, threads);
+  gptoss_stw_free(w->w);
+  w->w = NULL;
+  if (rc) return lg_fail(L);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+/* }====================================================== */
+
+int luaopen_gptoss_safetensors(lua_State *L) {
+  static const luaL_Reg rd_methods[] = {
+    {"tensors", rd_tensors}, {"tensor", rd_tensor}, {"read", rd_read}, {"floats", rd_floats},
+    {"metadata", rd_metadata}, {"close", rd_gc}, {NULL, NULL}};
+  static const luaL_Reg rd_meta[] = {
+    {"__gc", rd_gc},
+#if LUA_VERSION_NUM >= 504
+    {"__close", rd_gc},
+#endif
+    {NULL, NULL}};
+  lg_class(L, READER_T, rd_methods, rd_meta, NULL);
+  static const luaL_Reg wr_methods[] = {
+    {"add", wr_add}, {"metadata", wr_metadata}, {"bytes", wr_bytes}, {"commit", wr_commit},
+    {"close", wr_gc}, {NULL, NULL}};
+  static const luaL_Reg wr_meta[] = {
+    {"__gc", wr_gc},
+#if LUA_VERSION_NUM >= 504
+    {"__close", wr_gc},
+#endif
+    {NULL, NULL}};
+  lg_class(L, WRITER_T, wr_methods, wr_meta, NULL);
+  static const luaL_Reg funcs[] = {
+    {"safetensors", l_safetensors}, {"writer", l_writer}, {"config_parse", l_config_parse},
+    {"config_load", l_config_load}, {"config_json", l_config_json}, {"tensor_specs", l_tensor_specs},
+    {NULL, NULL}};
+  luaL_setfuncs(L, funcs, 0);
+  return 0;
+}

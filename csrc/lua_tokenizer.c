@@ -1,0 +1,197 @@
+/*
+** lua_tokenizer.c: gptoss.Tokenizer.
+*/
+#include <string.h>
+#include "lua_gptoss.h"
+
+static ltokenizer *checktok(lua_State *L) {
+  ltokenizer *b = lg_udata(L, 1, TOKENIZER_T);
+  if (!b->t) luaL_error(L, "tokenizer is closed");
+  return b;
+}
+
+ltokenizer *lg_tokenizer_push(lua_State *L, gptoss_tokenizer *t) {
+  ltokenizer *b = lua_newuserdatauv(L, sizeof *b, 0);
+  b->t = t;
+  luaL_setmetatable(L, TOKENIZER_T);
+  return b;
+}
+
+/* gptoss.tokenizer(path) -> Tokenizer | nil, message */
+static int l_tokenizer(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  ltokenizer *b = lg_tokenizer_push(L, NULL);   /* boxed first: no leak if loading fails */
+  gptoss_tokenizer *t;
+  if (gptoss_tokenizer_load(path, &t)) return lg_fail(L);
+  b->t = t;
+  return 1;
+}
+
+static int tok_gc(lua_State *L) {
+  ltokenizer *b = lg_udata(L, 1, TOKENIZER_T);
+  gptoss_tokenizer_free(b->t);
+  b->t = NULL;
+  return 0;
+}
+
+/* tok:encode(text [, { allowed_special = "all" | {names}, bytes = true }]) */
+static int tok_encode(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  size_t len;
+  const char *s = luaL_checklstring(L, 2, &len);
+  static const char *const keys[] = {"allowed_special", "bytes", NULL};
+  lg_check_keys(L, 3, "encode", keys);
+  int flags = 0;
+  const char **allowed = NULL;
+  if (!lua_isnoneornil(L, 3)) {
+    lua_getfield(L, 3, "bytes");
+    if (lua_toboolean(L, -1)) flags |= GPTOSS_ENC_BYTES;
+    lua_pop(L, 1);
+    lua_getfield(L, 3, "allowed_special");
+    if (lua_type(L, -1) == LUA_TSTRING) {
+      if (strcmp(lua_tostring(L, -1), "all") != 0) luaL_error(L, "encode: allowed_special must be \"all\" or a list of names");
+      flags |= GPTOSS_ENC_SPECIAL;
+    } else if (lua_istable(L, -1)) {
+      size_t n = lua_rawlen(L, -1);
+      allowed = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
+      for (size_t i = 0; i < n; i++) {
+        lua_rawgeti(L, -2, (lua_Integer)(i + 1));
+        const char *nm = lua_tostring(L, -1);
+        if (!nm || gptoss_special_id(b->t, nm) < 0)
+          luaL_error(L, "encode: allowed_special[%d] is not a special token name", (int)(i + 1));
+        allowed[i] = nm;   /* kept alive by the options table */
+        lua_pop(L, 1);
+      }
+      allowed[n] = NULL;
+      flags |= GPTOSS_ENC_SPECIAL;
+    } else if (!lua_isnil(L, -1)) {
+      luaL_error(L, "encode: allowed_special must be \"all\" or a list of names");
+    }
+  }
+  gptoss_ids ids = {0};
+  gptoss_status rc = gptoss_encode(b->t, s, len, flags, allowed, &ids);
+  if (rc) { gptoss_ids_free(&ids); return lg_raise(L); }
+  lg_push_ids(L, ids.v, ids.n);
+  gptoss_ids_free(&ids);
+  return 1;
+}
+
+/* concatenated bytes of ids (specials as their names) into a buffer */
+static void push_bytes(lua_State *L, gptoss_tokenizer *t, int idx) {
+  size_t n;
+  int32_t *ids = lg_ids(L, idx, &n);
+  luaL_Buffer B;
+  luaL_buffinit(L, &B);
+  for (size_t i = 0; i < n; i++) {
+    size_t len;
+    const char *p = gptoss_token_bytes(t, ids[i], &len);
+    if (!p) luaL_error(L, "decode: token id %d at index %d is outside the vocabulary (0..%d)", (int)ids[i], (int)(i + 1),
+                       gptoss_tokenizer_vocab_size(t) - 1);
+    luaL_addlstring(&B, p, len);
+  }
+  luaL_pushresult(&B);
+}
+
+/* replaces each maximal invalid UTF-8 subpart with U+FFFD, as tiktoken's
+   decode (errors="replace") does */
+static void push_valid_utf8(lua_State *L, const unsigned char *s, size_t n) {
+  luaL_Buffer B;
+  luaL_buffinit(L, &B);
+  size_t i = 0;
+  while (i < n) {
+    unsigned c = s[i];
+    int len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
+    /* valid second-byte ranges per lead byte (Unicode table 3-7) */
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c == 0xE0) lo = 0xA0;
+    else if (c == 0xED) hi = 0x9F;
+    else if (c == 0xF0) lo = 0x90;
+    else if (c == 0xF4) hi = 0x8F;
+    if (c < 0xC2 && c >= 0x80) len = 0;
+    if (c > 0xF4) len = 0;
+    int k = 1;
+    if (len > 1) {
+      while (k < len && i + (size_t)k < n) {
+        unsigned d = s[i + (size_t)k];
+        if (k == 1 ? (d < lo || d > hi) : (d & 0xC0) != 0x80) break;
+        k++;
+      }
+    }
+    if (len >= 1 && k == len) { luaL_addlstring(&B, (const char *)s + i, (size_t)len); i += (size_t)len; }
+    else { luaL_addlstring(&B, "\xEF\xBF\xBD", 3); i += (size_t)(len > 1 ? k : 1); }
+  }
+  luaL_pushresult(&B);
+}
+
+static int tok_decode(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  push_bytes(L, b->t, 2);
+  size_t n;
+  const char *s = lua_tolstring(L, -1, &n);
+  push_valid_utf8(L, (const unsigned char *)s, n);
+  return 1;
+}
+
+static int tok_decode_bytes(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  push_bytes(L, b->t, 2);
+  return 1;
+}
+
+static int tok_special(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  int32_t id = gptoss_special_id(b->t, luaL_checkstring(L, 2));
+  if (id < 0) lua_pushnil(L); else lua_pushinteger(L, id);
+  return 1;
+}
+
+/* tok:name(id): a special's name, or an ordinary token's bytes */
+static int tok_name(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  lua_Integer id = luaL_checkinteger(L, 2);
+  size_t len;
+  const char *p = id >= INT32_MIN && id <= INT32_MAX ? gptoss_token_bytes(b->t, (int32_t)id, &len) : NULL;
+  if (!p) luaL_error(L, "token id %d is outside the vocabulary (0..%d)", (int)id, gptoss_tokenizer_vocab_size(b->t) - 1);
+  lua_pushlstring(L, p, len);
+  return 1;
+}
+
+static int tok_is_special(lua_State *L) {
+  ltokenizer *b = checktok(L);
+  lua_Integer id = luaL_checkinteger(L, 2);
+  lua_pushboolean(L, id >= 0 && id <= INT32_MAX && gptoss_is_special(b->t, (int32_t)id));
+  return 1;
+}
+
+static int tok_fields(lua_State *L) {
+  ltokenizer *b = lg_udata(L, 1, TOKENIZER_T);
+  const char *k = lua_tostring(L, 2);
+  if (!k || !b->t) return 0;
+  if (strcmp(k, "vocab_size") == 0) { lua_pushinteger(L, gptoss_tokenizer_vocab_size(b->t)); return 1; }
+  if (strcmp(k, "n_ordinary") == 0) { lua_pushinteger(L, gptoss_tokenizer_n_ordinary(b->t)); return 1; }
+  return 0;
+}
+
+static int tok_tostring(lua_State *L) {
+  ltokenizer *b = lg_udata(L, 1, TOKENIZER_T);
+  if (!b->t) lua_pushstring(L, "gptoss.Tokenizer (closed)");
+  else lua_pushfstring(L, "gptoss.Tokenizer (%d tokens)", gptoss_tokenizer_vocab_size(b->t));
+  return 1;
+}
+
+int luaopen_gptoss_tokenizer(lua_State *L) {
+  static const luaL_Reg methods[] = {
+    {"encode", tok_encode}, {"decode", tok_decode}, {"decode_bytes", tok_decode_bytes},
+    {"special", tok_special}, {"name", tok_name}, {"is_special", tok_is_special},
+    {"close", tok_gc}, {NULL, NULL}};
+  static const luaL_Reg meta[] = {
+    {"__gc", tok_gc}, {"__tostring", tok_tostring},
+#if LUA_VERSION_NUM >= 504
+    {"__close", tok_gc},
+#endif
+    {NULL, NULL}};
+  lg_class(L, TOKENIZER_T, methods, meta, tok_fields);
+  lua_pushcfunction(L, l_tokenizer);
+  lua_setfield(L, -2, "tokenizer");
+  return 0;
+}

@@ -1,0 +1,197 @@
+/*
+** session.c: one sequence's state (position, history, KV cache through its
+** backend) and the checks every backend relies on.
+*/
+#include <stdlib.h>
+#include <string.h>
+#include "backend.h"
+
+/* Default positions a sliding layer keeps beyond its window, so that a
+   multi-turn caller can rewind over a short reply without re-prefilling. */
+#define DEFAULT_REWIND 512
+
+static int uses_sliding(const gptoss_config *c) {
+  for (int i = 0; i < c->num_hidden_layers; i++)
+    if (c->layer_sliding[i]) return 1;
+  return 0;
+}
+
+gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, gptoss_session **out) {
+  *out = NULL;
+  gptoss_session_opts dflt = {0, DEFAULT_REWIND};
+  if (!o) o = &dflt;
+  int ctx = o->context ? o->context : m->context;
+  if (o->context < 0 || ctx > m->context)
+    return gptoss_fail(GPTOSS_EARG, "session context %d must be between 1 and the model's context %d", o->context, m->context);
+  if (o->rewind < 0) return gptoss_fail(GPTOSS_EARG, "rewind must be >= 0");
+  gptoss_session *s = calloc(1, sizeof *s);
+  if (!s) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  s->m = m;
+  s->context = ctx;
+  int w = m->cfg.sliding_window;
+  /* a ring needs room for the window plus one chunk of new tokens */
+  int rw = o->rewind > 0 ? o->rewind : 1;
+  s->ring = uses_sliding(&m->cfg) ? (w + rw < ctx ? w + rw : ctx) : ctx;
+  s->history = malloc(sizeof(int32_t) * (size_t)ctx);
+  s->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab_size);
+  if (!s->history || !s->logits) { gptoss_session_free(s); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a session"); }
+  gptoss_status rc = m->be->session_init(s);
+  if (rc) { free(s->history); free(s->logits); free(s); return rc; }
+  *out = s;
+  return GPTOSS_OK;
+}
+
+void gptoss_session_free(gptoss_session *s) {
+  if (!s) return;
+  if (s->bs) s->m->be->session_free(s);
+  free(s->history);
+  free(s->logits);
+  free(s->trace_e);
+  free(s->trace_w);
+  free(s);
+}
+
+int gptoss_session_pos(const gptoss_session *s) { return s->pos; }
+int gptoss_session_context(const gptoss_session *s) { return s->context; }
+const int32_t *gptoss_session_history(const gptoss_session *s) { return s->history; }
+
+gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out) {
+  *out = NULL;
+  gptoss_session_opts o = { s->context, 0 };
+  gptoss_session *c = calloc(1, sizeof *c);
+  if (!c) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  (void)o;
+  c->m = s->m;
+  c->context = s->context;
+  c->ring = s->ring;
+  c->history = malloc(sizeof(int32_t) * (size_t)s->context);
+  c->logits = malloc(sizeof(float) * (size_t)s->m->cfg.vocab_size);
+  gptoss_status rc = GPTOSS_OK;
+  if (!c->history || !c->logits) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for a session");
+  if (!rc) rc = s->m->be->session_init(c);
+  if (!rc) rc = s->m->be->session_copy(c, s);
+  if (rc) { gptoss_session_free(c); return rc; }
+  memcpy(c->history, s->history, sizeof(int32_t) * (size_t)s->pos);
+  memcpy(c->logits, s->logits, sizeof(float) * (size_t)s->m->cfg.vocab_size);
+  c->pos = s->pos;
+  c->has_logits = s->has_logits;
+  c->trace = s->trace;
+  *out = c;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_session_rewind(gptoss_session *s, int pos) {
+  if (pos < 0 || pos > s->pos)
+    return gptoss_fail(GPTOSS_ERANGE, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
+  if (pos == s->pos) return GPTOSS_OK;
+  if (uses_sliding(&s->m->cfg) && s->pos > s->ring) {
+    int need = pos - s->m->cfg.sliding_window;   /* oldest position the next token attends to */
+    int have = s->pos - s->ring;                 /* oldest position the ring still holds */
+    if (pos > 0 && need < have)
+      return gptoss_fail(GPTOSS_ERANGE,
+                         "cannot rewind from %d to %d: sliding layers keep only the last %d positions; "
+                         "open the session with a larger rewind (it allows %d)",
+                         s->pos, pos, s->ring, s->ring - s->m->cfg.sliding_window);
+  }
+  s->pos = pos;
+  s->has_logits = 0;
+  return GPTOSS_OK;
+}
+
+static gptoss_status check_ids(const gptoss_session *s, const int32_t *ids, int n) {
+  int V = s->m->cfg.vocab_size;
+  for (int i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= V)
+      return gptoss_fail(GPTOSS_ERANGE, "token id %d at index %d is outside the vocabulary (0..%d)", (int)ids[i], i, V - 1);
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_trace_reserve(gptoss_session *s, int extra) {
+  if (!s->trace) return GPTOSS_OK;
+  int need = s->trace_n + extra;
+  if (need <= s->trace_cap) return GPTOSS_OK;
+  int cap = s->trace_cap ? s->trace_cap : 64;
+  while (cap < need) cap *= 2;
+  size_t per = (size_t)s->m->cfg.num_hidden_layers * (size_t)s->m->cfg.num_experts_per_tok;
+  int32_t *e = realloc(s->trace_e, sizeof(int32_t) * per * (size_t)cap);
+  if (!e) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the expert trace");
+  s->trace_e = e;
+  float *w = realloc(s->trace_w, sizeof(float) * per * (size_t)cap);
+  if (!w) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the expert trace");
+  s->trace_w = w;
+  s->trace_cap = cap;
+  return GPTOSS_OK;
+}
+
+void gptoss_trace_record(gptoss_session *s, int t, int layer, const int32_t *experts, const float *w) {
+  if (!s->trace) return;
+  int k = s->m->cfg.num_experts_per_tok, L = s->m->cfg.num_hidden_layers;
+  size_t at = ((size_t)(s->trace_n + t) * (size_t)L + (size_t)layer) * (size_t)k;
+  memcpy(s->trace_e + at, experts, sizeof(int32_t) * (size_t)k);
+  memcpy(s->trace_w + at, w, sizeof(float) * (size_t)k);
+}
+
+gptoss_status gptoss_session_trace(gptoss_session *s, int enable) {
+  s->trace = enable != 0;
+  s->trace_n = 0;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_session_trace_get(const gptoss_session *s, int32_t *experts, float *weights, int *n) {
+  *n = s->trace_n;
+  size_t cnt = (size_t)s->trace_n * (size_t)s->m->cfg.num_hidden_layers * (size_t)s->m->cfg.num_experts_per_tok;
+  if (experts && cnt) memcpy(experts, s->trace_e, sizeof(int32_t) * cnt);
+  if (weights && cnt) memcpy(weights, s->trace_w, sizeof(float) * cnt);
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_session_feed(gptoss_session *s, const int32_t *ids, int n, gptoss_logits_mode mode, float *out) {
+  if (n <= 0) return gptoss_fail(GPTOSS_EARG, "no tokens to feed (empty input)");
+  gptoss_status rc = check_ids(s, ids, n);
+  if (rc) return rc;
+  if (n > s->context - s->pos)
+    return gptoss_fail(GPTOSS_ERANGE, "context limit: the session holds %d tokens and %d more exceed its context of %d",
+                       s->pos, n, s->context);
+  if ((rc = gptoss_trace_reserve(s, n))) return rc;
+  if ((rc = s->m->be->forward(&s, 1, ids, &n, mode, out))) return rc;
+  memcpy(s->history + s->pos, ids, sizeof(int32_t) * (size_t)n);
+  s->pos += n;
+  if (s->trace) s->trace_n += n;
+  s->has_logits = mode != GPTOSS_LOGITS_NONE;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id) {
+  if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "nothing to sample from: feed tokens with logits first");
+  return s->m->be->sample(&s, 1, &smp, id);
+}
+
+gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
+  if (n <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
+  gptoss_model *m = ss[0]->m;
+  int *counts = malloc(sizeof(int) * (size_t)n);
+  if (!counts) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  gptoss_status rc = GPTOSS_OK;
+  for (int i = 0; i < n && !rc; i++) {
+    gptoss_session *s = ss[i];
+    counts[i] = 1;
+    if (s->m != m) rc = gptoss_fail(GPTOSS_EARG, "batch entry %d belongs to another model", i + 1);
+    else if (s->pos >= s->context)
+      rc = gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry %d holds %d tokens, its context is %d", i + 1, s->pos, s->context);
+    else if ((rc = check_ids(s, ids + i, 1))) break;
+    for (int j = 0; j < i && !rc; j++)
+      if (ss[j] == s) rc = gptoss_fail(GPTOSS_EARG, "batch entries %d and %d are the same session", j + 1, i + 1);
+    if (!rc) rc = gptoss_trace_reserve(s, 1);
+  }
+  if (!rc) rc = m->be->forward(ss, n, ids, counts, GPTOSS_LOGITS_LAST, NULL);
+  free(counts);
+  if (rc) return rc;
+  for (int i = 0; i < n; i++) {
+    gptoss_session *s = ss[i];
+    s->history[s->pos++] = ids[i];
+    if (s->trace) s->trace_n++;
+    s->has_logits = 1;
+  }
+  if (!smp || !next) return GPTOSS_OK;
+  return m->be->sample(ss, n, smp, next);
+}

@@ -1,0 +1,688 @@
+/*
+** tokenizer.c: o200k-style byte-level BPE from a Hugging Face tokenizer.json.
+**
+** Pre-tokenisation runs the file's Split regex through PCRE2 (UTF + UCP,
+** JIT when available). Each piece is then merged with tiktoken's rule: the
+** adjacent pair whose concatenated bytes have the lowest rank merges first,
+** leftmost on ties, and token id = rank. The merges list of the file is not
+** needed for that rule and is skipped unread.
+*/
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cjson/cJSON.h>
+#include "internal.h"
+
+/* o200k_harmony's vocabulary ends at 201087 (reserved specials) */
+#define HARMONY_N_VOCAB 201088
+#define O200K_N_RANKS 199998
+
+typedef struct tok_entry { uint32_t off, len; } tok_entry;
+
+struct gptoss_tokenizer {
+  char *arena;                /* bytes of every token, back to back */
+  size_t arena_len;
+  tok_entry *tok;             /* [n_vocab]: bytes (ordinary) or name (special) */
+  int n_ranks;                /* ordinary tokens: ids 0..n_ranks-1 */
+  int n_vocab;
+  unsigned char *special;     /* [n_vocab] 1 when special */
+  uint32_t *slots;            /* hash of ordinary bytes -> id + 1 */
+  size_t nslots;
+  uint32_t *sslots;           /* hash of special names -> id + 1 */
+  size_t nsslots;
+  pcre2_code *re;
+  int jit;
+};
+
+/* {====================================================== hashing of byte strings */
+static inline uint64_t bytes_hash(const unsigned char *p, size_t n) {
+  uint64_t h = 0x9e3779b97f4a7c15ull ^ (n * 0xff51afd7ed558ccdull);
+  while (n >= 8) {
+    uint64_t w;
+    memcpy(&w, p, 8);
+    h = (h ^ w) * 0xbf58476d1ce4e5b9ull;
+    h ^= h >> 29;
+    p += 8;
+    n -= 8;
+  }
+  uint64_t w = 0;
+  memcpy(&w, p, n);
+  h = (h ^ w) * 0x94d049bb133111ebull;
+  return h ^ (h >> 32);
+}
+
+static int table_put(uint32_t *slots, size_t ns, const gptoss_tokenizer *t, uint32_t id) {
+  const tok_entry *e = &t->tok[id];
+  size_t h = (size_t)bytes_hash((const unsigned char *)t->arena + e->off, e->len) & (ns - 1);
+  while (slots[h]) {
+    const tok_entry *o = &t->tok[slots[h] - 1];
+    if (o->len == e->len && memcmp(t->arena + o->off, t->arena + e->off, e->len) == 0) return -1;
+    h = (h + 1) & (ns - 1);
+  }
+  slots[h] = id + 1;
+  return 0;
+}
+
+static inline int table_get(const uint32_t *slots, size_t ns, const gptoss_tokenizer *t,
+                            const unsigned char *p, size_t n) {
+  size_t h = (size_t)bytes_hash(p, n) & (ns - 1);
+  uint32_t v;
+  while ((v = slots[h])) {
+    const tok_entry *o = &t->tok[v - 1];
+    if (o->len == n && memcmp(t->arena + o->off, p, n) == 0) return (int)v - 1;
+    h = (h + 1) & (ns - 1);
+  }
+  return -1;
+}
+
+static inline int rank_of(const gptoss_tokenizer *t, const unsigned char *p, size_t n) {
+  return table_get(t->slots, t->nslots, t, p, n);
+}
+/* }====================================================== */
+
+/* {====================================================== loading */
+/* GPT-2's bytes_to_unicode, inverted: code point -> byte (-1 if none) */
+static void byte_decoder(int16_t dec[324]) {
+  for (int i = 0; i < 324; i++) dec[i] = -1;
+  int n = 0;
+  for (int b = 0; b < 256; b++) {
+    int printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+    if (printable) dec[b] = (int16_t)b;
+    else dec[256 + n++] = (int16_t)b;
+  }
+}
+
+/* decodes one UTF-8 code point; returns its length or 0 when invalid */
+static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
+  if (!n) return 0;
+  unsigned c = s[0];
+  if (c < 0x80) { *cp = c; return 1; }
+  int len;
+  uint32_t v, min;
+  if ((c & 0xE0) == 0xC0) { len = 2; v = c & 0x1F; min = 0x80; }
+  else if ((c & 0xF0) == 0xE0) { len = 3; v = c & 0x0F; min = 0x800; }
+  else if ((c & 0xF8) == 0xF0) { len = 4; v = c & 0x07; min = 0x10000; }
+  else return 0;
+  if ((size_t)len > n) return 0;
+  for (int i = 1; i < len; i++) {
+    if ((s[i] & 0xC0) != 0x80) return 0;
+    v = (v << 6) | (s[i] & 0x3F);
+  }
+  if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 0;
+  *cp = v;
+  return len;
+}
+
+/* Offset of the first byte that is not valid UTF-8, or n. */
+static size_t utf8_valid_prefix(const unsigned char *s, size_t n) {
+  size_t i = 0;
+  while (i < n) {
+    if (s[i] < 0x80) { i++; continue; }
+    uint32_t cp;
+    int k = utf8_decode(s + i, n - i, &cp);
+    if (!k) return i;
+    i += (size_t)k;
+  }
+  return n;
+}
+
+static size_t pow2_above(size_t n) {
+  size_t s = 16;
+  while (s < n * 2 + 1) s <<= 1;
+  return s;
+}
+
+/* Rust's \s (Unicode White_Space, what tiktoken matches) differs from
+   PCRE2's UCP \s, which also takes U+180E; spell the class out. */
+#define RUST_SPACE "\\x{09}-\\x{0D}\\x{85}\\p{Z}"
+
+static char *rewrite_regex(const char *src, char *err, size_t errlen) {
+  size_t n = strlen(src);
+  char *out = malloc(n * 8 + 1);
+  if (!out) { snprintf(err, errlen, "out of memory"); return NULL; }
+  size_t k = 0;
+  int in_class = 0;
+  for (size_t i = 0; i < n; i++) {
+    char c = src[i];
+    if (c == '\\' && i + 1 < n) {
+      char d = src[i + 1];
+      if (d == 's') {
+        k += (size_t)sprintf(out + k, in_class ? "%s" : "[%s]", RUST_SPACE);
+        i++;
+        continue;
+      }
+      if (d == 'S') {
+        if (in_class) { free(out); snprintf(err, errlen, "\\S inside a character class is not supported"); return NULL; }
+        k += (size_t)sprintf(out + k, "[^%s]", RUST_SPACE);
+        i++;
+        continue;
+      }
+      out[k++] = c;
+      out[k++] = d;
+      i++;
+      continue;
+    }
+    if (c == '[' && !in_class) in_class = 1;
+    else if (c == ']' && in_class) in_class = 0;
+    out[k++] = c;
+  }
+  out[k] = 0;
+  return out;
+}
+
+typedef struct loader {
+  const char *path;
+  cJSON *added, *vocab, *pretok;
+  char *model_type;
+  gptoss_tokenizer *t;
+} loader;
+
+static gptoss_status walk_model(loader *ld, gptoss_json_walk *w) {
+  gptoss_json_walk mw;
+  if (gptoss_json_walk_begin(&mw, w->p, w->end) != 0)
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: 'model' is not a JSON object (byte %zu)", ld->path, gptoss_json_walk_offset(w));
+  mw.start = w->start;
+  char *key;
+  int r;
+  while ((r = gptoss_json_walk_next(&mw, &key)) == 1) {
+    int ok;
+    if (strcmp(key, "vocab") == 0) ok = (ld->vocab = gptoss_json_walk_value(&mw)) != NULL;
+    else if (strcmp(key, "type") == 0) {
+      cJSON *v = gptoss_json_walk_value(&mw);
+      ok = v != NULL;
+      if (cJSON_IsString(v)) ld->model_type = strdup(v->valuestring);
+      cJSON_Delete(v);
+    } else ok = gptoss_json_walk_skip(&mw) == 0;
+    free(key);
+    if (!ok) return gptoss_fail(GPTOSS_EFORMAT, "%s: invalid JSON near byte %zu", ld->path, gptoss_json_walk_offset(&mw));
+  }
+  if (r < 0) return gptoss_fail(GPTOSS_EFORMAT, "%s: invalid JSON near byte %zu", ld->path, gptoss_json_walk_offset(&mw));
+  w->p = mw.p;
+  return GPTOSS_OK;
+}
+
+static gptoss_status read_json(loader *ld, const char *txt, size_t len) {
+  gptoss_json_walk w;
+  if (gptoss_json_walk_begin(&w, txt, txt + len) != 0)
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: not a JSON object", ld->path);
+  char *key;
+  int r;
+  while ((r = gptoss_json_walk_next(&w, &key)) == 1) {
+    gptoss_status rc = GPTOSS_OK;
+    int ok = 1;
+    if (strcmp(key, "model") == 0) rc = walk_model(ld, &w);
+    else if (strcmp(key, "added_tokens") == 0) ok = (ld->added = gptoss_json_walk_value(&w)) != NULL;
+    else if (strcmp(key, "pre_tokenizer") == 0) ok = (ld->pretok = gptoss_json_walk_value(&w)) != NULL;
+    else ok = gptoss_json_walk_skip(&w) == 0;
+    free(key);
+    if (rc) return rc;
+    if (!ok) return gptoss_fail(GPTOSS_EFORMAT, "%s: invalid JSON near byte %zu", ld->path, gptoss_json_walk_offset(&w));
+  }
+  if (r < 0) return gptoss_fail(GPTOSS_EFORMAT, "%s: invalid JSON near byte %zu", ld->path, gptoss_json_walk_offset(&w));
+  return GPTOSS_OK;
+}
+
+/* finds the Split regex in pre_tokenizer (alone or inside a Sequence) */
+static const char *find_split_regex(const cJSON *p) {
+  if (!cJSON_IsObject(p)) return NULL;
+  const cJSON *ty = cJSON_GetObjectItemCaseSensitive(p, "type");
+  if (cJSON_IsString(ty) && strcmp(ty->valuestring, "Split") == 0) {
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(p, "pattern");
+    const cJSON *rx = pat ? cJSON_GetObjectItemCaseSensitive(pat, "Regex") : NULL;
+    return cJSON_IsString(rx) ? rx->valuestring : NULL;
+  }
+  const cJSON *seq = cJSON_GetObjectItemCaseSensitive(p, "pretokenizers");
+  const cJSON *x;
+  cJSON_ArrayForEach(x, seq) {
+    const char *r = find_split_regex(x);
+    if (r) return r;
+  }
+  return NULL;
+}
+
+static gptoss_status build(loader *ld) {
+  gptoss_tokenizer *t = ld->t;
+  const char *path = ld->path;
+  if (!ld->model_type || strcmp(ld->model_type, "BPE") != 0)
+    return gptoss_fail(GPTOSS_EUNSUP, "%s: model.type is '%s'; only byte-level BPE is supported", path,
+                       ld->model_type ? ld->model_type : "(missing)");
+  if (!cJSON_IsObject(ld->vocab)) return gptoss_fail(GPTOSS_EFORMAT, "%s: missing model.vocab object", path);
+  int nr = cJSON_GetArraySize(ld->vocab);
+  if (nr < 256) return gptoss_fail(GPTOSS_EFORMAT, "%s: model.vocab has %d entries; byte-level BPE needs all 256 bytes", path, nr);
+  int maxid = nr - 1;
+  const cJSON *x;
+  if (ld->added && !cJSON_IsArray(ld->added)) return gptoss_fail(GPTOSS_EFORMAT, "%s: added_tokens is not an array", path);
+  cJSON_ArrayForEach(x, ld->added) {
+    const cJSON *id = cJSON_GetObjectItemCaseSensitive(x, "id"), *ct = cJSON_GetObjectItemCaseSensitive(x, "content");
+    if (!cJSON_IsNumber(id) || !cJSON_IsString(ct) || id->valuedouble < 0 || id->valuedouble > 16777215)
+      return gptoss_fail(GPTOSS_EFORMAT, "%s: added_tokens entry needs an integer 'id' and a string 'content'", path);
+    if ((int)id->valuedouble > maxid) maxid = (int)id->valuedouble;
+  }
+  t->n_ranks = nr;
+  t->n_vocab = maxid + 1;
+  if (nr == O200K_N_RANKS && t->n_vocab < HARMONY_N_VOCAB) t->n_vocab = HARMONY_N_VOCAB;
+  t->tok = calloc((size_t)t->n_vocab, sizeof *t->tok);
+  t->special = calloc((size_t)t->n_vocab, 1);
+  size_t cap = 4 * 1024 * 1024;
+  t->arena = malloc(cap);
+  if (!t->tok || !t->special || !t->arena) return gptoss_fail(GPTOSS_ENOMEM, "out of memory loading %s", path);
+  unsigned char *seen = calloc((size_t)nr, 1);
+  if (!seen) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  int16_t dec[324];
+  byte_decoder(dec);
+  gptoss_status rc = GPTOSS_OK;
+  cJSON_ArrayForEach(x, ld->vocab) {
+    const unsigned char *k = (const unsigned char *)x->string;
+    size_t kl = strlen(x->string);
+    if (!cJSON_IsNumber(x) || x->valuedouble < 0 || x->valuedouble >= nr || x->valuedouble != (int)x->valuedouble) {
+      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: model.vocab['%s'] must be an id in 0..%d", path, x->string, nr - 1);
+      break;
+    }
+    int id = (int)x->valuedouble;
+    if (seen[id]) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: model.vocab id %d is given twice", path, id); break; }
+    seen[id] = 1;
+    if (t->arena_len + kl > cap) {
+      cap *= 2;
+      char *na = realloc(t->arena, cap);
+      if (!na) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); break; }
+      t->arena = na;
+    }
+    t->tok[id].off = (uint32_t)t->arena_len;
+    size_t i = 0;
+    while (i < kl) {
+      uint32_t cp;
+      int n = utf8_decode(k + i, kl - i, &cp);
+      if (!n || cp >= 324 || dec[cp] < 0) {
+        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: model.vocab key '%s' (id %d) is not byte-level BPE text", path, x->string, id);
+        break;
+      }
+      t->arena[t->arena_len++] = (char)dec[cp];
+      i += (size_t)n;
+    }
+    if (rc) break;
+    t->tok[id].len = (uint32_t)(t->arena_len - t->tok[id].off);
+  }
+  free(seen);
+  if (rc) return rc;
+  /* specials: from added_tokens, then the reserved names for the rest */
+  cJSON_ArrayForEach(x, ld->added) {
+    int id = (int)cJSON_GetObjectItemCaseSensitive(x, "id")->valuedouble;
+    const char *ct = cJSON_GetObjectItemCaseSensitive(x, "content")->valuestring;
+    if (id < nr) {
+      /* an added token over an ordinary id must spell the same bytes */
+      size_t cl = strlen(ct);
+      if (t->tok[id].len != cl || memcmp(t->arena + t->tok[id].off, ct, cl) != 0)
+        return gptoss_fail(GPTOSS_EFORMAT, "%s: added token %d ('%s') collides with an ordinary token", path, id, ct);
+      continue;
+    }
+    if (t->special[id]) return gptoss_fail(GPTOSS_EFORMAT, "%s: added token id %d is given twice", path, id);
+    size_t cl = strlen(ct);
+    if (t->arena_len + cl > cap) {
+      cap = (t->arena_len + cl) * 2;
+      char *na = realloc(t->arena, cap);
+      if (!na) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+      t->arena = na;
+    }
+    t->tok[id].off = (uint32_t)t->arena_len;
+    t->tok[id].len = (uint32_t)cl;
+    memcpy(t->arena + t->arena_len, ct, cl);
+    t->arena_len += cl;
+    t->special[id] = 1;
+  }
+  for (int id = nr; id < t->n_vocab; id++) {
+    if (t->special[id]) continue;
+    char nm[40];
+    int cl = snprintf(nm, sizeof nm, "<|reserved_%d|>", id);
+    if (t->arena_len + (size_t)cl > cap) {
+      cap = (t->arena_len + (size_t)cl) * 2;
+      char *na = realloc(t->arena, cap);
+      if (!na) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+      t->arena = na;
+    }
+    t->tok[id].off = (uint32_t)t->arena_len;
+    t->tok[id].len = (uint32_t)cl;
+    memcpy(t->arena + t->arena_len, nm, (size_t)cl);
+    t->arena_len += (size_t)cl;
+    t->special[id] = 1;
+  }
+  t->nslots = pow2_above((size_t)nr);
+  t->slots = calloc(t->nslots, sizeof *t->slots);
+  t->nsslots = pow2_above((size_t)(t->n_vocab - nr) + 1);
+  t->sslots = calloc(t->nsslots, sizeof *t->sslots);
+  if (!t->slots || !t->sslots) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int id = 0; id < nr; id++)
+    if (table_put(t->slots, t->nslots, t, (uint32_t)id) != 0)
+      return gptoss_fail(GPTOSS_EFORMAT, "%s: token %d repeats the bytes of an earlier token", path, id);
+  for (int id = nr; id < t->n_vocab; id++)
+    if (table_put(t->sslots, t->nsslots, t, (uint32_t)id) != 0)
+      return gptoss_fail(GPTOSS_EFORMAT, "%s: special token %d repeats the name of an earlier one", path, id);
+  /* every single byte must be a token, or BPE cannot finish */
+  for (int b = 0; b < 256; b++) {
+    unsigned char c = (unsigned char)b;
+    if (rank_of(t, &c, 1) < 0) return gptoss_fail(GPTOSS_EFORMAT, "%s: byte 0x%02x has no token", path, b);
+  }
+
+  const char *rx = find_split_regex(ld->pretok);
+  if (!rx) return gptoss_fail(GPTOSS_EFORMAT, "%s: pre_tokenizer has no Split regex", path);
+  char err[256];
+  char *pat = rewrite_regex(rx, err, sizeof err);
+  if (!pat) return gptoss_fail(GPTOSS_EFORMAT, "%s: pre_tokenizer regex: %s", path, err);
+  int ec;
+  PCRE2_SIZE eo;
+  t->re = pcre2_compile((PCRE2_SPTR)pat, PCRE2_ZERO_TERMINATED, PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK, &ec, &eo, NULL);
+  free(pat);
+  if (!t->re) {
+    PCRE2_UCHAR msg[256];
+    pcre2_get_error_message(ec, msg, sizeof msg);
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: pre_tokenizer regex does not compile at offset %zu: %s", path, (size_t)eo, (char *)msg);
+  }
+  t->jit = pcre2_jit_compile(t->re, PCRE2_JIT_COMPLETE) == 0;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_tokenizer_load(const char *path, gptoss_tokenizer **out) {
+  *out = NULL;
+  char *file = NULL;
+  if (gptoss_is_dir(path)) file = gptoss_path_join(path, "tokenizer.json");
+  else file = strdup(path);
+  if (!file) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  size_t len;
+  char *txt = gptoss_read_file(file, &len);
+  if (!txt) { free(file); return gptoss_errcode(); }
+  loader ld = {0};
+  ld.path = file;
+  ld.t = calloc(1, sizeof *ld.t);
+  gptoss_status rc = ld.t ? read_json(&ld, txt, len) : gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  free(txt);
+  if (!rc) rc = build(&ld);
+  cJSON_Delete(ld.added);
+  cJSON_Delete(ld.vocab);
+  cJSON_Delete(ld.pretok);
+  free(ld.model_type);
+  free(file);
+  if (rc) { gptoss_tokenizer_free(ld.t); return rc; }
+  *out = ld.t;
+  return GPTOSS_OK;
+}
+
+void gptoss_tokenizer_free(gptoss_tokenizer *t) {
+  if (!t) return;
+  if (t->re) pcre2_code_free(t->re);
+  free(t->arena);
+  free(t->tok);
+  free(t->special);
+  free(t->slots);
+  free(t->sslots);
+  free(t);
+}
+
+int gptoss_tokenizer_vocab_size(const gptoss_tokenizer *t) { return t->n_vocab; }
+int gptoss_tokenizer_n_ordinary(const gptoss_tokenizer *t) { return t->n_ranks; }
+/* }====================================================== */
+
+/* {====================================================== encoding */
+void gptoss_ids_free(gptoss_ids *ids) {
+  free(ids->v);
+  ids->v = NULL;
+  ids->n = ids->cap = 0;
+}
+
+static int ids_push(gptoss_ids *ids, int32_t v) {
+  if (ids->n == ids->cap) {
+    size_t nc = ids->cap ? ids->cap * 2 : 256;
+    int32_t *nv = realloc(ids->v, nc * sizeof *nv);
+    if (!nv) return -1;
+    ids->v = nv;
+    ids->cap = nc;
+  }
+  ids->v[ids->n++] = v;
+  return 0;
+}
+
+/* Short pieces: tiktoken's own loop over an array of part boundaries. */
+#define SMALL_PIECE 256
+
+static int bpe_small(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
+  uint32_t start[SMALL_PIECE + 1];
+  int rank[SMALL_PIECE + 1];
+  size_t np = n + 1;          /* boundaries: parts are [start[i], start[i+1]) */
+  for (size_t i = 0; i <= n; i++) start[i] = (uint32_t)i;
+  for (size_t i = 0; i + 1 < n; i++) {
+    int r = rank_of(t, p + i, 2);
+    rank[i] = r < 0 ? INT32_MAX : r;
+  }
+  if (n >= 1) rank[n - 1] = INT32_MAX;
+  rank[n] = INT32_MAX;
+  for (;;) {
+    int best = INT32_MAX;
+    size_t bi = 0;
+    for (size_t i = 0; i + 1 < np; i++)
+      if (rank[i] < best) { best = rank[i]; bi = i; }
+    if (best == INT32_MAX) break;
+    /* merge part bi with bi+1: drop boundary bi+1 */
+    memmove(start + bi + 1, start + bi + 2, (np - bi - 2) * sizeof *start);
+    memmove(rank + bi + 1, rank + bi + 2, (np - bi - 2) * sizeof *rank);
+    np--;
+    /* ranks of the pairs that now start at bi-1 and bi */
+    if (bi + 2 < np) { int r = rank_of(t, p + start[bi], start[bi + 2] - start[bi]); rank[bi] = r < 0 ? INT32_MAX : r; }
+    else rank[bi] = INT32_MAX;
+    if (bi > 0) {
+      if (bi + 1 < np) { int r = rank_of(t, p + start[bi - 1], start[bi + 1] - start[bi - 1]); rank[bi - 1] = r < 0 ? INT32_MAX : r; }
+      else rank[bi - 1] = INT32_MAX;
+    }
+  }
+  for (size_t i = 0; i + 1 < np; i++) {
+    int r = rank_of(t, p + start[i], start[i + 1] - start[i]);
+    if (r < 0 || ids_push(out, r) != 0) return -1;
+  }
+  return 0;
+}
+
+/* Long pieces (long runs of one script, digits are capped at 3, so these are
+   letters, spaces or punctuation): the same merge order with a heap keyed by
+   (rank, start offset) and lazy deletion, O(n log n) instead of O(n^2). */
+typedef struct hent { int rank; uint32_t pos; uint32_t stamp; } hent;
+
+static int hless(const hent *a, const hent *b) {
+  return a->rank < b->rank || (a->rank == b->rank && a->pos < b->pos);
+}
+
+static void hpush(hent *h, size_t *n, hent e) {
+  size_t i = (*n)++;
+  while (i > 0) {
+    size_t par = (i - 1) / 2;
+    if (!hless(&e, &h[par])) break;
+    h[i] = h[par];
+    i = par;
+  }
+  h[i] = e;
+}
+
+static hent hpop(hent *h, size_t *n) {
+  hent top = h[0], last = h[--(*n)];
+  size_t i = 0;
+  for (;;) {
+    size_t c = 2 * i + 1;
+    if (c >= *n) break;
+    if (c + 1 < *n && hless(&h[c + 1], &h[c])) c++;
+    if (!hless(&h[c], &last)) break;
+    h[i] = h[c];
+    i = c;
+  }
+  if (*n) h[i] = last;
+  return top;
+}
+
+static int bpe_large(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
+  /* parts as a linked list over byte offsets: next[i] is the start of the
+     part after the one starting at i; alive[i] when a part starts at i */
+  uint32_t *next = malloc(sizeof(uint32_t) * (n + 1)), *prev = malloc(sizeof(uint32_t) * (n + 1));
+  uint32_t *stamp = calloc(n + 1, sizeof(uint32_t));
+  hent *heap = malloc(sizeof(hent) * (4 * n + 4));
+  int rc = -1;
+  if (!next || !prev || !stamp || !heap) goto done;
+  size_t hn = 0;
+  for (size_t i = 0; i <= n; i++) { next[i] = (uint32_t)(i + 1); prev[i] = i ? (uint32_t)(i - 1) : UINT32_MAX; }
+  for (size_t i = 0; i + 1 < n; i++) {
+    int r = rank_of(t, p + i, 2);
+    if (r >= 0) hpush(heap, &hn, (hent){ r, (uint32_t)i, 0 });
+  }
+  while (hn) {
+    hent e = hpop(heap, &hn);
+    uint32_t i = e.pos;
+    if (e.stamp != stamp[i] || next[i] > n) continue;   /* stale */
+    uint32_t j = next[i];
+    if (j >= n) continue;
+    /* merge the parts starting at i and j */
+    uint32_t k = next[j];
+    next[i] = k;
+    if (k <= n) prev[k] = i;
+    stamp[i]++;
+    stamp[j] = UINT32_MAX;     /* j no longer starts a part */
+    if (k < n) {
+      int r = rank_of(t, p + i, next[k] - i);
+      if (r >= 0) hpush(heap, &hn, (hent){ r, i, stamp[i] });
+    }
+    if (prev[i] != UINT32_MAX) {
+      uint32_t h = prev[i];
+      stamp[h]++;
+      int r = rank_of(t, p + h, k - h);
+      if (r >= 0) hpush(heap, &hn, (hent){ r, h, stamp[h] });
+    }
+  }
+  for (uint32_t i = 0; i < n; i = next[i]) {
+    int r = rank_of(t, p + i, next[i] - i);
+    if (r < 0 || ids_push(out, r) != 0) goto done;
+  }
+  rc = 0;
+done:
+  free(next); free(prev); free(stamp); free(heap);
+  return rc;
+}
+
+static int encode_piece(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
+  int whole = rank_of(t, p, n);
+  if (whole >= 0) return ids_push(out, whole);
+  return n <= SMALL_PIECE ? bpe_small(t, p, n, out) : bpe_large(t, p, n, out);
+}
+
+/* ordinary text that is valid UTF-8: the regex's matches, each BPE'd */
+static gptoss_status encode_text(const gptoss_tokenizer *t, const unsigned char *s, size_t n,
+                                 size_t base, pcre2_match_data *md, pcre2_match_context *mc, gptoss_ids *out) {
+  size_t at = 0;
+  while (at < n) {
+    int r = t->jit ? pcre2_jit_match(t->re, s, n, at, PCRE2_NO_UTF_CHECK, md, mc)
+                   : pcre2_match(t->re, s, n, at, PCRE2_NO_UTF_CHECK, md, mc);
+    if (r == PCRE2_ERROR_NOMATCH) break;
+    if (r < 0) {
+      PCRE2_UCHAR msg[256];
+      pcre2_get_error_message(r, msg, sizeof msg);
+      return gptoss_fail(GPTOSS_EFORMAT, "pre-tokenizer failed at byte %zu: %s", base + at, (char *)msg);
+    }
+    PCRE2_SIZE *ov = pcre2_get_ovector_pointer(md);
+    size_t b = ov[0], e = ov[1];
+    if (e == b) {
+      /* an empty match cannot happen with this regex; step past it anyway */
+      uint32_t cp;
+      int k = utf8_decode(s + at, n - at, &cp);
+      at += k ? (size_t)k : 1;
+      continue;
+    }
+    if (encode_piece(t, s + b, e - b, out) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
+    at = e;
+  }
+  return GPTOSS_OK;
+}
+
+static gptoss_status encode_ordinary(const gptoss_tokenizer *t, const unsigned char *s, size_t n, size_t base,
+                                     int bytes_mode, pcre2_match_data *md, pcre2_match_context *mc, gptoss_ids *out) {
+  size_t at = 0;
+  while (at < n) {
+    size_t ok = at + utf8_valid_prefix(s + at, n - at);
+    if (ok > at) {
+      gptoss_status rc = encode_text(t, s + at, ok - at, base + at, md, mc, out);
+      if (rc) return rc;
+    }
+    if (ok == n) break;
+    if (!bytes_mode)
+      return gptoss_fail(GPTOSS_EARG, "invalid UTF-8 at byte offset %zu (pass bytes mode to encode raw bytes)", base + ok);
+    /* bytes mode: a maximal run of invalid bytes is BPE'd as one piece */
+    size_t bad = ok;
+    while (bad < n) {
+      uint32_t cp;
+      if (utf8_decode(s + bad, n - bad, &cp)) break;
+      bad++;
+    }
+    if (encode_piece(t, s + ok, bad - ok, out) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
+    at = bad;
+  }
+  return GPTOSS_OK;
+}
+
+/* the allowed special whose name starts at s[0..n), or -1 */
+static int special_at(const gptoss_tokenizer *t, const unsigned char *s, size_t n, const char *const *allowed) {
+  if (n < 4 || s[0] != '<' || s[1] != '|') return -1;
+  for (size_t j = 2; j + 1 < n && j < 64; j++) {
+    if (s[j] == '|' && s[j + 1] == '>') {
+      int id = table_get(t->sslots, t->nsslots, t, s, j + 2);
+      if (id < 0) return -1;
+      if (!allowed) return id;
+      for (const char *const *a = allowed; *a; a++)
+        if (strlen(*a) == j + 2 && memcmp(*a, s, j + 2) == 0) return id;
+      return -1;
+    }
+  }
+  return -1;
+}
+
+gptoss_status gptoss_encode(const gptoss_tokenizer *t, const char *text, size_t len, int flags,
+                            const char *const *allowed, gptoss_ids *out) {
+  const unsigned char *s = (const unsigned char *)text;
+  pcre2_match_data *md = pcre2_match_data_create_from_pattern(t->re, NULL);
+  pcre2_match_context *mc = pcre2_match_context_create(NULL);
+  pcre2_jit_stack *js = t->jit ? pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, NULL) : NULL;
+  gptoss_status rc = GPTOSS_OK;
+  if (!md || !mc || (t->jit && !js)) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  if (js) pcre2_jit_stack_assign(mc, NULL, js);
+  int bytes_mode = (flags & GPTOSS_ENC_BYTES) != 0;
+  if (!(flags & GPTOSS_ENC_SPECIAL)) {
+    rc = encode_ordinary(t, s, len, 0, bytes_mode, md, mc, out);
+    goto done;
+  }
+  size_t seg = 0;
+  for (size_t i = 0; i < len; i++) {
+    if (s[i] != '<') continue;
+    int id = special_at(t, s + i, len - i, allowed);
+    if (id < 0) continue;
+    if (i > seg && (rc = encode_ordinary(t, s + seg, i - seg, seg, bytes_mode, md, mc, out))) goto done;
+    if (ids_push(out, id) != 0) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+    i += t->tok[id].len - 1;
+    seg = i + 1;
+  }
+  if (seg < len) rc = encode_ordinary(t, s + seg, len - seg, seg, bytes_mode, md, mc, out);
+done:
+  if (js) pcre2_jit_stack_free(js);
+  pcre2_match_context_free(mc);
+  pcre2_match_data_free(md);
+  return rc;
+}
+/* }====================================================== */
+
+/* {====================================================== ids to bytes */
+const char *gptoss_token_bytes(const gptoss_tokenizer *t, int32_t id, size_t *len) {
+  if (id < 0 || id >= t->n_vocab) return NULL;
+  *len = t->tok[id].len;
+  return t->arena + t->tok[id].off;
+}
+
+int32_t gptoss_special_id(const gptoss_tokenizer *t, const char *name) {
+  int id = table_get(t->sslots, t->nsslots, t, (const unsigned char *)name, strlen(name));
+  return id;
+}
+
+int gptoss_is_special(const gptoss_tokenizer *t, int32_t id) {
+  return id >= 0 && id < t->n_vocab && t->special[id];
+}
+/* }====================================================== */
