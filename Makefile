@@ -88,7 +88,7 @@ $(TOKENIZER):
 
 tokenizer: $(TOKENIZER)
 
-SPEC_ENV = GPTOSS_TOKENIZER=$(CURDIR)/$(TOKENIZER)
+SPEC_ENV = GPTOSS_TOKENIZER_DIR=$(CURDIR)/tokenizer
 BUSTED_ARGS = --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --exclude-tags=gpu,slow
 
 test: $(TOKENIZER)

@@ -32,7 +32,9 @@ static void *worker(void *arg) {
   gptoss_pool *p = wa->p;
   int tid = wa->tid;
   free(wa);
-  unsigned seen = atomic_load(&p->gen);
+  /* the pool is created before any run(), so every worker starts at
+     generation 0, however late the thread itself gets going */
+  unsigned seen = 0;
   for (;;) {
     unsigned g;
     int spins = 0;
