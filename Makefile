@@ -15,15 +15,17 @@ NVCC ?= $(shell command -v nvcc 2>/dev/null || (test -x /usr/local/cuda/bin/nvcc
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 BUSTED ?= busted
 
+# LUA may be a path (luarocks passes /usr/bin/lua5.4); its name picks the ABI
+LUA_ABI := $(notdir $(LUA))
 # Lua headers per interpreter; LUA_INCDIR overrides (luarocks passes it)
-ifeq ($(LUA),luajit)
+ifeq ($(LUA_ABI),luajit)
 LUA_INCDIR ?= /usr/include/luajit-2.1
 else
-LUA_INCDIR ?= /usr/include/$(LUA)
+LUA_INCDIR ?= /usr/include/$(LUA_ABI)
 endif
 
 BUILD := build
-OUT := $(BUILD)/$(LUA)/gptoss
+OUT := $(BUILD)/$(LUA_ABI)/gptoss
 PKG_CFLAGS := $(shell pkg-config --cflags libpcre2-8 libcjson 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs libpcre2-8 libcjson 2>/dev/null || echo -lpcre2-8 -lcjson)
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter
@@ -33,7 +35,7 @@ LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 ENGINE := error dtype pool files json safetensors config model session sampler tokenizer cpu/kernels cpu/forward
 BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
-BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA)/obj/%.o)
+BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
 HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h)
 
 CUDA_SRC := $(wildcard kernels/*.cu)
@@ -47,14 +49,14 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all test test-lua test-gpu run bench check-memory clean tokenizer fuzz
+.PHONY: all install test test-gpu run bench check-memory clean tokenizer fuzz
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
-$(BUILD)/$(LUA)/obj/%.o: csrc/%.c $(HEADERS)
+$(BUILD)/$(LUA_ABI)/obj/%.o: csrc/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -I$(LUA_INCDIR) -c $< -o $@
 
@@ -66,7 +68,7 @@ $(BUILD)/exports.map:
 
 $(OUT)/core.so: $(ENGINE_OBJ) $(BINDING_OBJ) $(BUILD)/exports.map
 	@mkdir -p $(OUT)
-	$(CC) -shared -o $@ $(ENGINE_OBJ) $(BINDING_OBJ) -Wl,--version-script=$(BUILD)/exports.map $(LDLIBS)
+	$(CC) -shared -o $@ $(ENGINE_OBJ) $(BINDING_OBJ) -Wl,--version-script=$(BUILD)/exports.map $(LDLIBS) $(LDFLAGS_EXTRA)
 
 $(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.cuh) $(HEADERS)
 	@mkdir -p $(dir $@)
@@ -78,6 +80,14 @@ $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
 $(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
 	@mkdir -p $(OUT)
 	cp $< $@
+
+# luarocks (build type "make") passes INST_LIBDIR and INST_LUADIR
+INST_LIBDIR ?= /usr/local/lib/lua/5.4
+INST_LUADIR ?= /usr/local/share/lua/5.4
+install: all
+	mkdir -p $(INST_LIBDIR)/gptoss $(INST_LUADIR)/gptoss
+	cp $(TARGETS) $(INST_LIBDIR)/gptoss/
+	cp lua/gptoss/*.lua $(INST_LUADIR)/gptoss/
 
 # {====================================================== tests
 # The tokenizer the specs and `make run` use: the exact gpt-oss tokenizer.json
@@ -99,7 +109,7 @@ test: $(TOKENIZER)
 
 # on the device (see bench/device.sh): the #gpu specs
 test-gpu: $(TOKENIZER) all
-	$(SPEC_ENV) $(BUSTED) --lua=$(LUA) --cpath='$(BUILD)/$(LUA)/?.so' --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --tags=gpu spec
+	$(SPEC_ENV) $(BUSTED) --lua=$(LUA) --cpath='$(OUT)/../?.so' --lpath='lua/?.lua;lua/?/init.lua;spec/?.lua' --tags=gpu spec
 
 check-memory: $(TOKENIZER)
 	tools/check_memory.sh

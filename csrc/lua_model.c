@@ -132,7 +132,11 @@ static lsession *push_session(lua_State *L, int model_idx, lmodel *owner, gptoss
   if (owner->sessions) owner->sessions->prev = sb;
   owner->sessions = sb;
   luaL_setmetatable(L, SESSION_T);
-  lua_pushvalue(L, model_idx);      /* the session keeps its model alive */
+  /* the session keeps its model alive; a table, since LuaJIT's userdata
+     environments must be tables */
+  lua_createtable(L, 0, 1);
+  lua_pushvalue(L, model_idx);
+  lua_setfield(L, -2, "model");
   lua_setuservalue(L, -2);
   return sb;
 }
@@ -267,7 +271,8 @@ static int session_fork(lua_State *L) {
   lsession *s = checksession(L, 1);
   gptoss_session *c;
   if (gptoss_session_fork(s->s, &c)) return lg_raise(L);
-  lua_getuservalue(L, 1);          /* the model */
+  lua_getuservalue(L, 1);
+  lua_getfield(L, -1, "model");
   push_session(L, lua_gettop(L), s->owner, c);
   return 1;
 }
@@ -333,7 +338,7 @@ static int session_fields(lua_State *L) {
   lsession *s = lg_udata(L, 1, SESSION_T);
   const char *k = lua_tostring(L, 2);
   if (k && strcmp(k, "closed") == 0) { lua_pushboolean(L, s->s == NULL); return 1; }
-  if (k && strcmp(k, "model") == 0) { lua_getuservalue(L, 1); return 1; }
+  if (k && strcmp(k, "model") == 0) { lua_getuservalue(L, 1); lua_getfield(L, -1, "model"); return 1; }
   return 0;
 }
 /* }====================================================== */

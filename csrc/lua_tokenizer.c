@@ -123,6 +123,14 @@ static void push_valid_utf8(lua_State *L, const unsigned char *s, size_t n) {
   luaL_pushresult(&B);
 }
 
+/* core.utf8_clean(s): s with each invalid UTF-8 subpart replaced by U+FFFD */
+static int l_utf8_clean(lua_State *L) {
+  size_t n;
+  const char *s = luaL_checklstring(L, 1, &n);
+  push_valid_utf8(L, (const unsigned char *)s, n);
+  return 1;
+}
+
 static int tok_decode(lua_State *L) {
   ltokenizer *b = checktok(L);
   push_bytes(L, b->t, 2);
@@ -193,5 +201,7 @@ int luaopen_gptoss_tokenizer(lua_State *L) {
   lg_class(L, TOKENIZER_T, methods, meta, tok_fields);
   lua_pushcfunction(L, l_tokenizer);
   lua_setfield(L, -2, "tokenizer");
+  lua_pushcfunction(L, l_utf8_clean);
+  lua_setfield(L, -2, "utf8_clean");
   return 0;
 }

@@ -86,6 +86,13 @@ function M.config(preset, overrides)
   if overrides and overrides.num_hidden_layers and not overrides.layer_types then
     c.layer_types = layers(c.num_hidden_layers)
   end
+  -- a vocabulary smaller than o200k's cannot hold its special ids: use its last ones
+  if c.vocab_size <= c.eos_token_id and not (overrides and overrides.eos_token_id) then
+    c.eos_token_id = c.vocab_size - 1
+  end
+  if c.pad_token_id and c.vocab_size <= c.pad_token_id and not (overrides and overrides.pad_token_id) then
+    c.pad_token_id = c.vocab_size - 2
+  end
   return c
 end
 

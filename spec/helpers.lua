@@ -1,0 +1,141 @@
+--- Shared by the specs: temporary directories, generated checkpoints and
+-- hand-assembled safetensors bytes (built here from the format's definition,
+-- not by the writer under test).
+local H = {}
+
+local lfs = require "lfs"
+
+--- the interpreter running the specs, for specs that start tools
+H.lua = jit and "luajit" or "lua5.4"
+
+H.tokenizer_dir = os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer"
+
+local tmp_root
+function H.tmpdir()
+  if not tmp_root then
+    local n = os.tmpname()
+    os.remove(n)
+    tmp_root = n .. "-gptoss-spec"
+    assert(lfs.mkdir(tmp_root))
+  end
+  H.counter = (H.counter or 0) + 1
+  local d = string.format("%s/%d", tmp_root, H.counter)
+  assert(lfs.mkdir(d))
+  return d
+end
+
+function H.rm_tree(path)
+  local attr = lfs.symlinkattributes(path)
+  if not attr then return end
+  if attr.mode == "directory" then
+    for e in lfs.dir(path) do
+      if e ~= "." and e ~= ".." then H.rm_tree(path .. "/" .. e) end
+    end
+    lfs.rmdir(path)
+  else
+    os.remove(path)
+  end
+end
+
+function H.read(path)
+  local f = assert(io.open(path, "rb"))
+  local d = f:read("*a")
+  f:close()
+  return d
+end
+
+function H.write(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+function H.exists(path) return lfs.attributes(path) ~= nil end
+
+function H.files(dir)
+  local t = {}
+  for e in lfs.dir(dir) do if e ~= "." and e ~= ".." then t[#t + 1] = e end end
+  table.sort(t)
+  return t
+end
+
+function H.copy_dir(src, dst)
+  assert(lfs.mkdir(dst))
+  for _, e in ipairs(H.files(src)) do H.write(dst .. "/" .. e, H.read(src .. "/" .. e)) end
+  return dst
+end
+
+--- little-endian unsigned 64-bit integer, for hand-made headers
+function H.u64le(n)
+  local b = {}
+  for i = 1, 8 do b[i] = string.char(n % 256); n = math.floor(n / 256) end
+  return table.concat(b)
+end
+
+--- a safetensors file: 8-byte length, header text, data
+function H.st_bytes(header, data)
+  return H.u64le(#header) .. header .. (data or "")
+end
+
+--- bytes of float32 values (IEEE 754 little-endian), written out by hand
+function H.f32le(values)
+  local out = {}
+  for i, v in ipairs(values) do
+    local sign = 0
+    if v < 0 or (v == 0 and 1 / v < 0) then sign = 1; v = -v end
+    local bits
+    if v == 0 then bits = 0
+    else
+      -- normal numbers only: v = m * 2^e with 1 <= m < 2
+      local e = math.floor(math.log(v) / math.log(2))
+      local m = v / 2 ^ e
+      if m >= 2 then m = m / 2; e = e + 1 elseif m < 1 then m = m * 2; e = e - 1 end
+      bits = (e + 127) * 2 ^ 23 + math.floor((m - 1) * 2 ^ 23 + 0.5)
+    end
+    bits = bits + sign * 2 ^ 31
+    local s = {}
+    for k = 1, 4 do s[k] = string.char(bits % 256); bits = math.floor(bits / 256) end
+    out[i] = table.concat(s)
+  end
+  return table.concat(out)
+end
+
+--- generated checkpoints, written once per process
+local cache = {}
+function H.checkpoint(name, opts)
+  if cache[name] then return cache[name] end
+  local checkpoint = require "gptoss.checkpoint"
+  opts = opts or {}
+  opts.out = H.tmpdir() .. "/" .. name
+  if opts.tokenizer == nil then opts.tokenizer = H.tokenizer_dir end
+  assert(checkpoint.write(opts))
+  cache[name] = opts.out
+  return opts.out
+end
+
+--- the tiny preset, as tests and the parity fixtures use it (seed 1)
+function H.tiny() return H.checkpoint("tiny", { preset = "tiny", seed = 1 }) end
+
+--- a very small model with a 1000-token vocabulary and no tokenizer, for
+-- tests that copy and corrupt a whole checkpoint
+function H.micro()
+  return H.checkpoint("micro", { preset = "tiny", seed = 7, tokenizer = false,
+                                 overrides = { vocab_size = 1000, num_hidden_layers = 2 } })
+end
+
+function H.cleanup()
+  if tmp_root then H.rm_tree(tmp_root) end
+end
+
+--- relative L2 error ||a - b|| / ||b|| over two arrays of numbers
+function H.rel_l2(a, b)
+  local num, den = 0, 0
+  for i = 1, #b do
+    local d = a[i] - b[i]
+    num = num + d * d
+    den = den + b[i] * b[i]
+  end
+  return math.sqrt(num) / math.sqrt(den)
+end
+
+return H

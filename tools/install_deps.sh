@@ -1,0 +1,16 @@
+#!/bin/sh
+# Installs the Debian 12 packages gptoss builds, tests and runs with, when
+# they are missing. Needs root (or sudo). The list is the one in README.md.
+set -eu
+PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit libluajit-5.1-dev lua-lpeg lua-cjson \
+lua-filesystem lua-busted libpcre2-dev libcjson-dev npm luarocks"
+missing=""
+for p in $PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+echo "installing:$missing"
+SUDO=""
+[ "$(id -u)" -ne 0 ] && SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends $missing >/dev/null
