@@ -215,6 +215,22 @@ static int fl_get(lua_State *L) {
   return 1;
 }
 
+/* f:nll(row, id): -log softmax(row)[id], in double precision; id is 0-based
+   like token ids */
+static int fl_nll(lua_State *L) {
+  lfloats *f = checkfloats(L);
+  int r = fl_row_index(L, f, 2);
+  lua_Integer id = luaL_checkinteger(L, 3);
+  luaL_argcheck(L, id >= 0 && id < f->cols, 3, "id out of range");
+  const float *p = f->v + (size_t)r * f->cols;
+  double mx = p[0];
+  for (int c = 1; c < f->cols; c++) if (p[c] > mx) mx = p[c];
+  double s = 0;
+  for (int c = 0; c < f->cols; c++) s += exp((double)p[c] - mx);
+  lua_pushnumber(L, -((double)p[id] - mx - log(s)));
+  return 1;
+}
+
 static int fl_tostring(lua_State *L) {
   lfloats *f = checkfloats(L);
   lua_pushfstring(L, "gptoss.Floats (%d x %d)", f->rows, f->cols);
@@ -241,7 +257,7 @@ static int l_cpu_count(lua_State *L) {
 
 int luaopen_gptoss_core(lua_State *L) {
   static const luaL_Reg fl_methods[] = {
-    {"row", fl_row}, {"argmax", fl_argmax}, {"shape", fl_shape}, {"bytes", fl_bytes}, {"get", fl_get}, {NULL, NULL}};
+    {"row", fl_row}, {"argmax", fl_argmax}, {"shape", fl_shape}, {"bytes", fl_bytes}, {"get", fl_get}, {"nll", fl_nll}, {NULL, NULL}};
   static const luaL_Reg fl_meta[] = {{"__len", fl_len}, {"__tostring", fl_tostring}, {NULL, NULL}};
   lg_class(L, FLOATS_T, fl_methods, fl_meta, fl_fields);
   static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"floats", l_floats}, {NULL, NULL}};

@@ -189,6 +189,11 @@ static int rd_floats(lua_State *L) {
   int rows = t->ndim == 2 ? (int)t->shape[0] : 1, cols = t->ndim == 2 ? (int)t->shape[1] : (int)n;
   lfloats *f = NULL;
   if (t->dtype == GPTOSS_F32) { f = lg_floats_new(L, rows, cols); memcpy(f->v, t->data, n * 4); }
+  else if (t->dtype == GPTOSS_F64) {
+    f = lg_floats_new(L, rows, cols);
+    const double *p = t->data;
+    for (size_t i = 0; i < n; i++) f->v[i] = (float)p[i];
+  }
   else if (t->dtype == GPTOSS_BF16) {
     f = lg_floats_new(L, rows, cols);
     const uint16_t *p = t->data;
@@ -207,6 +212,33 @@ static int rd_floats(lua_State *L) {
     }
   } else {
     return luaL_error(L, "tensor '%s' is %s, not a float type", t->name, gptoss_dtype_name(t->dtype));
+  }
+  return 1;
+}
+
+/* r:numbers(name) -> flat Lua array of every element, any numeric dtype
+   (integers exactly, F64 in full precision) */
+static int rd_numbers(lua_State *L) {
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  size_t n = 1;
+  for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) {
+    const unsigned char *p = (const unsigned char *)t->data;
+    switch (t->dtype) {
+      case GPTOSS_U8: lua_pushinteger(L, p[i]); break;
+      case GPTOSS_I8: lua_pushinteger(L, (int8_t)p[i]); break;
+      case GPTOSS_I16: { int16_t v; memcpy(&v, p + 2 * i, 2); lua_pushinteger(L, v); break; }
+      case GPTOSS_U16: { uint16_t v; memcpy(&v, p + 2 * i, 2); lua_pushinteger(L, v); break; }
+      case GPTOSS_I32: { int32_t v; memcpy(&v, p + 4 * i, 4); lua_pushinteger(L, v); break; }
+      case GPTOSS_U32: { uint32_t v; memcpy(&v, p + 4 * i, 4); lua_pushinteger(L, (lua_Integer)v); break; }
+      case GPTOSS_I64: { int64_t v; memcpy(&v, p + 8 * i, 8); lua_pushinteger(L, (lua_Integer)v); break; }
+      case GPTOSS_F32: { float v; memcpy(&v, p + 4 * i, 4); lua_pushnumber(L, v); break; }
+      case GPTOSS_F64: { double v; memcpy(&v, p + 8 * i, 8); lua_pushnumber(L, v); break; }
+      case GPTOSS_BF16: { uint16_t v; memcpy(&v, p + 2 * i, 2); lua_pushnumber(L, gptoss_bf16_to_f32(v)); break; }
+      default: return luaL_error(L, "tensor '%s': numbers() does not read %s", t->name, gptoss_dtype_name(t->dtype));
+    }
+    lua_rawseti(L, -2, (lua_Integer)(i + 1));
   }
   return 1;
 }
@@ -313,7 +345,7 @@ static int wr_commit(lua_State *L) {
 
 int luaopen_gptoss_safetensors(lua_State *L) {
   static const luaL_Reg rd_methods[] = {
-    {"tensors", rd_tensors}, {"tensor", rd_tensor}, {"read", rd_read}, {"floats", rd_floats},
+    {"tensors", rd_tensors}, {"tensor", rd_tensor}, {"read", rd_read}, {"floats", rd_floats}, {"numbers", rd_numbers},
     {"metadata", rd_metadata}, {"close", rd_gc}, {NULL, NULL}};
   static const luaL_Reg rd_meta[] = {
     {"__gc", rd_gc},

@@ -85,4 +85,309 @@ function Tokenizer:decoder(opts)
 end
 -- }======================================================
 
+-- {====================================================== generation
+local Model = core.methods.Model
+
+local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
+  repetition_penalty = true, presence_penalty = true, frequency_penalty = true,
+  penalty_window = true, seed = true, logit_bias = true }
+local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true }
+
+local seed_counter = 0
+local function fresh_seed()
+  seed_counter = seed_counter + 1
+  return (os.time() * 1000 + math.floor(os.clock() * 1e6) + seed_counter * 7919) % 2 ^ 52
+end
+
+local function check_options(opts, what, extra)
+  if opts == nil then return {} end
+  if type(opts) ~= "table" then error(what .. ": options must be a table", 3) end
+  for k in pairs(opts) do
+    if not (SAMPLER_KEYS[k] or GEN_KEYS[k] or (extra and extra[k])) then
+      error(what .. ": unknown option '" .. tostring(k) .. "'", 3)
+    end
+  end
+  return opts
+end
+
+local function sampler_for(model, opts, seed_offset)
+  local s = {}
+  for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
+  s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
+  return core.sampler(model.config.vocab_size, s)
+end
+
+--- the default stop tokens: <|return|> and <|call|>
+local function default_stops(model)
+  local t, V, ids = model.tokenizer, model.config.vocab_size, {}
+  local a = t and t:special("<|return|>") or 200002
+  local b = t and t:special("<|call|>") or 200012
+  for _, id in ipairs { a, b } do if id < V then ids[#ids + 1] = id end end
+  return ids
+end
+
+local function check_ids(ids, what)
+  if type(ids) ~= "table" then error(what .. ": token ids (a table of integers) expected", 3) end
+  if #ids == 0 then error(what .. ": empty prompt", 3) end
+end
+
+-- One generation in progress: turns sampled ids into text pieces and
+-- decides when to stop. Pieces that might start a stop string are held back
+-- until they either complete it or cannot.
+local Run = {}
+Run.__index = Run
+
+local function new_run(model, opts, prompt_len)
+  local r = setmetatable({ model = model, ids = {}, parts = {}, pending = "",
+    max_tokens = opts.max_tokens or 256, prompt_tokens = prompt_len }, Run)
+  if type(r.max_tokens) ~= "number" or r.max_tokens < 1 or r.max_tokens ~= math.floor(r.max_tokens) then
+    error("max_tokens must be a positive integer", 4)
+  end
+  r.stop_ids = {}
+  for _, id in ipairs(opts.stop_tokens or default_stops(model)) do
+    if type(id) ~= "number" then error("stop_tokens must be token ids", 4) end
+    r.stop_ids[id] = true
+  end
+  local stop = opts.stop
+  if type(stop) == "string" then stop = { stop } end
+  r.stops = {}
+  for _, s in ipairs(stop or {}) do
+    if type(s) ~= "string" or s == "" then error("stop must be a non-empty string or a list of them", 4) end
+    r.stops[#r.stops + 1] = s
+  end
+  if #r.stops > 0 and not model.tokenizer then error("stop strings need a tokenizer", 4) end
+  r.decoder = model.tokenizer and model.tokenizer:decoder()
+  return r
+end
+
+-- longest suffix of s that is a proper prefix of a stop string
+local function held(s, stops)
+  local best = 0
+  for _, st in ipairs(stops) do
+    for n = math.min(#s, #st - 1), 1, -1 do
+      if n > best and s:sub(-n) == st:sub(1, n) then best = n; break end
+    end
+  end
+  return best
+end
+
+--- Accepts a sampled id; returns the text to emit now and whether the run ended.
+function Run:accept(id)
+  self.ids[#self.ids + 1] = id
+  local piece = self.decoder and self.decoder:feed(id) or ""
+  if self.stop_ids[id] then
+    self.finish = "stop"
+    piece = self.pending .. piece .. (self.decoder and self.decoder:flush() or "")
+    self.pending = ""
+    self.parts[#self.parts + 1] = piece
+    return piece, true
+  end
+  local out = piece
+  if #self.stops > 0 then
+    local buf = self.pending .. piece
+    local cut
+    for _, st in ipairs(self.stops) do
+      local at = buf:find(st, 1, true)
+      if at and (not cut or at < cut) then cut = at end
+    end
+    if cut then
+      self.finish = "stop_string"
+      out = buf:sub(1, cut - 1)
+      self.pending = ""
+      self.parts[#self.parts + 1] = out
+      return out, true
+    end
+    local h = held(buf, self.stops)
+    out, self.pending = buf:sub(1, #buf - h), buf:sub(#buf - h + 1)
+  end
+  self.parts[#self.parts + 1] = out
+  if #self.ids >= self.max_tokens then
+    self.finish = "length"
+    local tail = self.pending .. (self.decoder and self.decoder:flush() or "")
+    self.pending = ""
+    self.parts[#self.parts + 1] = tail
+    return out .. tail, true
+  end
+  return out, false
+end
+
+function Run:result()
+  return {
+    ids = self.ids,
+    text = self.model.tokenizer and table.concat(self.parts) or nil,
+    finish_reason = self.finish,
+    usage = { prompt_tokens = self.prompt_tokens, completion_tokens = #self.ids,
+              total_tokens = self.prompt_tokens + #self.ids },
+  }
+end
+
+-- Feeds the prompt to the session (fresh or given) and returns it with the
+-- first sampled id.
+local function start(model, ids, opts, smp)
+  local sess = opts.session
+  local own = sess == nil
+  if own then sess = model:session() end
+  local ok, first = pcall(function()
+    sess:feed(ids, "last")
+    return sess:sample(smp)
+  end)
+  if not ok then
+    if own then sess:close() end
+    error(first, 0)
+  end
+  return sess, own, first
+end
+
+--- model:stream(ids, opts): an iterator of (piece, id) over generated tokens.
+-- The second value returned is a table that holds the result (finish_reason,
+-- usage, ids, text) once the iterator is exhausted; info.close() ends the
+-- stream early and frees its session (Lua 5.4's for loop does that itself on
+-- break, through the fourth, to-be-closed value).
+function Model:stream(ids, opts)
+  opts = check_options(opts, "stream")
+  check_ids(ids, "stream")
+  local run = new_run(self, opts, #ids)
+  local smp = sampler_for(self, opts)
+  local info = {}
+  local sess, own, nextid
+  local done = false
+  local function finish()
+    done = true
+    local res = run:result()
+    for k, v in pairs(res) do info[k] = v end
+    if own and sess then sess:close() end
+  end
+  local function iter()
+    if done then return nil end
+    if not sess then sess, own, nextid = start(self, ids, opts, smp) end
+    local id = nextid
+    local piece, ended = run:accept(id)
+    if not ended and sess:pos() >= sess:context() then run.finish = "length"; ended = true end
+    if ended then finish()
+    else
+      local ok, n = pcall(sess.step, sess, id, smp)
+      if not ok then finish(); error(n, 0) end
+      nextid = n
+    end
+    return piece, id
+  end
+  function info.close()
+    if done then return end
+    run.finish = run.finish or "cancelled"
+    finish()
+  end
+  return iter, info, nil, setmetatable({}, { __close = info.close })
+end
+
+--- model:generate(ids, opts) -> { ids, text, finish_reason, usage }
+-- opts: the sampler's (temperature, top_k, top_p, min_p, repetition_penalty,
+-- presence_penalty, frequency_penalty, penalty_window, seed, logit_bias),
+-- max_tokens, stop (strings), stop_tokens (ids; default <|return|>, <|call|>),
+-- on_token(piece, id) (return false to stop), session (continue one).
+function Model:generate(ids, opts)
+  opts = check_options(opts, "generate")
+  check_ids(ids, "generate")
+  local cb = opts.on_token
+  if cb ~= nil and type(cb) ~= "function" then error("generate: on_token must be a function", 2) end
+  local it, info = self:stream(ids, opts)
+  for piece, id in it do
+    if cb then
+      local ok, r = pcall(cb, piece, id)
+      if not ok then info.close(); error(r, 0) end
+      if r == false then
+        info.close()
+        info.finish_reason = "callback"
+        break
+      end
+    end
+  end
+  info.close = nil
+  return info
+end
+
+--- model:generate_batch({ids1, ids2, ...}, opts) -> { result1, result2, ... }
+-- The sessions decode together: one forward pass per step for all of them.
+-- With a seed, prompt i samples with seed + i - 1.
+function Model:generate_batch(prompts, opts)
+  opts = check_options(opts, "generate_batch")
+  if opts.session then error("generate_batch: session is not an option here", 2) end
+  if type(prompts) ~= "table" or #prompts == 0 then error("generate_batch: a non-empty list of prompts expected", 2) end
+  local runs, sessions, samplers, last = {}, {}, {}, {}
+  for i, ids in ipairs(prompts) do
+    check_ids(ids, "generate_batch")
+    runs[i] = new_run(self, opts, #ids)
+    samplers[i] = sampler_for(self, opts, i - 1)
+  end
+  local ok, err = pcall(function()
+    for i, ids in ipairs(prompts) do
+      sessions[i] = self:session()
+      sessions[i]:feed(ids, "last")
+      last[i] = sessions[i]:sample(samplers[i])
+    end
+    local active = {}
+    for i = 1, #prompts do active[i] = i end
+    while #active > 0 do
+      local still, ss, ids, sm = {}, {}, {}, {}
+      for _, i in ipairs(active) do
+        local _, ended = runs[i]:accept(last[i])
+        if not ended and sessions[i]:pos() >= sessions[i]:context() then runs[i].finish = "length"; ended = true end
+        if not ended then
+          still[#still + 1] = i
+          ss[#ss + 1], ids[#ids + 1], sm[#sm + 1] = sessions[i], last[i], samplers[i]
+        end
+      end
+      active = still
+      if #active > 0 then
+        local nxt = core.batch_step(ss, ids, sm)
+        for k, i in ipairs(active) do last[i] = nxt[k] end
+      end
+    end
+  end)
+  for _, s in pairs(sessions) do s:close() end
+  if not ok then error(err, 0) end
+  local out = {}
+  for i, r in ipairs(runs) do out[i] = r:result() end
+  return out
+end
+
+--- model:loss(ids): mean next-token cross-entropy over the sequence (nats)
+function Model:loss(ids)
+  check_ids(ids, "loss")
+  if #ids < 2 then error("loss: at least two tokens are needed", 2) end
+  local lg = self:logits(ids)
+  local s = 0
+  for t = 1, #ids - 1 do s = s + lg:nll(t, ids[t + 1]) end
+  return s / (#ids - 1)
+end
+
+--- model:perplexity(text_or_ids): exp(loss)
+function Model:perplexity(x)
+  if type(x) == "string" then
+    if not self.tokenizer then error("perplexity: text needs a tokenizer", 2) end
+    x = self.tokenizer:encode(x)
+  end
+  return math.exp(self:loss(x))
+end
+
+--- model:trace_experts(ids) -> trace[layer][token] = { experts = {...}, weights = {...} }
+-- (layers and tokens 1-based; expert numbers as in the checkpoint, 0-based)
+function Model:trace_experts(ids)
+  check_ids(ids, "trace_experts")
+  local s = self:session()
+  s:trace(true)
+  local ok, err = pcall(s.feed, s, ids, "none")
+  if not ok then s:close(); error(err, 0) end
+  local per_token = s:trace_get()
+  s:close()
+  local out = {}
+  for t, layers in ipairs(per_token) do
+    for l, e in ipairs(layers) do
+      out[l] = out[l] or {}
+      out[l][t] = e
+    end
+  end
+  return out
+end
+-- }======================================================
+
 return M
