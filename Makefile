@@ -115,6 +115,17 @@ check-memory: $(TOKENIZER)
 	tools/check_memory.sh
 # }======================================================
 
+# libFuzzer on the tokenizer; new inputs that grow coverage land in the
+# corpus under spec/, which the tokenizer spec replays in every test run
+FUZZ_SECONDS ?= 120
+FUZZ_SRC := $(ENGINE:%=csrc/%.c)
+fuzz: $(TOKENIZER)
+	@mkdir -p $(BUILD)/fuzz spec/fixtures/fuzz/tokenizer
+	clang -O1 -g -fsanitize=fuzzer,address,undefined -std=gnu11 $(PKG_CFLAGS) tools/fuzz/tokenizer_fuzz.c $(FUZZ_SRC) \
+	  -o $(BUILD)/fuzz/tokenizer_fuzz $(LDLIBS)
+	GPTOSS_TOKENIZER_DIR=tokenizer $(BUILD)/fuzz/tokenizer_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
+	  -dict=tools/fuzz/tokenizer.dict spec/fixtures/fuzz/tokenizer tools/fuzz/seeds
+
 run:
 	tools/run.sh
 
