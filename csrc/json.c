@@ -66,10 +66,16 @@ int gptoss_json_walk_skip(gptoss_json_walk *w) {
     if (p >= end) return -1;
     char c = *p;
     if (c == '"') {
-      for (p++; p < end && *p != '"'; p++)
-        if (*p == '\\') p++;
-      if (p >= end) return -1;
-      p++;
+      /* jump from quote to quote; a quote preceded by an odd number of
+         backslashes is escaped and does not end the string */
+      for (p++;;) {
+        const char *q = memchr(p, '"', (size_t)(end - p));
+        if (!q) return -1;
+        const char *b = q;
+        while (b > p && b[-1] == '\\') b--;
+        p = q + 1;
+        if (((q - b) & 1) == 0) break;
+      }
     } else if (c == '{' || c == '[') {
       depth++; p++;
     } else if (c == '}' || c == ']') {

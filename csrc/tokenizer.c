@@ -21,6 +21,14 @@
 
 typedef struct tok_entry { uint32_t off, len; } tok_entry;
 
+/* A hash slot: tokens of up to 8 bytes live in the slot itself, so a
+   lookup touches one cache line instead of slot, entry and arena. */
+typedef struct tok_slot {
+  uint64_t bytes;             /* the token's bytes when len <= 8, zero-padded */
+  uint32_t id1;               /* id + 1; 0 = empty */
+  uint32_t tag;               /* length (low 8 bits, 255 = longer) and 24 hash bits */
+} tok_slot;
+
 struct gptoss_tokenizer {
   char *arena;                /* bytes of every token, back to back */
   size_t arena_len;
@@ -28,15 +36,31 @@ struct gptoss_tokenizer {
   int n_ranks;                /* ordinary tokens: ids 0..n_ranks-1 */
   int n_vocab;
   unsigned char *special;     /* [n_vocab] 1 when special */
-  uint32_t *slots;            /* hash of ordinary bytes -> id + 1 */
+  tok_slot *slots;            /* ordinary tokens by bytes */
   size_t nslots;
-  uint32_t *sslots;           /* hash of special names -> id + 1 */
+  tok_slot *sslots;           /* special tokens by name */
   size_t nsslots;
+  int32_t *pair;              /* [65536] rank of each 2-byte token, -1 if none */
+  int32_t byte_id[256];       /* rank of each single byte */
   pcre2_code *re;
   int jit;
 };
 
 /* {====================================================== hashing of byte strings */
+/* The n < 8 bytes at p as a zero-padded little-endian word, without a
+   variable-length memcpy (a libc call): two overlapping loads agree on the
+   bytes they share, so OR-ing them is exact. */
+static inline uint64_t load_partial(const unsigned char *p, size_t n) {
+  if (n >= 4) {
+    uint32_t a, b;
+    memcpy(&a, p, 4);
+    memcpy(&b, p + n - 4, 4);
+    return (uint64_t)a | ((uint64_t)b << (8 * (n - 4)));
+  }
+  if (n == 0) return 0;
+  return (uint64_t)p[0] | ((uint64_t)p[n / 2] << (8 * (n / 2))) | ((uint64_t)p[n - 1] << (8 * (n - 1)));
+}
+
 static inline uint64_t bytes_hash(const unsigned char *p, size_t n) {
   uint64_t h = 0x9e3779b97f4a7c15ull ^ (n * 0xff51afd7ed558ccdull);
   while (n >= 8) {
@@ -47,32 +71,50 @@ static inline uint64_t bytes_hash(const unsigned char *p, size_t n) {
     p += 8;
     n -= 8;
   }
-  uint64_t w = 0;
-  memcpy(&w, p, n);
-  h = (h ^ w) * 0x94d049bb133111ebull;
+  h = (h ^ load_partial(p, n)) * 0x94d049bb133111ebull;
   return h ^ (h >> 32);
 }
 
-static int table_put(uint32_t *slots, size_t ns, const gptoss_tokenizer *t, uint32_t id) {
+static inline uint64_t load8(const unsigned char *p, size_t n) {
+  if (n == 8) { uint64_t w; memcpy(&w, p, 8); return w; }
+  return load_partial(p, n);
+}
+
+static inline uint32_t slot_tag(uint64_t hv, size_t n) {
+  return (uint32_t)((hv >> 40) << 8) | (uint32_t)(n < 255 ? n : 255);
+}
+
+static int table_put(tok_slot *slots, size_t ns, const gptoss_tokenizer *t, uint32_t id) {
   const tok_entry *e = &t->tok[id];
-  size_t h = (size_t)bytes_hash((const unsigned char *)t->arena + e->off, e->len) & (ns - 1);
-  while (slots[h]) {
-    const tok_entry *o = &t->tok[slots[h] - 1];
-    if (o->len == e->len && memcmp(t->arena + o->off, t->arena + e->off, e->len) == 0) return -1;
+  const unsigned char *b = (const unsigned char *)t->arena + e->off;
+  uint64_t hv = bytes_hash(b, e->len);
+  size_t h = (size_t)hv & (ns - 1);
+  while (slots[h].id1) {
+    const tok_entry *o = &t->tok[slots[h].id1 - 1];
+    if (o->len == e->len && memcmp(t->arena + o->off, b, e->len) == 0) return -1;
     h = (h + 1) & (ns - 1);
   }
-  slots[h] = id + 1;
+  slots[h].bytes = e->len <= 8 ? load8(b, e->len) : 0;
+  slots[h].id1 = id + 1;
+  slots[h].tag = slot_tag(hv, e->len);
   return 0;
 }
 
-static inline int table_get(const uint32_t *slots, size_t ns, const gptoss_tokenizer *t,
+static inline int table_get(const tok_slot *slots, size_t ns, const gptoss_tokenizer *t,
                             const unsigned char *p, size_t n) {
-  size_t h = (size_t)bytes_hash(p, n) & (ns - 1);
-  uint32_t v;
-  while ((v = slots[h])) {
-    const tok_entry *o = &t->tok[v - 1];
-    if (o->len == n && memcmp(t->arena + o->off, p, n) == 0) return (int)v - 1;
-    h = (h + 1) & (ns - 1);
+  uint64_t hv = bytes_hash(p, n);
+  uint32_t tag = slot_tag(hv, n);
+  size_t h = (size_t)hv & (ns - 1);
+  if (n <= 8) {
+    uint64_t w = load8(p, n);
+    for (; slots[h].id1; h = (h + 1) & (ns - 1))
+      if (slots[h].tag == tag && slots[h].bytes == w) return (int)slots[h].id1 - 1;
+    return -1;
+  }
+  for (; slots[h].id1; h = (h + 1) & (ns - 1)) {
+    if (slots[h].tag != tag) continue;
+    const tok_entry *o = &t->tok[slots[h].id1 - 1];
+    if (o->len == n && memcmp(t->arena + o->off, p, n) == 0) return (int)slots[h].id1 - 1;
   }
   return -1;
 }
@@ -115,15 +157,34 @@ static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
   return len;
 }
 
-/* Offset of the first byte that is not valid UTF-8, or n. */
+/* Offset of the first byte that is not valid UTF-8, or n. Multi-byte
+   sequences are checked against Unicode's table 3-7 (well-formed byte
+   sequences) directly: no overlongs, no surrogates, nothing past U+10FFFF. */
 static size_t utf8_valid_prefix(const unsigned char *s, size_t n) {
   size_t i = 0;
   while (i < n) {
-    if (s[i] < 0x80) { i++; continue; }
-    uint32_t cp;
-    int k = utf8_decode(s + i, n - i, &cp);
-    if (!k) return i;
-    i += (size_t)k;
+    unsigned c = s[i];
+    if (c < 0x80) {
+      /* ASCII runs eight bytes at a time */
+      while (i + 8 <= n) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if (w & 0x8080808080808080ull) break;
+        i += 8;
+      }
+      while (i < n && s[i] < 0x80) i++;
+      continue;
+    }
+    size_t len;
+    unsigned lo = 0x80, hi = 0xBF;
+    if (c >= 0xC2 && c <= 0xDF) len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; else if (c == 0xED) hi = 0x9F; }
+    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; else if (c == 0xF4) hi = 0x8F; }
+    else return i;
+    if (i + len > n || s[i + 1] < lo || s[i + 1] > hi) return i;
+    for (size_t k = 2; k < len; k++)
+      if ((s[i + k] & 0xC0) != 0x80) return i;
+    i += len;
   }
   return n;
 }
@@ -361,8 +422,17 @@ static gptoss_status build(loader *ld) {
   /* every single byte must be a token, or BPE cannot finish */
   for (int b = 0; b < 256; b++) {
     unsigned char c = (unsigned char)b;
-    if (rank_of(t, &c, 1) < 0) return gptoss_fail(GPTOSS_EFORMAT, "%s: byte 0x%02x has no token", path, b);
+    if ((t->byte_id[b] = rank_of(t, &c, 1)) < 0) return gptoss_fail(GPTOSS_EFORMAT, "%s: byte 0x%02x has no token", path, b);
   }
+  /* every merge starts from byte pairs: look those up by index, not hash */
+  t->pair = malloc(sizeof(int32_t) * 65536);
+  if (!t->pair) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int i = 0; i < 65536; i++) t->pair[i] = -1;
+  for (int id = 0; id < nr; id++)
+    if (t->tok[id].len == 2) {
+      const unsigned char *b = (const unsigned char *)t->arena + t->tok[id].off;
+      t->pair[b[0] << 8 | b[1]] = id;
+    }
 
   const char *rx = find_split_regex(ld->pretok);
   if (!rx) return gptoss_fail(GPTOSS_EFORMAT, "%s: pre_tokenizer has no Split regex", path);
@@ -415,6 +485,7 @@ void gptoss_tokenizer_free(gptoss_tokenizer *t) {
   free(t->special);
   free(t->slots);
   free(t->sslots);
+  free(t->pair);
   free(t);
 }
 
@@ -441,16 +512,19 @@ static int ids_push(gptoss_ids *ids, int32_t v) {
   return 0;
 }
 
-/* Short pieces: tiktoken's own loop over an array of part boundaries. */
-#define SMALL_PIECE 256
+/* Short pieces: tiktoken's own loop over an array of part boundaries; its
+   rescan per merge is O(n^2), so longer pieces take the heap below. */
+#define SMALL_PIECE 16
 
 static int bpe_small(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
   uint32_t start[SMALL_PIECE + 1];
   int rank[SMALL_PIECE + 1];
+  int32_t tokid[SMALL_PIECE + 1];   /* the token each part is: a merge of rank r makes token r */
+  for (size_t i = 0; i < n; i++) tokid[i] = t->byte_id[p[i]];
   size_t np = n + 1;          /* boundaries: parts are [start[i], start[i+1]) */
   for (size_t i = 0; i <= n; i++) start[i] = (uint32_t)i;
   for (size_t i = 0; i + 1 < n; i++) {
-    int r = rank_of(t, p + i, 2);
+    int r = t->pair[p[i] << 8 | p[i + 1]];
     rank[i] = r < 0 ? INT32_MAX : r;
   }
   if (n >= 1) rank[n - 1] = INT32_MAX;
@@ -462,8 +536,10 @@ static int bpe_small(const gptoss_tokenizer *t, const unsigned char *p, size_t n
       if (rank[i] < best) { best = rank[i]; bi = i; }
     if (best == INT32_MAX) break;
     /* merge part bi with bi+1: drop boundary bi+1 */
+    tokid[bi] = best;
     memmove(start + bi + 1, start + bi + 2, (np - bi - 2) * sizeof *start);
     memmove(rank + bi + 1, rank + bi + 2, (np - bi - 2) * sizeof *rank);
+    memmove(tokid + bi + 1, tokid + bi + 2, (np - bi - 2) * sizeof *tokid);
     np--;
     /* ranks of the pairs that now start at bi-1 and bi */
     if (bi + 2 < np) { int r = rank_of(t, p + start[bi], start[bi + 2] - start[bi]); rank[bi] = r < 0 ? INT32_MAX : r; }
@@ -473,16 +549,14 @@ static int bpe_small(const gptoss_tokenizer *t, const unsigned char *p, size_t n
       else rank[bi - 1] = INT32_MAX;
     }
   }
-  for (size_t i = 0; i + 1 < np; i++) {
-    int r = rank_of(t, p + start[i], start[i + 1] - start[i]);
-    if (r < 0 || ids_push(out, r) != 0) return -1;
-  }
+  for (size_t i = 0; i + 1 < np; i++)
+    if (ids_push(out, tokid[i]) != 0) return -1;
   return 0;
 }
 
-/* Long pieces (long runs of one script, digits are capped at 3, so these are
-   letters, spaces or punctuation): the same merge order with a heap keyed by
-   (rank, start offset) and lazy deletion, O(n log n) instead of O(n^2). */
+/* Longer pieces (words of scripts without spaces, long runs of letters,
+   spaces or punctuation): the same merge order with a heap keyed by (rank,
+   start offset) and lazy deletion, O(n log n) instead of O(n^2). */
 typedef struct hent { int rank; uint32_t pos; uint32_t stamp; } hent;
 
 static int hless(const hent *a, const hent *b) {
@@ -518,15 +592,24 @@ static hent hpop(hent *h, size_t *n) {
 static int bpe_large(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
   /* parts as a linked list over byte offsets: next[i] is the start of the
      part after the one starting at i; alive[i] when a part starts at i */
-  uint32_t *next = malloc(sizeof(uint32_t) * (n + 1)), *prev = malloc(sizeof(uint32_t) * (n + 1));
-  uint32_t *stamp = calloc(n + 1, sizeof(uint32_t));
-  hent *heap = malloc(sizeof(hent) * (4 * n + 4));
+  enum { STACK = 256 };
+  uint32_t s_next[STACK + 1], s_prev[STACK + 1], s_stamp[STACK + 1];
+  int32_t s_tok[STACK + 1];
+  hent s_heap[4 * STACK + 4];
+  int big = n > STACK;
+  uint32_t *next = big ? malloc(sizeof(uint32_t) * (n + 1)) : s_next;
+  uint32_t *prev = big ? malloc(sizeof(uint32_t) * (n + 1)) : s_prev;
+  uint32_t *stamp = big ? calloc(n + 1, sizeof(uint32_t)) : s_stamp;
+  hent *heap = big ? malloc(sizeof(hent) * (4 * n + 4)) : s_heap;
+  int32_t *tokid = big ? malloc(sizeof(int32_t) * (n + 1)) : s_tok;
   int rc = -1;
-  if (!next || !prev || !stamp || !heap) goto done;
+  if (!next || !prev || !stamp || !heap || !tokid) goto done;
+  for (size_t i = 0; i < n; i++) tokid[i] = t->byte_id[p[i]];
+  if (!big) memset(stamp, 0, sizeof(uint32_t) * (n + 1));
   size_t hn = 0;
   for (size_t i = 0; i <= n; i++) { next[i] = (uint32_t)(i + 1); prev[i] = i ? (uint32_t)(i - 1) : UINT32_MAX; }
   for (size_t i = 0; i + 1 < n; i++) {
-    int r = rank_of(t, p + i, 2);
+    int r = t->pair[p[i] << 8 | p[i + 1]];
     if (r >= 0) hpush(heap, &hn, (hent){ r, (uint32_t)i, 0 });
   }
   while (hn) {
@@ -536,6 +619,7 @@ static int bpe_large(const gptoss_tokenizer *t, const unsigned char *p, size_t n
     uint32_t j = next[i];
     if (j >= n) continue;
     /* merge the parts starting at i and j */
+    tokid[i] = e.rank;
     uint32_t k = next[j];
     next[i] = k;
     if (k <= n) prev[k] = i;
@@ -552,25 +636,66 @@ static int bpe_large(const gptoss_tokenizer *t, const unsigned char *p, size_t n
       if (r >= 0) hpush(heap, &hn, (hent){ r, h, stamp[h] });
     }
   }
-  for (uint32_t i = 0; i < n; i = next[i]) {
-    int r = rank_of(t, p + i, next[i] - i);
-    if (r < 0 || ids_push(out, r) != 0) goto done;
-  }
+  for (uint32_t i = 0; i < n; i = next[i])
+    if (ids_push(out, tokid[i]) != 0) goto done;
   rc = 0;
 done:
-  free(next); free(prev); free(stamp); free(heap);
+  if (big) { free(next); free(prev); free(stamp); free(heap); free(tokid); }
   return rc;
 }
 
-static int encode_piece(const gptoss_tokenizer *t, const unsigned char *p, size_t n, gptoss_ids *out) {
+/* Pieces that are not tokens repeat a lot within a text (words, names,
+   runs of a script); one call remembers where it already merged each, in
+   the text it was given and the ids it already wrote, so the cache holds no
+   copies and needs no lock. */
+#define CACHE_SLOTS 4096
+#define CACHE_MIN_TEXT 2048
+typedef struct piece_cache {
+  uint64_t hash[CACHE_SLOTS];
+  uint32_t src[CACHE_SLOTS], at[CACHE_SLOTS];   /* piece offset in text, first id in out */
+  uint16_t len[CACHE_SLOTS], nids[CACHE_SLOTS];
+} piece_cache;
+
+typedef struct enc_ctx {
+  const gptoss_tokenizer *t;
+  const unsigned char *text;   /* the whole input, for cached pieces */
+  piece_cache *cache;          /* NULL for short inputs */
+  gptoss_ids *out;
+} enc_ctx;
+
+static int encode_piece(enc_ctx *c, const unsigned char *p, size_t n) {
+  const gptoss_tokenizer *t = c->t;
+  gptoss_ids *out = c->out;
   int whole = rank_of(t, p, n);
   if (whole >= 0) return ids_push(out, whole);
-  return n <= SMALL_PIECE ? bpe_small(t, p, n, out) : bpe_large(t, p, n, out);
+  piece_cache *pc = c->cache;
+  uint64_t h = 0;
+  size_t slot = 0;
+  if (pc && n < 65536) {
+    h = bytes_hash(p, n) | 1;
+    slot = (size_t)(h >> 20) & (CACHE_SLOTS - 1);
+    if (pc->hash[slot] == h && pc->len[slot] == n && memcmp(c->text + pc->src[slot], p, n) == 0) {
+      for (uint32_t i = 0; i < pc->nids[slot]; i++)
+        if (ids_push(out, out->v[pc->at[slot] + i]) != 0) return -1;
+      return 0;
+    }
+  }
+  size_t before = out->n;
+  int rc = n <= SMALL_PIECE ? bpe_small(t, p, n, out) : bpe_large(t, p, n, out);
+  if (!rc && pc && n < 65536 && out->n - before < 65536 && before < UINT32_MAX) {
+    pc->hash[slot] = h;
+    pc->src[slot] = (uint32_t)(p - c->text);
+    pc->at[slot] = (uint32_t)before;
+    pc->len[slot] = (uint16_t)n;
+    pc->nids[slot] = (uint16_t)(out->n - before);
+  }
+  return rc;
 }
 
 /* ordinary text that is valid UTF-8: the regex's matches, each BPE'd */
-static gptoss_status encode_text(const gptoss_tokenizer *t, const unsigned char *s, size_t n,
-                                 size_t base, pcre2_match_data *md, pcre2_match_context *mc, gptoss_ids *out) {
+static gptoss_status encode_text(enc_ctx *c, const unsigned char *s, size_t n,
+                                 size_t base, pcre2_match_data *md, pcre2_match_context *mc) {
+  const gptoss_tokenizer *t = c->t;
   size_t at = 0;
   while (at < n) {
     int r = t->jit ? pcre2_jit_match(t->re, s, n, at, PCRE2_NO_UTF_CHECK, md, mc)
@@ -590,19 +715,19 @@ static gptoss_status encode_text(const gptoss_tokenizer *t, const unsigned char 
       at += k ? (size_t)k : 1;
       continue;
     }
-    if (encode_piece(t, s + b, e - b, out) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
+    if (encode_piece(c, s + b, e - b) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
     at = e;
   }
   return GPTOSS_OK;
 }
 
-static gptoss_status encode_ordinary(const gptoss_tokenizer *t, const unsigned char *s, size_t n, size_t base,
-                                     int bytes_mode, pcre2_match_data *md, pcre2_match_context *mc, gptoss_ids *out) {
+static gptoss_status encode_ordinary(enc_ctx *c, const unsigned char *s, size_t n, size_t base,
+                                     int bytes_mode, pcre2_match_data *md, pcre2_match_context *mc) {
   size_t at = 0;
   while (at < n) {
     size_t ok = at + utf8_valid_prefix(s + at, n - at);
     if (ok > at) {
-      gptoss_status rc = encode_text(t, s + at, ok - at, base + at, md, mc, out);
+      gptoss_status rc = encode_text(c, s + at, ok - at, base + at, md, mc);
       if (rc) return rc;
     }
     if (ok == n) break;
@@ -615,7 +740,7 @@ static gptoss_status encode_ordinary(const gptoss_tokenizer *t, const unsigned c
       if (utf8_decode(s + bad, n - bad, &cp)) break;
       bad++;
     }
-    if (encode_piece(t, s + ok, bad - ok, out) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
+    if (encode_piece(c, s + ok, bad - ok) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");
     at = bad;
   }
   return GPTOSS_OK;
@@ -643,12 +768,14 @@ gptoss_status gptoss_encode(const gptoss_tokenizer *t, const char *text, size_t 
   pcre2_match_data *md = pcre2_match_data_create_from_pattern(t->re, NULL);
   pcre2_match_context *mc = pcre2_match_context_create(NULL);
   pcre2_jit_stack *js = t->jit ? pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, NULL) : NULL;
+  enc_ctx c = { t, s, NULL, out };
   gptoss_status rc = GPTOSS_OK;
   if (!md || !mc || (t->jit && !js)) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
   if (js) pcre2_jit_stack_assign(mc, NULL, js);
   int bytes_mode = (flags & GPTOSS_ENC_BYTES) != 0;
+  if (len >= CACHE_MIN_TEXT) c.cache = calloc(1, sizeof *c.cache);   /* optional: no cache is only slower */
   if (!(flags & GPTOSS_ENC_SPECIAL)) {
-    rc = encode_ordinary(t, s, len, 0, bytes_mode, md, mc, out);
+    rc = encode_ordinary(&c, s, len, 0, bytes_mode, md, mc);
     goto done;
   }
   size_t seg = 0;
@@ -656,13 +783,14 @@ gptoss_status gptoss_encode(const gptoss_tokenizer *t, const char *text, size_t 
     if (s[i] != '<') continue;
     int id = special_at(t, s + i, len - i, allowed);
     if (id < 0) continue;
-    if (i > seg && (rc = encode_ordinary(t, s + seg, i - seg, seg, bytes_mode, md, mc, out))) goto done;
+    if (i > seg && (rc = encode_ordinary(&c, s + seg, i - seg, seg, bytes_mode, md, mc))) goto done;
     if (ids_push(out, id) != 0) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
     i += t->tok[id].len - 1;
     seg = i + 1;
   }
-  if (seg < len) rc = encode_ordinary(t, s + seg, len - seg, seg, bytes_mode, md, mc, out);
+  if (seg < len) rc = encode_ordinary(&c, s + seg, len - seg, seg, bytes_mode, md, mc);
 done:
+  free(c.cache);
   if (js) pcre2_jit_stack_free(js);
   pcre2_match_context_free(mc);
   pcre2_match_data_free(md);
