@@ -58,7 +58,17 @@ function runners.render(v)
   local conv = conversation(v)
   assert.are.equal(v.expected_text, harmony.render_text(conv))
   local ids = harmony.render(conv, tok)
-  assert.are.same(tok:encode(v.expected_text, { allowed_special = "all" }), ids)
+  if v.expected_pieces then
+    -- control tokens by id, each text piece as ordinary text
+    local want = {}
+    for _, p in ipairs(v.expected_pieces) do
+      if p.special then want[#want + 1] = tok:special(p.special)
+      else for _, id in ipairs(tok:encode(p.text)) do want[#want + 1] = id end end
+    end
+    assert.are.same(want, ids)
+  else
+    assert.are.same(tok:encode(v.expected_text, { allowed_special = "all" }), ids)
+  end
   if v.expected_tokens then assert.are.same(ids_of(v.expected_tokens), ids) end
 end
 runners.render_completion, runners.render_conversation, runners.render_training = runners.render, runners.render, runners.render
@@ -67,8 +77,14 @@ local function parse_opts(v)
   return { role = val(v.parse_role), strict = val(v.strict) ~= false, lenient = val(v.lenient) == true, tokenizer = tok }
 end
 
+-- the completion as ids: given, or the text with its control tokens
+local function completion_ids(v)
+  if val(v.completion_tokens) then return ids_of(v.completion_tokens) end
+  return tok:encode(v.completion_text, { allowed_special = "all" })
+end
+
 function runners.parse_completion(v)
-  local tokens = ids_of(v.completion_tokens)
+  local tokens = completion_ids(v)
   same_messages(v.expected_messages, harmony.parse(tokens, parse_opts(v)))
   -- the text form parses to the same messages
   if v.completion_text and val(v.completion_text) and not v.completion_pieces then
@@ -114,12 +130,12 @@ function runners.error(v)
     if v.operation == "parse_stream" then
       local o = parse_opts(v)
       local p = harmony.stream_parser { role = o.role, strict = o.strict, tokenizer = tok }
-      for _, id in ipairs(ids_of(v.completion_tokens)) do p:process(id) end
+      for _, id in ipairs(completion_ids(v)) do p:process(id) end
       if v.process_eos ~= false then p:process_eos() end
     elseif v.operation == "render" then
       harmony.render_text(conversation(v))
     else
-      harmony.parse(ids_of(v.completion_tokens), parse_opts(v))
+      harmony.parse(completion_ids(v), parse_opts(v))
     end
   end)
   assert.is_false(ok, "expected an error")

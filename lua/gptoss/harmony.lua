@@ -468,8 +468,9 @@ end
 local MESSAGE_KEYS = { role = true, name = true, channel = true, recipient = true, content_type = true, content = true,
   thinking = true, tool_calls = true, tool_call_id = true }
 
-local function render_message(m, pieces, has_functions)
+local function render_message(m, pieces, has_functions, index)
   check_keys(m, MESSAGE_KEYS, "message")
+  pieces[#pieces + 1] = { message = index }   -- where errors are reported
   pieces[#pieces + 1] = sp("<|start|>")
   if m.role == "tool" then
     if type(m.name) ~= "string" then fail("a tool message needs the tool's name (name = \"functions.x\")", 4) end
@@ -533,7 +534,7 @@ local function harmony_pieces(conv)
   local pieces = {}
   for i, m in ipairs(msgs) do
     if not (drop and first_final and i < first_final and m.channel == "analysis") then
-      render_message(m, pieces, has_functions)
+      render_message(m, pieces, has_functions, i)
     end
   end
   if mode == "training" then
@@ -568,8 +569,10 @@ end
 -- {====================================================== the Hugging Face template
 -- A port of chat_template.jinja, rendered as Jinja2 with trim_blocks and
 -- lstrip_blocks does (transformers' settings): the newline-and-spaces runs
--- below are what those settings leave in the template's own output.
-local HF_PAD = "\n                "
+-- below are what those settings leave of the template's own indentation
+-- before a {{ ... }} that does not strip whitespace.
+local HF_PAD = "\n" .. (" "):rep(16)        -- before a nested property's type
+local HF_DEFAULT_PAD = (" "):rep(20)         -- before a oneOf variant's default
 
 local function pyjson(v) return json.encode_python(v) end
 
@@ -604,7 +607,7 @@ hf_type = function(spec)
     for i, variant in ipairs(variants) do
       out[#out + 1] = hf_type(variant)
       if get(variant, "description") then out[#out + 1] = "// " .. variant.description end
-      if get(variant, "default") ~= nil then out[#out + 1] = "                // default: " .. pyjson(variant.default) end
+      if get(variant, "default") ~= nil then out[#out + 1] = HF_DEFAULT_PAD .. "// default: " .. pyjson(variant.default) end
       if i < #variants then out[#out + 1] = " | \n" end
     end
     return table.concat(out)
@@ -818,7 +821,9 @@ end
 function M.render_text(conv)
   if check_conv(conv) == "hf" then return hf_text(conv) end
   local out = {}
-  for i, p in ipairs(harmony_pieces(conv)) do out[i] = type(p) == "table" and p.special or p end
+  for _, p in ipairs(harmony_pieces(conv)) do
+    if type(p) ~= "table" then out[#out + 1] = p elseif p.special then out[#out + 1] = p.special end
+  end
   return table.concat(out)
 end
 
@@ -831,14 +836,19 @@ function M.render(conv, tok)
   tok = tok or conv.tokenizer
   if not tok then fail("render: token ids need a tokenizer (render(conv, tokenizer) or conv.tokenizer)", 2) end
   if fl == "hf" then return tok:encode(hf_text(conv), { allowed_special = "all" }) end
-  local ids = {}
+  local ids, where = {}, nil
   for _, p in ipairs(harmony_pieces(conv)) do
     if type(p) == "table" then
-      local id = tok:special(p.special)
-      if not id then fail("tokenizer has no special token " .. p.special, 2) end
-      ids[#ids + 1] = id
+      if p.message then where = p.message
+      else
+        local id = tok:special(p.special)
+        if not id then fail("tokenizer has no special token " .. p.special, 2) end
+        ids[#ids + 1] = id
+      end
     elseif p ~= "" then
-      for _, id in ipairs(tok:encode(p)) do ids[#ids + 1] = id end
+      local ok, enc = pcall(tok.encode, tok, p)
+      if not ok then fail((where and ("message " .. where .. ": ") or "") .. tostring(enc), 2) end
+      for _, id in ipairs(enc) do ids[#ids + 1] = id end
     end
   end
   return ids
