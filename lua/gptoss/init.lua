@@ -202,13 +202,18 @@ function Run:accept(id)
   end
   self.parts[#self.parts + 1] = out
   if #self.ids >= self.max_tokens then
-    self.finish = "length"
-    local tail = self.pending .. (self.decoder and self.decoder:flush() or "")
-    self.pending = ""
-    self.parts[#self.parts + 1] = tail
-    return out .. tail, true
+    local before = #self.parts
+    self:stop("length")
+    return out .. self.parts[before + 1], true
   end
   return out, false
+end
+
+--- ends the run without a new token: held-back text is released
+function Run:stop(reason)
+  self.finish = self.finish or reason
+  self.parts[#self.parts + 1] = self.pending .. (self.decoder and self.decoder:flush() or "")
+  self.pending = ""
 end
 
 function Run:result()
@@ -249,7 +254,7 @@ function Model:stream(ids, opts)
   local run = new_run(self, opts, #ids)
   local smp = sampler_for(self, opts)
   local info = {}
-  local sess, own, nextid
+  local sess, own, prev
   local done = false
   local function finish()
     done = true
@@ -257,23 +262,31 @@ function Model:stream(ids, opts)
     for k, v in pairs(res) do info[k] = v end
     if own and sess then sess:close() end
   end
+  -- A token is handed out before it is fed: the next call feeds it and
+  -- samples the one after, so stopping early costs no forward pass and a
+  -- failing callback leaves the session holding only what was consumed.
   local function iter()
     if done then return nil end
-    if not sess then sess, own, nextid = start(self, ids, opts, smp) end
-    local id = nextid
-    local piece, ended = run:accept(id)
-    if not ended and sess:pos() >= sess:context() then run.finish = "length"; ended = true end
-    if ended then finish()
+    local id
+    if not sess then sess, own, id = start(self, ids, opts, smp)
     else
-      local ok, n = pcall(sess.step, sess, id, smp)
+      local ok, n = pcall(sess.step, sess, prev, smp)
       if not ok then finish(); error(n, 0) end
-      nextid = n
+      id = n
     end
+    -- a token sampled at the context's end has no place to go
+    if sess:pos() >= sess:context() then
+      run:stop("length")
+      finish()
+      return nil
+    end
+    local piece, ended = run:accept(id)
+    if ended then finish() else prev = id end
     return piece, id
   end
   function info.close()
     if done then return end
-    run.finish = run.finish or "cancelled"
+    run:stop("cancelled")
     finish()
   end
   return iter, info, nil, setmetatable({}, { __close = info.close })
@@ -319,27 +332,30 @@ function Model:generate_batch(prompts, opts)
     samplers[i] = sampler_for(self, opts, i - 1)
   end
   local ok, err = pcall(function()
+    local active = {}
     for i, ids in ipairs(prompts) do
       sessions[i] = self:session()
       sessions[i]:feed(ids, "last")
-      last[i] = sessions[i]:sample(samplers[i])
+      if sessions[i]:pos() >= sessions[i]:context() then runs[i]:stop("length")
+      else last[i] = sessions[i]:sample(samplers[i]); active[#active + 1] = i end
     end
-    local active = {}
-    for i = 1, #prompts do active[i] = i end
     while #active > 0 do
-      local still, ss, ids, sm = {}, {}, {}, {}
+      local stepping, ss, ids, sm = {}, {}, {}, {}
       for _, i in ipairs(active) do
         local _, ended = runs[i]:accept(last[i])
-        if not ended and sessions[i]:pos() >= sessions[i]:context() then runs[i].finish = "length"; ended = true end
         if not ended then
-          still[#still + 1] = i
+          stepping[#stepping + 1] = i
           ss[#ss + 1], ids[#ids + 1], sm[#sm + 1] = sessions[i], last[i], samplers[i]
         end
       end
-      active = still
-      if #active > 0 then
+      active = {}
+      if #stepping > 0 then
         local nxt = core.batch_step(ss, ids, sm)
-        for k, i in ipairs(active) do last[i] = nxt[k] end
+        for k, i in ipairs(stepping) do
+          -- sampled at the context's end: no place for it
+          if sessions[i]:pos() >= sessions[i]:context() then runs[i]:stop("length")
+          else last[i] = nxt[k]; active[#active + 1] = i end
+        end
       end
     end
   end)
@@ -387,6 +403,64 @@ function Model:trace_experts(ids)
     end
   end
   return out
+end
+-- }======================================================
+
+-- {====================================================== chat
+local CHAT_KEYS = { system = true, developer = true, instructions = true, tools = true, builtin_tools = true,
+  reasoning = true, date = true, identity = true, prefill = true, flavour = true, keep_analysis = true,
+  on_delta = true }
+
+--- gptoss.chat(model, messages, opts) -> { final, analysis, tool_calls,
+-- messages, text, ids, finish_reason, usage }
+-- Renders the conversation with harmony, generates until <|return|> or
+-- <|call|>, and parses the reply as it streams. opts: the system message's
+-- reasoning, date, identity, builtin_tools (or a whole system table);
+-- instructions and tools (or a whole developer table); prefill (e.g.
+-- { channel = "final" }), flavour, keep_analysis; on_delta(delta, channel)
+-- for streamed content; and every generate option.
+function M.chat(model, messages, opts)
+  local harmony = require "gptoss.harmony"
+  local post = require "gptoss.post"
+  opts = check_options(opts, "chat", CHAT_KEYS)
+  if type(messages) ~= "table" then error("chat: a list of messages expected", 2) end
+  local tok = model.tokenizer
+  if not tok then error("chat: the model has no tokenizer", 2) end
+  local system = opts.system
+  if system == nil then
+    system = { reasoning = opts.reasoning, date = opts.date, identity = opts.identity, tools = opts.builtin_tools }
+  end
+  local developer = opts.developer
+  if developer == nil and (opts.instructions or opts.tools) then
+    developer = { instructions = opts.instructions, tools = opts.tools }
+  end
+  local prompt = harmony.render({ system = system, developer = developer, messages = messages, mode = "completion",
+    prefill = opts.prefill, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
+  local parser = harmony.stream_parser { role = "assistant", lenient = true, tokenizer = tok }
+  if opts.prefill then
+    -- the prompt already opened the header: replay it to the parser
+    local pf = opts.prefill
+    if pf.recipient then parser:process_unit { b = " to=" .. pf.recipient } end
+    if pf.channel then parser:process_unit { s = "<|channel|>" }; parser:process_unit { b = pf.channel } end
+    if pf.content_type then parser:process_unit { b = " " .. pf.content_type } end
+    parser:process_unit { s = "<|message|>" }
+  end
+  local on_delta, on_token = opts.on_delta, opts.on_token
+  local gen = {}
+  for k, v in pairs(opts) do if not CHAT_KEYS[k] then gen[k] = v end end
+  gen.on_token = function(piece, id)
+    parser:process(id)
+    if on_delta and parser.last_content_delta then on_delta(parser.last_content_delta, parser:current_channel()) end
+    if on_token then return on_token(piece, id) end
+  end
+  local r = model:generate(prompt, gen)
+  parser:process_eos()
+  local msgs = parser.messages
+  return {
+    final = post.final_text(msgs), analysis = post.analysis_text(msgs), tool_calls = post.tool_calls(msgs),
+    messages = msgs, text = r.text, ids = r.ids, finish_reason = r.finish_reason, usage = r.usage,
+    prompt_tokens = prompt,
+  }
 end
 -- }======================================================
 
