@@ -3,11 +3,13 @@
 # they are missing. Needs root (or sudo). The list is the one in README.md.
 set -eu
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit libluajit-5.1-dev lua-lpeg lua-cjson \
-lua-filesystem lua-busted libpcre2-dev libcjson-dev npm luarocks"
+lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# npm may come with a Node.js from outside Debian; Debian's npm would clash with it
+command -v npm >/dev/null 2>&1 || missing="$missing npm"
 [ -z "$missing" ] && exit 0
 echo "installing:$missing"
 SUDO=""
