@@ -61,6 +61,9 @@ struct gptoss_backend {
                            gptoss_logits_mode mode, float *out);
   gptoss_status (*sample)(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out);
   void (*memory)(const gptoss_model *m, gptoss_memory *out);
+  /* optional: feed one token and sample the next in one go (a backend can
+     fuse and graph-capture the whole step); NULL = forward + sample */
+  gptoss_status (*decode)(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
 };
 
 extern const gptoss_backend gptoss_cpu_backend;
@@ -73,6 +76,9 @@ extern const gptoss_backend gptoss_cpu_backend;
 void gptoss_trace_record(gptoss_session *s, int token_index, int layer, const int32_t *experts, const float *w);
 /* grows the trace buffers to hold `extra` more tokens */
 gptoss_status gptoss_trace_reserve(gptoss_session *s, int extra);
+/* what a backend that samples on its own device needs of a sampler */
+const gptoss_sampling *gptoss_sampler_params(const gptoss_sampler *s);
+uint64_t gptoss_sampler_draw(gptoss_sampler *s);   /* a fresh 64-bit random value per draw */
 #if defined(__GNUC__)
 #pragma GCC visibility pop
 #endif

@@ -8,6 +8,17 @@
 #include <stddef.h>
 #include "gptoss.h"
 
+typedef struct gptoss_pool gptoss_pool;
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+gptoss_pool *gptoss_pool_new(int nthreads);
+void gptoss_pool_free(gptoss_pool *p);
+void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), void *ctx);
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+
 /* {====================================================== hashing */
 static inline uint64_t gptoss_fnv1a(const void *p, size_t n) {
   const unsigned char *s = (const unsigned char *)p;
@@ -33,10 +44,7 @@ static inline double gptoss_u01(uint64_t x) { return (double)(x >> 11) * (1.0 / 
    caller is thread 0) and returns when all are done. Workers spin briefly
    before sleeping, since a forward pass issues hundreds of short regions. */
 typedef struct gptoss_pool gptoss_pool;
-gptoss_pool *gptoss_pool_new(int nthreads);
-void gptoss_pool_free(gptoss_pool *p);
 int gptoss_pool_size(const gptoss_pool *p);
-void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), void *ctx);
 
 /* [lo, hi) share of n items for thread tid of nth */
 static inline void gptoss_split(int64_t n, int tid, int nth, int64_t *lo, int64_t *hi) {

@@ -227,7 +227,7 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   snprintf(m->device, sizeof m->device, "%s", be == &gptoss_cpu_backend ? "cpu" : dev);
   if (be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);
   m->be = be;
-  if ((rc = be->model_init(m, o))) { m->be = NULL; goto fail; }
+  if ((rc = be->model_init(m, o))) goto fail;   /* model_free releases what init had set up */
   *out = m;
   return GPTOSS_OK;
 fail:
@@ -237,7 +237,7 @@ fail:
 
 void gptoss_model_free(gptoss_model *m) {
   if (!m) return;
-  if (m->be) m->be->model_free(m);
+  if (m->be && m->bm) m->be->model_free(m);
   gptoss_st_free(m->st);
   free(m->layer);
   free(m->inv_freq);

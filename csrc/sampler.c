@@ -9,7 +9,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#include "internal.h"
+#include "backend.h"
 
 struct gptoss_sampler {
   gptoss_sampling cfg;
@@ -89,6 +89,10 @@ gptoss_status gptoss_sampler_new(const gptoss_sampling *s, int vocab, gptoss_sam
   *out = p;
   return GPTOSS_OK;
 }
+
+const gptoss_sampling *gptoss_sampler_params(const gptoss_sampler *p) { return &p->cfg; }
+
+uint64_t gptoss_sampler_draw(gptoss_sampler *p) { return next_u64(p->rng); }
 
 void gptoss_sampler_free(gptoss_sampler *p) {
   if (!p) return;

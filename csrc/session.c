@@ -169,6 +169,18 @@ gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int3
 gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
   if (n <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
   gptoss_model *m = ss[0]->m;
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
+    /* one token of one session: the backend's fused step */
+    gptoss_session *s = ss[0];
+    if (s->pos >= s->context)
+      return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry 1 holds %d tokens, its context is %d", s->pos, s->context);
+    gptoss_status rc = check_ids(s, ids, 1);
+    if (rc) return rc;
+    if ((rc = m->be->decode(s, ids[0], smp[0], next))) return rc;
+    s->history[s->pos++] = ids[0];
+    s->has_logits = 1;
+    return GPTOSS_OK;
+  }
   int *counts = malloc(sizeof(int) * (size_t)n);
   if (!counts) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   gptoss_status rc = GPTOSS_OK;

@@ -1,0 +1,162 @@
+// attention.cu: YaRN RoPE with the KV cache write, and attention with sinks
+// and the sliding window, split over the keys (flash-decoding) and combined.
+//
+// CPU reference: cpu_rope in csrc/cpu/kernels.c and attention_worker in
+// csrc/cpu/forward.c: scores q.k/sqrt(D) over keys max(0, p-W+1)..p on
+// sliding layers (0..p on full ones); the sink joins the softmax as one more
+// logit with no value.
+#include <float.h>
+#include "common.cuh"
+
+__device__ __forceinline__ int token_pos(const attn_args &a, int t) {
+  return a.tok_pos ? a.tok_pos[t] : *a.pos_dev;
+}
+
+__device__ __forceinline__ const dsess *token_sess(const attn_args &a, int t) {
+  return a.sess[a.tok_sess ? a.tok_sess[t] : 0];
+}
+
+__device__ __forceinline__ int kv_slot(const dsess *S, int sliding, int p) { return sliding ? p % S->ring : p; }
+
+// one block per token: rotate q and k (pairs (i, i + D/2)), store k and v
+__global__ void rope_store_kernel(attn_args a, dims d) {
+  int t = blockIdx.x, p = token_pos(a, t);
+  const dsess *S = token_sess(a, t);
+  int half = d.D / 2;
+  const float *row = a.qkv + (size_t)t * (d.Q + 2 * d.KV);
+  size_t slot = (size_t)kv_slot(S, a.sliding, p) * d.KV;
+  bf16 *kc = S->k[a.layer] + slot, *vc = S->v[a.layer] + slot;
+  int nheads = d.Hq + d.Hkv;
+  for (int i = threadIdx.x; i < nheads * half; i += blockDim.x) {
+    int h = i / half, j = i % half;
+    float th = (float)p * a.inv_freq[j];
+    float sn, cs;
+    sincosf(th, &sn, &cs);
+    cs *= d.rope_scale;
+    sn *= d.rope_scale;
+    if (h < d.Hq) {
+      const float *x = row + h * d.D;
+      float x1 = x[j], x2 = x[j + half];
+      if (a.bias) { x1 += __bfloat162float(a.bias[h * d.D + j]); x2 += __bfloat162float(a.bias[h * d.D + j + half]); }
+      float *q = a.q + (size_t)t * d.Q + h * d.D;
+      q[j] = x1 * cs - x2 * sn;
+      q[j + half] = x2 * cs + x1 * sn;
+    } else {
+      int kh = h - d.Hq;
+      const float *x = row + d.Q + kh * d.D;
+      float x1 = x[j], x2 = x[j + half];
+      if (a.bias) {
+        x1 += __bfloat162float(a.bias[d.Q + kh * d.D + j]);
+        x2 += __bfloat162float(a.bias[d.Q + kh * d.D + j + half]);
+      }
+      kc[kh * d.D + j] = __float2bfloat16(x1 * cs - x2 * sn);
+      kc[kh * d.D + j + half] = __float2bfloat16(x2 * cs + x1 * sn);
+    }
+  }
+  const float *v = row + d.Q + d.KV;
+  for (int i = threadIdx.x; i < d.KV; i += blockDim.x)
+    vc[i] = __float2bfloat16(v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
+}
+
+void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
+  rope_store_kernel<<<a->T, 256, 0, s>>>(*a, *d);
+}
+
+#define TILE 32
+#define MAX_DPL 8   // D up to 256
+
+// grid (T * Hkv, nsplit); block: one warp per q head of the kv group
+__global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len, float *part_ml, float *part_acc) {
+  extern __shared__ float sm[];
+  int G = d.Hq / d.Hkv, D = d.D, DP = D + 1;     // padded rows: lanes read different rows, same column
+  float *Ks = sm, *Vs = Ks + TILE * DP, *Qs = Vs + TILE * D;
+  int t = blockIdx.x / d.Hkv, kvh = blockIdx.x % d.Hkv, split = blockIdx.y;
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int h = kvh * G + warp;
+  int p = token_pos(a, t);
+  const dsess *S = token_sess(a, t);
+  int start = a.sliding && p - d.window + 1 > 0 ? p - d.window + 1 : 0;
+  int lo = start + split * split_len, hi = lo + split_len;
+  if (hi > p + 1) hi = p + 1;
+  const bf16 *kc = S->k[a.layer], *vc = S->v[a.layer];
+  // the query of this warp's head, scaled by 1/sqrt(D)
+  float scale = rsqrtf((float)D);
+  for (int i = lane; i < D; i += 32) Qs[warp * D + i] = a.q[(size_t)t * d.Q + h * D + i] * scale;
+  float m = -FLT_MAX, l = 0.f, acc[MAX_DPL];
+  int dpl = (D + 31) / 32;
+  for (int i = 0; i < MAX_DPL; i++) acc[i] = 0.f;
+  __syncthreads();
+  for (int k0 = lo; k0 < hi; k0 += TILE) {
+    int n = hi - k0 < TILE ? hi - k0 : TILE;
+    // the block loads the tile's keys and values of this kv head
+    for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
+      int j = i / D, c = i % D;
+      size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
+      Ks[j * DP + c] = __bfloat162float(kc[off]);
+      Vs[j * D + c] = __bfloat162float(vc[off]);
+    }
+    __syncthreads();
+    float s = -FLT_MAX;
+    if (lane < n) {
+      s = 0.f;
+      const float *kr = Ks + lane * DP, *q = Qs + warp * D;
+      for (int c = 0; c < D; c++) s += q[c] * kr[c];
+    }
+    float mx = s;
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float m_new = fmaxf(m, mx);
+    float corr = __expf(m - m_new);
+    float pj = lane < n ? __expf(s - m_new) : 0.f;
+    float ps = pj;
+    for (int o = 16; o > 0; o >>= 1) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+    l = l * corr + ps;
+    for (int i = 0; i < dpl; i++) acc[i] *= corr;
+    for (int j = 0; j < n; j++) {
+      float pv = __shfl_sync(0xffffffffu, pj, j);
+      for (int i = 0; i < dpl; i++) {
+        int c = lane + 32 * i;
+        if (c < D) acc[i] += pv * Vs[j * D + c];
+      }
+    }
+    m = m_new;
+    __syncthreads();
+  }
+  size_t slot = ((size_t)t * d.Hq + h) * nsplit + split;
+  if (lane == 0) { part_ml[2 * slot] = m; part_ml[2 * slot + 1] = l; }
+  for (int i = 0; i < dpl; i++) {
+    int c = lane + 32 * i;
+    if (c < D) part_acc[slot * D + c] = acc[i];
+  }
+}
+
+// merges the splits with the sink: o = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) + e^(sink - M))
+__global__ void attention_combine_kernel(attn_args a, dims d, const bf16 *sinks, int nsplit, const float *part_ml,
+                                         const float *part_acc, float *out) {
+  int t = blockIdx.x / d.Hq, h = blockIdx.x % d.Hq;
+  size_t base = ((size_t)t * d.Hq + h) * nsplit;
+  float sink = __bfloat162float(sinks[h]);
+  float M = sink;
+  for (int s = 0; s < nsplit; s++) if (part_ml[2 * (base + s) + 1] > 0.f) M = fmaxf(M, part_ml[2 * (base + s)]);
+  float den = __expf(sink - M);
+  for (int s = 0; s < nsplit; s++) {
+    float l = part_ml[2 * (base + s) + 1];
+    if (l > 0.f) den += l * __expf(part_ml[2 * (base + s)] - M);
+  }
+  for (int c = threadIdx.x; c < d.D; c += blockDim.x) {
+    float o = 0.f;
+    for (int s = 0; s < nsplit; s++) {
+      float l = part_ml[2 * (base + s) + 1];
+      if (l > 0.f) o += part_acc[(base + s) * d.D + c] * __expf(part_ml[2 * (base + s)] - M);
+    }
+    out[(size_t)t * d.Q + h * d.D + c] = o / den;
+  }
+}
+
+void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int nsplit, int split_len,
+                      float *part_ml, float *part_acc, float *out, cudaStream_t s) {
+  int G = d->Hq / d->Hkv;
+  size_t smem = sizeof(float) * ((size_t)TILE * (d->D + 1) + (size_t)TILE * d->D + (size_t)G * d->D);
+  dim3 grid(a->T * d->Hkv, nsplit);
+  attention_kernel<<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
+  attention_combine_kernel<<<a->T * d->Hq, 64, 0, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
+}

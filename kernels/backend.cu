@@ -1,0 +1,817 @@
+// backend.cu: the CUDA backend: weight upload, sessions and their KV caches,
+// the general forward pass (prefill, batched decode), the graph-captured
+// batch-1 decode step, sampling, and memory accounting.
+//
+// Shapes and order of operations follow csrc/cpu/forward.c, the reference
+// this backend is tested against.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cublas_v2.h>
+#include "common.cuh"
+
+// {====================================================== errors
+static int g_broken;   // a sticky CUDA error: the context is lost
+
+static bool sticky(cudaError_t e) {
+  return e == cudaErrorIllegalAddress || e == cudaErrorLaunchFailure || e == cudaErrorIllegalInstruction ||
+         e == cudaErrorMisalignedAddress || e == cudaErrorHardwareStackError || e == cudaErrorAssert ||
+         e == cudaErrorInvalidPc || e == cudaErrorLaunchTimeout || e == cudaErrorECCUncorrectable;
+}
+
+gptoss_status cuda_fail(cudaError_t e, const char *what, const char *file, int line) {
+  if (e == cudaErrorMemoryAllocation) {
+    cudaGetLastError();   // not sticky: clear it, the model stays usable
+    return gptoss_fail(GPTOSS_ENOMEM, "CUDA out of memory (%s)", what);
+  }
+  if (sticky(e)) g_broken = 1;
+  return gptoss_fail(GPTOSS_EDEVICE, "CUDA error %s: %s (%s at %s:%d)%s", cudaGetErrorName(e), cudaGetErrorString(e),
+                     what, file, line, g_broken ? "; the device context is lost: close the model and load it again" : "");
+}
+
+static gptoss_status blas_fail(cublasStatus_t st, const char *what) {
+  if (st == CUBLAS_STATUS_ALLOC_FAILED) return gptoss_fail(GPTOSS_ENOMEM, "cuBLAS out of memory (%s)", what);
+  return gptoss_fail(GPTOSS_EDEVICE, "cuBLAS error %d in %s", (int)st, what);
+}
+#define BLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return blas_fail(s_, #call); } while (0)
+// after a batch of launches: a bad launch configuration shows up here
+#define LAUNCHED() CU(cudaGetLastError())
+// }======================================================
+
+// {====================================================== state
+struct cuda_model {
+  int dev;
+  cudaStream_t stream;
+  cublasHandle_t blas;
+  char *arena;
+  size_t arena_bytes;
+  dlayer layer[CUDA_MAX_LAYERS];
+  const bf16 *embed, *norm, *lm_head;
+  float *inv_freq;
+  dims d;
+  int sms;
+  size_t budget, kv_bytes, ws_bytes;
+  // general forward workspace, for up to ws_tokens tokens and ws_sess sessions
+  int ws_tokens, ws_sess, ws_out;
+  int ws_gen;                              // bumped when the workspace moves: graphs must be captured again
+  float *x, *qkv, *q, *att, *tmp, *rl, *y, *wts, *part_ml, *part_acc, *logits;
+  bf16 *xn, *att16, *act;
+  int32_t *ids, *tok_pos, *tok_sess, *sel, *rows;
+  const dsess **sess_arr;
+  moe_work mw;
+  int32_t *trace_sel; float *trace_w;    // [L][ws_tokens][K]
+  char *ws;                                // the workspace allocation
+  // host staging for per-call inputs
+  int32_t *h_ints;                         // pinned: ids | pos | sess | rows
+  // sampling
+  sampler_work sw;
+  gpu_sampling *params_dev, *params_host;  // [ws_sess]
+  int32_t *out_dev, *out_host;             // [ws_sess]
+  const int32_t **hist_arr; int32_t *hist_len;
+};
+
+struct cuda_session {
+  dsess view;
+  dsess *dev;
+  char *kv;
+  size_t kv_bytes;
+  float *logits;          // device [V]: the last position's logits
+  int32_t *hist;          // device copy of the token history [context]
+  int32_t *hist_len;      // device [1]
+  // the batch-1 decode step, as a CUDA graph
+  int32_t *step;          // device {token, pos}
+  int32_t *step_host;     // pinned {token, pos}
+  gpu_sampling *params;   // device [1]
+  gpu_sampling *params_host;   // pinned
+  int32_t *next;          // device [1]
+  int32_t *next_host;     // pinned [1]
+  const int32_t **hist_ptr;    // device [1] -> hist
+  float *d_qkv, *d_q, *d_att, *d_rl, *d_w, *d_act, *d_ml, *d_acc;
+  bf16 *d_xn;
+  float *d_x;
+  int32_t *d_sel;
+  char *dec;              // the decode scratch allocation
+  cudaGraphExec_t graph;
+  int graph_kind;         // which sampling the graph was captured with
+  int graph_gen;          // the workspace generation it was captured in
+  int nsplit_full;
+};
+
+static cuda_model *CM(const gptoss_model *m) { return (cuda_model *)m->bm; }
+static cuda_session *CS(const gptoss_session *s) { return (cuda_session *)s->bs; }
+
+#define ALIGN(x) (((x) + 255) & ~(size_t)255)
+// }======================================================
+
+// {====================================================== upload
+struct stage_job {
+  const char *src;
+  char *dst;
+  size_t n;
+};
+
+static void stage_copy(void *ctx, int tid, int nth) {
+  stage_job *j = (stage_job *)ctx;
+  size_t per = (j->n + nth - 1) / nth, lo = per * tid, hi = lo + per < j->n ? lo + per : j->n;
+  if (lo < hi) memcpy(j->dst + lo, j->src + lo, hi - lo);
+}
+
+struct upload_item { const void *src; size_t n, off; };
+
+// Copies tensors into the arena through two pinned buffers: while one chunk
+// crosses PCIe, the pool copies the next out of the mapped file.
+static gptoss_status upload(cuda_model *cm, const upload_item *items, int n, int threads) {
+  const size_t CHUNK = (size_t)64 << 20;
+  char *pinned[2] = {NULL, NULL};
+  cudaEvent_t done[2] = {NULL, NULL};
+  gptoss_status rc = GPTOSS_OK;
+  gptoss_pool *pool = gptoss_pool_new(threads > 16 ? 16 : threads);
+  int cur = 0;
+  cudaError_t e = cudaHostAlloc((void **)&pinned[0], CHUNK, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaHostAlloc((void **)&pinned[1], CHUNK, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&done[0], cudaEventDisableTiming);
+  if (e == cudaSuccess) e = cudaEventCreateWithFlags(&done[1], cudaEventDisableTiming);
+  if (e != cudaSuccess) { rc = cuda_fail(e, "pinned staging buffers", __FILE__, __LINE__); goto out; }
+  for (int i = 0; i < n && !rc; i++) {
+    const char *src = (const char *)items[i].src;
+    for (size_t off = 0; off < items[i].n && !rc; off += CHUNK) {
+      size_t len = items[i].n - off < CHUNK ? items[i].n - off : CHUNK;
+      e = cudaEventSynchronize(done[cur]);     // the buffer's previous copy finished
+      if (e != cudaSuccess) { rc = cuda_fail(e, "staging", __FILE__, __LINE__); break; }
+      stage_job j = {src + off, pinned[cur], len};
+      gptoss_pool_run(pool, stage_copy, &j);
+      e = cudaMemcpyAsync(cm->arena + items[i].off + off, pinned[cur], len, cudaMemcpyHostToDevice, cm->stream);
+      if (e == cudaSuccess) e = cudaEventRecord(done[cur], cm->stream);
+      if (e != cudaSuccess) { rc = cuda_fail(e, "weight upload", __FILE__, __LINE__); break; }
+      cur ^= 1;
+    }
+  }
+  if (!rc) { e = cudaStreamSynchronize(cm->stream); if (e != cudaSuccess) rc = cuda_fail(e, "weight upload", __FILE__, __LINE__); }
+out:
+  for (int i = 0; i < 2; i++) {
+    if (done[i]) cudaEventDestroy(done[i]);
+    if (pinned[i]) cudaFreeHost(pinned[i]);
+  }
+  gptoss_pool_free(pool);
+  return rc;
+}
+// }======================================================
+
+// {====================================================== workspace
+static void free_workspace(cuda_model *cm) {
+  if (cm->ws) cudaFree(cm->ws);
+  if (cm->h_ints) cudaFreeHost(cm->h_ints);
+  if (cm->params_host) cudaFreeHost(cm->params_host);
+  if (cm->out_host) cudaFreeHost(cm->out_host);
+  cm->ws = NULL; cm->h_ints = NULL; cm->params_host = NULL; cm->out_host = NULL;
+  cm->ws_tokens = cm->ws_sess = 0;
+  cm->ws_bytes = 0;
+  cm->ws_gen++;
+}
+
+// (Re)allocates the general workspace for T tokens of up to S sessions.
+static gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
+  if (T <= cm->ws_tokens && S <= cm->ws_sess) return GPTOSS_OK;
+  int nt = T > cm->ws_tokens ? T : cm->ws_tokens, ns = S > cm->ws_sess ? S : cm->ws_sess;
+  if (ns < 64) ns = 64;
+  free_workspace(cm);
+  const dims &d = cm->d;
+  size_t TK = (size_t)nt * d.K;
+  int outrows = 64;
+  // attention partials: T <= 64 tokens may split their keys up to 64 ways
+  size_t prows = (size_t)(nt > 64 * 64 ? nt : 64 * 64) * d.Hq;
+  size_t sz[] = {
+    sizeof(float) * nt * d.H,                     // x
+    sizeof(float) * nt * (d.Q + 2 * d.KV),        // qkv
+    sizeof(float) * nt * d.Q,                     // q
+    sizeof(float) * nt * d.Q,                     // att
+    sizeof(float) * nt * (d.H > d.E ? d.H : d.E), // tmp
+    sizeof(float) * nt * d.E,                     // rl
+    sizeof(float) * TK * d.H,                     // y
+    sizeof(float) * TK,                           // wts
+    sizeof(float) * 2 * prows,                    // part_ml
+    sizeof(float) * (size_t)d.D * prows,          // part_acc
+    sizeof(float) * (size_t)outrows * d.V,        // logits
+    sizeof(bf16) * nt * d.H,                      // xn
+    sizeof(bf16) * nt * d.Q,                      // att16
+    sizeof(bf16) * TK * d.I,                      // act
+    sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * TK, sizeof(int32_t) * nt,
+    sizeof(dsess *) * ns,
+    sizeof(int32_t) * (d.E + 1) * 4 + sizeof(int32_t) * TK,  // moe work
+    sizeof(int32_t) * (size_t)d.L * TK, sizeof(float) * (size_t)d.L * TK,   // trace
+    cm->sw.cub_bytes, sizeof(float) * d.V * 2, sizeof(int32_t) * d.V * 2,   // sampler sort
+    sizeof(float) * 64 * ns, sizeof(int32_t) * 64 * ns,                     // argmax partials
+    sizeof(int32_t) * 4096, sizeof(float) * 4096,                           // logit bias
+    sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
+  };
+  size_t total = 0;
+  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
+  if (cm->budget && cm->arena_bytes + cm->kv_bytes + total > cm->budget)
+    return gptoss_fail(GPTOSS_ENOMEM, "a forward pass of %d tokens needs %.1f MB of workspace beyond the memory budget of %.1f MB",
+                       T, total / 1e6, cm->budget / 1e6);
+  CU(cudaMalloc((void **)&cm->ws, total));
+  char *p = cm->ws;
+  size_t k = 0;
+#define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
+  TAKE(cm->x, float *); TAKE(cm->qkv, float *); TAKE(cm->q, float *); TAKE(cm->att, float *); TAKE(cm->tmp, float *);
+  TAKE(cm->rl, float *); TAKE(cm->y, float *); TAKE(cm->wts, float *); TAKE(cm->part_ml, float *); TAKE(cm->part_acc, float *);
+  TAKE(cm->logits, float *); TAKE(cm->xn, bf16 *); TAKE(cm->att16, bf16 *); TAKE(cm->act, bf16 *);
+  TAKE(cm->ids, int32_t *); TAKE(cm->tok_pos, int32_t *); TAKE(cm->tok_sess, int32_t *); TAKE(cm->sel, int32_t *);
+  TAKE(cm->rows, int32_t *); TAKE(cm->sess_arr, const dsess **);
+  int32_t *mw;
+  TAKE(mw, int32_t *);
+  cm->mw.counts = mw; cm->mw.offsets = mw + (d.E + 1); cm->mw.tile_offsets = mw + 2 * (d.E + 1);
+  cm->mw.cursor = mw + 3 * (d.E + 1); cm->mw.perm = mw + 4 * (d.E + 1);
+  TAKE(cm->trace_sel, int32_t *); TAKE(cm->trace_w, float *);
+  TAKE(cm->sw.cub_temp, void *);
+  float *keys; int32_t *idx;
+  TAKE(keys, float *); TAKE(idx, int32_t *);
+  cm->sw.keys_in = keys; cm->sw.keys_out = keys + d.V; cm->sw.idx_in = idx; cm->sw.idx_out = idx + d.V;
+  TAKE(cm->sw.partial_f, float *); TAKE(cm->sw.partial_i, int32_t *);
+  TAKE(cm->sw.bias_ids, int32_t *); TAKE(cm->sw.bias_vals, float *);
+  TAKE(cm->params_dev, gpu_sampling *); TAKE(cm->out_dev, int32_t *); TAKE(cm->hist_arr, const int32_t **);
+  TAKE(cm->hist_len, int32_t *);
+#undef TAKE
+  cudaError_t e = cudaHostAlloc((void **)&cm->h_ints, sizeof(int32_t) * (size_t)nt * 4, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaHostAlloc((void **)&cm->params_host, sizeof(gpu_sampling) * ns, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaHostAlloc((void **)&cm->out_host, sizeof(int32_t) * ns, cudaHostAllocDefault);
+  if (e != cudaSuccess) { free_workspace(cm); return cuda_fail(e, "pinned workspace", __FILE__, __LINE__); }
+  cm->ws_tokens = nt;
+  cm->ws_sess = ns;
+  cm->ws_out = outrows;
+  cm->ws_bytes = total;
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== model
+static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o) {
+  if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; restart the process");
+  const gptoss_config *c = &m->cfg;
+  if (c->hidden_size % 64 || (2 * c->intermediate_size) % 64 || c->num_experts_per_tok > 32 || c->head_dim > 256 ||
+      c->num_attention_heads / c->num_key_value_heads > 32 || (c->num_attention_heads * c->head_dim) % 8)
+    return gptoss_fail(GPTOSS_EUNSUP, "the CUDA backend needs hidden_size and 2*intermediate_size multiples of 64, "
+                       "at most 32 experts per token, head_dim <= 256 and at most 32 query heads per kv head");
+  int ndev = 0;
+  cudaError_t e = cudaGetDeviceCount(&ndev);
+  if (e != cudaSuccess || ndev == 0) return gptoss_fail(GPTOSS_EUNSUP, "no CUDA device (%s)", e ? cudaGetErrorString(e) : "none found");
+  if (m->device_index >= ndev) return gptoss_fail(GPTOSS_EARG, "device cuda:%d does not exist (%d devices)", m->device_index, ndev);
+  cuda_model *cm = (cuda_model *)calloc(1, sizeof *cm);
+  if (!cm) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  m->bm = cm;
+  cm->dev = m->device_index;
+  CU(cudaSetDevice(cm->dev));
+  CU(cudaDeviceGetAttribute(&cm->sms, cudaDevAttrMultiProcessorCount, cm->dev));
+  CU(cudaStreamCreateWithFlags(&cm->stream, cudaStreamNonBlocking));
+  BLAS(cublasCreate(&cm->blas));
+  BLAS(cublasSetStream(cm->blas, cm->stream));
+  dims &d = cm->d;
+  d.H = c->hidden_size; d.I = c->intermediate_size; d.L = c->num_hidden_layers; d.Hq = c->num_attention_heads;
+  d.Hkv = c->num_key_value_heads; d.D = c->head_dim; d.Q = d.Hq * d.D; d.KV = d.Hkv * d.D; d.E = c->num_local_experts;
+  d.K = c->num_experts_per_tok; d.V = c->vocab_size; d.window = c->sliding_window; d.eps = (float)c->rms_norm_eps;
+  d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
+  size_t free_b, total_b;
+  CU(cudaMemGetInfo(&free_b, &total_b));
+  cm->budget = o->memory_budget ? o->memory_budget : (size_t)(free_b * 0.9);
+
+  // arena layout: every tensor at a 256-byte boundary; q, k, v of a layer
+  // back to back so that they are one [Q + 2 KV, H] matrix
+  int L = d.L, nit = 0;
+  upload_item *items = (upload_item *)calloc((size_t)L * 20 + 4, sizeof *items);
+  if (!items) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  size_t off = 0;
+  size_t qkv_w_off[CUDA_MAX_LAYERS], qkv_b_off[CUDA_MAX_LAYERS];
+  size_t lo[CUDA_MAX_LAYERS][GPTOSS_T_PER_LAYER];
+  for (int l = 0; l < L; l++) {
+    for (int r = 0; r < GPTOSS_T_PER_LAYER; r++) {
+      int role = r + GPTOSS_T_LAYER_FIRST;
+      const gptoss_tensor *t = m->layer[l][r];
+      if (role == GPTOSS_T_K_W || role == GPTOSS_T_V_W || role == GPTOSS_T_K_B || role == GPTOSS_T_V_B) continue;
+      if (role == GPTOSS_T_Q_W || role == GPTOSS_T_Q_B) {
+        int w = role == GPTOSS_T_Q_W;
+        const gptoss_tensor *k = LAYER_T(m, l, w ? GPTOSS_T_K_W : GPTOSS_T_K_B), *v = LAYER_T(m, l, w ? GPTOSS_T_V_W : GPTOSS_T_V_B);
+        (w ? qkv_w_off : qkv_b_off)[l] = off;
+        items[nit++] = {t->data, t->nbytes, off};
+        items[nit++] = {k->data, k->nbytes, off + t->nbytes};
+        items[nit++] = {v->data, v->nbytes, off + t->nbytes + k->nbytes};
+        off = ALIGN(off + t->nbytes + k->nbytes + v->nbytes);
+        continue;
+      }
+      lo[l][r] = off;
+      items[nit++] = {t->data, t->nbytes, off};
+      off = ALIGN(off + t->nbytes);
+    }
+  }
+  size_t embed_off = off;
+  items[nit++] = {m->embed->data, m->embed->nbytes, off};
+  off = ALIGN(off + m->embed->nbytes);
+  size_t norm_off = off;
+  items[nit++] = {m->norm->data, m->norm->nbytes, off};
+  off = ALIGN(off + m->norm->nbytes);
+  size_t head_off = embed_off;
+  if (m->lm_head != m->embed) {
+    head_off = off;
+    items[nit++] = {m->lm_head->data, m->lm_head->nbytes, off};
+    off = ALIGN(off + m->lm_head->nbytes);
+  }
+  size_t rope_off = off;
+  off = ALIGN(off + sizeof(float) * (size_t)(d.D / 2));
+  cm->arena_bytes = off;
+  if (off > cm->budget) {
+    free(items);
+    return gptoss_fail(GPTOSS_ENOMEM, "the weights need %.2f GB but the memory budget is %.2f GB (free %.2f GB)",
+                       off / 1e9, cm->budget / 1e9, free_b / 1e9);
+  }
+  e = cudaMalloc((void **)&cm->arena, off);
+  if (e != cudaSuccess) { free(items); return cuda_fail(e, "weight arena", __FILE__, __LINE__); }
+  gptoss_status rc = upload(cm, items, nit, m->threads);
+  free(items);
+  if (rc) return rc;
+  CU(cudaMemcpy(cm->arena + rope_off, m->inv_freq, sizeof(float) * (size_t)(d.D / 2), cudaMemcpyHostToDevice));
+  cm->inv_freq = (float *)(cm->arena + rope_off);
+  for (int l = 0; l < L; l++) {
+    dlayer &y = cm->layer[l];
+#define AT(role, type) ((type)(cm->arena + lo[l][(role) - GPTOSS_T_LAYER_FIRST]))
+    y.attn_norm = AT(GPTOSS_T_ATTN_NORM, const bf16 *);
+    y.mlp_norm = AT(GPTOSS_T_MLP_NORM, const bf16 *);
+    y.qkv_w = (const bf16 *)(cm->arena + qkv_w_off[l]);
+    y.qkv_b = (const bf16 *)(cm->arena + qkv_b_off[l]);
+    y.o_w = AT(GPTOSS_T_O_W, const bf16 *); y.o_b = AT(GPTOSS_T_O_B, const bf16 *);
+    y.sinks = AT(GPTOSS_T_SINKS, const bf16 *);
+    y.router_w = AT(GPTOSS_T_ROUTER_W, const bf16 *); y.router_b = AT(GPTOSS_T_ROUTER_B, const bf16 *);
+    y.gu_blocks = AT(GPTOSS_T_GU_BLOCKS, const uint8_t *); y.gu_scales = AT(GPTOSS_T_GU_SCALES, const uint8_t *);
+    y.gu_bias = AT(GPTOSS_T_GU_BIAS, const bf16 *);
+    y.dn_blocks = AT(GPTOSS_T_DN_BLOCKS, const uint8_t *); y.dn_scales = AT(GPTOSS_T_DN_SCALES, const uint8_t *);
+    y.dn_bias = AT(GPTOSS_T_DN_BIAS, const bf16 *);
+#undef AT
+  }
+  cm->embed = (const bf16 *)(cm->arena + embed_off);
+  cm->norm = (const bf16 *)(cm->arena + norm_off);
+  cm->lm_head = (const bf16 *)(cm->arena + head_off);
+  cm->sw.cub_bytes = sampler_cub_bytes(d.V);
+  return ensure_workspace(cm, 64, 64);
+}
+
+static void cuda_model_free(gptoss_model *m) {
+  cuda_model *cm = CM(m);
+  if (!cm) return;
+  cudaSetDevice(cm->dev);
+  if (cm->stream) cudaStreamSynchronize(cm->stream);
+  free_workspace(cm);
+  if (cm->arena) cudaFree(cm->arena);
+  if (cm->blas) cublasDestroy(cm->blas);
+  if (cm->stream) cudaStreamDestroy(cm->stream);
+  free(cm);
+  m->bm = NULL;
+}
+
+static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
+  cuda_model *cm = CM(m);
+  out->weights = cm->arena_bytes;
+  out->kv = cm->kv_bytes;
+  out->workspace = cm->ws_bytes;
+  out->total = out->weights + out->kv + out->workspace;
+  size_t f = 0, t = 0;
+  if (cudaSetDevice(cm->dev) == cudaSuccess && cudaMemGetInfo(&f, &t) == cudaSuccess) { out->device_free = f; out->device_total = t; }
+}
+// }======================================================
+
+// {====================================================== sessions
+static int layer_slots(const gptoss_session *s, int l) { return s->m->cfg.layer_sliding[l] ? s->ring : s->context; }
+
+static void session_release(cuda_session *cs, cuda_model *cm) {
+  if (cs->graph) cudaGraphExecDestroy(cs->graph);
+  if (cs->kv) cudaFree(cs->kv);
+  if (cs->dec) cudaFree(cs->dec);
+  if (cs->step_host) cudaFreeHost(cs->step_host);
+  if (cm) cm->kv_bytes -= cs->kv_bytes;
+  free(cs);
+}
+
+static gptoss_status cuda_session_init(gptoss_session *s) {
+  cuda_model *cm = CM(s->m);
+  if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
+  const dims &d = cm->d;
+  CU(cudaSetDevice(cm->dev));
+  cuda_session *cs = (cuda_session *)calloc(1, sizeof *cs);
+  if (!cs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  size_t kv = 0;
+  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(sizeof(bf16) * (size_t)layer_slots(s, l) * d.KV);
+  size_t extra = ALIGN(sizeof(float) * d.V) + ALIGN(sizeof(int32_t) * s->context) + ALIGN(sizeof(dsess)) + 256;
+  if (cm->budget && cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + kv + extra > cm->budget) {
+    free(cs);
+    return gptoss_fail(GPTOSS_ENOMEM, "a session of %d positions needs %.1f MB of KV cache; the memory budget of %.2f GB "
+                       "has %.1f MB left", s->context, (kv + extra) / 1e6, cm->budget / 1e9,
+                       ((double)cm->budget - (double)(cm->arena_bytes + cm->kv_bytes + cm->ws_bytes)) / 1e6);
+  }
+  cudaError_t e = cudaMalloc((void **)&cs->kv, kv + extra);
+  if (e != cudaSuccess) { free(cs); return cuda_fail(e, "KV cache", __FILE__, __LINE__); }
+  cs->kv_bytes = kv + extra;
+  cm->kv_bytes += cs->kv_bytes;
+  char *p = cs->kv;
+  for (int l = 0; l < d.L; l++) {
+    size_t b = ALIGN(sizeof(bf16) * (size_t)layer_slots(s, l) * d.KV);
+    cs->view.k[l] = (bf16 *)p; p += b;
+    cs->view.v[l] = (bf16 *)p; p += b;
+  }
+  cs->view.ring = s->ring;
+  cs->logits = (float *)p; p += ALIGN(sizeof(float) * d.V);
+  cs->hist = (int32_t *)p; p += ALIGN(sizeof(int32_t) * s->context);
+  cs->dev = (dsess *)p;
+  s->bs = cs;
+  e = cudaMemcpy(cs->dev, &cs->view, sizeof(dsess), cudaMemcpyHostToDevice);
+  if (e != cudaSuccess) { s->bs = NULL; session_release(cs, cm); return cuda_fail(e, "session", __FILE__, __LINE__); }
+  return GPTOSS_OK;
+}
+
+static void cuda_session_free(gptoss_session *s) {
+  cuda_session *cs = CS(s);
+  if (!cs) return;
+  cuda_model *cm = CM(s->m);
+  cudaSetDevice(cm->dev);
+  cudaStreamSynchronize(cm->stream);
+  session_release(cs, cm);
+  s->bs = NULL;
+}
+
+static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session *src) {
+  cuda_model *cm = CM(src->m);
+  cuda_session *d = CS(dst), *s = CS(src);
+  for (int l = 0; l < cm->d.L; l++) {
+    size_t b = sizeof(bf16) * (size_t)layer_slots(src, l) * cm->d.KV;
+    CU(cudaMemcpyAsync(d->view.k[l], s->view.k[l], b, cudaMemcpyDeviceToDevice, cm->stream));
+    CU(cudaMemcpyAsync(d->view.v[l], s->view.v[l], b, cudaMemcpyDeviceToDevice, cm->stream));
+  }
+  CU(cudaMemcpyAsync(d->logits, s->logits, sizeof(float) * cm->d.V, cudaMemcpyDeviceToDevice, cm->stream));
+  CU(cudaMemcpyAsync(d->hist, s->hist, sizeof(int32_t) * src->pos, cudaMemcpyDeviceToDevice, cm->stream));
+  CU(cudaStreamSynchronize(cm->stream));
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== general forward
+// Y[T, out] = X[T, in] . W^T, W row-major [out, in] bf16, Y fp32
+static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, float *Y, int out, int T, int in) {
+  const float one = 1.f, zero = 0.f;
+  BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X, CUDA_R_16BF, in, &zero,
+                    Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return GPTOSS_OK;
+}
+
+// Runs T tokens (of nss sessions) through the layers; out rows (token
+// indices in rows_host) get logits, written to host out and/or kept.
+static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss, int nss, const int32_t *ids,
+                                    const int32_t *pos, const int32_t *sidx, const int *orows, int nout, float *out,
+                                    int keep_last) {
+  cuda_model *cm = CM(m);
+  const dims &d = cm->d;
+  gptoss_status rc = ensure_workspace(cm, T, nss);
+  if (rc) return rc;
+  cudaStream_t st = cm->stream;
+  // inputs: ids, positions, session indices, output rows, through pinned memory
+  int32_t *h = cm->h_ints;
+  memcpy(h, ids, sizeof(int32_t) * T);
+  memcpy(h + T, pos, sizeof(int32_t) * T);
+  memcpy(h + 2 * T, sidx, sizeof(int32_t) * T);
+  for (int i = 0; i < nout; i++) h[3 * T + i] = orows[i];
+  CU(cudaMemcpyAsync(cm->ids, h, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cm->tok_pos, h + T, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cm->tok_sess, h + 2 * T, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  if (nout) CU(cudaMemcpyAsync(cm->rows, h + 3 * T, sizeof(int32_t) * nout, cudaMemcpyHostToDevice, st));
+  const dsess **sa = (const dsess **)malloc(sizeof(dsess *) * nss);
+  if (!sa) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int i = 0; i < nss; i++) sa[i] = CS(ss[i])->dev;
+  cudaError_t e = cudaMemcpyAsync(cm->sess_arr, sa, sizeof(dsess *) * nss, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);   // sa is pageable: copy before it is freed
+  free(sa);
+  if (e != cudaSuccess) return cuda_fail(e, "forward inputs", __FILE__, __LINE__);
+  // the device copy of each session's history (its tokens are consecutive here), for penalties
+  for (int t = 0; t < T;) {
+    int u = t;
+    while (u < T && sidx[u] == sidx[t]) u++;
+    CU(cudaMemcpyAsync(CS(ss[sidx[t]])->hist + pos[t], h + t, sizeof(int32_t) * (u - t), cudaMemcpyHostToDevice, st));
+    t = u;
+  }
+
+  int maxpos = 0;
+  for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
+  launch_embed(cm->ids, T, cm->embed, cm->x, d.H, st);
+  int any_trace = 0;
+  for (int i = 0; i < nss; i++) any_trace |= ss[i]->trace;
+  for (int l = 0; l < d.L; l++) {
+    const dlayer &y = cm->layer[l];
+    int sliding = m->cfg.layer_sliding[l];
+    launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, d.H, d.eps, st);
+    if ((rc = gemm(cm, y.qkv_w, cm->xn, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
+    attn_args a;
+    memset(&a, 0, sizeof a);
+    a.qkv = cm->qkv; a.q = cm->q; a.tok_pos = cm->tok_pos; a.tok_sess = cm->tok_sess; a.sess = cm->sess_arr;
+    a.T = T; a.layer = l; a.sliding = sliding; a.inv_freq = cm->inv_freq; a.bias = y.qkv_b;
+    launch_rope_store(&a, &d, st);
+    int span = sliding ? d.window : maxpos + 1;
+    int nsplit = 1, split_len = span;
+    if (T <= 64 && T * d.Hkv < 2 * cm->sms) {
+      nsplit = (span + 255) / 256;
+      if (nsplit > 64) nsplit = 64;
+      split_len = (span + nsplit - 1) / nsplit;
+    }
+    launch_attention(&a, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att, st);
+    launch_bf16_from_f32(cm->att, cm->att16, (size_t)T * d.Q, st);
+    if ((rc = gemm(cm, y.o_w, cm->att16, cm->tmp, d.H, T, d.Q))) return rc;
+    launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
+    launch_rmsnorm(cm->x, NULL, T, y.mlp_norm, cm->xn, d.H, d.eps, st);
+    if ((rc = gemm(cm, y.router_w, cm->xn, cm->rl, d.E, T, d.H))) return rc;
+    launch_router_topk(cm->rl, y.router_b, T, d.E, d.K, cm->sel, cm->wts, st);
+    if (any_trace) {
+      CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
+      CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
+    }
+    launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
+    launch_moe_gate_up(cm->xn, &cm->mw, T, &y, &d, cm->act, st);
+    launch_moe_down(cm->act, &cm->mw, T, &y, &d, cm->y, st);
+    launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
+    LAUNCHED();
+  }
+  // logits, in groups of at most ws_out rows
+  for (int r0 = 0; r0 < nout; r0 += cm->ws_out) {
+    int nr = nout - r0 < cm->ws_out ? nout - r0 : cm->ws_out;
+    launch_rmsnorm(cm->x, cm->rows + r0, nr, cm->norm, cm->xn, d.H, d.eps, st);
+    if ((rc = gemm(cm, cm->lm_head, cm->xn, cm->logits, d.V, nr, d.H))) return rc;
+    if (out) CU(cudaMemcpyAsync(out + (size_t)r0 * d.V, cm->logits, sizeof(float) * (size_t)nr * d.V, cudaMemcpyDeviceToHost, st));
+    if (keep_last) {
+      // the last row of each session becomes its current logits
+      for (int i = 0; i < nr; i++) {
+        int t = orows[r0 + i];
+        gptoss_session *s = ss[sidx[t]];
+        bool last = t + 1 == T || sidx[t + 1] != sidx[t];
+        if (last) CU(cudaMemcpyAsync(CS(s)->logits, cm->logits + (size_t)i * d.V, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
+      }
+    }
+  }
+  LAUNCHED();
+  if (any_trace) {
+    int32_t *te = (int32_t *)malloc(sizeof(int32_t) * (size_t)d.L * T * d.K);
+    float *tw = (float *)malloc(sizeof(float) * (size_t)d.L * T * d.K);
+    if (!te || !tw) { free(te); free(tw); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+    e = cudaMemcpyAsync(te, cm->trace_sel, sizeof(int32_t) * (size_t)d.L * T * d.K, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(tw, cm->trace_w, sizeof(float) * (size_t)d.L * T * d.K, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e == cudaSuccess) {
+      // index of each token within its session's feed
+      for (int t = 0, first = 0; t < T; t++) {
+        if (t > 0 && sidx[t] != sidx[t - 1]) first = t;
+        for (int l = 0; l < d.L; l++)
+          gptoss_trace_record(ss[sidx[t]], t - first, l, te + ((size_t)l * T + t) * d.K, tw + ((size_t)l * T + t) * d.K);
+      }
+    }
+    free(te);
+    free(tw);
+    if (e != cudaSuccess) return cuda_fail(e, "expert trace", __FILE__, __LINE__);
+  }
+  CU(cudaStreamSynchronize(st));
+  return GPTOSS_OK;
+}
+
+static int max_chunk(const gptoss_session *s, int cap) {
+  int ch = cap;
+  int sliding = 0;
+  for (int l = 0; l < s->m->cfg.num_hidden_layers; l++) sliding |= s->m->cfg.layer_sliding[l];
+  if (sliding && s->ring < s->context && s->ring - s->m->cfg.sliding_window < ch) ch = s->ring - s->m->cfg.sliding_window;
+  return ch < 1 ? 1 : ch;
+}
+
+#define CHUNK_CAP 2048
+
+static gptoss_status cuda_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
+                                  gptoss_logits_mode mode, float *out) {
+  gptoss_model *m = ss[0]->m;
+  cuda_model *cm = CM(m);
+  if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
+  CU(cudaSetDevice(cm->dev));
+  int V = m->cfg.vocab_size;
+  int total = 0;
+  for (int i = 0; i < nss; i++) total += counts[i];
+  gptoss_status rc = GPTOSS_OK;
+  int ch = nss == 1 ? max_chunk(ss[0], CHUNK_CAP) : total;
+  if (nss > 1 && total > CHUNK_CAP) return gptoss_fail(GPTOSS_EUNSUP, "a batch of more than %d tokens", CHUNK_CAP);
+  int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)(total > ch ? ch : total) * 2 + 8);
+  int *rows = (int *)malloc(sizeof(int) * (size_t)(total > ch ? ch : total) + 8);
+  if (!pos || !rows) { free(pos); free(rows); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  int32_t *sidx = pos + (total > ch ? ch : total) + 4;
+  if (nss == 1) {
+    // one session: in chunks the sliding ring can hold
+    gptoss_session *s = ss[0];
+    int n = counts[0];
+    for (int off = 0; off < n && !rc; off += ch) {
+      int T = n - off < ch ? n - off : ch;
+      bool last = off + T == n;
+      for (int t = 0; t < T; t++) { pos[t] = s->pos + off + t; sidx[t] = 0; }
+      int nout = 0;
+      float *dst = NULL;
+      if (mode == GPTOSS_LOGITS_ALL) { for (int t = 0; t < T; t++) rows[t] = t; nout = T; dst = out ? out + (size_t)off * V : NULL; }
+      else if (last && mode == GPTOSS_LOGITS_LAST) { rows[0] = T - 1; nout = 1; dst = out; }
+      rc = forward_tokens(m, T, ss, 1, ids + off, pos, sidx, rows, nout, dst, last && mode != GPTOSS_LOGITS_NONE);
+    }
+  } else {
+    int k = 0;
+    for (int i = 0; i < nss; i++)
+      for (int t = 0; t < counts[i]; t++) { pos[k] = ss[i]->pos + t; sidx[k] = i; k++; }
+    int nout = 0;
+    if (mode == GPTOSS_LOGITS_ALL) for (int t = 0; t < total; t++) rows[nout++] = t;
+    else if (mode == GPTOSS_LOGITS_LAST) {
+      int at = 0;
+      for (int i = 0; i < nss; i++) { at += counts[i]; rows[nout++] = at - 1; }
+    }
+    rc = forward_tokens(m, total, ss, nss, ids, pos, sidx, rows, nout, out, mode != GPTOSS_LOGITS_NONE);
+  }
+  free(pos);
+  free(rows);
+  return rc;
+}
+// }======================================================
+
+// {====================================================== sampling
+static void to_gpu_params(const gptoss_sampling *p, gptoss_sampler *smp, gpu_sampling *g) {
+  g->temperature = p->temperature; g->top_p = p->top_p; g->min_p = p->min_p;
+  g->repetition_penalty = p->repetition_penalty; g->presence_penalty = p->presence_penalty;
+  g->frequency_penalty = p->frequency_penalty; g->top_k = p->top_k; g->penalty_window = p->penalty_window;
+  g->n_bias = p->n_bias;
+  g->seed = gptoss_sampler_draw(smp);
+  g->counter = 0;
+}
+
+static gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *outids) {
+  cuda_model *cm = CM(ss[0]->m);
+  const dims &d = cm->d;
+  gptoss_status rc = ensure_workspace(cm, 1, n);
+  if (rc) return rc;
+  cudaStream_t st = cm->stream;
+  CU(cudaSetDevice(cm->dev));
+  // in groups of rows: each session's logits, then the samplers' parameters
+  int done = 0;
+  while (done < n) {
+    int rows = n - done < cm->ws_out ? n - done : cm->ws_out;
+    for (int i = 0; i < rows; i++)
+      CU(cudaMemcpyAsync(cm->logits + (size_t)i * d.V, CS(ss[done + i])->logits, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
+    const int32_t **hp = (const int32_t **)malloc(sizeof(int32_t *) * rows);
+    int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * rows);
+    if (!hp || !hl) { free(hp); free(hl); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+    for (int i = 0; i < rows; i++) {
+      const gptoss_sampling *p = gptoss_sampler_params(smp[done + i]);
+      to_gpu_params(p, smp[done + i], &cm->params_host[i]);
+      hp[i] = CS(ss[done + i])->hist;
+      hl[i] = ss[done + i]->pos;
+      if (p->n_bias) {
+        if (p->n_bias > 4096) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA"); }
+        // bias lists are applied one row at a time
+        if (rows > 1) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "logit_bias in a CUDA batch"); }
+        CU(cudaMemcpyAsync(cm->sw.bias_ids, p->bias_ids, sizeof(int32_t) * p->n_bias, cudaMemcpyHostToDevice, st));
+        CU(cudaMemcpyAsync(cm->sw.bias_vals, p->bias_values, sizeof(float) * p->n_bias, cudaMemcpyHostToDevice, st));
+      }
+    }
+    cudaError_t e = cudaMemcpyAsync(cm->params_dev, cm->params_host, sizeof(gpu_sampling) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_arr, hp, sizeof(int32_t *) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_len, hl, sizeof(int32_t) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    free(hp);
+    free(hl);
+    if (e != cudaSuccess) return cuda_fail(e, "sampling inputs", __FILE__, __LINE__);
+    launch_sample(cm->logits, rows, d.V, cm->params_dev, cm->params_host, cm->hist_arr, cm->hist_len, &cm->sw, cm->out_dev, st);
+    LAUNCHED();
+    CU(cudaMemcpyAsync(cm->out_host, cm->out_dev, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, st));
+    CU(cudaStreamSynchronize(st));
+    for (int i = 0; i < rows; i++) outids[done + i] = cm->out_host[i];
+    done += rows;
+  }
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== batch-1 decode
+#define SPLIT_LEN 256
+
+static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_session *cs) {
+  if (cs->dec) return GPTOSS_OK;
+  const dims &d = cm->d;
+  cs->nsplit_full = (s->context + SPLIT_LEN - 1) / SPLIT_LEN;
+  int ns = cs->nsplit_full;
+  size_t sz[] = {
+    sizeof(float) * (d.Q + 2 * d.KV), sizeof(float) * d.Q, sizeof(float) * d.Q, sizeof(float) * d.E,
+    sizeof(float) * d.K, sizeof(float) * (size_t)d.K * d.I, sizeof(float) * 2 * (size_t)d.Hq * ns,
+    sizeof(float) * (size_t)d.D * d.Hq * ns, sizeof(bf16) * d.H, sizeof(float) * d.H, sizeof(int32_t) * d.K,
+    sizeof(int32_t) * 4, sizeof(gpu_sampling), sizeof(int32_t) * 4, sizeof(int32_t *) * 2,
+  };
+  size_t total = 0;
+  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
+  CU(cudaMalloc((void **)&cs->dec, total));
+  char *p = cs->dec;
+  size_t k = 0;
+#define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
+  TAKE(cs->d_qkv, float *); TAKE(cs->d_q, float *); TAKE(cs->d_att, float *); TAKE(cs->d_rl, float *);
+  TAKE(cs->d_w, float *); TAKE(cs->d_act, float *); TAKE(cs->d_ml, float *); TAKE(cs->d_acc, float *);
+  TAKE(cs->d_xn, bf16 *); TAKE(cs->d_x, float *); TAKE(cs->d_sel, int32_t *); TAKE(cs->step, int32_t *);
+  TAKE(cs->params, gpu_sampling *); TAKE(cs->next, int32_t *); TAKE(cs->hist_ptr, const int32_t **);
+#undef TAKE
+  cs->hist_len = cs->step + 2;
+  CU(cudaHostAlloc((void **)&cs->step_host, 256, cudaHostAllocDefault));
+  cs->params_host = (gpu_sampling *)((char *)cs->step_host + 64);
+  cs->next_host = cs->step_host + 48;
+  CU(cudaMemcpy(cs->hist_ptr, &cs->hist, sizeof(int32_t *), cudaMemcpyHostToDevice));
+  return GPTOSS_OK;
+}
+
+// step = {token, pos, hist_len}: append the token to the device history
+__global__ void decode_prologue_kernel(int32_t *step, int32_t *hist) {
+  hist[step[1]] = step[0];
+  step[2] = step[1] + 1;
+}
+
+static int sampling_kind(const gptoss_sampling *p) {
+  int kind = p->temperature == 0 ? 0 : (p->top_k > 0 || p->top_p < 1 || p->min_p > 0) ? 2 : 1;
+  if (p->repetition_penalty != 1 || p->presence_penalty != 0 || p->frequency_penalty != 0) kind |= 4;
+  if (p->n_bias) kind |= 8;
+  return kind;
+}
+
+// the kernels of one decode step, in order (captured into the graph)
+static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gpu_sampling *host_params) {
+  cuda_model *cm = CM(m);
+  const dims &d = cm->d;
+  cudaStream_t st = cm->stream;
+  decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
+  launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
+  for (int l = 0; l < d.L; l++) {
+    const dlayer &y = cm->layer[l];
+    int sliding = m->cfg.layer_sliding[l];
+    launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, NULL, st);
+    attn_args a;
+    memset(&a, 0, sizeof a);
+    a.qkv = cs->d_qkv; a.q = cs->d_q; a.pos_dev = cs->step + 1; a.sess = (const dsess *const *)cm->sess_arr;
+    a.T = 1; a.layer = l; a.sliding = sliding; a.inv_freq = cm->inv_freq;
+    launch_rope_store(&a, &d, st);
+    int nsplit = sliding ? (d.window + SPLIT_LEN - 1) / SPLIT_LEN : cs->nsplit_full;
+    launch_attention(&a, &d, y.sinks, nsplit, SPLIT_LEN, cs->d_ml, cs->d_acc, cs->d_att, st);
+    launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, NULL, st);
+    launch_gemv_bf16(cs->d_x, y.mlp_norm, d.eps, y.router_w, y.router_b, cs->d_rl, d.E, d.H, NULL, cs->d_xn, st);
+    launch_router_topk(cs->d_rl, NULL, 1, d.E, d.K, cs->d_sel, cs->d_w, st);
+    launch_moe_gate_up_decode(cs->d_xn, cs->d_sel, &y, &d, cs->d_act, st);
+    launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
+  }
+  launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, NULL, st);
+  launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st);
+  cudaMemcpyAsync(cs->next_host, cs->next, sizeof(int32_t), cudaMemcpyDeviceToHost, st);
+  return GPTOSS_OK;
+}
+
+static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next) {
+  gptoss_model *m = s->m;
+  cuda_model *cm = CM(m);
+  cuda_session *cs = CS(s);
+  if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
+  CU(cudaSetDevice(cm->dev));
+  gptoss_status rc = decode_scratch(cm, s, cs);
+  if (!rc) rc = ensure_workspace(cm, 1, 1);
+  if (rc) return rc;
+  const gptoss_sampling *p = gptoss_sampler_params(smp);
+  if (p->n_bias > 4096) return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA");
+  cudaStream_t st = cm->stream;
+  // the sessions array's first entry is this session while the graph runs
+  const dsess *self = cs->dev;
+  cs->step_host[0] = id;
+  cs->step_host[1] = s->pos;
+  to_gpu_params(p, smp, cs->params_host);
+  CU(cudaMemcpyAsync(cs->step, cs->step_host, sizeof(int32_t) * 2, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cs->params, cs->params_host, sizeof(gpu_sampling), cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync((void *)cm->sess_arr, &self, sizeof self, cudaMemcpyHostToDevice, st));
+  if (p->n_bias) {
+    CU(cudaMemcpyAsync(cm->sw.bias_ids, p->bias_ids, sizeof(int32_t) * p->n_bias, cudaMemcpyHostToDevice, st));
+    CU(cudaMemcpyAsync(cm->sw.bias_vals, p->bias_values, sizeof(float) * p->n_bias, cudaMemcpyHostToDevice, st));
+  }
+  int kind = sampling_kind(p);
+  if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen) {
+    if (cs->graph) { cudaGraphExecDestroy(cs->graph); cs->graph = NULL; }
+    cudaGraph_t g;
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    rc = decode_launches(m, cs, cs->params_host);
+    cudaError_t e = cudaStreamEndCapture(st, &g);
+    if (rc) { if (e == cudaSuccess) cudaGraphDestroy(g); return rc; }
+    if (e != cudaSuccess) return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
+    e = cudaGraphInstantiate(&cs->graph, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) { cs->graph = NULL; return cuda_fail(e, "instantiating the decode graph", __FILE__, __LINE__); }
+    cs->graph_kind = kind;
+    cs->graph_gen = cm->ws_gen;
+  }
+  CU(cudaGraphLaunch(cs->graph, st));
+  CU(cudaStreamSynchronize(st));
+  *next = cs->next_host[0];
+  return GPTOSS_OK;
+}
+// }======================================================
+
+static const gptoss_backend cuda_backend = {
+  "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
+  cuda_forward, cuda_sample, cuda_memory, cuda_decode,
+};
+
+extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

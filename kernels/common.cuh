@@ -1,0 +1,117 @@
+// common.cuh: what the CUDA backend's files share: error checks, device
+// views of the weights and sessions, and the kernel launchers each .cu
+// file provides.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+extern "C" {
+#include "../csrc/backend.h"
+}
+
+typedef __nv_bfloat16 bf16;
+
+#define CUDA_MAX_LAYERS GPTOSS_MAX_LAYERS
+
+// Records a CUDA failure in the engine's error and returns its status from
+// the calling function. Sticky errors (a failed kernel) also mark the model
+// broken, since every later call on that context fails too.
+#define CU(call)                                                                  \
+  do {                                                                            \
+    cudaError_t e_ = (call);                                                      \
+    if (e_ != cudaSuccess) return cuda_fail(e_, #call, __FILE__, __LINE__);       \
+  } while (0)
+
+gptoss_status cuda_fail(cudaError_t e, const char *what, const char *file, int line);
+
+// {====================================================== device views
+struct dlayer {
+  const bf16 *attn_norm, *mlp_norm;   // [H]
+  const bf16 *qkv_w, *qkv_b;          // [Q + 2 KV, H], [Q + 2 KV]: q, k, v rows back to back
+  const bf16 *o_w, *o_b;              // [H, Q], [H]
+  const bf16 *sinks;                  // [Hq]
+  const bf16 *router_w, *router_b;    // [E, H], [E]
+  const uint8_t *gu_blocks, *gu_scales; const bf16 *gu_bias;   // [E, 2I, H/32, 16], [E, 2I, H/32], [E, 2I]
+  const uint8_t *dn_blocks, *dn_scales; const bf16 *dn_bias;   // [E, H, I/32, 16], [E, H, I/32], [E, H]
+};
+
+// Per-session KV cache pointers, kept in device memory so one kernel can
+// serve tokens of many sessions.
+struct dsess {
+  bf16 *k[CUDA_MAX_LAYERS];
+  bf16 *v[CUDA_MAX_LAYERS];
+  int ring;                           // slots of a sliding layer
+};
+
+// Shapes every kernel needs.
+struct dims {
+  int H, I, L, Hq, Hkv, D, Q, KV, E, K, V, window;
+  float eps, limit, rope_scale;
+};
+// }======================================================
+
+// {====================================================== launchers
+// dense.cu
+void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s);
+void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, int H, float eps, cudaStream_t s);
+void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s);
+// decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); xn_out, if given, receives the normalised x
+void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
+                      int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s);
+void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s);
+void launch_bf16_from_f32(const float *x, bf16 *y, size_t n, cudaStream_t s);
+
+// attention.cu
+struct attn_args {
+  const float *qkv;          // [T, Q + 2 KV] after bias (q, k, v)
+  float *q;                  // [T, Q]: roped queries
+  const int32_t *tok_pos;    // [T] absolute positions, or NULL with pos_dev
+  const int32_t *pos_dev;    // decode: the single token's position, read on the device
+  const int32_t *tok_sess;   // [T] session index, or NULL for session 0
+  const dsess *const *sess;  // device array of session views
+  int T, layer, sliding;
+  const float *inv_freq;
+  const bf16 *bias;          // q, k, v bias to add (the GEMM path), or NULL (the GEMV already did)
+};
+void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s);
+// partials: [T][Hq][nsplit] of (m, l) and [T][Hq][nsplit][D] accumulators
+void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int nsplit, int split_len,
+                      float *part_ml, float *part_acc, float *out, cudaStream_t s);
+
+// moe.cu
+struct moe_work {
+  int32_t *counts;           // [E]
+  int32_t *offsets;          // [E + 1] start of each expert's rows
+  int32_t *tile_offsets;     // [E + 1] start of each expert's 64-row tiles
+  int32_t *cursor;           // [E]
+  int32_t *perm;             // [T*K]: assignment index (t*K + k) in expert order
+};
+void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaStream_t s);
+// grouped GEMMs over the sorted assignments
+void launch_moe_gate_up(const bf16 *xn, const moe_work *w, int T, const dlayer *l, const dims *d, bf16 *act, cudaStream_t s);
+void launch_moe_down(const bf16 *act, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
+void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
+// decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
+void launch_moe_gate_up_decode(const bf16 *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
+void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
+                            cudaStream_t s);
+
+// sampler.cu
+struct gpu_sampling {
+  float temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty;
+  int top_k, penalty_window, n_bias;
+  uint64_t seed, counter;
+};
+struct sampler_work {
+  void *cub_temp; size_t cub_bytes;
+  float *keys_in, *keys_out; int32_t *idx_in, *idx_out;
+  float *partial_f; int32_t *partial_i;
+  int32_t *bias_ids; float *bias_vals;
+};
+size_t sampler_cub_bytes(int V);
+// samples one id per row of logits (rows of V) into out[row]; params on the device
+void launch_sample(float *logits, int rows, int V, const gpu_sampling *params_dev, const gpu_sampling *params_host,
+                   const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s);
+// }======================================================

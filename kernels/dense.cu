@@ -1,0 +1,177 @@
+// dense.cu: embedding, RMSNorm, the bf16 GEMV of batch-1 decode (with the
+// RMSNorm of its input fused in), residual adds and the router's top-k.
+//
+// CPU references: csrc/cpu/kernels.c (cpu_rmsnorm, cpu_matmul_bf16) and
+// route() in csrc/cpu/forward.c.
+#include "common.cuh"
+
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// sum over the block; `red` is 32 floats of shared memory
+__device__ float block_sum(float v, float *red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : 0.f;
+  t = warp_sum(t);
+  return t;
+}
+
+__global__ void embed_kernel(const int32_t *ids, const bf16 *embed, float *x, int H) {
+  int t = blockIdx.x;
+  const bf16 *row = embed + (size_t)ids[t] * H;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) x[(size_t)t * H + i] = __bfloat162float(row[i]);
+}
+
+void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s) {
+  embed_kernel<<<T, 256, 0, s>>>(ids, embed, x, H);
+}
+
+// out[t] = w * x[rows[t]] / rms(x[rows[t]]), as bf16 (the GEMMs' input)
+__global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, bf16 *out, int H, float eps) {
+  __shared__ float red[32];
+  int t = blockIdx.x, r = rows ? rows[t] : t;
+  const float *xr = x + (size_t)r * H;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_sum(ss, red);
+  float inv = rsqrtf(ss / (float)H + eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x)
+    out[(size_t)t * H + i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * inv));
+}
+
+void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, int H, float eps, cudaStream_t s) {
+  rmsnorm_kernel<<<T, 256, 0, s>>>(x, rows, w, out, H, eps);
+}
+
+__global__ void add_bias_residual_kernel(float *x, const float *y, const bf16 *bias, int H, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) x[i] += y[i] + (bias ? __bfloat162float(bias[i % H]) : 0.f);
+}
+
+void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s) {
+  size_t n = (size_t)T * H;
+  add_bias_residual_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, bias, H, n);
+}
+
+__global__ void bf16_from_f32_kernel(const float *x, bf16 *y, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = __float2bfloat16(x[i]);
+}
+
+void launch_bf16_from_f32(const float *x, bf16 *y, size_t n, cudaStream_t s) {
+  bf16_from_f32_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, n);
+}
+
+// {====================================================== decode GEMV
+// One warp per row, rows strided over a persistent grid so the fused norm
+// is computed once per block. Each lane reads 16 bytes (8 bf16) per step,
+// and two rows are in flight per warp to keep enough loads outstanding.
+#define GEMV_WARPS 8
+
+__device__ __forceinline__ float dot8(uint4 w, const float *x) {
+  const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&w);
+  float4 a = *reinterpret_cast<const float4 *>(x), b = *reinterpret_cast<const float4 *>(x + 4);
+  float2 w0 = __bfloat1622float2(p[0]), w1 = __bfloat1622float2(p[1]);
+  float2 w2 = __bfloat1622float2(p[2]), w3 = __bfloat1622float2(p[3]);
+  return w0.x * a.x + w0.y * a.y + w1.x * a.z + w1.y * a.w + w2.x * b.x + w2.y * b.y + w3.x * b.z + w3.y * b.w;
+}
+
+__global__ void __launch_bounds__(GEMV_WARPS * 32)
+gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
+                 int rows, int cols, float *residual, bf16 *xn_out) {
+  extern __shared__ __align__(16) float xs[];
+  __shared__ float red[32];
+  float inv = 1.f;
+  if (norm_w) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += x[i] * x[i];
+    ss = block_sum(ss, red);
+    inv = rsqrtf(ss / (float)cols + eps);
+  }
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+    float v = norm_w ? __bfloat162float(norm_w[i]) * (x[i] * inv) : x[i];
+    xs[i] = v;
+    if (xn_out && blockIdx.x == 0) xn_out[i] = __float2bfloat16(v);
+  }
+  __syncthreads();
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int chunks = cols / 8;                         // 16-byte chunks per row
+  int nwarps = gridDim.x * GEMV_WARPS;
+  for (int r0 = (blockIdx.x * GEMV_WARPS + warp) * 2; r0 < rows; r0 += nwarps * 2) {
+    int r1 = r0 + 1 < rows ? r0 + 1 : r0;
+    const uint4 *w0 = reinterpret_cast<const uint4 *>(W + (size_t)r0 * cols);
+    const uint4 *w1 = reinterpret_cast<const uint4 *>(W + (size_t)r1 * cols);
+    float a0 = 0.f, a1 = 0.f;
+    int c = lane;
+    for (; c + 32 < chunks; c += 64) {
+      uint4 p0 = __ldg(w0 + c), p1 = __ldg(w1 + c), q0 = __ldg(w0 + c + 32), q1 = __ldg(w1 + c + 32);
+      a0 += dot8(p0, xs + 8 * c) + dot8(q0, xs + 8 * (c + 32));
+      a1 += dot8(p1, xs + 8 * c) + dot8(q1, xs + 8 * (c + 32));
+    }
+    for (; c < chunks; c += 32) {
+      a0 += dot8(__ldg(w0 + c), xs + 8 * c);
+      a1 += dot8(__ldg(w1 + c), xs + 8 * c);
+    }
+    a0 = warp_sum(a0);
+    a1 = warp_sum(a1);
+    if (lane == 0) {
+      float v0 = a0 + (bias ? __bfloat162float(bias[r0]) : 0.f);
+      if (residual) residual[r0] += v0; else out[r0] = v0;
+      if (r1 != r0) {
+        float v1 = a1 + (bias ? __bfloat162float(bias[r1]) : 0.f);
+        if (residual) residual[r1] += v1; else out[r1] = v1;
+      }
+    }
+  }
+}
+
+void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
+                      int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s) {
+  static int sms = 0;
+  if (!sms) { int dev; cudaGetDevice(&dev); cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); }
+  int need = (rows + GEMV_WARPS * 2 - 1) / (GEMV_WARPS * 2);
+  int blocks = need < sms * 8 ? need : sms * 8;
+  size_t smem = sizeof(float) * (size_t)cols;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(gemv_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  gemv_bf16_kernel<<<blocks, GEMV_WARPS * 32, smem, s>>>(x, norm_w, eps, W, bias, out, rows, cols, residual, xn_out);
+}
+// }======================================================
+
+// top-k of each row of router logits (plus bias), sorted descending, ties to
+// the lower expert as torch.topk; then softmax over the k
+__global__ void router_topk_kernel(const float *logits, const bf16 *bias, int E, int K, int32_t *sel, float *w) {
+  int t = blockIdx.x;
+  if (threadIdx.x != 0) return;
+  const float *l = logits + (size_t)t * E;
+  float vals[32];
+  int idx[32];
+  for (int i = 0; i < K; i++) {
+    int best = -1;
+    float bv = 0.f;
+    for (int e = 0; e < E; e++) {
+      bool taken = false;
+      for (int j = 0; j < i; j++) taken |= idx[j] == e;
+      if (taken) continue;
+      float v = l[e] + (bias ? __bfloat162float(bias[e]) : 0.f);
+      if (best < 0 || v > bv) { best = e; bv = v; }
+    }
+    idx[i] = best;
+    vals[i] = bv;
+  }
+  float mx = vals[0], sum = 0.f;
+  for (int i = 0; i < K; i++) { vals[i] = expf(vals[i] - mx); sum += vals[i]; }
+  for (int i = 0; i < K; i++) {
+    sel[(size_t)t * K + i] = idx[i];
+    w[(size_t)t * K + i] = vals[i] / sum;
+  }
+}
+
+void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s) {
+  router_topk_kernel<<<T, 32, 0, s>>>(logits, bias, E, K, sel, w);
+}

@@ -1,0 +1,159 @@
+-- The CUDA backend against the CPU backend (its oracle) and the
+-- transformers fixture. Runs on the GPU machine: make test-gpu (#gpu).
+local H = require "helpers"
+local gptoss = require "gptoss"
+
+local function rel_l2(a, b)
+  local num, den = 0, 0
+  for i = 1, #b do local d = a[i] - b[i]; num = num + d * d; den = den + b[i] * b[i] end
+  return math.sqrt(num / den)
+end
+
+local function agreement(lg_a, lg_b, rows)
+  local same = 0
+  for t = 1, rows do if (lg_a:argmax(t)) == (lg_b:argmax(t)) then same = same + 1 end end
+  return same / rows
+end
+
+local function small()
+  return H.checkpoint("small", { preset = "small", seed = 2 })
+end
+
+describe("CUDA backend #gpu", function()
+  local cpu, gpu, prompt
+  setup(function()
+    cpu = assert(gptoss.load(H.tiny()))
+    gpu = assert(gptoss.load(H.tiny(), { device = "cuda:0" }))
+    local fx = assert(gptoss.safetensors("spec/fixtures/parity/tiny_seed1.safetensors"))
+    prompt = fx:numbers("prompt_ids")
+    fx:close()
+  end)
+
+  it("reports its device and memory", function()
+    assert.are.equal("cuda:0", gpu.device)
+    local mem = gpu:memory()
+    assert.is_true(mem.weights >= 51804896)
+    assert.is_true(mem.device_total > 0)
+  end)
+
+  it("matches the CPU logits (relative L2 <= 2e-2, top-1 >= 98%) on the tiny fixture's prompt", function()
+    local a, b = gpu:logits(prompt), cpu:logits(prompt)
+    local worst = 0
+    for t = 1, #prompt do
+      local e = rel_l2(a:row(t), b:row(t))
+      worst = math.max(worst, e)
+      assert.is_true(e <= 2e-2, string.format("position %d: relative L2 %.4f", t, e))
+    end
+    local agree = agreement(a, b, #prompt)
+    print(string.format("\n  tiny: worst relative L2 %.3g, top-1 agreement %.1f%%", worst, 100 * agree))
+    assert.is_true(agree >= 0.98)
+  end)
+
+  it("matches transformers' logits on the fixture's vocabulary sample", function()
+    local fx = assert(gptoss.safetensors("spec/fixtures/parity/tiny_seed1.safetensors"))
+    local subset, ref = fx:numbers("subset_ids"), fx:floats("logits_subset")
+    local lg = gpu:logits(prompt)
+    for t = 1, #prompt do
+      local mine = {}
+      for j, id in ipairs(subset) do mine[j] = lg:get(t, id + 1) end
+      assert.is_true(rel_l2(mine, ref:row(t)) <= 2e-2)
+    end
+    fx:close()
+  end)
+
+  it("keeps the session invariants: prefill+decode = one prefill, fork, rewind", function()
+    local whole = gpu:logits(prompt)
+    local s = gpu:session()
+    local half = math.floor(#prompt / 2)
+    local part = {}
+    for i = 1, half do part[i] = prompt[i] end
+    s:feed(part, "none")
+    for t = half + 1, #prompt do
+      local one = s:feed({ prompt[t] }, "last")
+      assert.is_true(rel_l2(one:row(1), whole:row(t)) < 1e-3, "decode position " .. t)
+    end
+    local f = s:fork()
+    assert.are.equal(s:feed({ 42 }, "last"):bytes(), f:feed({ 42 }, "last"):bytes())
+    s:rewind(half)
+    local again = s:feed({ prompt[half + 1] }, "last")
+    assert.is_true(rel_l2(again:row(1), whole:row(half + 1)) < 1e-3)
+  end)
+
+  it("generates the CPU's greedy tokens, on the graph-captured decode path", function()
+    local a = gpu:generate(prompt, { temperature = 0, max_tokens = 32, stop_tokens = {} })
+    local b = cpu:generate(prompt, { temperature = 0, max_tokens = 32, stop_tokens = {} })
+    local same = 0
+    for i = 1, 32 do if a.ids[i] == b.ids[i] then same = same + 1 else break end end
+    print(string.format("\n  greedy: %d of 32 tokens identical before the first difference", same))
+    assert.is_true(same >= 28)
+  end)
+
+  it("gives batched results equal to single-session results", function()
+    local prompts = { prompt, { 1, 2, 3, 4, 5 }, { 900, 800, 700 } }
+    local batch = gpu:generate_batch(prompts, { temperature = 0, max_tokens = 12, stop_tokens = {} })
+    for i, p in ipairs(prompts) do
+      local single = gpu:generate(p, { temperature = 0, max_tokens = 12, stop_tokens = {} })
+      assert.are.same(single.ids, batch[i].ids)
+    end
+  end)
+
+  it("samples reproducibly with a seed, with every sampler", function()
+    for _, o in ipairs { { temperature = 1.0 }, { temperature = 0.8, top_p = 0.9 }, { top_k = 20 },
+                         { min_p = 0.1, repetition_penalty = 1.3, presence_penalty = 0.2 } } do
+      o.max_tokens, o.seed, o.stop_tokens = 16, 1234, {}
+      local a, b = gpu:generate(prompt, o), gpu:generate(prompt, o)
+      assert.are.same(a.ids, b.ids)
+      o.seed = 99
+      local c = gpu:generate(prompt, o)
+      assert.are.equal(16, #c.ids)
+    end
+  end)
+
+  it("traces expert routing like the CPU backend", function()
+    local a, b = gpu:trace_experts(prompt), cpu:trace_experts(prompt)
+    local same, total = 0, 0
+    for l = 1, #a do
+      for t = 1, #prompt do
+        total = total + 1
+        if table.concat(a[l][t].experts, ",") == table.concat(b[l][t].experts, ",") then same = same + 1 end
+      end
+    end
+    assert.is_true(same / total >= 0.98, string.format("%d of %d routings agree", same, total))
+  end)
+
+  it("matches the CPU on a mid-size model (top-1 >= 98%)", function()
+    local dir = small()
+    local c2 = assert(gptoss.load(dir))
+    local g2 = assert(gptoss.load(dir, { device = "cuda:0" }))
+    local ids = c2.tokenizer:encode(("The quick brown fox jumps over the lazy dog. "):rep(12))
+    local a, b = g2:logits(ids), c2:logits(ids)
+    local worst = 0
+    for t = 1, #ids do worst = math.max(worst, rel_l2(a:row(t), b:row(t))) end
+    local agree = agreement(a, b, #ids)
+    print(string.format("\n  small (%d tokens): worst relative L2 %.3g, top-1 agreement %.1f%%", #ids, worst, 100 * agree))
+    assert.is_true(worst <= 2e-2)
+    assert.is_true(agree >= 0.98)
+    g2:close()
+    c2:close()
+  end)
+
+  it("fails clearly when the model does not fit, and for a missing device", function()
+    local m, err = gptoss.load(H.tiny(), { device = "cuda:0", memory = 1e6 })
+    assert.is_nil(m)
+    assert.matches("memory budget", err)
+    m, err = gptoss.load(H.tiny(), { device = "cuda:63" })
+    assert.is_nil(m)
+    assert.matches("does not exist", err)
+    -- a budget with 10 MB to spare after the weights and workspace
+    local probe = assert(gptoss.load(H.tiny(), { device = "cuda:0" }))
+    local need = probe:memory().total
+    probe:close()
+    local tight = assert(gptoss.load(H.tiny(), { device = "cuda:0", memory = need + 10e6, context = 131072 }))
+    local ok, e2 = pcall(tight.session, tight, { context = 131072 })
+    assert.is_false(ok)
+    assert.matches("KV cache", e2)
+    local s = tight:session { context = 256 }   -- still usable after the refusal
+    s:feed({ 1, 2, 3 }, "last")
+    tight:close()
+  end)
+end)
