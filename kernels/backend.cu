@@ -791,7 +791,7 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
   if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen) {
     if (cs->graph) { cudaGraphExecDestroy(cs->graph); cs->graph = NULL; }
     cudaGraph_t g;
-    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
     rc = decode_launches(m, cs, cs->params_host);
     cudaError_t e = cudaStreamEndCapture(st, &g);
     if (rc) { if (e == cudaSuccess) cudaGraphDestroy(g); return rc; }

@@ -29,9 +29,8 @@ __global__ void penalties_kernel(float *logits, int V, const gpu_sampling *P, co
   int row = blockIdx.x;
   const gpu_sampling p = P[row];
   float *l = logits + (size_t)row * V;
-  if (row == 0 || bias_ids == NULL) {
+  if (p.n_bias > 0 && bias_ids)   // bias lists come one row at a time
     for (int i = threadIdx.x; i < p.n_bias; i += blockDim.x) l[bias_ids[i]] += bias_vals[i];
-  }
   __syncthreads();
   if (!hist || (p.repetition_penalty == 1.f && p.presence_penalty == 0.f && p.frequency_penalty == 0.f)) return;
   int n = hist_len[row];
