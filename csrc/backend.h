@@ -64,6 +64,8 @@ struct gptoss_backend {
   /* optional: feed one token and sample the next in one go (a backend can
      fuse and graph-capture the whole step); NULL = forward + sample */
   gptoss_status (*decode)(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
+  /* optional: copies the last position's logits to the host; NULL = s->logits holds them */
+  gptoss_status (*logits)(const gptoss_session *s, float *out);
 };
 
 extern const gptoss_backend gptoss_cpu_backend;

@@ -271,6 +271,8 @@ typedef enum { GPTOSS_LOGITS_NONE, GPTOSS_LOGITS_LAST, GPTOSS_LOGITS_ALL } gptos
    GPTOSS_LOGITS_ALL, out receives n*vocab floats; with LAST, vocab floats. */
 gptoss_status gptoss_session_feed(gptoss_session *s, const int32_t *ids, int n,
                                   gptoss_logits_mode mode, float *out);
+/* Copies the logits of the last fed position (vocab floats). */
+gptoss_status gptoss_session_logits(const gptoss_session *s, float *out);
 /* Samples the next token from the logits of the last fed position. */
 gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id);
 /* One decode step for many sessions at once: feeds ids[i] to ss[i] and

@@ -251,6 +251,14 @@ static int session_step(lua_State *L) {
   return 1;
 }
 
+/* s:logits() -> Floats [1 x vocab]: the last position's logits */
+static int session_logits(lua_State *L) {
+  lsession *s = checksession(L, 1);
+  lfloats *f = lg_floats_new(L, 1, gptoss_model_config(s->owner->m)->vocab_size);
+  if (gptoss_session_logits(s->s, f->v)) return lg_raise(L);
+  return 1;
+}
+
 static int session_pos(lua_State *L) {
   lua_pushinteger(L, gptoss_session_pos(checksession(L, 1)->s));
   return 1;
@@ -463,7 +471,7 @@ int luaopen_gptoss_model(lua_State *L) {
     {NULL, NULL}};
   lg_class(L, MODEL_T, m_methods, m_meta, model_fields);
   static const luaL_Reg s_methods[] = {
-    {"feed", session_feed}, {"sample", session_sample}, {"step", session_step}, {"pos", session_pos},
+    {"feed", session_feed}, {"sample", session_sample}, {"logits", session_logits}, {"step", session_step}, {"pos", session_pos},
     {"context", session_context}, {"history", session_history}, {"fork", session_fork},
     {"rewind", session_rewind}, {"trace", session_trace}, {"trace_get", session_trace_get},
     {"close", session_gc}, {NULL, NULL}};

@@ -161,6 +161,13 @@ gptoss_status gptoss_session_feed(gptoss_session *s, const int32_t *ids, int n, 
   return GPTOSS_OK;
 }
 
+gptoss_status gptoss_session_logits(const gptoss_session *s, float *out) {
+  if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "no logits: feed tokens with logits first");
+  if (s->m->be->logits) return s->m->be->logits(s, out);
+  memcpy(out, s->logits, sizeof(float) * (size_t)s->m->cfg.vocab_size);
+  return GPTOSS_OK;
+}
+
 gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id) {
   if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "nothing to sample from: feed tokens with logits first");
   return s->m->be->sample(&s, 1, &smp, id);

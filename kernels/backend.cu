@@ -87,7 +87,7 @@ struct cuda_session {
   int32_t *next_host;     // pinned [1]
   const int32_t **hist_ptr;    // device [1] -> hist
   float *d_qkv, *d_q, *d_att, *d_rl, *d_w, *d_act, *d_ml, *d_acc;
-  bf16 *d_xn;
+  float *d_xnf;           // the normalised MoE input, fp32
   float *d_x;
   int32_t *d_sel;
   char *dec;              // the decode scratch allocation
@@ -519,9 +519,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     launch_bf16_from_f32(cm->att, cm->att16, (size_t)T * d.Q, st);
     if ((rc = gemm(cm, y.o_w, cm->att16, cm->tmp, d.H, T, d.Q))) return rc;
     launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
-    launch_rmsnorm(cm->x, NULL, T, y.mlp_norm, cm->xn, d.H, d.eps, st);
-    if ((rc = gemm(cm, y.router_w, cm->xn, cm->rl, d.E, T, d.H))) return rc;
-    launch_router_topk(cm->rl, y.router_b, T, d.E, d.K, cm->sel, cm->wts, st);
+    launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, NULL, cm->sel, cm->wts, st);
     if (any_trace) {
       CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
       CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
@@ -594,10 +592,11 @@ static gptoss_status cuda_forward(gptoss_session **ss, int nss, const int32_t *i
   gptoss_status rc = GPTOSS_OK;
   int ch = nss == 1 ? max_chunk(ss[0], CHUNK_CAP) : total;
   if (nss > 1 && total > CHUNK_CAP) return gptoss_fail(GPTOSS_EUNSUP, "a batch of more than %d tokens", CHUNK_CAP);
-  int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * (size_t)(total > ch ? ch : total) * 2 + 8);
-  int *rows = (int *)malloc(sizeof(int) * (size_t)(total > ch ? ch : total) + 8);
+  size_t cap = (size_t)(total > ch ? ch : total);
+  int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * cap * 2);   // positions, then session indices
+  int *rows = (int *)malloc(sizeof(int) * cap);
   if (!pos || !rows) { free(pos); free(rows); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-  int32_t *sidx = pos + (total > ch ? ch : total) + 4;
+  int32_t *sidx = pos + cap;
   if (nss == 1) {
     // one session: in chunks the sliding ring can hold
     gptoss_session *s = ss[0];
@@ -676,7 +675,7 @@ static gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **sm
     free(hp);
     free(hl);
     if (e != cudaSuccess) return cuda_fail(e, "sampling inputs", __FILE__, __LINE__);
-    launch_sample(cm->logits, rows, d.V, cm->params_dev, cm->params_host, cm->hist_arr, cm->hist_len, &cm->sw, cm->out_dev, st);
+    launch_sample(cm->logits, rows, d.V, cm->params_dev, cm->params_host, cm->hist_arr, cm->hist_len, &cm->sw, cm->out_dev, st, NULL);
     LAUNCHED();
     CU(cudaMemcpyAsync(cm->out_host, cm->out_dev, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, st));
     CU(cudaStreamSynchronize(st));
@@ -698,7 +697,7 @@ static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_sess
   size_t sz[] = {
     sizeof(float) * (d.Q + 2 * d.KV), sizeof(float) * d.Q, sizeof(float) * d.Q, sizeof(float) * d.E,
     sizeof(float) * d.K, sizeof(float) * (size_t)d.K * d.I, sizeof(float) * 2 * (size_t)d.Hq * ns,
-    sizeof(float) * (size_t)d.D * d.Hq * ns, sizeof(bf16) * d.H, sizeof(float) * d.H, sizeof(int32_t) * d.K,
+    sizeof(float) * (size_t)d.D * d.Hq * ns, sizeof(float) * d.H, sizeof(float) * d.H, sizeof(int32_t) * d.K,
     sizeof(int32_t) * 4, sizeof(gpu_sampling), sizeof(int32_t) * 4, sizeof(int32_t *) * 2,
   };
   size_t total = 0;
@@ -709,7 +708,7 @@ static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_sess
 #define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
   TAKE(cs->d_qkv, float *); TAKE(cs->d_q, float *); TAKE(cs->d_att, float *); TAKE(cs->d_rl, float *);
   TAKE(cs->d_w, float *); TAKE(cs->d_act, float *); TAKE(cs->d_ml, float *); TAKE(cs->d_acc, float *);
-  TAKE(cs->d_xn, bf16 *); TAKE(cs->d_x, float *); TAKE(cs->d_sel, int32_t *); TAKE(cs->step, int32_t *);
+  TAKE(cs->d_xnf, float *); TAKE(cs->d_x, float *); TAKE(cs->d_sel, int32_t *); TAKE(cs->step, int32_t *);
   TAKE(cs->params, gpu_sampling *); TAKE(cs->next, int32_t *); TAKE(cs->hist_ptr, const int32_t **);
 #undef TAKE
   cs->hist_len = cs->step + 2;
@@ -752,13 +751,12 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     int nsplit = sliding ? (d.window + SPLIT_LEN - 1) / SPLIT_LEN : cs->nsplit_full;
     launch_attention(&a, &d, y.sinks, nsplit, SPLIT_LEN, cs->d_ml, cs->d_acc, cs->d_att, st);
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, NULL, st);
-    launch_gemv_bf16(cs->d_x, y.mlp_norm, d.eps, y.router_w, y.router_b, cs->d_rl, d.E, d.H, NULL, cs->d_xn, st);
-    launch_router_topk(cs->d_rl, NULL, 1, d.E, d.K, cs->d_sel, cs->d_w, st);
-    launch_moe_gate_up_decode(cs->d_xn, cs->d_sel, &y, &d, cs->d_act, st);
+    launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
+    launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, cs->d_act, st);
     launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
   }
   launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, NULL, st);
-  launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st);
+  launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st, cm->sw.keys_in);
   cudaMemcpyAsync(cs->next_host, cs->next, sizeof(int32_t), cudaMemcpyDeviceToHost, st);
   return GPTOSS_OK;
 }
@@ -809,9 +807,17 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
 }
 // }======================================================
 
+static gptoss_status cuda_logits(const gptoss_session *s, float *out) {
+  cuda_model *cm = CM(s->m);
+  CU(cudaSetDevice(cm->dev));
+  CU(cudaMemcpyAsync(out, CS(s)->logits, sizeof(float) * cm->d.V, cudaMemcpyDeviceToHost, cm->stream));
+  CU(cudaStreamSynchronize(cm->stream));
+  return GPTOSS_OK;
+}
+
 static const gptoss_backend cuda_backend = {
   "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
-  cuda_forward, cuda_sample, cuda_memory, cuda_decode,
+  cuda_forward, cuda_sample, cuda_memory, cuda_decode, cuda_logits,
 };
 
 extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

@@ -61,6 +61,11 @@ void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T,
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
                       int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s);
 void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s);
+// RMSNorm + router + top-k + softmax in fp32, one block per token: routing
+// is a discrete choice, so no rounded input sits right before it. Writes the
+// normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.
+void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
+                   bf16 *xn, float *xnf, int32_t *sel, float *w, cudaStream_t s);
 void launch_bf16_from_f32(const float *x, bf16 *y, size_t n, cudaStream_t s);
 
 // attention.cu
@@ -94,7 +99,7 @@ void launch_moe_gate_up(const bf16 *xn, const moe_work *w, int T, const dlayer *
 void launch_moe_down(const bf16 *act, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
 // decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
-void launch_moe_gate_up_decode(const bf16 *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
+void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
                             cudaStream_t s);
 
@@ -112,6 +117,8 @@ struct sampler_work {
 };
 size_t sampler_cub_bytes(int V);
 // samples one id per row of logits (rows of V) into out[row]; params on the device
+// scratch (rows*V floats, or NULL): where biases and penalties are applied, so logits stay as they were
 void launch_sample(float *logits, int rows, int V, const gpu_sampling *params_dev, const gpu_sampling *params_host,
-                   const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s);
+                   const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s,
+                   float *scratch);
 // }======================================================

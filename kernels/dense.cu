@@ -175,3 +175,57 @@ __global__ void router_topk_kernel(const float *logits, const bf16 *bias, int E,
 void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s) {
   router_topk_kernel<<<T, 32, 0, s>>>(logits, bias, E, K, sel, w);
 }
+
+__global__ void __launch_bounds__(256)
+router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
+              bf16 *xn, float *xnf, int32_t *sel, float *w) {
+  extern __shared__ __align__(16) float sm[];
+  float *xs = sm, *logit = sm + H;
+  __shared__ float red[32];
+  int t = blockIdx.x;
+  const float *xr = x + (size_t)t * H;
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
+  ss = block_sum(ss, red);
+  float inv = rsqrtf(ss / (float)H + eps);
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float v = __bfloat162float(norm_w[i]) * (xr[i] * inv);
+    xs[i] = v;
+    if (xn) xn[(size_t)t * H + i] = __float2bfloat16(v);
+    if (xnf) xnf[(size_t)t * H + i] = v;
+  }
+  __syncthreads();
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int e = warp; e < E; e += nw) {
+    const uint4 *wr = reinterpret_cast<const uint4 *>(W + (size_t)e * H);
+    float acc = 0.f;
+    for (int c = lane; c < H / 8; c += 32) acc += dot8(__ldg(wr + c), xs + 8 * c);
+    acc = warp_sum(acc);
+    if (lane == 0) logit[e] = acc + __bfloat162float(bias[e]);
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float vals[32];
+    int idx[32];
+    for (int i = 0; i < K; i++) {
+      int best = -1;
+      for (int e = 0; e < E; e++) {
+        bool taken = false;
+        for (int j = 0; j < i; j++) taken |= idx[j] == e;
+        if (!taken && (best < 0 || logit[e] > logit[best])) best = e;
+      }
+      idx[i] = best;
+      vals[i] = logit[best];
+    }
+    float mx = vals[0], sum = 0.f;
+    for (int i = 0; i < K; i++) { vals[i] = expf(vals[i] - mx); sum += vals[i]; }
+    for (int i = 0; i < K; i++) { sel[(size_t)t * K + i] = idx[i]; w[(size_t)t * K + i] = vals[i] / sum; }
+  }
+}
+
+void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
+                   bf16 *xn, float *xnf, int32_t *sel, float *w, cudaStream_t s) {
+  size_t smem = sizeof(float) * (size_t)(H + E);
+  if (smem > 48 * 1024) cudaFuncSetAttribute(router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  router_kernel<<<T, 256, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xnf, sel, w);
+}

@@ -226,9 +226,9 @@ __device__ __forceinline__ float warp_sum_m(float v) {
 
 // grid (K, I / DW): warp j of block y handles gate row 2j and up row 2j+1
 __global__ void __launch_bounds__(DW * 32)
-moe_gate_up_decode_kernel(const bf16 *xn, const int32_t *sel, dlayer l, dims d, float *act) {
+moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d, float *act) {
   extern __shared__ __align__(16) float xs[];
-  for (int i = threadIdx.x; i < d.H; i += blockDim.x) xs[i] = __bfloat162float(xn[i]);
+  for (int i = threadIdx.x; i < d.H; i += blockDim.x) xs[i] = xn[i];
   __syncthreads();
   int k = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int j = blockIdx.y * DW + warp;
@@ -246,7 +246,7 @@ moe_gate_up_decode_kernel(const bf16 *xn, const int32_t *sel, dlayer l, dims d, 
   }
 }
 
-void launch_moe_gate_up_decode(const bf16 *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s) {
+void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s) {
   dim3 grid(d->K, (d->I + DW - 1) / DW);
   moe_gate_up_decode_kernel<<<grid, DW * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, act);
 }

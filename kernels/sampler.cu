@@ -181,13 +181,20 @@ size_t sampler_cub_bytes(int V) {
 }
 
 void launch_sample(float *logits, int rows, int V, const gpu_sampling *params_dev, const gpu_sampling *params_host,
-                   const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s) {
+                   const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s,
+                   float *scratch) {
   bool adjust = false;
   for (int r = 0; r < rows; r++) {
     const gpu_sampling *p = &params_host[r];
     adjust |= p->n_bias > 0 || p->repetition_penalty != 1.f || p->presence_penalty != 0.f || p->frequency_penalty != 0.f;
   }
-  if (adjust) penalties_kernel<<<rows, 256, 0, s>>>(logits, V, params_dev, hist, hist_len, w->bias_ids, w->bias_vals);
+  if (adjust) {
+    if (scratch) {
+      cudaMemcpyAsync(scratch, logits, sizeof(float) * (size_t)rows * V, cudaMemcpyDeviceToDevice, s);
+      logits = scratch;
+    }
+    penalties_kernel<<<rows, 256, 0, s>>>(logits, V, params_dev, hist, hist_len, w->bias_ids, w->bias_vals);
+  }
   // rows with the same kind share launches; the kind is the host's choice
   bool all_argmax = true;
   for (int r = 0; r < rows; r++) {
