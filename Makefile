@@ -49,7 +49,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all install test test-gpu run bench check-memory clean tokenizer fuzz
+.PHONY: all install test test-gpu run bench check-memory clean tokenizer fuzz kernels-test
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -76,6 +76,12 @@ $(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.cuh) $(HEADERS)
 
 $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
 	$(NVCC) -shared $(CUDA_ARCH) -o $@ $(CUDA_OBJ) -cudart static -L$(CUDA_HOME)/lib64 -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64 -Xlinker --version-script=kernels/exports.map
+
+# each kernel against a double-precision CPU computation (run on the GPU machine)
+$(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(filter-out $(BUILD)/cuda/backend.o,$(CUDA_OBJ)) kernels/common.cuh
+	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(filter-out $(BUILD)/cuda/backend.o,$(CUDA_OBJ)) -cudart static
+
+kernels-test: $(BUILD)/cuda/kernels_test
 
 $(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
 	@mkdir -p $(OUT)

@@ -1,0 +1,302 @@
+// kernels_test.cu: each CUDA kernel against a double-precision CPU
+// computation of the same formula, on fresh random inputs. Prints one line
+// per kernel with the relative L2 error; exits non-zero if any is over its
+// bound (bf16 operands: 1e-2; fp32 paths: 1e-4).
+//
+//   make kernels-test && build/cuda/kernels_test
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <vector>
+#include "../common.cuh"
+
+static uint64_t rng = 88172645463325252ull;
+static double urand() { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (rng >> 11) * (1.0 / 9007199254740992.0); }
+static double nrand() { double u = urand() + 1e-12, v = urand(); return sqrt(-2 * log(u)) * cos(6.283185307179586 * v); }
+static float bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
+static const float FP4H[16] = {0, .5f, 1, 1.5f, 2, 3, 4, 6, -0.f, -.5f, -1, -1.5f, -2, -3, -4, -6};
+
+#define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); exit(2); } } while (0)
+
+template <typename T> static T *dev(const std::vector<T> &h) {
+  T *p;
+  CK(cudaMalloc(&p, sizeof(T) * (h.size() ? h.size() : 1)));
+  if (h.size()) CK(cudaMemcpy(p, h.data(), sizeof(T) * h.size(), cudaMemcpyHostToDevice));
+  return p;
+}
+template <typename T> static std::vector<T> host(const T *p, size_t n) {
+  std::vector<T> h(n);
+  CK(cudaDeviceSynchronize());
+  CK(cudaMemcpy(h.data(), p, sizeof(T) * n, cudaMemcpyDeviceToHost));
+  return h;
+}
+
+static int failures;
+static void report(const char *what, const std::vector<float> &got, const std::vector<double> &want, double bound) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); i++) { double d = got[i] - want[i]; num += d * d; den += want[i] * want[i]; }
+  double e = sqrt(num / (den > 0 ? den : 1));
+  bool ok = e <= bound && e == e;
+  printf("%-44s rel L2 %.3e (bound %.0e) %s\n", what, e, bound, ok ? "ok" : "FAIL");
+  if (!ok) failures++;
+}
+
+static std::vector<bf16> rand_bf16(size_t n, double std) {
+  std::vector<bf16> v(n);
+  for (auto &x : v) x = __float2bfloat16((float)(nrand() * std));
+  return v;
+}
+static std::vector<float> to_f(const std::vector<bf16> &v) {
+  std::vector<float> o(v.size());
+  for (size_t i = 0; i < v.size(); i++) o[i] = __bfloat162float(v[i]);
+  return o;
+}
+
+// an MXFP4 weight [E][N][K] (blocks, scales) and its dequantised values
+struct fp4w { std::vector<uint8_t> blocks, scales; std::vector<float> val; };
+static fp4w rand_fp4(int E, int N, int K, int scale_exp) {
+  fp4w w;
+  int G = K / 32;
+  w.blocks.resize((size_t)E * N * G * 16);
+  w.scales.resize((size_t)E * N * G);
+  w.val.resize((size_t)E * N * K);
+  for (auto &b : w.blocks) b = (uint8_t)(urand() * 256);
+  for (auto &s : w.scales) s = (uint8_t)(scale_exp + (int)(urand() * 3) - 1);
+  for (size_t r = 0; r < (size_t)E * N; r++)
+    for (int g = 0; g < G; g++) {
+      float sc = ldexpf(1.f, (int)w.scales[r * G + g] - 127);
+      for (int j = 0; j < 16; j++) {
+        uint8_t b = w.blocks[(r * G + g) * 16 + j];
+        w.val[r * K + g * 32 + 2 * j] = FP4H[b & 15] * sc;
+        w.val[r * K + g * 32 + 2 * j + 1] = FP4H[b >> 4] * sc;
+      }
+    }
+  return w;
+}
+
+static double swiglu_ref(double g, double u, double lim) {
+  g = g < lim ? g : lim;
+  u = u < -lim ? -lim : (u > lim ? lim : u);
+  return (u + 1) * (g / (1 + exp(-1.702 * g)));
+}
+
+// the MoE block for T tokens: grouped GEMMs (prefill) and GEMVs (decode)
+static void test_moe(int T, int H, int I, int E, int K) {
+  dims d = {};
+  d.H = H; d.I = I; d.E = E; d.K = K; d.limit = 7.f;
+  fp4w gu = rand_fp4(E, 2 * I, H, 127 + (int)lround(log2(2.0 / (2.93 * sqrt((double)H)))));
+  fp4w dn = rand_fp4(E, H, I, 127 + (int)lround(log2(2.0 / (2.93 * sqrt((double)I)))));
+  std::vector<bf16> gub = rand_bf16((size_t)E * 2 * I, 0.02), dnb = rand_bf16((size_t)E * H, 0.02);
+  std::vector<bf16> xn = rand_bf16((size_t)T * H, 1.0);
+  std::vector<int32_t> sel((size_t)T * K);
+  std::vector<float> w((size_t)T * K);
+  for (int t = 0; t < T; t++) {
+    std::vector<int> pool(E);
+    for (int e = 0; e < E; e++) pool[e] = e;
+    double s = 0;
+    for (int k = 0; k < K; k++) {
+      int j = k + (int)(urand() * (E - k));
+      std::swap(pool[k], pool[j]);
+      sel[t * K + k] = pool[k];
+      w[t * K + k] = (float)(urand() + 0.1);
+      s += w[t * K + k];
+    }
+    for (int k = 0; k < K; k++) w[t * K + k] /= (float)s;
+  }
+  // reference: x[t] = sum_k w (W2 swiglu(W1 xn + b1) + b2), from the bf16 input
+  std::vector<double> want((size_t)T * H, 0.0);
+  std::vector<float> xnf = to_f(xn), gubf = to_f(gub), dnbf = to_f(dnb);
+  for (int t = 0; t < T; t++)
+    for (int k = 0; k < K; k++) {
+      int e = sel[t * K + k];
+      std::vector<double> act(I);
+      for (int j = 0; j < I; j++) {
+        double g = gubf[(size_t)e * 2 * I + 2 * j], u = gubf[(size_t)e * 2 * I + 2 * j + 1];
+        const float *rg = &gu.val[((size_t)e * 2 * I + 2 * j) * H], *ru = rg + H;
+        for (int c = 0; c < H; c++) { g += (double)rg[c] * xnf[(size_t)t * H + c]; u += (double)ru[c] * xnf[(size_t)t * H + c]; }
+        act[j] = swiglu_ref(g, u, 7.0);
+      }
+      for (int r = 0; r < H; r++) {
+        double v = dnbf[(size_t)e * H + r];
+        const float *rw = &dn.val[((size_t)e * H + r) * I];
+        for (int j = 0; j < I; j++) v += (double)rw[j] * act[j];
+        want[(size_t)t * H + r] += w[t * K + k] * v;
+      }
+    }
+  dlayer l = {};
+  l.gu_blocks = dev(gu.blocks); l.gu_scales = dev(gu.scales); l.gu_bias = dev(gub);
+  l.dn_blocks = dev(dn.blocks); l.dn_scales = dev(dn.scales); l.dn_bias = dev(dnb);
+  bf16 *dxn = dev(xn);
+  int32_t *dsel = dev(sel);
+  float *dw = dev(w);
+  std::vector<float> zeros((size_t)T * H, 0.f);
+  float *x = dev(zeros);
+  // prefill path
+  moe_work mw;
+  std::vector<int32_t> zi((size_t)(E + 1) * 4 + (size_t)T * K, 0);
+  int32_t *mwb = dev(zi);
+  mw.counts = mwb; mw.offsets = mwb + (E + 1); mw.tile_offsets = mwb + 2 * (E + 1); mw.cursor = mwb + 3 * (E + 1);
+  mw.perm = mwb + 4 * (E + 1);
+  std::vector<bf16> actz((size_t)T * K * I);
+  bf16 *act = dev(actz);
+  std::vector<float> yz((size_t)T * K * H);
+  float *y = dev(yz);
+  launch_moe_sort(dsel, T, E, K, &mw, 0);
+  launch_moe_gate_up(dxn, &mw, T, &l, &d, act, 0);
+  launch_moe_down(act, &mw, T, &l, &d, y, 0);
+  launch_moe_combine(x, y, dw, T, H, K, 0);
+  CK(cudaGetLastError());
+  char name[96];
+  snprintf(name, sizeof name, "moe grouped GEMMs T=%d H=%d I=%d E=%d", T, H, I, E);
+  report(name, host(x, (size_t)T * H), want, 1e-2);
+  // decode path, token 0 (fp32 input)
+  std::vector<float> x0(H, 0.f), xn0(xnf.begin(), xnf.begin() + H);
+  float *dx0 = dev(x0), *dxn0 = dev(xn0);
+  std::vector<float> actd((size_t)K * I);
+  float *dact = dev(actd);
+  launch_moe_gate_up_decode(dxn0, dsel, &l, &d, dact, 0);
+  launch_moe_down_decode(dact, dsel, dw, &l, &d, dx0, 0);
+  CK(cudaGetLastError());
+  snprintf(name, sizeof name, "moe decode GEMVs H=%d I=%d", H, I);
+  report(name, host(dx0, H), std::vector<double>(want.begin(), want.begin() + H), 1e-4);
+}
+
+// attention of T consecutive tokens (positions p0..p0+T-1) of one session
+static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit) {
+  dims d = {};
+  d.Hq = Hq; d.Hkv = Hkv; d.D = D; d.Q = Hq * D; d.KV = Hkv * D; d.window = window; d.rope_scale = 1.3f;
+  int P = p0 + T, slots = sliding ? ring : P;
+  int half = D / 2;
+  std::vector<float> inv(half);
+  for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(150000.0, 2.0 * i / D));
+  // keys/values of the earlier positions already in the cache (as bf16), and the chunk's q, k, v
+  std::vector<bf16> kc((size_t)slots * d.KV), vc((size_t)slots * d.KV);
+  std::vector<std::vector<double>> K(P, std::vector<double>(d.KV)), Vv(P, std::vector<double>(d.KV));
+  std::vector<float> qkv((size_t)T * (d.Q + 2 * d.KV));
+  for (auto &x : qkv) x = (float)nrand();
+  for (int p = 0; p < p0; p++)
+    for (int i = 0; i < d.KV; i++) {
+      float kv = (float)nrand(), vv = (float)nrand();
+      int s = sliding ? p % ring : p;
+      kc[(size_t)s * d.KV + i] = __float2bfloat16(kv);
+      vc[(size_t)s * d.KV + i] = __float2bfloat16(vv);
+      K[p][i] = bf(kv);
+      Vv[p][i] = bf(vv);
+    }
+  std::vector<bf16> sinks = rand_bf16(Hq, 1.0);
+  auto rope = [&](const float *x, int p, double *out) {
+    for (int j = 0; j < half; j++) {
+      float th = (float)p * inv[j];
+      double c = cosf(th) * d.rope_scale, s = sinf(th) * d.rope_scale;
+      out[j] = x[j] * c - x[j + half] * s;
+      out[j + half] = x[j + half] * c + x[j] * s;
+    }
+  };
+  std::vector<std::vector<double>> Q(T, std::vector<double>(d.Q));
+  for (int t = 0; t < T; t++) {
+    int p = p0 + t;
+    const float *row = &qkv[(size_t)t * (d.Q + 2 * d.KV)];
+    for (int h = 0; h < Hq; h++) rope(row + h * D, p, &Q[t][h * D]);
+    std::vector<double> kr(D);
+    for (int h = 0; h < Hkv; h++) {
+      rope(row + d.Q + h * D, p, kr.data());
+      for (int i = 0; i < D; i++) K[p][h * D + i] = bf((float)kr[i]);
+    }
+    for (int i = 0; i < d.KV; i++) Vv[p][i] = bf(row[d.Q + d.KV + i]);
+  }
+  std::vector<double> want((size_t)T * d.Q);
+  int G = Hq / Hkv;
+  for (int t = 0; t < T; t++) {
+    int p = p0 + t, start = sliding && p - window + 1 > 0 ? p - window + 1 : 0;
+    for (int h = 0; h < Hq; h++) {
+      int kh = h / G;
+      double sink = __bfloat162float(sinks[h]), M = sink;
+      std::vector<double> s(p + 1);
+      for (int j = start; j <= p; j++) {
+        double v = 0;
+        for (int i = 0; i < D; i++) v += Q[t][h * D + i] * K[j][kh * D + i];
+        s[j] = v / sqrt((double)D);
+        M = fmax(M, s[j]);
+      }
+      double den = exp(sink - M);
+      for (int j = start; j <= p; j++) den += exp(s[j] - M);
+      for (int i = 0; i < D; i++) {
+        double o = 0;
+        for (int j = start; j <= p; j++) o += exp(s[j] - M) * Vv[j][kh * D + i];
+        want[(size_t)t * d.Q + h * D + i] = o / den;
+      }
+    }
+  }
+  dsess S = {};
+  S.k[0] = dev(kc);
+  S.v[0] = dev(vc);
+  S.ring = ring;
+  dsess *dS = dev(std::vector<dsess>{S});
+  const dsess **arr = dev(std::vector<const dsess *>{dS});
+  std::vector<int32_t> pos(T), sidx(T, 0);
+  for (int t = 0; t < T; t++) pos[t] = p0 + t;
+  attn_args a = {};
+  a.qkv = dev(qkv);
+  std::vector<float> qz((size_t)T * d.Q);
+  a.q = dev(qz);
+  a.tok_pos = dev(pos);
+  a.tok_sess = dev(sidx);
+  a.sess = arr;
+  a.T = T; a.layer = 0; a.sliding = sliding;
+  a.inv_freq = dev(inv);
+  float *out = dev(qz);
+  std::vector<float> pz((size_t)T * Hq * nsplit * (D + 2));
+  float *ml = dev(pz), *acc = dev(pz);
+  int span = sliding ? window : P;
+  int split_len = (span + nsplit - 1) / nsplit;
+  launch_rope_store(&a, &d, 0);
+  launch_attention(&a, &d, dev(sinks), nsplit, split_len, ml, acc, out, 0);
+  CK(cudaGetLastError());
+  char name[128];
+  snprintf(name, sizeof name, "attention T=%d p0=%d D=%d G=%d %s split %d", T, p0, D, G, sliding ? "sliding" : "full", nsplit);
+  report(name, host(out, (size_t)T * d.Q), want, 2e-2);
+}
+
+// decode GEMV with the fused RMSNorm, and the router
+static void test_gemv(int rows, int cols) {
+  std::vector<float> x(cols);
+  for (auto &v : x) v = (float)nrand() * 3;
+  std::vector<bf16> nw = rand_bf16(cols, 0.05), W = rand_bf16((size_t)rows * cols, 1.0 / sqrt(cols)), b = rand_bf16(rows, 0.02);
+  for (auto &v : nw) v = __float2bfloat16(1.f + __bfloat162float(v));
+  double ss = 0;
+  for (float v : x) ss += (double)v * v;
+  double inv = 1 / sqrt(ss / cols + 1e-5);
+  std::vector<double> want(rows);
+  for (int r = 0; r < rows; r++) {
+    double a = __bfloat162float(b[r]);
+    for (int c = 0; c < cols; c++) a += (double)__bfloat162float(W[(size_t)r * cols + c]) * __bfloat162float(nw[c]) * x[c] * inv;
+    want[r] = a;
+  }
+  std::vector<float> oz(rows);
+  float *out = dev(oz);
+  launch_gemv_bf16(dev(x), dev(nw), 1e-5f, dev(W), dev(b), out, rows, cols, NULL, NULL, 0);
+  CK(cudaGetLastError());
+  char name[64];
+  snprintf(name, sizeof name, "gemv bf16 + rmsnorm %dx%d", rows, cols);
+  report(name, host(out, rows), want, 1e-4);
+}
+
+int main() {
+  test_gemv(5120, 2880);
+  test_gemv(37, 64);
+  test_moe(1, 128, 128, 8, 4);
+  test_moe(37, 128, 128, 8, 4);
+  test_moe(150, 512, 512, 16, 4);
+  test_moe(300, 64, 64, 8, 4);
+  test_attention(1, 40, 64, 8, 64, 128, 0, 0, 1);
+  test_attention(1, 900, 64, 8, 64, 128, 0, 0, 4);
+  test_attention(1, 300, 64, 8, 64, 128, 1, 640, 1);
+  test_attention(50, 0, 8, 2, 64, 16, 0, 0, 1);
+  test_attention(50, 0, 8, 2, 64, 16, 1, 528, 1);
+  test_attention(83, 0, 4, 2, 16, 16, 0, 0, 1);
+  test_attention(83, 0, 4, 2, 16, 16, 1, 528, 1);
+  test_attention(20, 100, 16, 4, 64, 32, 1, 64, 1);
+  printf("%s\n", failures ? "kernels_test: FAILED" : "kernels_test: all ok");
+  return failures ? 1 : 0;
+}
