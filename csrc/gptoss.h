@@ -237,6 +237,7 @@ typedef struct gptoss_model_opts {
   int threads;             /* CPU threads; 0 = number of cores */
   int context;             /* max tokens per session; 0 = min(max_position_embeddings, 8192) */
   size_t memory_budget;    /* CUDA: bytes the model may hold; 0 = 90% of free memory */
+  int fast;                /* CUDA: plain bf16 activations in the GEMMs instead of split bf16 */
 } gptoss_model_opts;
 
 gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);

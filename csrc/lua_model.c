@@ -37,7 +37,7 @@ static int model_gc(lua_State *L) {
   return 0;
 }
 
-static const char *const load_keys[] = {"device", "threads", "context", "tokenizer", "memory", NULL};
+static const char *const load_keys[] = {"device", "threads", "context", "tokenizer", "memory", "precision", NULL};
 
 /* gptoss.load(dir [, opts]) -> Model | nil, message */
 static int l_load(lua_State *L) {
@@ -49,6 +49,10 @@ static int l_load(lua_State *L) {
   o.threads = lg_opt_int(L, 2, "threads", 0);
   o.context = lg_opt_int(L, 2, "context", 0);
   o.memory_budget = (size_t)lg_opt_num(L, 2, "memory", 0);
+  const char *prec = lg_opt_str(L, 2, "precision", "exact");
+  if (strcmp(prec, "exact") == 0) o.fast = 0;
+  else if (strcmp(prec, "fast") == 0) o.fast = 1;
+  else luaL_error(L, "load: precision must be \"exact\" or \"fast\" (got '%s')", prec);
   if (o.threads < 0) luaL_error(L, "load: threads must be >= 0");
   if (o.context < 0) luaL_error(L, "load: context must be >= 0");
   int want_tok = 1;

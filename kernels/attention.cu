@@ -25,7 +25,7 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
   int half = d.D / 2;
   const float *row = a.qkv + (size_t)t * (d.Q + 2 * d.KV);
   size_t slot = (size_t)kv_slot(S, a.sliding, p) * d.KV;
-  bf16 *kc = S->k[a.layer] + slot, *vc = S->v[a.layer] + slot;
+  kvt *kc = S->k[a.layer] + slot, *vc = S->v[a.layer] + slot;
   int nheads = d.Hq + d.Hkv;
   for (int i = threadIdx.x; i < nheads * half; i += blockDim.x) {
     int h = i / half, j = i % half;
@@ -49,13 +49,13 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
         x1 += __bfloat162float(a.bias[d.Q + kh * d.D + j]);
         x2 += __bfloat162float(a.bias[d.Q + kh * d.D + j + half]);
       }
-      kc[kh * d.D + j] = __float2bfloat16(x1 * cs - x2 * sn);
-      kc[kh * d.D + j + half] = __float2bfloat16(x2 * cs + x1 * sn);
+      kc[kh * d.D + j] = __float2half(x1 * cs - x2 * sn);
+      kc[kh * d.D + j + half] = __float2half(x2 * cs + x1 * sn);
     }
   }
   const float *v = row + d.Q + d.KV;
   for (int i = threadIdx.x; i < d.KV; i += blockDim.x)
-    vc[i] = __float2bfloat16(v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
+    vc[i] = __float2half(v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
 }
 
 void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
@@ -78,7 +78,7 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
   int start = a.sliding && p - d.window + 1 > 0 ? p - d.window + 1 : 0;
   int lo = start + split * split_len, hi = lo + split_len;
   if (hi > p + 1) hi = p + 1;
-  const bf16 *kc = S->k[a.layer], *vc = S->v[a.layer];
+  const kvt *kc = S->k[a.layer], *vc = S->v[a.layer];
   // the query of this warp's head, scaled by 1/sqrt(D)
   float scale = rsqrtf((float)D);
   for (int i = lane; i < D; i += 32) Qs[warp * D + i] = a.q[(size_t)t * d.Q + h * D + i] * scale;
@@ -92,8 +92,8 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
     for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
       int j = i / D, c = i % D;
       size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
-      Ks[j * DP + c] = __bfloat162float(kc[off]);
-      Vs[j * D + c] = __bfloat162float(vc[off]);
+      Ks[j * DP + c] = __half2float(kc[off]);
+      Vs[j * D + c] = __half2float(vc[off]);
     }
     __syncthreads();
     float s = -FLT_MAX;

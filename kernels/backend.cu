@@ -54,8 +54,9 @@ struct cuda_model {
   // general forward workspace, for up to ws_tokens tokens and ws_sess sessions
   int ws_tokens, ws_sess, ws_out;
   int ws_gen;                              // bumped when the workspace moves: graphs must be captured again
-  float *x, *qkv, *q, *att, *tmp, *rl, *y, *wts, *part_ml, *part_acc, *logits;
-  bf16 *xn, *att16, *act;
+  float *x, *qkv, *q, *att, *tmp, *rl, *y, *wts, *part_ml, *part_acc, *logits, *act;
+  bf16 *xn, *xn_lo, *att16, *att_lo;
+  int split;                               // split-bf16 activations in the GEMMs (precision "exact")
   int32_t *ids, *tok_pos, *tok_sess, *sel, *rows;
   const dsess **sess_arr;
   moe_work mw;
@@ -192,9 +193,9 @@ static gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
     sizeof(float) * 2 * prows,                    // part_ml
     sizeof(float) * (size_t)d.D * prows,          // part_acc
     sizeof(float) * (size_t)outrows * d.V,        // logits
-    sizeof(bf16) * nt * d.H,                      // xn
-    sizeof(bf16) * nt * d.Q,                      // att16
-    sizeof(bf16) * TK * d.I,                      // act
+    sizeof(float) * TK * d.I,                     // act
+    sizeof(bf16) * nt * d.H, sizeof(bf16) * nt * d.H,   // xn, xn_lo
+    sizeof(bf16) * nt * d.Q, sizeof(bf16) * nt * d.Q,   // att16, att_lo
     sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * TK, sizeof(int32_t) * nt,
     sizeof(dsess *) * ns,
     sizeof(int32_t) * (d.E + 1) * 4 + sizeof(int32_t) * TK,  // moe work
@@ -215,7 +216,8 @@ static gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
 #define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
   TAKE(cm->x, float *); TAKE(cm->qkv, float *); TAKE(cm->q, float *); TAKE(cm->att, float *); TAKE(cm->tmp, float *);
   TAKE(cm->rl, float *); TAKE(cm->y, float *); TAKE(cm->wts, float *); TAKE(cm->part_ml, float *); TAKE(cm->part_acc, float *);
-  TAKE(cm->logits, float *); TAKE(cm->xn, bf16 *); TAKE(cm->att16, bf16 *); TAKE(cm->act, bf16 *);
+  TAKE(cm->logits, float *); TAKE(cm->act, float *); TAKE(cm->xn, bf16 *); TAKE(cm->xn_lo, bf16 *);
+  TAKE(cm->att16, bf16 *); TAKE(cm->att_lo, bf16 *);
   TAKE(cm->ids, int32_t *); TAKE(cm->tok_pos, int32_t *); TAKE(cm->tok_sess, int32_t *); TAKE(cm->sel, int32_t *);
   TAKE(cm->rows, int32_t *); TAKE(cm->sess_arr, const dsess **);
   int32_t *mw;
@@ -270,6 +272,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.Hkv = c->num_key_value_heads; d.D = c->head_dim; d.Q = d.Hq * d.D; d.KV = d.Hkv * d.D; d.E = c->num_local_experts;
   d.K = c->num_experts_per_tok; d.V = c->vocab_size; d.window = c->sliding_window; d.eps = (float)c->rms_norm_eps;
   d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
+  cm->split = !o->fast;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));
   cm->budget = o->memory_budget ? o->memory_budget : (size_t)(free_b * 0.9);
@@ -396,7 +399,7 @@ static gptoss_status cuda_session_init(gptoss_session *s) {
   cuda_session *cs = (cuda_session *)calloc(1, sizeof *cs);
   if (!cs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   size_t kv = 0;
-  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(sizeof(bf16) * (size_t)layer_slots(s, l) * d.KV);
+  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(sizeof(kvt) * (size_t)layer_slots(s, l) * d.KV);
   size_t extra = ALIGN(sizeof(float) * d.V) + ALIGN(sizeof(int32_t) * s->context) + ALIGN(sizeof(dsess)) + 256;
   if (cm->budget && cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + kv + extra > cm->budget) {
     free(cs);
@@ -410,9 +413,9 @@ static gptoss_status cuda_session_init(gptoss_session *s) {
   cm->kv_bytes += cs->kv_bytes;
   char *p = cs->kv;
   for (int l = 0; l < d.L; l++) {
-    size_t b = ALIGN(sizeof(bf16) * (size_t)layer_slots(s, l) * d.KV);
-    cs->view.k[l] = (bf16 *)p; p += b;
-    cs->view.v[l] = (bf16 *)p; p += b;
+    size_t b = ALIGN(sizeof(kvt) * (size_t)layer_slots(s, l) * d.KV);
+    cs->view.k[l] = (kvt *)p; p += b;
+    cs->view.v[l] = (kvt *)p; p += b;
   }
   cs->view.ring = s->ring;
   cs->logits = (float *)p; p += ALIGN(sizeof(float) * d.V);
@@ -438,7 +441,7 @@ static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session
   cuda_model *cm = CM(src->m);
   cuda_session *d = CS(dst), *s = CS(src);
   for (int l = 0; l < cm->d.L; l++) {
-    size_t b = sizeof(bf16) * (size_t)layer_slots(src, l) * cm->d.KV;
+    size_t b = sizeof(kvt) * (size_t)layer_slots(src, l) * cm->d.KV;
     CU(cudaMemcpyAsync(d->view.k[l], s->view.k[l], b, cudaMemcpyDeviceToDevice, cm->stream));
     CU(cudaMemcpyAsync(d->view.v[l], s->view.v[l], b, cudaMemcpyDeviceToDevice, cm->stream));
   }
@@ -450,11 +453,15 @@ static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session
 // }======================================================
 
 // {====================================================== general forward
-// Y[T, out] = X[T, in] . W^T, W row-major [out, in] bf16, Y fp32
-static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, float *Y, int out, int T, int in) {
+// Y[T, out] = X[T, in] . W^T, W row-major [out, in] bf16, Y fp32; with
+// X_lo (split bf16) Y += X_lo . W^T in a second product
+static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int out, int T, int in) {
   const float one = 1.f, zero = 0.f;
   BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X, CUDA_R_16BF, in, &zero,
                     Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (X_lo)
+    BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X_lo, CUDA_R_16BF, in, &one,
+                      Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   return GPTOSS_OK;
 }
 
@@ -501,8 +508,9 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
   for (int l = 0; l < d.L; l++) {
     const dlayer &y = cm->layer[l];
     int sliding = m->cfg.layer_sliding[l];
-    launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, d.H, d.eps, st);
-    if ((rc = gemm(cm, y.qkv_w, cm->xn, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
+    bf16 *xn_lo = cm->split ? cm->xn_lo : NULL, *att_lo = cm->split ? cm->att_lo : NULL;
+    launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, xn_lo, d.H, d.eps, st);
+    if ((rc = gemm(cm, y.qkv_w, cm->xn, xn_lo, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
     attn_args a;
     memset(&a, 0, sizeof a);
     a.qkv = cm->qkv; a.q = cm->q; a.tok_pos = cm->tok_pos; a.tok_sess = cm->tok_sess; a.sess = cm->sess_arr;
@@ -516,25 +524,26 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
       split_len = (span + nsplit - 1) / nsplit;
     }
     launch_attention(&a, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att, st);
-    launch_bf16_from_f32(cm->att, cm->att16, (size_t)T * d.Q, st);
-    if ((rc = gemm(cm, y.o_w, cm->att16, cm->tmp, d.H, T, d.Q))) return rc;
+    launch_bf16_from_f32(cm->att, cm->att16, att_lo, (size_t)T * d.Q, st);
+    if ((rc = gemm(cm, y.o_w, cm->att16, att_lo, cm->tmp, d.H, T, d.Q))) return rc;
     launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
-    launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, NULL, cm->sel, cm->wts, st);
+    launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, xn_lo, NULL, cm->sel, cm->wts, st);
     if (any_trace) {
       CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
       CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
     }
     launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
-    launch_moe_gate_up(cm->xn, &cm->mw, T, &y, &d, cm->act, st);
-    launch_moe_down(cm->act, &cm->mw, T, &y, &d, cm->y, st);
+    launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, cm->act, st);
+    launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
     LAUNCHED();
   }
   // logits, in groups of at most ws_out rows
   for (int r0 = 0; r0 < nout; r0 += cm->ws_out) {
     int nr = nout - r0 < cm->ws_out ? nout - r0 : cm->ws_out;
-    launch_rmsnorm(cm->x, cm->rows + r0, nr, cm->norm, cm->xn, d.H, d.eps, st);
-    if ((rc = gemm(cm, cm->lm_head, cm->xn, cm->logits, d.V, nr, d.H))) return rc;
+    bf16 *xn_lo = cm->split ? cm->xn_lo : NULL;
+    launch_rmsnorm(cm->x, cm->rows + r0, nr, cm->norm, cm->xn, xn_lo, d.H, d.eps, st);
+    if ((rc = gemm(cm, cm->lm_head, cm->xn, xn_lo, cm->logits, d.V, nr, d.H))) return rc;
     if (out) CU(cudaMemcpyAsync(out + (size_t)r0 * d.V, cm->logits, sizeof(float) * (size_t)nr * d.V, cudaMemcpyDeviceToHost, st));
     if (keep_last) {
       // the last row of each session becomes its current logits
@@ -751,7 +760,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     int nsplit = sliding ? (d.window + SPLIT_LEN - 1) / SPLIT_LEN : cs->nsplit_full;
     launch_attention(&a, &d, y.sinks, nsplit, SPLIT_LEN, cs->d_ml, cs->d_acc, cs->d_att, st);
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, NULL, st);
-    launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
+    launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
     launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, cs->d_act, st);
     launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
   }

@@ -5,6 +5,7 @@
 
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+#include <cuda_fp16.h>
 #include <stdint.h>
 
 extern "C" {
@@ -12,6 +13,9 @@ extern "C" {
 }
 
 typedef __nv_bfloat16 bf16;
+// the KV cache: fp16 has the size of bf16 and eight times its precision;
+// q.k and p.v on it stay close to the CPU's fp32 cache
+typedef __half kvt;
 
 #define CUDA_MAX_LAYERS GPTOSS_MAX_LAYERS
 
@@ -40,8 +44,8 @@ struct dlayer {
 // Per-session KV cache pointers, kept in device memory so one kernel can
 // serve tokens of many sessions.
 struct dsess {
-  bf16 *k[CUDA_MAX_LAYERS];
-  bf16 *v[CUDA_MAX_LAYERS];
+  kvt *k[CUDA_MAX_LAYERS];
+  kvt *v[CUDA_MAX_LAYERS];
   int ring;                           // slots of a sliding layer
 };
 
@@ -55,7 +59,9 @@ struct dims {
 // {====================================================== launchers
 // dense.cu
 void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s);
-void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, int H, float eps, cudaStream_t s);
+// split-bf16: where lo is given, x = hi + lo to ~16 bits; products with the
+// (exactly bf16) weights then sum two tensor-core GEMMs in fp32
+void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps, cudaStream_t s);
 void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s);
 // decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); xn_out, if given, receives the normalised x
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
@@ -65,8 +71,8 @@ void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int
 // is a discrete choice, so no rounded input sits right before it. Writes the
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.
 void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
-                   bf16 *xn, float *xnf, int32_t *sel, float *w, cudaStream_t s);
-void launch_bf16_from_f32(const float *x, bf16 *y, size_t n, cudaStream_t s);
+                   bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w, cudaStream_t s);
+void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s);
 
 // attention.cu
 struct attn_args {
@@ -94,9 +100,10 @@ struct moe_work {
   int32_t *perm;             // [T*K]: assignment index (t*K + k) in expert order
 };
 void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaStream_t s);
-// grouped GEMMs over the sorted assignments
-void launch_moe_gate_up(const bf16 *xn, const moe_work *w, int T, const dlayer *l, const dims *d, bf16 *act, cudaStream_t s);
-void launch_moe_down(const bf16 *act, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
+// grouped GEMMs over the sorted assignments; xn_lo NULL = plain bf16 inputs
+void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d, float *act,
+                        cudaStream_t s);
+void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
 // decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);

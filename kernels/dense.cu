@@ -32,8 +32,9 @@ void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H,
   embed_kernel<<<T, 256, 0, s>>>(ids, embed, x, H);
 }
 
-// out[t] = w * x[rows[t]] / rms(x[rows[t]]), as bf16 (the GEMMs' input)
-__global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, bf16 *out, int H, float eps) {
+// out[t] = w * x[rows[t]] / rms(x[rows[t]]), as bf16 (the GEMMs' input);
+// lo, if given, receives what bf16 rounded off (split-bf16: hi + lo)
+__global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps) {
   __shared__ float red[32];
   int t = blockIdx.x, r = rows ? rows[t] : t;
   const float *xr = x + (size_t)r * H;
@@ -41,12 +42,17 @@ __global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, b
   for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
   ss = block_sum(ss, red);
   float inv = rsqrtf(ss / (float)H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    out[(size_t)t * H + i] = __float2bfloat16(__bfloat162float(w[i]) * (xr[i] * inv));
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    float v = __bfloat162float(w[i]) * (xr[i] * inv);
+    bf16 h = __float2bfloat16(v);
+    out[(size_t)t * H + i] = h;
+    if (lo) lo[(size_t)t * H + i] = __float2bfloat16(v - __bfloat162float(h));
+  }
 }
 
-void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, int H, float eps, cudaStream_t s) {
-  rmsnorm_kernel<<<T, 256, 0, s>>>(x, rows, w, out, H, eps);
+void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps,
+                    cudaStream_t s) {
+  rmsnorm_kernel<<<T, 256, 0, s>>>(x, rows, w, out, lo, H, eps);
 }
 
 __global__ void add_bias_residual_kernel(float *x, const float *y, const bf16 *bias, int H, size_t n) {
@@ -59,13 +65,17 @@ void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T,
   add_bias_residual_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, bias, H, n);
 }
 
-__global__ void bf16_from_f32_kernel(const float *x, bf16 *y, size_t n) {
+__global__ void bf16_from_f32_kernel(const float *x, bf16 *y, bf16 *lo, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) y[i] = __float2bfloat16(x[i]);
+  if (i < n) {
+    bf16 h = __float2bfloat16(x[i]);
+    y[i] = h;
+    if (lo) lo[i] = __float2bfloat16(x[i] - __bfloat162float(h));
+  }
 }
 
-void launch_bf16_from_f32(const float *x, bf16 *y, size_t n, cudaStream_t s) {
-  bf16_from_f32_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, n);
+void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s) {
+  bf16_from_f32_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, lo, n);
 }
 
 // {====================================================== decode GEMV
@@ -178,7 +188,7 @@ void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int
 
 __global__ void __launch_bounds__(256)
 router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
-              bf16 *xn, float *xnf, int32_t *sel, float *w) {
+              bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w) {
   extern __shared__ __align__(16) float sm[];
   float *xs = sm, *logit = sm + H;
   __shared__ float red[32];
@@ -191,7 +201,11 @@ router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, cons
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     float v = __bfloat162float(norm_w[i]) * (xr[i] * inv);
     xs[i] = v;
-    if (xn) xn[(size_t)t * H + i] = __float2bfloat16(v);
+    if (xn) {
+      bf16 h = __float2bfloat16(v);
+      xn[(size_t)t * H + i] = h;
+      if (xn_lo) xn_lo[(size_t)t * H + i] = __float2bfloat16(v - __bfloat162float(h));
+    }
     if (xnf) xnf[(size_t)t * H + i] = v;
   }
   __syncthreads();
@@ -224,8 +238,8 @@ router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, cons
 }
 
 void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
-                   bf16 *xn, float *xnf, int32_t *sel, float *w, cudaStream_t s) {
+                   bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w, cudaStream_t s) {
   size_t smem = sizeof(float) * (size_t)(H + E);
   if (smem > 48 * 1024) cudaFuncSetAttribute(router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  router_kernel<<<T, 256, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xnf, sel, w);
+  router_kernel<<<T, 256, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xn_lo, xnf, sel, w);
 }

@@ -70,14 +70,19 @@ void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaS
 #define LDS (BK + 8)      // bf16 row stride in shared memory (WMMA wants a multiple of 8)
 #define LDC (BN + 4)
 
-// MODE 0: gate_up. A rows are tokens (xn[perm/K]); out act[row][N/2] = SwiGLU(pairs) as bf16.
-// MODE 1: down. A rows are act in expert order; out y[perm][N] fp32, bias added.
-template <int MODE>
+// MODE 0: gate_up. A rows are tokens (xn[perm/K], bf16, with xn_lo when
+//         split); out act[row][N/2] = SwiGLU(pairs), fp32.
+// MODE 1: down. A rows are act (fp32) in expert order, split into bf16 hi +
+//         lo on load when split; out y[perm][N] fp32, bias added.
+// With split, each tile runs two MMAs, hi and lo, into one fp32 accumulator:
+// the weights are exact in bf16, so the product has ~16-bit activations.
+template <int MODE, bool SPLIT>
 __global__ void __launch_bounds__(128)
-moe_gemm_kernel(const bf16 *A, const int32_t *perm, const int32_t *offsets, const int32_t *tile_offsets, int E, int K,
-                const uint8_t *blocks, const uint8_t *scales, const bf16 *bias, int N, int Kd, float limit,
-                bf16 *act, float *y) {
+moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t *perm, const int32_t *offsets,
+                const int32_t *tile_offsets, int E, int K, const uint8_t *blocks, const uint8_t *scales, const bf16 *bias,
+                int N, int Kd, float limit, float *act, float *y) {
   __shared__ __align__(32) bf16 As[BM * LDS];
+  __shared__ __align__(32) bf16 Al[SPLIT ? BM * LDS : 16];
   __shared__ __align__(32) bf16 Bs[BN * LDS];
   __shared__ __align__(32) float Cs[BM * LDC];
   __shared__ int rows_tok[BM];
@@ -102,19 +107,36 @@ moe_gemm_kernel(const bf16 *A, const int32_t *perm, const int32_t *offsets, cons
   for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.f);
   int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
   for (int g = 0; g < G; g++) {
-    // A: 64 rows x 32 bf16; two threads per row, 16 values (32 bytes) each
+    // A: 64 rows x 32 values; two threads per row, 16 values each
     {
       int r = tid >> 1, half = tid & 1;
       int src = rows_tok[r];
-      uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0;
-      if (src >= 0) {
-        const uint4 *p = reinterpret_cast<const uint4 *>(A + (size_t)src * Kd + g * 32 + half * 16);
-        v0 = p[0];
-        v1 = p[1];
+      if (MODE == 0) {
+        uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0, l0 = v0, l1 = v0;
+        if (src >= 0) {
+          const uint4 *p = reinterpret_cast<const uint4 *>(A + (size_t)src * Kd + g * 32 + half * 16);
+          v0 = p[0]; v1 = p[1];
+          if (SPLIT) {
+            const uint4 *q = reinterpret_cast<const uint4 *>(A_lo + (size_t)src * Kd + g * 32 + half * 16);
+            l0 = q[0]; l1 = q[1];
+          }
+        }
+        uint4 *d = reinterpret_cast<uint4 *>(As + r * LDS + half * 16);
+        d[0] = v0; d[1] = v1;
+        if (SPLIT) { uint4 *dl = reinterpret_cast<uint4 *>(Al + r * LDS + half * 16); dl[0] = l0; dl[1] = l1; }
+      } else {
+        bf16 *d = As + r * LDS + half * 16, *dl = SPLIT ? Al + r * LDS + half * 16 : NULL;
+        const float4 *p = src >= 0 ? reinterpret_cast<const float4 *>(Af + (size_t)src * Kd + g * 32 + half * 16) : NULL;
+        for (int q = 0; q < 4; q++) {
+          float4 v = p ? p[q] : make_float4(0.f, 0.f, 0.f, 0.f);
+          float vv[4] = {v.x, v.y, v.z, v.w};
+          for (int u = 0; u < 4; u++) {
+            bf16 h = __float2bfloat16(vv[u]);
+            d[4 * q + u] = h;
+            if (SPLIT) dl[4 * q + u] = __float2bfloat16(vv[u] - __bfloat162float(h));
+          }
+        }
       }
-      uint4 *d = reinterpret_cast<uint4 *>(As + r * LDS + half * 16);
-      d[0] = v0;
-      d[1] = v1;
     }
     // B: 64 output rows; two threads per row decode 8 bytes (16 values) each
     {
@@ -134,10 +156,15 @@ moe_gemm_kernel(const bf16 *A, const int32_t *perm, const int32_t *offsets, cons
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb[2];
-      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], As + (wm + 16 * i) * LDS + kk, LDS);
       for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], Bs + (wn + 16 * j) * LDS + kk, LDS);
+      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], As + (wm + 16 * i) * LDS + kk, LDS);
       for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+      if (SPLIT) {
+        for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], Al + (wm + 16 * i) * LDS + kk, LDS);
+        for (int i = 0; i < 2; i++)
+          for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+      }
     }
     __syncthreads();
   }
@@ -154,7 +181,7 @@ moe_gemm_kernel(const bf16 *A, const int32_t *perm, const int32_t *offsets, cons
       int n = n0 + 2 * j;
       float gt = Cs[r * LDC + 2 * j] + __bfloat162float(eb_bias[n]);
       float up = Cs[r * LDC + 2 * j + 1] + __bfloat162float(eb_bias[n + 1]);
-      act[(size_t)(row0 + r) * I + n / 2] = __float2bfloat16(swiglu(gt, up, limit));
+      act[(size_t)(row0 + r) * I + n / 2] = swiglu(gt, up, limit);
     }
   } else {
     for (int i = tid; i < BM * BN; i += 128) {
@@ -166,18 +193,27 @@ moe_gemm_kernel(const bf16 *A, const int32_t *perm, const int32_t *offsets, cons
   }
 }
 
-void launch_moe_gate_up(const bf16 *xn, const moe_work *w, int T, const dlayer *l, const dims *d, bf16 *act, cudaStream_t s) {
+void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d, float *act,
+                        cudaStream_t s) {
   int n = T * d->K;
   dim3 grid((n + BM - 1) / BM + d->E, (2 * d->I) / BN);
-  moe_gemm_kernel<0><<<grid, 128, 0, s>>>(xn, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->gu_blocks, l->gu_scales,
-                                          l->gu_bias, 2 * d->I, d->H, d->limit, act, NULL);
+  if (xn_lo)
+    moe_gemm_kernel<0, true><<<grid, 128, 0, s>>>(xn, xn_lo, NULL, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->gu_blocks,
+                                                  l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, act, NULL);
+  else
+    moe_gemm_kernel<0, false><<<grid, 128, 0, s>>>(xn, NULL, NULL, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->gu_blocks,
+                                                   l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, act, NULL);
 }
 
-void launch_moe_down(const bf16 *act, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
+void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
   int n = T * d->K;
   dim3 grid((n + BM - 1) / BM + d->E, d->H / BN);
-  moe_gemm_kernel<1><<<grid, 128, 0, s>>>(act, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->dn_blocks, l->dn_scales,
-                                          l->dn_bias, d->H, d->I, d->limit, NULL, y);
+  if (split)
+    moe_gemm_kernel<1, true><<<grid, 128, 0, s>>>(NULL, NULL, act, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->dn_blocks,
+                                                  l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, y);
+  else
+    moe_gemm_kernel<1, false><<<grid, 128, 0, s>>>(NULL, NULL, act, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->dn_blocks,
+                                                   l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, y);
 }
 
 // x[t] += sum_k w[t][k] * y[t*K + k]

@@ -14,7 +14,7 @@
 static uint64_t rng = 88172645463325252ull;
 static double urand() { rng ^= rng << 13; rng ^= rng >> 7; rng ^= rng << 17; return (rng >> 11) * (1.0 / 9007199254740992.0); }
 static double nrand() { double u = urand() + 1e-12, v = urand(); return sqrt(-2 * log(u)) * cos(6.283185307179586 * v); }
-static float bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
+static float hf(float x) { return __half2float(__float2half(x)); }
 static const float FP4H[16] = {0, .5f, 1, 1.5f, 2, 3, 4, 6, -0.f, -.5f, -1, -1.5f, -2, -3, -4, -6};
 
 #define CK(x) do { cudaError_t e = (x); if (e != cudaSuccess) { printf("CUDA %s at %s:%d\n", cudaGetErrorString(e), __FILE__, __LINE__); exit(2); } } while (0)
@@ -81,14 +81,21 @@ static double swiglu_ref(double g, double u, double lim) {
   return (u + 1) * (g / (1 + exp(-1.702 * g)));
 }
 
-// the MoE block for T tokens: grouped GEMMs (prefill) and GEMVs (decode)
+// the MoE block for T tokens: grouped GEMMs (prefill, plain and split
+// bf16) and GEMVs (decode), against fp32 inputs
 static void test_moe(int T, int H, int I, int E, int K) {
   dims d = {};
   d.H = H; d.I = I; d.E = E; d.K = K; d.limit = 7.f;
   fp4w gu = rand_fp4(E, 2 * I, H, 127 + (int)lround(log2(2.0 / (2.93 * sqrt((double)H)))));
   fp4w dn = rand_fp4(E, H, I, 127 + (int)lround(log2(2.0 / (2.93 * sqrt((double)I)))));
   std::vector<bf16> gub = rand_bf16((size_t)E * 2 * I, 0.02), dnb = rand_bf16((size_t)E * H, 0.02);
-  std::vector<bf16> xn = rand_bf16((size_t)T * H, 1.0);
+  std::vector<float> xnf((size_t)T * H);
+  for (auto &v : xnf) v = (float)nrand();
+  std::vector<bf16> xn(xnf.size()), xn_lo(xnf.size());
+  for (size_t i = 0; i < xnf.size(); i++) {
+    xn[i] = __float2bfloat16(xnf[i]);
+    xn_lo[i] = __float2bfloat16(xnf[i] - __bfloat162float(xn[i]));
+  }
   std::vector<int32_t> sel((size_t)T * K);
   std::vector<float> w((size_t)T * K);
   for (int t = 0; t < T; t++) {
@@ -106,7 +113,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
   }
   // reference: x[t] = sum_k w (W2 swiglu(W1 xn + b1) + b2), from the bf16 input
   std::vector<double> want((size_t)T * H, 0.0);
-  std::vector<float> xnf = to_f(xn), gubf = to_f(gub), dnbf = to_f(dnb);
+  std::vector<float> gubf = to_f(gub), dnbf = to_f(dnb);
   for (int t = 0; t < T; t++)
     for (int k = 0; k < K; k++) {
       int e = sel[t * K + k];
@@ -127,7 +134,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
   dlayer l = {};
   l.gu_blocks = dev(gu.blocks); l.gu_scales = dev(gu.scales); l.gu_bias = dev(gub);
   l.dn_blocks = dev(dn.blocks); l.dn_scales = dev(dn.scales); l.dn_bias = dev(dnb);
-  bf16 *dxn = dev(xn);
+  bf16 *dxn = dev(xn), *dxn_lo = dev(xn_lo);
   int32_t *dsel = dev(sel);
   float *dw = dev(w);
   std::vector<float> zeros((size_t)T * H, 0.f);
@@ -138,18 +145,21 @@ static void test_moe(int T, int H, int I, int E, int K) {
   int32_t *mwb = dev(zi);
   mw.counts = mwb; mw.offsets = mwb + (E + 1); mw.tile_offsets = mwb + 2 * (E + 1); mw.cursor = mwb + 3 * (E + 1);
   mw.perm = mwb + 4 * (E + 1);
-  std::vector<bf16> actz((size_t)T * K * I);
-  bf16 *act = dev(actz);
+  std::vector<float> actz((size_t)T * K * I);
+  float *act = dev(actz);
   std::vector<float> yz((size_t)T * K * H);
   float *y = dev(yz);
-  launch_moe_sort(dsel, T, E, K, &mw, 0);
-  launch_moe_gate_up(dxn, &mw, T, &l, &d, act, 0);
-  launch_moe_down(act, &mw, T, &l, &d, y, 0);
-  launch_moe_combine(x, y, dw, T, H, K, 0);
-  CK(cudaGetLastError());
   char name[96];
-  snprintf(name, sizeof name, "moe grouped GEMMs T=%d H=%d I=%d E=%d", T, H, I, E);
-  report(name, host(x, (size_t)T * H), want, 1e-2);
+  for (int split = 0; split < 2; split++) {
+    CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
+    launch_moe_sort(dsel, T, E, K, &mw, 0);
+    launch_moe_gate_up(dxn, split ? dxn_lo : NULL, &mw, T, &l, &d, act, 0);
+    launch_moe_down(act, split, &mw, T, &l, &d, y, 0);
+    launch_moe_combine(x, y, dw, T, H, K, 0);
+    CK(cudaGetLastError());
+    snprintf(name, sizeof name, "moe grouped GEMMs %s T=%d H=%d I=%d E=%d", split ? "split" : "bf16", T, H, I, E);
+    report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
+  }
   // decode path, token 0 (fp32 input)
   std::vector<float> x0(H, 0.f), xn0(xnf.begin(), xnf.begin() + H);
   float *dx0 = dev(x0), *dxn0 = dev(xn0);
@@ -171,7 +181,7 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
   std::vector<float> inv(half);
   for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(150000.0, 2.0 * i / D));
   // keys/values of the earlier positions already in the cache (as bf16), and the chunk's q, k, v
-  std::vector<bf16> kc((size_t)slots * d.KV), vc((size_t)slots * d.KV);
+  std::vector<kvt> kc((size_t)slots * d.KV), vc((size_t)slots * d.KV);
   std::vector<std::vector<double>> K(P, std::vector<double>(d.KV)), Vv(P, std::vector<double>(d.KV));
   std::vector<float> qkv((size_t)T * (d.Q + 2 * d.KV));
   for (auto &x : qkv) x = (float)nrand();
@@ -179,10 +189,10 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
     for (int i = 0; i < d.KV; i++) {
       float kv = (float)nrand(), vv = (float)nrand();
       int s = sliding ? p % ring : p;
-      kc[(size_t)s * d.KV + i] = __float2bfloat16(kv);
-      vc[(size_t)s * d.KV + i] = __float2bfloat16(vv);
-      K[p][i] = bf(kv);
-      Vv[p][i] = bf(vv);
+      kc[(size_t)s * d.KV + i] = __float2half(kv);
+      vc[(size_t)s * d.KV + i] = __float2half(vv);
+      K[p][i] = hf(kv);
+      Vv[p][i] = hf(vv);
     }
   std::vector<bf16> sinks = rand_bf16(Hq, 1.0);
   auto rope = [&](const float *x, int p, double *out) {
@@ -201,9 +211,9 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
     std::vector<double> kr(D);
     for (int h = 0; h < Hkv; h++) {
       rope(row + d.Q + h * D, p, kr.data());
-      for (int i = 0; i < D; i++) K[p][h * D + i] = bf((float)kr[i]);
+      for (int i = 0; i < D; i++) K[p][h * D + i] = hf((float)kr[i]);
     }
-    for (int i = 0; i < d.KV; i++) Vv[p][i] = bf(row[d.Q + d.KV + i]);
+    for (int i = 0; i < d.KV; i++) Vv[p][i] = hf(row[d.Q + d.KV + i]);
   }
   std::vector<double> want((size_t)T * d.Q);
   int G = Hq / Hkv;
