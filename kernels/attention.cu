@@ -18,14 +18,20 @@ __device__ __forceinline__ const dsess *token_sess(const attn_args &a, int t) {
 
 __device__ __forceinline__ int kv_slot(const dsess *S, int sliding, int p) { return sliding ? p % S->ring : p; }
 
+__device__ __forceinline__ void kv_put(float *p, float v) { *p = v; }
+__device__ __forceinline__ void kv_put(__half *p, float v) { *p = __float2half(v); }
+__device__ __forceinline__ float kv_get(const float *p) { return *p; }
+__device__ __forceinline__ float kv_get(const __half *p) { return __half2float(*p); }
+
 // one block per token: rotate q and k (pairs (i, i + D/2)), store k and v
+template <typename KT>
 __global__ void rope_store_kernel(attn_args a, dims d) {
   int t = blockIdx.x, p = token_pos(a, t);
   const dsess *S = token_sess(a, t);
   int half = d.D / 2;
   const float *row = a.qkv + (size_t)t * (d.Q + 2 * d.KV);
   size_t slot = (size_t)kv_slot(S, a.sliding, p) * d.KV;
-  kvt *kc = S->k[a.layer] + slot, *vc = S->v[a.layer] + slot;
+  KT *kc = (KT *)S->k[a.layer] + slot, *vc = (KT *)S->v[a.layer] + slot;
   int nheads = d.Hq + d.Hkv;
   for (int i = threadIdx.x; i < nheads * half; i += blockDim.x) {
     int h = i / half, j = i % half;
@@ -49,23 +55,25 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
         x1 += __bfloat162float(a.bias[d.Q + kh * d.D + j]);
         x2 += __bfloat162float(a.bias[d.Q + kh * d.D + j + half]);
       }
-      kc[kh * d.D + j] = __float2half(x1 * cs - x2 * sn);
-      kc[kh * d.D + j + half] = __float2half(x2 * cs + x1 * sn);
+      kv_put(kc + kh * d.D + j, x1 * cs - x2 * sn);
+      kv_put(kc + kh * d.D + j + half, x2 * cs + x1 * sn);
     }
   }
   const float *v = row + d.Q + d.KV;
   for (int i = threadIdx.x; i < d.KV; i += blockDim.x)
-    vc[i] = __float2half(v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
+    kv_put(vc + i, v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
 }
 
 void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
-  rope_store_kernel<<<a->T, 256, 0, s>>>(*a, *d);
+  if (d->kv32) rope_store_kernel<float><<<a->T, 256, 0, s>>>(*a, *d);
+  else rope_store_kernel<__half><<<a->T, 256, 0, s>>>(*a, *d);
 }
 
 #define TILE 32
 #define MAX_DPL 8   // D up to 256
 
 // grid (T * Hkv, nsplit); block: one warp per q head of the kv group
+template <typename KT>
 __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len, float *part_ml, float *part_acc) {
   extern __shared__ float sm[];
   int G = d.Hq / d.Hkv, D = d.D, DP = D + 1;     // padded rows: lanes read different rows, same column
@@ -78,7 +86,7 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
   int start = a.sliding && p - d.window + 1 > 0 ? p - d.window + 1 : 0;
   int lo = start + split * split_len, hi = lo + split_len;
   if (hi > p + 1) hi = p + 1;
-  const kvt *kc = S->k[a.layer], *vc = S->v[a.layer];
+  const KT *kc = (const KT *)S->k[a.layer], *vc = (const KT *)S->v[a.layer];
   // the query of this warp's head, scaled by 1/sqrt(D)
   float scale = rsqrtf((float)D);
   for (int i = lane; i < D; i += 32) Qs[warp * D + i] = a.q[(size_t)t * d.Q + h * D + i] * scale;
@@ -92,8 +100,8 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
     for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
       int j = i / D, c = i % D;
       size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
-      Ks[j * DP + c] = __half2float(kc[off]);
-      Vs[j * D + c] = __half2float(vc[off]);
+      Ks[j * DP + c] = kv_get(kc + off);
+      Vs[j * D + c] = kv_get(vc + off);
     }
     __syncthreads();
     float s = -FLT_MAX;
@@ -157,6 +165,7 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
   int G = d->Hq / d->Hkv;
   size_t smem = sizeof(float) * ((size_t)TILE * (d->D + 1) + (size_t)TILE * d->D + (size_t)G * d->D);
   dim3 grid(a->T * d->Hkv, nsplit);
-  attention_kernel<<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
+  if (d->kv32) attention_kernel<float><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
+  else attention_kernel<__half><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
   attention_combine_kernel<<<a->T * d->Hq, 64, 0, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
 }

@@ -273,6 +273,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.K = c->num_experts_per_tok; d.V = c->vocab_size; d.window = c->sliding_window; d.eps = (float)c->rms_norm_eps;
   d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
   cm->split = !o->fast;
+  d.kv32 = !o->fast;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));
   cm->budget = o->memory_budget ? o->memory_budget : (size_t)(free_b * 0.9);
@@ -381,6 +382,7 @@ static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
 
 // {====================================================== sessions
 static int layer_slots(const gptoss_session *s, int l) { return s->m->cfg.layer_sliding[l] ? s->ring : s->context; }
+static size_t kv_size(const cuda_model *cm) { return cm->d.kv32 ? sizeof(float) : sizeof(__half); }
 
 static void session_release(cuda_session *cs, cuda_model *cm) {
   if (cs->graph) cudaGraphExecDestroy(cs->graph);
@@ -399,7 +401,7 @@ static gptoss_status cuda_session_init(gptoss_session *s) {
   cuda_session *cs = (cuda_session *)calloc(1, sizeof *cs);
   if (!cs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   size_t kv = 0;
-  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(sizeof(kvt) * (size_t)layer_slots(s, l) * d.KV);
+  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(kv_size(cm) * (size_t)layer_slots(s, l) * d.KV);
   size_t extra = ALIGN(sizeof(float) * d.V) + ALIGN(sizeof(int32_t) * s->context) + ALIGN(sizeof(dsess)) + 256;
   if (cm->budget && cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + kv + extra > cm->budget) {
     free(cs);
@@ -413,9 +415,9 @@ static gptoss_status cuda_session_init(gptoss_session *s) {
   cm->kv_bytes += cs->kv_bytes;
   char *p = cs->kv;
   for (int l = 0; l < d.L; l++) {
-    size_t b = ALIGN(sizeof(kvt) * (size_t)layer_slots(s, l) * d.KV);
-    cs->view.k[l] = (kvt *)p; p += b;
-    cs->view.v[l] = (kvt *)p; p += b;
+    size_t b = ALIGN(kv_size(cm) * (size_t)layer_slots(s, l) * d.KV);
+    cs->view.k[l] = p; p += b;
+    cs->view.v[l] = p; p += b;
   }
   cs->view.ring = s->ring;
   cs->logits = (float *)p; p += ALIGN(sizeof(float) * d.V);
@@ -441,7 +443,7 @@ static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session
   cuda_model *cm = CM(src->m);
   cuda_session *d = CS(dst), *s = CS(src);
   for (int l = 0; l < cm->d.L; l++) {
-    size_t b = sizeof(kvt) * (size_t)layer_slots(src, l) * cm->d.KV;
+    size_t b = kv_size(cm) * (size_t)layer_slots(src, l) * cm->d.KV;
     CU(cudaMemcpyAsync(d->view.k[l], s->view.k[l], b, cudaMemcpyDeviceToDevice, cm->stream));
     CU(cudaMemcpyAsync(d->view.v[l], s->view.v[l], b, cudaMemcpyDeviceToDevice, cm->stream));
   }

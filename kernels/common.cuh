@@ -13,9 +13,9 @@ extern "C" {
 }
 
 typedef __nv_bfloat16 bf16;
-// the KV cache: fp16 has the size of bf16 and eight times its precision;
-// q.k and p.v on it stay close to the CPU's fp32 cache
-typedef __half kvt;
+// The KV cache is fp32 (precision "exact": scores as the CPU computes them;
+// near-tied routers downstream make key rounding visible) or fp16 (precision
+// "fast": half the memory and bandwidth; eight times finer than bf16).
 
 #define CUDA_MAX_LAYERS GPTOSS_MAX_LAYERS
 
@@ -44,14 +44,15 @@ struct dlayer {
 // Per-session KV cache pointers, kept in device memory so one kernel can
 // serve tokens of many sessions.
 struct dsess {
-  kvt *k[CUDA_MAX_LAYERS];
-  kvt *v[CUDA_MAX_LAYERS];
+  void *k[CUDA_MAX_LAYERS];   // float or __half, as dims.kv32 says
+  void *v[CUDA_MAX_LAYERS];
   int ring;                           // slots of a sliding layer
 };
 
 // Shapes every kernel needs.
 struct dims {
   int H, I, L, Hq, Hkv, D, Q, KV, E, K, V, window;
+  int kv32;                   // KV cache in fp32 (else fp16)
   float eps, limit, rope_scale;
 };
 // }======================================================

@@ -172,16 +172,24 @@ static void test_moe(int T, int H, int I, int E, int K) {
   report(name, host(dx0, H), std::vector<double>(want.begin(), want.begin() + H), 1e-4);
 }
 
-// attention of T consecutive tokens (positions p0..p0+T-1) of one session
-static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit) {
+template <typename KT> static KT kv_from(float v);
+template <> float kv_from<float>(float v) { return v; }
+template <> __half kv_from<__half>(float v) { return __float2half(v); }
+static float kv_round(float v, bool f32) { return f32 ? v : hf(v); }
+
+// attention of T consecutive tokens (positions p0..p0+T-1) of one session,
+// with a KV cache of KT (fp32 or fp16)
+template <typename KT>
+static void test_attention_t(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit, bool f32) {
   dims d = {};
+  d.kv32 = f32;
   d.Hq = Hq; d.Hkv = Hkv; d.D = D; d.Q = Hq * D; d.KV = Hkv * D; d.window = window; d.rope_scale = 1.3f;
   int P = p0 + T, slots = sliding ? ring : P;
   int half = D / 2;
   std::vector<float> inv(half);
   for (int i = 0; i < half; i++) inv[i] = (float)(1.0 / pow(150000.0, 2.0 * i / D));
-  // keys/values of the earlier positions already in the cache (as bf16), and the chunk's q, k, v
-  std::vector<kvt> kc((size_t)slots * d.KV), vc((size_t)slots * d.KV);
+  // keys/values of the earlier positions already in the cache, and the chunk's q, k, v
+  std::vector<KT> kc((size_t)slots * d.KV), vc((size_t)slots * d.KV);
   std::vector<std::vector<double>> K(P, std::vector<double>(d.KV)), Vv(P, std::vector<double>(d.KV));
   std::vector<float> qkv((size_t)T * (d.Q + 2 * d.KV));
   for (auto &x : qkv) x = (float)nrand();
@@ -189,10 +197,10 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
     for (int i = 0; i < d.KV; i++) {
       float kv = (float)nrand(), vv = (float)nrand();
       int s = sliding ? p % ring : p;
-      kc[(size_t)s * d.KV + i] = __float2half(kv);
-      vc[(size_t)s * d.KV + i] = __float2half(vv);
-      K[p][i] = hf(kv);
-      Vv[p][i] = hf(vv);
+      kc[(size_t)s * d.KV + i] = kv_from<KT>(kv);
+      vc[(size_t)s * d.KV + i] = kv_from<KT>(vv);
+      K[p][i] = kv_round(kv, f32);
+      Vv[p][i] = kv_round(vv, f32);
     }
   std::vector<bf16> sinks = rand_bf16(Hq, 1.0);
   auto rope = [&](const float *x, int p, double *out) {
@@ -211,9 +219,9 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
     std::vector<double> kr(D);
     for (int h = 0; h < Hkv; h++) {
       rope(row + d.Q + h * D, p, kr.data());
-      for (int i = 0; i < D; i++) K[p][h * D + i] = hf((float)kr[i]);
+      for (int i = 0; i < D; i++) K[p][h * D + i] = kv_round((float)kr[i], f32);
     }
-    for (int i = 0; i < d.KV; i++) Vv[p][i] = hf(row[d.Q + d.KV + i]);
+    for (int i = 0; i < d.KV; i++) Vv[p][i] = kv_round(row[d.Q + d.KV + i], f32);
   }
   std::vector<double> want((size_t)T * d.Q);
   int G = Hq / Hkv;
@@ -264,8 +272,14 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
   launch_attention(&a, &d, dev(sinks), nsplit, split_len, ml, acc, out, 0);
   CK(cudaGetLastError());
   char name[128];
-  snprintf(name, sizeof name, "attention T=%d p0=%d D=%d G=%d %s split %d", T, p0, D, G, sliding ? "sliding" : "full", nsplit);
+  snprintf(name, sizeof name, "attention %s T=%d p0=%d D=%d G=%d %s split %d", f32 ? "f32" : "f16", T, p0, D, G,
+           sliding ? "sliding" : "full", nsplit);
   report(name, host(out, (size_t)T * d.Q), want, 2e-2);
+}
+
+static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit) {
+  test_attention_t<float>(T, p0, Hq, Hkv, D, window, sliding, ring, nsplit, true);
+  test_attention_t<__half>(T, p0, Hq, Hkv, D, window, sliding, ring, nsplit, false);
 }
 
 // decode GEMV with the fused RMSNorm, and the router
