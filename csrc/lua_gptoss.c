@@ -4,6 +4,7 @@
 */
 #include <math.h>
 #include <string.h>
+#include <time.h>
 #include "lua_gptoss.h"
 
 /* {====================================================== errors */
@@ -250,6 +251,14 @@ static int l_floats(lua_State *L) {
 }
 /* }====================================================== */
 
+/* core.clock(): seconds from a monotonic clock, for benchmarks */
+static int l_clock(lua_State *L) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  lua_pushnumber(L, (lua_Number)ts.tv_sec + (lua_Number)ts.tv_nsec * 1e-9);
+  return 1;
+}
+
 static int l_cpu_count(lua_State *L) {
   lua_pushinteger(L, gptoss_cpu_count());
   return 1;
@@ -260,7 +269,7 @@ int luaopen_gptoss_core(lua_State *L) {
     {"row", fl_row}, {"argmax", fl_argmax}, {"shape", fl_shape}, {"bytes", fl_bytes}, {"get", fl_get}, {"nll", fl_nll}, {NULL, NULL}};
   static const luaL_Reg fl_meta[] = {{"__len", fl_len}, {"__tostring", fl_tostring}, {NULL, NULL}};
   lg_class(L, FLOATS_T, fl_methods, fl_meta, fl_fields);
-  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"floats", l_floats}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"floats", l_floats}, {"clock", l_clock}, {NULL, NULL}};
   luaL_newlib(L, funcs);
   lua_pushstring(L, GPTOSS_VERSION);
   lua_setfield(L, -2, "version");

@@ -1,0 +1,131 @@
+--- bench/llm.lua: gptoss on a 20B-shaped checkpoint (or any), on one device.
+--
+--   lua5.4 bench/llm.lua [DIR] [DEVICE] [PRECISION]
+--
+-- DIR defaults to $GPTOSS_BENCH_DIR or /tmp/gptoss-20b, generated there
+-- first (tools/make_checkpoint.lua --preset 20b) when absent; DEVICE to
+-- cuda:0 (cpu works too); PRECISION to exact. Prints a Markdown table and,
+-- with BENCH_OUT set, writes it there as well. Wall-clock time throughout
+-- (the work runs on the device or on engine threads).
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local gptoss = require "gptoss"
+local checkpoint = require "gptoss.checkpoint"
+
+local dir = arg[1] or os.getenv("GPTOSS_BENCH_DIR") or "/tmp/gptoss-20b"
+local device = arg[2] or "cuda:0"
+local precision = arg[3] or "exact"
+
+local now = gptoss.core.clock
+
+local rows = {}
+local function row(what, value, unit, note) rows[#rows + 1] = { what, value, unit, note or "" } end
+
+local f = io.open(dir .. "/config.json")
+if f then f:close() else
+  local t0 = now()
+  assert(checkpoint.write { preset = "20b", seed = 0, out = dir, tokenizer = os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer" })
+  row("generate the checkpoint", now() - t0, "s", "tools/make_checkpoint.lua --preset 20b")
+end
+
+local t0 = now()
+local m = assert(gptoss.load(dir, { device = device, precision = precision, context = 8192 }))
+local load_s = now() - t0
+row("cold load (page cache)", load_s, "s")
+local c = m.config
+local V = c.vocab_size
+
+-- bytes one decoded token must read: active experts, attention, router,
+-- lm_head, norms, one embedding row (the KV cache comes on top)
+local per_token = 0
+for _, t in ipairs(m:tensors()) do
+  local n = t.name
+  if n:match("experts%.") then per_token = per_token + t.bytes * c.num_experts_per_tok / c.num_local_experts
+  elseif n == "model.embed_tokens.weight" then per_token = per_token + t.bytes / V
+  else per_token = per_token + t.bytes end
+end
+
+local function ids(n, seed)
+  local out, x = {}, seed
+  for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
+  return out
+end
+local greedy = gptoss.sampler(V, { temperature = 0 })
+
+-- prefill of a 2048-token prompt
+local s = m:session()
+s:feed(ids(64, 1), "last"); s:rewind(0)          -- warm-up
+t0 = now()
+s:feed(ids(2048, 2), "last")
+local pf = now() - t0
+row("prefill, 2048-token prompt", 2048 / pf, "tok/s", string.format("%.1f ms", pf * 1e3))
+s:close()
+
+-- TTFT and batch-1 decode: 128 tokens after a 512-token prompt
+s = m:session()
+t0 = now()
+s:feed(ids(512, 3), "last")
+local id = s:sample(greedy)
+local ttft = now() - t0
+row("TTFT, 512-token prompt", ttft * 1e3, "ms")
+for _ = 1, 8 do id = s:step(id, greedy) end         -- captures the decode graph
+t0 = now()
+for _ = 1, 128 do id = s:step(id, greedy) end
+local dt = now() - t0
+row("decode, batch 1 (after 512 + 8)", 128 / dt, "tok/s", string.format("%.3f ms/token", dt / 128 * 1e3))
+local sample = gptoss.sampler(V, { temperature = 1.0, seed = 1 })
+t0 = now()
+for _ = 1, 64 do id = s:step(id, sample) end
+dt = now() - t0
+row("decode, batch 1, temperature 1", 64 / dt, "tok/s")
+s:close()
+
+-- deeper context: 4096 tokens
+s = m:session()
+s:feed(ids(4096, 4), "last")
+id = s:sample(greedy)
+for _ = 1, 4 do id = s:step(id, greedy) end
+t0 = now()
+for _ = 1, 64 do id = s:step(id, greedy) end
+dt = now() - t0
+row("decode, batch 1, at depth 4096", 64 / dt, "tok/s")
+s:close()
+
+-- aggregate decode with N sessions stepping together
+for _, n in ipairs { 8, 32, 64 } do
+  local ss, last, smp = {}, {}, {}
+  for i = 1, n do
+    ss[i] = m:session { context = 1024 }
+    ss[i]:feed(ids(128, 10 + i), "last")
+    last[i] = ss[i]:sample(greedy)
+    smp[i] = greedy
+  end
+  last = gptoss.batch_step(ss, last, smp)
+  local steps = 32
+  t0 = now()
+  for _ = 1, steps do last = gptoss.batch_step(ss, last, smp) end
+  dt = now() - t0
+  row(string.format("decode, %d sessions together", n), n * steps / dt, "tok/s", string.format("%.2f ms/step", dt / steps * 1e3))
+  for i = 1, n do ss[i]:close() end
+end
+
+-- weights plus one 8k-token session
+s = m:session { context = 8192 }
+s:feed(ids(1024, 5), "none")
+local mem = m:memory()
+row("device memory: weights + one 8k session + workspace", mem.total / 1e9, "GB",
+  string.format("weights %.2f, KV %.2f, workspace %.2f; device in use %.2f GB", mem.weights / 1e9, mem.kv / 1e9,
+    mem.workspace / 1e9, (mem.device_total - mem.device_free) / 1e9))
+s:close()
+row("bytes read per decoded token (weights)", per_token / 1e9, "GB")
+
+local lines = { string.format("gptoss %s on %s, precision %s, %s: %d layers, %d experts", gptoss.version, device, precision, dir,
+  c.num_hidden_layers, c.num_local_experts), "",
+  "| measure | value | unit | note |", "|---|---:|---|---|" }
+for _, r in ipairs(rows) do
+  lines[#lines + 1] = string.format("| %s | %.2f | %s | %s |", r[1], r[2], r[3], r[4])
+end
+local text = table.concat(lines, "\n")
+print(text)
+local out = os.getenv("BENCH_OUT")
+if out then local h = assert(io.open(out, "w")); h:write(text, "\n"); h:close() end
+m:close()
