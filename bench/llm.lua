@@ -4,9 +4,15 @@
 --
 -- DIR defaults to $GPTOSS_BENCH_DIR or /tmp/gptoss-20b, generated there
 -- first (tools/make_checkpoint.lua --preset 20b) when absent; DEVICE to
--- cuda:0 (cpu works too); PRECISION to exact. Prints a Markdown table and,
--- with BENCH_OUT set, writes it there as well. Wall-clock time throughout
--- (the work runs on the device or on engine threads).
+-- cuda:0 (cpu works too); PRECISION to exact. Prints a Markdown table and
+-- appends it to bench/RESULTS.md (BENCH_RESULTS=path elsewhere, =- nowhere),
+-- with the date, device and commit (BENCH_COMMIT, else git). Wall-clock time
+-- throughout (the work runs on the device or on engine threads).
+--
+-- On a CUDA device where python3 has torch and transformers (BENCH_HF=0
+-- turns it off), tools/reference/hf_bench.py first measures transformers on
+-- the same checkpoint and the device-to-device copy bandwidth, in the same
+-- run; the table then gives the ratios and the bandwidth floor.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local gptoss = require "gptoss"
 local checkpoint = require "gptoss.checkpoint"
@@ -16,6 +22,15 @@ local device = arg[2] or "cuda:0"
 local precision = arg[3] or "exact"
 
 local now = gptoss.core.clock
+local cjson = require "cjson"
+
+local function shell(cmd)
+  local h = io.popen(cmd .. " 2>/dev/null")
+  if not h then return nil end
+  local out = h:read("*a"); h:close()
+  out = out and out:gsub("%s+$", "")
+  return out ~= "" and out or nil
+end
 
 local rows = {}
 local function row(what, value, unit, note) rows[#rows + 1] = { what, value, unit, note or "" } end
@@ -25,6 +40,18 @@ if f then f:close() else
   local t0 = now()
   assert(checkpoint.write { preset = "20b", seed = 0, out = dir, tokenizer = os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer" })
   row("generate the checkpoint", now() - t0, "s", "tools/make_checkpoint.lua --preset 20b")
+end
+
+-- transformers first, in its own process, so neither holds the other's memory
+local hf
+if device:match("^cuda") and os.getenv("BENCH_HF") ~= "0"
+    and shell("python3 -c 'import torch, transformers' && echo ok") == "ok" then
+  local json = os.tmpname()
+  local ok = os.execute(string.format("python3 tools/reference/hf_bench.py '%s' '%s' >&2", dir, json))
+  local h = ok and io.open(json)
+  if h then hf = cjson.decode(h:read("*a")); h:close() end
+  os.remove(json)
+  if not hf then io.stderr:write("bench: transformers run failed; its rows are left out\n") end
 end
 
 local t0 = now()
@@ -58,6 +85,7 @@ t0 = now()
 s:feed(ids(2048, 2), "last")
 local pf = now() - t0
 row("prefill, 2048-token prompt", 2048 / pf, "tok/s", string.format("%.1f ms", pf * 1e3))
+local results = { prefill = 2048 / pf }
 s:close()
 
 -- TTFT and batch-1 decode: 128 tokens after a 512-token prompt
@@ -67,11 +95,13 @@ s:feed(ids(512, 3), "last")
 local id = s:sample(greedy)
 local ttft = now() - t0
 row("TTFT, 512-token prompt", ttft * 1e3, "ms")
+results.ttft = ttft * 1e3
 for _ = 1, 8 do id = s:step(id, greedy) end         -- captures the decode graph
 t0 = now()
 for _ = 1, 128 do id = s:step(id, greedy) end
 local dt = now() - t0
 row("decode, batch 1 (after 512 + 8)", 128 / dt, "tok/s", string.format("%.3f ms/token", dt / 128 * 1e3))
+results.decode = 128 / dt
 local sample = gptoss.sampler(V, { temperature = 1.0, seed = 1 })
 t0 = now()
 for _ = 1, 64 do id = s:step(id, sample) end
@@ -116,16 +146,39 @@ row("device memory: weights + one 8k session + workspace", mem.total / 1e9, "GB"
   string.format("weights %.2f, KV %.2f, workspace %.2f; device in use %.2f GB", mem.weights / 1e9, mem.kv / 1e9,
     mem.workspace / 1e9, (mem.device_total - mem.device_free) / 1e9))
 s:close()
+results.load, results.memory = load_s, mem.total / 1e9
 row("bytes read per decoded token (weights)", per_token / 1e9, "GB")
 
-local lines = { string.format("gptoss %s on %s, precision %s, %s: %d layers, %d experts", gptoss.version, device, precision, dir,
-  c.num_hidden_layers, c.num_local_experts), "",
+if hf then
+  local bw = hf.copy_bytes_per_s
+  row("device-to-device copy bandwidth (read + write)", bw / 1e12, "TB/s", "torch copy_ of 2 GiB, median of 10")
+  row("bandwidth floor, batch-1 decode", bw / per_token, "tok/s",
+    string.format("%.3f ms/token; gptoss at %.0f%% of it", per_token / bw * 1e3, results.decode / (bw / per_token) * 100))
+  local function vs(what, theirs, ours, unit, higher_better)
+    row("transformers " .. hf.transformers .. ": " .. what, theirs, unit,
+      string.format("gptoss %.2f, ratio %.2fx", ours, higher_better and ours / theirs or theirs / ours))
+  end
+  vs("decode, batch 1", hf.decode_tok_s, results.decode, "tok/s", true)
+  vs("prefill, 2048-token prompt", hf.prefill_2048_tok_s, results.prefill, "tok/s", true)
+  vs("TTFT, 512-token prompt", hf.ttft_512_ms, results.ttft, "ms", false)
+  vs("peak device memory", hf.peak_memory_gb, results.memory, "GB", false)
+  vs("load", hf.load_s, results.load, "s", false)
+end
+
+local gpu = device:match("^cuda") and shell("nvidia-smi --query-gpu=name --format=csv,noheader | head -1") or "cpu"
+local commit = os.getenv("BENCH_COMMIT") or shell("git rev-parse --short HEAD") or "unknown"
+local lines = { string.format("### bench/llm.lua, %s, %s (%s), commit %s", os.date("!%Y-%m-%d %H:%M UTC"), device, gpu, commit), "",
+  string.format("gptoss %s, precision %s, %s: %d layers, %d experts. Command: `lua5.4 bench/llm.lua %s %s %s`",
+    gptoss.version, precision, dir, c.num_hidden_layers, c.num_local_experts, dir, device, precision), "",
   "| measure | value | unit | note |", "|---|---:|---|---|" }
 for _, r in ipairs(rows) do
   lines[#lines + 1] = string.format("| %s | %.2f | %s | %s |", r[1], r[2], r[3], r[4])
 end
 local text = table.concat(lines, "\n")
 print(text)
-local out = os.getenv("BENCH_OUT")
-if out then local h = assert(io.open(out, "w")); h:write(text, "\n"); h:close() end
+local out = os.getenv("BENCH_RESULTS") or "bench/RESULTS.md"
+if out ~= "-" then
+  local h, err = io.open(out, "a")
+  if h then h:write("\n", text, "\n"); h:close() else io.stderr:write("bench: ", err, "\n") end
+end
 m:close()

@@ -10,14 +10,7 @@ local dir = arg[1] or "tokenizer"
 local repeats = tonumber(arg[2] or "5")
 local corpus = "spec/fixtures/tokenizer/corpus"
 
-local function now()
-  local ok, socket = pcall(require, "socket")
-  if ok then return socket.gettime() end
-  return os.clock()
-end
--- wall time through luaposix/socket when available, else CPU time (the
--- encoder is single-threaded, so the two agree)
-local clock = now
+local clock = gptoss.core.clock   -- wall time
 
 local loads = {}
 for i = 1, 5 do

@@ -84,6 +84,10 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
   int p = token_pos(a, t);
   const dsess *S = token_sess(a, t);
   int start = a.sliding && p - d.window + 1 > 0 ? p - d.window + 1 : 0;
+  if (split_len <= 0) {                           // decode: sized from the position
+    int per = (p + 1 - start + nsplit - 1) / nsplit;
+    split_len = (per + TILE - 1) / TILE * TILE;
+  }
   int lo = start + split * split_len, hi = lo + split_len;
   if (hi > p + 1) hi = p + 1;
   const KT *kc = (const KT *)S->k[a.layer], *vc = (const KT *)S->v[a.layer];

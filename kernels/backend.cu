@@ -88,11 +88,14 @@ static void prof_print(void) {
 }
 // }======================================================
 
+#define BLAS_WS ((size_t)32 << 20)   // what NVIDIA suggests for Hopper
+
 // {====================================================== state
 struct cuda_model {
   int dev;
   cudaStream_t stream;
   cublasHandle_t blas;
+  void *blas_ws;                           // BLAS_WS bytes, cuBLAS's workspace
   char *arena;
   size_t arena_bytes;
   dlayer layer[CUDA_MAX_LAYERS];
@@ -319,6 +322,11 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   CU(cudaStreamCreateWithFlags(&cm->stream, cudaStreamNonBlocking));
   BLAS(cublasCreate(&cm->blas));
   BLAS(cublasSetStream(cm->blas, cm->stream));
+  // cuBLAS's own workspace pool would allocate (and synchronise the device)
+  // inside GEMM calls; a workspace of our own keeps prefill asynchronous.
+  // Set after the stream, which resets it.
+  CU(cudaMalloc(&cm->blas_ws, BLAS_WS));
+  BLAS(cublasSetWorkspace(cm->blas, cm->blas_ws, BLAS_WS));
   dims &d = cm->d;
   d.H = c->hidden_size; d.I = c->intermediate_size; d.L = c->num_hidden_layers; d.Hq = c->num_attention_heads;
   d.Hkv = c->num_key_value_heads; d.D = c->head_dim; d.Q = d.Hq * d.D; d.KV = d.Hkv * d.D; d.E = c->num_local_experts;
@@ -328,7 +336,9 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.kv32 = !o->fast;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));
-  cm->budget = o->memory_budget ? o->memory_budget : (size_t)(free_b * 0.9);
+  // a budget given covers cuBLAS's workspace too, which is already taken
+  if (o->memory_budget) cm->budget = o->memory_budget > BLAS_WS ? o->memory_budget - BLAS_WS : 1;
+  else cm->budget = (size_t)(free_b * 0.9);
 
   // arena layout: every tensor at a 256-byte boundary; q, k, v of a layer
   // back to back so that they are one [Q + 2 KV, H] matrix
@@ -417,6 +427,7 @@ static void cuda_model_free(gptoss_model *m) {
   free_workspace(cm);
   if (cm->arena) cudaFree(cm->arena);
   if (cm->blas) cublasDestroy(cm->blas);
+  if (cm->blas_ws) cudaFree(cm->blas_ws);
   if (cm->stream) cudaStreamDestroy(cm->stream);
   free(cm);
   m->bm = NULL;
@@ -426,7 +437,7 @@ static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
   cuda_model *cm = CM(m);
   out->weights = cm->arena_bytes;
   out->kv = cm->kv_bytes;
-  out->workspace = cm->ws_bytes;
+  out->workspace = cm->ws_bytes + BLAS_WS;
   out->total = out->weights + out->kv + out->workspace;
   size_t f = 0, t = 0;
   if (cudaSetDevice(cm->dev) == cudaSuccess && cudaMemGetInfo(&f, &t) == cudaSuccess) { out->device_free = f; out->device_total = t; }
@@ -763,13 +774,22 @@ static gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **sm
 // }======================================================
 
 // {====================================================== batch-1 decode
-#define SPLIT_LEN 256
+// Decode splits each layer's keys over at most DEC_SPLITS blocks per KV
+// head; the kernel sizes the splits from the position it reads on the
+// device (split_len 0), so a graph captured early stays right later on.
+#define DEC_SPLITS 64
+#define DEC_TILE 32
+
+static int dec_splits(int span) {
+  int n = (span + DEC_TILE - 1) / DEC_TILE;
+  return n < DEC_SPLITS ? n : DEC_SPLITS;
+}
 
 static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_session *cs) {
   if (cs->dec) return GPTOSS_OK;
   const dims &d = cm->d;
-  cs->nsplit_full = (s->context + SPLIT_LEN - 1) / SPLIT_LEN;
-  int ns = cs->nsplit_full;
+  cs->nsplit_full = dec_splits(s->context);
+  int ns = cs->nsplit_full > dec_splits(d.window) ? cs->nsplit_full : dec_splits(d.window);
   size_t sz[] = {
     sizeof(float) * (d.Q + 2 * d.KV), sizeof(float) * d.Q, sizeof(float) * d.Q, sizeof(float) * d.E,
     sizeof(float) * d.K, sizeof(float) * (size_t)d.K * d.I, sizeof(float) * 2 * (size_t)d.Hq * ns,
@@ -828,8 +848,8 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     a.T = 1; a.layer = l; a.sliding = sliding; a.inv_freq = cm->inv_freq;
     launch_rope_store(&a, &d, st);
     prof_mark("dec rope", st);
-    int nsplit = sliding ? (d.window + SPLIT_LEN - 1) / SPLIT_LEN : cs->nsplit_full;
-    launch_attention(&a, &d, y.sinks, nsplit, SPLIT_LEN, cs->d_ml, cs->d_acc, cs->d_att, st);
+    int nsplit = sliding ? dec_splits(d.window) : cs->nsplit_full;
+    launch_attention(&a, &d, y.sinks, nsplit, 0, cs->d_ml, cs->d_acc, cs->d_att, st);
     prof_mark("dec attention", st);
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, NULL, st);
     prof_mark("dec o gemv", st);

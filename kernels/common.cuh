@@ -88,7 +88,8 @@ struct attn_args {
   const bf16 *bias;          // q, k, v bias to add (the GEMM path), or NULL (the GEMV already did)
 };
 void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s);
-// partials: [T][Hq][nsplit] of (m, l) and [T][Hq][nsplit][D] accumulators
+// partials: [T][Hq][nsplit] of (m, l) and [T][Hq][nsplit][D] accumulators;
+// split_len 0: each token's keys in nsplit equal runs of whole tiles
 void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int nsplit, int split_len,
                       float *part_ml, float *part_acc, float *out, cudaStream_t s);
 

@@ -186,7 +186,7 @@ void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int
   router_topk_kernel<<<T, 32, 0, s>>>(logits, bias, E, K, sel, w);
 }
 
-__global__ void __launch_bounds__(256)
+__global__ void __launch_bounds__(1024)
 router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
               bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w) {
   extern __shared__ __align__(16) float sm[];
@@ -213,6 +213,7 @@ router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, cons
   for (int e = warp; e < E; e += nw) {
     const uint4 *wr = reinterpret_cast<const uint4 *>(W + (size_t)e * H);
     float acc = 0.f;
+#pragma unroll 4
     for (int c = lane; c < H / 8; c += 32) acc += dot8(__ldg(wr + c), xs + 8 * c);
     acc = warp_sum(acc);
     if (lane == 0) logit[e] = acc + __bfloat162float(bias[e]);
@@ -241,5 +242,7 @@ void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const b
                    bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w, cudaStream_t s) {
   size_t smem = sizeof(float) * (size_t)(H + E);
   if (smem > 48 * 1024) cudaFuncSetAttribute(router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  router_kernel<<<T, 256, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xn_lo, xnf, sel, w);
+  // a warp per expert: batch-1 decode waits on this kernel's latency
+  int threads = E * 32 < 1024 ? E * 32 : 1024;
+  router_kernel<<<T, threads, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xn_lo, xnf, sel, w);
 }

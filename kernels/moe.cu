@@ -13,11 +13,28 @@
 
 using namespace nvcuda;
 
-__constant__ float FP4[16] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f, -0.f, -.5f, -1.f, -1.5f, -2.f, -3.f, -4.f, -6.f};
-
 __device__ __forceinline__ float e8m0(uint8_t e) {
   return e ? __uint_as_float((uint32_t)e << 23) : __uint_as_float(0x00400000u);
 }
+
+// Eight FP4 codes (one 32-bit word, value i in nibble i) as four half2,
+// h[k] = (value k, value k + 4) * 2^-14: each code's sign and e2m1 bits go
+// straight into an fp16 whose exponent bias is 15 instead of 1, which is
+// exact (the code 0.5 lands on an fp16 subnormal) and costs about one and a
+// half integer operations per value. A table in constant memory would
+// serialise, since the lanes of a warp look up different codes.
+__device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
+  uint32_t r0 = ((w << 9) & 0x0E000E00u) | ((w << 12) & 0x80008000u);
+  uint32_t r1 = ((w << 5) & 0x0E000E00u) | ((w << 8) & 0x80008000u);
+  uint32_t r2 = ((w << 1) & 0x0E000E00u) | ((w << 4) & 0x80008000u);
+  uint32_t r3 = ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
+  h[0] = *reinterpret_cast<__half2 *>(&r0);
+  h[1] = *reinterpret_cast<__half2 *>(&r1);
+  h[2] = *reinterpret_cast<__half2 *>(&r2);
+  h[3] = *reinterpret_cast<__half2 *>(&r3);
+}
+
+#define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
 
 __device__ __forceinline__ float swiglu(float g, float u, float limit) {
   g = fminf(g, limit);
@@ -70,21 +87,58 @@ void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaS
 #define LDS (BK + 8)      // bf16 row stride in shared memory (WMMA wants a multiple of 8)
 #define LDC (BN + 4)
 
+// 16 weights of one row (8 bytes of a 32-value block) as bf16, scaled:
+// exact, since an FP4 code times a power of two has at most 2 significant bits
+__device__ __forceinline__ void fp4x16_bf16(uint2 raw, float sc, uint4 out[2]) {
+  uint32_t w[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int q = 0; q < 2; q++) {
+    __half2 h[4];
+    fp4x8(w[q], h);
+    float2 f[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      f[k] = __half22float2(h[k]);
+      f[k].x = f[k].x * FP4_UNBIAS * sc;
+      f[k].y = f[k].y * FP4_UNBIAS * sc;
+    }
+    __nv_bfloat162 p0 = __floats2bfloat162_rn(f[0].x, f[1].x), p1 = __floats2bfloat162_rn(f[2].x, f[3].x);
+    __nv_bfloat162 p2 = __floats2bfloat162_rn(f[0].y, f[1].y), p3 = __floats2bfloat162_rn(f[2].y, f[3].y);
+    out[q] = make_uint4(*reinterpret_cast<uint32_t *>(&p0), *reinterpret_cast<uint32_t *>(&p1),
+                        *reinterpret_cast<uint32_t *>(&p2), *reinterpret_cast<uint32_t *>(&p3));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&p);
+}
+
 // MODE 0: gate_up. A rows are tokens (xn[perm/K], bf16, with xn_lo when
 //         split); out act[row][N/2] = SwiGLU(pairs), fp32.
 // MODE 1: down. A rows are act (fp32) in expert order, split into bf16 hi +
 //         lo on load when split; out y[perm][N] fp32, bias added.
 // With split, each tile runs two MMAs, hi and lo, into one fp32 accumulator:
 // the weights are exact in bf16, so the product has ~16-bit activations.
+// Two shared-memory stages: step g+1's operands travel from global memory
+// into registers while the tensor cores work on step g.
+template <int MODE, bool SPLIT>
+struct moe_stage {
+  bf16 A[BM * LDS];
+  bf16 Al[SPLIT ? BM * LDS : 8];
+  bf16 B[BN * LDS];
+};
+
 template <int MODE, bool SPLIT>
 __global__ void __launch_bounds__(128)
 moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t *perm, const int32_t *offsets,
                 const int32_t *tile_offsets, int E, int K, const uint8_t *blocks, const uint8_t *scales, const bf16 *bias,
                 int N, int Kd, float limit, float *act, float *y) {
-  __shared__ __align__(32) bf16 As[BM * LDS];
-  __shared__ __align__(32) bf16 Al[SPLIT ? BM * LDS : 16];
-  __shared__ __align__(32) bf16 Bs[BN * LDS];
-  __shared__ __align__(32) float Cs[BM * LDC];
+  typedef moe_stage<MODE, SPLIT> stage;
+  constexpr size_t STAGES = 2 * sizeof(stage), CB = sizeof(float) * BM * LDC;
+  __shared__ __align__(128) unsigned char raw[STAGES > CB ? STAGES : CB];
+  stage *sg = reinterpret_cast<stage *>(raw);
+  float *Cs = reinterpret_cast<float *>(raw);      // after the main loop
   __shared__ int rows_tok[BM];
   int mt = blockIdx.x, nt = blockIdx.y;
   if (mt >= tile_offsets[E]) return;
@@ -101,71 +155,89 @@ moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t 
   }
   __syncthreads();
   int G = Kd / 32;
-  const uint8_t *eb = blocks + (size_t)e * N * G * 16;
-  const uint8_t *es = scales + (size_t)e * N * G;
+  // each thread stages half a row (16 values) of A and of B per step
+  int r = tid >> 1, half = tid & 1;
+  int src = rows_tok[r];
+  const uint8_t *brow = blocks + ((size_t)e * N + n0 + r) * G * 16 + half * 8;
+  const uint8_t *srow = scales + ((size_t)e * N + n0 + r) * G;
+  uint4 a_hi[2], a_lo[2];
+  float4 a_f[4];
+  uint2 b_raw;
+  uint8_t b_sc;
+  auto fetch = [&](int g) {
+    if (MODE == 0) {
+      a_hi[0] = a_hi[1] = a_lo[0] = a_lo[1] = make_uint4(0, 0, 0, 0);
+      if (src >= 0) {
+        const uint4 *p = reinterpret_cast<const uint4 *>(A + (size_t)src * Kd + g * 32 + half * 16);
+        a_hi[0] = p[0]; a_hi[1] = p[1];
+        if (SPLIT) {
+          const uint4 *q = reinterpret_cast<const uint4 *>(A_lo + (size_t)src * Kd + g * 32 + half * 16);
+          a_lo[0] = q[0]; a_lo[1] = q[1];
+        }
+      }
+    } else {
+#pragma unroll
+      for (int q = 0; q < 4; q++) a_f[q] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (src >= 0) {
+        const float4 *p = reinterpret_cast<const float4 *>(Af + (size_t)src * Kd + g * 32 + half * 16);
+#pragma unroll
+        for (int q = 0; q < 4; q++) a_f[q] = p[q];
+      }
+    }
+    b_raw = __ldg(reinterpret_cast<const uint2 *>(brow + (size_t)g * 16));
+    b_sc = __ldg(srow + g);
+  };
+  auto store = [&](stage &S) {
+    uint4 *da = reinterpret_cast<uint4 *>(S.A + r * LDS + half * 16);
+    if (MODE == 0) {
+      da[0] = a_hi[0]; da[1] = a_hi[1];
+      if (SPLIT) { uint4 *dl = reinterpret_cast<uint4 *>(S.Al + r * LDS + half * 16); dl[0] = a_lo[0]; dl[1] = a_lo[1]; }
+    } else {
+      float v[16];
+#pragma unroll
+      for (int q = 0; q < 4; q++) { v[4 * q] = a_f[q].x; v[4 * q + 1] = a_f[q].y; v[4 * q + 2] = a_f[q].z; v[4 * q + 3] = a_f[q].w; }
+      uint32_t hi[8], lo[8];
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+        hi[i] = *reinterpret_cast<uint32_t *>(&h);
+        if (SPLIT) lo[i] = pack_bf16(v[2 * i] - __low2float(h), v[2 * i + 1] - __high2float(h));
+      }
+      da[0] = make_uint4(hi[0], hi[1], hi[2], hi[3]); da[1] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
+      if (SPLIT) {
+        uint4 *dl = reinterpret_cast<uint4 *>(S.Al + r * LDS + half * 16);
+        dl[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]); dl[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
+      }
+    }
+    uint4 bv[2];
+    fp4x16_bf16(b_raw, e8m0(b_sc), bv);
+    uint4 *db = reinterpret_cast<uint4 *>(S.B + r * LDS + half * 16);
+    db[0] = bv[0]; db[1] = bv[1];
+  };
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
   for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.f);
   int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+  fetch(0);
+  store(sg[0]);
+  __syncthreads();
   for (int g = 0; g < G; g++) {
-    // A: 64 rows x 32 values; two threads per row, 16 values each
-    {
-      int r = tid >> 1, half = tid & 1;
-      int src = rows_tok[r];
-      if (MODE == 0) {
-        uint4 v0 = make_uint4(0, 0, 0, 0), v1 = v0, l0 = v0, l1 = v0;
-        if (src >= 0) {
-          const uint4 *p = reinterpret_cast<const uint4 *>(A + (size_t)src * Kd + g * 32 + half * 16);
-          v0 = p[0]; v1 = p[1];
-          if (SPLIT) {
-            const uint4 *q = reinterpret_cast<const uint4 *>(A_lo + (size_t)src * Kd + g * 32 + half * 16);
-            l0 = q[0]; l1 = q[1];
-          }
-        }
-        uint4 *d = reinterpret_cast<uint4 *>(As + r * LDS + half * 16);
-        d[0] = v0; d[1] = v1;
-        if (SPLIT) { uint4 *dl = reinterpret_cast<uint4 *>(Al + r * LDS + half * 16); dl[0] = l0; dl[1] = l1; }
-      } else {
-        bf16 *d = As + r * LDS + half * 16, *dl = SPLIT ? Al + r * LDS + half * 16 : NULL;
-        const float4 *p = src >= 0 ? reinterpret_cast<const float4 *>(Af + (size_t)src * Kd + g * 32 + half * 16) : NULL;
-        for (int q = 0; q < 4; q++) {
-          float4 v = p ? p[q] : make_float4(0.f, 0.f, 0.f, 0.f);
-          float vv[4] = {v.x, v.y, v.z, v.w};
-          for (int u = 0; u < 4; u++) {
-            bf16 h = __float2bfloat16(vv[u]);
-            d[4 * q + u] = h;
-            if (SPLIT) dl[4 * q + u] = __float2bfloat16(vv[u] - __bfloat162float(h));
-          }
-        }
-      }
-    }
-    // B: 64 output rows; two threads per row decode 8 bytes (16 values) each
-    {
-      int r = tid >> 1, half = tid & 1;
-      int n = n0 + r;
-      const uint8_t *b = eb + ((size_t)n * G + g) * 16 + half * 8;
-      float sc = e8m0(es[(size_t)n * G + g]);
-      uint2 raw = *reinterpret_cast<const uint2 *>(b);
-      const uint8_t *bb = reinterpret_cast<const uint8_t *>(&raw);
-      bf16 *d = Bs + r * LDS + half * 16;
-      for (int j = 0; j < 8; j++) {
-        d[2 * j] = __float2bfloat16(FP4[bb[j] & 15] * sc);
-        d[2 * j + 1] = __float2bfloat16(FP4[bb[j] >> 4] * sc);
-      }
-    }
-    __syncthreads();
+    if (g + 1 < G) fetch(g + 1);
+    const stage &S = sg[g & 1];
+#pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
       wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
       wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major> fb[2];
-      for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], Bs + (wn + 16 * j) * LDS + kk, LDS);
-      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], As + (wm + 16 * i) * LDS + kk, LDS);
+      for (int j = 0; j < 2; j++) wmma::load_matrix_sync(fb[j], S.B + (wn + 16 * j) * LDS + kk, LDS);
+      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], S.A + (wm + 16 * i) * LDS + kk, LDS);
       for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
       if (SPLIT) {
-        for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], Al + (wm + 16 * i) * LDS + kk, LDS);
+        for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], S.Al + (wm + 16 * i) * LDS + kk, LDS);
         for (int i = 0; i < 2; i++)
           for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
       }
     }
+    if (g + 1 < G) store(sg[(g + 1) & 1]);
     __syncthreads();
   }
   for (int i = 0; i < 2; i++)
@@ -235,24 +307,51 @@ void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, 
 // {====================================================== decode GEMVs
 // Four lanes share one 32-value block (4 bytes = 8 values each), so a warp
 // reads 8 consecutive blocks (128 bytes) per step, coalesced, and the
-// activations it needs are consecutive in shared memory.
-#define DW 8   // warps per block
+// activations it needs are consecutive in shared memory. Steps go four at a
+// time with their loads issued together: batch-1 decode is bound by how
+// many bytes are in flight, not by arithmetic.
+#define DSTEP 4
 
-__device__ __forceinline__ float dot_fp4x8(uint32_t b, float sc, const float *x) {
+// partial dot of 8 values: returns sum_i v_i x_i * 2^-14 (fp4x8's scaling)
+__device__ __forceinline__ float dot_fp4x8(uint32_t b, const float *x) {
+  __half2 h[4];
+  fp4x8(b, h);
   float4 a = *reinterpret_cast<const float4 *>(x), c = *reinterpret_cast<const float4 *>(x + 4);
-  return sc * (FP4[b & 15] * a.x + FP4[(b >> 4) & 15] * a.y + FP4[(b >> 8) & 15] * a.z + FP4[(b >> 12) & 15] * a.w +
-               FP4[(b >> 16) & 15] * c.x + FP4[(b >> 20) & 15] * c.y + FP4[(b >> 24) & 15] * c.z + FP4[b >> 28] * c.w);
+  float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+  return f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * c.x + f1.y * c.y + f2.y * c.z + f3.y * c.w;
 }
 
-// dot of MXFP4 row (G blocks) with x (in shared memory)
-__device__ __forceinline__ float fp4_row_dot(const uint8_t *blocks, const uint8_t *scales, int G, const float *x, int lane) {
+// R rows' dots with x (shared memory), this lane's share; rows[i] points at
+// a row's G blocks, srows[i] at its G scales
+template <int R>
+__device__ __forceinline__ void fp4_rows_dot(const uint8_t *const *rows, const uint8_t *const *srows, int G, const float *x,
+                                             int lane, float *acc) {
   int sub = lane & 3, bi = lane >> 2;
-  float acc = 0.f;
-  for (int g = bi; g < G; g += 8) {
-    uint32_t b = __ldg(reinterpret_cast<const uint32_t *>(blocks + (size_t)g * 16) + sub);
-    acc += dot_fp4x8(b, e8m0(__ldg(scales + g)), x + g * 32 + sub * 8);
+#pragma unroll
+  for (int i = 0; i < R; i++) acc[i] = 0.f;
+  for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
+    uint32_t w[R][DSTEP];
+    uint8_t sc[R][DSTEP];
+#pragma unroll
+    for (int u = 0; u < DSTEP; u++) {
+      int g = g0 + 8 * u;
+#pragma unroll
+      for (int i = 0; i < R; i++) {
+        w[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
+        sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < DSTEP; u++) {
+      int g = g0 + 8 * u;
+      if (g < G) {
+#pragma unroll
+        for (int i = 0; i < R; i++) acc[i] += e8m0(sc[i][u]) * dot_fp4x8(w[i][u], x + g * 32 + sub * 8);
+      }
+    }
   }
-  return acc;
+#pragma unroll
+  for (int i = 0; i < R; i++) acc[i] *= FP4_UNBIAS;
 }
 
 __device__ __forceinline__ float warp_sum_m(float v) {
@@ -260,49 +359,95 @@ __device__ __forceinline__ float warp_sum_m(float v) {
   return v;
 }
 
-// grid (K, I / DW): warp j of block y handles gate row 2j and up row 2j+1
-__global__ void __launch_bounds__(DW * 32)
+#define GU_WARPS 16
+
+// grid (K, I / GU_WARPS): warp j of block y handles gate row 2j and up row 2j+1
+__global__ void __launch_bounds__(GU_WARPS * 32)
 moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d, float *act) {
   extern __shared__ __align__(16) float xs[];
-  for (int i = threadIdx.x; i < d.H; i += blockDim.x) xs[i] = xn[i];
+  for (int i = threadIdx.x; i < d.H / 4; i += blockDim.x)
+    reinterpret_cast<float4 *>(xs)[i] = reinterpret_cast<const float4 *>(xn)[i];
   __syncthreads();
   int k = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int j = blockIdx.y * DW + warp;
+  int j = blockIdx.y * GU_WARPS + warp;
   if (j >= d.I) return;
   int e = sel[k], G = d.H / 32;
-  size_t rg = (size_t)e * 2 * d.I + 2 * j, ru = rg + 1;
-  float g = fp4_row_dot(l.gu_blocks + rg * G * 16, l.gu_scales + rg * G, G, xs, lane);
-  float u = fp4_row_dot(l.gu_blocks + ru * G * 16, l.gu_scales + ru * G, G, xs, lane);
-  g = warp_sum_m(g);
-  u = warp_sum_m(u);
+  size_t rg = (size_t)e * 2 * d.I + 2 * j;
+  const uint8_t *rows[2] = {l.gu_blocks + rg * G * 16, l.gu_blocks + (rg + 1) * G * 16};
+  const uint8_t *srows[2] = {l.gu_scales + rg * G, l.gu_scales + (rg + 1) * G};
+  float acc[2];
+  fp4_rows_dot<2>(rows, srows, G, xs, lane, acc);
+  float g = warp_sum_m(acc[0]), u = warp_sum_m(acc[1]);
   if (lane == 0) {
     g += __bfloat162float(l.gu_bias[rg]);
-    u += __bfloat162float(l.gu_bias[ru]);
+    u += __bfloat162float(l.gu_bias[rg + 1]);
     act[(size_t)k * d.I + j] = swiglu(g, u, d.limit);
   }
 }
 
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s) {
-  dim3 grid(d->K, (d->I + DW - 1) / DW);
-  moe_gate_up_decode_kernel<<<grid, DW * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, act);
+  dim3 grid(d->K, (d->I + GU_WARPS - 1) / GU_WARPS);
+  moe_gate_up_decode_kernel<<<grid, GU_WARPS * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, act);
 }
 
-// one warp per output row r: x[r] += sum_k w_k (W2[e_k][r] . act_k + b2[e_k][r])
-__global__ void __launch_bounds__(DW * 32)
+#define DN_WARPS 8
+
+// one warp per output row r: x[r] += sum_k w_k (W2[e_k][r] . act_k + b2[e_k][r]),
+// the K experts' loads issued together
+__global__ void __launch_bounds__(DN_WARPS * 32)
 moe_down_decode_kernel(const float *act, const int32_t *sel, const float *w, dlayer l, dims d, float *x) {
   extern __shared__ __align__(16) float as[];
-  for (int i = threadIdx.x; i < d.K * d.I; i += blockDim.x) as[i] = act[i];
+  for (int i = threadIdx.x; i < d.K * d.I / 4; i += blockDim.x)
+    reinterpret_cast<float4 *>(as)[i] = reinterpret_cast<const float4 *>(act)[i];
   __syncthreads();
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int r = blockIdx.x * DW + warp;
+  int r = blockIdx.x * DN_WARPS + warp;
   if (r >= d.H) return;
   int G = d.I / 32;
   float total = 0.f;
-  for (int k = 0; k < d.K; k++) {
-    int e = sel[k];
-    size_t row = (size_t)e * d.H + r;
-    float v = warp_sum_m(fp4_row_dot(l.dn_blocks + row * G * 16, l.dn_scales + row * G, G, as + (size_t)k * d.I, lane));
-    total += w[k] * (v + __bfloat162float(l.dn_bias[row]));
+  for (int k0 = 0; k0 < d.K; k0 += 4) {
+    const uint8_t *rows[4], *srows[4];
+    size_t row[4];
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      int k = k0 + i < d.K ? k0 + i : k0;
+      row[i] = (size_t)sel[k] * d.H + r;
+      rows[i] = l.dn_blocks + row[i] * G * 16;
+      srows[i] = l.dn_scales + row[i] * G;
+    }
+    float acc[4];
+    // four experts share one pass over x, so each reads its own slice of act
+    int sub = lane & 3, bi = lane >> 2;
+#pragma unroll
+    for (int i = 0; i < 4; i++) acc[i] = 0.f;
+    for (int g0 = bi; g0 < G; g0 += 8 * 2) {
+      uint32_t wv[4][2];
+      uint8_t sc[4][2];
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        int g = g0 + 8 * u;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+          wv[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
+          sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        int g = g0 + 8 * u;
+        if (g < G) {
+#pragma unroll
+          for (int i = 0; i < 4; i++)
+            acc[i] += e8m0(sc[i][u]) * dot_fp4x8(wv[i][u], as + (size_t)(k0 + i < d.K ? k0 + i : k0) * d.I + g * 32 + sub * 8);
+        }
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      if (k0 + i >= d.K) break;
+      float v = warp_sum_m(acc[i] * FP4_UNBIAS);
+      total += w[k0 + i] * (v + __bfloat162float(l.dn_bias[row[i]]));
+    }
   }
   if (lane == 0) x[r] += total;
 }
@@ -311,6 +456,6 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
                             cudaStream_t s) {
   size_t smem = sizeof(float) * (size_t)d->K * d->I;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_down_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  moe_down_decode_kernel<<<(d->H + DW - 1) / DW, DW * 32, smem, s>>>(act, sel, w, *l, *d, x);
+  moe_down_decode_kernel<<<(d->H + DN_WARPS - 1) / DN_WARPS, DN_WARPS * 32, smem, s>>>(act, sel, w, *l, *d, x);
 }
 // }======================================================

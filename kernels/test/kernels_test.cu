@@ -264,16 +264,18 @@ static void test_attention_t(int T, int p0, int Hq, int Hkv, int D, int window, 
   a.T = T; a.layer = 0; a.sliding = sliding;
   a.inv_freq = dev(inv);
   float *out = dev(qz);
-  std::vector<float> pz((size_t)T * Hq * nsplit * (D + 2));
+  std::vector<float> pz((size_t)T * Hq * (nsplit < 0 ? -nsplit : nsplit) * (D + 2));
   float *ml = dev(pz), *acc = dev(pz);
   int span = sliding ? window : P;
   int split_len = (span + nsplit - 1) / nsplit;
+  bool dynamic = nsplit < 0;                       // decode's split sizing, from the position
+  if (dynamic) { nsplit = -nsplit; split_len = 0; }
   launch_rope_store(&a, &d, 0);
   launch_attention(&a, &d, dev(sinks), nsplit, split_len, ml, acc, out, 0);
   CK(cudaGetLastError());
   char name[128];
-  snprintf(name, sizeof name, "attention %s T=%d p0=%d D=%d G=%d %s split %d", f32 ? "f32" : "f16", T, p0, D, G,
-           sliding ? "sliding" : "full", nsplit);
+  snprintf(name, sizeof name, "attention %s T=%d p0=%d D=%d G=%d %s split %d%s", f32 ? "f32" : "f16", T, p0, D, G,
+           sliding ? "sliding" : "full", nsplit, dynamic ? " dyn" : "");
   report(name, host(out, (size_t)T * d.Q), want, 2e-2);
 }
 
@@ -306,13 +308,64 @@ static void test_gemv(int rows, int cols) {
   report(name, host(out, rows), want, 1e-4);
 }
 
+// RMSNorm + router + top-k + softmax (fp32 throughout)
+static void test_router(int T, int H, int E, int K) {
+  std::vector<float> x((size_t)T * H);
+  for (auto &v : x) v = (float)nrand() * 2;
+  std::vector<bf16> nw = rand_bf16(H, 0.05), W = rand_bf16((size_t)E * H, 1.0 / sqrt(H)), b = rand_bf16(E, 0.1);
+  for (auto &v : nw) v = __float2bfloat16(1.f + __bfloat162float(v));
+  std::vector<double> want((size_t)T * K);
+  std::vector<int> want_sel((size_t)T * K);
+  for (int t = 0; t < T; t++) {
+    const float *xr = &x[(size_t)t * H];
+    double ss = 0;
+    for (int c = 0; c < H; c++) ss += (double)xr[c] * xr[c];
+    double inv = 1 / sqrt(ss / H + 1e-5);
+    std::vector<double> lg(E);
+    for (int e = 0; e < E; e++) {
+      double a = __bfloat162float(b[e]);
+      for (int c = 0; c < H; c++) a += (double)__bfloat162float(W[(size_t)e * H + c]) * __bfloat162float(nw[c]) * xr[c] * inv;
+      lg[e] = a;
+    }
+    std::vector<int> taken(E, 0);
+    double mx = 0, sum = 0;
+    for (int k = 0; k < K; k++) {
+      int best = -1;
+      for (int e = 0; e < E; e++) if (!taken[e] && (best < 0 || lg[e] > lg[best])) best = e;
+      taken[best] = 1;
+      want_sel[(size_t)t * K + k] = best;
+      if (k == 0) mx = lg[best];
+      want[(size_t)t * K + k] = exp(lg[best] - mx);
+      sum += want[(size_t)t * K + k];
+    }
+    for (int k = 0; k < K; k++) want[(size_t)t * K + k] /= sum;
+  }
+  std::vector<int32_t> sz((size_t)T * K);
+  std::vector<float> wz((size_t)T * K);
+  int32_t *sel = dev(sz);
+  float *w = dev(wz);
+  launch_router(dev(x), T, dev(nw), 1e-5f, dev(W), dev(b), H, E, K, NULL, NULL, NULL, sel, w, 0);
+  CK(cudaGetLastError());
+  std::vector<int32_t> got_sel = host(sel, (size_t)T * K);
+  int wrong = 0;
+  for (size_t i = 0; i < got_sel.size(); i++) wrong += got_sel[i] != want_sel[i];
+  char name[96];
+  snprintf(name, sizeof name, "router T=%d H=%d E=%d K=%d (%d choices differ)", T, H, E, K, wrong);
+  report(name, host(w, (size_t)T * K), want, 1e-4);
+  if (wrong) { printf("  router choices differ\n"); failures++; }
+}
+
 int main() {
+  test_router(1, 2880, 32, 4);
+  test_router(17, 2880, 128, 4);
+  test_router(5, 64, 8, 2);
   test_gemv(5120, 2880);
   test_gemv(37, 64);
   test_moe(1, 128, 128, 8, 4);
   test_moe(37, 128, 128, 8, 4);
   test_moe(150, 512, 512, 16, 4);
   test_moe(300, 64, 64, 8, 4);
+  test_moe(8, 2880, 2880, 32, 4);
   test_attention(1, 40, 64, 8, 64, 128, 0, 0, 1);
   test_attention(1, 900, 64, 8, 64, 128, 0, 0, 4);
   test_attention(1, 300, 64, 8, 64, 128, 1, 640, 1);
@@ -321,6 +374,10 @@ int main() {
   test_attention(83, 0, 4, 2, 16, 16, 0, 0, 1);
   test_attention(83, 0, 4, 2, 16, 16, 1, 528, 1);
   test_attention(20, 100, 16, 4, 64, 32, 1, 64, 1);
+  test_attention(1, 900, 64, 8, 64, 128, 0, 0, -64);
+  test_attention(1, 3, 64, 8, 64, 128, 0, 0, -64);
+  test_attention(1, 4000, 64, 8, 64, 128, 0, 0, -64);
+  test_attention(1, 300, 64, 8, 64, 128, 1, 640, -4);
   printf("%s\n", failures ? "kernels_test: FAILED" : "kernels_test: all ok");
   return failures ? 1 : 0;
 }

@@ -1,0 +1,50 @@
+--- tools/profile.lua: one workload under GPTOSS_PROFILE=1, whose stage
+-- timings the CUDA backend prints when the model closes.
+--
+--   GPTOSS_PROFILE=1 lua5.4 tools/profile.lua DIR prefill|decode|batch [PRECISION] [N]
+--
+-- prefill: one N-token prompt (default 2048); decode: 64 steps after a
+-- 512-token prompt; batch: 16 steps of N sessions (default 64) together.
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+local gptoss = require "gptoss"
+local dir, what, precision = arg[1], arg[2], arg[3] or "exact"
+local n = tonumber(arg[4] or "")
+local m = assert(gptoss.load(dir, { device = "cuda:0", precision = precision, context = 4096 }))
+local V = m.config.vocab_size
+local function ids(k, seed)
+  local out, x = {}, seed
+  for i = 1, k do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
+  return out
+end
+local greedy = gptoss.sampler(V, { temperature = 0 })
+local now = gptoss.core.clock
+local t0
+if what == "prefill" then
+  local s = m:session()
+  t0 = now()
+  s:feed(ids(n or 2048, 2), "last")
+  s:close()
+elseif what == "decode" then
+  local s = m:session()
+  s:feed(ids(512, 3), "last")
+  local id = s:sample(greedy)
+  t0 = now()
+  for _ = 1, 64 do id = s:step(id, greedy) end
+  s:close()
+elseif what == "batch" then
+  n = n or 64
+  local ss, last, smp = {}, {}, {}
+  for i = 1, n do
+    ss[i] = m:session { context = 1024 }
+    ss[i]:feed(ids(128, 10 + i), "last")
+    last[i] = ss[i]:sample(greedy)
+    smp[i] = greedy
+  end
+  t0 = now()
+  for _ = 1, 16 do last = gptoss.batch_step(ss, last, smp) end
+  for i = 1, n do ss[i]:close() end
+else
+  error("what: prefill, decode or batch")
+end
+print(string.format("%s: %.1f ms wall", what, (now() - t0) * 1e3))
+m:close()
