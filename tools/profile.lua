@@ -1,10 +1,12 @@
 --- tools/profile.lua: one workload under GPTOSS_PROFILE=1, whose stage
 -- timings the CUDA backend prints when the model closes.
 --
---   GPTOSS_PROFILE=1 lua5.4 tools/profile.lua DIR prefill|decode|batch [PRECISION] [N]
+--   GPTOSS_PROFILE=1 lua5.4 tools/profile.lua DIR prefill|decode|batch [PRECISION] [N] [STEPS]
 --
--- prefill: one N-token prompt (default 2048); decode: 64 steps after a
--- 512-token prompt; batch: 16 steps of N sessions (default 64) together.
+-- prefill: one N-token prompt (default 2048); decode: N steps (default 64)
+-- after a 512-token prompt; batch: STEPS steps (default 16) of N sessions
+-- (default 64) together. Without GPTOSS_PROFILE it also serves as the
+-- workload for ncu (tools/reference/device_ncu.sh).
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local gptoss = require "gptoss"
 local dir, what, precision = arg[1], arg[2], arg[3] or "exact"
@@ -29,7 +31,7 @@ elseif what == "decode" then
   s:feed(ids(512, 3), "last")
   local id = s:sample(greedy)
   t0 = now()
-  for _ = 1, 64 do id = s:step(id, greedy) end
+  for _ = 1, n or 64 do id = s:step(id, greedy) end
   s:close()
 elseif what == "batch" then
   n = n or 64
@@ -41,7 +43,7 @@ elseif what == "batch" then
     smp[i] = greedy
   end
   t0 = now()
-  for _ = 1, 16 do last = gptoss.batch_step(ss, last, smp) end
+  for _ = 1, tonumber(arg[5] or "") or 16 do last = gptoss.batch_step(ss, last, smp) end
   for i = 1, n do ss[i]:close() end
 else
   error("what: prefill, decode or batch")
