@@ -22,8 +22,17 @@ __device__ __forceinline__ void kv_put(float *p, float v) { *p = v; }
 __device__ __forceinline__ void kv_put(__half *p, float v) { *p = __float2half(v); }
 __device__ __forceinline__ float kv_get(const float *p) { return *p; }
 __device__ __forceinline__ float kv_get(const __half *p) { return __half2float(*p); }
+// four neighbours at once (16 or 8 bytes, aligned when D % 4 == 0)
+__device__ __forceinline__ float4 kv_get4(const float *p) { return *reinterpret_cast<const float4 *>(p); }
+__device__ __forceinline__ float4 kv_get4(const __half *p) {
+  uint2 u = *reinterpret_cast<const uint2 *>(p);
+  float2 a = __half22float2(*reinterpret_cast<const __half2 *>(&u.x)), b = __half22float2(*reinterpret_cast<const __half2 *>(&u.y));
+  return make_float4(a.x, a.y, b.x, b.y);
+}
 
-// one block per token: rotate q and k (pairs (i, i + D/2)), store k and v
+// grid (tokens, chunks): rotate q and k (pairs (i, i + D/2)), store k and v.
+// Chunks spread one token over several SMs, since the exact sincosf of a
+// large angle takes a slow path and batch-1 decode waits on it.
 template <typename KT>
 __global__ void rope_store_kernel(attn_args a, dims d) {
   int t = blockIdx.x, p = token_pos(a, t);
@@ -33,7 +42,8 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
   size_t slot = (size_t)kv_slot(S, a.sliding, p) * d.KV;
   KT *kc = (KT *)S->k[a.layer] + slot, *vc = (KT *)S->v[a.layer] + slot;
   int nheads = d.Hq + d.Hkv;
-  for (int i = threadIdx.x; i < nheads * half; i += blockDim.x) {
+  int first = blockIdx.y * blockDim.x + threadIdx.x, stride = gridDim.y * blockDim.x;
+  for (int i = first; i < nheads * half; i += stride) {
     int h = i / half, j = i % half;
     float th = (float)p * a.inv_freq[j];
     float sn, cs;
@@ -60,13 +70,14 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
     }
   }
   const float *v = row + d.Q + d.KV;
-  for (int i = threadIdx.x; i < d.KV; i += blockDim.x)
+  for (int i = first; i < d.KV; i += stride)
     kv_put(vc + i, v[i] + (a.bias ? __bfloat162float(a.bias[d.Q + d.KV + i]) : 0.f));
 }
 
 void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
-  if (d->kv32) rope_store_kernel<float><<<a->T, 256, 0, s>>>(*a, *d);
-  else rope_store_kernel<__half><<<a->T, 256, 0, s>>>(*a, *d);
+  dim3 grid(a->T, ((d->Hq + d->Hkv) * d->D / 2 + 255) / 256);
+  if (d->kv32) rope_store_kernel<float><<<grid, 256, 0, s>>>(*a, *d);
+  else rope_store_kernel<__half><<<grid, 256, 0, s>>>(*a, *d);
 }
 
 #define TILE 32
@@ -101,11 +112,24 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
   for (int k0 = lo; k0 < hi; k0 += TILE) {
     int n = hi - k0 < TILE ? hi - k0 : TILE;
     // the block loads the tile's keys and values of this kv head
-    for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
-      int j = i / D, c = i % D;
-      size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
-      Ks[j * DP + c] = kv_get(kc + off);
-      Vs[j * D + c] = kv_get(vc + off);
+    if ((D & 3) == 0) {                           // vector loads: one round trip, not D/8
+      int D4 = D >> 2;
+#pragma unroll 4
+      for (int i = threadIdx.x; i < n * D4; i += blockDim.x) {
+        int j = i / D4, c = (i % D4) << 2;
+        size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
+        float4 kk = kv_get4(kc + off), vv = kv_get4(vc + off);
+        float *kr = Ks + j * DP + c, *vr = Vs + j * D + c;
+        kr[0] = kk.x; kr[1] = kk.y; kr[2] = kk.z; kr[3] = kk.w;
+        vr[0] = vv.x; vr[1] = vv.y; vr[2] = vv.z; vr[3] = vv.w;
+      }
+    } else {
+      for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
+        int j = i / D, c = i % D;
+        size_t off = (size_t)kv_slot(S, a.sliding, k0 + j) * d.KV + kvh * D + c;
+        Ks[j * DP + c] = kv_get(kc + off);
+        Vs[j * D + c] = kv_get(vc + off);
+      }
     }
     __syncthreads();
     float s = -FLT_MAX;
@@ -141,25 +165,43 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
   }
 }
 
-// merges the splits with the sink: o = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) + e^(sink - M))
+// merges the splits with the sink: o = sum_j e^(s_j - M) v_j / (sum_j e^(s_j - M) + e^(sink - M)).
+// The splits' maxima and weights are reduced across the block (batch-1
+// decode waits on this kernel's latency), then each thread sums one column.
+#define COMBINE_THREADS 64
 __global__ void attention_combine_kernel(attn_args a, dims d, const bf16 *sinks, int nsplit, const float *part_ml,
                                          const float *part_acc, float *out) {
+  extern __shared__ float wts[];                  // [nsplit]
+  __shared__ float red[COMBINE_THREADS / 32];
   int t = blockIdx.x / d.Hq, h = blockIdx.x % d.Hq;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   size_t base = ((size_t)t * d.Hq + h) * nsplit;
   float sink = __bfloat162float(sinks[h]);
   float M = sink;
-  for (int s = 0; s < nsplit; s++) if (part_ml[2 * (base + s) + 1] > 0.f) M = fmaxf(M, part_ml[2 * (base + s)]);
-  float den = __expf(sink - M);
-  for (int s = 0; s < nsplit; s++) {
+  for (int s = threadIdx.x; s < nsplit; s += blockDim.x)
+    if (part_ml[2 * (base + s) + 1] > 0.f) M = fmaxf(M, part_ml[2 * (base + s)]);
+  for (int o = 16; o > 0; o >>= 1) M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
+  if (lane == 0) red[warp] = M;
+  __syncthreads();
+  M = red[0];
+  for (int w = 1; w < COMBINE_THREADS / 32; w++) M = fmaxf(M, red[w]);
+  __syncthreads();
+  float den = 0.f;
+  for (int s = threadIdx.x; s < nsplit; s += blockDim.x) {
     float l = part_ml[2 * (base + s) + 1];
-    if (l > 0.f) den += l * __expf(part_ml[2 * (base + s)] - M);
+    float e = l > 0.f ? __expf(part_ml[2 * (base + s)] - M) : 0.f;
+    wts[s] = e;
+    den += l * e;
   }
+  for (int o = 16; o > 0; o >>= 1) den += __shfl_xor_sync(0xffffffffu, den, o);
+  if (lane == 0) red[warp] = den;
+  __syncthreads();
+  den = __expf(sink - M);
+  for (int w = 0; w < COMBINE_THREADS / 32; w++) den += red[w];
   for (int c = threadIdx.x; c < d.D; c += blockDim.x) {
     float o = 0.f;
-    for (int s = 0; s < nsplit; s++) {
-      float l = part_ml[2 * (base + s) + 1];
-      if (l > 0.f) o += part_acc[(base + s) * d.D + c] * __expf(part_ml[2 * (base + s)] - M);
-    }
+    for (int s = 0; s < nsplit; s++)
+      if (wts[s] != 0.f) o += part_acc[(base + s) * d.D + c] * wts[s];
     out[(size_t)t * d.Q + h * d.D + c] = o / den;
   }
 }
@@ -171,5 +213,6 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
   dim3 grid(a->T * d->Hkv, nsplit);
   if (d->kv32) attention_kernel<float><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
   else attention_kernel<__half><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
-  attention_combine_kernel<<<a->T * d->Hq, 64, 0, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
+  attention_combine_kernel<<<a->T * d->Hq, COMBINE_THREADS, sizeof(float) * nsplit, s>>>(*a, *d, sinks, nsplit, part_ml,
+                                                                                     part_acc, out);
 }

@@ -303,10 +303,10 @@ static gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
 static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o) {
   if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; restart the process");
   const gptoss_config *c = &m->cfg;
-  if (c->hidden_size % 64 || (2 * c->intermediate_size) % 64 || c->num_experts_per_tok > 32 || c->head_dim > 256 ||
+  if (c->hidden_size % 64 || (2 * c->intermediate_size) % 64 || c->num_experts_per_tok > 32 || c->num_local_experts > 256 || c->head_dim > 256 ||
       c->num_attention_heads / c->num_key_value_heads > 32 || (c->num_attention_heads * c->head_dim) % 8)
     return gptoss_fail(GPTOSS_EUNSUP, "the CUDA backend needs hidden_size and 2*intermediate_size multiples of 64, "
-                       "at most 32 experts per token, head_dim <= 256 and at most 32 query heads per kv head");
+                       "at most 256 experts and 32 per token, head_dim <= 256 and at most 32 query heads per kv head");
   int ndev = 0;
   cudaError_t e = cudaGetDeviceCount(&ndev);
   if (e != cudaSuccess || ndev == 0) return gptoss_fail(GPTOSS_EUNSUP, "no CUDA device (%s)", e ? cudaGetErrorString(e) : "none found");

@@ -67,7 +67,6 @@ void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T,
 // decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); xn_out, if given, receives the normalised x
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
                       int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s);
-void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s);
 // RMSNorm + router + top-k + softmax in fp32, one block per token: routing
 // is a discrete choice, so no rounded input sits right before it. Writes the
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.

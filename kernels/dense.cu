@@ -83,6 +83,7 @@ void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStrea
 // is computed once per block. Each lane reads 16 bytes (8 bf16) per step,
 // and two rows are in flight per warp to keep enough loads outstanding.
 #define GEMV_WARPS 8
+#define GEMV_UNROLL 4
 
 __device__ __forceinline__ float dot8(uint4 w, const float *x) {
   const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&w);
@@ -118,15 +119,20 @@ gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, c
     const uint4 *w0 = reinterpret_cast<const uint4 *>(W + (size_t)r0 * cols);
     const uint4 *w1 = reinterpret_cast<const uint4 *>(W + (size_t)r1 * cols);
     float a0 = 0.f, a1 = 0.f;
-    int c = lane;
-    for (; c + 32 < chunks; c += 64) {
-      uint4 p0 = __ldg(w0 + c), p1 = __ldg(w1 + c), q0 = __ldg(w0 + c + 32), q1 = __ldg(w1 + c + 32);
-      a0 += dot8(p0, xs + 8 * c) + dot8(q0, xs + 8 * (c + 32));
-      a1 += dot8(p1, xs + 8 * c) + dot8(q1, xs + 8 * (c + 32));
-    }
-    for (; c < chunks; c += 32) {
-      a0 += dot8(__ldg(w0 + c), xs + 8 * c);
-      a1 += dot8(__ldg(w1 + c), xs + 8 * c);
+    // GEMV_UNROLL chunks of each row in flight per lane: batch-1 decode is
+    // bound by the round trips, not by the bytes
+    for (int c0 = lane; c0 < chunks; c0 += 32 * GEMV_UNROLL) {
+      uint4 p[GEMV_UNROLL], q[GEMV_UNROLL];
+#pragma unroll
+      for (int u = 0; u < GEMV_UNROLL; u++) {
+        int c = c0 + 32 * u;
+        if (c < chunks) { p[u] = __ldg(w0 + c); q[u] = __ldg(w1 + c); }
+      }
+#pragma unroll
+      for (int u = 0; u < GEMV_UNROLL; u++) {
+        int c = c0 + 32 * u;
+        if (c < chunks) { a0 += dot8(p[u], xs + 8 * c); a1 += dot8(q[u], xs + 8 * c); }
+      }
     }
     a0 = warp_sum(a0);
     a1 = warp_sum(a1);
@@ -153,37 +159,37 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
 }
 // }======================================================
 
-// top-k of each row of router logits (plus bias), sorted descending, ties to
-// the lower expert as torch.topk; then softmax over the k
-__global__ void router_topk_kernel(const float *logits, const bf16 *bias, int E, int K, int32_t *sel, float *w) {
-  int t = blockIdx.x;
-  if (threadIdx.x != 0) return;
-  const float *l = logits + (size_t)t * E;
-  float vals[32];
-  int idx[32];
-  for (int i = 0; i < K; i++) {
-    int best = -1;
-    float bv = 0.f;
-    for (int e = 0; e < E; e++) {
-      bool taken = false;
-      for (int j = 0; j < i; j++) taken |= idx[j] == e;
-      if (taken) continue;
-      float v = l[e] + (bias ? __bfloat162float(bias[e]) : 0.f);
-      if (best < 0 || v > bv) { best = e; bv = v; }
+// top-k of E logits (E <= 32 * ROUTER_EPL) by one warp, sorted descending,
+// ties to the lower expert as torch.topk; then softmax over the k. Each lane
+// holds experts lane, lane + 32, ...; a round is one warp argmax, so the
+// decode step does not wait on a serial scan.
+#define ROUTER_EPL 8
+__device__ void warp_topk(const float *logit, int E, int K, int32_t *sel, float *w) {
+  int lane = threadIdx.x & 31;
+  float v[ROUTER_EPL];
+#pragma unroll
+  for (int i = 0; i < ROUTER_EPL; i++) v[i] = lane + 32 * i < E ? logit[lane + 32 * i] : -INFINITY;
+  float top = 0.f, sum = 0.f, mine = 0.f;
+  int mine_idx = 0;
+  for (int k = 0; k < K; k++) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < ROUTER_EPL; i++)
+      if (lane + 32 * i < E && (v[i] > bv || bi == 0x7fffffff)) { bv = v[i]; bi = lane + 32 * i; }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
     }
-    idx[i] = best;
-    vals[i] = bv;
+#pragma unroll
+    for (int i = 0; i < ROUTER_EPL; i++) if (lane + 32 * i == bi) v[i] = -INFINITY;
+    if (k == 0) top = bv;
+    float e = expf(bv - top);
+    sum += e;
+    if (lane == k) { mine = e; mine_idx = bi; }
   }
-  float mx = vals[0], sum = 0.f;
-  for (int i = 0; i < K; i++) { vals[i] = expf(vals[i] - mx); sum += vals[i]; }
-  for (int i = 0; i < K; i++) {
-    sel[(size_t)t * K + i] = idx[i];
-    w[(size_t)t * K + i] = vals[i] / sum;
-  }
-}
-
-void launch_router_topk(const float *logits, const bf16 *bias, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s) {
-  router_topk_kernel<<<T, 32, 0, s>>>(logits, bias, E, K, sel, w);
+  if (lane < K) { sel[lane] = mine_idx; w[lane] = mine / sum; }
 }
 
 __global__ void __launch_bounds__(1024)
@@ -219,23 +225,7 @@ router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, cons
     if (lane == 0) logit[e] = acc + __bfloat162float(bias[e]);
   }
   __syncthreads();
-  if (threadIdx.x == 0) {
-    float vals[32];
-    int idx[32];
-    for (int i = 0; i < K; i++) {
-      int best = -1;
-      for (int e = 0; e < E; e++) {
-        bool taken = false;
-        for (int j = 0; j < i; j++) taken |= idx[j] == e;
-        if (!taken && (best < 0 || logit[e] > logit[best])) best = e;
-      }
-      idx[i] = best;
-      vals[i] = logit[best];
-    }
-    float mx = vals[0], sum = 0.f;
-    for (int i = 0; i < K; i++) { vals[i] = expf(vals[i] - mx); sum += vals[i]; }
-    for (int i = 0; i < K; i++) { sel[(size_t)t * K + i] = idx[i]; w[(size_t)t * K + i] = vals[i] / sum; }
-  }
+  if (warp == 0) warp_topk(logit, E, K, sel + (size_t)t * K, w + (size_t)t * K);
 }
 
 void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,

@@ -378,6 +378,8 @@ int main() {
   test_attention(1, 3, 64, 8, 64, 128, 0, 0, -64);
   test_attention(1, 4000, 64, 8, 64, 128, 0, 0, -64);
   test_attention(1, 300, 64, 8, 64, 128, 1, 640, -4);
+  test_attention(20, 0, 4, 2, 6, 16, 0, 0, 1);     // D % 4 != 0: scalar tile loads
+  test_attention(1, 50, 4, 2, 6, 16, 1, 64, -4);
   printf("%s\n", failures ? "kernels_test: FAILED" : "kernels_test: all ok");
   return failures ? 1 : 0;
 }
