@@ -213,6 +213,8 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
   dim3 grid(a->T * d->Hkv, nsplit);
   if (d->kv32) attention_kernel<float><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
   else attention_kernel<__half><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
-  attention_combine_kernel<<<a->T * d->Hq, COMBINE_THREADS, sizeof(float) * nsplit, s>>>(*a, *d, sinks, nsplit, part_ml,
-                                                                                     part_acc, out);
+  // whole 16-byte groups: nvcc reads the weights with vector loads that
+  // can run past an odd count (compute-sanitizer saw 12-byte reads at nsplit 1)
+  size_t wsz = sizeof(float) * (size_t)((nsplit + 3) & ~3);
+  attention_combine_kernel<<<a->T * d->Hq, COMBINE_THREADS, wsz, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
 }
