@@ -578,8 +578,9 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     int sliding = m->cfg.layer_sliding[l];
     bf16 *xn_lo = cm->split ? cm->xn_lo : NULL, *att_lo = cm->split ? cm->att_lo : NULL;
     launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, xn_lo, d.H, d.eps, st);
+    prof_mark("fwd norm", st);
     if ((rc = gemm(cm, y.qkv_w, cm->xn, xn_lo, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
-    prof_mark("fwd norm+qkv", st);
+    prof_mark("fwd qkv", st);
     attn_args a;
     memset(&a, 0, sizeof a);
     a.qkv = cm->qkv; a.q = cm->q; a.tok_pos = cm->tok_pos; a.tok_sess = cm->tok_sess; a.sess = cm->sess_arr;
