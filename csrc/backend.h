@@ -42,6 +42,7 @@ struct gptoss_session {
   int32_t *trace_e;                  /* [trace_cap][layers][k] */
   float *trace_w;
   int trace_n, trace_cap;
+  gptoss_adapter *adapter;           /* LoRA applied to this session's tokens, or NULL */
   void *bs;                          /* backend state */
 };
 

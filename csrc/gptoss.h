@@ -290,6 +290,41 @@ gptoss_status gptoss_session_trace_get(const gptoss_session *s, int32_t *experts
                                        float *weights, int *n);
 /* }====================================================== */
 
+/* {====================================================== LoRA adapters */
+/* A LoRA adapter in Hugging Face PEFT's format, held in fp32. A session
+   with an adapter computes each targeted projection as
+   y = W x + b + scale * B (A x). Adapters are shared: every session that
+   uses one holds a reference, so freeing it while sessions use it is safe. */
+typedef struct gptoss_adapter gptoss_adapter;
+#define GPTOSS_LORA_MAX_RANK 1024
+typedef enum { GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V, GPTOSS_LORA_O, GPTOSS_LORA_MODULES } gptoss_lora_module;
+typedef struct gptoss_lora {
+  int r, rb, in, out;      /* rb: lora_B's rank as read (== r once loaded) */
+  float scale;             /* alpha / r, or alpha / sqrt(r) with rslora */
+  float *A, *B;            /* A [r][in], B [out][r], row-major */
+} gptoss_lora;
+typedef struct gptoss_adapter_desc {
+  int r, rslora, nlayers, modules;
+  double alpha;
+  size_t params;
+} gptoss_adapter_desc;
+
+/* dir: adapter_config.json + adapter_model.safetensors, as PEFT saves them */
+gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out);
+/* writes both files (each atomically); creates dir when missing */
+gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir);
+void gptoss_adapter_free(gptoss_adapter *a);      /* drops one reference */
+gptoss_adapter *gptoss_adapter_ref(gptoss_adapter *a);
+void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out);
+/* NULL when the adapter has no LoRA on that projection of that layer */
+const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m);
+/* every module's layer and shapes fit the model */
+gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *m);
+/* a = NULL: the base model. The session's cache is not recomputed: switch
+   adapters on an empty session, or after a rewind to 0, for clean results. */
+gptoss_status gptoss_session_set_adapter(gptoss_session *s, gptoss_adapter *a);
+/* }====================================================== */
+
 /* {====================================================== misc */
 int gptoss_cpu_count(void);
 /* bf16 helpers shared by the CPU backend and the tools */

@@ -276,8 +276,9 @@ int luaopen_gptoss_core(lua_State *L) {
   luaopen_gptoss_tokenizer(L);
   luaopen_gptoss_safetensors(L);
   luaopen_gptoss_model(L);
+  luaopen_gptoss_adapter(L);
   /* core.methods.Model etc.: Lua libraries add methods written in Lua here */
-  static const char *const types[] = {MODEL_T, SESSION_T, TOKENIZER_T, SAMPLER_T, FLOATS_T, WRITER_T, READER_T, NULL};
+  static const char *const types[] = {MODEL_T, SESSION_T, TOKENIZER_T, SAMPLER_T, FLOATS_T, WRITER_T, READER_T, ADAPTER_T, NULL};
   lua_newtable(L);
   for (const char *const *t = types; *t; t++) {
     lua_pushfstring(L, "%s.methods", *t);

@@ -16,6 +16,7 @@
 #define FLOATS_T "gptoss.Floats"
 #define WRITER_T "gptoss.Writer"
 #define READER_T "gptoss.SafeTensors"
+#define ADAPTER_T "gptoss.Adapter"
 
 /* raises the engine's last error; never returns */
 int lg_raise(lua_State *L);
@@ -58,5 +59,8 @@ __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
 int luaopen_gptoss_tokenizer(lua_State *L);
 int luaopen_gptoss_safetensors(lua_State *L);
 int luaopen_gptoss_model(lua_State *L);
+int luaopen_gptoss_adapter(lua_State *L);
+/* the adapter at idx, raising if closed or another type */
+gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
 
 #endif

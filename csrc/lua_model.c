@@ -145,17 +145,35 @@ static lsession *push_session(lua_State *L, int model_idx, lmodel *owner, gptoss
   return sb;
 }
 
-/* model:session([{ context = n, rewind = n }]) */
+/* the session at idx uses the adapter at aidx (nil: none); the Lua
+   adapter object is kept in the session's environment for tostring/fields */
+static void session_use_adapter(lua_State *L, int idx, gptoss_session *s, int aidx) {
+  gptoss_adapter *a = lua_isnil(L, aidx) ? NULL : lg_check_adapter(L, aidx);
+  if (gptoss_session_set_adapter(s, a)) lg_raise(L);
+  lua_getuservalue(L, idx);
+  lua_pushvalue(L, aidx);
+  lua_setfield(L, -2, "adapter");
+  lua_pop(L, 1);
+}
+
+/* model:session([{ context = n, rewind = n, adapter = Adapter }]) */
 static int model_session(lua_State *L) {
   lmodel *b = checkmodel(L, 1);
-  static const char *const keys[] = {"context", "rewind", NULL};
+  static const char *const keys[] = {"context", "rewind", "adapter", NULL};
   lg_check_keys(L, 2, "session", keys);
   gptoss_session_opts o;
   o.context = lg_opt_int(L, 2, "context", 0);
   o.rewind = lg_opt_int(L, 2, "rewind", 512);
+  int aidx = 0;
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "adapter");
+    aidx = lua_gettop(L);
+    if (!lua_isnil(L, aidx)) lg_check_adapter(L, aidx);
+  }
   gptoss_session *s;
   if (gptoss_session_new(b->m, &o, &s)) return lg_raise(L);
   push_session(L, 1, b, s);
+  if (aidx && !lua_isnil(L, aidx)) session_use_adapter(L, lua_gettop(L), s, aidx);
   return 1;
 }
 
@@ -284,8 +302,22 @@ static int session_fork(lua_State *L) {
   gptoss_session *c;
   if (gptoss_session_fork(s->s, &c)) return lg_raise(L);
   lua_getuservalue(L, 1);
-  lua_getfield(L, -1, "model");
+  int env = lua_gettop(L);
+  lua_getfield(L, env, "model");
   push_session(L, lua_gettop(L), s->owner, c);
+  lua_getuservalue(L, -1);
+  lua_getfield(L, env, "adapter");
+  lua_setfield(L, -2, "adapter");      /* the fork uses the same adapter (core.c shares it) */
+  lua_pop(L, 1);
+  return 1;
+}
+
+/* s:set_adapter(Adapter | nil) -> s */
+static int session_set_adapter(lua_State *L) {
+  lsession *s = checksession(L, 1);
+  if (lua_isnoneornil(L, 2)) { lua_settop(L, 1); lua_pushnil(L); }
+  session_use_adapter(L, 1, s->s, 2);
+  lua_settop(L, 1);
   return 1;
 }
 
@@ -350,7 +382,7 @@ static int session_fields(lua_State *L) {
   lsession *s = lg_udata(L, 1, SESSION_T);
   const char *k = lua_tostring(L, 2);
   if (k && strcmp(k, "closed") == 0) { lua_pushboolean(L, s->s == NULL); return 1; }
-  if (k && strcmp(k, "model") == 0) { lua_getuservalue(L, 1); lua_getfield(L, -1, "model"); return 1; }
+  if (k && (strcmp(k, "model") == 0 || strcmp(k, "adapter") == 0)) { lua_getuservalue(L, 1); lua_getfield(L, -1, k); return 1; }
   return 0;
 }
 /* }====================================================== */
@@ -477,7 +509,7 @@ int luaopen_gptoss_model(lua_State *L) {
   static const luaL_Reg s_methods[] = {
     {"feed", session_feed}, {"sample", session_sample}, {"logits", session_logits}, {"step", session_step}, {"pos", session_pos},
     {"context", session_context}, {"history", session_history}, {"fork", session_fork},
-    {"rewind", session_rewind}, {"trace", session_trace}, {"trace_get", session_trace_get},
+    {"rewind", session_rewind}, {"set_adapter", session_set_adapter}, {"trace", session_trace}, {"trace_get", session_trace_get},
     {"close", session_gc}, {NULL, NULL}};
   static const luaL_Reg s_meta[] = {
     {"__gc", session_gc}, {"__tostring", session_tostring},

@@ -48,7 +48,20 @@ void gptoss_session_free(gptoss_session *s) {
   free(s->logits);
   free(s->trace_e);
   free(s->trace_w);
+  gptoss_adapter_free(s->adapter);
   free(s);
+}
+
+gptoss_status gptoss_session_set_adapter(gptoss_session *s, gptoss_adapter *a) {
+  if (a && s->m->be != &gptoss_cpu_backend)
+    return gptoss_fail(GPTOSS_EUNSUP, "LoRA adapters run on the CPU backend only for now (this model is on %s)", s->m->device);
+  if (a) {
+    gptoss_status rc = gptoss_adapter_check(a, s->m);
+    if (rc) return rc;
+  }
+  gptoss_adapter_free(s->adapter);
+  s->adapter = gptoss_adapter_ref(a);
+  return GPTOSS_OK;
 }
 
 int gptoss_session_pos(const gptoss_session *s) { return s->pos; }
@@ -76,6 +89,7 @@ gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out)
   c->pos = s->pos;
   c->has_logits = s->has_logits;
   c->trace = s->trace;
+  c->adapter = gptoss_adapter_ref(s->adapter);
   *out = c;
   return GPTOSS_OK;
 }

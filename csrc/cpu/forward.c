@@ -119,6 +119,7 @@ typedef struct fwd {
   int *tidx;                     /* index of the token within its session's feed */
   float *x, *xn, *q, *k, *v, *att, *tmp, *rl, *act, *y;
   int layer;
+  int lora;                      /* some token's session has an adapter */
   /* MoE grouping */
   int32_t *sel;                  /* [T][k] experts */
   float *selw;                   /* [T][k] weights */
@@ -185,6 +186,20 @@ static void route(const float *logits, int E, int k, int32_t *sel, float *w) {
   for (int i = 0; i < k; i++) w[i] /= sum;
 }
 
+/* LoRA of each token's session adapter on one projection:
+   out[t] += scale * B (A in[t]), as PEFT's LoRA Linear computes it */
+static void lora_add(fwd *f, int l, gptoss_lora_module mod, float *out, int os, const float *in, int is) {
+  float h[GPTOSS_LORA_MAX_RANK];
+  for (int t = 0; t < f->T; t++) {
+    const gptoss_lora *x = gptoss_adapter_module(f->tsess[t]->adapter, l, mod);
+    if (!x) continue;
+    const float *xt = in + (size_t)t * is;
+    float *yt = out + (size_t)t * os;
+    for (int i = 0; i < x->r; i++) h[i] = cpu_dot(x->A + (size_t)i * x->in, xt, x->in);
+    for (int o = 0; o < x->out; o++) yt[o] += x->scale * cpu_dot(x->B + (size_t)o * x->r, h, x->r);
+  }
+}
+
 static void layer_forward(fwd *f, int l) {
   gptoss_model *m = f->m;
   const gptoss_config *c = &m->cfg;
@@ -198,6 +213,11 @@ static void layer_forward(fwd *f, int l) {
   cpu_matmul_bf16(f->pool, f->q, Q, f->xn, H, T, LAYER_T(m, l, GPTOSS_T_Q_W)->data, Q, H, LAYER_T(m, l, GPTOSS_T_Q_B)->data);
   cpu_matmul_bf16(f->pool, f->k, kd, f->xn, H, T, LAYER_T(m, l, GPTOSS_T_K_W)->data, kd, H, LAYER_T(m, l, GPTOSS_T_K_B)->data);
   cpu_matmul_bf16(f->pool, f->v, kd, f->xn, H, T, LAYER_T(m, l, GPTOSS_T_V_W)->data, kd, H, LAYER_T(m, l, GPTOSS_T_V_B)->data);
+  if (f->lora) {
+    lora_add(f, l, GPTOSS_LORA_Q, f->q, Q, f->xn, H);
+    lora_add(f, l, GPTOSS_LORA_K, f->k, kd, f->xn, H);
+    lora_add(f, l, GPTOSS_LORA_V, f->v, kd, f->xn, H);
+  }
   for (int t = 0; t < T; t++) {
     for (int h = 0; h < Hq; h++) cpu_rope(f->q + (size_t)t * Q + (size_t)h * D, D, f->tpos[t], m->inv_freq, m->rope_scale);
     for (int h = 0; h < c->num_key_value_heads; h++) cpu_rope(f->k + (size_t)t * kd + (size_t)h * D, D, f->tpos[t], m->inv_freq, m->rope_scale);
@@ -209,6 +229,7 @@ static void layer_forward(fwd *f, int l) {
   }
   gptoss_pool_run(f->pool, attention_worker, f);
   cpu_matmul_bf16(f->pool, f->tmp, H, f->att, Q, T, LAYER_T(m, l, GPTOSS_T_O_W)->data, H, Q, LAYER_T(m, l, GPTOSS_T_O_B)->data);
+  if (f->lora) lora_add(f, l, GPTOSS_LORA_O, f->tmp, H, f->att, Q);
   for (size_t i = 0; i < (size_t)T * H; i++) f->x[i] += f->tmp[i];
 
   /* MoE */
@@ -270,6 +291,7 @@ static gptoss_status forward_chunk(gptoss_model *m, int T, gptoss_session **tses
   f.tsess = tsess;
   f.tpos = tpos;
   f.tidx = tidx;
+  for (int t = 0; t < T; t++) f.lora |= tsess[t]->adapter != NULL;
   size_t TK = (size_t)T * (size_t)K;
   size_t wide = (size_t)(2 * I > H ? 2 * I : H);
   f.x = malloc(sizeof(float) * (size_t)T * H);

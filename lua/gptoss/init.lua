@@ -15,6 +15,8 @@ local M = {
   sampler = core.sampler,
   batch_step = core.batch_step,
   floats = core.floats,
+  -- LoRA adapters in PEFT's format: gptoss.adapter.load(dir) -> Adapter | nil, message
+  adapter = { load = core.adapter_load },
 }
 
 local Tokenizer = core.methods.Tokenizer

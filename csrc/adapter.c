@@ -1,0 +1,309 @@
+/*
+** adapter.c: LoRA adapters in Hugging Face PEFT's format (a directory with
+** adapter_config.json and adapter_model.safetensors), held in fp32.
+**
+** PEFT names a LoRA on gpt-oss's attention projections
+**   base_model.model.model.layers.<l>.self_attn.<q|k|v|o>_proj.lora_A.weight [r][in]
+**   base_model.model.model.layers.<l>.self_attn.<q|k|v|o>_proj.lora_B.weight [out][r]
+** and computes y = W x + b + s * B (A x), s = alpha / r, or alpha / sqrt(r)
+** with use_rslora. The rank of each module is read from its tensors, so
+** rank_pattern needs no parsing; alpha_pattern would, and is refused.
+*/
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <cjson/cJSON.h>
+
+#include "backend.h"
+
+static const char module_letter[GPTOSS_LORA_MODULES] = {'q', 'k', 'v', 'o'};
+
+struct gptoss_adapter {
+  int refs;
+  int nlayers;                  /* 1 + the highest layer with a module */
+  gptoss_lora *mod;             /* [nlayers][GPTOSS_LORA_MODULES]; r == 0: absent */
+  double alpha;
+  int r, rslora;
+  cJSON *config;                /* adapter_config.json as read, written back by save */
+};
+
+static double lora_scale(double alpha, int r, int rslora) { return rslora ? alpha / sqrt((double)r) : alpha / r; }
+
+static gptoss_adapter *adapter_alloc(int nlayers) {
+  gptoss_adapter *a = calloc(1, sizeof *a);
+  if (!a) return NULL;
+  a->refs = 1;
+  a->nlayers = nlayers;
+  a->mod = calloc((size_t)(nlayers ? nlayers : 1) * GPTOSS_LORA_MODULES, sizeof *a->mod);
+  if (!a->mod) { free(a); return NULL; }
+  return a;
+}
+
+void gptoss_adapter_free(gptoss_adapter *a) {
+  if (!a || --a->refs > 0) return;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) { free(a->mod[i].A); free(a->mod[i].B); }
+  free(a->mod);
+  cJSON_Delete(a->config);
+  free(a);
+}
+
+gptoss_adapter *gptoss_adapter_ref(gptoss_adapter *a) { if (a) a->refs++; return a; }
+
+const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m) {
+  if (!a || layer < 0 || layer >= a->nlayers) return NULL;
+  const gptoss_lora *l = &a->mod[layer * GPTOSS_LORA_MODULES + m];
+  return l->r ? l : NULL;
+}
+
+void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out) {
+  memset(out, 0, sizeof *out);
+  out->r = a->r;
+  out->alpha = a->alpha;
+  out->rslora = a->rslora;
+  out->nlayers = a->nlayers;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
+    if (a->mod[i].r) { out->modules++; out->params += (size_t)a->mod[i].r * (a->mod[i].in + a->mod[i].out); }
+}
+
+/* {====================================================== config */
+static gptoss_status config_fail(const char *path, const char *what) {
+  return gptoss_fail(GPTOSS_EUNSUP, "%s: %s", path, what);
+}
+
+static int json_set(const cJSON *v) {   /* present and neither null, false, {} nor [] */
+  if (!v || cJSON_IsNull(v) || cJSON_IsFalse(v)) return 0;
+  if ((cJSON_IsObject(v) || cJSON_IsArray(v)) && !v->child) return 0;
+  return 1;
+}
+
+static gptoss_status read_config(const char *path, gptoss_adapter *a) {
+  size_t len;
+  char *text = gptoss_read_file(path, &len);
+  if (!text) return gptoss_errcode();
+  cJSON *j = cJSON_ParseWithLength(text, len);
+  free(text);
+  if (!j || !cJSON_IsObject(j)) { cJSON_Delete(j); return gptoss_fail(GPTOSS_EFORMAT, "%s: not a JSON object", path); }
+  a->config = j;
+  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, "peft_type");
+  if (!cJSON_IsString(v)) return gptoss_fail(GPTOSS_EFORMAT, "%s: peft_type missing", path);
+  if (strcmp(v->valuestring, "LORA") != 0)
+    return gptoss_fail(GPTOSS_EUNSUP, "%s: peft_type \"%s\" is not LORA", path, v->valuestring);
+  v = cJSON_GetObjectItemCaseSensitive(j, "r");
+  if (!cJSON_IsNumber(v) || v->valuedouble < 1 || v->valuedouble != (int)v->valuedouble)
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field r must be a positive integer", path);
+  a->r = (int)v->valuedouble;
+  v = cJSON_GetObjectItemCaseSensitive(j, "lora_alpha");
+  if (!cJSON_IsNumber(v) || !(v->valuedouble > 0))
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field lora_alpha must be a positive number", path);
+  a->alpha = v->valuedouble;
+  v = cJSON_GetObjectItemCaseSensitive(j, "use_rslora");
+  a->rslora = cJSON_IsTrue(v);
+  /* what would change the arithmetic and is not implemented: refuse by name */
+  static const char *const unsupported[] = {
+    "use_dora", "DoRA (use_dora)", "alpha_pattern", "per-module alpha (alpha_pattern)",
+    "target_parameters", "LoRA on the experts (target_parameters) is not supported yet",
+    "modules_to_save", "fully trained modules (modules_to_save)", "fan_in_fan_out", "fan_in_fan_out weights",
+    "lora_bias", "LoRA biases (lora_bias)", "trainable_token_indices", "trainable tokens (trainable_token_indices)",
+    "layer_replication", "layer_replication", "use_qalora", "QA-LoRA (use_qalora)", NULL};
+  for (int i = 0; unsupported[i]; i += 2)
+    if (json_set(cJSON_GetObjectItemCaseSensitive(j, unsupported[i]))) {
+      char msg[160];
+      snprintf(msg, sizeof msg, "field %s is set: %s", unsupported[i], unsupported[i + 1]);
+      return config_fail(path, msg);
+    }
+  v = cJSON_GetObjectItemCaseSensitive(j, "bias");
+  if (v && !cJSON_IsNull(v) && (!cJSON_IsString(v) || strcmp(v->valuestring, "none") != 0))
+    return config_fail(path, "field bias must be \"none\" (trained biases are not supported)");
+  return GPTOSS_OK;
+}
+/* }====================================================== */
+
+/* {====================================================== load */
+/* layer and module of a PEFT tensor name; ab: 0 for lora_A, 1 for lora_B */
+static int parse_name(const char *name, int *layer, int *mod, int *ab) {
+  int l, n = 0;
+  char p, which;
+  if (sscanf(name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_%c.weight%n", &l, &p, &which, &n) != 3 ||
+      name[n] != '\0' || l < 0 || l >= GPTOSS_MAX_LAYERS || (which != 'A' && which != 'B'))
+    return 0;
+  for (int i = 0; i < GPTOSS_LORA_MODULES; i++)
+    if (module_letter[i] == p) { *layer = l; *mod = i; *ab = which == 'B'; return 1; }
+  return 0;
+}
+
+static gptoss_status to_f32(const gptoss_tensor *t, float *dst) {
+  size_t n = t->nbytes / gptoss_dtype_size(t->dtype);
+  if (t->dtype == GPTOSS_F32) memcpy(dst, t->data, t->nbytes);
+  else if (t->dtype == GPTOSS_BF16) for (size_t i = 0; i < n; i++) dst[i] = gptoss_bf16_to_f32(((const uint16_t *)t->data)[i]);
+  else if (t->dtype == GPTOSS_F16) {
+    for (size_t i = 0; i < n; i++) {
+      uint16_t h = ((const uint16_t *)t->data)[i];
+      int e = (h >> 10) & 31, mnt = h & 1023;
+      double v = e == 0 ? ldexp(mnt, -24) : e == 31 ? (mnt ? NAN : INFINITY) : ldexp(1024 + mnt, e - 25);
+      dst[i] = (float)((h & 0x8000) ? -v : v);
+    }
+  } else
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s has dtype %s; LoRA weights must be F32, BF16 or F16", t->file, t->name,
+                       gptoss_dtype_name(t->dtype));
+  for (size_t i = 0; i < n; i++)
+    if (!isfinite(dst[i])) return gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s holds a non-finite value at element %zu", t->file, t->name, i);
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
+  *out = NULL;
+  if (!gptoss_is_dir(dir)) return gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir);
+  char *cpath = gptoss_path_join(dir, "adapter_config.json"), *wpath = gptoss_path_join(dir, "adapter_model.safetensors");
+  gptoss_adapter *a = NULL;
+  gptoss_st *st = NULL;
+  gptoss_status rc = GPTOSS_OK;
+  if (!cpath || !wpath) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  if (!gptoss_file_exists(wpath)) { rc = gptoss_fail(GPTOSS_EIO, "%s: no such file (PEFT adapters keep their weights there)", wpath); goto done; }
+  if ((rc = gptoss_st_open(wpath, &st))) goto done;
+  int nl = 0;
+  size_t n = gptoss_st_count(st);
+  for (size_t i = 0; i < n; i++) {
+    const gptoss_tensor *t = gptoss_st_at(st, i);
+    int l, m, ab;
+    if (!parse_name(t->name, &l, &m, &ab)) {
+      rc = gptoss_fail(GPTOSS_EUNSUP, "%s: tensor %s is not a LoRA weight of an attention projection "
+                       "(base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight)", wpath, t->name);
+      goto done;
+    }
+    if (l + 1 > nl) nl = l + 1;
+  }
+  if (n == 0) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: holds no tensors", wpath); goto done; }
+  if (!(a = adapter_alloc(nl))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  if ((rc = read_config(cpath, a))) goto done;
+  for (size_t i = 0; i < n; i++) {
+    const gptoss_tensor *t = gptoss_st_at(st, i);
+    int l, m, ab;
+    parse_name(t->name, &l, &m, &ab);
+    if (t->ndim != 2 || t->shape[0] < 1 || t->shape[1] < 1) {
+      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be a matrix", wpath, t->name);
+      goto done;
+    }
+    gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + m];
+    float **dst = ab ? &x->B : &x->A;
+    *dst = malloc(sizeof(float) * (size_t)(t->shape[0] * t->shape[1]));
+    if (!*dst) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for %s", t->name); goto done; }
+    if ((rc = to_f32(t, *dst))) goto done;
+    if (ab) { x->out = (int)t->shape[0]; x->rb = (int)t->shape[1]; }
+    else { x->r = (int)t->shape[0]; x->in = (int)t->shape[1]; }
+    if (t->shape[ab] > GPTOSS_LORA_MAX_RANK) {
+      rc = gptoss_fail(GPTOSS_EUNSUP, "%s: tensor %s has rank %lld; at most %d is supported", wpath, t->name,
+                       (long long)t->shape[ab], GPTOSS_LORA_MAX_RANK);
+      goto done;
+    }
+  }
+  for (int l = 0; l < nl; l++)
+    for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+      gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + m];
+      if (!x->A && !x->B) continue;
+      if (!x->A || !x->B) {
+        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %c_proj has lora_%c but not lora_%c", wpath, l, module_letter[m],
+                         x->A ? 'A' : 'B', x->A ? 'B' : 'A');
+        goto done;
+      }
+      if (x->rb != x->r) {
+        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %c_proj: lora_A has rank %d, lora_B rank %d", wpath, l, module_letter[m],
+                         x->r, x->rb);
+        goto done;
+      }
+      x->scale = (float)lora_scale(a->alpha, x->r, a->rslora);
+    }
+done:
+  free(cpath);
+  free(wpath);
+  gptoss_st_free(st);
+  if (rc) { gptoss_adapter_free(a); return rc; }
+  *out = a;
+  return GPTOSS_OK;
+}
+/* }====================================================== */
+
+/* {====================================================== check against a model */
+gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *m) {
+  const gptoss_config *c = &m->cfg;
+  int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, KV = c->num_key_value_heads * c->head_dim;
+  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H};
+  for (int l = 0; l < a->nlayers; l++)
+    for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
+      const gptoss_lora *x = gptoss_adapter_module(a, l, i);
+      if (!x) continue;
+      if (l >= c->num_hidden_layers)
+        return gptoss_fail(GPTOSS_EARG, "adapter has a LoRA on layer %d but the model has %d layers", l, c->num_hidden_layers);
+      if (x->in != in[i] || x->out != outd[i])
+        return gptoss_fail(GPTOSS_EARG, "adapter's layer %d %c_proj maps %d to %d features; the model's maps %d to %d", l,
+                           module_letter[i], x->in, x->out, in[i], outd[i]);
+    }
+  return GPTOSS_OK;
+}
+/* }====================================================== */
+
+/* {====================================================== save */
+static gptoss_status write_atomic(const char *path, const char *text) {
+  size_t n = strlen(path) + 16;
+  char *tmp = malloc(n);
+  if (!tmp) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  snprintf(tmp, n, "%s.tmp-XXXXXX", path);
+  int fd = mkstemp(tmp);
+  if (fd < 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", tmp, strerror(errno)); free(tmp); return rc; }
+  size_t len = strlen(text), off = 0;
+  while (off < len) {
+    ssize_t w = write(fd, text + off, len - off);
+    if (w < 0 && errno == EINTR) continue;
+    if (w <= 0) break;
+    off += (size_t)w;
+  }
+  int ok = off == len && fsync(fd) == 0;
+  int err = errno;
+  ok = close(fd) == 0 && ok;
+  if (ok && rename(tmp, path) == 0) { free(tmp); return GPTOSS_OK; }
+  if (ok) err = errno;
+  unlink(tmp);
+  gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", path, strerror(err));
+  free(tmp);
+  return rc;
+}
+
+gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
+  if (mkdir(dir, 0777) != 0 && errno != EEXIST) return gptoss_fail(GPTOSS_EIO, "%s: %s", dir, strerror(errno));
+  if (!gptoss_is_dir(dir)) return gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir);
+  char *wpath = gptoss_path_join(dir, "adapter_model.safetensors"), *cpath = gptoss_path_join(dir, "adapter_config.json");
+  gptoss_st_writer *w = NULL;
+  char *json = NULL;
+  gptoss_status rc = GPTOSS_OK;
+  if (!wpath || !cpath) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  if ((rc = gptoss_stw_new(wpath, &w))) goto done;
+  for (int l = 0; l < a->nlayers && !rc; l++)
+    for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
+      const gptoss_lora *x = gptoss_adapter_module(a, l, i);
+      if (!x) continue;
+      char name[128];
+      int64_t sa[2] = {x->r, x->in}, sb[2] = {x->out, x->r};
+      gptoss_fill fa = {GPTOSS_FILL_DATA, 0, 0, 0, x->A, sizeof(float) * (size_t)x->r * x->in};
+      gptoss_fill fb = {GPTOSS_FILL_DATA, 0, 0, 0, x->B, sizeof(float) * (size_t)x->out * x->r};
+      snprintf(name, sizeof name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_A.weight", l, module_letter[i]);
+      rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sa, &fa);
+      snprintf(name, sizeof name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_B.weight", l, module_letter[i]);
+      if (!rc) rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sb, &fb);
+    }
+  if (!rc) rc = gptoss_stw_metadata(w, "format", "pt");
+  if (!rc) rc = gptoss_stw_commit(w, 1);
+  if (rc) goto done;
+  json = cJSON_Print(a->config);
+  if (!json) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  rc = write_atomic(cpath, json);
+done:
+  gptoss_stw_free(w);
+  free(json);
+  free(wpath);
+  free(cpath);
+  return rc;
+}
+/* }====================================================== */

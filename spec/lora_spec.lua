@@ -1,0 +1,210 @@
+-- LoRA adapters in PEFT's format on the CPU backend, against PEFT 0.21 +
+-- transformers 5.17 (float32) on the tiny checkpoint (seed 1). Fixtures:
+-- tools/reference/peft_lora.py, run on the device by device_lora.sh.
+local H = require "helpers"
+local gptoss = require "gptoss"
+
+local FX = "spec/fixtures/lora/"
+
+-- worst relative L2 over positions between our logits and the fixture's
+-- subset, and whether every row's argmax agrees
+local function compare(logits, fx, prefix)
+  prefix = prefix or ""
+  local subset, ref, argmax = fx:numbers("subset_ids"), fx:floats(prefix .. "logits_subset"), fx:numbers(prefix .. "argmax")
+  local worst, same = 0, true
+  for t = 1, #argmax do
+    local mine = {}
+    for j, id in ipairs(subset) do mine[j] = logits:get(t, id + 1) end
+    worst = math.max(worst, H.rel_l2(mine, ref:row(t)))
+    same = same and argmax[t] == (logits:argmax(t))
+  end
+  return worst, same
+end
+
+local function session_logits(m, ids, adapter)
+  local s = m:session { adapter = adapter }
+  local l = s:feed(ids, "all")
+  s:close()
+  return l
+end
+
+describe("LoRA adapters (PEFT format, CPU)", function()
+  local m
+  setup(function() m = assert(gptoss.load(H.tiny(), { tokenizer = false })) end)
+  teardown(function() m:close() end)
+
+  for _, name in ipairs { "attn_r4", "qv_rslora_r8" } do
+    it(name .. ": PEFT's adapter gives PEFT's logits (relative L2 <= 1e-4)", function()
+      local fx = assert(gptoss.safetensors(FX .. name .. ".safetensors"))
+      local ids = fx:numbers("ids")
+      local a = assert(gptoss.adapter.load(FX .. name))
+      local worst, same = compare(session_logits(m, ids, a), fx)
+      assert.is_true(worst <= 1e-4, string.format("relative L2 %.3g", worst))
+      assert.is_true(same, "argmax differs")
+      -- the oracle is not the base model: without the adapter we are far off
+      local base_err = compare(session_logits(m, ids, nil), fx)
+      assert.is_true(base_err > 0.1, string.format("adapter changes too little (%.3g)", base_err))
+      -- and the base logits match PEFT's base logits
+      local b_err = compare(session_logits(m, ids, nil), fx, "base_")
+      assert.is_true(b_err <= 1e-4, string.format("base relative L2 %.3g", b_err))
+      print(string.format("\n  %s: worst relative L2 %.3g (base model: %.3g)", name, worst, base_err))
+      a:close(); fx:close()
+    end)
+  end
+
+  it("reads the adapter's shape and scale as PEFT defines them", function()
+    local a = assert(gptoss.adapter.load(FX .. "attn_r4"))
+    assert.are.equal(4, a.r); assert.are.equal(8, a.alpha); assert.is_false(a.rslora)
+    assert.are.equal(16, a.modules)                -- 4 projections x 4 layers
+    local q = a:module(0, "q")
+    assert.are.equal(4, q.r); assert.are.equal(2.0, q.scale)
+    assert.are.same({ 4, 64 }, { q.A:shape() }); assert.are.same({ 64, 4 }, { q.B:shape() })
+    a:close()
+    local b = assert(gptoss.adapter.load(FX .. "qv_rslora_r8"))
+    assert.is_true(b.rslora); assert.are.equal(4, b.modules)
+    assert.is_nil(b:module(0, "q")); assert.is_nil(b:module(1, "k"))
+    assert.near(16 / math.sqrt(8), b:module(2, "v").scale, 1e-6)
+    b:close()
+  end)
+
+  it("serves several adapters at once: batched sessions each get their own", function()
+    local fa = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
+    local fb = assert(gptoss.safetensors(FX .. "qv_rslora_r8.safetensors"))
+    local a = assert(gptoss.adapter.load(FX .. "attn_r4"))
+    local b = assert(gptoss.adapter.load(FX .. "qv_rslora_r8"))
+    local ids = fa:numbers("ids")
+    local prompt = {}
+    for i = 1, #ids - 1 do prompt[i] = ids[i] end
+    local ss = { m:session { adapter = a }, m:session { adapter = b }, m:session() }
+    for _, s in ipairs(ss) do s:feed(prompt, "none") end
+    local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
+    gptoss.batch_step(ss, { ids[#ids], ids[#ids], ids[#ids] }, { greedy, greedy, greedy })
+    -- each session's last logits are its adapter's, as in the fixtures
+    local want = { { fa, "" }, { fb, "" }, { fa, "base_" } }
+    for i, s in ipairs(ss) do
+      local fx, prefix = want[i][1], want[i][2]
+      local subset, ref = fx:numbers("subset_ids"), fx:floats(prefix .. "logits_subset")
+      local row, mine = s:logits(), {}
+      for j, id in ipairs(subset) do mine[j] = row:get(1, id + 1) end
+      local err = H.rel_l2(mine, ref:row(#ids))
+      assert.is_true(err <= 1e-4, string.format("session %d: relative L2 %.3g", i, err))
+      s:close()
+    end
+    a:close(); b:close(); fa:close(); fb:close()
+  end)
+
+  it("keeps an adapter alive for its sessions and forks, and switches it off", function()
+    local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
+    local ids = fx:numbers("ids")
+    local a = assert(gptoss.adapter.load(FX .. "attn_r4"))
+    local s = m:session { adapter = a }
+    assert.are.equal(a, s.adapter)
+    a:close()                                      -- the session still holds it
+    assert.has_error(function() m:session { adapter = a } end, "adapter is closed")
+    s:feed(ids, "none")
+    local f = s:fork()
+    f:rewind(0)
+    local worst = compare(f:feed(ids, "all"), fx)
+    assert.is_true(worst <= 1e-4, string.format("fork: relative L2 %.3g", worst))
+    f:set_adapter(nil); f:rewind(0)
+    assert.is_true(compare(f:feed(ids, "all"), fx, "base_") <= 1e-4)
+    assert.is_nil(f.adapter)
+    s:close(); f:close(); fx:close()
+    collectgarbage(); collectgarbage()
+  end)
+
+  it("saves what PEFT saved: same tensors, same config", function()
+    local dir = H.tmpdir()
+    local a = assert(gptoss.adapter.load(FX .. "qv_rslora_r8"))
+    assert.is_true(a:save(dir .. "/copy"))
+    local want = assert(gptoss.safetensors(FX .. "qv_rslora_r8/adapter_model.safetensors"))
+    local got = assert(gptoss.safetensors(dir .. "/copy/adapter_model.safetensors"))
+    local names = {}
+    for _, t in ipairs(want:tensors()) do
+      names[#names + 1] = t.name
+      assert.are.same(want:numbers(t.name), got:numbers(t.name))
+    end
+    assert.are.equal(#names, #got:tensors())
+    local cjson = require "cjson"
+    assert.are.same(cjson.decode(H.read(FX .. "qv_rslora_r8/adapter_config.json")),
+      cjson.decode(H.read(dir .. "/copy/adapter_config.json")))
+    -- and it loads back with the same modules
+    local b = assert(gptoss.adapter.load(dir .. "/copy"))
+    assert.are.same(a:module(2, "v").B:get(3, 5), b:module(2, "v").B:get(3, 5))
+    for _, f in ipairs(H.files(dir .. "/copy")) do assert.is_nil(f:match("%.tmp%-"), "leftover " .. f) end
+    a:close(); b:close(); want:close(); got:close()
+    H.rm_tree(dir)
+  end)
+
+  describe("bad input", function()
+    local dir
+    before_each(function() dir = H.tmpdir() end)
+    after_each(function() H.rm_tree(dir) end)
+
+    local function variant(edit_config, tensors)
+      H.copy_dir(FX .. "attn_r4", dir .. "/a")
+      if edit_config then
+        local cjson = require "cjson"
+        local c = cjson.decode(H.read(dir .. "/a/adapter_config.json"))
+        edit_config(c)
+        H.write(dir .. "/a/adapter_config.json", cjson.encode(c))
+      end
+      if tensors then
+        local w = gptoss.writer(dir .. "/a/adapter_model.safetensors")
+        for _, t in ipairs(tensors) do w:add(t[1], "F32", t[2], { fill = "const", value = 0.5 }) end
+        assert(w:commit())
+      end
+      return dir .. "/a"
+    end
+
+    it("returns nil and a message naming the missing file", function()
+      local a, err = gptoss.adapter.load(dir)
+      assert.is_nil(a); assert.matches("adapter_model.safetensors: no such file", err, 1, true)
+      H.copy_dir(FX .. "attn_r4", dir .. "/b")
+      os.remove(dir .. "/b/adapter_config.json")
+      a, err = gptoss.adapter.load(dir .. "/b")
+      assert.is_nil(a); assert.matches("adapter_config.json", err, 1, true)
+      a, err = gptoss.adapter.load(dir .. "/nothing")
+      assert.is_nil(a); assert.matches("not a directory", err, 1, true)
+    end)
+
+    it("refuses what it does not implement, naming the field", function()
+      for field, value in pairs { use_dora = true, target_parameters = { "mlp.experts.gate_up_proj" },
+          alpha_pattern = { q_proj = 4 }, modules_to_save = { "lm_head" }, bias = "all", peft_type = "IA3" } do
+        local a, err = gptoss.adapter.load(variant(function(c) c[field] = value end))
+        assert.is_nil(a, field)
+        assert.matches(field, err, 1, true)
+        H.rm_tree(dir .. "/a")
+      end
+    end)
+
+    it("names a tensor that is not an attention LoRA, or a broken pair", function()
+      local a, err = gptoss.adapter.load(variant(nil, { { "base_model.model.model.layers.0.mlp.router.lora_A.weight", { 4, 64 } } }))
+      assert.is_nil(a); assert.matches("mlp.router.lora_A.weight", err, 1, true)
+      H.rm_tree(dir .. "/a")
+      a, err = gptoss.adapter.load(variant(nil, { { "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", { 4, 64 } } }))
+      assert.is_nil(a); assert.matches("layer 1 q_proj has lora_A but not lora_B", err, 1, true)
+      H.rm_tree(dir .. "/a")
+      a, err = gptoss.adapter.load(variant(nil, {
+        { "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight", { 4, 64 } },
+        { "base_model.model.model.layers.1.self_attn.q_proj.lora_B.weight", { 64, 8 } } }))
+      assert.is_nil(a); assert.matches("lora_A has rank 4, lora_B rank 8", err, 1, true)
+    end)
+
+    it("raises when an adapter does not fit the model", function()
+      local a = assert(gptoss.adapter.load(variant(nil, {
+        { "base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight", { 4, 64 } },
+        { "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight", { 64, 4 } } })))
+      assert.has_error(function() m:session { adapter = a } end, "adapter has a LoRA on layer 7 but the model has 4 layers")
+      a:close()
+      H.rm_tree(dir .. "/a")
+      a = assert(gptoss.adapter.load(variant(nil, {
+        { "base_model.model.model.layers.0.self_attn.k_proj.lora_A.weight", { 4, 64 } },
+        { "base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight", { 64, 4 } } })))
+      local s = m:session()
+      assert.has_error(function() s:set_adapter(a) end, "adapter's layer 0 k_proj maps 64 to 64 features; the model's maps 64 to 32")
+      assert.has_error(function() s:set_adapter("x") end)
+      s:close(); a:close()
+    end)
+  end)
+end)
