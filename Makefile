@@ -32,7 +32,7 @@ WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unu
 ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
-ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward
+ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train
 BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)

@@ -19,6 +19,7 @@
 #include <cjson/cJSON.h>
 
 #include "backend.h"
+#include "cpu/cpu.h"
 
 static const char module_letter[GPTOSS_LORA_MODULES] = {'q', 'k', 'v', 'o'};
 
@@ -28,6 +29,7 @@ struct gptoss_adapter {
   gptoss_lora *mod;             /* [nlayers][GPTOSS_LORA_MODULES]; r == 0: absent */
   double alpha;
   int r, rslora;
+  int steps;                    /* AdamW steps taken */
   cJSON *config;                /* adapter_config.json as read, written back by save */
 };
 
@@ -45,7 +47,10 @@ static gptoss_adapter *adapter_alloc(int nlayers) {
 
 void gptoss_adapter_free(gptoss_adapter *a) {
   if (!a || --a->refs > 0) return;
-  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) { free(a->mod[i].A); free(a->mod[i].B); }
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    free(x->A); free(x->B); free(x->gA); free(x->gB); free(x->mA); free(x->mB); free(x->vA); free(x->vB);
+  }
   free(a->mod);
   cJSON_Delete(a->config);
   free(a);
@@ -305,5 +310,153 @@ done:
   free(wpath);
   free(cpath);
   return rc;
+}
+/* }====================================================== */
+
+/* {====================================================== training */
+static const char *const module_name[GPTOSS_LORA_MODULES] = {"q_proj", "k_proj", "v_proj", "o_proj"};
+
+/* PEFT's adapter_config.json for a new adapter */
+static cJSON *new_config(const gptoss_model *m, const gptoss_lora_opts *o) {
+  cJSON *j = cJSON_CreateObject(), *tm = cJSON_CreateArray();
+  if (!j || !tm) { cJSON_Delete(j); cJSON_Delete(tm); return NULL; }
+  cJSON_AddStringToObject(j, "peft_type", "LORA");
+  cJSON_AddStringToObject(j, "task_type", "CAUSAL_LM");
+  cJSON_AddStringToObject(j, "base_model_name_or_path", m->dir);
+  cJSON_AddNumberToObject(j, "r", o->r);
+  cJSON_AddNumberToObject(j, "lora_alpha", o->alpha);
+  cJSON_AddNumberToObject(j, "lora_dropout", o->dropout);
+  cJSON_AddBoolToObject(j, "use_rslora", o->rslora);
+  cJSON_AddStringToObject(j, "bias", "none");
+  cJSON_AddBoolToObject(j, "fan_in_fan_out", 0);
+  cJSON_AddBoolToObject(j, "inference_mode", 1);
+  cJSON_AddBoolToObject(j, "init_lora_weights", o->init == 0);
+  cJSON_AddBoolToObject(j, "use_dora", 0);
+  cJSON_AddNullToObject(j, "modules_to_save");
+  cJSON_AddNullToObject(j, "target_parameters");
+  for (int i = 0; i < GPTOSS_LORA_MODULES; i++)
+    if (o->modules & (1u << i)) cJSON_AddItemToArray(tm, cJSON_CreateString(module_name[i]));
+  cJSON_AddItemToObject(j, "target_modules", tm);
+  if (o->layers) {
+    cJSON *ls = cJSON_AddArrayToObject(j, "layers_to_transform");
+    for (int l = 0; l < m->cfg.num_hidden_layers; l++) if (o->layers[l]) cJSON_AddItemToArray(ls, cJSON_CreateNumber(l));
+  } else
+    cJSON_AddNullToObject(j, "layers_to_transform");
+  return j;
+}
+
+gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *o, gptoss_adapter **out) {
+  *out = NULL;
+  const gptoss_config *c = &m->cfg;
+  if (o->r < 1 || o->r > GPTOSS_LORA_MAX_RANK) return gptoss_fail(GPTOSS_EARG, "lora: rank %d must be in 1..%d", o->r, GPTOSS_LORA_MAX_RANK);
+  if (!(o->alpha > 0)) return gptoss_fail(GPTOSS_EARG, "lora: alpha must be positive");
+  if (o->dropout != 0) return gptoss_fail(GPTOSS_EUNSUP, "lora: dropout is not implemented yet (use 0)");
+  if (!o->modules || o->modules >> GPTOSS_LORA_MODULES) return gptoss_fail(GPTOSS_EARG, "lora: no valid target module");
+  int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, KV = c->num_key_value_heads * c->head_dim;
+  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H};
+  gptoss_adapter *a = adapter_alloc(c->num_hidden_layers);
+  if (!a) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  a->r = o->r; a->alpha = o->alpha; a->rslora = o->rslora;
+  if (!(a->config = new_config(m, o))) { gptoss_adapter_free(a); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  uint64_t ctr = 0;
+  for (int l = 0; l < c->num_hidden_layers; l++) {
+    if (o->layers && !o->layers[l]) continue;
+    for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
+      if (!(o->modules & (1u << i))) continue;
+      gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + i];
+      x->r = x->rb = o->r; x->in = in[i]; x->out = outd[i];
+      x->scale = (float)lora_scale(o->alpha, o->r, o->rslora);
+      x->A = malloc(sizeof(float) * (size_t)x->r * x->in);
+      x->B = calloc((size_t)x->out * x->r, sizeof(float));
+      if (!x->A || !x->B) { gptoss_adapter_free(a); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the adapter"); }
+      /* kaiming_uniform_(a=sqrt(5)) on [r][in]: U(-1/sqrt(in), 1/sqrt(in)) */
+      double ba = 1.0 / sqrt((double)x->in), bb = 1.0 / sqrt((double)x->r);
+      for (size_t k = 0; k < (size_t)x->r * x->in; k++)
+        x->A[k] = (float)(ba * (2 * gptoss_u01(gptoss_mix64(o->seed * 0x9e3779b97f4a7c15ull + ctr++)) - 1));
+      if (o->init == 1)
+        for (size_t k = 0; k < (size_t)x->out * x->r; k++)
+          x->B[k] = (float)(bb * (2 * gptoss_u01(gptoss_mix64(o->seed * 0x9e3779b97f4a7c15ull + ctr++)) - 1));
+    }
+  }
+  *out = a;
+  return GPTOSS_OK;
+}
+
+static gptoss_status grads_alloc(gptoss_adapter *a) {
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    if (!x->r || x->gA) continue;
+    x->gA = calloc((size_t)x->r * x->in, sizeof(float));
+    x->gB = calloc((size_t)x->out * x->r, sizeof(float));
+    if (!x->gA || !x->gB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the adapter's gradients");
+  }
+  return GPTOSS_OK;
+}
+
+void gptoss_adapter_zero_grad(gptoss_adapter *a) {
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    if (x->gA) memset(x->gA, 0, sizeof(float) * (size_t)x->r * x->in);
+    if (x->gB) memset(x->gB, 0, sizeof(float) * (size_t)x->out * x->r);
+  }
+}
+
+gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                   double *loss, int *count) {
+  if (m->be != &gptoss_cpu_backend)
+    return gptoss_fail(GPTOSS_EUNSUP, "LoRA training runs on the CPU backend only for now (this model is on %s)", m->device);
+  if (n < 2) return gptoss_fail(GPTOSS_EARG, "lora backward: a sequence needs at least 2 tokens (got %d)", n);
+  for (int i = 0; i < n; i++)
+    if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
+      return gptoss_fail(GPTOSS_ERANGE, "lora backward: token id %d at position %d is outside the vocabulary (%d)", ids[i], i + 1,
+                         m->cfg.vocab_size);
+  gptoss_status rc = gptoss_adapter_check(a, m);
+  if (!rc) rc = grads_alloc(a);
+  if (!rc) rc = cpu_lora_backward(m, a, ids, mask, n, loss, count);
+  return rc;
+}
+
+int gptoss_adapter_steps(const gptoss_adapter *a) { return a->steps; }
+
+gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm) {
+  if (!(o->lr >= 0) || !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0) || o->weight_decay < 0)
+    return gptoss_fail(GPTOSS_EARG, "adamw: lr >= 0, betas in [0, 1), eps > 0 and weight_decay >= 0");
+  double ss = 0;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    if (!x->r) continue;
+    if (!x->gA) return gptoss_fail(GPTOSS_ESTATE, "adamw: no gradients yet (run a backward pass first)");
+    if (!x->mA) {
+      x->mA = calloc((size_t)x->r * x->in, sizeof(float)); x->vA = calloc((size_t)x->r * x->in, sizeof(float));
+      x->mB = calloc((size_t)x->out * x->r, sizeof(float)); x->vB = calloc((size_t)x->out * x->r, sizeof(float));
+      if (!x->mA || !x->vA || !x->mB || !x->vB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer state");
+    }
+    for (size_t k = 0; k < (size_t)x->r * x->in; k++) { double g = x->gA[k] * o->grad_scale; ss += g * g; }
+    for (size_t k = 0; k < (size_t)x->out * x->r; k++) { double g = x->gB[k] * o->grad_scale; ss += g * g; }
+  }
+  double norm = sqrt(ss), clip = 1;
+  if (!isfinite(norm)) return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
+  /* torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1 */
+  if (o->max_grad_norm > 0 && o->max_grad_norm / (norm + 1e-6) < 1) clip = o->max_grad_norm / (norm + 1e-6);
+  a->steps++;
+  double b1 = o->beta1, b2 = o->beta2, bc1 = 1 - pow(b1, a->steps), bc2 = 1 - pow(b2, a->steps);
+  float gs = (float)(o->grad_scale * clip);
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    if (!x->r) continue;
+    float *p[2] = {x->A, x->B}, *g[2] = {x->gA, x->gB}, *mm[2] = {x->mA, x->mB}, *vv[2] = {x->vA, x->vB};
+    size_t n[2] = {(size_t)x->r * x->in, (size_t)x->out * x->r};
+    for (int w = 0; w < 2; w++)
+      for (size_t k = 0; k < n[w]; k++) {
+        float gk = g[w][k] * gs;
+        p[w][k] *= (float)(1 - o->lr * o->weight_decay);
+        mm[w][k] = (float)(b1 * mm[w][k] + (1 - b1) * gk);
+        vv[w][k] = (float)(b2 * vv[w][k] + (1 - b2) * (double)gk * gk);
+        double denom = sqrt(vv[w][k] / bc2) + o->eps;
+        p[w][k] -= (float)(o->lr / bc1 * mm[w][k] / denom);
+      }
+  }
+  if (grad_norm) *grad_norm = norm;
+  return GPTOSS_OK;
 }
 /* }====================================================== */

@@ -302,6 +302,8 @@ typedef struct gptoss_lora {
   int r, rb, in, out;      /* rb: lora_B's rank as read (== r once loaded) */
   float scale;             /* alpha / r, or alpha / sqrt(r) with rslora */
   float *A, *B;            /* A [r][in], B [out][r], row-major */
+  float *gA, *gB;          /* gradients (training), NULL until the first backward */
+  float *mA, *mB, *vA, *vB;/* AdamW moments, NULL until the first step */
 } gptoss_lora;
 typedef struct gptoss_adapter_desc {
   int r, rslora, nlayers, modules;
@@ -320,6 +322,34 @@ void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out);
 const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m);
 /* every module's layer and shapes fit the model */
 gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *m);
+/* A new adapter for training, in PEFT's layout. init 0 is PEFT's default
+   (A Kaiming-uniform, B zero, so the model starts unchanged); init 1 draws B
+   like A (for tests). modules: bit (1 << gptoss_lora_module) per projection;
+   layers: NULL = every layer, else one flag per layer. */
+typedef struct gptoss_lora_opts {
+  int r;
+  double alpha, dropout;
+  int rslora, init;
+  unsigned modules;
+  const unsigned char *layers;
+  uint64_t seed;
+} gptoss_lora_opts;
+gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *o, gptoss_adapter **out);
+/* Loss of one sequence on the CPU backend: the sum over positions t >= 1
+   with mask[t] of -log p(ids[t] | ids[<t]), in *loss, and their number in
+   *count; adds d(loss)/d(LoRA weights) into the adapter's gradients. */
+gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                   double *loss, int *count);
+void gptoss_adapter_zero_grad(gptoss_adapter *a);
+/* AdamW as torch.optim.AdamW, after scaling the gradients by grad_scale and
+   clipping their total norm to max_grad_norm (0 = no clipping); *grad_norm
+   gets the norm before clipping. */
+typedef struct gptoss_adamw {
+  double lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad_scale;
+} gptoss_adamw;
+gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
+int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
+
 /* a = NULL: the base model. The session's cache is not recomputed: switch
    adapters on an empty session, or after a rewind to 0, for clean results. */
 gptoss_status gptoss_session_set_adapter(gptoss_session *s, gptoss_adapter *a);

@@ -13,12 +13,12 @@ gptoss_adapter *lg_check_adapter(lua_State *L, int idx) {
   return b->a;
 }
 
+static ladapter *push_adapter(lua_State *L);
+
 /* gptoss.core.adapter_load(dir) -> Adapter | nil, message */
 static int l_adapter_load(lua_State *L) {
   const char *dir = luaL_checkstring(L, 1);
-  ladapter *b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->a = NULL;
-  luaL_setmetatable(L, ADAPTER_T);
+  ladapter *b = push_adapter(L);
   if (gptoss_adapter_load(dir, &b->a)) return lg_fail(L);
   return 1;
 }
@@ -48,6 +48,133 @@ static int adapter_module(lua_State *L) {
   f = lg_floats_new(L, x->out, x->r);
   memcpy(f->v, x->B, sizeof(float) * (size_t)x->out * x->r);
   lua_setfield(L, -2, "B");
+  if (x->gA) {
+    f = lg_floats_new(L, x->r, x->in);
+    memcpy(f->v, x->gA, sizeof(float) * (size_t)x->r * x->in);
+    lua_setfield(L, -2, "gA");
+    f = lg_floats_new(L, x->out, x->r);
+    memcpy(f->v, x->gB, sizeof(float) * (size_t)x->out * x->r);
+    lua_setfield(L, -2, "gB");
+  }
+  return 1;
+}
+
+static ladapter *push_adapter(lua_State *L) {
+  ladapter *b = lua_newuserdatauv(L, sizeof *b, 0);
+  b->a = NULL;
+  luaL_setmetatable(L, ADAPTER_T);
+  return b;
+}
+
+/* gptoss.core.lora_new(model, { r, alpha, rslora, targets = {"q","k","v","o"}, layers = {0-based},
+   init = "peft"|"random", seed, dropout }) -> Adapter; bad options raise */
+static int l_lora_new(lua_State *L) {
+  gptoss_model *m = lg_check_model(L, 1);
+  static const char *const keys[] = {"r", "alpha", "rslora", "targets", "layers", "init", "seed", "dropout", NULL};
+  lg_check_keys(L, 2, "lora", keys);
+  gptoss_lora_opts o;
+  memset(&o, 0, sizeof o);
+  o.r = lg_opt_int(L, 2, "r", 8);
+  o.alpha = lg_opt_num(L, 2, "alpha", 2.0 * o.r);
+  o.dropout = lg_opt_num(L, 2, "dropout", 0);
+  o.seed = (uint64_t)lg_opt_num(L, 2, "seed", 0);
+  const char *init = lg_opt_str(L, 2, "init", "peft");
+  if (strcmp(init, "peft") == 0) o.init = 0;
+  else if (strcmp(init, "random") == 0) o.init = 1;
+  else return luaL_error(L, "lora: init must be \"peft\" or \"random\" (got '%s')", init);
+  int nl = gptoss_model_config(m)->num_hidden_layers;
+  unsigned char *layers = NULL;
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "rslora");
+    o.rslora = lua_toboolean(L, -1);
+    lua_getfield(L, 2, "targets");
+    if (lua_isnil(L, -1)) o.modules = 15;
+    else {
+      luaL_argcheck(L, lua_istable(L, -1), 2, "lora: targets must be a list of \"q\", \"k\", \"v\", \"o\"");
+      for (int i = 1; i <= (int)lua_rawlen(L, -1); i++) {
+        lua_rawgeti(L, -1, i);
+        const char *t = lua_tostring(L, -1);
+        static const char *const names[] = {"q", "k", "v", "o"};
+        int k = 0;
+        while (k < 4 && !(t && (strcmp(t, names[k]) == 0 || (strlen(t) == 6 && t[0] == names[k][0] && strcmp(t + 1, "_proj") == 0)))) k++;
+        if (k == 4) return luaL_error(L, "lora: unknown target '%s' (q, k, v, o; expert LoRA is not implemented yet)", t ? t : "?");
+        o.modules |= 1u << k;
+        lua_pop(L, 1);
+      }
+    }
+    lua_getfield(L, 2, "layers");
+    if (!lua_isnil(L, -1)) {
+      luaL_argcheck(L, lua_istable(L, -1), 2, "lora: layers must be a list of 0-based layer indices");
+      layers = lua_newuserdatauv(L, (size_t)nl, 0);
+      memset(layers, 0, (size_t)nl);
+      for (int i = 1; i <= (int)lua_rawlen(L, -2); i++) {
+        lua_rawgeti(L, -2, i);
+        lua_Number v = lua_tonumber(L, -1);
+        if (!lua_isnumber(L, -1) || v != (lua_Number)(int)v || v < 0 || v >= nl)
+          return luaL_error(L, "lora: layers[%d] is not a layer index in 0..%d", i, nl - 1);
+        lua_Integer l = (lua_Integer)v;
+        layers[l] = 1;
+        lua_pop(L, 1);
+      }
+    }
+  } else
+    o.modules = 15;
+  o.layers = layers;
+  ladapter *b = push_adapter(L);
+  if (gptoss_adapter_new(m, &o, &b->a)) return lg_raise(L);
+  return 1;
+}
+
+/* gptoss.core.lora_backward(model, adapter, ids [, mask]) -> loss sum, count */
+static int l_lora_backward(lua_State *L) {
+  lua_settop(L, 4);                      /* the mask stays at 4 whatever lg_ids pushes */
+  gptoss_model *m = lg_check_model(L, 1);
+  gptoss_adapter *a = lg_check_adapter(L, 2);
+  size_t n;
+  int32_t *ids = lg_ids(L, 3, &n);
+  uint8_t *mask = lua_newuserdatauv(L, n ? n : 1, 0);
+  if (lua_isnil(L, 4)) memset(mask, 1, n);
+  else {
+    luaL_checktype(L, 4, LUA_TTABLE);
+    if (lua_rawlen(L, 4) != n) return luaL_error(L, "lora_backward: mask has %d entries for %d ids", (int)lua_rawlen(L, 4), (int)n);
+    for (size_t i = 0; i < n; i++) {
+      lua_rawgeti(L, 4, (lua_Integer)i + 1);
+      mask[i] = lua_isnumber(L, -1) ? lua_tonumber(L, -1) != 0 : lua_toboolean(L, -1);
+      lua_pop(L, 1);
+    }
+  }
+  double loss = 0;
+  int count = 0;
+  if (gptoss_lora_backward(m, a, ids, mask, (int)n, &loss, &count)) return lg_raise(L);
+  lua_pushnumber(L, loss);
+  lua_pushinteger(L, count);
+  return 2;
+}
+
+static int adapter_zero_grad(lua_State *L) {
+  gptoss_adapter_zero_grad(lg_check_adapter(L, 1));
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* a:step{ lr, betas = {b1, b2}, eps, weight_decay, max_grad_norm, grad_scale } -> gradient norm */
+static int adapter_step(lua_State *L) {
+  gptoss_adapter *a = lg_check_adapter(L, 1);
+  static const char *const keys[] = {"lr", "betas", "eps", "weight_decay", "max_grad_norm", "grad_scale", NULL};
+  lg_check_keys(L, 2, "step", keys);
+  gptoss_adamw o = {lg_opt_num(L, 2, "lr", 2e-4), 0.9, 0.999, lg_opt_num(L, 2, "eps", 1e-8), lg_opt_num(L, 2, "weight_decay", 0.01),
+                    lg_opt_num(L, 2, "max_grad_norm", 0), lg_opt_num(L, 2, "grad_scale", 1)};
+  if (lua_istable(L, 2)) {
+    lua_getfield(L, 2, "betas");
+    if (!lua_isnil(L, -1)) {
+      luaL_argcheck(L, lua_istable(L, -1), 2, "step: betas must be { beta1, beta2 }");
+      lua_rawgeti(L, -1, 1); o.beta1 = luaL_checknumber(L, -1);
+      lua_rawgeti(L, -2, 2); o.beta2 = luaL_checknumber(L, -1);
+    }
+  }
+  double norm = 0;
+  if (gptoss_adapter_step(a, &o, &norm)) return lg_raise(L);
+  lua_pushnumber(L, norm);
   return 1;
 }
 
@@ -72,6 +199,7 @@ static int adapter_fields(lua_State *L) {
   else if (strcmp(k, "layers") == 0) lua_pushinteger(L, d.nlayers);
   else if (strcmp(k, "modules") == 0) lua_pushinteger(L, d.modules);
   else if (strcmp(k, "params") == 0) lua_pushinteger(L, (lua_Integer)d.params);
+  else if (strcmp(k, "steps") == 0) lua_pushinteger(L, gptoss_adapter_steps(b->a));
   else return 0;
   return 1;
 }
@@ -86,7 +214,8 @@ static int adapter_tostring(lua_State *L) {
 }
 
 int luaopen_gptoss_adapter(lua_State *L) {
-  static const luaL_Reg methods[] = {{"save", adapter_save}, {"module", adapter_module}, {"close", adapter_gc}, {NULL, NULL}};
+  static const luaL_Reg methods[] = {{"save", adapter_save}, {"module", adapter_module}, {"zero_grad", adapter_zero_grad},
+                                     {"step", adapter_step}, {"close", adapter_gc}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", adapter_gc}, {"__tostring", adapter_tostring},
 #if LUA_VERSION_NUM >= 504
@@ -96,5 +225,9 @@ int luaopen_gptoss_adapter(lua_State *L) {
   lg_class(L, ADAPTER_T, methods, meta, adapter_fields);
   lua_pushcfunction(L, l_adapter_load);
   lua_setfield(L, -2, "adapter_load");
+  lua_pushcfunction(L, l_lora_new);
+  lua_setfield(L, -2, "lora_new");
+  lua_pushcfunction(L, l_lora_backward);
+  lua_setfield(L, -2, "lora_backward");
   return 0;
 }

@@ -62,5 +62,7 @@ int luaopen_gptoss_model(lua_State *L);
 int luaopen_gptoss_adapter(lua_State *L);
 /* the adapter at idx, raising if closed or another type */
 gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
+/* the open model at idx, raising if closed or another type */
+gptoss_model *lg_check_model(lua_State *L, int idx);
 
 #endif

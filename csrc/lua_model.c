@@ -20,6 +20,8 @@ static lmodel *checkmodel(lua_State *L, int idx) {
   return b;
 }
 
+gptoss_model *lg_check_model(lua_State *L, int idx) { return checkmodel(L, idx)->m; }
+
 static void session_close(lsession *s) {
   if (!s->s) return;
   gptoss_session_free(s->s);

@@ -9,10 +9,6 @@
 #include <string.h>
 #include "cpu.h"
 
-typedef struct cpu_model {
-  gptoss_pool *pool;
-} cpu_model;
-
 /* KV cache: per layer, K and V as [slots][kv_heads*head_dim] fp32. Full
    layers grow toward the context; sliding layers are a ring. */
 typedef struct cpu_session {
@@ -168,24 +164,6 @@ static void attention_worker(void *ctx, int tid, int nth) {
   free(sc);
 }
 
-/* top-k of the router logits, sorted descending (ties: lower index first,
-   as torch.topk returns them), then softmax over the k */
-static void route(const float *logits, int E, int k, int32_t *sel, float *w) {
-  for (int i = 0; i < k; i++) {
-    int best = -1;
-    for (int e = 0; e < E; e++) {
-      int taken = 0;
-      for (int j = 0; j < i; j++) taken |= sel[j] == e;
-      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
-    }
-    sel[i] = best;
-    w[i] = logits[best];
-  }
-  float mx = w[0], sum = 0;
-  for (int i = 0; i < k; i++) { w[i] = expf(w[i] - mx); sum += w[i]; }
-  for (int i = 0; i < k; i++) w[i] /= sum;
-}
-
 /* LoRA of each token's session adapter on one projection:
    out[t] += scale * B (A in[t]), as PEFT's LoRA Linear computes it */
 static void lora_add(fwd *f, int l, gptoss_lora_module mod, float *out, int os, const float *in, int is) {
@@ -237,7 +215,7 @@ static void layer_forward(fwd *f, int l) {
     cpu_rmsnorm(f->xn + (size_t)t * H, f->x + (size_t)t * H, LAYER_T(m, l, GPTOSS_T_MLP_NORM)->data, H, eps);
   cpu_matmul_bf16(f->pool, f->rl, E, f->xn, H, T, LAYER_T(m, l, GPTOSS_T_ROUTER_W)->data, E, H, LAYER_T(m, l, GPTOSS_T_ROUTER_B)->data);
   for (int t = 0; t < T; t++) {
-    route(f->rl + (size_t)t * E, E, K, f->sel + (size_t)t * K, f->selw + (size_t)t * K);
+    cpu_route(f->rl + (size_t)t * E, E, K, f->sel + (size_t)t * K, f->selw + (size_t)t * K);
     gptoss_trace_record(f->tsess[t], f->tidx[t], l, f->sel + (size_t)t * K, f->selw + (size_t)t * K);
   }
   const gptoss_tensor *gub = LAYER_T(m, l, GPTOSS_T_GU_BLOCKS), *gus = LAYER_T(m, l, GPTOSS_T_GU_SCALES);

@@ -142,3 +142,66 @@ void cpu_swiglu(float *out, const float *h, int n, float limit) {
     out[j] = (u + 1.0f) * glu;
   }
 }
+
+void cpu_route(const float *logits, int E, int k, int32_t *sel, float *w) {
+  for (int i = 0; i < k; i++) {
+    int best = -1;
+    for (int e = 0; e < E; e++) {
+      int taken = 0;
+      for (int j = 0; j < i; j++) taken |= sel[j] == e;
+      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
+    }
+    sel[i] = best;
+    w[i] = logits[best];
+  }
+  float mx = w[0], sum = 0;
+  for (int i = 0; i < k; i++) { w[i] = expf(w[i] - mx); sum += w[i]; }
+  for (int i = 0; i < k; i++) w[i] /= sum;
+}
+
+/* {====================================================== transposed products (backward) */
+/* Each thread owns a range of input features k (whole 32-blocks for MXFP4),
+   walks every row once and adds dy[t][r] * W[r][k] for all t: no two
+   threads write the same dx element. */
+typedef struct mmt_job {
+  float *dx;
+  int xs, ys, T, N, K;
+  const float *dy;
+  const uint16_t *W;
+  const uint8_t *blocks, *scales;
+} mmt_job;
+
+static void mmt_worker(void *ctx, int tid, int nth) {
+  mmt_job *j = ctx;
+  int64_t lo, hi;
+  int unit = j->W ? 1 : 32;
+  gptoss_split(j->K / unit, tid, nth, &lo, &hi);
+  int k0 = (int)lo * unit, n = (int)(hi - lo) * unit, G = j->K / 32;
+  if (n <= 0) return;
+  float *row = malloc(sizeof(float) * (size_t)n);
+  if (!row) abort();
+  for (int r = 0; r < j->N; r++) {
+    if (j->W) cpu_bf16_row(row, j->W + (size_t)r * (size_t)j->K + k0, n);
+    else cpu_mxfp4_row(row, j->blocks + ((size_t)r * (size_t)G + (size_t)(k0 / 32)) * 16,
+                       j->scales + (size_t)r * (size_t)G + (size_t)(k0 / 32), n);
+    for (int t = 0; t < j->T; t++) {
+      float a = j->dy[(size_t)t * (size_t)j->ys + (size_t)r];
+      if (a == 0.0f) continue;
+      float *d = j->dx + (size_t)t * (size_t)j->xs + k0;
+      for (int i = 0; i < n; i++) d[i] += a * row[i];
+    }
+  }
+  free(row);
+}
+
+void cpu_matmul_t_bf16(gptoss_pool *p, float *dx, int xs, const float *dy, int ys, int T, const uint16_t *W, int N, int K) {
+  mmt_job j = { dx, xs, ys, T, N, K, dy, W, NULL, NULL };
+  gptoss_pool_run(p, mmt_worker, &j);
+}
+
+void cpu_matmul_t_mxfp4(gptoss_pool *p, float *dx, int xs, const float *dy, int ys, int T,
+                        const uint8_t *blocks, const uint8_t *scales, int N, int K) {
+  mmt_job j = { dx, xs, ys, T, N, K, dy, NULL, blocks, scales };
+  gptoss_pool_run(p, mmt_worker, &j);
+}
+/* }====================================================== */

@@ -17,7 +17,12 @@ local M = {
   floats = core.floats,
   -- LoRA adapters in PEFT's format: gptoss.adapter.load(dir) -> Adapter | nil, message
   adapter = { load = core.adapter_load },
+  -- gptoss.lora(model, opts) -> a new, trainable Adapter (also model:lora(opts))
+  lora = core.lora_new,
 }
+
+--- gptoss.train(model, lora, opts): the LoRA training loop (gptoss.train)
+function M.train(model, lora, opts) return require("gptoss.train").train(model, lora, opts) end
 
 local Tokenizer = core.methods.Tokenizer
 
@@ -89,6 +94,12 @@ end
 
 -- {====================================================== generation
 local Model = core.methods.Model
+
+Model.lora = core.lora_new
+--- model:lora_backward(adapter, ids [, mask]) -> loss sum, count: the
+-- summed next-token loss over positions whose mask entry is set (the first
+-- position is never a target), its gradients added into the adapter's.
+Model.lora_backward = core.lora_backward
 
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,

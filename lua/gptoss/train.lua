@@ -1,0 +1,157 @@
+--- gptoss.train: the LoRA training loop over the engine's backward pass
+-- (CPU backend for now).
+--
+--   local lora = gptoss.lora(model, { r = 16, alpha = 32, seed = 3407 })
+--   local run = gptoss.train(model, lora, {
+--     data = examples, steps = 60, lr = 2e-4, warmup = 5, schedule = "cosine",
+--     batch = 2, grad_accum = 2, max_len = 2048, eval = held_out,
+--     on_step = function(step, info) print(step, info.loss, info.lr, info.grad_norm, info.flag) end })
+--
+-- An example is { ids = {...}, mask = {...} } (mask[t] true where token t is
+-- a target; default: all), or { text = "..." }: harmony text, tokenized with
+-- the special tokens recognised, every token a target. Each optimizer step
+-- takes batch * grad_accum examples, in an order drawn from `seed`, and
+-- averages the loss over all their target tokens, as transformers does.
+local M = {}
+
+local KNOWN = {}
+for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
+    .. "group_by_length eval eval_every on_step target_loss overfit_below underfit_above"):gmatch("%S+") do KNOWN[k] = true end
+
+local DEFAULTS = {
+  steps = nil, epochs = 1, batch = 1, grad_accum = 1, lr = 2e-4, schedule = "linear", warmup = 0,
+  weight_decay = 0.01, max_grad_norm = 1.0, betas = { 0.9, 0.999 }, eps = 1e-8, max_len = nil, seed = 0,
+  group_by_length = true, eval = nil, eval_every = nil, on_step = nil,
+  target_loss = 0.5, overfit_below = 0.3, underfit_above = 1.0,
+}
+
+--- learning rate at optimizer step s (1-based) of n: linear warmup, then
+-- constant, linear decay to 0, or cosine decay to 0 (as transformers'
+-- get_*_schedule_with_warmup)
+function M.lr_at(s, n, opts)
+  local w, base = opts.warmup or 0, opts.lr
+  local k = s - 1
+  if k < w then return base * k / math.max(1, w) end
+  local frac = (k - w) / math.max(1, n - w)
+  if opts.schedule == "constant" then return base
+  elseif opts.schedule == "linear" then return base * math.max(0, 1 - frac)
+  elseif opts.schedule == "cosine" then return base * 0.5 * (1 + math.cos(math.pi * frac))
+  end
+  error("train: schedule must be \"linear\", \"cosine\" or \"constant\" (got " .. tostring(opts.schedule) .. ")", 3)
+end
+
+--- the loss monitor's verdict on a loss, as the seeds' workflow reads it
+function M.flag(loss, opts)
+  opts = opts or DEFAULTS
+  if loss < (opts.overfit_below or 0.3) then return "overfitting"
+  elseif loss > (opts.underfit_above or 1.0) then return "underfitting"
+  elseif loss <= (opts.target_loss or 0.5) then return "target"
+  end
+  return "training"
+end
+
+local function prepare(model, data, max_len, what)
+  if type(data) ~= "table" then error("train: " .. what .. " must be a list of examples", 3) end
+  local out = {}
+  for i, ex in ipairs(data) do
+    local ids, mask = ex.ids, ex.mask
+    if ex.text then
+      if not model.tokenizer then error(string.format("train: %s[%d] is text, but the model has no tokenizer", what, i), 3) end
+      ids = model.tokenizer:encode(ex.text, { allowed_special = "all" })
+    end
+    if type(ids) ~= "table" or #ids < 2 then
+      error(string.format("train: %s[%d] needs ids (at least 2) or text", what, i), 3)
+    end
+    if mask and #mask ~= #ids then
+      error(string.format("train: %s[%d] has %d mask entries for %d ids", what, i, #mask, #ids), 3)
+    end
+    if max_len and #ids > max_len then
+      local a, b = {}, mask and {} or nil
+      for t = 1, max_len do a[t] = ids[t]; if b then b[t] = mask[t] end end
+      ids, mask = a, b
+    end
+    out[#out + 1] = { ids = ids, mask = mask, index = i }
+  end
+  if #out == 0 then error("train: " .. what .. " is empty", 3) end
+  return out
+end
+
+-- a permutation of 1..n from a seed (xorshift-free LCG: reproducible in
+-- Lua 5.1, 5.4 and LuaJIT alike)
+local function shuffle(n, seed)
+  local p, x = {}, (seed * 2654435761 + 1) % 4294967296
+  for i = 1, n do p[i] = i end
+  for i = n, 2, -1 do
+    x = (x * 1664525 + 1013904223) % 4294967296
+    local j = x % i + 1
+    p[i], p[j] = p[j], p[i]
+  end
+  return p
+end
+
+--- mean loss and perplexity of the adapter on examples (no gradients)
+function M.evaluate(model, lora, data, opts)
+  local ex = prepare(model, data, opts and opts.max_len, "eval")
+  local total, count = 0, 0
+  for _, e in ipairs(ex) do
+    local s = model:session { adapter = lora }
+    local lg = s:feed(e.ids, "all")
+    s:close()
+    for t = 1, #e.ids - 1 do
+      if not e.mask or e.mask[t + 1] then total = total + lg:nll(t, e.ids[t + 1]); count = count + 1 end
+    end
+  end
+  if count == 0 then error("train: the eval examples have no target tokens", 2) end
+  return total / count, math.exp(total / count)
+end
+
+function M.train(model, lora, opts)
+  opts = opts or {}
+  for k in pairs(opts) do
+    if not KNOWN[k] then error("train: unknown option '" .. tostring(k) .. "'", 2) end
+  end
+  local o = {}
+  for k, v in pairs(DEFAULTS) do o[k] = v end
+  for k, v in pairs(opts) do o[k] = v end
+  local data = prepare(model, o.data, o.max_len, "data")
+  local per_step = o.batch * o.grad_accum
+  local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
+  local clock = require("gptoss.core").clock
+  local order, pos, epoch = shuffle(#data, o.seed), 0, 0
+  local function next_example()
+    pos = pos + 1
+    if pos > #order then epoch = epoch + 1; order, pos = shuffle(#data, o.seed + epoch), 1 end
+    return data[order[pos]]
+  end
+  local history, t_start = {}, clock()
+  for step = 1, steps do
+    local t0 = clock()
+    local group = {}
+    for i = 1, per_step do group[i] = next_example() end
+    if o.group_by_length then table.sort(group, function(a, b) return #a.ids < #b.ids end) end
+    lora:zero_grad()
+    local loss, count, tokens = 0, 0, 0
+    for _, e in ipairs(group) do
+      local l, n = model:lora_backward(lora, e.ids, e.mask)
+      loss, count, tokens = loss + l, count + n, tokens + #e.ids
+    end
+    if count == 0 then error(string.format("train: step %d's examples have no target tokens", step), 2) end
+    local lr = M.lr_at(step, steps, o)
+    local gn = lora:step { lr = lr, betas = o.betas, eps = o.eps, weight_decay = o.weight_decay,
+                           max_grad_norm = o.max_grad_norm, grad_scale = 1 / count }
+    local dt = clock() - t0
+    local info = { step = step, loss = loss / count, lr = lr, grad_norm = gn, tokens = tokens,
+                   tokens_per_s = tokens / dt, elapsed = clock() - t_start }
+    info.flag = M.flag(info.loss, o)
+    if o.eval and o.eval_every and step % o.eval_every == 0 then
+      info.eval_loss, info.eval_perplexity = M.evaluate(model, lora, o.eval, o)
+    end
+    history[step] = info
+    if o.on_step then o.on_step(step, info) end
+  end
+  local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag }
+  if o.eval then result.eval_loss, result.eval_perplexity = M.evaluate(model, lora, o.eval, o) end
+  return result
+end
+
+return M

@@ -1,0 +1,173 @@
+-- LoRA training on the CPU backend against PEFT 0.21 + transformers 5.17
+-- autograd (float32): loss, every LoRA gradient, and 5 AdamW steps with
+-- clipping, on the tiny checkpoint (seed 1). Fixture:
+-- tools/reference/peft_train.py, run on the device by device_lora.sh.
+local H = require "helpers"
+local gptoss = require "gptoss"
+local train = require "gptoss.train"
+
+local FX = "spec/fixtures/lora/"
+local MODS = { "q", "k", "v", "o" }
+
+local function name(l, p, w)
+  return string.format("base_model.model.model.layers.%d.self_attn.%s_proj.lora_%s.weight", l, p, w)
+end
+
+local function flat(fl, scale)
+  local out, r, c = {}, fl:shape()
+  for i = 1, r do for j = 1, c do out[#out + 1] = fl:get(i, j) * (scale or 1) end end
+  return out
+end
+
+describe("LoRA training (CPU) vs PEFT", function()
+  local m, fx, ids, mask
+  setup(function()
+    m = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    fx = assert(gptoss.safetensors(FX .. "train_r4.safetensors"))
+    ids = fx:numbers("ids")
+    mask = {}
+    for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
+  end)
+  teardown(function() fx:close(); m:close() end)
+
+  it("gives PEFT's loss and every LoRA gradient (relative L2 <= 1e-4)", function()
+    local a = assert(gptoss.adapter.load(FX .. "train_r4"))
+    local loss, n = m:lora_backward(a, ids, mask)
+    assert.are.equal(25, n)                        -- 39 predicted positions, 14 masked
+    local want = fx:numbers("loss")[1]
+    assert.is_true(math.abs(loss / n - want) / want < 1e-5, string.format("loss %.8g vs %.8g", loss / n, want))
+    local worst = 0
+    for l = 0, 3 do
+      for _, p in ipairs(MODS) do
+        local x = a:module(l, p)
+        for _, w in ipairs { "A", "B" } do
+          local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
+          worst = math.max(worst, err)
+          assert.is_true(err <= 1e-4, string.format("layer %d %s_proj lora_%s: relative L2 %.3g", l, p, w, err))
+        end
+      end
+    end
+    print(string.format("\n  gradients: worst relative L2 %.3g over 32 tensors", worst))
+    -- gradients accumulate until zero_grad
+    local g1 = a:module(2, "v").gA:get(1, 1)
+    m:lora_backward(a, ids, mask)
+    assert.near(2 * g1, a:module(2, "v").gA:get(1, 1), math.abs(g1) * 1e-5)
+    a:zero_grad()
+    assert.are.equal(0, a:module(2, "v").gA:get(1, 1))
+    a:close()
+  end)
+
+  it("follows PEFT through 5 AdamW steps with clipping (weights within 1e-3)", function()
+    local a = assert(gptoss.adapter.load(FX .. "train_r4"))
+    local losses, norms = fx:numbers("losses"), fx:numbers("grad_norms")
+    for s = 1, 5 do
+      a:zero_grad()
+      local loss, n = m:lora_backward(a, ids, mask)
+      assert.is_true(math.abs(loss / n - losses[s]) / losses[s] < 1e-4, string.format("step %d loss %.6g vs %.6g", s, loss / n, losses[s]))
+      local gn = a:step { lr = 1e-2, betas = { 0.9, 0.999 }, eps = 1e-8, weight_decay = 0.01, max_grad_norm = 1.0, grad_scale = 1 / n }
+      assert.is_true(math.abs(gn - norms[s]) / norms[s] < 1e-4, string.format("step %d grad norm %.6g vs %.6g", s, gn, norms[s]))
+    end
+    assert.are.equal(5, a.steps)
+    local worst = 0
+    for l = 0, 3 do
+      for _, p in ipairs(MODS) do
+        local x = a:module(l, p)
+        for _, w in ipairs { "A", "B" } do
+          local err = H.rel_l2(flat(x[w]), flat(fx:floats("step5." .. name(l, p, w))))
+          worst = math.max(worst, err)
+          assert.is_true(err <= 1e-3, string.format("layer %d %s_proj lora_%s: relative L2 %.3g", l, p, w, err))
+        end
+      end
+    end
+    print(string.format("\n  after 5 steps: worst relative L2 %.3g", worst))
+    a:close()
+  end)
+
+  it("makes new adapters as PEFT does: B zero, so the model starts unchanged", function()
+    local a = gptoss.lora(m, { r = 4, alpha = 8, targets = { "q", "v" }, layers = { 1, 3 }, seed = 3 })
+    assert.are.equal(4, a.modules)
+    assert.is_nil(a:module(0, "q")); assert.is_nil(a:module(1, "k"))
+    local q = a:module(1, "q")
+    local bound, maxa = 1 / math.sqrt(64), 0
+    for _, v in ipairs(flat(q.A)) do maxa = math.max(maxa, math.abs(v)) end
+    assert.is_true(maxa <= bound and maxa > 0.8 * bound, "A ~ U(-1/sqrt(in), 1/sqrt(in))")
+    for _, v in ipairs(flat(q.B)) do assert.are.equal(0, v) end
+    local base, with = m:logits({ 5, 6, 7 }), nil
+    local s = m:session { adapter = a }
+    with = s:feed({ 5, 6, 7 }, "all")
+    s:close()
+    assert.are.same(base:row(3), with:row(3))
+    -- the same seed gives the same adapter; another seed another
+    local b = gptoss.lora(m, { r = 4, alpha = 8, targets = { "q", "v" }, layers = { 1, 3 }, seed = 3 })
+    local c = gptoss.lora(m, { r = 4, alpha = 8, targets = { "q", "v" }, layers = { 1, 3 }, seed = 4 })
+    assert.are.same(flat(q.A), flat(b:module(1, "q").A))
+    assert.are_not.same(flat(q.A), flat(c:module(1, "q").A))
+    a:close(); b:close(); c:close()
+  end)
+
+  it("raises on bad options and bad input", function()
+    assert.has_error(function() gptoss.lora(m, { r = 0 }) end, "lora: rank 0 must be in 1..1024")
+    assert.has_error(function() gptoss.lora(m, { targets = { "gate_up_proj" } }) end)
+    assert.has_error(function() gptoss.lora(m, { layers = { 4 } }) end, "lora: layers[1] is not a layer index in 0..3")
+    assert.has_error(function() gptoss.lora(m, { rank = 4 }) end)
+    local a = gptoss.lora(m, { r = 2 })
+    assert.has_error(function() a:step { lr = 1e-3 } end, "adamw: no gradients yet (run a backward pass first)")
+    assert.has_error(function() m:lora_backward(a, { 5 }) end, "lora backward: a sequence needs at least 2 tokens (got 1)")
+    assert.has_error(function() m:lora_backward(a, { 5, 300000 }) end,
+      "lora backward: token id 300000 at position 2 is outside the vocabulary (201088)")
+    assert.has_error(function() m:lora_backward(a, { 5, 6 }, { true }) end, "lora_backward: mask has 1 entries for 2 ids")
+    assert.has_error(function() train.train(m, a, { data = {}, steps = 1 }) end, "train: data is empty")
+    assert.has_error(function() train.train(m, a, { data = { { ids = { 1 } } } }) end, "train: data[1] needs ids (at least 2) or text")
+    assert.has_error(function() train.train(m, a, { data = { { ids = { 1, 2 } } }, sched = "x" }) end, "train: unknown option 'sched'")
+    a:close()
+  end)
+end)
+
+describe("gptoss.train", function()
+  it("schedules the learning rate as transformers does", function()
+    local o = { lr = 1.0, warmup = 2, schedule = "linear" }
+    assert.are.same({ 0, 0.5, 1, 0.75, 0.5, 0.25 }, { train.lr_at(1, 6, o), train.lr_at(2, 6, o), train.lr_at(3, 6, o),
+      train.lr_at(4, 6, o), train.lr_at(5, 6, o), train.lr_at(6, 6, o) })
+    o.schedule = "cosine"
+    assert.near(0.5, train.lr_at(5, 6, o), 1e-12)
+    assert.near(0.5 * (1 + math.cos(math.pi / 4)), train.lr_at(4, 6, o), 1e-12)
+    o.schedule = "constant"
+    assert.are.equal(1, train.lr_at(6, 6, o))
+    assert.are.equal("overfitting", train.flag(0.2)); assert.are.equal("target", train.flag(0.45))
+    assert.are.equal("training", train.flag(0.7)); assert.are.equal("underfitting", train.flag(1.5))
+  end)
+
+  it("overfits a small dataset (loss below 0.1), reproducibly, with eval", function()
+    -- a vocabulary of 128 and hidden 128, so that logits can separate
+    -- (a 201k vocabulary over a 64-wide random model cannot go below ~12)
+    local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
+                                       overrides = { vocab_size = 128, hidden_size = 128 } })
+    local m = assert(gptoss.load(dir, { tokenizer = false }))
+    local data = {}
+    for k = 1, 3 do
+      local ids = {}
+      for i = 1, 10 do ids[i] = (i * 37 + k * 11) % 128 end
+      data[k] = { ids = ids }
+    end
+    local function run()
+      local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1 })
+      local seen = {}
+      local r = gptoss.train(m, lora, { data = data, steps = 60, lr = 1e-2, warmup = 3, schedule = "constant", batch = 3,
+                                        eval = { data[1] }, eval_every = 30, seed = 5,
+                                        on_step = function(step, info) seen[step] = info.loss end })
+      return r, seen, lora
+    end
+    local r, seen, lora = run()
+    assert.is_true(r.final_loss < 0.1, "final loss " .. r.final_loss)
+    assert.are.equal("overfitting", r.flag)
+    assert.is_true(seen[1] > 2, "starts high: " .. seen[1])
+    assert.is_true(r.eval_loss < 0.1 and r.eval_perplexity < 1.11)
+    assert.is_number(r.history[30].eval_loss)
+    assert.is_true(r.history[60].tokens_per_s > 0 and r.history[60].grad_norm >= 0)
+    assert.are.equal(60, lora.steps)
+    local r2, seen2 = run()
+    assert.are.same(seen, seen2)                   -- seedable and reproducible
+    print(string.format("\n  overfit: loss %.3f -> %.4f in 60 steps", seen[1], r.final_loss))
+    lora:close(); m:close()
+  end)
+end)
