@@ -460,3 +460,86 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
   return GPTOSS_OK;
 }
 /* }====================================================== */
+
+gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adapter *src) {
+  int nl = dst->nlayers > src->nlayers ? dst->nlayers : src->nlayers;
+  for (int l = 0; l < nl; l++)
+    for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
+      const gptoss_lora *s = gptoss_adapter_module(src, l, i), *d = gptoss_adapter_module(dst, l, i);
+      if (!s != !d || (s && (s->r != d->r || s->in != d->in || s->out != d->out)))
+        return gptoss_fail(GPTOSS_EARG, "adapters differ at layer %d %c_proj (%s)", l, module_letter[i],
+                           !s != !d ? "present in one only" : "shapes");
+    }
+  for (int l = 0; l < dst->nlayers; l++)
+    for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
+      gptoss_lora *d = (gptoss_lora *)gptoss_adapter_module(dst, l, i);
+      const gptoss_lora *s = gptoss_adapter_module(src, l, i);
+      if (!d) continue;
+      memcpy(d->A, s->A, sizeof(float) * (size_t)d->r * d->in);
+      memcpy(d->B, s->B, sizeof(float) * (size_t)d->out * d->r);
+    }
+  return GPTOSS_OK;
+}
+
+/* {====================================================== optimizer state */
+gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path) {
+  gptoss_st_writer *w = NULL;
+  gptoss_status rc = gptoss_stw_new(path, &w);
+  char steps[32];
+  snprintf(steps, sizeof steps, "%d", a->steps);
+  if (!rc) rc = gptoss_stw_metadata(w, "steps", steps);
+  for (int l = 0; l < a->nlayers && !rc; l++)
+    for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
+      const gptoss_lora *x = gptoss_adapter_module(a, l, i);
+      if (!x || !x->mA) continue;
+      float *const buf[4] = {x->mA, x->vA, x->mB, x->vB};
+      static const char *const what[4] = {"lora_A.exp_avg", "lora_A.exp_avg_sq", "lora_B.exp_avg", "lora_B.exp_avg_sq"};
+      for (int k = 0; k < 4 && !rc; k++) {
+        char name[128];
+        snprintf(name, sizeof name, "layers.%d.%c_proj.%s", l, module_letter[i], what[k]);
+        int64_t shape[2] = {k < 2 ? x->r : x->out, k < 2 ? x->in : x->r};
+        gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, buf[k], sizeof(float) * (size_t)(shape[0] * shape[1])};
+        rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, shape, &f);
+      }
+    }
+  if (!rc) rc = gptoss_stw_commit(w, 1);
+  gptoss_stw_free(w);
+  return rc;
+}
+
+gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path) {
+  gptoss_st *st = NULL;
+  gptoss_status rc = gptoss_st_open(path, &st);
+  if (rc) return rc;
+  const char *steps = gptoss_st_metadata(st, "steps");
+  char *end = NULL;
+  long n = steps ? strtol(steps, &end, 10) : -1;
+  if (!steps || *end || n < 0) { gptoss_st_free(st); return gptoss_fail(GPTOSS_EFORMAT, "%s: metadata field steps missing or invalid", path); }
+  /* check everything first, so a bad file leaves the adapter as it was */
+  for (int pass = 0; pass < 2 && !rc; pass++)
+    for (int l = 0; l < a->nlayers && !rc; l++)
+      for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
+        gptoss_lora *x = (gptoss_lora *)gptoss_adapter_module(a, l, i);
+        if (!x) continue;
+        static const char *const what[4] = {"lora_A.exp_avg", "lora_A.exp_avg_sq", "lora_B.exp_avg", "lora_B.exp_avg_sq"};
+        for (int k = 0; k < 4 && !rc; k++) {
+          char name[128];
+          snprintf(name, sizeof name, "layers.%d.%c_proj.%s", l, module_letter[i], what[k]);
+          const gptoss_tensor *t = gptoss_st_find(st, name);
+          int64_t r0 = k < 2 ? x->r : x->out, r1 = k < 2 ? x->in : x->r;
+          if (!t) { if (n > 0) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, name); continue; }
+          if (t->dtype != GPTOSS_F32 || t->ndim != 2 || t->shape[0] != r0 || t->shape[1] != r1) {
+            rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be F32 [%lld, %lld]", path, name, (long long)r0, (long long)r1);
+            continue;
+          }
+          if (pass == 0) continue;
+          float **dst = k == 0 ? &x->mA : k == 1 ? &x->vA : k == 2 ? &x->mB : &x->vB;
+          if (!*dst && !(*dst = malloc(t->nbytes))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); continue; }
+          memcpy(*dst, t->data, t->nbytes);
+        }
+      }
+  if (!rc) a->steps = (int)n;
+  gptoss_st_free(st);
+  return rc;
+}
+/* }====================================================== */

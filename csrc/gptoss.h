@@ -349,6 +349,13 @@ typedef struct gptoss_adamw {
 } gptoss_adamw;
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
 int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
+/* The optimizer state (AdamW moments and step count) in one safetensors
+   file, written atomically: with the adapter's own files it makes a
+   checkpoint that a resumed run continues exactly. */
+gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path);
+/* dst's LoRA weights become src's: same layers, modules and shapes */
+gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adapter *src);
+gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path);
 
 /* a = NULL: the base model. The session's cache is not recomputed: switch
    adapters on an empty session, or after a rewind to 0, for clean results. */

@@ -151,6 +151,26 @@ static int l_lora_backward(lua_State *L) {
   return 2;
 }
 
+/* a:save_state(path) / a:load_state(path) -> true | nil, message */
+static int adapter_save_state(lua_State *L) {
+  if (gptoss_adapter_save_state(lg_check_adapter(L, 1), luaL_checkstring(L, 2))) return lg_fail(L);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+static int adapter_load_state(lua_State *L) {
+  if (gptoss_adapter_load_state(lg_check_adapter(L, 1), luaL_checkstring(L, 2))) return lg_fail(L);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* a:copy_from(b) -> a: b's LoRA weights into a (same layout) */
+static int adapter_copy_from(lua_State *L) {
+  if (gptoss_adapter_copy_weights(lg_check_adapter(L, 1), lg_check_adapter(L, 2))) return lg_raise(L);
+  lua_settop(L, 1);
+  return 1;
+}
+
 static int adapter_zero_grad(lua_State *L) {
   gptoss_adapter_zero_grad(lg_check_adapter(L, 1));
   lua_settop(L, 1);
@@ -215,6 +235,8 @@ static int adapter_tostring(lua_State *L) {
 
 int luaopen_gptoss_adapter(lua_State *L) {
   static const luaL_Reg methods[] = {{"save", adapter_save}, {"module", adapter_module}, {"zero_grad", adapter_zero_grad},
+                                     {"save_state", adapter_save_state}, {"load_state", adapter_load_state},
+                                     {"copy_from", adapter_copy_from},
                                      {"step", adapter_step}, {"close", adapter_gc}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", adapter_gc}, {"__tostring", adapter_tostring},

@@ -171,3 +171,60 @@ describe("gptoss.train", function()
     lora:close(); m:close()
   end)
 end)
+
+describe("training checkpoints", function()
+  it("resumes after a kill and continues the loss curve exactly", function()
+    local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
+                                       overrides = { vocab_size = 128, hidden_size = 128 } })
+    local m = assert(gptoss.load(dir, { tokenizer = false }))
+    local data = {}
+    for k = 1, 5 do
+      local ids = {}
+      for i = 1, 8 + k do ids[i] = (i * 29 + k * 13) % 128 end
+      data[k] = { ids = ids }
+    end
+    local opts = { data = data, steps = 12, lr = 5e-3, warmup = 2, schedule = "cosine", batch = 2, seed = 9 }
+    local whole = gptoss.train(m, gptoss.lora(m, { r = 4, seed = 2 }), opts)
+
+    local ck = H.tmpdir() .. "/ck"
+    local o2 = {}
+    for k, v in pairs(opts) do o2[k] = v end
+    o2.checkpoint_dir, o2.checkpoint_every, o2.resume = ck, 4, true
+    -- the run dies at step 10, after the checkpoint of step 8
+    o2.on_step = function(step) if step == 10 then error("killed") end end
+    assert.has_error(function() gptoss.train(m, gptoss.lora(m, { r = 4, seed = 2 }), o2) end)
+    local path, state = train.latest(ck)
+    assert.are.equal(ck .. "/step-000008", path)
+    assert.are.equal(8, state.step)
+    assert.is_true(H.exists(ck .. "/step-000004"))           -- keep = 2: steps 4 and 8 remain
+    -- a fresh process would start from a new adapter: so do we
+    o2.on_step = nil
+    local lora = gptoss.lora(m, { r = 4, seed = 99 })
+    local resumed = gptoss.train(m, lora, o2)
+    assert.are.equal(12, lora.steps)
+    for s = 1, 12 do
+      assert.are.equal(whole.history[s].loss, resumed.history[s].loss, "step " .. s)
+    end
+    -- the final checkpoint is a PEFT adapter
+    local last = train.latest(ck)
+    assert.are.equal(ck .. "/step-000012", last)
+    assert.is_truthy(gptoss.adapter.load(last))
+    local names = {}
+    for _, f in ipairs(H.files(ck)) do names[#names + 1] = f end
+    table.sort(names)
+    assert.are.same({ "latest", "step-000008", "step-000012" }, names)
+    m:close()
+  end)
+
+  it("refuses a checkpoint of another run", function()
+    local m = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    local a = gptoss.lora(m, { r = 2 })
+    local bad = H.tmpdir() .. "/opt.safetensors"
+    H.write(bad, "not safetensors")
+    local ok, err = a:load_state(bad)
+    assert.is_nil(ok); assert.matches("opt.safetensors", err, 1, true)
+    local b = gptoss.lora(m, { r = 3 })
+    assert.has_error(function() a:copy_from(b) end, "adapters differ at layer 0 q_proj (shapes)")
+    a:close(); b:close(); m:close()
+  end)
+end)

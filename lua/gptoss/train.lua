@@ -16,13 +16,15 @@ local M = {}
 
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
-    .. "group_by_length eval eval_every on_step target_loss overfit_below underfit_above"):gmatch("%S+") do KNOWN[k] = true end
+    .. "group_by_length eval eval_every on_step target_loss overfit_below underfit_above checkpoint_dir checkpoint_every "
+    .. "keep resume"):gmatch("%S+") do KNOWN[k] = true end
 
 local DEFAULTS = {
   steps = nil, epochs = 1, batch = 1, grad_accum = 1, lr = 2e-4, schedule = "linear", warmup = 0,
   weight_decay = 0.01, max_grad_norm = 1.0, betas = { 0.9, 0.999 }, eps = 1e-8, max_len = nil, seed = 0,
   group_by_length = true, eval = nil, eval_every = nil, on_step = nil,
   target_loss = 0.5, overfit_below = 0.3, underfit_above = 1.0,
+  checkpoint_dir = nil, checkpoint_every = nil, keep = 2, resume = false,
 }
 
 --- learning rate at optimizer step s (1-based) of n: linear warmup, then
@@ -89,6 +91,68 @@ local function shuffle(n, seed)
   return p
 end
 
+-- {====================================================== checkpoints
+-- checkpoint_dir/step-NNNNNN/ holds the adapter (PEFT files), the optimizer
+-- state and trainer_state.json; it is written under a temporary name and
+-- renamed into place, then checkpoint_dir/latest (a one-line file, replaced
+-- by rename) points at it. A kill at any moment leaves the previous
+-- checkpoint whole.
+local function rm_tree(path)
+  local lfs = require "lfs"
+  if lfs.attributes(path, "mode") == "directory" then
+    for f in lfs.dir(path) do if f ~= "." and f ~= ".." then rm_tree(path .. "/" .. f) end end
+    lfs.rmdir(path)
+  else
+    os.remove(path)
+  end
+end
+
+local function write_file(path, text)
+  local tmp = path .. ".tmp"
+  local f, err = io.open(tmp, "wb")
+  if not f then return nil, err end
+  local ok, werr = f:write(text)
+  f:close()
+  if not ok then os.remove(tmp); return nil, werr end
+  local rok, rerr = os.rename(tmp, path)
+  if not rok then os.remove(tmp); return nil, rerr end
+  return true
+end
+
+local function save_checkpoint(dir, lora, state, keep)
+  local lfs = require "lfs"
+  lfs.mkdir(dir)
+  local name = string.format("step-%06d", state.step)
+  local tmp, final = dir .. "/." .. name .. ".tmp", dir .. "/" .. name
+  rm_tree(tmp)
+  local ok, err = lora:save(tmp)
+  if ok then ok, err = lora:save_state(tmp .. "/optimizer.safetensors") end
+  if ok then ok, err = write_file(tmp .. "/trainer_state.json", require("cjson").encode(state)) end
+  if ok then rm_tree(final); ok, err = os.rename(tmp, final) end
+  if ok then ok, err = write_file(dir .. "/latest", name .. "\n") end
+  if not ok then rm_tree(tmp); error("train: checkpoint " .. final .. ": " .. tostring(err), 3) end
+  local names = {}
+  for f in lfs.dir(dir) do if f:match("^step%-%d+$") then names[#names + 1] = f end end
+  table.sort(names)
+  for i = 1, #names - keep do rm_tree(dir .. "/" .. names[i]) end
+end
+
+--- the latest checkpoint of a checkpoint_dir: its path and trainer state,
+-- or nil when there is none
+function M.latest(dir)
+  local f = io.open(dir .. "/latest", "rb")
+  if not f then return nil end
+  local name = f:read("*l")
+  f:close()
+  local path = dir .. "/" .. name
+  local h = io.open(path .. "/trainer_state.json", "rb")
+  if not h then return nil end
+  local state = require("cjson").decode(h:read("*a"))
+  h:close()
+  return path, state
+end
+-- }======================================================
+
 --- mean loss and perplexity of the adapter on examples (no gradients)
 function M.evaluate(model, lora, data, opts)
   local ex = prepare(model, data, opts and opts.max_len, "eval")
@@ -123,8 +187,29 @@ function M.train(model, lora, opts)
     if pos > #order then epoch = epoch + 1; order, pos = shuffle(#data, o.seed + epoch), 1 end
     return data[order[pos]]
   end
-  local history, t_start = {}, clock()
-  for step = 1, steps do
+  local history, t_start, first = {}, clock(), 1
+  if o.resume then
+    if not o.checkpoint_dir then error("train: resume needs checkpoint_dir", 2) end
+    local path, state = M.latest(o.checkpoint_dir)
+    if path then
+      local saved = assert(require("gptoss").adapter.load(path))
+      lora:copy_from(saved)
+      saved:close()
+      local ok, err = lora:load_state(path .. "/optimizer.safetensors")
+      if not ok then error("train: resume: " .. err, 2) end
+      if state.steps ~= steps or state.data ~= #data then
+        error(string.format("train: resume: the checkpoint is of a run of %d steps over %d examples, not %d over %d",
+          state.steps, state.data, steps, #data), 2)
+      end
+      epoch, pos, first = state.epoch, state.pos, state.step + 1
+      order = shuffle(#data, o.seed + epoch)
+      for i, h in ipairs(state.history) do
+        history[i] = { step = i, loss = tonumber(h.loss), lr = tonumber(h.lr), grad_norm = tonumber(h.grad_norm) }
+        history[i].flag = M.flag(history[i].loss, o)
+      end
+    end
+  end
+  for step = first, steps do
     local t0 = clock()
     local group = {}
     for i = 1, per_step do group[i] = next_example() end
@@ -147,6 +232,14 @@ function M.train(model, lora, opts)
       info.eval_loss, info.eval_perplexity = M.evaluate(model, lora, o.eval, o)
     end
     history[step] = info
+    if o.checkpoint_dir and o.checkpoint_every and (step % o.checkpoint_every == 0 or step == steps) then
+      local h = {}
+      -- as %.17g text: lua-cjson keeps only 14 digits, and a resumed curve must be exact
+      local function x(v) return string.format("%.17g", v) end
+      for i = 1, step do h[i] = { step = i, loss = x(history[i].loss), lr = x(history[i].lr), grad_norm = x(history[i].grad_norm) } end
+      save_checkpoint(o.checkpoint_dir, lora, { step = step, steps = steps, data = #data, epoch = epoch, pos = pos,
+                                                seed = o.seed, history = h }, o.keep)
+    end
     if o.on_step then o.on_step(step, info) end
   end
   local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag }
