@@ -7,9 +7,11 @@
 --     batch = 2, grad_accum = 2, max_len = 2048, eval = held_out,
 --     on_step = function(step, info) print(step, info.loss, info.lr, info.grad_norm, info.flag) end })
 --
--- An example is { ids = {...}, mask = {...} } (mask[t] true where token t is
--- a target; default: all), or { text = "..." }: harmony text, tokenized with
--- the special tokens recognised, every token a target. Each optimizer step
+-- data is a JSONL file (gptoss.data: messages or raw harmony text; options
+-- loss_on, flavour, on_error) or a list of examples: { ids = {...}, mask =
+-- {...} } (mask[t] true where token t is a target; default: all), or
+-- { text = "..." }: harmony text, tokenized with the special tokens
+-- recognised, every token a target. Each optimizer step
 -- takes batch * grad_accum examples, in an order drawn from `seed`, and
 -- averages the loss over all their target tokens, as transformers does.
 local M = {}
@@ -17,7 +19,7 @@ local M = {}
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
     .. "group_by_length eval eval_every on_step target_loss overfit_below underfit_above checkpoint_dir checkpoint_every "
-    .. "keep resume"):gmatch("%S+") do KNOWN[k] = true end
+    .. "keep resume loss_on flavour on_error"):gmatch("%S+") do KNOWN[k] = true end
 
 local DEFAULTS = {
   steps = nil, epochs = 1, batch = 1, grad_accum = 1, lr = 2e-4, schedule = "linear", warmup = 0,
@@ -177,6 +179,12 @@ function M.train(model, lora, opts)
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
+  local skipped
+  if type(o.data) == "string" then          -- a JSONL file
+    local ex, err = require("gptoss.data").read_jsonl(o.data, model.tokenizer, o)
+    if not ex then error("train: " .. err, 2) end
+    o.data, skipped = ex, err
+  end
   local data = prepare(model, o.data, o.max_len, "data")
   local per_step = o.batch * o.grad_accum
   local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
@@ -242,7 +250,8 @@ function M.train(model, lora, opts)
     end
     if o.on_step then o.on_step(step, info) end
   end
-  local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag }
+  local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag,
+                   skipped = skipped }
   if o.eval then result.eval_loss, result.eval_perplexity = M.evaluate(model, lora, o.eval, o) end
   return result
 end
