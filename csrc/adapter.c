@@ -16,6 +16,7 @@
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#include <dirent.h>
 #include <cjson/cJSON.h>
 
 #include "backend.h"
@@ -540,6 +541,131 @@ gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path) {
       }
   if (!rc) a->steps = (int)n;
   gptoss_st_free(st);
+  return rc;
+}
+/* }====================================================== */
+
+/* {====================================================== merge */
+static gptoss_status copy_file(const char *src, const char *dst) {
+  size_t len;
+  char *data = gptoss_read_file(src, &len);
+  if (!data) return gptoss_errcode();
+  FILE *f = fopen(dst, "wb");
+  gptoss_status rc = GPTOSS_OK;
+  if (!f || fwrite(data, 1, len, f) != len) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", dst, strerror(errno));
+  if (f && fclose(f) != 0 && !rc) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", dst, strerror(errno));
+  free(data);
+  return rc;
+}
+
+static void remove_tree(const char *dir) {
+  DIR *d = opendir(dir);
+  if (d) {
+    struct dirent *e;
+    while ((e = readdir(d))) {
+      if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+      char *p = gptoss_path_join(dir, e->d_name);
+      if (p) { unlink(p); free(p); }
+    }
+    closedir(d);
+  }
+  rmdir(dir);
+}
+
+/* the merged bf16 weight of one projection */
+static uint16_t *merged(const gptoss_tensor *t, const gptoss_lora *x) {
+  uint16_t *w = malloc(t->nbytes);
+  float *d = malloc(sizeof(float) * (size_t)x->in);
+  if (!w || !d) { free(w); free(d); return NULL; }
+  const uint16_t *src = t->data;
+  for (int o = 0; o < x->out; o++) {
+    memset(d, 0, sizeof(float) * (size_t)x->in);
+    for (int k = 0; k < x->r; k++) {
+      float b = x->scale * x->B[(size_t)o * x->r + k];
+      const float *ar = x->A + (size_t)k * x->in;
+      for (int i = 0; i < x->in; i++) d[i] += b * ar[i];
+    }
+    for (int i = 0; i < x->in; i++) {
+      size_t j = (size_t)o * x->in + i;
+      w[j] = gptoss_f32_to_bf16(gptoss_bf16_to_f32(src[j]) + d[i]);
+    }
+  }
+  free(d);
+  return w;
+}
+
+gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *a, const char *out_dir, int threads) {
+  gptoss_status rc = gptoss_adapter_check(a, m);
+  if (rc) return rc;
+  struct stat sb;
+  if (stat(out_dir, &sb) == 0) return gptoss_fail(GPTOSS_EIO, "%s: already exists; merge writes a new directory", out_dir);
+  size_t n = strlen(out_dir) + 16;
+  char *tmp = malloc(n);
+  if (!tmp) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  snprintf(tmp, n, "%s.tmp-XXXXXX", out_dir);
+  if (!mkdtemp(tmp)) { rc = gptoss_fail(GPTOSS_EIO, "%s: %s", tmp, strerror(errno)); free(tmp); return rc; }
+  const gptoss_st *st = m->st;
+  size_t nt = gptoss_st_count(st);
+  /* one output file per input file, in the same layout, so the index stays valid */
+  const char **files = calloc(nt, sizeof *files);
+  size_t nf = 0;
+  if (!files) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (size_t i = 0; i < nt && !rc; i++) {
+    const char *f = gptoss_st_at(st, i)->file;
+    size_t k = 0;
+    while (k < nf && strcmp(files[k], f) != 0) k++;
+    if (k == nf) files[nf++] = f;
+  }
+  for (size_t fi = 0; fi < nf && !rc; fi++) {
+    const char *base = strrchr(files[fi], '/');
+    char *path = gptoss_path_join(tmp, base ? base + 1 : files[fi]);
+    gptoss_st_writer *w = NULL;
+    if (!path) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+    if (!rc) rc = gptoss_stw_new(path, &w);
+    for (size_t i = 0; i < nt && !rc; i++) {
+      const gptoss_tensor *t = gptoss_st_at(st, i);
+      if (strcmp(t->file, files[fi]) != 0) continue;
+      const gptoss_lora *x = NULL;
+      for (int l = 0; l < m->cfg.num_hidden_layers && !x; l++) {
+        static const gptoss_role role[GPTOSS_LORA_MODULES] = {GPTOSS_T_Q_W, GPTOSS_T_K_W, GPTOSS_T_V_W, GPTOSS_T_O_W};
+        for (int k = 0; k < GPTOSS_LORA_MODULES && !x; k++)
+          if (LAYER_T(m, l, role[k]) == t) x = gptoss_adapter_module(a, l, k);
+      }
+      uint16_t *mw = NULL;
+      if (x && !(mw = merged(t, x))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory merging %s", t->name); break; }
+      gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, mw ? (const void *)mw : t->data, t->nbytes};
+      rc = gptoss_stw_add(w, t->name, t->dtype, t->ndim, t->shape, &f);
+      free(mw);
+    }
+    if (!rc) {
+      const char *fmt = gptoss_st_metadata(st, "format");
+      rc = gptoss_stw_metadata(w, "format", fmt ? fmt : "pt");
+    }
+    if (!rc) rc = gptoss_stw_commit(w, threads);
+    gptoss_stw_free(w);
+    free(path);
+  }
+  /* every other file of the model directory: config, index, tokenizer */
+  DIR *d = rc ? NULL : opendir(m->dir);
+  if (!rc && !d) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", m->dir, strerror(errno));
+  if (d) {
+    struct dirent *e;
+    while (!rc && (e = readdir(d))) {
+      size_t len = strlen(e->d_name);
+      if (e->d_name[0] == '.' || (len > 12 && !strcmp(e->d_name + len - 12, ".safetensors"))) continue;
+      char *src = gptoss_path_join(m->dir, e->d_name), *dst = gptoss_path_join(tmp, e->d_name);
+      struct stat fs;
+      if (!src || !dst) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+      else if (stat(src, &fs) == 0 && S_ISREG(fs.st_mode)) rc = copy_file(src, dst);
+      free(src);
+      free(dst);
+    }
+    closedir(d);
+  }
+  if (!rc && rename(tmp, out_dir) != 0) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", out_dir, strerror(errno));
+  if (rc) remove_tree(tmp);
+  free(files);
+  free(tmp);
   return rc;
 }
 /* }====================================================== */

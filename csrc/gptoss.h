@@ -353,6 +353,11 @@ int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
    file, written atomically: with the adapter's own files it makes a
    checkpoint that a resumed run continues exactly. */
 gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path);
+/* Writes out_dir: the model's checkpoint with the adapter merged into its
+   projections, W' = bf16(W + scale B A), every other tensor and file copied.
+   The directory appears whole (built under a temporary name, then renamed);
+   out_dir must not exist yet. */
+gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *a, const char *out_dir, int threads);
 /* dst's LoRA weights become src's: same layers, modules and shapes */
 gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adapter *src);
 gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path);

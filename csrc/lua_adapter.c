@@ -164,6 +164,17 @@ static int adapter_load_state(lua_State *L) {
   return 1;
 }
 
+/* gptoss.core.lora_merge(model, adapter, out_dir [, threads]) -> out_dir | nil, message */
+static int l_lora_merge(lua_State *L) {
+  gptoss_model *m = lg_check_model(L, 1);
+  gptoss_adapter *a = lg_check_adapter(L, 2);
+  const char *out = luaL_checkstring(L, 3);
+  int threads = (int)luaL_optinteger(L, 4, 0);
+  if (gptoss_adapter_merge(m, a, out, threads)) return lg_fail(L);
+  lua_pushvalue(L, 3);
+  return 1;
+}
+
 /* a:copy_from(b) -> a: b's LoRA weights into a (same layout) */
 static int adapter_copy_from(lua_State *L) {
   if (gptoss_adapter_copy_weights(lg_check_adapter(L, 1), lg_check_adapter(L, 2))) return lg_raise(L);
@@ -251,5 +262,7 @@ int luaopen_gptoss_adapter(lua_State *L) {
   lua_setfield(L, -2, "lora_new");
   lua_pushcfunction(L, l_lora_backward);
   lua_setfield(L, -2, "lora_backward");
+  lua_pushcfunction(L, l_lora_merge);
+  lua_setfield(L, -2, "lora_merge");
   return 0;
 }

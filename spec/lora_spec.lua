@@ -208,3 +208,51 @@ describe("LoRA adapters (PEFT format, CPU)", function()
     end)
   end)
 end)
+
+describe("merging an adapter into a checkpoint", function()
+  it("writes a loadable checkpoint whose logits are the adapter's (bf16 rounding aside)", function()
+    local m = assert(gptoss.load(H.tiny()))
+    local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
+    local ids = fx:numbers("ids")
+    local a = assert(gptoss.adapter.load(FX .. "attn_r4"))
+    local out = H.tmpdir() .. "/merged"
+    assert.are.equal(out, m:merge(a, out))
+    local mm = assert(gptoss.load(out))
+    local merged = mm:logits(ids)
+    -- bf16 rounding of W + dW moves some near-tied routers of this random
+    -- model, so the logits land near PEFT's with the adapter, not on them
+    local worst = compare(merged, fx)
+    local base = compare(merged, fx, "base_")
+    assert.is_true(worst < 0.25 and worst < base / 5, string.format("merged: %.3g from the adapter's, %.3g from the base", worst, base))
+    -- each merged weight is W + scale * B A within bf16 rounding
+    local src0 = assert(gptoss.safetensors(H.tiny()))
+    local dst0 = assert(gptoss.safetensors(out))
+    local W = src0:floats("model.layers.1.self_attn.v_proj.weight")
+    local M2 = dst0:floats("model.layers.1.self_attn.v_proj.weight")
+    local v = a:module(1, "v")
+    for _, oi in ipairs { { 1, 1 }, { 7, 30 }, { 32, 64 }, { 17, 2 } } do
+      local o, i = oi[1], oi[2]
+      local d = 0
+      for k = 1, v.r do d = d + v.B:get(o, k) * v.A:get(k, i) end
+      local want = W:get(o, i) + v.scale * d
+      assert.is_true(math.abs(M2:get(o, i) - want) <= math.abs(want) * 2 ^ -8 + 1e-30, string.format("(%d, %d)", o, i))
+    end
+    src0:close(); dst0:close()
+    -- only the projections changed; every other tensor is byte for byte the same
+    local src, dst = assert(gptoss.safetensors(H.tiny())), assert(gptoss.safetensors(out))
+    local changed = 0
+    for _, t in ipairs(src:tensors()) do
+      local same = src:read(t.name) == dst:read(t.name)
+      if t.name:match("self_attn%.[qkvo]_proj%.weight$") then assert.is_false(same, t.name); changed = changed + 1
+      else assert.is_true(same, t.name) end
+    end
+    assert.are.equal(16, changed)
+    assert.are.equal(H.read(H.tiny() .. "/config.json"), H.read(out .. "/config.json"))
+    assert.is_true(H.exists(out .. "/tokenizer.json"))
+    -- no clobbering, no leftovers
+    local again, err = m:merge(a, out)
+    assert.is_nil(again); assert.matches("already exists", err, 1, true)
+    for _, f in ipairs(H.files(out .. "/..")) do assert.is_nil(f:match("merged%.tmp"), f) end
+    src:close(); dst:close(); mm:close(); a:close(); fx:close(); m:close()
+  end)
+end)

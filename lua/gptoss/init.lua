@@ -100,6 +100,9 @@ Model.lora = core.lora_new
 -- summed next-token loss over positions whose mask entry is set (the first
 -- position is never a target), its gradients added into the adapter's.
 Model.lora_backward = core.lora_backward
+--- model:merge(adapter, out_dir) -> out_dir | nil, message: a new checkpoint
+-- with the adapter merged into the bf16 projections (load it with gptoss.load)
+Model.merge = core.lora_merge
 
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,

@@ -16,6 +16,10 @@ from safetensors import safe_open; import sys
 h = safe_open(sys.argv[1] + '/adapter_model.safetensors', 'pt')
 ks = sorted(h.keys()); print(len(ks), 'tensors'); [print(k, h.get_slice(k).get_shape(), h.get_slice(k).get_dtype()) for k in ks[:6]]" $d; done
 if [ -n "${GPTOSS_SAVED:-}" ]; then
+  # an adapter trained here, and the logits gptoss gives with it
+  lua5.4 tools/lora_trained_ref.lua /tmp/tiny /tmp/trained $OUT/trained_ref.safetensors
+  python3 tools/reference/peft_lora.py --check /tmp/tiny /tmp/trained $OUT/trained_ref.safetensors
+  cp -r /tmp/trained $OUT/trained
   for name in attn_r4 qv_rslora_r8; do
     lua5.4 tools/lora_resave.lua spec/fixtures/lora/$name /tmp/resaved_$name
     python3 tools/reference/peft_lora.py --check /tmp/tiny /tmp/resaved_$name spec/fixtures/lora/$name.safetensors
