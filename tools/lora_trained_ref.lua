@@ -20,7 +20,7 @@ local subset, seen = {}, {}
 for v = 0, V - 1, 997 do subset[#subset + 1] = v; seen[v] = true end
 local argmax = {}
 for t = 1, #ids do
-  local a = lg:argmax(t) - 1
+  local a = lg:argmax(t)            -- 0-based token id
   argmax[t] = a
   if not seen[a] then subset[#subset + 1] = a; seen[a] = true end
 end
