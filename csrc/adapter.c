@@ -22,7 +22,7 @@
 #include "backend.h"
 #include "cpu/cpu.h"
 
-static const char module_letter[GPTOSS_LORA_MODULES] = {'q', 'k', 'v', 'o'};
+static const char *const module_name[GPTOSS_LORA_MODULES] = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"};
 
 struct gptoss_adapter {
   int refs;
@@ -31,6 +31,7 @@ struct gptoss_adapter {
   double alpha;
   int r, rslora;
   int steps;                    /* AdamW steps taken */
+  int tp[2], ntp;               /* target_parameters in listed order (expert modules) */
   cJSON *config;                /* adapter_config.json as read, written back by save */
 };
 
@@ -72,7 +73,7 @@ void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out) {
   out->rslora = a->rslora;
   out->nlayers = a->nlayers;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
-    if (a->mod[i].r) { out->modules++; out->params += (size_t)a->mod[i].r * (a->mod[i].in + a->mod[i].out); }
+    if (a->mod[i].r) { out->modules++; out->params += (size_t)a->mod[i].rk * (a->mod[i].in + a->mod[i].out); }
 }
 
 /* {====================================================== config */
@@ -111,7 +112,6 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
   /* what would change the arithmetic and is not implemented: refuse by name */
   static const char *const unsupported[] = {
     "use_dora", "DoRA (use_dora)", "alpha_pattern", "per-module alpha (alpha_pattern)",
-    "target_parameters", "LoRA on the experts (target_parameters) is not supported yet",
     "modules_to_save", "fully trained modules (modules_to_save)", "fan_in_fan_out", "fan_in_fan_out weights",
     "lora_bias", "LoRA biases (lora_bias)", "trainable_token_indices", "trainable tokens (trainable_token_indices)",
     "layer_replication", "layer_replication", "use_qalora", "QA-LoRA (use_qalora)", NULL};
@@ -121,6 +121,23 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
       snprintf(msg, sizeof msg, "field %s is set: %s", unsupported[i], unsupported[i + 1]);
       return config_fail(path, msg);
     }
+  v = cJSON_GetObjectItemCaseSensitive(j, "target_parameters");
+  if (json_set(v)) {
+    if (!cJSON_IsArray(v)) return config_fail(path, "field target_parameters must be a list");
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v) {
+      size_t n = cJSON_IsString(e) ? strlen(e->valuestring) : 0;
+      int m = n >= 20 && !strcmp(e->valuestring + n - 20, "experts.gate_up_proj") ? GPTOSS_LORA_GU
+            : n >= 17 && !strcmp(e->valuestring + n - 17, "experts.down_proj") ? GPTOSS_LORA_DN : -1;
+      if (m < 0 || a->ntp >= 2) {
+        char msg[200];
+        snprintf(msg, sizeof msg, "field target_parameters: entry %s is not supported (mlp.experts.gate_up_proj, mlp.experts.down_proj)",
+                 cJSON_IsString(e) ? e->valuestring : "(not a string)");
+        return config_fail(path, msg);
+      }
+      a->tp[a->ntp++] = m;
+    }
+  }
   v = cJSON_GetObjectItemCaseSensitive(j, "bias");
   if (v && !cJSON_IsNull(v) && (!cJSON_IsString(v) || strcmp(v->valuestring, "none") != 0))
     return config_fail(path, "field bias must be \"none\" (trained biases are not supported)");
@@ -129,16 +146,44 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
 /* }====================================================== */
 
 /* {====================================================== load */
-/* layer and module of a PEFT tensor name; ab: 0 for lora_A, 1 for lora_B */
-static int parse_name(const char *name, int *layer, int *mod, int *ab) {
+/* layer and module of a PEFT tensor name; ab: 0 for lora_A, 1 for lora_B.
+   Expert LoRAs nest: with target_parameters [p1, ..., pn] PEFT wraps p1
+   first, so pn's tensors are mlp.experts.lora_*, and each earlier one sits
+   one ".base_layer" deeper. */
+static int parse_name(const gptoss_adapter *a, const char *name, int *layer, int *mod, int *ab) {
   int l, n = 0;
   char p, which;
-  if (sscanf(name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_%c.weight%n", &l, &p, &which, &n) != 3 ||
-      name[n] != '\0' || l < 0 || l >= GPTOSS_MAX_LAYERS || (which != 'A' && which != 'B'))
+  if (sscanf(name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_%c.weight%n", &l, &p, &which, &n) == 3 &&
+      name[n] == '\0' && l >= 0 && l < GPTOSS_MAX_LAYERS && (which == 'A' || which == 'B')) {
+    for (int i = 0; i < GPTOSS_LORA_ATTN_MODULES; i++)
+      if (module_name[i][0] == p) { *layer = l; *mod = i; *ab = which == 'B'; return 1; }
     return 0;
-  for (int i = 0; i < GPTOSS_LORA_MODULES; i++)
-    if (module_letter[i] == p) { *layer = l; *mod = i; *ab = which == 'B'; return 1; }
-  return 0;
+  }
+  n = 0;
+  if (sscanf(name, "base_model.model.model.layers.%d.mlp.experts%n", &l, &n) != 1 || n == 0 || l < 0 || l >= GPTOSS_MAX_LAYERS)
+    return 0;
+  const char *q = name + n;
+  int depth = 0;
+  while (strncmp(q, ".base_layer", 11) == 0) { q += 11; depth++; }
+  if (strcmp(q, ".lora_A.weight") != 0 && strcmp(q, ".lora_B.weight") != 0) return 0;
+  if (depth >= a->ntp) return 0;
+  *layer = l;
+  *mod = a->tp[a->ntp - 1 - depth];
+  *ab = q[6] == 'B';
+  return 1;
+}
+
+/* a module's tensor name as PEFT writes it */
+static void tensor_name(const gptoss_adapter *a, int l, int m, char ab, char *buf, size_t n) {
+  if (m < GPTOSS_LORA_ATTN_MODULES) {
+    snprintf(buf, n, "base_model.model.model.layers.%d.self_attn.%s.lora_%c.weight", l, module_name[m], ab);
+    return;
+  }
+  int depth = 0;
+  for (int k = a->ntp - 1; k >= 0 && a->tp[k] != m; k--) depth++;
+  int w = snprintf(buf, n, "base_model.model.model.layers.%d.mlp.experts", l);
+  for (int d = 0; d < depth && w > 0 && (size_t)w < n; d++) w += snprintf(buf + w, n - (size_t)w, ".base_layer");
+  if (w > 0 && (size_t)w < n) snprintf(buf + w, n - (size_t)w, ".lora_%c.weight", ab);
 }
 
 static gptoss_status to_f32(const gptoss_tensor *t, float *dst) {
@@ -169,56 +214,64 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
   gptoss_status rc = GPTOSS_OK;
   if (!cpath || !wpath) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
   if (!gptoss_file_exists(wpath)) { rc = gptoss_fail(GPTOSS_EIO, "%s: no such file (PEFT adapters keep their weights there)", wpath); goto done; }
+  if (!(a = adapter_alloc(GPTOSS_MAX_LAYERS))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  if ((rc = read_config(cpath, a))) goto done;
   if ((rc = gptoss_st_open(wpath, &st))) goto done;
   int nl = 0;
   size_t n = gptoss_st_count(st);
+  if (n == 0) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: holds no tensors", wpath); goto done; }
   for (size_t i = 0; i < n; i++) {
     const gptoss_tensor *t = gptoss_st_at(st, i);
     int l, m, ab;
-    if (!parse_name(t->name, &l, &m, &ab)) {
+    if (!parse_name(a, t->name, &l, &m, &ab)) {
       rc = gptoss_fail(GPTOSS_EUNSUP, "%s: tensor %s is not a LoRA weight of an attention projection "
-                       "(base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight)", wpath, t->name);
+                       "(base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight) or of the experts "
+                       "named in target_parameters", wpath, t->name);
       goto done;
     }
     if (l + 1 > nl) nl = l + 1;
-  }
-  if (n == 0) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: holds no tensors", wpath); goto done; }
-  if (!(a = adapter_alloc(nl))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
-  if ((rc = read_config(cpath, a))) goto done;
-  for (size_t i = 0; i < n; i++) {
-    const gptoss_tensor *t = gptoss_st_at(st, i);
-    int l, m, ab;
-    parse_name(t->name, &l, &m, &ab);
     if (t->ndim != 2 || t->shape[0] < 1 || t->shape[1] < 1) {
       rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be a matrix", wpath, t->name);
       goto done;
     }
     gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + m];
     float **dst = ab ? &x->B : &x->A;
+    if (*dst) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s appears twice", wpath, t->name); goto done; }
     *dst = malloc(sizeof(float) * (size_t)(t->shape[0] * t->shape[1]));
     if (!*dst) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for %s", t->name); goto done; }
     if ((rc = to_f32(t, *dst))) goto done;
     if (ab) { x->out = (int)t->shape[0]; x->rb = (int)t->shape[1]; }
-    else { x->r = (int)t->shape[0]; x->in = (int)t->shape[1]; }
-    if (t->shape[ab] > GPTOSS_LORA_MAX_RANK) {
+    else { x->rk = (int)t->shape[0]; x->in = (int)t->shape[1]; }
+    if (t->shape[ab] > (m < GPTOSS_LORA_ATTN_MODULES ? GPTOSS_LORA_MAX_RANK : GPTOSS_LORA_MAX_RANK * 256)) {
       rc = gptoss_fail(GPTOSS_EUNSUP, "%s: tensor %s has rank %lld; at most %d is supported", wpath, t->name,
                        (long long)t->shape[ab], GPTOSS_LORA_MAX_RANK);
       goto done;
     }
   }
+  a->nlayers = nl;
   for (int l = 0; l < nl; l++)
     for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
       gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + m];
       if (!x->A && !x->B) continue;
       if (!x->A || !x->B) {
-        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %c_proj has lora_%c but not lora_%c", wpath, l, module_letter[m],
+        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %s has lora_%c but not lora_%c", wpath, l, module_name[m],
                          x->A ? 'A' : 'B', x->A ? 'B' : 'A');
         goto done;
       }
-      if (x->rb != x->r) {
-        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %c_proj: lora_A has rank %d, lora_B rank %d", wpath, l, module_letter[m],
-                         x->r, x->rb);
+      if (x->rb != x->rk) {
+        rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %s: lora_A has rank %d, lora_B rank %d", wpath, l, module_name[m],
+                         x->rk, x->rb);
         goto done;
+      }
+      if (m < GPTOSS_LORA_ATTN_MODULES) { x->r = x->rk; x->experts = 0; }
+      else {                                    /* r per expert comes from the config */
+        if (x->rk % a->r) {
+          rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %s: lora_A has %d rows, not a multiple of r = %d", wpath, l,
+                           module_name[m], x->rk, a->r);
+          goto done;
+        }
+        x->r = a->r;
+        x->experts = x->rk / a->r;
       }
       x->scale = (float)lora_scale(a->alpha, x->r, a->rslora);
     }
@@ -236,16 +289,20 @@ done:
 gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *m) {
   const gptoss_config *c = &m->cfg;
   int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, KV = c->num_key_value_heads * c->head_dim;
-  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H};
+  int I = c->intermediate_size;
+  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q, H, I}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H, 2 * I, H};
   for (int l = 0; l < a->nlayers; l++)
     for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
       const gptoss_lora *x = gptoss_adapter_module(a, l, i);
       if (!x) continue;
       if (l >= c->num_hidden_layers)
         return gptoss_fail(GPTOSS_EARG, "adapter has a LoRA on layer %d but the model has %d layers", l, c->num_hidden_layers);
+      if (x->experts && x->experts != c->num_local_experts)
+        return gptoss_fail(GPTOSS_EARG, "adapter's layer %d %s has LoRAs for %d experts; the model has %d", l, module_name[i],
+                           x->experts, c->num_local_experts);
       if (x->in != in[i] || x->out != outd[i])
-        return gptoss_fail(GPTOSS_EARG, "adapter's layer %d %c_proj maps %d to %d features; the model's maps %d to %d", l,
-                           module_letter[i], x->in, x->out, in[i], outd[i]);
+        return gptoss_fail(GPTOSS_EARG, "adapter's layer %d %s maps %d to %d features; the model's maps %d to %d", l,
+                           module_name[i], x->in, x->out, in[i], outd[i]);
     }
   return GPTOSS_OK;
 }
@@ -290,13 +347,13 @@ gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
     for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
       const gptoss_lora *x = gptoss_adapter_module(a, l, i);
       if (!x) continue;
-      char name[128];
-      int64_t sa[2] = {x->r, x->in}, sb[2] = {x->out, x->r};
-      gptoss_fill fa = {GPTOSS_FILL_DATA, 0, 0, 0, x->A, sizeof(float) * (size_t)x->r * x->in};
-      gptoss_fill fb = {GPTOSS_FILL_DATA, 0, 0, 0, x->B, sizeof(float) * (size_t)x->out * x->r};
-      snprintf(name, sizeof name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_A.weight", l, module_letter[i]);
+      char name[160];
+      int64_t sa[2] = {x->rk, x->in}, sb[2] = {x->out, x->rk};
+      gptoss_fill fa = {GPTOSS_FILL_DATA, 0, 0, 0, x->A, sizeof(float) * (size_t)x->rk * x->in};
+      gptoss_fill fb = {GPTOSS_FILL_DATA, 0, 0, 0, x->B, sizeof(float) * (size_t)x->out * x->rk};
+      tensor_name(a, l, i, 'A', name, sizeof name);
       rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sa, &fa);
-      snprintf(name, sizeof name, "base_model.model.model.layers.%d.self_attn.%c_proj.lora_B.weight", l, module_letter[i]);
+      tensor_name(a, l, i, 'B', name, sizeof name);
       if (!rc) rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sb, &fb);
     }
   if (!rc) rc = gptoss_stw_metadata(w, "format", "pt");
@@ -315,8 +372,6 @@ done:
 /* }====================================================== */
 
 /* {====================================================== training */
-static const char *const module_name[GPTOSS_LORA_MODULES] = {"q_proj", "k_proj", "v_proj", "o_proj"};
-
 /* PEFT's adapter_config.json for a new adapter */
 static cJSON *new_config(const gptoss_model *m, const gptoss_lora_opts *o) {
   cJSON *j = cJSON_CreateObject(), *tm = cJSON_CreateArray();
@@ -334,10 +389,15 @@ static cJSON *new_config(const gptoss_model *m, const gptoss_lora_opts *o) {
   cJSON_AddBoolToObject(j, "init_lora_weights", o->init == 0);
   cJSON_AddBoolToObject(j, "use_dora", 0);
   cJSON_AddNullToObject(j, "modules_to_save");
-  cJSON_AddNullToObject(j, "target_parameters");
-  for (int i = 0; i < GPTOSS_LORA_MODULES; i++)
+  for (int i = 0; i < GPTOSS_LORA_ATTN_MODULES; i++)
     if (o->modules & (1u << i)) cJSON_AddItemToArray(tm, cJSON_CreateString(module_name[i]));
   cJSON_AddItemToObject(j, "target_modules", tm);
+  if (o->modules >> GPTOSS_LORA_ATTN_MODULES) {   /* PEFT's ParamWrapper, gate_up first (innermost) */
+    cJSON *tp = cJSON_AddArrayToObject(j, "target_parameters");
+    if (o->modules & (1u << GPTOSS_LORA_GU)) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.gate_up_proj"));
+    if (o->modules & (1u << GPTOSS_LORA_DN)) cJSON_AddItemToArray(tp, cJSON_CreateString("mlp.experts.down_proj"));
+  } else
+    cJSON_AddNullToObject(j, "target_parameters");
   if (o->layers) {
     cJSON *ls = cJSON_AddArrayToObject(j, "layers_to_transform");
     for (int l = 0; l < m->cfg.num_hidden_layers; l++) if (o->layers[l]) cJSON_AddItemToArray(ls, cJSON_CreateNumber(l));
@@ -354,10 +414,12 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
   if (o->dropout != 0) return gptoss_fail(GPTOSS_EUNSUP, "lora: dropout is not implemented yet (use 0)");
   if (!o->modules || o->modules >> GPTOSS_LORA_MODULES) return gptoss_fail(GPTOSS_EARG, "lora: no valid target module");
   int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, KV = c->num_key_value_heads * c->head_dim;
-  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H};
+  int I = c->intermediate_size, E = c->num_local_experts;
+  const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q, H, I}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H, 2 * I, H};
   gptoss_adapter *a = adapter_alloc(c->num_hidden_layers);
   if (!a) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   a->r = o->r; a->alpha = o->alpha; a->rslora = o->rslora;
+  for (int i = GPTOSS_LORA_GU; i <= GPTOSS_LORA_DN; i++) if (o->modules & (1u << i)) a->tp[a->ntp++] = i;
   if (!(a->config = new_config(m, o))) { gptoss_adapter_free(a); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
   uint64_t ctr = 0;
   for (int l = 0; l < c->num_hidden_layers; l++) {
@@ -365,17 +427,18 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
     for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
       if (!(o->modules & (1u << i))) continue;
       gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + i];
-      x->r = x->rb = o->r; x->in = in[i]; x->out = outd[i];
+      x->experts = i >= GPTOSS_LORA_ATTN_MODULES ? E : 0;
+      x->r = o->r; x->rk = x->rb = o->r * (x->experts ? x->experts : 1); x->in = in[i]; x->out = outd[i];
       x->scale = (float)lora_scale(o->alpha, o->r, o->rslora);
-      x->A = malloc(sizeof(float) * (size_t)x->r * x->in);
-      x->B = calloc((size_t)x->out * x->r, sizeof(float));
+      x->A = malloc(sizeof(float) * (size_t)x->rk * x->in);
+      x->B = calloc((size_t)x->out * x->rk, sizeof(float));
       if (!x->A || !x->B) { gptoss_adapter_free(a); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the adapter"); }
       /* kaiming_uniform_(a=sqrt(5)) on [r][in]: U(-1/sqrt(in), 1/sqrt(in)) */
       double ba = 1.0 / sqrt((double)x->in), bb = 1.0 / sqrt((double)x->r);
-      for (size_t k = 0; k < (size_t)x->r * x->in; k++)
+      for (size_t k = 0; k < (size_t)x->rk * x->in; k++)
         x->A[k] = (float)(ba * (2 * gptoss_u01(gptoss_mix64(o->seed * 0x9e3779b97f4a7c15ull + ctr++)) - 1));
       if (o->init == 1)
-        for (size_t k = 0; k < (size_t)x->out * x->r; k++)
+        for (size_t k = 0; k < (size_t)x->out * x->rk; k++)
           x->B[k] = (float)(bb * (2 * gptoss_u01(gptoss_mix64(o->seed * 0x9e3779b97f4a7c15ull + ctr++)) - 1));
     }
   }
@@ -387,8 +450,8 @@ static gptoss_status grads_alloc(gptoss_adapter *a) {
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
     if (!x->r || x->gA) continue;
-    x->gA = calloc((size_t)x->r * x->in, sizeof(float));
-    x->gB = calloc((size_t)x->out * x->r, sizeof(float));
+    x->gA = calloc((size_t)x->rk * x->in, sizeof(float));
+    x->gB = calloc((size_t)x->out * x->rk, sizeof(float));
     if (!x->gA || !x->gB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the adapter's gradients");
   }
   return GPTOSS_OK;
@@ -397,8 +460,8 @@ static gptoss_status grads_alloc(gptoss_adapter *a) {
 void gptoss_adapter_zero_grad(gptoss_adapter *a) {
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
-    if (x->gA) memset(x->gA, 0, sizeof(float) * (size_t)x->r * x->in);
-    if (x->gB) memset(x->gB, 0, sizeof(float) * (size_t)x->out * x->r);
+    if (x->gA) memset(x->gA, 0, sizeof(float) * (size_t)x->rk * x->in);
+    if (x->gB) memset(x->gB, 0, sizeof(float) * (size_t)x->out * x->rk);
   }
 }
 
@@ -428,12 +491,12 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
     if (!x->r) continue;
     if (!x->gA) return gptoss_fail(GPTOSS_ESTATE, "adamw: no gradients yet (run a backward pass first)");
     if (!x->mA) {
-      x->mA = calloc((size_t)x->r * x->in, sizeof(float)); x->vA = calloc((size_t)x->r * x->in, sizeof(float));
-      x->mB = calloc((size_t)x->out * x->r, sizeof(float)); x->vB = calloc((size_t)x->out * x->r, sizeof(float));
+      x->mA = calloc((size_t)x->rk * x->in, sizeof(float)); x->vA = calloc((size_t)x->rk * x->in, sizeof(float));
+      x->mB = calloc((size_t)x->out * x->rk, sizeof(float)); x->vB = calloc((size_t)x->out * x->rk, sizeof(float));
       if (!x->mA || !x->vA || !x->mB || !x->vB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer state");
     }
-    for (size_t k = 0; k < (size_t)x->r * x->in; k++) { double g = x->gA[k] * o->grad_scale; ss += g * g; }
-    for (size_t k = 0; k < (size_t)x->out * x->r; k++) { double g = x->gB[k] * o->grad_scale; ss += g * g; }
+    for (size_t k = 0; k < (size_t)x->rk * x->in; k++) { double g = x->gA[k] * o->grad_scale; ss += g * g; }
+    for (size_t k = 0; k < (size_t)x->out * x->rk; k++) { double g = x->gB[k] * o->grad_scale; ss += g * g; }
   }
   double norm = sqrt(ss), clip = 1;
   if (!isfinite(norm)) return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
@@ -446,7 +509,7 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
     gptoss_lora *x = &a->mod[i];
     if (!x->r) continue;
     float *p[2] = {x->A, x->B}, *g[2] = {x->gA, x->gB}, *mm[2] = {x->mA, x->mB}, *vv[2] = {x->vA, x->vB};
-    size_t n[2] = {(size_t)x->r * x->in, (size_t)x->out * x->r};
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
     for (int w = 0; w < 2; w++)
       for (size_t k = 0; k < n[w]; k++) {
         float gk = g[w][k] * gs;
@@ -467,8 +530,8 @@ gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adap
   for (int l = 0; l < nl; l++)
     for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
       const gptoss_lora *s = gptoss_adapter_module(src, l, i), *d = gptoss_adapter_module(dst, l, i);
-      if (!s != !d || (s && (s->r != d->r || s->in != d->in || s->out != d->out)))
-        return gptoss_fail(GPTOSS_EARG, "adapters differ at layer %d %c_proj (%s)", l, module_letter[i],
+      if (!s != !d || (s && (s->rk != d->rk || s->in != d->in || s->out != d->out)))
+        return gptoss_fail(GPTOSS_EARG, "adapters differ at layer %d %s (%s)", l, module_name[i],
                            !s != !d ? "present in one only" : "shapes");
     }
   for (int l = 0; l < dst->nlayers; l++)
@@ -476,8 +539,8 @@ gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adap
       gptoss_lora *d = (gptoss_lora *)gptoss_adapter_module(dst, l, i);
       const gptoss_lora *s = gptoss_adapter_module(src, l, i);
       if (!d) continue;
-      memcpy(d->A, s->A, sizeof(float) * (size_t)d->r * d->in);
-      memcpy(d->B, s->B, sizeof(float) * (size_t)d->out * d->r);
+      memcpy(d->A, s->A, sizeof(float) * (size_t)d->rk * d->in);
+      memcpy(d->B, s->B, sizeof(float) * (size_t)d->out * d->rk);
     }
   return GPTOSS_OK;
 }
@@ -497,8 +560,8 @@ gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *pat
       static const char *const what[4] = {"lora_A.exp_avg", "lora_A.exp_avg_sq", "lora_B.exp_avg", "lora_B.exp_avg_sq"};
       for (int k = 0; k < 4 && !rc; k++) {
         char name[128];
-        snprintf(name, sizeof name, "layers.%d.%c_proj.%s", l, module_letter[i], what[k]);
-        int64_t shape[2] = {k < 2 ? x->r : x->out, k < 2 ? x->in : x->r};
+        snprintf(name, sizeof name, "layers.%d.%s.%s", l, module_name[i], what[k]);
+        int64_t shape[2] = {k < 2 ? x->rk : x->out, k < 2 ? x->in : x->rk};
         gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, buf[k], sizeof(float) * (size_t)(shape[0] * shape[1])};
         rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, shape, &f);
       }
@@ -525,9 +588,9 @@ gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path) {
         static const char *const what[4] = {"lora_A.exp_avg", "lora_A.exp_avg_sq", "lora_B.exp_avg", "lora_B.exp_avg_sq"};
         for (int k = 0; k < 4 && !rc; k++) {
           char name[128];
-          snprintf(name, sizeof name, "layers.%d.%c_proj.%s", l, module_letter[i], what[k]);
+          snprintf(name, sizeof name, "layers.%d.%s.%s", l, module_name[i], what[k]);
           const gptoss_tensor *t = gptoss_st_find(st, name);
-          int64_t r0 = k < 2 ? x->r : x->out, r1 = k < 2 ? x->in : x->r;
+          int64_t r0 = k < 2 ? x->rk : x->out, r1 = k < 2 ? x->in : x->rk;
           if (!t) { if (n > 0) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, name); continue; }
           if (t->dtype != GPTOSS_F32 || t->ndim != 2 || t->shape[0] != r0 || t->shape[1] != r1) {
             rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be F32 [%lld, %lld]", path, name, (long long)r0, (long long)r1);
@@ -597,6 +660,10 @@ static uint16_t *merged(const gptoss_tensor *t, const gptoss_lora *x) {
 gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *a, const char *out_dir, int threads) {
   gptoss_status rc = gptoss_adapter_check(a, m);
   if (rc) return rc;
+  for (int l = 0; l < a->nlayers; l++)
+    if (gptoss_adapter_module(a, l, GPTOSS_LORA_GU) || gptoss_adapter_module(a, l, GPTOSS_LORA_DN))
+      return gptoss_fail(GPTOSS_EUNSUP, "merge: the adapter has expert LoRAs; the experts stay MXFP4, so a merge would "
+                         "have to requantize them (not supported): use the adapter unmerged");
   struct stat sb;
   if (stat(out_dir, &sb) == 0) return gptoss_fail(GPTOSS_EIO, "%s: already exists; merge writes a new directory", out_dir);
   size_t n = strlen(out_dir) + 16;
@@ -627,8 +694,8 @@ gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *
       if (strcmp(t->file, files[fi]) != 0) continue;
       const gptoss_lora *x = NULL;
       for (int l = 0; l < m->cfg.num_hidden_layers && !x; l++) {
-        static const gptoss_role role[GPTOSS_LORA_MODULES] = {GPTOSS_T_Q_W, GPTOSS_T_K_W, GPTOSS_T_V_W, GPTOSS_T_O_W};
-        for (int k = 0; k < GPTOSS_LORA_MODULES && !x; k++)
+        static const gptoss_role role[GPTOSS_LORA_ATTN_MODULES] = {GPTOSS_T_Q_W, GPTOSS_T_K_W, GPTOSS_T_V_W, GPTOSS_T_O_W};
+        for (int k = 0; k < GPTOSS_LORA_ATTN_MODULES && !x; k++)
           if (LAYER_T(m, l, role[k]) == t) x = gptoss_adapter_module(a, l, k);
       }
       uint16_t *mw = NULL;

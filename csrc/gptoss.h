@@ -297,11 +297,20 @@ gptoss_status gptoss_session_trace_get(const gptoss_session *s, int32_t *experts
    uses one holds a reference, so freeing it while sessions use it is safe. */
 typedef struct gptoss_adapter gptoss_adapter;
 #define GPTOSS_LORA_MAX_RANK 1024
-typedef enum { GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V, GPTOSS_LORA_O, GPTOSS_LORA_MODULES } gptoss_lora_module;
+typedef enum {
+  GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V, GPTOSS_LORA_O,
+  GPTOSS_LORA_GU, GPTOSS_LORA_DN,    /* the experts' gate_up_proj and down_proj, one LoRA per expert */
+  GPTOSS_LORA_MODULES
+} gptoss_lora_module;
+#define GPTOSS_LORA_ATTN_MODULES 4
+/* For the experts, PEFT's ParamWrapper layout: A [experts*r][in] with
+   expert e's rows e*r .. e*r+r-1, and B [out][r*experts] with expert e's
+   rank-k column at k*experts + e. rk = r * experts (r for attention). */
 typedef struct gptoss_lora {
-  int r, rb, in, out;      /* rb: lora_B's rank as read (== r once loaded) */
+  int r, rk, rb, in, out;  /* rb: lora_B's columns as read (== rk once loaded) */
+  int experts;             /* 0 for an attention projection */
   float scale;             /* alpha / r, or alpha / sqrt(r) with rslora */
-  float *A, *B;            /* A [r][in], B [out][r], row-major */
+  float *A, *B;            /* A [rk][in], B [out][rk], row-major */
   float *gA, *gB;          /* gradients (training), NULL until the first backward */
   float *mA, *mB, *vA, *vB;/* AdamW moments, NULL until the first step */
 } gptoss_lora;

@@ -35,25 +35,26 @@ static int adapter_save(lua_State *L) {
 static int adapter_module(lua_State *L) {
   gptoss_adapter *a = lg_check_adapter(L, 1);
   lua_Integer l = luaL_checkinteger(L, 2);
-  static const char *const names[] = {"q", "k", "v", "o", NULL};
+  static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
   int m = luaL_checkoption(L, 3, NULL, names);
   const gptoss_lora *x = l < 0 || l > GPTOSS_MAX_LAYERS ? NULL : gptoss_adapter_module(a, (int)l, (gptoss_lora_module)m);
   if (!x) { lua_pushnil(L); return 1; }
-  lua_createtable(L, 0, 4);
+  lua_createtable(L, 0, 8);
   lua_pushinteger(L, x->r); lua_setfield(L, -2, "r");
+  lua_pushinteger(L, x->experts); lua_setfield(L, -2, "experts");
   lua_pushnumber(L, x->scale); lua_setfield(L, -2, "scale");
-  lfloats *f = lg_floats_new(L, x->r, x->in);
-  memcpy(f->v, x->A, sizeof(float) * (size_t)x->r * x->in);
+  lfloats *f = lg_floats_new(L, x->rk, x->in);
+  memcpy(f->v, x->A, sizeof(float) * (size_t)x->rk * x->in);
   lua_setfield(L, -2, "A");
-  f = lg_floats_new(L, x->out, x->r);
-  memcpy(f->v, x->B, sizeof(float) * (size_t)x->out * x->r);
+  f = lg_floats_new(L, x->out, x->rk);
+  memcpy(f->v, x->B, sizeof(float) * (size_t)x->out * x->rk);
   lua_setfield(L, -2, "B");
   if (x->gA) {
-    f = lg_floats_new(L, x->r, x->in);
-    memcpy(f->v, x->gA, sizeof(float) * (size_t)x->r * x->in);
+    f = lg_floats_new(L, x->rk, x->in);
+    memcpy(f->v, x->gA, sizeof(float) * (size_t)x->rk * x->in);
     lua_setfield(L, -2, "gA");
-    f = lg_floats_new(L, x->out, x->r);
-    memcpy(f->v, x->gB, sizeof(float) * (size_t)x->out * x->r);
+    f = lg_floats_new(L, x->out, x->rk);
+    memcpy(f->v, x->gB, sizeof(float) * (size_t)x->out * x->rk);
     lua_setfield(L, -2, "gB");
   }
   return 1;
@@ -66,7 +67,8 @@ static ladapter *push_adapter(lua_State *L) {
   return b;
 }
 
-/* gptoss.core.lora_new(model, { r, alpha, rslora, targets = {"q","k","v","o"}, layers = {0-based},
+/* gptoss.core.lora_new(model, { r, alpha, rslora, targets = {"q","k","v","o","gate_up","down"} or groups
+   {"attn", "experts"} (default: attn), layers = {0-based},
    init = "peft"|"random", seed, dropout }) -> Adapter; bad options raise */
 static int l_lora_new(lua_State *L) {
   gptoss_model *m = lg_check_model(L, 1);
@@ -94,10 +96,14 @@ static int l_lora_new(lua_State *L) {
       for (int i = 1; i <= (int)lua_rawlen(L, -1); i++) {
         lua_rawgeti(L, -1, i);
         const char *t = lua_tostring(L, -1);
-        static const char *const names[] = {"q", "k", "v", "o"};
+        static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down"};
+        if (t && strcmp(t, "attn") == 0) { o.modules |= 15u; lua_pop(L, 1); continue; }
+        if (t && strcmp(t, "experts") == 0) { o.modules |= 48u; lua_pop(L, 1); continue; }
         int k = 0;
-        while (k < 4 && !(t && (strcmp(t, names[k]) == 0 || (strlen(t) == 6 && t[0] == names[k][0] && strcmp(t + 1, "_proj") == 0)))) k++;
-        if (k == 4) return luaL_error(L, "lora: unknown target '%s' (q, k, v, o; expert LoRA is not implemented yet)", t ? t : "?");
+        while (k < 6 && !(t && (strcmp(t, names[k]) == 0 ||
+                                (strncmp(t, names[k], strlen(names[k])) == 0 && strcmp(t + strlen(names[k]), "_proj") == 0))))
+          k++;
+        if (k == 6) return luaL_error(L, "lora: unknown target '%s' (q, k, v, o, gate_up, down, attn, experts)", t ? t : "?");
         o.modules |= 1u << k;
         lua_pop(L, 1);
       }

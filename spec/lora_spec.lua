@@ -33,7 +33,7 @@ describe("LoRA adapters (PEFT format, CPU)", function()
   setup(function() m = assert(gptoss.load(H.tiny(), { tokenizer = false })) end)
   teardown(function() m:close() end)
 
-  for _, name in ipairs { "attn_r4", "qv_rslora_r8" } do
+  for _, name in ipairs { "attn_r4", "qv_rslora_r8", "experts_r4" } do
     it(name .. ": PEFT's adapter gives PEFT's logits (relative L2 <= 1e-4)", function()
       local fx = assert(gptoss.safetensors(FX .. name .. ".safetensors"))
       local ids = fx:numbers("ids")
@@ -169,7 +169,7 @@ describe("LoRA adapters (PEFT format, CPU)", function()
     end)
 
     it("refuses what it does not implement, naming the field", function()
-      for field, value in pairs { use_dora = true, target_parameters = { "mlp.experts.gate_up_proj" },
+      for field, value in pairs { use_dora = true, target_parameters = { "mlp.router.weight" },
           alpha_pattern = { q_proj = 4 }, modules_to_save = { "lm_head" }, bias = "all", peft_type = "IA3" } do
         local a, err = gptoss.adapter.load(variant(function(c) c[field] = value end))
         assert.is_nil(a, field)

@@ -9,9 +9,14 @@ local train = require "gptoss.train"
 local FX = "spec/fixtures/lora/"
 local MODS = { "q", "k", "v", "o" }
 
+-- PEFT's tensor names; with target_parameters {gate_up_proj, down_proj},
+-- gate_up is wrapped first and so sits one base_layer deeper
 local function name(l, p, w)
+  if p == "gate_up" then return string.format("base_model.model.model.layers.%d.mlp.experts.base_layer.lora_%s.weight", l, w)
+  elseif p == "down" then return string.format("base_model.model.model.layers.%d.mlp.experts.lora_%s.weight", l, w) end
   return string.format("base_model.model.model.layers.%d.self_attn.%s_proj.lora_%s.weight", l, p, w)
 end
+local RUNS = { train_r4 = MODS, train_experts_r4 = { "o", "gate_up", "down" } }
 
 local function flat(fl, scale)
   local out, r, c = {}, fl:shape()
@@ -20,68 +25,75 @@ local function flat(fl, scale)
 end
 
 describe("LoRA training (CPU) vs PEFT", function()
-  local m, fx, ids, mask
-  setup(function()
-    m = assert(gptoss.load(H.tiny(), { tokenizer = false }))
-    fx = assert(gptoss.safetensors(FX .. "train_r4.safetensors"))
-    ids = fx:numbers("ids")
-    mask = {}
-    for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
-  end)
-  teardown(function() fx:close(); m:close() end)
+  local m
+  setup(function() m = assert(gptoss.load(H.tiny(), { tokenizer = false })) end)
+  teardown(function() m:close() end)
 
-  it("gives PEFT's loss and every LoRA gradient (relative L2 <= 1e-4)", function()
-    local a = assert(gptoss.adapter.load(FX .. "train_r4"))
-    local loss, n = m:lora_backward(a, ids, mask)
-    assert.are.equal(25, n)                        -- 39 predicted positions, 14 masked
-    local want = fx:numbers("loss")[1]
-    assert.is_true(math.abs(loss / n - want) / want < 1e-5, string.format("loss %.8g vs %.8g", loss / n, want))
-    local worst = 0
-    for l = 0, 3 do
-      for _, p in ipairs(MODS) do
-        local x = a:module(l, p)
-        for _, w in ipairs { "A", "B" } do
-          local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
-          worst = math.max(worst, err)
-          assert.is_true(err <= 1e-4, string.format("layer %d %s_proj lora_%s: relative L2 %.3g", l, p, w, err))
-        end
-      end
+  for run, mods in pairs(RUNS) do
+    local function fixture()
+      local fx = assert(gptoss.safetensors(FX .. run .. ".safetensors"))
+      local mask = {}
+      for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
+      return fx, fx:numbers("ids"), mask
     end
-    print(string.format("\n  gradients: worst relative L2 %.3g over 32 tensors", worst))
-    -- gradients accumulate until zero_grad
-    local g1 = a:module(2, "v").gA:get(1, 1)
-    m:lora_backward(a, ids, mask)
-    assert.near(2 * g1, a:module(2, "v").gA:get(1, 1), math.abs(g1) * 1e-5)
-    a:zero_grad()
-    assert.are.equal(0, a:module(2, "v").gA:get(1, 1))
-    a:close()
-  end)
 
-  it("follows PEFT through 5 AdamW steps with clipping (weights within 1e-3)", function()
-    local a = assert(gptoss.adapter.load(FX .. "train_r4"))
-    local losses, norms = fx:numbers("losses"), fx:numbers("grad_norms")
-    for s = 1, 5 do
-      a:zero_grad()
+    it(run .. ": gives PEFT's loss and every LoRA gradient (relative L2 <= 1e-4)", function()
+      local fx, ids, mask = fixture()
+      local a = assert(gptoss.adapter.load(FX .. run))
+      assert.are.equal(4 * #mods, a.modules)
       local loss, n = m:lora_backward(a, ids, mask)
-      assert.is_true(math.abs(loss / n - losses[s]) / losses[s] < 1e-4, string.format("step %d loss %.6g vs %.6g", s, loss / n, losses[s]))
-      local gn = a:step { lr = 1e-2, betas = { 0.9, 0.999 }, eps = 1e-8, weight_decay = 0.01, max_grad_norm = 1.0, grad_scale = 1 / n }
-      assert.is_true(math.abs(gn - norms[s]) / norms[s] < 1e-4, string.format("step %d grad norm %.6g vs %.6g", s, gn, norms[s]))
-    end
-    assert.are.equal(5, a.steps)
-    local worst = 0
-    for l = 0, 3 do
-      for _, p in ipairs(MODS) do
-        local x = a:module(l, p)
-        for _, w in ipairs { "A", "B" } do
-          local err = H.rel_l2(flat(x[w]), flat(fx:floats("step5." .. name(l, p, w))))
-          worst = math.max(worst, err)
-          assert.is_true(err <= 1e-3, string.format("layer %d %s_proj lora_%s: relative L2 %.3g", l, p, w, err))
+      assert.are.equal(25, n)                      -- 39 predicted positions, 14 masked
+      local want = fx:numbers("loss")[1]
+      assert.is_true(math.abs(loss / n - want) / want < 1e-5, string.format("loss %.8g vs %.8g", loss / n, want))
+      local worst = 0
+      for l = 0, 3 do
+        for _, p in ipairs(mods) do
+          local x = a:module(l, p)
+          for _, w in ipairs { "A", "B" } do
+            local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
+            worst = math.max(worst, err)
+            assert.is_true(err <= 1e-4, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
+          end
         end
       end
-    end
-    print(string.format("\n  after 5 steps: worst relative L2 %.3g", worst))
-    a:close()
-  end)
+      print(string.format("\n  %s gradients: worst relative L2 %.3g over %d tensors", run, worst, 8 * #mods))
+      -- gradients accumulate until zero_grad
+      local x0 = a:module(2, mods[1])
+      local g1 = x0.gA:get(1, 1)
+      m:lora_backward(a, ids, mask)
+      assert.near(2 * g1, a:module(2, mods[1]).gA:get(1, 1), math.abs(g1) * 1e-5)
+      a:zero_grad()
+      assert.are.equal(0, a:module(2, mods[1]).gA:get(1, 1))
+      a:close(); fx:close()
+    end)
+
+    it(run .. ": follows PEFT through 5 AdamW steps with clipping (weights within 1e-3)", function()
+      local fx, ids, mask = fixture()
+      local a = assert(gptoss.adapter.load(FX .. run))
+      local losses, norms = fx:numbers("losses"), fx:numbers("grad_norms")
+      for s = 1, 5 do
+        a:zero_grad()
+        local loss, n = m:lora_backward(a, ids, mask)
+        assert.is_true(math.abs(loss / n - losses[s]) / losses[s] < 1e-4, string.format("step %d loss %.6g vs %.6g", s, loss / n, losses[s]))
+        local gn = a:step { lr = 1e-2, betas = { 0.9, 0.999 }, eps = 1e-8, weight_decay = 0.01, max_grad_norm = 1.0, grad_scale = 1 / n }
+        assert.is_true(math.abs(gn - norms[s]) / norms[s] < 1e-4, string.format("step %d grad norm %.6g vs %.6g", s, gn, norms[s]))
+      end
+      assert.are.equal(5, a.steps)
+      local worst = 0
+      for l = 0, 3 do
+        for _, p in ipairs(mods) do
+          local x = a:module(l, p)
+          for _, w in ipairs { "A", "B" } do
+            local err = H.rel_l2(flat(x[w]), flat(fx:floats("step5." .. name(l, p, w))))
+            worst = math.max(worst, err)
+            assert.is_true(err <= 1e-3, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
+          end
+        end
+      end
+      print(string.format("\n  %s after 5 steps: worst relative L2 %.3g", run, worst))
+      a:close(); fx:close()
+    end)
+  end
 
   it("makes new adapters as PEFT does: B zero, so the model starts unchanged", function()
     local a = gptoss.lora(m, { r = 4, alpha = 8, targets = { "q", "v" }, layers = { 1, 3 }, seed = 3 })
@@ -105,9 +117,33 @@ describe("LoRA training (CPU) vs PEFT", function()
     a:close(); b:close(); c:close()
   end)
 
+  it("makes expert LoRAs in PEFT's ParamWrapper layout, saved as PEFT names them", function()
+    local a = gptoss.lora(m, { r = 4, alpha = 8, targets = { "o", "gate_up_proj", "down" }, seed = 1 })
+    local gu = a:module(0, "gate_up")
+    assert.are.equal(8, gu.experts)
+    assert.are.same({ 32, 64 }, { gu.A:shape() }); assert.are.same({ 128, 32 }, { gu.B:shape() })
+    local dir = H.tmpdir() .. "/experts"
+    assert.is_true(a:save(dir))
+    local mine, peft = assert(gptoss.safetensors(dir .. "/adapter_model.safetensors")),
+      assert(gptoss.safetensors(FX .. "train_experts_r4/adapter_model.safetensors"))
+    local function names(r) local t = {} for _, x in ipairs(r:tensors()) do t[#t + 1] = x.name .. tostring(x.shape[1]) .. "x" .. tostring(x.shape[2]) end table.sort(t) return t end
+    assert.are.same(names(peft), names(mine))
+    local cfg = require("cjson").decode(H.read(dir .. "/adapter_config.json"))
+    assert.are.same({ "mlp.experts.gate_up_proj", "mlp.experts.down_proj" }, cfg.target_parameters)
+    assert.are.same({ "o_proj" }, cfg.target_modules)
+    local b = assert(gptoss.adapter.load(dir))
+    assert.are.equal(12, b.modules)
+    local out, err = m:merge(b, dir .. "/merged")
+    assert.is_nil(out); assert.matches("expert LoRAs", err, 1, true)
+    mine:close(); peft:close(); a:close(); b:close()
+  end)
+
   it("raises on bad options and bad input", function()
     assert.has_error(function() gptoss.lora(m, { r = 0 }) end, "lora: rank 0 must be in 1..1024")
-    assert.has_error(function() gptoss.lora(m, { targets = { "gate_up_proj" } }) end)
+    assert.has_error(function() gptoss.lora(m, { targets = { "router" } }) end, "lora: unknown target 'router' (q, k, v, o, gate_up, down, attn, experts)")
+    local all = gptoss.lora(m, { r = 2, targets = { "attn", "experts" } })
+    assert.are.equal(24, all.modules)
+    all:close()
     assert.has_error(function() gptoss.lora(m, { layers = { 4 } }) end, "lora: layers[1] is not a layer index in 0..3")
     assert.has_error(function() gptoss.lora(m, { rank = 4 }) end)
     local a = gptoss.lora(m, { r = 2 })

@@ -47,6 +47,9 @@ void cpu_swiglu(float *out, const float *h, int n, float limit);
    torch.topk), then softmax over the k */
 void cpu_route(const float *logits, int E, int k, int32_t *sel, float *w);
 
+/* expert e's share of an expert LoRA: y += scale * B_e (A_e x); h: r floats of scratch */
+void cpu_lora_expert(const gptoss_lora *x, int e, const float *in, float *y, float *h);
+
 /* LoRA training: loss of one sequence and the gradients of the adapter's
    weights (csrc/cpu/train.c) */
 gptoss_status cpu_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,

@@ -225,8 +225,9 @@ static void layer_forward(fwd *f, int l) {
   size_t gu_rows = (size_t)2 * I, gu_blk = gu_rows * (size_t)(H / 32), dn_blk = (size_t)H * (size_t)(I / 32);
   memset(f->tmp, 0, sizeof(float) * (size_t)T * H);
   /* group the tokens by expert so each expert's rows are read once */
-  int *idx = malloc(sizeof(int) * (size_t)T);
+  int *idx = malloc(sizeof(int) * (size_t)T * (size_t)K);
   float *xin = malloc(sizeof(float) * (size_t)T * H);
+  float lh[GPTOSS_LORA_MAX_RANK];
   if (!idx || !xin) abort();
   for (int e = 0; e < E; e++) {
     int n = 0;
@@ -238,10 +239,20 @@ static void layer_forward(fwd *f, int l) {
     cpu_matmul_mxfp4(f->pool, f->y, (int)gu_rows, xin, H, n,
                      (const uint8_t *)gub->data + (size_t)e * gu_blk * 16, (const uint8_t *)gus->data + (size_t)e * gu_blk,
                      (int)gu_rows, H, (const uint16_t *)gubias->data + (size_t)e * gu_rows);
+    if (f->lora)
+      for (int i = 0; i < n; i++) {
+        const gptoss_lora *x = gptoss_adapter_module(f->tsess[idx[i] / K]->adapter, l, GPTOSS_LORA_GU);
+        if (x) cpu_lora_expert(x, e, xin + (size_t)i * H, f->y + (size_t)i * gu_rows, lh);
+      }
     for (int i = 0; i < n; i++) cpu_swiglu(f->act + (size_t)i * I, f->y + (size_t)i * gu_rows, I, (float)c->swiglu_limit);
     cpu_matmul_mxfp4(f->pool, f->y, H, f->act, I, n,
                      (const uint8_t *)dnb->data + (size_t)e * dn_blk * 16, (const uint8_t *)dns->data + (size_t)e * dn_blk,
                      H, I, (const uint16_t *)dnbias->data + (size_t)e * (size_t)H);
+    if (f->lora)
+      for (int i = 0; i < n; i++) {
+        const gptoss_lora *x = gptoss_adapter_module(f->tsess[idx[i] / K]->adapter, l, GPTOSS_LORA_DN);
+        if (x) cpu_lora_expert(x, e, f->act + (size_t)i * I, f->y + (size_t)i * H, lh);
+      }
     for (int i = 0; i < n; i++) {
       int t = idx[i] / K;
       float w = f->selw[idx[i]];

@@ -205,3 +205,16 @@ void cpu_matmul_t_mxfp4(gptoss_pool *p, float *dx, int xs, const float *dy, int 
   gptoss_pool_run(p, mmt_worker, &j);
 }
 /* }====================================================== */
+
+/* expert e's share of an expert LoRA (PEFT's ParamWrapper layout, see
+   gptoss.h): y += scale * B_e (A_e x); h is scratch for r floats */
+void cpu_lora_expert(const gptoss_lora *x, int e, const float *in, float *y, float *h) {
+  int E = x->experts, r = x->r;
+  for (int k = 0; k < r; k++) h[k] = cpu_dot(x->A + (size_t)(e * r + k) * x->in, in, x->in);
+  for (int o = 0; o < x->out; o++) {
+    const float *b = x->B + (size_t)o * x->rk + e;
+    float acc = 0;
+    for (int k = 0; k < r; k++) acc += b[(size_t)k * E] * h[k];
+    y[o] += x->scale * acc;
+  }
+}

@@ -85,6 +85,27 @@ static void lora_bwd(trainer *tr, int l, gptoss_lora_module mod, const float *x,
   }
 }
 
+/* expert e's share of an expert LoRA's gradients (PEFT's ParamWrapper
+   layout): with h = A_e x, dh = s B_e^T dy: gB_e += s dy h^T, gA_e += dh x^T,
+   dx += A_e^T dh */
+static void lora_expert_bwd(trainer *tr, gptoss_lora *x, int e, const float *in, const float *dy, float *din) {
+  int E = x->experts, r = x->r;
+  float *h = tr->h, *dh = tr->h + r;
+  for (int k = 0; k < r; k++) { h[k] = cpu_dot(x->A + (size_t)(e * r + k) * x->in, in, x->in); dh[k] = 0; }
+  for (int o = 0; o < x->out; o++) {
+    float g = x->scale * dy[o];
+    if (g == 0.0f) continue;
+    const float *b = x->B + (size_t)o * x->rk + e;
+    float *gb = x->gB + (size_t)o * x->rk + e;
+    for (int k = 0; k < r; k++) { gb[(size_t)k * E] += g * h[k]; dh[k] += g * b[(size_t)k * E]; }
+  }
+  for (int k = 0; k < r; k++) {
+    float *ga = x->gA + (size_t)(e * r + k) * x->in;
+    const float *ar = x->A + (size_t)(e * r + k) * x->in;
+    for (int i = 0; i < x->in; i++) { ga[i] += dh[k] * in[i]; din[i] += dh[k] * ar[i]; }
+  }
+}
+
 static const uint8_t *blk(const gptoss_tensor *t, size_t off) { return (const uint8_t *)t->data + off; }
 
 /* the layer forward from x_in to x_out, keeping every intermediate in tr->c */
@@ -145,6 +166,7 @@ static void layer_fwd(trainer *tr, int l, const float *x, float *xout) {
   const uint16_t *gubias = LAYER_T(m, l, GPTOSS_T_GU_BIAS)->data, *dnbias = LAYER_T(m, l, GPTOSS_T_DN_BIAS)->data;
   size_t gu_rows = (size_t)2 * I, gu_g = gu_rows * (size_t)(H / 32), dn_g = (size_t)H * (size_t)(I / 32);
   memcpy(xout, c->xmid, sizeof(float) * (size_t)T * H);
+  const gptoss_lora *lgu = gptoss_adapter_module(tr->a, l, GPTOSS_LORA_GU), *ldn = gptoss_adapter_module(tr->a, l, GPTOSS_LORA_DN);
   for (int t = 0; t < T; t++) {
     cpu_route(c->rl + (size_t)t * E, E, K, c->sel + (size_t)t * K, c->w + (size_t)t * K);
     for (int j = 0; j < K; j++) {
@@ -152,8 +174,10 @@ static void layer_fwd(trainer *tr, int l, const float *x, float *xout) {
       float *gu = c->gu + p * gu_rows, *act = c->act + p * I, *ye = c->ye + p * H;
       cpu_matmul_mxfp4(tr->pool, gu, 0, c->xn2 + (size_t)t * H, H, 1, blk(gub, e * gu_g * 16), blk(gus, e * gu_g),
                        (int)gu_rows, H, gubias + e * gu_rows);
+      if (lgu) cpu_lora_expert(lgu, (int)e, c->xn2 + (size_t)t * H, gu, tr->h);
       cpu_swiglu(act, gu, I, (float)cfg->swiglu_limit);
       cpu_matmul_mxfp4(tr->pool, ye, 0, act, I, 1, blk(dnb, e * dn_g * 16), blk(dns, e * dn_g), H, I, dnbias + e * (size_t)H);
+      if (ldn) cpu_lora_expert(ldn, (int)e, act, ye, tr->h);
       float *xo = xout + (size_t)t * H;
       for (int d = 0; d < H; d++) xo[d] += c->w[p] * ye[d];
     }
@@ -172,6 +196,8 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
   const gptoss_tensor *dnb = LAYER_T(m, l, GPTOSS_T_DN_BLOCKS), *dns = LAYER_T(m, l, GPTOSS_T_DN_SCALES);
   const uint16_t *router = LAYER_T(m, l, GPTOSS_T_ROUTER_W)->data;
   float limit = (float)cfg->swiglu_limit, alpha = 1.702f;
+  gptoss_lora *lgu = (gptoss_lora *)gptoss_adapter_module(tr->a, l, GPTOSS_LORA_GU);
+  gptoss_lora *ldn = (gptoss_lora *)gptoss_adapter_module(tr->a, l, GPTOSS_LORA_DN);
 
   /* MoE: dx (d/d x_out) flows to x_mid directly and through the experts */
   float *dxn = calloc((size_t)T * (H > Q ? H : Q), sizeof(float));
@@ -191,6 +217,7 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
       for (int d = 0; d < H; d++) dye[d] = c->w[p] * g[d];
       memset(dact, 0, sizeof(float) * (size_t)I);
       cpu_matmul_t_mxfp4(tr->pool, dact, 0, dye, 0, 1, blk(dnb, e * dn_g * 16), blk(dns, e * dn_g), H, I);
+      if (ldn) lora_expert_bwd(tr, ldn, (int)e, c->act + p * I, dye, dact);
       for (int i = 0; i < I; i++) {       /* clamped SwiGLU; clamp passes gradient on [min, max] */
         float gt = gu[2 * i], up = gu[2 * i + 1];
         float gc = gt > limit ? limit : gt, uc = up > limit ? limit : up < -limit ? -limit : up;
@@ -199,6 +226,7 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
         dgu[2 * i] = gt <= limit ? dact[i] * (uc + 1.0f) * (sg + gc * alpha * sg * (1.0f - sg)) : 0.0f;
       }
       cpu_matmul_t_mxfp4(tr->pool, dn, 0, dgu, 0, 1, blk(gub, e * gu_g * 16), blk(gus, e * gu_g), (int)gu_rows, H);
+      if (lgu) lora_expert_bwd(tr, lgu, (int)e, c->xn2 + (size_t)t * H, dgu, dn);
     }
     /* softmax over the k chosen logits; the router's input gets the rest */
     for (int j = 0; j < K; j++) {

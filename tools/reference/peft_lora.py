@@ -15,6 +15,8 @@ them, in float32: the oracle of spec/lora_spec.lua.
 Adapters (random A and B, init_lora_weights=False, so both matter):
   attn_r4: r=4, alpha=8, q/k/v/o on every layer
   qv_rslora_r8: r=8, alpha=16, use_rslora, q and v on layers 1 and 2 only
+  experts_r4: r=4, alpha=8, q and v, and every expert's gate_up_proj and
+    down_proj (target_parameters, PEFT's ParamWrapper)
 """
 import json
 import os
@@ -30,6 +32,8 @@ CONFIGS = {
     "attn_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     "qv_rslora_r8": dict(r=8, lora_alpha=16, use_rslora=True, target_modules=["q_proj", "v_proj"],
                          layers_to_transform=[1, 2]),
+    "experts_r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
 }
 
 

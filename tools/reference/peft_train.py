@@ -4,8 +4,10 @@ checkpoint (seed 1); the oracle of spec/lora_train_spec.lua.
 
     python3 tools/reference/peft_train.py CHECKPOINT_DIR OUT_DIR
 
-Writes OUT_DIR/train_r4/ (the adapter before training, as PEFT saves it) and
-OUT_DIR/train_r4.safetensors with
+Runs: train_r4 (q/k/v/o) and train_experts_r4 (o_proj and every expert's
+gate_up_proj and down_proj through target_parameters). Writes, per run,
+OUT_DIR/<run>/ (the adapter before training, as PEFT saves it) and
+OUT_DIR/<run>.safetensors with
   ids [T] I32, labels [T] I32 (-100 = not a target), loss [1] F64,
   grad.<PEFT tensor name> F32   d(mean loss)/d(weight), before any step,
   losses [5] F64                the loss before each of 5 AdamW steps,
@@ -26,7 +28,19 @@ from transformers_logits import load_manual  # noqa: E402
 LR, BETAS, EPS, WD, CLIP, STEPS = 1e-2, (0.9, 0.999), 1e-8, 0.01, 1.0, 5
 
 
+RUNS = {
+    "train_r4": dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    "train_experts_r4": dict(target_modules=["o_proj"],
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+}
+
+
 def main(path, out):
+    for name, kw in RUNS.items():
+        run(path, out, name, kw)
+
+
+def run(path, out, name, kw):
     from peft import LoraConfig, get_peft_model
     import peft
     import transformers
@@ -38,10 +52,9 @@ def main(path, out):
     labels[:12] = -100                      # the "prompt": not a target
     labels[25:28] = -100                    # and a masked span inside
     torch.manual_seed(5)
-    cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], lora_dropout=0.0,
-                     bias="none", init_lora_weights=False, task_type="CAUSAL_LM")
+    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=False, task_type="CAUSAL_LM", **kw)
     model = get_peft_model(base, cfg)
-    model.save_pretrained(os.path.join(out, "train_r4"))
+    model.save_pretrained(os.path.join(out, name))
     model.train()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
 
@@ -66,9 +79,9 @@ def main(path, out):
         t["step5." + key(n)] = p.detach().clone().contiguous()
     t["losses"] = torch.tensor(losses, dtype=torch.float64)
     t["grad_norms"] = torch.tensor(norms, dtype=torch.float64)
-    save_file(t, os.path.join(out, "train_r4.safetensors"),
+    save_file(t, os.path.join(out, name + ".safetensors"),
               metadata={"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__})
-    print("loss %.6f, losses %s, grad norms %s" % (t["loss"].item(), losses, norms))
+    print("%s: loss %.6f, losses %s, grad norms %s" % (name, t["loss"].item(), losses, norms))
 
 
 if __name__ == "__main__":
