@@ -32,6 +32,8 @@ struct gptoss_adapter {
   int r, rslora;
   int steps;                    /* AdamW steps taken */
   int tp[2], ntp;               /* target_parameters in listed order (expert modules) */
+  double dropout;               /* training only */
+  uint64_t seed;
   cJSON *config;                /* adapter_config.json as read, written back by save */
 };
 
@@ -109,6 +111,8 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
   a->alpha = v->valuedouble;
   v = cJSON_GetObjectItemCaseSensitive(j, "use_rslora");
   a->rslora = cJSON_IsTrue(v);
+  v = cJSON_GetObjectItemCaseSensitive(j, "lora_dropout");
+  a->dropout = cJSON_IsNumber(v) && v->valuedouble > 0 && v->valuedouble < 1 ? v->valuedouble : 0;
   /* what would change the arithmetic and is not implemented: refuse by name */
   static const char *const unsupported[] = {
     "use_dora", "DoRA (use_dora)", "alpha_pattern", "per-module alpha (alpha_pattern)",
@@ -411,14 +415,16 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
   const gptoss_config *c = &m->cfg;
   if (o->r < 1 || o->r > GPTOSS_LORA_MAX_RANK) return gptoss_fail(GPTOSS_EARG, "lora: rank %d must be in 1..%d", o->r, GPTOSS_LORA_MAX_RANK);
   if (!(o->alpha > 0)) return gptoss_fail(GPTOSS_EARG, "lora: alpha must be positive");
-  if (o->dropout != 0) return gptoss_fail(GPTOSS_EUNSUP, "lora: dropout is not implemented yet (use 0)");
+  if (!(o->dropout >= 0 && o->dropout < 1)) return gptoss_fail(GPTOSS_EARG, "lora: dropout must be in [0, 1)");
+  if (o->dropout > 0 && (o->modules >> GPTOSS_LORA_ATTN_MODULES))
+    return gptoss_fail(GPTOSS_EUNSUP, "lora: dropout cannot apply to expert LoRAs (as in PEFT): use 0 with gate_up/down");
   if (!o->modules || o->modules >> GPTOSS_LORA_MODULES) return gptoss_fail(GPTOSS_EARG, "lora: no valid target module");
   int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, KV = c->num_key_value_heads * c->head_dim;
   int I = c->intermediate_size, E = c->num_local_experts;
   const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q, H, I}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H, 2 * I, H};
   gptoss_adapter *a = adapter_alloc(c->num_hidden_layers);
   if (!a) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  a->r = o->r; a->alpha = o->alpha; a->rslora = o->rslora;
+  a->r = o->r; a->alpha = o->alpha; a->rslora = o->rslora; a->dropout = o->dropout; a->seed = o->seed;
   for (int i = GPTOSS_LORA_GU; i <= GPTOSS_LORA_DN; i++) if (o->modules & (1u << i)) a->tp[a->ntp++] = i;
   if (!(a->config = new_config(m, o))) { gptoss_adapter_free(a); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
   uint64_t ctr = 0;
@@ -481,6 +487,11 @@ gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int
 }
 
 int gptoss_adapter_steps(const gptoss_adapter *a) { return a->steps; }
+
+double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed) {
+  if (seed) *seed = a->seed;
+  return a->dropout;
+}
 
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm) {
   if (!(o->lr >= 0) || !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0) || o->weight_decay < 0)

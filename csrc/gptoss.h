@@ -358,6 +358,10 @@ typedef struct gptoss_adamw {
 } gptoss_adamw;
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
 int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
+/* LoRA dropout on the attention projections' inputs during training (the
+   masks are a function of seed, step, layer, projection, token and
+   feature, so a recomputation sees the same ones) */
+double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed);
 /* The optimizer state (AdamW moments and step count) in one safetensors
    file, written atomically: with the adapter's own files it makes a
    checkpoint that a resumed run continues exactly. */

@@ -181,6 +181,26 @@ static int l_lora_merge(lua_State *L) {
   return 1;
 }
 
+/* a:set(layer, module, "A"|"B", row, col, value) -> a: one weight (1-based row and col) */
+static int adapter_set(lua_State *L) {
+  gptoss_adapter *a = lg_check_adapter(L, 1);
+  lua_Integer l = luaL_checkinteger(L, 2);
+  static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
+  int m = luaL_checkoption(L, 3, NULL, names);
+  const char *w = luaL_checkstring(L, 4);
+  lua_Integer i = luaL_checkinteger(L, 5), j = luaL_checkinteger(L, 6);
+  float v = (float)luaL_checknumber(L, 7);
+  gptoss_lora *x = l < 0 || l >= GPTOSS_MAX_LAYERS ? NULL : (gptoss_lora *)gptoss_adapter_module(a, (int)l, (gptoss_lora_module)m);
+  if (!x) return luaL_error(L, "set: the adapter has no LoRA on layer %d %s", (int)l, names[m]);
+  int isA = strcmp(w, "A") == 0;
+  if (!isA && strcmp(w, "B") != 0) return luaL_error(L, "set: which must be \"A\" or \"B\"");
+  int rows = isA ? x->rk : x->out, cols = isA ? x->in : x->rk;
+  if (i < 1 || i > rows || j < 1 || j > cols) return luaL_error(L, "set: (%d, %d) is outside %dx%d", (int)i, (int)j, rows, cols);
+  (isA ? x->A : x->B)[(size_t)(i - 1) * cols + (size_t)(j - 1)] = v;
+  lua_settop(L, 1);
+  return 1;
+}
+
 /* a:copy_from(b) -> a: b's LoRA weights into a (same layout) */
 static int adapter_copy_from(lua_State *L) {
   if (gptoss_adapter_copy_weights(lg_check_adapter(L, 1), lg_check_adapter(L, 2))) return lg_raise(L);
@@ -253,7 +273,7 @@ static int adapter_tostring(lua_State *L) {
 int luaopen_gptoss_adapter(lua_State *L) {
   static const luaL_Reg methods[] = {{"save", adapter_save}, {"module", adapter_module}, {"zero_grad", adapter_zero_grad},
                                      {"save_state", adapter_save_state}, {"load_state", adapter_load_state},
-                                     {"copy_from", adapter_copy_from},
+                                     {"copy_from", adapter_copy_from}, {"set", adapter_set},
                                      {"step", adapter_step}, {"close", adapter_gc}, {NULL, NULL}};
   static const luaL_Reg meta[] = {
     {"__gc", adapter_gc}, {"__tostring", adapter_tostring},

@@ -138,6 +138,41 @@ describe("LoRA training (CPU) vs PEFT", function()
     mine:close(); peft:close(); a:close(); b:close()
   end)
 
+  it("trains with LoRA dropout: gradients match finite differences of the loss under the same masks", function()
+    local a = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 3, dropout = 0.3 })
+    local ids = {}
+    for i = 1, 16 do ids[i] = (i * 7919) % 200000 end
+    local checked = 0
+    for _, w in ipairs { { 0, "k", "B", 7, 1 }, { 1, "v", "B", 3, 2 }, { 0, "o", "B", 9, 3 }, { 2, "q", "B", 11, 4 },
+                         { 0, "q", "A", 2, 2 }, { 0, "k", "A", 3, 1 }, { 1, "o", "A", 1, 7 } } do
+      a:zero_grad()
+      m:lora_backward(a, ids)
+      local x = a:module(w[1], w[2])
+      local g, v0, eps = x["g" .. w[3]]:get(w[4], w[5]), x[w[3]]:get(w[4], w[5]), 1e-3
+      a:set(w[1], w[2], w[3], w[4], w[5], v0 + eps)
+      local lp = m:lora_backward(a, ids)
+      a:set(w[1], w[2], w[3], w[4], w[5], v0 - eps)
+      local lm = m:lora_backward(a, ids)
+      a:set(w[1], w[2], w[3], w[4], w[5], v0)
+      local fd = (lp - lm) / (2 * eps)
+      assert.is_true(math.abs(g - fd) <= 0.02 * math.abs(fd), string.format("layer %d %s %s: %.5g vs %.5g", w[1], w[2], w[3], g, fd))
+      checked = checked + 1
+    end
+    assert.are.equal(7, checked)
+    -- the masks depend on the step: the same step gives the same loss, the next another
+    local l1 = m:lora_backward(a, ids)
+    assert.are.equal(l1, (m:lora_backward(a, ids)))
+    a:step { lr = 0 }
+    assert.are_not.equal(l1, (m:lora_backward(a, ids)))
+    -- and dropout is off outside training: a session sees the plain adapter
+    local b = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 3 })
+    local sa, sb = m:session { adapter = a }, m:session { adapter = b }
+    assert.are.same(sa:feed(ids, "last"):row(1), sb:feed(ids, "last"):row(1))
+    sa:close(); sb:close(); a:close(); b:close()
+    assert.has_error(function() gptoss.lora(m, { dropout = 0.1, targets = { "gate_up" } }) end,
+      "lora: dropout cannot apply to expert LoRAs (as in PEFT): use 0 with gate_up/down")
+  end)
+
   it("raises on bad options and bad input", function()
     assert.has_error(function() gptoss.lora(m, { r = 0 }) end, "lora: rank 0 must be in 1..1024")
     assert.has_error(function() gptoss.lora(m, { targets = { "router" } }) end, "lora: unknown target 'router' (q, k, v, o, gate_up, down, attn, experts)")
@@ -200,6 +235,7 @@ describe("gptoss.train", function()
     assert.is_true(r.eval_loss < 0.1 and r.eval_perplexity < 1.11)
     assert.is_number(r.history[30].eval_loss)
     assert.is_true(r.history[60].tokens_per_s > 0 and r.history[60].grad_norm >= 0)
+    assert.is_true(r.history[60].memory.weights > 0)
     assert.are.equal(60, lora.steps)
     local r2, seen2 = run()
     assert.are.same(seen, seen2)                   -- seedable and reproducible

@@ -32,7 +32,23 @@ typedef struct trainer {
   float eps;
   lcache c;
   float *h;                      /* LoRA scratch, GPTOSS_LORA_MAX_RANK */
+  float *xd, *keep;              /* a dropped-out input row and its mask (0 or 1/(1-p)) */
+  float drop;                    /* LoRA dropout probability (attention projections) */
+  uint64_t drop_key;             /* seed and step */
 } trainer;
+
+/* the LoRA input of token t: x, or x with dropout (kept features scaled by
+   1/(1-p)); the mask depends only on (seed, step, layer, projection, t, i) */
+static const float *lora_input(trainer *tr, int l, int mod, int t, const float *x, int n) {
+  if (tr->drop <= 0) return x;
+  uint64_t k = gptoss_mix64(tr->drop_key ^ ((uint64_t)l << 48) ^ ((uint64_t)mod << 40) ^ ((uint64_t)t << 20));
+  float keep = 1.0f / (1.0f - tr->drop);
+  for (int i = 0; i < n; i++) {
+    tr->keep[i] = gptoss_u01(gptoss_mix64(k + (uint64_t)i)) < tr->drop ? 0.0f : keep;
+    tr->xd[i] = x[i] * tr->keep[i];
+  }
+  return tr->xd;
+}
 
 static float rmsnorm_fwd(float *out, const float *x, const uint16_t *w, int n, float eps) {
   float ss = cpu_dot(x, x, n) / (float)n;
@@ -54,7 +70,8 @@ static void lora_fwd(trainer *tr, int l, gptoss_lora_module mod, float *y, int y
   const gptoss_lora *L = gptoss_adapter_module(tr->a, l, mod);
   if (!L) return;
   for (int t = 0; t < tr->T; t++) {
-    for (int i = 0; i < L->r; i++) tr->h[i] = cpu_dot(L->A + (size_t)i * L->in, x + (size_t)t * xs, L->in);
+    const float *xt = lora_input(tr, l, mod, t, x + (size_t)t * xs, L->in);
+    for (int i = 0; i < L->r; i++) tr->h[i] = cpu_dot(L->A + (size_t)i * L->in, xt, L->in);
     float *yt = y + (size_t)t * ys;
     for (int o = 0; o < L->out; o++) yt[o] += L->scale * cpu_dot(L->B + (size_t)o * L->r, tr->h, L->r);
   }
@@ -67,7 +84,7 @@ static void lora_bwd(trainer *tr, int l, gptoss_lora_module mod, const float *x,
   if (!L) return;
   float *h = tr->h, *dh = tr->h + L->r;
   for (int t = 0; t < tr->T; t++) {
-    const float *xt = x + (size_t)t * xs, *dyt = dy + (size_t)t * ys;
+    const float *xt = lora_input(tr, l, mod, t, x + (size_t)t * xs, L->in), *dyt = dy + (size_t)t * ys;
     for (int i = 0; i < L->r; i++) { h[i] = cpu_dot(L->A + (size_t)i * L->in, xt, L->in); dh[i] = 0; }
     for (int o = 0; o < L->out; o++) {
       float g = L->scale * dyt[o];
@@ -80,7 +97,11 @@ static void lora_bwd(trainer *tr, int l, gptoss_lora_module mod, const float *x,
     for (int i = 0; i < L->r; i++) {
       float *ga = L->gA + (size_t)i * L->in;
       const float *ar = L->A + (size_t)i * L->in;
-      for (int c = 0; c < L->in; c++) { ga[c] += dh[i] * xt[c]; dxt[c] += dh[i] * ar[c]; }
+      for (int c = 0; c < L->in; c++) {
+        ga[c] += dh[i] * xt[c];
+        /* through the dropout: zero where dropped, 1/(1-p) where kept */
+        dxt[c] += tr->drop > 0 ? dh[i] * ar[c] * tr->keep[c] : dh[i] * ar[c];
+      }
     }
   }
 }
@@ -306,12 +327,17 @@ gptoss_status cpu_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_
   c->sel = malloc(sizeof(int32_t) * TK); c->gu = malloc(sizeof(float) * TK * 2 * (size_t)tr.I);
   c->act = malloc(sizeof(float) * TK * (size_t)tr.I); c->ye = malloc(sizeof(float) * TK * H);
   tr.h = malloc(sizeof(float) * 2 * GPTOSS_LORA_MAX_RANK);
+  uint64_t dseed;
+  tr.drop = (float)gptoss_adapter_dropout(a, &dseed);
+  tr.drop_key = gptoss_mix64(dseed ^ ((uint64_t)gptoss_adapter_steps(a) << 32));
+  tr.xd = malloc(sizeof(float) * (size_t)(H > tr.Q ? H : tr.Q));
+  tr.keep = malloc(sizeof(float) * (size_t)(H > tr.Q ? H : tr.Q));
   float *dx = calloc((size_t)T * H, sizeof(float)), *xf = malloc(sizeof(float) * (size_t)T * H);
   float *inv = malloc(sizeof(float) * (size_t)T), *lg = malloc(sizeof(float) * (size_t)V * T);
   int *rows = malloc(sizeof(int) * (size_t)T);
   gptoss_status rc = GPTOSS_OK;
   if (!xs || !c->xn1 || !c->inv1 || !c->q || !c->k || !c->v || !c->lse || !c->att || !c->xmid || !c->xn2 || !c->inv2 ||
-      !c->rl || !c->w || !c->sel || !c->gu || !c->act || !c->ye || !tr.h || !dx || !xf || !inv || !lg || !rows) {
+      !c->rl || !c->w || !c->sel || !c->gu || !c->act || !c->ye || !tr.h || !tr.xd || !tr.keep || !dx || !xf || !inv || !lg || !rows) {
     rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for the backward pass of %d tokens", n);
     goto done;
   }
@@ -348,6 +374,6 @@ gptoss_status cpu_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_
 done:
   free(xs); free(c->xn1); free(c->inv1); free(c->q); free(c->k); free(c->v); free(c->lse); free(c->att);
   free(c->xmid); free(c->xn2); free(c->inv2); free(c->rl); free(c->w); free(c->sel); free(c->gu); free(c->act);
-  free(c->ye); free(tr.h); free(dx); free(xf); free(inv); free(lg); free(rows);
+  free(c->ye); free(tr.h); free(tr.xd); free(tr.keep); free(dx); free(xf); free(inv); free(lg); free(rows);
   return rc;
 }

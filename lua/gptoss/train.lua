@@ -234,7 +234,7 @@ function M.train(model, lora, opts)
                            max_grad_norm = o.max_grad_norm, grad_scale = 1 / count }
     local dt = clock() - t0
     local info = { step = step, loss = loss / count, lr = lr, grad_norm = gn, tokens = tokens,
-                   tokens_per_s = tokens / dt, elapsed = clock() - t_start }
+                   tokens_per_s = tokens / dt, elapsed = clock() - t_start, memory = model:memory() }
     info.flag = M.flag(info.loss, o)
     if o.eval and o.eval_every and step % o.eval_every == 0 then
       info.eval_loss, info.eval_perplexity = M.evaluate(model, lora, o.eval, o)
