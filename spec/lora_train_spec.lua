@@ -235,7 +235,7 @@ describe("gptoss.train", function()
     assert.is_true(r.eval_loss < 0.1 and r.eval_perplexity < 1.11)
     assert.is_number(r.history[30].eval_loss)
     assert.is_true(r.history[60].tokens_per_s > 0 and r.history[60].grad_norm >= 0)
-    assert.is_true(r.history[60].memory.weights > 0)
+    assert.is_number(r.history[60].memory.total)         -- device bytes (0 on the CPU backend)
     assert.are.equal(60, lora.steps)
     local r2, seen2 = run()
     assert.are.same(seen, seen2)                   -- seedable and reproducible
