@@ -155,6 +155,8 @@ static cuda_model *CM(const gptoss_model *m) { return (cuda_model *)m->bm; }
 static cuda_session *CS(const gptoss_session *s) { return (cuda_session *)s->bs; }
 
 #define ALIGN(x) (((x) + 255) & ~(size_t)255)
+// at most this many (token, expert) rows per expert on average take the small-M MoE path
+#define MOE_SMALL_ROWS 8
 // }======================================================
 
 // {====================================================== upload
@@ -607,9 +609,13 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     }
     launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
     prof_mark("fwd moe sort", st);
-    launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, cm->act, st);
+    // few rows per expert (batched decode): read each expert once, no padded tiles
+    bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
+    if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, cm->act, st);
+    else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, cm->act, st);
     prof_mark("fwd moe gate_up", st);
-    launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
+    if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
+    else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     prof_mark("fwd moe down", st);
     launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
     prof_mark("fwd moe combine", st);

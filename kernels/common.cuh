@@ -106,6 +106,11 @@ void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, in
                         cudaStream_t s);
 void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
+// the same two products for few rows per expert (batched decode): each
+// expert's weights read once, its rows taken 8 at a time; same layouts
+void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
+                              cudaStream_t s);
+void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 // decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,

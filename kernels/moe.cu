@@ -459,3 +459,154 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
   moe_down_decode_kernel<<<(d->H + DN_WARPS - 1) / DN_WARPS, DN_WARPS * 32, smem, s>>>(act, sel, w, *l, *d, x);
 }
 // }======================================================
+
+// {====================================================== small-M expert GEMVs
+// Batched decode gives each expert a few rows (64 sessions x 4 / 32 experts
+// = 8 on average): the grouped GEMM's 64-row tiles would be mostly padding,
+// so these kernels read each expert's weights once, like the decode GEMVs,
+// and apply them to its rows SM_MT at a time from shared memory.
+#define SM_MT 8
+
+// grid (E, I / GU_WARPS): warp j of block y computes gate row 2j and up row
+// 2j+1 of expert blockIdx.x for all its rows; act in expert order, as the
+// grouped GEMM writes it
+__global__ void __launch_bounds__(GU_WARPS * 32)
+moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm, const int32_t *offsets, int K, dlayer l,
+                         dims d, float *act) {
+  extern __shared__ __align__(16) float xs[];   // [SM_MT][H]
+  int e = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int r0 = offsets[e], n = offsets[e + 1] - r0;
+  if (n == 0) return;
+  int j = blockIdx.y * GU_WARPS + warp, G = d.H / 32, sub = lane & 3, bi = lane >> 2;
+  size_t rg = (size_t)e * 2 * d.I + 2 * j;
+  const uint8_t *rows[2] = {l.gu_blocks + rg * G * 16, l.gu_blocks + (rg + 1) * G * 16};
+  const uint8_t *srows[2] = {l.gu_scales + rg * G, l.gu_scales + (rg + 1) * G};
+  for (int c0 = 0; c0 < n; c0 += SM_MT) {
+    int m = n - c0 < SM_MT ? n - c0 : SM_MT;
+    __syncthreads();                              // the previous chunk's readers are done
+    for (int i = threadIdx.x; i < m * d.H; i += blockDim.x) {
+      int r = i / d.H, c = i % d.H;
+      size_t t = (size_t)(perm[r0 + c0 + r] / K) * d.H + c;
+      xs[r * d.H + c] = __bfloat162float(xn[t]) + (xn_lo ? __bfloat162float(xn_lo[t]) : 0.f);
+    }
+    __syncthreads();
+    if (j >= d.I) continue;
+    float acc[2][SM_MT];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int r = 0; r < SM_MT; r++) acc[i][r] = 0.f;
+    for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
+      uint32_t w[2][DSTEP];
+      uint8_t sc[2][DSTEP];
+#pragma unroll
+      for (int u = 0; u < DSTEP; u++) {
+        int g = g0 + 8 * u;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          w[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
+          sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < DSTEP; u++) {
+        int g = g0 + 8 * u;
+        if (g >= G) continue;
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+          __half2 h[4];
+          fp4x8(w[i][u], h);
+          float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+          float s = e8m0(sc[i][u]);
+#pragma unroll
+          for (int r = 0; r < SM_MT; r++) {
+            if (r >= m) break;
+            const float *x = xs + r * d.H + g * 32 + sub * 8;
+            float4 a = *reinterpret_cast<const float4 *>(x), b = *reinterpret_cast<const float4 *>(x + 4);
+            acc[i][r] += s * (f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * b.x + f1.y * b.y + f2.y * b.z + f3.y * b.w);
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < SM_MT; r++) {
+      if (r >= m) break;
+      float g = warp_sum_m(acc[0][r]) * FP4_UNBIAS, u = warp_sum_m(acc[1][r]) * FP4_UNBIAS;
+      if (lane == 0)
+        act[(size_t)(r0 + c0 + r) * d.I + j] =
+            swiglu(g + __bfloat162float(l.gu_bias[rg]), u + __bfloat162float(l.gu_bias[rg + 1]), d.limit);
+    }
+  }
+}
+
+// grid (E, H / DN_WARPS): warp r of block y computes output feature r of
+// expert blockIdx.x for all its rows; y indexed by assignment, bias added
+__global__ void __launch_bounds__(DN_WARPS * 32)
+moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offsets, dlayer l, dims d, float *y) {
+  extern __shared__ __align__(16) float as[];   // [SM_MT][I]
+  int e = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int r0 = offsets[e], n = offsets[e + 1] - r0;
+  if (n == 0) return;
+  int row = blockIdx.y * DN_WARPS + warp, G = d.I / 32, sub = lane & 3, bi = lane >> 2;
+  size_t rr = (size_t)e * d.H + row;
+  const uint8_t *wrow = l.dn_blocks + rr * G * 16, *srow = l.dn_scales + rr * G;
+  for (int c0 = 0; c0 < n; c0 += SM_MT) {
+    int m = n - c0 < SM_MT ? n - c0 : SM_MT;
+    __syncthreads();
+    for (int i = threadIdx.x; i < m * d.I / 4; i += blockDim.x)
+      reinterpret_cast<float4 *>(as)[i] = reinterpret_cast<const float4 *>(act + (size_t)(r0 + c0) * d.I)[i];
+    __syncthreads();
+    if (row >= d.H) continue;
+    float acc[SM_MT];
+#pragma unroll
+    for (int r = 0; r < SM_MT; r++) acc[r] = 0.f;
+    for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
+      uint32_t w[DSTEP];
+      uint8_t sc[DSTEP];
+#pragma unroll
+      for (int u = 0; u < DSTEP; u++) {
+        int g = g0 + 8 * u;
+        w[u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(wrow + (size_t)g * 16) + sub) : 0u;
+        sc[u] = g < G ? __ldg(srow + g) : (uint8_t)0;
+      }
+#pragma unroll
+      for (int u = 0; u < DSTEP; u++) {
+        int g = g0 + 8 * u;
+        if (g >= G) continue;
+        __half2 h[4];
+        fp4x8(w[u], h);
+        float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
+        float s = e8m0(sc[u]);
+#pragma unroll
+        for (int r = 0; r < SM_MT; r++) {
+          if (r >= m) break;
+          const float *x = as + r * d.I + g * 32 + sub * 8;
+          float4 a = *reinterpret_cast<const float4 *>(x), b = *reinterpret_cast<const float4 *>(x + 4);
+          acc[r] += s * (f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * b.x + f1.y * b.y + f2.y * b.z + f3.y * b.w);
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < SM_MT; r++) {
+      if (r >= m) break;
+      float v = warp_sum_m(acc[r]) * FP4_UNBIAS;
+      if (lane == 0) y[(size_t)perm[r0 + c0 + r] * d.H + row] = v + __bfloat162float(l.dn_bias[rr]);
+    }
+  }
+}
+
+void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
+                              cudaStream_t s) {
+  size_t smem = sizeof(float) * SM_MT * (size_t)d->H;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(moe_gate_up_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  dim3 grid(d->E, (d->I + GU_WARPS - 1) / GU_WARPS);
+  moe_gate_up_small_kernel<<<grid, GU_WARPS * 32, smem, s>>>(xn, xn_lo, w->perm, w->offsets, d->K, *l, *d, act);
+}
+
+void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
+  size_t smem = sizeof(float) * SM_MT * (size_t)d->I;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(moe_down_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  dim3 grid(d->E, (d->H + DN_WARPS - 1) / DN_WARPS);
+  moe_down_small_kernel<<<grid, DN_WARPS * 32, smem, s>>>(act, w->perm, w->offsets, *l, *d, y);
+}
+// }======================================================
