@@ -477,10 +477,7 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
   int e = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int r0 = offsets[e], n = offsets[e + 1] - r0;
   if (n == 0) return;
-  int j = blockIdx.y * GU_WARPS + warp, G = d.H / 32, sub = lane & 3, bi = lane >> 2;
-  size_t rg = (size_t)e * 2 * d.I + 2 * j;
-  const uint8_t *rows[2] = {l.gu_blocks + rg * G * 16, l.gu_blocks + (rg + 1) * G * 16};
-  const uint8_t *srows[2] = {l.gu_scales + rg * G, l.gu_scales + (rg + 1) * G};
+  int G = d.H / 32, sub = lane & 3, bi = lane >> 2;
   for (int c0 = 0; c0 < n; c0 += SM_MT) {
     int m = n - c0 < SM_MT ? n - c0 : SM_MT;
     __syncthreads();                              // the previous chunk's readers are done
@@ -490,7 +487,12 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
       xs[r * d.H + c] = __bfloat162float(xn[t]) + (xn_lo ? __bfloat162float(xn_lo[t]) : 0.f);
     }
     __syncthreads();
-    if (j >= d.I) continue;
+    // a few blocks per expert, each looping over many rows: the staged rows
+    // are reused across them
+    for (int j = blockIdx.y * GU_WARPS + warp; j < d.I; j += gridDim.y * GU_WARPS) {
+    size_t rg = (size_t)e * 2 * d.I + 2 * j;
+    const uint8_t *rows[2] = {l.gu_blocks + rg * G * 16, l.gu_blocks + (rg + 1) * G * 16};
+    const uint8_t *srows[2] = {l.gu_scales + rg * G, l.gu_scales + (rg + 1) * G};
     float acc[2][SM_MT];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -536,6 +538,7 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
         act[(size_t)(r0 + c0 + r) * d.I + j] =
             swiglu(g + __bfloat162float(l.gu_bias[rg]), u + __bfloat162float(l.gu_bias[rg + 1]), d.limit);
     }
+    }
   }
 }
 
@@ -547,16 +550,16 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
   int e = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int r0 = offsets[e], n = offsets[e + 1] - r0;
   if (n == 0) return;
-  int row = blockIdx.y * DN_WARPS + warp, G = d.I / 32, sub = lane & 3, bi = lane >> 2;
-  size_t rr = (size_t)e * d.H + row;
-  const uint8_t *wrow = l.dn_blocks + rr * G * 16, *srow = l.dn_scales + rr * G;
+  int G = d.I / 32, sub = lane & 3, bi = lane >> 2;
   for (int c0 = 0; c0 < n; c0 += SM_MT) {
     int m = n - c0 < SM_MT ? n - c0 : SM_MT;
     __syncthreads();
     for (int i = threadIdx.x; i < m * d.I / 4; i += blockDim.x)
       reinterpret_cast<float4 *>(as)[i] = reinterpret_cast<const float4 *>(act + (size_t)(r0 + c0) * d.I)[i];
     __syncthreads();
-    if (row >= d.H) continue;
+    for (int row = blockIdx.y * DN_WARPS + warp; row < d.H; row += gridDim.y * DN_WARPS) {
+    size_t rr = (size_t)e * d.H + row;
+    const uint8_t *wrow = l.dn_blocks + rr * G * 16, *srow = l.dn_scales + rr * G;
     float acc[SM_MT];
 #pragma unroll
     for (int r = 0; r < SM_MT; r++) acc[r] = 0.f;
@@ -592,21 +595,31 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
       float v = warp_sum_m(acc[r]) * FP4_UNBIAS;
       if (lane == 0) y[(size_t)perm[r0 + c0 + r] * d.H + row] = v + __bfloat162float(l.dn_bias[rr]);
     }
+    }
   }
+}
+
+// about two blocks per multiprocessor over all experts (each block stages
+// up to 92 KB of rows, so two fit)
+static unsigned small_blocks_per_expert(int E) {
+  static int sms = 0;
+  if (!sms) { int dev; cudaGetDevice(&dev); cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); }
+  int b = (2 * sms + E - 1) / E;
+  return b < 1 ? 1 : (unsigned)b;
 }
 
 void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
                               cudaStream_t s) {
   size_t smem = sizeof(float) * SM_MT * (size_t)d->H;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_gate_up_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  dim3 grid(d->E, (d->I + GU_WARPS - 1) / GU_WARPS);
+  dim3 grid(d->E, small_blocks_per_expert(d->E));
   moe_gate_up_small_kernel<<<grid, GU_WARPS * 32, smem, s>>>(xn, xn_lo, w->perm, w->offsets, d->K, *l, *d, act);
 }
 
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
   size_t smem = sizeof(float) * SM_MT * (size_t)d->I;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_down_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  dim3 grid(d->E, (d->H + DN_WARPS - 1) / DN_WARPS);
+  dim3 grid(d->E, small_blocks_per_expert(d->E));
   moe_down_small_kernel<<<grid, DN_WARPS * 32, smem, s>>>(act, w->perm, w->offsets, *l, *d, y);
 }
 // }======================================================
