@@ -461,10 +461,12 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
 // }======================================================
 
 // {====================================================== small-M expert GEMVs
-// Batched decode gives each expert a few rows (64 sessions x 4 / 32 experts
-// = 8 on average): the grouped GEMM's 64-row tiles would be mostly padding,
-// so these kernels read each expert's weights once, like the decode GEMVs,
-// and apply them to its rows SM_MT at a time from shared memory.
+// Batched decode of a few sessions gives each expert a row or two: the
+// grouped GEMM's 64-row tiles would be nearly all padding, so these kernels
+// read each expert's weights once, like the decode GEMVs, and apply them to
+// its rows SM_MT at a time from shared memory. On CUDA cores every weight
+// costs a shared-memory read and an FMA per row, so past ~2 rows per expert
+// the tensor-core GEMM wins (bench/NOTES.md): the backend switches there.
 #define SM_MT 8
 
 // grid (E, I / GU_WARPS): warp j of block y computes gate row 2j and up row
@@ -487,8 +489,6 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
       xs[r * d.H + c] = __bfloat162float(xn[t]) + (xn_lo ? __bfloat162float(xn_lo[t]) : 0.f);
     }
     __syncthreads();
-    // a few blocks per expert, each looping over many rows: the staged rows
-    // are reused across them
     for (int j = blockIdx.y * GU_WARPS + warp; j < d.I; j += gridDim.y * GU_WARPS) {
     size_t rg = (size_t)e * 2 * d.I + 2 * j;
     const uint8_t *rows[2] = {l.gu_blocks + rg * G * 16, l.gu_blocks + (rg + 1) * G * 16};
@@ -599,27 +599,18 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
   }
 }
 
-// about two blocks per multiprocessor over all experts (each block stages
-// up to 92 KB of rows, so two fit)
-static unsigned small_blocks_per_expert(int E) {
-  static int sms = 0;
-  if (!sms) { int dev; cudaGetDevice(&dev); cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); }
-  int b = (2 * sms + E - 1) / E;
-  return b < 1 ? 1 : (unsigned)b;
-}
-
 void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
                               cudaStream_t s) {
   size_t smem = sizeof(float) * SM_MT * (size_t)d->H;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_gate_up_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  dim3 grid(d->E, small_blocks_per_expert(d->E));
+  dim3 grid(d->E, (d->I + GU_WARPS - 1) / GU_WARPS);
   moe_gate_up_small_kernel<<<grid, GU_WARPS * 32, smem, s>>>(xn, xn_lo, w->perm, w->offsets, d->K, *l, *d, act);
 }
 
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
   size_t smem = sizeof(float) * SM_MT * (size_t)d->I;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_down_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  dim3 grid(d->E, small_blocks_per_expert(d->E));
+  dim3 grid(d->E, (d->H + DN_WARPS - 1) / DN_WARPS);
   moe_down_small_kernel<<<grid, DN_WARPS * 32, smem, s>>>(act, w->perm, w->offsets, *l, *d, y);
 }
 // }======================================================
