@@ -116,6 +116,8 @@ function M.plan(cfg, shard_size)
   return { specs = specs, shards = shards, total = total, config_json = core.config_json(json) }
 end
 
+--- write_file(path, data): atomically (a temporary file renamed into place);
+-- true or nil, message. Shared with gptoss.train's checkpoints.
 local function write_file(path, data)
   local tmp = path .. ".part"
   local f, err = io.open(tmp, "wb")
@@ -177,6 +179,7 @@ local function mkdir_p(path)
   return true
 end
 
+--- rm_tree(path): removes a file or a directory tree (links are not followed)
 local function rm_tree(path)
   local lfs = require "lfs"
   local attr = lfs.symlinkattributes(path)
@@ -190,6 +193,8 @@ local function rm_tree(path)
     os.remove(path)
   end
 end
+
+M.write_file, M.rm_tree = write_file, rm_tree
 
 --- Writes a checkpoint. opts: preset (default "tiny") or config (a table),
 -- seed, out (directory), shard_size, threads, tokenizer (a directory holding

@@ -99,27 +99,8 @@ end
 -- renamed into place, then checkpoint_dir/latest (a one-line file, replaced
 -- by rename) points at it. A kill at any moment leaves the previous
 -- checkpoint whole.
-local function rm_tree(path)
-  local lfs = require "lfs"
-  if lfs.attributes(path, "mode") == "directory" then
-    for f in lfs.dir(path) do if f ~= "." and f ~= ".." then rm_tree(path .. "/" .. f) end end
-    lfs.rmdir(path)
-  else
-    os.remove(path)
-  end
-end
-
-local function write_file(path, text)
-  local tmp = path .. ".tmp"
-  local f, err = io.open(tmp, "wb")
-  if not f then return nil, err end
-  local ok, werr = f:write(text)
-  f:close()
-  if not ok then os.remove(tmp); return nil, werr end
-  local rok, rerr = os.rename(tmp, path)
-  if not rok then os.remove(tmp); return nil, rerr end
-  return true
-end
+local rm_tree = require("gptoss.checkpoint").rm_tree
+local write_file = require("gptoss.checkpoint").write_file
 
 local function save_checkpoint(dir, lora, state, keep)
   local lfs = require "lfs"
