@@ -313,31 +313,6 @@ gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *
 /* }====================================================== */
 
 /* {====================================================== save */
-static gptoss_status write_atomic(const char *path, const char *text) {
-  size_t n = strlen(path) + 16;
-  char *tmp = malloc(n);
-  if (!tmp) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  snprintf(tmp, n, "%s.tmp-XXXXXX", path);
-  int fd = mkstemp(tmp);
-  if (fd < 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", tmp, strerror(errno)); free(tmp); return rc; }
-  size_t len = strlen(text), off = 0;
-  while (off < len) {
-    ssize_t w = write(fd, text + off, len - off);
-    if (w < 0 && errno == EINTR) continue;
-    if (w <= 0) break;
-    off += (size_t)w;
-  }
-  int ok = off == len && fsync(fd) == 0;
-  int err = errno;
-  ok = close(fd) == 0 && ok;
-  if (ok && rename(tmp, path) == 0) { free(tmp); return GPTOSS_OK; }
-  if (ok) err = errno;
-  unlink(tmp);
-  gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", path, strerror(err));
-  free(tmp);
-  return rc;
-}
-
 gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
   if (mkdir(dir, 0777) != 0 && errno != EEXIST) return gptoss_fail(GPTOSS_EIO, "%s: %s", dir, strerror(errno));
   if (!gptoss_is_dir(dir)) return gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir);
@@ -365,7 +340,7 @@ gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
   if (rc) goto done;
   json = cJSON_Print(a->config);
   if (!json) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
-  rc = write_atomic(cpath, json);
+  rc = gptoss_write_file(cpath, json, strlen(json));
 done:
   gptoss_stw_free(w);
   free(json);
@@ -624,10 +599,7 @@ static gptoss_status copy_file(const char *src, const char *dst) {
   size_t len;
   char *data = gptoss_read_file(src, &len);
   if (!data) return gptoss_errcode();
-  FILE *f = fopen(dst, "wb");
-  gptoss_status rc = GPTOSS_OK;
-  if (!f || fwrite(data, 1, len, f) != len) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", dst, strerror(errno));
-  if (f && fclose(f) != 0 && !rc) rc = gptoss_fail(GPTOSS_EIO, "%s: %s", dst, strerror(errno));
+  gptoss_status rc = gptoss_write_file(dst, data, len);
   free(data);
   return rc;
 }

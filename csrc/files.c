@@ -1,11 +1,12 @@
 /*
-** files.c: whole-file reads and path helpers.
+** files.c: whole-file reads and writes, and path helpers.
 */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <unistd.h>
 #include "internal.h"
 
 char *gptoss_read_file(const char *path, size_t *len) {
@@ -30,6 +31,31 @@ char *gptoss_read_file(const char *path, size_t *len) {
   buf[n] = 0;
   if (len) *len = n;
   return buf;
+}
+
+gptoss_status gptoss_write_file(const char *path, const void *data, size_t len) {
+  size_t n = strlen(path) + 16;
+  char *tmp = malloc(n);
+  if (!tmp) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  snprintf(tmp, n, "%s.tmp-XXXXXX", path);
+  int fd = mkstemp(tmp);
+  if (fd < 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", tmp, strerror(errno)); free(tmp); return rc; }
+  const char *p = data;
+  size_t off = 0;
+  int err = 0;
+  while (off < len && !err) {
+    ssize_t w = write(fd, p + off, len - off);
+    if (w > 0) off += (size_t)w;
+    else if (w < 0 && errno != EINTR) err = errno;
+    else if (w == 0) err = EIO;
+  }
+  if (!err && fsync(fd) != 0) err = errno;
+  if (close(fd) != 0 && !err) err = errno;
+  if (!err && rename(tmp, path) != 0) err = errno;
+  gptoss_status rc = GPTOSS_OK;
+  if (err) { unlink(tmp); rc = gptoss_fail(GPTOSS_EIO, "%s: %s", path, strerror(err)); }
+  free(tmp);
+  return rc;
 }
 
 char *gptoss_path_join(const char *dir, const char *name) {

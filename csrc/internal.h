@@ -56,6 +56,9 @@ static inline void gptoss_split(int64_t n, int tid, int nth, int64_t *lo, int64_
 /* {====================================================== files */
 /* Reads a whole file; returns NULL and sets the error (naming path) on failure. */
 char *gptoss_read_file(const char *path, size_t *len);
+/* Writes len bytes to "<path>.tmp-XXXXXX", syncs, and renames it into
+   place: readers see the old file or the whole new one. */
+gptoss_status gptoss_write_file(const char *path, const void *data, size_t len);
 /* dir + "/" + name, malloc'd */
 char *gptoss_path_join(const char *dir, const char *name);
 int gptoss_is_dir(const char *path);
