@@ -31,13 +31,21 @@ static int adapter_save(lua_State *L) {
   return 1;
 }
 
-/* a:module(layer, "q"|"k"|"v"|"o") -> { r, scale, A = Floats [r x in], B = Floats [out x r] } | nil */
+/* the Lua names of the modules, in gptoss_lora_module order */
+static const char *const module_names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
+
+/* the LoRA named by (layer, module) at arguments li, li + 1, or NULL; *m gets the module */
+static gptoss_lora *arg_module(lua_State *L, gptoss_adapter *a, int li, int *m) {
+  lua_Integer l = luaL_checkinteger(L, li);
+  *m = luaL_checkoption(L, li + 1, NULL, module_names);
+  return l < 0 || l >= GPTOSS_MAX_LAYERS ? NULL : (gptoss_lora *)gptoss_adapter_module(a, (int)l, (gptoss_lora_module)*m);
+}
+
+/* a:module(layer, "q"|"k"|"v"|"o"|"gate_up"|"down") -> { r, experts, scale, A = Floats [rk x in],
+   B = Floats [out x rk], gA, gB (once trained) } | nil */
 static int adapter_module(lua_State *L) {
-  gptoss_adapter *a = lg_check_adapter(L, 1);
-  lua_Integer l = luaL_checkinteger(L, 2);
-  static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
-  int m = luaL_checkoption(L, 3, NULL, names);
-  const gptoss_lora *x = l < 0 || l > GPTOSS_MAX_LAYERS ? NULL : gptoss_adapter_module(a, (int)l, (gptoss_lora_module)m);
+  int m;
+  const gptoss_lora *x = arg_module(L, lg_check_adapter(L, 1), 2, &m);
   if (!x) { lua_pushnil(L); return 1; }
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, x->r); lua_setfield(L, -2, "r");
@@ -96,7 +104,7 @@ static int l_lora_new(lua_State *L) {
       for (int i = 1; i <= (int)lua_rawlen(L, -1); i++) {
         lua_rawgeti(L, -1, i);
         const char *t = lua_tostring(L, -1);
-        static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down"};
+        const char *const *names = module_names;
         if (t && strcmp(t, "attn") == 0) { o.modules |= 15u; lua_pop(L, 1); continue; }
         if (t && strcmp(t, "experts") == 0) { o.modules |= 48u; lua_pop(L, 1); continue; }
         int k = 0;
@@ -183,15 +191,12 @@ static int l_lora_merge(lua_State *L) {
 
 /* a:set(layer, module, "A"|"B", row, col, value) -> a: one weight (1-based row and col) */
 static int adapter_set(lua_State *L) {
-  gptoss_adapter *a = lg_check_adapter(L, 1);
-  lua_Integer l = luaL_checkinteger(L, 2);
-  static const char *const names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
-  int m = luaL_checkoption(L, 3, NULL, names);
+  int m;
+  gptoss_lora *x = arg_module(L, lg_check_adapter(L, 1), 2, &m);
   const char *w = luaL_checkstring(L, 4);
   lua_Integer i = luaL_checkinteger(L, 5), j = luaL_checkinteger(L, 6);
   float v = (float)luaL_checknumber(L, 7);
-  gptoss_lora *x = l < 0 || l >= GPTOSS_MAX_LAYERS ? NULL : (gptoss_lora *)gptoss_adapter_module(a, (int)l, (gptoss_lora_module)m);
-  if (!x) return luaL_error(L, "set: the adapter has no LoRA on layer %d %s", (int)l, names[m]);
+  if (!x) return luaL_error(L, "set: the adapter has no LoRA on layer %d %s", (int)lua_tointeger(L, 2), module_names[m]);
   int isA = strcmp(w, "A") == 0;
   if (!isA && strcmp(w, "B") != 0) return luaL_error(L, "set: which must be \"A\" or \"B\"");
   int rows = isA ? x->rk : x->out, cols = isA ? x->in : x->rk;
@@ -282,13 +287,8 @@ int luaopen_gptoss_adapter(lua_State *L) {
 #endif
     {NULL, NULL}};
   lg_class(L, ADAPTER_T, methods, meta, adapter_fields);
-  lua_pushcfunction(L, l_adapter_load);
-  lua_setfield(L, -2, "adapter_load");
-  lua_pushcfunction(L, l_lora_new);
-  lua_setfield(L, -2, "lora_new");
-  lua_pushcfunction(L, l_lora_backward);
-  lua_setfield(L, -2, "lora_backward");
-  lua_pushcfunction(L, l_lora_merge);
-  lua_setfield(L, -2, "lora_merge");
+  static const luaL_Reg funcs[] = {{"adapter_load", l_adapter_load}, {"lora_new", l_lora_new},
+                                   {"lora_backward", l_lora_backward}, {"lora_merge", l_lora_merge}, {NULL, NULL}};
+  luaL_setfuncs(L, funcs, 0);
   return 0;
 }
