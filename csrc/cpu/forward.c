@@ -225,7 +225,7 @@ static void layer_forward(fwd *f, int l) {
   size_t gu_rows = (size_t)2 * I, gu_blk = gu_rows * (size_t)(H / 32), dn_blk = (size_t)H * (size_t)(I / 32);
   memset(f->tmp, 0, sizeof(float) * (size_t)T * H);
   /* group the tokens by expert so each expert's rows are read once */
-  int *idx = malloc(sizeof(int) * (size_t)T * (size_t)K);
+  int *idx = malloc(sizeof(int) * (size_t)T);
   float *xin = malloc(sizeof(float) * (size_t)T * H);
   float lh[GPTOSS_LORA_MAX_RANK];
   if (!idx || !xin) abort();

@@ -366,7 +366,9 @@ gptoss_status cpu_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_
   for (int i = 0; i < nr; i++)
     rmsnorm_bwd(dx + (size_t)rows[i] * H, xl + (size_t)rows[i] * H, inv[i], m->norm->data, xf + (size_t)i * H, H);
   for (int l = L - 1; l >= 0; l--) {
-    layer_fwd(&tr, l, xs + (size_t)l * T * H, xf);          /* recompute; xf takes the unused output */
+    /* recompute the layer's intermediates (the last layer's are still
+       there from the forward); xf takes the unused output */
+    if (l < L - 1) layer_fwd(&tr, l, xs + (size_t)l * T * H, xf);
     layer_bwd(&tr, l, xs + (size_t)l * T * H, dx);
   }
   *loss = total;
