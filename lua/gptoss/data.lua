@@ -56,7 +56,17 @@ function M.mask(ids, tok, loss_on)
   return mask
 end
 
-local function example(rec, tok, opts)
+--- the first n ids (and mask entries, when a mask is given)
+function M.truncate(ids, mask, n)
+  if not n or #ids <= n then return ids, mask end
+  local a, b = {}, mask and {} or nil
+  for t = 1, n do a[t] = ids[t]; if b then b[t] = mask[t] end end
+  return a, b
+end
+
+--- one example { ids, mask } from a record (a decoded JSONL line: messages
+-- or text), or nil and why not; opts: flavour, loss_on, text_loss_on, max_len
+function M.example(rec, tok, opts)
   if type(rec) ~= "table" then return nil, "not a JSON object" end
   local ids
   if rec.text ~= nil then
@@ -81,11 +91,7 @@ local function example(rec, tok, opts)
     ids = res
   end
   if #ids < 2 then return nil, "renders to fewer than 2 tokens" end
-  if opts.max_len and #ids > opts.max_len then
-    local cut = {}
-    for i = 1, opts.max_len do cut[i] = ids[i] end
-    ids = cut
-  end
+  ids = M.truncate(ids, nil, opts.max_len)
   local mask = M.mask(ids, tok, rec.text ~= nil and (opts.text_loss_on or "all") or opts.loss_on)
   local any = false
   for i = 2, #mask do any = any or mask[i] end
@@ -108,7 +114,7 @@ function M.read_jsonl(path, tok, opts)
     if line:match("%S") then
       local ok, rec = pcall(cjson.decode, line)
       local ex, why
-      if ok then ex, why = example(rec, tok, opts) else why = "invalid JSON: " .. tostring(rec):gsub("^[^:]*:%d+: ", "") end
+      if ok then ex, why = M.example(rec, tok, opts) else why = "invalid JSON: " .. tostring(rec):gsub("^[^:]*:%d+: ", "") end
       if ex then
         ex.line = n
         examples[#examples + 1] = ex

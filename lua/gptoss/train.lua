@@ -10,8 +10,8 @@
 -- data is a JSONL file (gptoss.data: messages or raw harmony text; options
 -- loss_on, flavour, on_error) or a list of examples: { ids = {...}, mask =
 -- {...} } (mask[t] true where token t is a target; default: all), or
--- { text = "..." }: harmony text, tokenized with the special tokens
--- recognised, every token a target. Each optimizer step
+-- records as a JSONL line holds them ({ messages = ... } or { text = ... }),
+-- rendered and masked by gptoss.data. Each optimizer step
 -- takes batch * grad_accum examples, in an order drawn from `seed`, and
 -- averages the loss over all their target tokens, as transformers does.
 local M = {}
@@ -54,14 +54,18 @@ function M.flag(loss, opts)
   return "training"
 end
 
-local function prepare(model, data, max_len, what)
+local function prepare(model, data, max_len, what, opts)
   if type(data) ~= "table" then error("train: " .. what .. " must be a list of examples", 3) end
+  local D = require "gptoss.data"
   local out = {}
   for i, ex in ipairs(data) do
     local ids, mask = ex.ids, ex.mask
-    if ex.text then
-      if not model.tokenizer then error(string.format("train: %s[%d] is text, but the model has no tokenizer", what, i), 3) end
-      ids = model.tokenizer:encode(ex.text, { allowed_special = "all" })
+    if ids == nil and (ex.text or ex.messages) then   -- rendered and masked as gptoss.data does for JSONL
+      if not model.tokenizer then error(string.format("train: %s[%d] needs a tokenizer, and the model has none", what, i), 3) end
+      local e, why = D.example(ex, model.tokenizer, { flavour = opts and opts.flavour, loss_on = opts and opts.loss_on,
+                                                       max_len = max_len })
+      if not e then error(string.format("train: %s[%d]: %s", what, i, why), 3) end
+      ids, mask = e.ids, e.mask
     end
     if type(ids) ~= "table" or #ids < 2 then
       error(string.format("train: %s[%d] needs ids (at least 2) or text", what, i), 3)
@@ -69,11 +73,7 @@ local function prepare(model, data, max_len, what)
     if mask and #mask ~= #ids then
       error(string.format("train: %s[%d] has %d mask entries for %d ids", what, i, #mask, #ids), 3)
     end
-    if max_len and #ids > max_len then
-      local a, b = {}, mask and {} or nil
-      for t = 1, max_len do a[t] = ids[t]; if b then b[t] = mask[t] end end
-      ids, mask = a, b
-    end
+    ids, mask = D.truncate(ids, mask, max_len)
     out[#out + 1] = { ids = ids, mask = mask, index = i }
   end
   if #out == 0 then error("train: " .. what .. " is empty", 3) end
@@ -138,7 +138,7 @@ end
 
 --- mean loss and perplexity of the adapter on examples (no gradients)
 function M.evaluate(model, lora, data, opts)
-  local ex = prepare(model, data, opts and opts.max_len, "eval")
+  local ex = prepare(model, data, opts and opts.max_len, "eval", opts)
   local total, count = 0, 0
   for _, e in ipairs(ex) do
     local s = model:session { adapter = lora }
@@ -166,7 +166,7 @@ function M.train(model, lora, opts)
     if not ex then error("train: " .. err, 2) end
     o.data, skipped = ex, err
   end
-  local data = prepare(model, o.data, o.max_len, "data")
+  local data = prepare(model, o.data, o.max_len, "data", o)
   local per_step = o.batch * o.grad_accum
   local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
   local clock = require("gptoss.core").clock
