@@ -13,7 +13,7 @@
 -- turns it off), tools/reference/hf_bench.py first measures transformers on
 -- the same checkpoint and the device-to-device copy bandwidth, in the same
 -- run; the table then gives the ratios and the bandwidth floor.
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 local gptoss = require "gptoss"
 local checkpoint = require "gptoss.checkpoint"
 
@@ -71,11 +71,8 @@ for _, t in ipairs(m:tensors()) do
   else per_token = per_token + t.bytes end
 end
 
-local function ids(n, seed)
-  local out, x = {}, seed
-  for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
-  return out
-end
+local workload = require "workload"
+local ids = workload.ids
 local greedy = gptoss.sampler(V, { temperature = 0 })
 
 -- prefill of a 2048-token prompt
@@ -122,13 +119,7 @@ s:close()
 
 -- aggregate decode with N sessions stepping together
 for _, n in ipairs { 8, 32, 64 } do
-  local ss, last, smp = {}, {}, {}
-  for i = 1, n do
-    ss[i] = m:session { context = 1024 }
-    ss[i]:feed(ids(128, 10 + i), "last")
-    last[i] = ss[i]:sample(greedy)
-    smp[i] = greedy
-  end
+  local ss, last, smp = workload.sessions(m, n, greedy)
   last = gptoss.batch_step(ss, last, smp)
   local steps = 32
   t0 = now()

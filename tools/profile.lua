@@ -7,17 +7,14 @@
 -- after a 512-token prompt; batch: STEPS steps (default 16) of N sessions
 -- (default 64) together. Without GPTOSS_PROFILE it also serves as the
 -- workload for ncu (tools/reference/device_ncu.sh).
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 local gptoss = require "gptoss"
 local dir, what, precision = arg[1], arg[2], arg[3] or "exact"
 local n = tonumber(arg[4] or "")
 local m = assert(gptoss.load(dir, { device = "cuda:0", precision = precision, context = 4096 }))
 local V = m.config.vocab_size
-local function ids(k, seed)
-  local out, x = {}, seed
-  for i = 1, k do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
-  return out
-end
+local workload = require "workload"
+local ids = workload.ids
 local greedy = gptoss.sampler(V, { temperature = 0 })
 local now = gptoss.core.clock
 local t0
@@ -35,13 +32,7 @@ elseif what == "decode" then
   s:close()
 elseif what == "batch" then
   n = n or 64
-  local ss, last, smp = {}, {}, {}
-  for i = 1, n do
-    ss[i] = m:session { context = 1024 }
-    ss[i]:feed(ids(128, 10 + i), "last")
-    last[i] = ss[i]:sample(greedy)
-    smp[i] = greedy
-  end
+  local ss, last, smp = workload.sessions(m, n, greedy)
   t0 = now()
   for _ = 1, tonumber(arg[5] or "") or 16 do last = gptoss.batch_step(ss, last, smp) end
   for i = 1, n do ss[i]:close() end

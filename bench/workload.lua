@@ -1,0 +1,26 @@
+--- bench/workload.lua: the synthetic workloads bench/llm.lua measures and
+-- tools/profile.lua replays under the profiler, written once.
+local M = {}
+
+--- n pseudo-random ordinary token ids from a seed (an LCG: the same in
+-- every Lua)
+function M.ids(n, seed)
+  local out, x = {}, seed
+  for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
+  return out
+end
+
+--- n sessions, each fed a 128-token prompt, with their first sampled ids
+-- and samplers, ready for gptoss.batch_step
+function M.sessions(m, n, sampler)
+  local ss, last, smp = {}, {}, {}
+  for i = 1, n do
+    ss[i] = m:session { context = 1024 }
+    ss[i]:feed(M.ids(128, 10 + i), "last")
+    last[i] = ss[i]:sample(sampler)
+    smp[i] = sampler
+  end
+  return ss, last, smp
+end
+
+return M
