@@ -16,6 +16,15 @@ local function name(l, p, w)
   elseif p == "down" then return string.format("base_model.model.model.layers.%d.mlp.experts.lora_%s.weight", l, w) end
   return string.format("base_model.model.model.layers.%d.self_attn.%s_proj.lora_%s.weight", l, p, w)
 end
+-- a generated model with a vocabulary of 128 and hidden 128, so that logits
+-- can separate (a 201k vocabulary over a 64-wide random model cannot go
+-- below a loss of ~12)
+local function v128()
+  local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
+                                     overrides = { vocab_size = 128, hidden_size = 128 } })
+  return assert(gptoss.load(dir, { tokenizer = false }))
+end
+
 local RUNS = { train_r4 = MODS, train_experts_r4 = { "o", "gate_up", "down" } }
 
 local function flat(fl, scale)
@@ -209,11 +218,7 @@ describe("gptoss.train", function()
   end)
 
   it("overfits a small dataset (loss below 0.1), reproducibly, with eval", function()
-    -- a vocabulary of 128 and hidden 128, so that logits can separate
-    -- (a 201k vocabulary over a 64-wide random model cannot go below ~12)
-    local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
-                                       overrides = { vocab_size = 128, hidden_size = 128 } })
-    local m = assert(gptoss.load(dir, { tokenizer = false }))
+    local m = v128()
     local data = {}
     for k = 1, 3 do
       local ids = {}
@@ -246,9 +251,7 @@ end)
 
 describe("training checkpoints", function()
   it("resumes after a kill and continues the loss curve exactly", function()
-    local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
-                                       overrides = { vocab_size = 128, hidden_size = 128 } })
-    local m = assert(gptoss.load(dir, { tokenizer = false }))
+    local m = v128()
     local data = {}
     for k = 1, 5 do
       local ids = {}
