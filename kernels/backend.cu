@@ -849,7 +849,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
   for (int l = 0; l < d.L; l++) {
     const dlayer &y = cm->layer[l];
     int sliding = m->cfg.layer_sliding[l];
-    launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, NULL, st);
+    launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, st);
     prof_mark("dec qkv gemv", st);
     attn_args a;
     memset(&a, 0, sizeof a);
@@ -860,7 +860,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     int nsplit = sliding ? dec_splits(d.window) : cs->nsplit_full;
     launch_attention(&a, &d, y.sinks, nsplit, 0, cs->d_ml, cs->d_acc, cs->d_att, st);
     prof_mark("dec attention", st);
-    launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, NULL, st);
+    launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, st);
     prof_mark("dec o gemv", st);
     launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
     prof_mark("dec router", st);
@@ -869,7 +869,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
     prof_mark("dec moe down", st);
   }
-  launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, NULL, st);
+  launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
   prof_mark("dec lm_head", st);
   launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st, cm->sw.keys_in);
   prof_mark("dec sample", st);

@@ -64,9 +64,10 @@ void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H,
 // (exactly bf16) weights then sum two tensor-core GEMMs in fp32
 void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps, cudaStream_t s);
 void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s);
-// decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); xn_out, if given, receives the normalised x
+// decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); with
+// residual, residual[r] += that instead
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
-                      int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s);
+                      int rows, int cols, float *residual, cudaStream_t s);
 // RMSNorm + router + top-k + softmax in fp32, one block per token: routing
 // is a discrete choice, so no rounded input sits right before it. Writes the
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.

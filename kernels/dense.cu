@@ -2,7 +2,7 @@
 // RMSNorm of its input fused in), residual adds and the router's top-k.
 //
 // CPU references: csrc/cpu/kernels.c (cpu_rmsnorm, cpu_matmul_bf16) and
-// route() in csrc/cpu/forward.c.
+// cpu_route() in csrc/cpu/kernels.c.
 #include "common.cuh"
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -22,6 +22,21 @@ __device__ float block_sum(float v, float *red) {
   return t;
 }
 
+// 1 / rms(x) of one row, over the block, plus eps (every norm here sums in this order)
+__device__ float block_inv_rms(const float *x, int n, float eps, float *red) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[i] * x[i];
+  ss = block_sum(ss, red);
+  return rsqrtf(ss / (float)n + eps);
+}
+
+// v as bf16 into hi[i] and, when lo is given, what bf16 rounded off (split bf16)
+__device__ __forceinline__ void store_split(bf16 *hi, bf16 *lo, size_t i, float v) {
+  bf16 h = __float2bfloat16(v);
+  hi[i] = h;
+  if (lo) lo[i] = __float2bfloat16(v - __bfloat162float(h));
+}
+
 __global__ void embed_kernel(const int32_t *ids, const bf16 *embed, float *x, int H) {
   int t = blockIdx.x;
   const bf16 *row = embed + (size_t)ids[t] * H;
@@ -38,16 +53,9 @@ __global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, b
   __shared__ float red[32];
   int t = blockIdx.x, r = rows ? rows[t] : t;
   const float *xr = x + (size_t)r * H;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
-  ss = block_sum(ss, red);
-  float inv = rsqrtf(ss / (float)H + eps);
-  for (int i = threadIdx.x; i < H; i += blockDim.x) {
-    float v = __bfloat162float(w[i]) * (xr[i] * inv);
-    bf16 h = __float2bfloat16(v);
-    out[(size_t)t * H + i] = h;
-    if (lo) lo[(size_t)t * H + i] = __float2bfloat16(v - __bfloat162float(h));
-  }
+  float inv = block_inv_rms(xr, H, eps, red);
+  for (int i = threadIdx.x; i < H; i += blockDim.x)
+    store_split(out, lo, (size_t)t * H + i, __bfloat162float(w[i]) * (xr[i] * inv));
 }
 
 void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps,
@@ -67,11 +75,7 @@ void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T,
 
 __global__ void bf16_from_f32_kernel(const float *x, bf16 *y, bf16 *lo, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) {
-    bf16 h = __float2bfloat16(x[i]);
-    y[i] = h;
-    if (lo) lo[i] = __float2bfloat16(x[i] - __bfloat162float(h));
-  }
+  if (i < n) store_split(y, lo, i, x[i]);
 }
 
 void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s) {
@@ -95,21 +99,11 @@ __device__ __forceinline__ float dot8(uint4 w, const float *x) {
 
 __global__ void __launch_bounds__(GEMV_WARPS * 32)
 gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
-                 int rows, int cols, float *residual, bf16 *xn_out) {
+                 int rows, int cols, float *residual) {
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[32];
-  float inv = 1.f;
-  if (norm_w) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) ss += x[i] * x[i];
-    ss = block_sum(ss, red);
-    inv = rsqrtf(ss / (float)cols + eps);
-  }
-  for (int i = threadIdx.x; i < cols; i += blockDim.x) {
-    float v = norm_w ? __bfloat162float(norm_w[i]) * (x[i] * inv) : x[i];
-    xs[i] = v;
-    if (xn_out && blockIdx.x == 0) xn_out[i] = __float2bfloat16(v);
-  }
+  float inv = norm_w ? block_inv_rms(x, cols, eps, red) : 1.f;
+  for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = norm_w ? __bfloat162float(norm_w[i]) * (x[i] * inv) : x[i];
   __syncthreads();
   int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   int chunks = cols / 8;                         // 16-byte chunks per row
@@ -148,14 +142,14 @@ gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, c
 }
 
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
-                      int rows, int cols, float *residual, bf16 *xn_out, cudaStream_t s) {
+                      int rows, int cols, float *residual, cudaStream_t s) {
   static int sms = 0;
   if (!sms) { int dev; cudaGetDevice(&dev); cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev); }
   int need = (rows + GEMV_WARPS * 2 - 1) / (GEMV_WARPS * 2);
   int blocks = need < sms * 8 ? need : sms * 8;
   size_t smem = sizeof(float) * (size_t)cols;
   if (smem > 48 * 1024) cudaFuncSetAttribute(gemv_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  gemv_bf16_kernel<<<blocks, GEMV_WARPS * 32, smem, s>>>(x, norm_w, eps, W, bias, out, rows, cols, residual, xn_out);
+  gemv_bf16_kernel<<<blocks, GEMV_WARPS * 32, smem, s>>>(x, norm_w, eps, W, bias, out, rows, cols, residual);
 }
 // }======================================================
 
@@ -200,18 +194,11 @@ router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, cons
   __shared__ float red[32];
   int t = blockIdx.x;
   const float *xr = x + (size_t)t * H;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) ss += xr[i] * xr[i];
-  ss = block_sum(ss, red);
-  float inv = rsqrtf(ss / (float)H + eps);
+  float inv = block_inv_rms(xr, H, eps, red);
   for (int i = threadIdx.x; i < H; i += blockDim.x) {
     float v = __bfloat162float(norm_w[i]) * (xr[i] * inv);
     xs[i] = v;
-    if (xn) {
-      bf16 h = __float2bfloat16(v);
-      xn[(size_t)t * H + i] = h;
-      if (xn_lo) xn_lo[(size_t)t * H + i] = __float2bfloat16(v - __bfloat162float(h));
-    }
+    if (xn) store_split(xn, xn_lo, (size_t)t * H + i, v);
     if (xnf) xnf[(size_t)t * H + i] = v;
   }
   __syncthreads();

@@ -312,13 +312,54 @@ void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, 
 // many bytes are in flight, not by arithmetic.
 #define DSTEP 4
 
-// partial dot of 8 values: returns sum_i v_i x_i * 2^-14 (fp4x8's scaling)
-__device__ __forceinline__ float dot_fp4x8(uint32_t b, const float *x) {
+// the 8 values of one FP4 word as (value k, value k + 4) pairs, times 2^-14 (fp4x8's scaling)
+__device__ __forceinline__ void fp4x8_f(uint32_t b, float2 f[4]) {
   __half2 h[4];
   fp4x8(b, h);
+#pragma unroll
+  for (int k = 0; k < 4; k++) f[k] = __half22float2(h[k]);
+}
+
+// their dot with x[0..7]
+__device__ __forceinline__ float dot8_f(const float2 *f, const float *x) {
   float4 a = *reinterpret_cast<const float4 *>(x), c = *reinterpret_cast<const float4 *>(x + 4);
-  float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
-  return f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * c.x + f1.y * c.y + f2.y * c.z + f3.y * c.w;
+  return f[0].x * a.x + f[1].x * a.y + f[2].x * a.z + f[3].x * a.w + f[0].y * c.x + f[1].y * c.y + f[2].y * c.z + f[3].y * c.w;
+}
+
+// partial dot of 8 values: returns sum_i v_i x_i * 2^-14
+__device__ __forceinline__ float dot_fp4x8(uint32_t b, const float *x) {
+  float2 f[4];
+  fp4x8_f(b, f);
+  return dot8_f(f, x);
+}
+
+// NS steps of R rows' FP4 words and scales for this lane (blocks g0, g0 + 8,
+// ...), issued together; past the row's G blocks they read as zero
+template <int R, int NS>
+__device__ __forceinline__ void fp4_load(const uint8_t *const *rows, const uint8_t *const *srows, int g0, int G, int sub,
+                                         uint32_t (&w)[R][NS], uint8_t (&sc)[R][NS]) {
+#pragma unroll
+  for (int u = 0; u < NS; u++) {
+    int g = g0 + 8 * u;
+#pragma unroll
+    for (int i = 0; i < R; i++) {
+      w[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
+      sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
+    }
+  }
+}
+
+// acc[r] += scale * (the word's 8 values . x_r) for the m (<= SM_MT) rows x_r = x + r * stride
+#define SM_MT 8
+__device__ __forceinline__ void fp4_dot_rows(uint32_t w, uint8_t sc, const float *x, int stride, int m, float *acc) {
+  float2 f[4];
+  fp4x8_f(w, f);
+  float s = e8m0(sc);
+#pragma unroll
+  for (int r = 0; r < SM_MT; r++) {
+    if (r >= m) break;
+    acc[r] += s * dot8_f(f, x + r * stride);
+  }
 }
 
 // R rows' dots with x (shared memory), this lane's share; rows[i] points at
@@ -332,15 +373,7 @@ __device__ __forceinline__ void fp4_rows_dot(const uint8_t *const *rows, const u
   for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
     uint32_t w[R][DSTEP];
     uint8_t sc[R][DSTEP];
-#pragma unroll
-    for (int u = 0; u < DSTEP; u++) {
-      int g = g0 + 8 * u;
-#pragma unroll
-      for (int i = 0; i < R; i++) {
-        w[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
-        sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
-      }
-    }
+    fp4_load<R, DSTEP>(rows, srows, g0, G, sub, w, sc);
 #pragma unroll
     for (int u = 0; u < DSTEP; u++) {
       int g = g0 + 8 * u;
@@ -423,15 +456,7 @@ moe_down_decode_kernel(const float *act, const int32_t *sel, const float *w, dla
     for (int g0 = bi; g0 < G; g0 += 8 * 2) {
       uint32_t wv[4][2];
       uint8_t sc[4][2];
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        int g = g0 + 8 * u;
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-          wv[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
-          sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
-        }
-      }
+      fp4_load<4, 2>(rows, srows, g0, G, sub, wv, sc);
 #pragma unroll
       for (int u = 0; u < 2; u++) {
         int g = g0 + 8 * u;
@@ -467,7 +492,6 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
 // its rows SM_MT at a time from shared memory. On CUDA cores every weight
 // costs a shared-memory read and an FMA per row, so past ~2 rows per expert
 // the tensor-core GEMM wins (bench/NOTES.md): the backend switches there.
-#define SM_MT 8
 
 // grid (E, I / GU_WARPS): warp j of block y computes gate row 2j and up row
 // 2j+1 of expert blockIdx.x for all its rows; act in expert order, as the
@@ -501,33 +525,13 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
     for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
       uint32_t w[2][DSTEP];
       uint8_t sc[2][DSTEP];
-#pragma unroll
-      for (int u = 0; u < DSTEP; u++) {
-        int g = g0 + 8 * u;
-#pragma unroll
-        for (int i = 0; i < 2; i++) {
-          w[i][u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(rows[i] + (size_t)g * 16) + sub) : 0u;
-          sc[i][u] = g < G ? __ldg(srows[i] + g) : (uint8_t)0;
-        }
-      }
+      fp4_load<2, DSTEP>(rows, srows, g0, G, sub, w, sc);
 #pragma unroll
       for (int u = 0; u < DSTEP; u++) {
         int g = g0 + 8 * u;
         if (g >= G) continue;
 #pragma unroll
-        for (int i = 0; i < 2; i++) {
-          __half2 h[4];
-          fp4x8(w[i][u], h);
-          float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
-          float s = e8m0(sc[i][u]);
-#pragma unroll
-          for (int r = 0; r < SM_MT; r++) {
-            if (r >= m) break;
-            const float *x = xs + r * d.H + g * 32 + sub * 8;
-            float4 a = *reinterpret_cast<const float4 *>(x), b = *reinterpret_cast<const float4 *>(x + 4);
-            acc[i][r] += s * (f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * b.x + f1.y * b.y + f2.y * b.z + f3.y * b.w);
-          }
-        }
+        for (int i = 0; i < 2; i++) fp4_dot_rows(w[i][u], sc[i][u], xs + g * 32 + sub * 8, d.H, m, acc[i]);
       }
     }
 #pragma unroll
@@ -559,34 +563,18 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
     __syncthreads();
     for (int row = blockIdx.y * DN_WARPS + warp; row < d.H; row += gridDim.y * DN_WARPS) {
     size_t rr = (size_t)e * d.H + row;
-    const uint8_t *wrow = l.dn_blocks + rr * G * 16, *srow = l.dn_scales + rr * G;
+    const uint8_t *wrow[1] = {l.dn_blocks + rr * G * 16}, *srow[1] = {l.dn_scales + rr * G};
     float acc[SM_MT];
 #pragma unroll
     for (int r = 0; r < SM_MT; r++) acc[r] = 0.f;
     for (int g0 = bi; g0 < G; g0 += 8 * DSTEP) {
-      uint32_t w[DSTEP];
-      uint8_t sc[DSTEP];
+      uint32_t w[1][DSTEP];
+      uint8_t sc[1][DSTEP];
+      fp4_load<1, DSTEP>(wrow, srow, g0, G, sub, w, sc);
 #pragma unroll
       for (int u = 0; u < DSTEP; u++) {
         int g = g0 + 8 * u;
-        w[u] = g < G ? __ldg(reinterpret_cast<const uint32_t *>(wrow + (size_t)g * 16) + sub) : 0u;
-        sc[u] = g < G ? __ldg(srow + g) : (uint8_t)0;
-      }
-#pragma unroll
-      for (int u = 0; u < DSTEP; u++) {
-        int g = g0 + 8 * u;
-        if (g >= G) continue;
-        __half2 h[4];
-        fp4x8(w[u], h);
-        float2 f0 = __half22float2(h[0]), f1 = __half22float2(h[1]), f2 = __half22float2(h[2]), f3 = __half22float2(h[3]);
-        float s = e8m0(sc[u]);
-#pragma unroll
-        for (int r = 0; r < SM_MT; r++) {
-          if (r >= m) break;
-          const float *x = as + r * d.I + g * 32 + sub * 8;
-          float4 a = *reinterpret_cast<const float4 *>(x), b = *reinterpret_cast<const float4 *>(x + 4);
-          acc[r] += s * (f0.x * a.x + f1.x * a.y + f2.x * a.z + f3.x * a.w + f0.y * b.x + f1.y * b.y + f2.y * b.z + f3.y * b.w);
-        }
+        if (g < G) fp4_dot_rows(w[0][u], sc[0][u], as + g * 32 + sub * 8, d.I, m, acc);
       }
     }
 #pragma unroll

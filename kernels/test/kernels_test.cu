@@ -309,7 +309,7 @@ static void test_gemv(int rows, int cols) {
   }
   std::vector<float> oz(rows);
   float *out = dev(oz);
-  launch_gemv_bf16(dev(x), dev(nw), 1e-5f, dev(W), dev(b), out, rows, cols, NULL, NULL, 0);
+  launch_gemv_bf16(dev(x), dev(nw), 1e-5f, dev(W), dev(b), out, rows, cols, NULL, 0);
   CK(cudaGetLastError());
   char name[64];
   snprintf(name, sizeof name, "gemv bf16 + rmsnorm %dx%d", rows, cols);
