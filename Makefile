@@ -49,7 +49,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all install test test-gpu run bench check-memory clean tokenizer fuzz kernels-test
+.PHONY: all install test test-gpu run bench bench-train check-memory clean tokenizer fuzz kernels-test
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -142,6 +142,10 @@ run:
 bench: all $(TOKENIZER)
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/tokenizer.lua tokenizer
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/llm.lua $(BENCH_ARGS)
+
+# LoRA training speed and memory on a checkpoint (GPU): make bench-train TRAIN_ARGS="DIR cuda:0 exact"
+bench-train: all
+	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/train.lua $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(BUILD)

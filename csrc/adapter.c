@@ -35,7 +35,14 @@ struct gptoss_adapter {
   double dropout;               /* training only */
   uint64_t seed;
   cJSON *config;                /* adapter_config.json as read, written back by save */
+  uint64_t version;             /* changes whenever A or B may have changed (see gptoss_adapter_touch) */
 };
+
+/* one counter for all adapters, so that a version is never reused, even by
+   an adapter allocated where a freed one was */
+static uint64_t g_version;
+void gptoss_adapter_touch(gptoss_adapter *a) { a->version = __atomic_add_fetch(&g_version, 1, __ATOMIC_RELAXED); }
+uint64_t gptoss_adapter_version(const gptoss_adapter *a) { return a->version; }
 
 static double lora_scale(double alpha, int r, int rslora) { return rslora ? alpha / sqrt((double)r) : alpha / r; }
 
@@ -44,6 +51,7 @@ static gptoss_adapter *adapter_alloc(int nlayers) {
   if (!a) return NULL;
   a->refs = 1;
   a->nlayers = nlayers;
+  gptoss_adapter_touch(a);
   a->mod = calloc((size_t)(nlayers ? nlayers : 1) * GPTOSS_LORA_MODULES, sizeof *a->mod);
   if (!a->mod) { free(a); return NULL; }
   return a;
@@ -448,8 +456,7 @@ void gptoss_adapter_zero_grad(gptoss_adapter *a) {
 
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count) {
-  if (m->be != &gptoss_cpu_backend)
-    return gptoss_fail(GPTOSS_EUNSUP, "LoRA training runs on the CPU backend only for now (this model is on %s)", m->device);
+  if (!m->be->lora_backward) return gptoss_fail(GPTOSS_EUNSUP, "LoRA training is not supported on %s", m->device);
   if (n < 2) return gptoss_fail(GPTOSS_EARG, "lora backward: a sequence needs at least 2 tokens (got %d)", n);
   for (int i = 0; i < n; i++)
     if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
@@ -457,7 +464,7 @@ gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int
                          m->cfg.vocab_size);
   gptoss_status rc = gptoss_adapter_check(a, m);
   if (!rc) rc = grads_alloc(a);
-  if (!rc) rc = cpu_lora_backward(m, a, ids, mask, n, loss, count);
+  if (!rc) rc = m->be->lora_backward(m, a, ids, mask, n, loss, count);
   return rc;
 }
 
@@ -468,10 +475,56 @@ double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed) {
   return a->dropout;
 }
 
+/* AdamW runs over fixed chunks of each weight array, spread over threads:
+   the gradient norm sums per chunk and then over chunks in order, so it is
+   the same whatever the thread count (a 20B adapter has 185M weights). */
+#define STEP_CHUNK ((size_t)1 << 16)
+
+typedef struct step_job {
+  gptoss_adapter *a;
+  const gptoss_adamw *o;
+  int pass;                     /* 0: squared gradient sums per chunk; 1: the update */
+  double *partial;              /* [chunks] */
+  float gs;                     /* grad_scale times the clipping coefficient */
+  double bc1, bc2;
+} step_job;
+
+static void step_chunks(void *ctx, int tid, int nth) {
+  step_job *j = ctx;
+  const gptoss_adamw *o = j->o;
+  size_t chunk = 0;
+  for (int i = 0; i < j->a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &j->a->mod[i];
+    if (!x->r) continue;
+    float *p[2] = {x->A, x->B}, *g[2] = {x->gA, x->gB}, *mm[2] = {x->mA, x->mB}, *vv[2] = {x->vA, x->vB};
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
+    for (int w = 0; w < 2; w++)
+      for (size_t lo = 0; lo < n[w]; lo += STEP_CHUNK, chunk++) {
+        if ((int)(chunk % (size_t)nth) != tid) continue;
+        size_t hi = lo + STEP_CHUNK < n[w] ? lo + STEP_CHUNK : n[w];
+        if (j->pass == 0) {
+          double ss = 0;
+          for (size_t k = lo; k < hi; k++) { double gk = g[w][k] * o->grad_scale; ss += gk * gk; }
+          j->partial[chunk] = ss;
+          continue;
+        }
+        double b1 = o->beta1, b2 = o->beta2;
+        for (size_t k = lo; k < hi; k++) {
+          float gk = g[w][k] * j->gs;
+          p[w][k] *= (float)(1 - o->lr * o->weight_decay);
+          mm[w][k] = (float)(b1 * mm[w][k] + (1 - b1) * gk);
+          vv[w][k] = (float)(b2 * vv[w][k] + (1 - b2) * (double)gk * gk);
+          double denom = sqrt(vv[w][k] / j->bc2) + o->eps;
+          p[w][k] -= (float)(o->lr / j->bc1 * mm[w][k] / denom);
+        }
+      }
+  }
+}
+
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm) {
   if (!(o->lr >= 0) || !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0) || o->weight_decay < 0)
     return gptoss_fail(GPTOSS_EARG, "adamw: lr >= 0, betas in [0, 1), eps > 0 and weight_decay >= 0");
-  double ss = 0;
+  size_t chunks = 0, total = 0;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
     if (!x->r) continue;
@@ -481,31 +534,32 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
       x->mB = calloc((size_t)x->out * x->rk, sizeof(float)); x->vB = calloc((size_t)x->out * x->rk, sizeof(float));
       if (!x->mA || !x->vA || !x->mB || !x->vB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer state");
     }
-    for (size_t k = 0; k < (size_t)x->rk * x->in; k++) { double g = x->gA[k] * o->grad_scale; ss += g * g; }
-    for (size_t k = 0; k < (size_t)x->out * x->rk; k++) { double g = x->gB[k] * o->grad_scale; ss += g * g; }
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
+    for (int w = 0; w < 2; w++) { chunks += (n[w] + STEP_CHUNK - 1) / STEP_CHUNK; total += n[w]; }
   }
+  step_job j = {a, o, 0, calloc(chunks ? chunks : 1, sizeof(double)), 0, 0, 0};
+  if (!j.partial) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
+  int nth = total < ((size_t)1 << 20) ? 1 : gptoss_cpu_count() > 16 ? 16 : gptoss_cpu_count();
+  gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL: this thread alone */
+  gptoss_pool_run(pool, step_chunks, &j);
+  double ss = 0;
+  for (size_t c = 0; c < chunks; c++) ss += j.partial[c];
   double norm = sqrt(ss), clip = 1;
-  if (!isfinite(norm)) return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
+  if (!isfinite(norm)) {
+    gptoss_pool_free(pool); free(j.partial);
+    return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
+  }
   /* torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1 */
   if (o->max_grad_norm > 0 && o->max_grad_norm / (norm + 1e-6) < 1) clip = o->max_grad_norm / (norm + 1e-6);
   a->steps++;
-  double b1 = o->beta1, b2 = o->beta2, bc1 = 1 - pow(b1, a->steps), bc2 = 1 - pow(b2, a->steps);
-  float gs = (float)(o->grad_scale * clip);
-  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
-    gptoss_lora *x = &a->mod[i];
-    if (!x->r) continue;
-    float *p[2] = {x->A, x->B}, *g[2] = {x->gA, x->gB}, *mm[2] = {x->mA, x->mB}, *vv[2] = {x->vA, x->vB};
-    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
-    for (int w = 0; w < 2; w++)
-      for (size_t k = 0; k < n[w]; k++) {
-        float gk = g[w][k] * gs;
-        p[w][k] *= (float)(1 - o->lr * o->weight_decay);
-        mm[w][k] = (float)(b1 * mm[w][k] + (1 - b1) * gk);
-        vv[w][k] = (float)(b2 * vv[w][k] + (1 - b2) * (double)gk * gk);
-        double denom = sqrt(vv[w][k] / bc2) + o->eps;
-        p[w][k] -= (float)(o->lr / bc1 * mm[w][k] / denom);
-      }
-  }
+  gptoss_adapter_touch(a);
+  j.pass = 1;
+  j.gs = (float)(o->grad_scale * clip);
+  j.bc1 = 1 - pow(o->beta1, a->steps);
+  j.bc2 = 1 - pow(o->beta2, a->steps);
+  gptoss_pool_run(pool, step_chunks, &j);
+  gptoss_pool_free(pool);
+  free(j.partial);
   if (grad_norm) *grad_norm = norm;
   return GPTOSS_OK;
 }
@@ -528,6 +582,7 @@ gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adap
       memcpy(d->A, s->A, sizeof(float) * (size_t)d->rk * d->in);
       memcpy(d->B, s->B, sizeof(float) * (size_t)d->out * d->rk);
     }
+  gptoss_adapter_touch(dst);
   return GPTOSS_OK;
 }
 

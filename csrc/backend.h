@@ -67,6 +67,9 @@ struct gptoss_backend {
   gptoss_status (*decode)(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
   /* optional: copies the last position's logits to the host; NULL = s->logits holds them */
   gptoss_status (*logits)(const gptoss_session *s, float *out);
+  /* optional: LoRA training (gptoss_lora_backward's contract); NULL = refused */
+  gptoss_status (*lora_backward)(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                 double *loss, int *count);
 };
 
 extern const gptoss_backend gptoss_cpu_backend;

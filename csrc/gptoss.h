@@ -344,7 +344,7 @@ typedef struct gptoss_lora_opts {
   uint64_t seed;
 } gptoss_lora_opts;
 gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *o, gptoss_adapter **out);
-/* Loss of one sequence on the CPU backend: the sum over positions t >= 1
+/* Loss of one sequence (CPU: fp32; CUDA: the model's precision): the sum over positions t >= 1
    with mask[t] of -log p(ids[t] | ids[<t]), in *loss, and their number in
    *count; adds d(loss)/d(LoRA weights) into the adapter's gradients. */
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
@@ -358,6 +358,11 @@ typedef struct gptoss_adamw {
 } gptoss_adamw;
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
 int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
+/* Whoever writes A or B other than through this API calls touch: a backend
+   that keeps a device copy of the weights compares versions to know when
+   to copy them again. Versions are unique across adapters. */
+void gptoss_adapter_touch(gptoss_adapter *a);
+uint64_t gptoss_adapter_version(const gptoss_adapter *a);
 /* LoRA dropout on the attention projections' inputs during training (the
    masks are a function of seed, step, layer, projection, token and
    feature, so a recomputation sees the same ones) */

@@ -202,6 +202,7 @@ static int adapter_set(lua_State *L) {
   int rows = isA ? x->rk : x->out, cols = isA ? x->in : x->rk;
   if (i < 1 || i > rows || j < 1 || j > cols) return luaL_error(L, "set: (%d, %d) is outside %dx%d", (int)i, (int)j, rows, cols);
   (isA ? x->A : x->B)[(size_t)(i - 1) * cols + (size_t)(j - 1)] = v;
+  gptoss_adapter_touch(lg_check_adapter(L, 1));
   lua_settop(L, 1);
   return 1;
 }

@@ -122,6 +122,9 @@ struct cuda_model {
   gpu_sampling *params_dev, *params_host;  // [ws_sess]
   int32_t *out_dev, *out_host;             // [ws_sess]
   const int32_t **hist_arr; int32_t *hist_len;
+  // LoRA training (train.cu)
+  void *train;
+  size_t train_bytes;
 };
 
 struct cuda_session {
@@ -429,6 +432,7 @@ static void cuda_model_free(gptoss_model *m) {
   cudaSetDevice(cm->dev);
   if (cm->stream) cudaStreamSynchronize(cm->stream);
   free_workspace(cm);
+  cuda_train_free(cm->train);
   if (cm->arena) cudaFree(cm->arena);
   if (cm->blas) cublasDestroy(cm->blas);
   if (cm->blas_ws) cudaFree(cm->blas_ws);
@@ -441,7 +445,7 @@ static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
   cuda_model *cm = CM(m);
   out->weights = cm->arena_bytes;
   out->kv = cm->kv_bytes;
-  out->workspace = cm->ws_bytes + BLAS_WS;
+  out->workspace = cm->ws_bytes + cm->train_bytes + BLAS_WS;
   out->total = out->weights + out->kv + out->workspace;
   size_t f = 0, t = 0;
   if (cudaSetDevice(cm->dev) == cudaSuccess && cudaMemGetInfo(&f, &t) == cudaSuccess) { out->device_free = f; out->device_total = t; }
@@ -940,9 +944,20 @@ static gptoss_status cuda_logits(const gptoss_session *s, float *out) {
   return GPTOSS_OK;
 }
 
+static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                double *loss, int *count) {
+  cuda_model *cm = CM(m);
+  if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
+  CU(cudaSetDevice(cm->dev));
+  train_view v = {cm->stream, cm->blas, cm->layer, cm->embed, cm->norm, cm->lm_head, cm->inv_freq, m->cfg.layer_sliding, cm->d,
+                  cm->split,
+                  m->threads, &cm->train, &cm->train_bytes};
+  return cuda_lora_backward(&v, a, ids, mask, n, loss, count);
+}
+
 static const gptoss_backend cuda_backend = {
   "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
-  cuda_forward, cuda_sample, cuda_memory, cuda_decode, cuda_logits,
+  cuda_forward, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_train,
 };
 
 extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

@@ -7,6 +7,8 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <math.h>
+#include <cublas_v2.h>
 
 extern "C" {
 #include "../csrc/backend.h"
@@ -55,6 +57,74 @@ struct dims {
   int kv32;                   // KV cache in fp32 (else fp16)
   float eps, limit, rope_scale;
 };
+// }======================================================
+
+// {====================================================== device helpers
+// shared by dense.cu, moe.cu and train.cu
+__device__ __forceinline__ float warp_sum(float v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// sum over the block; `red` is 32 floats of shared memory
+__device__ __forceinline__ float block_sum(float v, float *red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : 0.f;
+  t = warp_sum(t);
+  return t;
+}
+
+// 1 / rms(x) of one row, over the block, plus eps (every norm here sums in this order)
+__device__ __forceinline__ float block_inv_rms(const float *x, int n, float eps, float *red) {
+  float ss = 0.f;
+  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[i] * x[i];
+  ss = block_sum(ss, red);
+  return rsqrtf(ss / (float)n + eps);
+}
+
+// v as bf16 into hi[i] and, when lo is given, what bf16 rounded off (split bf16)
+__device__ __forceinline__ void store_split(bf16 *hi, bf16 *lo, size_t i, float v) {
+  bf16 h = __float2bfloat16(v);
+  hi[i] = h;
+  if (lo) lo[i] = __float2bfloat16(v - __bfloat162float(h));
+}
+
+// top-k of E logits (E <= 32 * ROUTER_EPL) by one warp, sorted descending,
+// ties to the lower expert as torch.topk; then softmax over the k. Each lane
+// holds experts lane, lane + 32, ...; a round is one warp argmax, so the
+// decode step does not wait on a serial scan.
+#define ROUTER_EPL 8
+__device__ __forceinline__ void warp_topk(const float *logit, int E, int K, int32_t *sel, float *w) {
+  int lane = threadIdx.x & 31;
+  float v[ROUTER_EPL];
+#pragma unroll
+  for (int i = 0; i < ROUTER_EPL; i++) v[i] = lane + 32 * i < E ? logit[lane + 32 * i] : -INFINITY;
+  float top = 0.f, sum = 0.f, mine = 0.f;
+  int mine_idx = 0;
+  for (int k = 0; k < K; k++) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+#pragma unroll
+    for (int i = 0; i < ROUTER_EPL; i++)
+      if (lane + 32 * i < E && (v[i] > bv || bi == 0x7fffffff)) { bv = v[i]; bi = lane + 32 * i; }
+    for (int o = 16; o > 0; o >>= 1) {
+      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
+    }
+#pragma unroll
+    for (int i = 0; i < ROUTER_EPL; i++) if (lane + 32 * i == bi) v[i] = -INFINITY;
+    if (k == 0) top = bv;
+    float e = expf(bv - top);
+    sum += e;
+    if (lane == k) { mine = e; mine_idx = bi; }
+  }
+  if (lane < K) { sel[lane] = mine_idx; w[lane] = mine / sum; }
+}
 // }======================================================
 
 // {====================================================== launchers
@@ -135,4 +205,24 @@ size_t sampler_cub_bytes(int V);
 void launch_sample(float *logits, int rows, int V, const gpu_sampling *params_dev, const gpu_sampling *params_host,
                    const int32_t *const *hist, const int32_t *hist_len, sampler_work *w, int32_t *out, cudaStream_t s,
                    float *scratch);
+// }======================================================
+
+// {====================================================== training (train.cu)
+// What the LoRA training pass needs of the model; backend.cu fills it.
+struct train_view {
+  cudaStream_t stream;
+  cublasHandle_t blas;
+  const dlayer *layer;
+  const bf16 *embed, *norm, *lm_head;
+  const float *inv_freq;
+  const unsigned char *layer_sliding;   // [L]
+  dims d;
+  int split;                 // precision "exact": split-bf16 activations, fp32 score products
+  int threads;               // host threads for the adapter's copies
+  void **state;              // the trainer's buffers, kept between calls
+  size_t *bytes;             // device bytes they hold (reported as workspace)
+};
+gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                 double *loss, int *count);
+void cuda_train_free(void *state);
 // }======================================================

@@ -5,38 +5,6 @@
 // cpu_route() in csrc/cpu/kernels.c.
 #include "common.cuh"
 
-__device__ __forceinline__ float warp_sum(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// sum over the block; `red` is 32 floats of shared memory
-__device__ float block_sum(float v, float *red) {
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  v = warp_sum(v);
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  float t = lane < nw ? red[lane] : 0.f;
-  t = warp_sum(t);
-  return t;
-}
-
-// 1 / rms(x) of one row, over the block, plus eps (every norm here sums in this order)
-__device__ float block_inv_rms(const float *x, int n, float eps, float *red) {
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) ss += x[i] * x[i];
-  ss = block_sum(ss, red);
-  return rsqrtf(ss / (float)n + eps);
-}
-
-// v as bf16 into hi[i] and, when lo is given, what bf16 rounded off (split bf16)
-__device__ __forceinline__ void store_split(bf16 *hi, bf16 *lo, size_t i, float v) {
-  bf16 h = __float2bfloat16(v);
-  hi[i] = h;
-  if (lo) lo[i] = __float2bfloat16(v - __bfloat162float(h));
-}
-
 __global__ void embed_kernel(const int32_t *ids, const bf16 *embed, float *x, int H) {
   int t = blockIdx.x;
   const bf16 *row = embed + (size_t)ids[t] * H;
@@ -152,39 +120,6 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
   gemv_bf16_kernel<<<blocks, GEMV_WARPS * 32, smem, s>>>(x, norm_w, eps, W, bias, out, rows, cols, residual);
 }
 // }======================================================
-
-// top-k of E logits (E <= 32 * ROUTER_EPL) by one warp, sorted descending,
-// ties to the lower expert as torch.topk; then softmax over the k. Each lane
-// holds experts lane, lane + 32, ...; a round is one warp argmax, so the
-// decode step does not wait on a serial scan.
-#define ROUTER_EPL 8
-__device__ void warp_topk(const float *logit, int E, int K, int32_t *sel, float *w) {
-  int lane = threadIdx.x & 31;
-  float v[ROUTER_EPL];
-#pragma unroll
-  for (int i = 0; i < ROUTER_EPL; i++) v[i] = lane + 32 * i < E ? logit[lane + 32 * i] : -INFINITY;
-  float top = 0.f, sum = 0.f, mine = 0.f;
-  int mine_idx = 0;
-  for (int k = 0; k < K; k++) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < ROUTER_EPL; i++)
-      if (lane + 32 * i < E && (v[i] > bv || bi == 0x7fffffff)) { bv = v[i]; bi = lane + 32 * i; }
-    for (int o = 16; o > 0; o >>= 1) {
-      float ov = __shfl_xor_sync(0xffffffffu, bv, o);
-      int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-      if (ov > bv || (ov == bv && oi < bi)) { bv = ov; bi = oi; }
-    }
-#pragma unroll
-    for (int i = 0; i < ROUTER_EPL; i++) if (lane + 32 * i == bi) v[i] = -INFINITY;
-    if (k == 0) top = bv;
-    float e = expf(bv - top);
-    sum += e;
-    if (lane == k) { mine = e; mine_idx = bi; }
-  }
-  if (lane < K) { sel[lane] = mine_idx; w[lane] = mine / sum; }
-}
 
 __global__ void __launch_bounds__(1024)
 router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,

@@ -387,10 +387,6 @@ __device__ __forceinline__ void fp4_rows_dot(const uint8_t *const *rows, const u
   for (int i = 0; i < R; i++) acc[i] *= FP4_UNBIAS;
 }
 
-__device__ __forceinline__ float warp_sum_m(float v) {
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
 
 #define GU_WARPS 16
 
@@ -410,7 +406,7 @@ moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d,
   const uint8_t *srows[2] = {l.gu_scales + rg * G, l.gu_scales + (rg + 1) * G};
   float acc[2];
   fp4_rows_dot<2>(rows, srows, G, xs, lane, acc);
-  float g = warp_sum_m(acc[0]), u = warp_sum_m(acc[1]);
+  float g = warp_sum(acc[0]), u = warp_sum(acc[1]);
   if (lane == 0) {
     g += __bfloat162float(l.gu_bias[rg]);
     u += __bfloat162float(l.gu_bias[rg + 1]);
@@ -470,7 +466,7 @@ moe_down_decode_kernel(const float *act, const int32_t *sel, const float *w, dla
 #pragma unroll
     for (int i = 0; i < 4; i++) {
       if (k0 + i >= d.K) break;
-      float v = warp_sum_m(acc[i] * FP4_UNBIAS);
+      float v = warp_sum(acc[i] * FP4_UNBIAS);
       total += w[k0 + i] * (v + __bfloat162float(l.dn_bias[row[i]]));
     }
   }
@@ -537,7 +533,7 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
 #pragma unroll
     for (int r = 0; r < SM_MT; r++) {
       if (r >= m) break;
-      float g = warp_sum_m(acc[0][r]) * FP4_UNBIAS, u = warp_sum_m(acc[1][r]) * FP4_UNBIAS;
+      float g = warp_sum(acc[0][r]) * FP4_UNBIAS, u = warp_sum(acc[1][r]) * FP4_UNBIAS;
       if (lane == 0)
         act[(size_t)(r0 + c0 + r) * d.I + j] =
             swiglu(g + __bfloat162float(l.gu_bias[rg]), u + __bfloat162float(l.gu_bias[rg + 1]), d.limit);
@@ -580,7 +576,7 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
 #pragma unroll
     for (int r = 0; r < SM_MT; r++) {
       if (r >= m) break;
-      float v = warp_sum_m(acc[r]) * FP4_UNBIAS;
+      float v = warp_sum(acc[r]) * FP4_UNBIAS;
       if (lane == 0) y[(size_t)perm[r0 + c0 + r] * d.H + row] = v + __bfloat162float(l.dn_bias[rr]);
     }
     }

@@ -138,4 +138,27 @@ function H.rel_l2(a, b)
   return math.sqrt(num) / math.sqrt(den)
 end
 
+-- PEFT's tensor names; with target_parameters {gate_up_proj, down_proj},
+-- gate_up is wrapped first and so sits one base_layer deeper
+function H.peft_lora_name(l, p, w)
+  if p == "gate_up" then return string.format("base_model.model.model.layers.%d.mlp.experts.base_layer.lora_%s.weight", l, w)
+  elseif p == "down" then return string.format("base_model.model.model.layers.%d.mlp.experts.lora_%s.weight", l, w) end
+  return string.format("base_model.model.model.layers.%d.self_attn.%s_proj.lora_%s.weight", l, p, w)
+end
+-- a generated model with a vocabulary of 128 and hidden 128, so that logits
+-- can separate (a 201k vocabulary over a 64-wide random model cannot go
+-- below a loss of ~12)
+function H.v128(opts)
+  local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
+                                     overrides = { vocab_size = 128, hidden_size = 128 } })
+  return assert(require("gptoss").load(dir, opts or { tokenizer = false }))
+end
+
+-- a gptoss float matrix's entries, row by row, times scale
+function H.flat(fl, scale)
+  local out, r, c = {}, fl:shape()
+  for i = 1, r do for j = 1, c do out[#out + 1] = fl:get(i, j) * (scale or 1) end end
+  return out
+end
+
 return H

@@ -9,29 +9,9 @@ local train = require "gptoss.train"
 local FX = "spec/fixtures/lora/"
 local MODS = { "q", "k", "v", "o" }
 
--- PEFT's tensor names; with target_parameters {gate_up_proj, down_proj},
--- gate_up is wrapped first and so sits one base_layer deeper
-local function name(l, p, w)
-  if p == "gate_up" then return string.format("base_model.model.model.layers.%d.mlp.experts.base_layer.lora_%s.weight", l, w)
-  elseif p == "down" then return string.format("base_model.model.model.layers.%d.mlp.experts.lora_%s.weight", l, w) end
-  return string.format("base_model.model.model.layers.%d.self_attn.%s_proj.lora_%s.weight", l, p, w)
-end
--- a generated model with a vocabulary of 128 and hidden 128, so that logits
--- can separate (a 201k vocabulary over a 64-wide random model cannot go
--- below a loss of ~12)
-local function v128()
-  local dir = H.checkpoint("v128", { preset = "tiny", seed = 3, tokenizer = false,
-                                     overrides = { vocab_size = 128, hidden_size = 128 } })
-  return assert(gptoss.load(dir, { tokenizer = false }))
-end
+local name, flat, v128 = H.peft_lora_name, H.flat, H.v128
 
 local RUNS = { train_r4 = MODS, train_experts_r4 = { "o", "gate_up", "down" } }
-
-local function flat(fl, scale)
-  local out, r, c = {}, fl:shape()
-  for i = 1, r do for j = 1, c do out[#out + 1] = fl:get(i, j) * (scale or 1) end end
-  return out
-end
 
 describe("LoRA training (CPU) vs PEFT", function()
   local m

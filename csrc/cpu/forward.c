@@ -419,5 +419,5 @@ static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
 
 const gptoss_backend gptoss_cpu_backend = {
   "cpu", cpu_model_init, cpu_model_free, cpu_session_init, cpu_session_free, cpu_session_copy,
-  cpu_forward, cpu_sample, cpu_memory, NULL, NULL,
+  cpu_forward, cpu_sample, cpu_memory, NULL, NULL, cpu_lora_backward,
 };

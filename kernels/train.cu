@@ -1,0 +1,1016 @@
+// train.cu: the CUDA backward pass for LoRA training.
+//
+// The computation of csrc/cpu/train.c, its reference (and PEFT's): one
+// sequence, each layer's input kept (activation checkpointing per layer),
+// each layer recomputed and walked back. Activations and gradients are fp32.
+// The frozen weights enter cuBLAS as bf16 (the MXFP4 experts are expanded to
+// bf16 one expert at a time, which is exact), against activations rounded to
+// bf16 (precision "fast") or split into two bf16 terms (precision "exact",
+// about 16 significant bits). The attention score products take fp32
+// operands, in fp32 ("exact") or cuBLAS's bf16 tensor-core mode ("fast").
+// LoRA weights, their products and their gradients stay fp32: they are the
+// master weights, which the host's AdamW updates.
+//
+// Attention materialises the scores of a few heads at a time (sharing one
+// key/value head, so the batched products broadcast it); the experts run as
+// one GEMM per expert over its rows, sorted by launch_moe_sort.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "common.cuh"
+
+static gptoss_status blas_fail(cublasStatus_t st, const char *what) {
+  if (st == CUBLAS_STATUS_ALLOC_FAILED) return gptoss_fail(GPTOSS_ENOMEM, "cuBLAS out of memory (%s)", what);
+  return gptoss_fail(GPTOSS_EDEVICE, "cuBLAS error %d in %s", (int)st, what);
+}
+#define BLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return blas_fail(s_, #call); } while (0)
+#define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
+
+// {====================================================== profiling
+// GPTOSS_PROFILE=1: the stream is synchronised between phases, whose wall
+// times print after each call (train.cu's own; the stage profile of
+// inference lives in backend.cu).
+enum { PH_SYNC, PH_ATT_FWD, PH_MOE_FWD, PH_LOSS, PH_MOE_BWD, PH_ATT_BWD, PH_GRADS, PH_N };
+static const char *const ph_name[PH_N] = {"adapter upload", "attention fwd", "moe fwd", "loss head", "moe bwd", "attention bwd",
+                                          "gradients down"};
+static int g_tprof = -1;
+static double g_ph[PH_N], g_mark;
+
+static double wall(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static void phase(cudaStream_t st, int k) {
+  if (g_tprof < 0) { const char *e = getenv("GPTOSS_PROFILE"); g_tprof = e && *e && strcmp(e, "0") != 0; }
+  if (!g_tprof) return;
+  cudaStreamSynchronize(st);
+  double now = wall();
+  if (k >= 0) g_ph[k] += now - g_mark;
+  g_mark = now;
+}
+
+static void phase_print(void) {
+  if (g_tprof != 1) return;
+  double tot = 0;
+  for (int k = 0; k < PH_N; k++) tot += g_ph[k];
+  fprintf(stderr, "lora backward (ms):");
+  for (int k = 0; k < PH_N; k++) { fprintf(stderr, " %s %.1f;", ph_name[k], 1e3 * g_ph[k]); g_ph[k] = 0; }
+  fprintf(stderr, " total %.1f\n", 1e3 * tot);
+}
+// }======================================================
+
+// {====================================================== kernels
+// x[rows[i]] (rows NULL: x[i]) normalised: out[i] = w * x / rms(x); inv[i] = 1 / rms
+__global__ void rms_fwd_kernel(const float *x, const int32_t *rows, const bf16 *w, float *out, float *inv, int H, float eps) {
+  __shared__ float red[32];
+  int i = blockIdx.x;
+  const float *xr = x + (size_t)(rows ? rows[i] : i) * H;
+  float r = block_inv_rms(xr, H, eps, red);
+  for (int c = threadIdx.x; c < H; c += blockDim.x) out[(size_t)i * H + c] = __bfloat162float(w[c]) * (xr[c] * r);
+  if (threadIdx.x == 0) inv[i] = r;
+}
+
+// dx[row] += w dy r - x (sum w dy x) r^3 / H, row = rows[i] (or i)
+__global__ void rms_bwd_kernel(float *dx, const float *x, const int32_t *rows, const float *inv, const bf16 *w, const float *dy,
+                               int H) {
+  __shared__ float red[32];
+  int i = blockIdx.x;
+  size_t row = (size_t)(rows ? rows[i] : i) * H;
+  const float *xr = x + row, *g = dy + (size_t)i * H;
+  float s = 0.f;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) s += __bfloat162float(w[c]) * g[c] * xr[c];
+  s = block_sum(s, red);
+  float r = inv[i], k = s * r * r * r / (float)H;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) dx[row + c] += __bfloat162float(w[c]) * g[c] * r - xr[c] * k;
+}
+
+// y[t][n] += bias[n] (row stride ld), or bias[e][n] with e the expert of sorted row t
+__global__ void bias_kernel(float *y, int ld, const bf16 *bias, int N, size_t n, const int32_t *sel, const int32_t *perm) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  size_t t = i / N, c = i % N;
+  size_t e = perm ? (size_t)sel[perm[t]] : 0;
+  y[t * ld + c] += __bfloat162float(bias[e * N + c]);
+}
+
+// rows x cols (row stride ld) into contiguous bf16 hi (+ lo: split bf16)
+__global__ void split_kernel(const float *x, int ld, int cols, size_t n, bf16 *hi, bf16 *lo) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) store_split(hi, lo, i, x[(i / cols) * ld + i % cols]);
+}
+
+// RoPE on nh heads of each row (row stride ld): the half-split rotation of
+// cpu_rope, by angle sign * t * inv_freq (sign -1: the backward)
+__global__ void rope_kernel(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, half = D / 2;
+  if (i >= (size_t)T * nh * half) return;
+  int t = (int)(i / (nh * half)), h = (int)(i / half % nh), k = (int)(i % half);
+  float th = sign * (float)t * inv_freq[k], sn, cs;
+  sincosf(th, &sn, &cs);
+  cs *= scale; sn *= scale;
+  float *p = y + (size_t)t * ld + (size_t)h * D;
+  float a = p[k], b = p[k + half];
+  p[k] = a * cs - b * sn;
+  p[k + half] = b * cs + a * sn;
+}
+
+__device__ __forceinline__ float block_max(float v, float *red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
+  return t;
+}
+
+struct att_rows {
+  int T, Hq, h0;            // h0: the batch's first head
+  int window;               // keys t - window + 1 .. t on a sliding layer, else 0
+  const bf16 *sinks;
+  float *lse;               // [T][Hq]
+};
+
+__device__ __forceinline__ int first_key(const att_rows &a, int t) {
+  return a.window && t - a.window + 1 > 0 ? t - a.window + 1 : 0;
+}
+
+// One block per (query t, head i of the batch): scaled scores into
+// probabilities over the causal window plus the head's sink (which takes
+// probability but has no value); lse keeps log(sum) for the backward.
+__global__ void softmax_kernel(float *S, att_rows a) {
+  __shared__ float red[32];
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i, j0 = first_key(a, t);
+  float *row = S + ((size_t)i * a.T + t) * a.T;
+  float sink = __bfloat162float(a.sinks[h]), mx = sink;
+  for (int j = j0 + threadIdx.x; j <= t; j += blockDim.x) mx = fmaxf(mx, row[j]);
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int j = j0 + threadIdx.x; j <= t; j += blockDim.x) sum += expf(row[j] - mx);
+  sum = block_sum(sum, red) + expf(sink - mx);
+  float lse = mx + logf(sum);
+  for (int j = threadIdx.x; j < a.T; j += blockDim.x) row[j] = j >= j0 && j <= t ? expf(row[j] - lse) : 0.f;
+  if (threadIdx.x == 0) a.lse[(size_t)t * a.Hq + h] = lse;
+}
+
+// The backward's recomputed scores into the forward's probabilities
+__global__ void probs_kernel(float *S, att_rows a) {
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i, j0 = first_key(a, t);
+  float *row = S + ((size_t)i * a.T + t) * a.T;
+  float lse = a.lse[(size_t)t * a.Hq + h];
+  for (int j = threadIdx.x; j < a.T; j += blockDim.x) row[j] = j >= j0 && j <= t ? expf(row[j] - lse) : 0.f;
+}
+
+// dS = P (dP - dO.O) scale, into dP; dO and O: rows of Q floats, head h at h*D
+__global__ void dsoftmax_kernel(const float *P, float *dP, const float *dO, const float *O, int Q, int D, float scale, att_rows a) {
+  __shared__ float red[32];
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i;
+  size_t off = ((size_t)i * a.T + t) * a.T;
+  const float *o = O + (size_t)t * Q + (size_t)h * D, *g = dO + (size_t)t * Q + (size_t)h * D;
+  float dd = 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) dd += o[d] * g[d];
+  dd = block_sum(dd, red);
+  for (int j = threadIdx.x; j <= t; j += blockDim.x) dP[off + j] = P[off + j] * (dP[off + j] - dd) * scale;
+  for (int j = t + 1 + threadIdx.x; j < a.T; j += blockDim.x) dP[off + j] = 0.f;
+}
+
+// one warp per token: the router's top-k and softmax, as the inference path
+__global__ void topk_kernel(const float *rl, int T, int E, int K, int32_t *sel, float *w) {
+  int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  if (t < T) warp_topk(rl + (size_t)t * E, E, K, sel + (size_t)t * K, w + (size_t)t * K);
+}
+
+__global__ void invperm_kernel(const int32_t *perm, int32_t *invp, int n) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) invp[perm[i]] = i;
+}
+
+// xg[i] = xn[token of sorted row i]
+__global__ void gather_kernel(const float *xn, const int32_t *perm, int K, int H, float *xg) {
+  int i = blockIdx.x;
+  const float *src = xn + (size_t)(perm[i] / K) * H;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) xg[(size_t)i * H + c] = src[c];
+}
+
+// clamped SwiGLU over interleaved (gate, up), as cpu_swiglu
+__global__ void swiglu_kernel(const float *gu, float *act, size_t n, float limit) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float g = fminf(gu[2 * i], limit), u = fmaxf(fminf(gu[2 * i + 1], limit), -limit);
+  act[i] = g / (1.f + expf(-1.702f * g)) * (u + 1.f);
+}
+
+// its backward, in place: gu (the pre-activations) becomes d gu. A clamp
+// passes the gradient where its input is inside [min, max].
+__global__ void swiglu_bwd_kernel(float *gu, const float *dact, size_t n, float limit) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float gt = gu[2 * i], up = gu[2 * i + 1], g = dact[i];
+  float gc = fminf(gt, limit), uc = fmaxf(fminf(up, limit), -limit);
+  float sg = 1.f / (1.f + expf(-1.702f * gc));
+  gu[2 * i + 1] = up >= -limit && up <= limit ? g * gc * sg : 0.f;
+  gu[2 * i] = gt <= limit ? g * (uc + 1.f) * (sg + gc * 1.702f * sg * (1.f - sg)) : 0.f;
+}
+
+// out[t] = xmid[t] + sum_k w[t][k] ye[row of (t, k)]
+__global__ void combine_kernel(float *out, const float *xmid, const float *ye, const float *w, const int32_t *invp, int H, int K) {
+  int t = blockIdx.x;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = xmid[(size_t)t * H + c];
+    for (int k = 0; k < K; k++) v += w[t * K + k] * ye[(size_t)invp[t * K + k] * H + c];
+    out[(size_t)t * H + c] = v;
+  }
+}
+
+// One block per token, dy = d out: the routing weights' gradients dw_k =
+// dy . ye_k, through the softmax over the k chosen logits into the router's
+// input (dxn = sum_k w_k (dw_k - sum_j w_j dw_j) W_router[e_k]); and each
+// expert output's gradient w_k dy, written over ye.
+__global__ void router_bwd_kernel(const float *dy, float *ye, const float *w, const int32_t *sel, const int32_t *invp,
+                                  const bf16 *Wr, float *dxn, int H, int K) {
+  __shared__ float red[32], dw[32];
+  int t = blockIdx.x;
+  const float *g = dy + (size_t)t * H;
+  for (int k = 0; k < K; k++) {
+    const float *y = ye + (size_t)invp[t * K + k] * H;
+    float s = 0.f;
+    for (int c = threadIdx.x; c < H; c += blockDim.x) s += g[c] * y[c];
+    s = block_sum(s, red);
+    if (threadIdx.x == 0) dw[k] = s;
+  }
+  __syncthreads();
+  float wdw = 0.f;
+  for (int k = 0; k < K; k++) wdw += w[t * K + k] * dw[k];
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = 0.f;
+    for (int k = 0; k < K; k++) {
+      float wk = w[t * K + k];
+      v += wk * (dw[k] - wdw) * __bfloat162float(Wr[(size_t)sel[t * K + k] * H + c]);
+      ye[(size_t)invp[t * K + k] * H + c] = wk * g[c];
+    }
+    dxn[(size_t)t * H + c] = v;
+  }
+}
+
+// dxn[t] += sum_k dxg[row of (t, k)]
+__global__ void scatter_kernel(float *dxn, const float *dxg, const int32_t *invp, int H, int K) {
+  int t = blockIdx.x;
+  for (int c = threadIdx.x; c < H; c += blockDim.x) {
+    float v = 0.f;
+    for (int k = 0; k < K; k++) v += dxg[(size_t)invp[t * K + k] * H + c];
+    dxn[(size_t)t * H + c] += v;
+  }
+}
+
+// FP4 (E2M1) code to its value: bit 3 the sign, two exponent bits, one mantissa bit
+__device__ __forceinline__ float fp4_value(unsigned c) {
+  unsigned e = (c >> 1) & 3, m = c & 1;
+  float v = e ? (1.f + 0.5f * (float)m) * (float)(1 << (e - 1)) : 0.5f * (float)m;
+  return c & 8 ? -v : v;
+}
+
+// one expert's MXFP4 rows (blocks [rows][cols/32][16], scales [rows][cols/32]) as
+// bf16 [rows][cols]; exact, since a code times a power of two has 2 significant bits
+__global__ void dequant_kernel(const uint8_t *blocks, const uint8_t *scales, bf16 *out, int cols, size_t nbytes) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= nbytes) return;
+  size_t per_row = (size_t)cols / 2, row = i / per_row, b = i % per_row;
+  uint8_t s = scales[row * (cols / 32) + b / 16], q = blocks[i];
+  float sc = __uint_as_float(s ? (uint32_t)s << 23 : 0x00400000u);
+  out[2 * i] = __float2bfloat16(fp4_value(q & 15) * sc);
+  out[2 * i + 1] = __float2bfloat16(fp4_value(q >> 4) * sc);
+}
+
+// Cross-entropy of R rows of logits: loss[i] = lse - z[y]; the row becomes
+// softmax - onehot (the gradient of the summed loss)
+__global__ void xent_kernel(float *z, int V, const int32_t *target, float *loss) {
+  __shared__ float red[32];
+  int i = blockIdx.x;
+  float *row = z + (size_t)i * V;
+  float mx = -INFINITY;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) mx = fmaxf(mx, row[v]);
+  mx = block_max(mx, red);
+  float s = 0.f;
+  for (int v = threadIdx.x; v < V; v += blockDim.x) s += expf(row[v] - mx);
+  s = block_sum(s, red);
+  int y = target[i];
+  float zy = row[y];
+  __syncthreads();
+  for (int v = threadIdx.x; v < V; v += blockDim.x) row[v] = expf(row[v] - mx) / s - (v == y ? 1.f : 0.f);
+  if (threadIdx.x == 0) loss[i] = mx + logf(s) - zy;
+}
+
+// LoRA dropout, the masks of csrc/cpu/train.c (lora_input): keep[t][c] =
+// 0 with probability p, else 1/(1-p), from (key, layer, module, t, c) alone.
+__device__ __forceinline__ uint64_t mix64(uint64_t z) {
+  z += 0x9e3779b97f4a7c15ull;
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+struct drop_args { uint64_t key; int layer, mod; float p; };
+__device__ __forceinline__ float keep_of(const drop_args &d, int t, int c) {
+  uint64_t k = mix64(d.key ^ ((uint64_t)d.layer << 48) ^ ((uint64_t)d.mod << 40) ^ ((uint64_t)t << 20));
+  double u = (double)(mix64(k + (uint64_t)c) >> 11) * (1.0 / 9007199254740992.0);
+  return u < (double)d.p ? 0.f : 1.f / (1.f - d.p);
+}
+// add 0: out = x * keep (contiguous); add 1: out (row stride ld) += x * keep
+__global__ void dropout_kernel(const float *x, int ldx, float *out, int ldo, int n, size_t total, drop_args d, int add) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= total) return;
+  int t = (int)(i / n), c = (int)(i % n);
+  float v = x[(size_t)t * ldx + c] * keep_of(d, t, c);
+  if (add) out[(size_t)t * ldo + c] += v;
+  else out[(size_t)t * ldo + c] = v;
+}
+// }======================================================
+
+// {====================================================== state
+// One LoRA module's device copy. Expert modules keep B (and its gradient)
+// per expert, [E][out][r], so that each expert's B is a plain matrix; the
+// host layout is PEFT's [out][r * E] with column k * E + e.
+struct dlora {
+  gptoss_lora *host;
+  int r, in, out, E;
+  float scale;
+  float *A, *B, *gA, *gB;
+  size_t off;                // of A in the parameter block (B follows)
+};
+
+struct trainer {
+  // buffers, for up to cap tokens
+  int cap, cap_r;
+  char *buf;
+  size_t buf_bytes;
+  float *xs;                 // [L + 1][T][H]: each layer's input, then the output
+  float *xn1, *inv1, *qkv, *att, *lse, *xmid, *xn2, *inv2, *rl, *w;
+  float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes their gradients over them
+  float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
+  int32_t *ids, *rows, *targets, *sel, *invp;
+  moe_work mw;
+  bf16 *hi, *lo, *wx;        // GEMM inputs as bf16 (lo: split-bf16); one expert's weights
+  size_t hi_n;
+  int hc, lg_rows;           // heads per score batch; logit rows per chunk
+  int32_t *off_host;         // pinned [E + 1]
+  // the adapter's copy
+  uint64_t version;
+  int upload;                // this call uploads the weights
+  int pending;               // the layer whose gradients the host has yet to add, or -1
+  char *lmem;
+  size_t lbytes, nparams, span;   // span: the most parameters one layer has
+  size_t layer_off[GPTOSS_MAX_LAYERS + 1];
+  float *params, *gbuf[2];
+  float *stage;              // host (pinned), nparams
+  cudaStream_t cs;           // copies
+  cudaEvent_t ev_up, ev_bwd[2], ev_down[2];
+  dlora mod[GPTOSS_MAX_LAYERS][GPTOSS_LORA_MODULES];
+  gptoss_pool *pool;
+  // this call
+  const train_view *v;
+  int T;
+  float drop;
+  uint64_t drop_key;
+};
+
+static void release_buffers(trainer *t) {
+  if (t->buf) cudaFree(t->buf);
+  if (t->off_host) cudaFreeHost(t->off_host);
+  t->buf = NULL; t->off_host = NULL; t->cap = 0; t->buf_bytes = 0;
+}
+
+static void release_lora(trainer *t) {
+  if (t->lmem) cudaFree(t->lmem);
+  if (t->stage) cudaFreeHost(t->stage);
+  t->lmem = NULL; t->stage = NULL; t->lbytes = 0; t->nparams = 0; t->span = 0; t->version = 0;
+}
+
+void cuda_train_free(void *state) {
+  trainer *t = (trainer *)state;
+  if (!t) return;
+  if (t->cs) cudaStreamSynchronize(t->cs);
+  release_buffers(t);
+  release_lora(t);
+  if (t->cs) {
+    cudaStreamDestroy(t->cs);
+    cudaEventDestroy(t->ev_up);
+    for (int i = 0; i < 2; i++) { cudaEventDestroy(t->ev_bwd[i]); cudaEventDestroy(t->ev_down[i]); }
+  }
+  if (t->pool) gptoss_pool_free(t->pool);
+  free(t);
+}
+
+#define ALIGN256(x) (((x) + 255) & ~(size_t)255)
+
+// carves the buffers for T tokens out of one allocation (size only when base is NULL)
+static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
+  size_t off = 0, TK = (size_t)T * d.K, ldq = (size_t)d.Q + 2 * d.KV, HQ = (size_t)(d.H > d.Q ? d.H : d.Q);
+  size_t gu_n = TK * 2 * d.I > (size_t)d.V ? TK * 2 * d.I : (size_t)d.V;   // the logits of a chunk live there too
+#define TAKE(p, type, n) do { if (base) p = (type *)(base + off); off += ALIGN256(sizeof(type) * (size_t)(n)); } while (0)
+  TAKE(t->xs, float, (size_t)(d.L + 1) * T * d.H);
+  TAKE(t->xn1, float, (size_t)T * d.H); TAKE(t->inv1, float, T);
+  TAKE(t->qkv, float, T * ldq); TAKE(t->att, float, (size_t)T * d.Q); TAKE(t->lse, float, (size_t)T * d.Hq);
+  TAKE(t->xmid, float, (size_t)T * d.H); TAKE(t->xn2, float, (size_t)T * d.H); TAKE(t->inv2, float, T);
+  TAKE(t->rl, float, (size_t)T * d.E); TAKE(t->w, float, TK);
+  TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I); TAKE(t->ye, float, TK * d.H);
+  TAKE(t->dx, float, (size_t)T * d.H); TAKE(t->dxn, float, T * HQ); TAKE(t->datt, float, (size_t)T * d.Q);
+  TAKE(t->dqkv, float, T * ldq);
+  // a batch of heads' scores at a time: about 128 MB each for S and dP
+  int G = d.Hq / d.Hkv;
+  size_t per_head = (size_t)T * T;
+  t->hc = (int)((size_t)(32u << 20) / per_head);
+  if (t->hc < 1) t->hc = 1;
+  if (t->hc > G) t->hc = G;
+  TAKE(t->S, float, per_head * t->hc); TAKE(t->dP, float, per_head * t->hc);
+  TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
+  TAKE(t->lh, float, (size_t)T * rmax); TAKE(t->ldh, float, (size_t)T * rmax);   // an expert has at most T rows
+  TAKE(t->xf, float, (size_t)T * d.H); TAKE(t->lossrow, float, T);
+  TAKE(t->ids, int32_t, T); TAKE(t->rows, int32_t, T); TAKE(t->targets, int32_t, T);
+  TAKE(t->sel, int32_t, TK); TAKE(t->invp, int32_t, TK);
+  TAKE(t->mw.counts, int32_t, d.E); TAKE(t->mw.offsets, int32_t, d.E + 1); TAKE(t->mw.tile_offsets, int32_t, d.E + 1);
+  TAKE(t->mw.cursor, int32_t, d.E); TAKE(t->mw.perm, int32_t, TK);
+  t->lg_rows = (int)(gu_n / d.V);
+  if (t->lg_rows > T) t->lg_rows = T;
+  size_t big = TK * (2 * d.I > d.H ? 2 * d.I : d.H);
+  if ((size_t)t->lg_rows * d.V > big) big = (size_t)t->lg_rows * d.V;
+  if (T * ldq > big) big = T * ldq;
+  if (T * HQ > big) big = T * HQ;
+  t->hi_n = big;
+  TAKE(t->hi, bf16, big);
+  if (t->v->split) TAKE(t->lo, bf16, big); else if (base) t->lo = NULL;
+  TAKE(t->wx, bf16, (size_t)2 * d.I * d.H);
+#undef TAKE
+  return off;
+}
+
+static gptoss_status ensure_buffers(trainer *t, int T, int rmax) {
+  const dims &d = t->v->d;
+  if (T <= t->cap && rmax <= t->cap_r && t->buf) return GPTOSS_OK;
+  CU(cudaStreamSynchronize(t->v->stream));
+  *t->v->bytes -= t->buf_bytes;
+  release_buffers(t);
+  size_t n = carve(t, d, T, rmax, NULL);
+  CU(cudaMalloc(&t->buf, n));
+  CU(cudaHostAlloc((void **)&t->off_host, sizeof(int32_t) * (d.E + 1), cudaHostAllocDefault));
+  carve(t, d, T, rmax, t->buf);
+  t->cap = T; t->cap_r = rmax; t->buf_bytes = n;
+  *t->v->bytes += n;
+  return GPTOSS_OK;
+}
+
+// {====================================================== the adapter's copy
+// The host's adapter is the master copy (AdamW runs there). The device keeps
+// the weights, uploaded again when gptoss_adapter_version says they changed,
+// a layer at a time on a copy stream ahead of the forward; and the gradients
+// of two layers, each copied down on the copy stream as soon as its layer's
+// backward is done and added to the host's while the next layer runs.
+struct copy_job {
+  trainer *t;
+  int layer;
+  int down;                  // 0: host weights into stage; 1: stage (gradients) added to the host's
+};
+
+static void copy_part(void *ctx, int tid, int nth) {
+  copy_job *j = (copy_job *)ctx;
+  trainer *t = j->t;
+  for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+    dlora *x = &t->mod[j->layer][m];
+    if (!x->host) continue;
+    gptoss_lora *h = x->host;
+    size_t na = (size_t)h->rk * x->in, nb = (size_t)x->out * h->rk;
+    float *sa = t->stage + x->off, *sb = sa + na;
+    size_t per = (na + nth - 1) / nth, lo = per * tid, hi = lo + per < na ? lo + per : na;
+    for (size_t i = lo; i < hi; i++) { if (j->down) h->gA[i] += sa[i]; else sa[i] = h->A[i]; }
+    per = (nb + nth - 1) / nth; lo = per * tid; hi = lo + per < nb ? lo + per : nb;
+    if (!x->E) {
+      for (size_t i = lo; i < hi; i++) { if (j->down) h->gB[i] += sb[i]; else sb[i] = h->B[i]; }
+      continue;
+    }
+    // device index (e, o, k) <-> host (o, k * E + e)
+    size_t per_e = (size_t)x->out * x->r;
+    for (size_t i = lo; i < hi; i++) {
+      size_t e = i / per_e, o = i % per_e / x->r, k = i % x->r, hidx = o * (size_t)h->rk + k * x->E + e;
+      if (j->down) h->gB[hidx] += sb[i]; else sb[i] = h->B[hidx];
+    }
+  }
+}
+
+// Lays out the adapter's modules, layer after layer, and allocates their
+// device copy; the weights are uploaded during the forward (upload_layer)
+static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *rmax) {
+  size_t n = 0, span = 1;
+  *rmax = 1;
+  for (int l = 0; l < GPTOSS_MAX_LAYERS; l++) {
+    t->layer_off[l] = n;
+    for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+      dlora *x = &t->mod[l][m];
+      gptoss_lora *h = l < L ? (gptoss_lora *)gptoss_adapter_module(a, l, (gptoss_lora_module)m) : NULL;
+      memset(x, 0, sizeof *x);
+      if (!h) continue;
+      x->host = h; x->r = h->experts ? h->rk / h->experts : h->rk; x->in = h->in; x->out = h->out; x->E = h->experts;
+      x->scale = h->scale; x->off = n;
+      if (x->r > *rmax) *rmax = x->r;
+      n += (size_t)h->rk * h->in + (size_t)h->out * h->rk;
+    }
+    if (n - t->layer_off[l] > span) span = n - t->layer_off[l];
+  }
+  t->layer_off[GPTOSS_MAX_LAYERS] = n;
+  if (n != t->nparams || span != t->span || !t->lmem) {
+    CU(cudaStreamSynchronize(t->v->stream));
+    *t->v->bytes -= t->lbytes;
+    release_lora(t);
+    t->lbytes = ALIGN256(sizeof(float) * n) + 2 * ALIGN256(sizeof(float) * span);
+    CU(cudaMalloc(&t->lmem, t->lbytes));
+    *t->v->bytes += t->lbytes;
+    // pinned: the copies run at full PCIe speed (740 MB each way for r = 16 on a 20B model)
+    CU(cudaHostAlloc((void **)&t->stage, sizeof(float) * (n ? n : 1), cudaHostAllocDefault));
+    t->nparams = n;
+    t->span = span;
+  }
+  t->params = (float *)t->lmem;
+  t->gbuf[0] = (float *)(t->lmem + ALIGN256(sizeof(float) * n));
+  t->gbuf[1] = t->gbuf[0] + ALIGN256(sizeof(float) * span) / sizeof(float);
+  for (int l = 0; l < GPTOSS_MAX_LAYERS; l++)
+    for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+      dlora *x = &t->mod[l][m];
+      if (!x->host) continue;
+      x->A = t->params + x->off;
+      x->B = x->A + (size_t)x->host->rk * x->in;
+    }
+  if (!t->cs) {
+    CU(cudaStreamCreateWithFlags(&t->cs, cudaStreamNonBlocking));
+    CU(cudaEventCreateWithFlags(&t->ev_up, cudaEventDisableTiming));
+    for (int i = 0; i < 2; i++) {
+      CU(cudaEventCreateWithFlags(&t->ev_bwd[i], cudaEventDisableTiming));
+      CU(cudaEventCreateWithFlags(&t->ev_down[i], cudaEventDisableTiming));
+    }
+  }
+  t->upload = t->version != gptoss_adapter_version(a);
+  t->pending = -1;
+  return GPTOSS_OK;
+}
+
+// layer l's weights onto the device, on the copy stream; the forward waits for them
+static gptoss_status upload_layer(trainer *t, int l) {
+  size_t lo = t->layer_off[l], n = t->layer_off[l + 1] - lo;
+  if (!t->upload || !n) return GPTOSS_OK;
+  copy_job j = {t, l, 0};
+  gptoss_pool_run(t->pool, copy_part, &j);
+  CU(cudaMemcpyAsync(t->params + lo, t->stage + lo, sizeof(float) * n, cudaMemcpyHostToDevice, t->cs));
+  CU(cudaEventRecord(t->ev_up, t->cs));
+  CU(cudaStreamWaitEvent(t->v->stream, t->ev_up, 0));
+  return GPTOSS_OK;
+}
+
+// layer l's gradients into gbuf[l & 1], zeroed once its last copy is done
+static gptoss_status grads_begin(trainer *t, int l) {
+  size_t n = t->layer_off[l + 1] - t->layer_off[l];
+  float *g = t->gbuf[l & 1];
+  for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+    dlora *x = &t->mod[l][m];
+    if (!x->host) continue;
+    x->gA = g + (x->off - t->layer_off[l]);
+    x->gB = x->gA + (size_t)x->host->rk * x->in;
+  }
+  if (!n) return GPTOSS_OK;
+  CU(cudaStreamWaitEvent(t->v->stream, t->ev_down[l & 1], 0));
+  CU(cudaMemsetAsync(g, 0, sizeof(float) * n, t->v->stream));
+  return GPTOSS_OK;
+}
+
+// the host's share of layer `pending`: wait for its copy, add it
+static gptoss_status grads_add_pending(trainer *t) {
+  if (t->pending < 0) return GPTOSS_OK;
+  int l = t->pending;
+  t->pending = -1;
+  CU(cudaEventSynchronize(t->ev_down[l & 1]));
+  copy_job j = {t, l, 1};
+  gptoss_pool_run(t->pool, copy_part, &j);
+  return GPTOSS_OK;
+}
+
+// layer l's backward is queued: copy its gradients down behind it, then add
+// the previous layer's (whose copy has had a layer's time to finish)
+static gptoss_status grads_end(trainer *t, int l) {
+  size_t lo = t->layer_off[l], n = t->layer_off[l + 1] - lo;
+  if (n) {
+    CU(cudaEventRecord(t->ev_bwd[l & 1], t->v->stream));
+    CU(cudaStreamWaitEvent(t->cs, t->ev_bwd[l & 1], 0));
+    CU(cudaMemcpyAsync(t->stage + lo, t->gbuf[l & 1], sizeof(float) * n, cudaMemcpyDeviceToHost, t->cs));
+    CU(cudaEventRecord(t->ev_down[l & 1], t->cs));
+  }
+  TRY(grads_add_pending(t));
+  if (n) t->pending = l;
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== products
+// Row-major C[M][N] = alpha op(A) op(B) + beta C, `batch` times with strides
+// (cuBLAS is column-major: it computes C^T = op(B)^T op(A)^T).
+static gptoss_status gemm(trainer *t, bool ta, bool tb, int M, int N, int K, float alpha, const void *A, cudaDataType at,
+                          int lda, long long sa, const void *B, cudaDataType bt, int ldb, long long sb, float beta, float *C,
+                          int ldc, long long sc, int batch, cublasComputeType_t ct) {
+  if (M <= 0 || N <= 0) return GPTOSS_OK;
+  BLAS(cublasGemmStridedBatchedEx(t->v->blas, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+                                  B, bt, ldb, sb, A, at, lda, sa, &beta, C, CUDA_R_32F, ldc, sc, batch, ct, CUBLAS_GEMM_DEFAULT));
+  return GPTOSS_OK;
+}
+
+// fp32 operands: LoRA in fp32 always; attention's scores per precision
+static gptoss_status fgemm(trainer *t, bool ta, bool tb, int M, int N, int K, float alpha, const float *A, int lda,
+                           const float *B, int ldb, float beta, float *C, int ldc) {
+  return gemm(t, ta, tb, M, N, K, alpha, A, CUDA_R_32F, lda, 0, B, CUDA_R_32F, ldb, 0, beta, C, ldc, 0, 1, CUBLAS_COMPUTE_32F);
+}
+
+static cublasComputeType_t score_compute(const trainer *t) {
+  return t->v->split ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+}
+
+// Y[M][*] (row stride ldy) = X W^T (fwd: W [N][K]) or X W (!fwd: W [K][N]) + beta Y,
+// X fp32 [M][K] (row stride ldx) taken as bf16 (+ its split-bf16 rest)
+static gptoss_status wgemm(trainer *t, const float *X, int M, int ldx, const bf16 *W, int wrows, int wcols, bool fwd, float *Y,
+                           int ldy, float beta) {
+  if (M <= 0) return GPTOSS_OK;
+  int K = fwd ? wcols : wrows, N = fwd ? wrows : wcols;
+  size_t n = (size_t)M * K;
+  split_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(X, ldx, K, n, t->hi, t->lo);
+  TRY(gemm(t, false, fwd, M, N, K, 1.f, t->hi, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, beta, Y, ldy, 0, 1,
+           CUBLAS_COMPUTE_32F));
+  if (t->lo)
+    TRY(gemm(t, false, fwd, M, N, K, 1.f, t->lo, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, 1.f, Y, ldy, 0, 1,
+             CUBLAS_COMPUTE_32F));
+  return GPTOSS_OK;
+}
+
+static void add_bias(trainer *t, float *y, int ld, const bf16 *bias, int rows, int N, const int32_t *sel, const int32_t *perm) {
+  size_t n = (size_t)rows * N;
+  if (n) bias_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(y, ld, bias, N, n, sel, perm);
+}
+
+// one expert's MXFP4 matrix as bf16 [rows][cols] into t->wx
+static void dequant(trainer *t, const uint8_t *blocks, const uint8_t *scales, int e, int rows, int cols) {
+  size_t nb = (size_t)rows * cols / 2;
+  dequant_kernel<<<(unsigned)((nb + 255) / 256), 256, 0, t->v->stream>>>(blocks + (size_t)e * nb, scales + (size_t)e * rows * (cols / 32),
+                                                                         t->wx, cols, nb);
+}
+// }======================================================
+
+// {====================================================== LoRA
+// The input of module m of layer l: x, or x with dropout (into t->xd).
+// Dropout covers the attention projections, as in csrc/cpu/train.c.
+static const float *lora_x(trainer *t, int l, int m, const float *x, int ldx, int in, int *ld) {
+  *ld = ldx;
+  if (t->drop <= 0) return x;
+  size_t n = (size_t)t->T * in;
+  drop_args d = {t->drop_key, l, m, t->drop};
+  dropout_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(x, ldx, t->xd, in, in, n, d, 0);
+  *ld = in;
+  return t->xd;
+}
+
+// y += s B (A x) over T rows (attention modules)
+static gptoss_status lora_fwd(trainer *t, int l, int m, const float *x, int ldx, float *y, int ldy) {
+  dlora *L = &t->mod[l][m];
+  if (!L->host) return GPTOSS_OK;
+  int ld;
+  const float *xi = lora_x(t, l, m, x, ldx, L->in, &ld);
+  TRY(fgemm(t, false, true, t->T, L->r, L->in, 1.f, xi, ld, L->A, L->in, 0.f, t->lh, L->r));
+  return fgemm(t, false, true, t->T, L->out, L->r, L->scale, t->lh, L->r, L->B, L->r, 1.f, y, ldy);
+}
+
+// gB += s dy^T h, dh = s dy B, gA += dh^T x, with h = A x (n rows; A, B, gA, gB one expert's or the module's)
+static gptoss_status lora_grads(trainer *t, int n, int r, int in, int out, float s, const float *A, const float *B, float *gA,
+                                float *gB, const float *x, int ldx, const float *dy, int ldy) {
+  TRY(fgemm(t, false, true, n, r, in, 1.f, x, ldx, A, in, 0.f, t->lh, r));
+  TRY(fgemm(t, true, false, out, r, n, s, dy, ldy, t->lh, r, 1.f, gB, r));
+  TRY(fgemm(t, false, false, n, r, out, s, dy, ldy, B, r, 0.f, t->ldh, r));
+  return fgemm(t, true, false, r, in, n, 1.f, t->ldh, r, x, ldx, 1.f, gA, in);
+}
+
+// an attention module's gradients, and its share of dx (through the dropout)
+static gptoss_status lora_bwd(trainer *t, int l, int m, const float *x, int ldx, const float *dy, int ldy, float *dx, int lddx) {
+  dlora *L = &t->mod[l][m];
+  if (!L->host) return GPTOSS_OK;
+  int ld;
+  const float *xi = lora_x(t, l, m, x, ldx, L->in, &ld);
+  TRY(lora_grads(t, t->T, L->r, L->in, L->out, L->scale, L->A, L->B, L->gA, L->gB, xi, ld, dy, ldy));
+  if (t->drop <= 0) return fgemm(t, false, false, t->T, L->in, L->r, 1.f, t->ldh, L->r, L->A, L->in, 1.f, dx, lddx);
+  TRY(fgemm(t, false, false, t->T, L->in, L->r, 1.f, t->ldh, L->r, L->A, L->in, 0.f, t->tmp, L->in));
+  size_t n = (size_t)t->T * L->in;
+  drop_args d = {t->drop_key, l, m, t->drop};
+  dropout_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(t->tmp, L->in, dx, lddx, L->in, n, d, 1);
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== attention
+static att_rows rows_of(trainer *t, int l, int h0) {
+  const dims &d = t->v->d;
+  att_rows a = {t->T, d.Hq, h0, t->v->layer_sliding[l] ? d.window : 0, t->v->layer[l].sinks, t->lse};
+  return a;
+}
+
+// att = softmax(q k^T / sqrt(D), sink) v, head batches sharing a key/value head
+static gptoss_status attention_fwd(trainer *t, int l) {
+  const dims &d = t->v->d;
+  int T = t->T, G = d.Hq / d.Hkv, ldq = d.Q + 2 * d.KV;
+  float scale = 1.f / sqrtf((float)d.D);
+  long long tt = (long long)T * T;
+  for (int g = 0; g < d.Hkv; g++)
+    for (int i0 = 0; i0 < G; i0 += t->hc) {
+      int nb = G - i0 < t->hc ? G - i0 : t->hc, h0 = g * G + i0;
+      const float *q = t->qkv + (size_t)h0 * d.D, *k = t->qkv + d.Q + (size_t)g * d.D, *v = k + d.KV;
+      TRY(gemm(t, false, true, T, T, d.D, scale, q, CUDA_R_32F, ldq, d.D, k, CUDA_R_32F, ldq, 0, 0.f, t->S, T, tt, nb,
+               score_compute(t)));
+      softmax_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, rows_of(t, l, h0));
+      TRY(gemm(t, false, false, T, d.D, T, 1.f, t->S, CUDA_R_32F, T, tt, v, CUDA_R_32F, ldq, 0, 0.f, t->att + (size_t)h0 * d.D,
+               d.Q, d.D, nb, score_compute(t)));
+    }
+  return GPTOSS_OK;
+}
+
+// datt (rows of Q) into dqkv's q, k and v columns (zeroed by the caller)
+static gptoss_status attention_bwd(trainer *t, int l) {
+  const dims &d = t->v->d;
+  int T = t->T, G = d.Hq / d.Hkv, ldq = d.Q + 2 * d.KV;
+  float scale = 1.f / sqrtf((float)d.D);
+  long long tt = (long long)T * T;
+  cublasComputeType_t ct = score_compute(t);
+  for (int g = 0; g < d.Hkv; g++)
+    for (int i0 = 0; i0 < G; i0 += t->hc) {
+      int nb = G - i0 < t->hc ? G - i0 : t->hc, h0 = g * G + i0;
+      const float *q = t->qkv + (size_t)h0 * d.D, *k = t->qkv + d.Q + (size_t)g * d.D, *v = k + d.KV;
+      const float *dout = t->datt + (size_t)h0 * d.D;
+      float *dq = t->dqkv + (size_t)h0 * d.D, *dk = t->dqkv + d.Q + (size_t)g * d.D, *dv = dk + d.KV;
+      att_rows a = rows_of(t, l, h0);
+      TRY(gemm(t, false, true, T, T, d.D, scale, q, CUDA_R_32F, ldq, d.D, k, CUDA_R_32F, ldq, 0, 0.f, t->S, T, tt, nb, ct));
+      probs_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, a);
+      TRY(gemm(t, false, true, T, T, d.D, 1.f, dout, CUDA_R_32F, d.Q, d.D, v, CUDA_R_32F, ldq, 0, 0.f, t->dP, T, tt, nb, ct));
+      dsoftmax_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, t->dP, t->datt, t->att, d.Q, d.D, scale, a);
+      TRY(gemm(t, false, false, T, d.D, T, 1.f, t->dP, CUDA_R_32F, T, tt, k, CUDA_R_32F, ldq, 0, 0.f, dq, ldq, d.D, nb, ct));
+      for (int i = 0; i < nb; i++) {
+        TRY(gemm(t, true, false, T, d.D, T, 1.f, t->dP + i * tt, CUDA_R_32F, T, 0, q + (size_t)i * d.D, CUDA_R_32F, ldq, 0, 1.f,
+                 dk, ldq, 0, 1, ct));
+        TRY(gemm(t, true, false, T, d.D, T, 1.f, t->S + i * tt, CUDA_R_32F, T, 0, dout + (size_t)i * d.D, CUDA_R_32F, d.Q, 0, 1.f,
+                 dv, ldq, 0, 1, ct));
+      }
+    }
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== layers
+#define GRID(n) (unsigned)(((n) + 255) / 256), 256, 0, st
+
+// the experts' rows: sort (token, expert) pairs by expert, offsets to the host
+static gptoss_status moe_route(trainer *t) {
+  const dims &d = t->v->d;
+  cudaStream_t st = t->v->stream;
+  int T = t->T, TK = T * d.K;
+  launch_moe_sort(t->sel, T, d.E, d.K, &t->mw, st);
+  invperm_kernel<<<GRID(TK)>>>(t->mw.perm, t->invp, TK);
+  gather_kernel<<<TK, 256, 0, st>>>(t->xn2, t->mw.perm, d.K, d.H, t->xg);
+  CU(cudaMemcpyAsync(t->off_host, t->mw.offsets, sizeof(int32_t) * (d.E + 1), cudaMemcpyDeviceToHost, st));
+  CU(cudaStreamSynchronize(st));
+  return GPTOSS_OK;
+}
+
+// The layer from x to xout (NULL: the backward's recompute, which needs only
+// the intermediates); LAUNCHED catches bad launch configurations.
+static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
+  const dims &d = t->v->d;
+  const dlayer *w = &t->v->layer[l];
+  cudaStream_t st = t->v->stream;
+  int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
+  phase(st, -1);
+  rms_fwd_kernel<<<T, 256, 0, st>>>(x, NULL, w->attn_norm, t->xn1, t->inv1, d.H, d.eps);
+  TRY(wgemm(t, t->xn1, T, d.H, w->qkv_w, ldq, d.H, true, t->qkv, ldq, 0.f));
+  add_bias(t, t->qkv, ldq, w->qkv_b, T, ldq, NULL, NULL);
+  TRY(lora_fwd(t, l, GPTOSS_LORA_Q, t->xn1, d.H, t->qkv, ldq));
+  TRY(lora_fwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->qkv + d.Q, ldq));
+  TRY(lora_fwd(t, l, GPTOSS_LORA_V, t->xn1, d.H, t->qkv + d.Q + d.KV, ldq));
+  rope_kernel<<<GRID((size_t)T * d.Hq * (d.D / 2))>>>(t->qkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, 1.f);
+  rope_kernel<<<GRID((size_t)T * d.Hkv * (d.D / 2))>>>(t->qkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, 1.f);
+  TRY(attention_fwd(t, l));
+  CU(cudaMemcpyAsync(t->xmid, x, sizeof(float) * T * d.H, cudaMemcpyDeviceToDevice, st));
+  TRY(wgemm(t, t->att, T, d.Q, w->o_w, d.H, d.Q, true, t->xmid, d.H, 1.f));
+  add_bias(t, t->xmid, d.H, w->o_b, T, d.H, NULL, NULL);
+  TRY(lora_fwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->xmid, d.H));
+  phase(st, PH_ATT_FWD);
+  // MoE
+  rms_fwd_kernel<<<T, 256, 0, st>>>(t->xmid, NULL, w->mlp_norm, t->xn2, t->inv2, d.H, d.eps);
+  TRY(wgemm(t, t->xn2, T, d.H, w->router_w, d.E, d.H, true, t->rl, d.E, 0.f));
+  add_bias(t, t->rl, d.E, w->router_b, T, d.E, NULL, NULL);
+  topk_kernel<<<(T + 7) / 8, 256, 0, st>>>(t->rl, T, d.E, d.K, t->sel, t->w);
+  TRY(moe_route(t));
+  const int32_t *off = t->off_host;
+  dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
+  for (int e = 0; e < d.E; e++) {
+    int n = off[e + 1] - off[e];
+    if (!n) continue;
+    float *xe = t->xg + (size_t)off[e] * d.H, *ge = t->gu + (size_t)off[e] * 2 * d.I;
+    dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
+    TRY(wgemm(t, xe, n, d.H, t->wx, 2 * d.I, d.H, true, ge, 2 * d.I, 0.f));
+    if (lgu->host) {
+      const float *A = lgu->A + (size_t)e * lgu->r * lgu->in, *B = lgu->B + (size_t)e * lgu->out * lgu->r;
+      TRY(fgemm(t, false, true, n, lgu->r, lgu->in, 1.f, xe, d.H, A, lgu->in, 0.f, t->lh, lgu->r));
+      TRY(fgemm(t, false, true, n, lgu->out, lgu->r, lgu->scale, t->lh, lgu->r, B, lgu->r, 1.f, ge, 2 * d.I));
+    }
+  }
+  add_bias(t, t->gu, 2 * d.I, w->gu_bias, TK, 2 * d.I, t->sel, t->mw.perm);
+  swiglu_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
+  for (int e = 0; e < d.E; e++) {
+    int n = off[e + 1] - off[e];
+    if (!n) continue;
+    float *ae = t->act + (size_t)off[e] * d.I, *ye = t->ye + (size_t)off[e] * d.H;
+    dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
+    TRY(wgemm(t, ae, n, d.I, t->wx, d.H, d.I, true, ye, d.H, 0.f));
+    if (ldn->host) {
+      const float *A = ldn->A + (size_t)e * ldn->r * ldn->in, *B = ldn->B + (size_t)e * ldn->out * ldn->r;
+      TRY(fgemm(t, false, true, n, ldn->r, ldn->in, 1.f, ae, d.I, A, ldn->in, 0.f, t->lh, ldn->r));
+      TRY(fgemm(t, false, true, n, ldn->out, ldn->r, ldn->scale, t->lh, ldn->r, B, ldn->r, 1.f, ye, d.H));
+    }
+  }
+  add_bias(t, t->ye, d.H, w->dn_bias, TK, d.H, t->sel, t->mw.perm);
+  if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
+  phase(st, PH_MOE_FWD);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+// dx (in: d loss / d x_out; out: d loss / d x) through layer l, whose
+// intermediates layer_fwd has just left for input x
+static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
+  const dims &d = t->v->d;
+  const dlayer *w = &t->v->layer[l];
+  cudaStream_t st = t->v->stream;
+  int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
+  const int32_t *off = t->off_host;
+  dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
+  // MoE: ye becomes d ye, act d act, gu d gu, xg d xg
+  router_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->w, t->sel, t->invp, w->router_w, t->dxn, d.H, d.K);
+  for (int e = 0; e < d.E; e++) {
+    int n = off[e + 1] - off[e];
+    if (!n) continue;
+    float *ae = t->act + (size_t)off[e] * d.I, *dye = t->ye + (size_t)off[e] * d.H;
+    if (ldn->host)
+      TRY(lora_grads(t, n, ldn->r, ldn->in, ldn->out, ldn->scale, ldn->A + (size_t)e * ldn->r * ldn->in,
+                     ldn->B + (size_t)e * ldn->out * ldn->r, ldn->gA + (size_t)e * ldn->r * ldn->in,
+                     ldn->gB + (size_t)e * ldn->out * ldn->r, ae, d.I, dye, d.H));
+    dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
+    TRY(wgemm(t, dye, n, d.H, t->wx, d.H, d.I, false, ae, d.I, 0.f));
+    if (ldn->host)
+      TRY(fgemm(t, false, false, n, ldn->in, ldn->r, 1.f, t->ldh, ldn->r, ldn->A + (size_t)e * ldn->r * ldn->in, ldn->in, 1.f, ae,
+                d.I));
+  }
+  swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
+  for (int e = 0; e < d.E; e++) {
+    int n = off[e + 1] - off[e];
+    if (!n) continue;
+    float *xe = t->xg + (size_t)off[e] * d.H, *dge = t->gu + (size_t)off[e] * 2 * d.I;
+    if (lgu->host)
+      TRY(lora_grads(t, n, lgu->r, lgu->in, lgu->out, lgu->scale, lgu->A + (size_t)e * lgu->r * lgu->in,
+                     lgu->B + (size_t)e * lgu->out * lgu->r, lgu->gA + (size_t)e * lgu->r * lgu->in,
+                     lgu->gB + (size_t)e * lgu->out * lgu->r, xe, d.H, dge, 2 * d.I));
+    dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
+    TRY(wgemm(t, dge, n, 2 * d.I, t->wx, 2 * d.I, d.H, false, xe, d.H, 0.f));
+    if (lgu->host)
+      TRY(fgemm(t, false, false, n, lgu->in, lgu->r, 1.f, t->ldh, lgu->r, lgu->A + (size_t)e * lgu->r * lgu->in, lgu->in, 1.f, xe,
+                d.H));
+  }
+  scatter_kernel<<<T, 256, 0, st>>>(t->dxn, t->xg, t->invp, d.H, d.K);
+  rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->xmid, NULL, t->inv2, w->mlp_norm, t->dxn, d.H);
+  phase(st, PH_MOE_BWD);
+  // attention: dx is now d x_mid, the o projection's output gradient
+  TRY(wgemm(t, t->dx, T, d.H, w->o_w, d.H, d.Q, false, t->datt, d.Q, 0.f));
+  TRY(lora_bwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->dx, d.H, t->datt, d.Q));
+  CU(cudaMemsetAsync(t->dqkv, 0, sizeof(float) * T * ldq, st));
+  TRY(attention_bwd(t, l));
+  // RoPE is a scaled rotation: its transpose rotates back
+  rope_kernel<<<GRID((size_t)T * d.Hq * (d.D / 2))>>>(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f);
+  rope_kernel<<<GRID((size_t)T * d.Hkv * (d.D / 2))>>>(t->dqkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, -1.f);
+  TRY(wgemm(t, t->dqkv, T, ldq, w->qkv_w, ldq, d.H, false, t->dxn, d.H, 0.f));
+  TRY(lora_bwd(t, l, GPTOSS_LORA_Q, t->xn1, d.H, t->dqkv, ldq, t->dxn, d.H));
+  TRY(lora_bwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->dqkv + d.Q, ldq, t->dxn, d.H));
+  TRY(lora_bwd(t, l, GPTOSS_LORA_V, t->xn1, d.H, t->dqkv + d.Q + d.KV, ldq, t->dxn, d.H));
+  rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, x, NULL, t->inv1, w->attn_norm, t->dxn, d.H);
+  phase(st, PH_ATT_BWD);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== entry
+// The loss head: position rows[i] predicts targets[i]; chunks of lg_rows
+// rows of logits (in t->gu, free between the layers' passes), their
+// gradients back through lm_head and the final norm into dx.
+static gptoss_status loss_head(trainer *t, int nr) {
+  const dims &d = t->v->d;
+  cudaStream_t st = t->v->stream;
+  const float *xl = t->xs + (size_t)d.L * t->T * d.H;
+  phase(st, -1);
+  rms_fwd_kernel<<<nr, 256, 0, st>>>(xl, t->rows, t->v->norm, t->xf, t->inv1, d.H, d.eps);
+  for (int r0 = 0; r0 < nr; r0 += t->lg_rows) {
+    int n = nr - r0 < t->lg_rows ? nr - r0 : t->lg_rows;
+    float *xf = t->xf + (size_t)r0 * d.H;
+    TRY(wgemm(t, xf, n, d.H, t->v->lm_head, d.V, d.H, true, t->gu, d.V, 0.f));
+    xent_kernel<<<n, 1024, 0, st>>>(t->gu, d.V, t->targets + r0, t->lossrow + r0);
+    TRY(wgemm(t, t->gu, n, d.V, t->v->lm_head, d.V, d.H, false, xf, d.H, 0.f));   // xf becomes d xf
+  }
+  rms_bwd_kernel<<<nr, 256, 0, st>>>(t->dx, xl, t->rows, t->inv1, t->v->norm, t->xf, d.H);
+  phase(st, PH_LOSS);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n, double *loss, int *count) {
+  const dims &d = t->v->d;
+  cudaStream_t st = t->v->stream;
+  int rmax;
+  TRY(layout_adapter(t, a, d.L, &rmax));
+  TRY(ensure_buffers(t, n, rmax));
+  t->T = n;
+  uint64_t seed;
+  t->drop = (float)gptoss_adapter_dropout(a, &seed);
+  t->drop_key = gptoss_mix64(seed ^ ((uint64_t)gptoss_adapter_steps(a) << 32));
+  // rows with a target: position p predicts ids[p + 1] where mask[p + 1]
+  int32_t *host = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)n);
+  if (!host) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  int nr = 0;
+  for (int p = 0; p + 1 < n; p++)
+    if (mask[p + 1]) { host[nr] = p; host[n + nr] = ids[p + 1]; nr++; }
+  cudaError_t e = cudaMemcpyAsync(t->ids, ids, sizeof(int32_t) * n, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess && nr) e = cudaMemcpyAsync(t->rows, host, sizeof(int32_t) * nr, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess && nr) e = cudaMemcpyAsync(t->targets, host + n, sizeof(int32_t) * nr, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+  free(host);
+  if (e != cudaSuccess) return cuda_fail(e, "copying the sequence", __FILE__, __LINE__);
+  *loss = 0;
+  *count = nr;
+  if (!nr) return GPTOSS_OK;   // nothing to learn from: the gradients stay as they are
+  launch_embed(t->ids, n, t->v->embed, t->xs, d.H, st);
+  for (int l = 0; l < d.L; l++) {
+    phase(st, -1);
+    TRY(upload_layer(t, l));
+    phase(st, PH_SYNC);
+    TRY(layer_fwd(t, l, t->xs + (size_t)l * n * d.H, t->xs + (size_t)(l + 1) * n * d.H));
+  }
+  t->version = gptoss_adapter_version(a);
+  CU(cudaMemsetAsync(t->dx, 0, sizeof(float) * n * d.H, st));
+  TRY(loss_head(t, nr));
+  for (int l = d.L - 1; l >= 0; l--) {
+    TRY(grads_begin(t, l));
+    TRY(layer_fwd(t, l, t->xs + (size_t)l * n * d.H, NULL));
+    TRY(layer_bwd(t, l, t->xs + (size_t)l * n * d.H));
+    phase(st, -1);
+    TRY(grads_end(t, l));
+    phase(st, PH_GRADS);
+  }
+  float *lr = (float *)malloc(sizeof(float) * nr);
+  if (!lr) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  e = cudaMemcpyAsync(lr, t->lossrow, sizeof(float) * nr, cudaMemcpyDeviceToHost, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+  double total = 0;
+  for (int i = 0; i < nr; i++) total += lr[i];
+  free(lr);
+  if (e != cudaSuccess) return cuda_fail(e, "the backward pass", __FILE__, __LINE__);
+  phase(st, -1);
+  TRY(grads_add_pending(t));
+  phase(st, PH_GRADS);
+  phase_print();
+  *loss = total;
+  return GPTOSS_OK;
+}
+
+gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                 double *loss, int *count) {
+  trainer *t = (trainer *)*v->state;
+  if (!t) {
+    if (!(t = (trainer *)calloc(1, sizeof *t))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+    if (!(t->pool = gptoss_pool_new(v->threads > 16 ? 16 : v->threads < 1 ? 1 : v->threads))) {
+      free(t);
+      return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the trainer's threads");
+    }
+    *v->state = t;
+  }
+  t->v = v;
+  gptoss_status rc = run(t, a, ids, mask, n, loss, count);
+  if (rc) {
+    // the device copy may be half-written: upload it again next time. The
+    // host may have received some layers' gradients of this call.
+    if (t->cs) cudaStreamSynchronize(t->cs);
+    t->version = 0;
+    if (gptoss_errcode() == GPTOSS_ENOMEM) {
+      cudaStreamSynchronize(v->stream);
+      *v->bytes -= t->buf_bytes + t->lbytes;
+      release_buffers(t);
+      release_lora(t);
+    }
+  }
+  return rc;
+}
+// }======================================================

@@ -1,0 +1,133 @@
+-- LoRA training on the CUDA backend (#gpu), against PEFT 0.21 + transformers
+-- 5.17 autograd in float32 (the fixtures of lora_train_spec.lua) and against
+-- the CPU backend, which computes the same masks and steps in fp32.
+local H = require "helpers"
+local gptoss = require "gptoss"
+
+local FX = "spec/fixtures/lora/"
+local RUNS = { train_r4 = { "q", "k", "v", "o" }, train_experts_r4 = { "o", "gate_up", "down" } }
+local name, flat = H.peft_lora_name, H.flat
+
+local function fixture(run)
+  local fx = assert(gptoss.safetensors(FX .. run .. ".safetensors"))
+  local mask = {}
+  for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
+  return fx, fx:numbers("ids"), mask
+end
+
+-- worst relative L2 between two adapters' gradients (or weights), over mods of layers 0..3
+local function worst_between(a, b, mods, what)
+  local worst = 0
+  for l = 0, 3 do
+    for _, p in ipairs(mods) do
+      local x, y = a:module(l, p), b:module(l, p)
+      assert.are.equal(not x, not y)
+      for _, w in ipairs(x and { "A", "B" } or {}) do
+        worst = math.max(worst, H.rel_l2(flat(x[what .. w]), flat(y[what .. w])))
+      end
+    end
+  end
+  return worst
+end
+
+describe("LoRA training on CUDA #gpu", function()
+  for _, precision in ipairs { "exact", "fast" } do
+    for run, mods in pairs(RUNS) do
+      -- "exact" (split-bf16 activations) is held to the 2e-2 of the issue;
+      -- "fast" rounds every activation and gradient to bf16 before the
+      -- GEMMs; on this random 4-layer model (whose fast-precision logits are
+      -- already 0.18 off, gpu_spec.lua) its gradients come within about 0.1
+      local tol = precision == "exact" and 2e-2 or 0.25
+      it(precision .. ", " .. run .. ": PEFT's loss and every LoRA gradient within " .. tol, function()
+        local m = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0", precision = precision }))
+        local fx, ids, mask = fixture(run)
+        local a = assert(gptoss.adapter.load(FX .. run))
+        local loss, n = m:lora_backward(a, ids, mask)
+        assert.are.equal(25, n)
+        local want = fx:numbers("loss")[1]
+        local lerr = math.abs(loss / n - want) / want
+        assert.is_true(lerr <= tol, string.format("loss %.8g vs %.8g", loss / n, want))
+        local worst = 0
+        for l = 0, 3 do
+          for _, p in ipairs(mods) do
+            local x = a:module(l, p)
+            for _, w in ipairs { "A", "B" } do
+              local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
+              worst = math.max(worst, err)
+              assert.is_true(err <= tol, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
+            end
+          end
+        end
+        print(string.format("\n  cuda %s %s: loss relative error %.3g, gradients worst relative L2 %.3g over %d tensors",
+          precision, run, lerr, worst, 8 * #mods))
+        -- gradients accumulate across calls, as on the CPU
+        local g1 = a:module(1, mods[1]).gA:get(1, 1)
+        m:lora_backward(a, ids, mask)
+        assert.near(2 * g1, a:module(1, mods[1]).gA:get(1, 1), math.abs(g1) * 1e-4)
+        a:close(); fx:close(); m:close()
+      end)
+    end
+  end
+
+  it("matches the CPU's gradients with dropout and a layer subset, step after step (the device copy follows each change)", function()
+    local cpu = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    local gpu = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    local opts = { r = 4, alpha = 8, init = "random", seed = 7, dropout = 0.2, layers = { 0, 2, 3 } }
+    local a, b = gptoss.lora(cpu, opts), gptoss.lora(gpu, opts)
+    local ids = {}
+    for i = 1, 24 do ids[i] = (i * 7919) % 200000 end
+    local worst = 0
+    for s = 1, 3 do
+      a:zero_grad(); b:zero_grad()
+      local la, na = cpu:lora_backward(a, ids)
+      local lb, nb = gpu:lora_backward(b, ids)
+      assert.are.equal(na, nb)
+      assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("step %d loss %.8g vs %.8g", s, lb, la))
+      local err = worst_between(b, a, { "q", "k", "v", "o" }, "g")
+      assert.is_true(err < 1e-3, string.format("step %d gradients: worst relative L2 %.3g", s, err))
+      worst = math.max(worst, err)
+      -- Adam turns rounding-level differences in near-zero gradients into
+      -- whole steps, so the GPU adapter takes the CPU's weights after each
+      -- step: the next backward must see them (and the step's new masks)
+      a:step { lr = 1e-2, max_grad_norm = 1 }
+      b:copy_from(a); b:step { lr = 0 }
+    end
+    -- a weight set from Lua, and the GPU adapter's own step, reach the device copy too
+    a:set(0, "q", "B", 1, 1, 0.5); b:set(0, "q", "B", 1, 1, 0.5)
+    b:step { lr = 1e-2 }; a:copy_from(b); a:step { lr = 0 }
+    a:zero_grad(); b:zero_grad()
+    local la, lb = cpu:lora_backward(a, ids), gpu:lora_backward(b, ids)
+    assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("after set and step: loss %.8g vs %.8g", lb, la))
+    print(string.format("\n  cuda vs cpu, 3 steps with dropout: gradients within %.3g", worst))
+    a:close(); b:close(); cpu:close(); gpu:close()
+  end)
+
+  it("overfits a small dataset with gptoss.train (loss below 0.1)", function()
+    local m = H.v128 { tokenizer = false, device = "cuda:0" }
+    local data = {}
+    for k = 1, 3 do
+      local ids = {}
+      for i = 1, 10 do ids[i] = (i * 37 + k * 11) % 128 end
+      data[k] = { ids = ids }
+    end
+    local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1, targets = { "attn", "experts" } })
+    local r = gptoss.train(m, lora, { data = data, steps = 60, lr = 1e-2, warmup = 3, schedule = "constant", batch = 3, seed = 5 })
+    assert.is_true(r.final_loss < 0.1, "final loss " .. r.final_loss)
+    assert.is_true(r.history[60].memory.workspace > 0)
+    print(string.format("\n  cuda overfit: loss %.3f -> %.4f in 60 steps", r.history[1].loss, r.final_loss))
+    lora:close(); m:close()
+  end)
+
+  it("refuses bad input plainly and stays usable", function()
+    local m = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    local a = gptoss.lora(m, { r = 4, alpha = 8 })
+    assert.has_error(function() m:lora_backward(a, { 5, 300000 }) end)
+    local other = H.v128()
+    local b = gptoss.lora(other, { r = 4, alpha = 8 })
+    assert.has_error(function() m:lora_backward(b, { 5, 6, 7 }) end)
+    local loss, n = m:lora_backward(a, { 5, 6, 7 })
+    assert.are.equal(2, n)
+    assert.is_true(loss > 0)
+    a:close(); b:close(); other:close(); m:close()
+  end)
+end)

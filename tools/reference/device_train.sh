@@ -1,0 +1,36 @@
+#!/bin/bash
+# Device: LoRA training on CUDA. The #gpu training specs (PEFT fixtures, the
+# CPU backend), a compute-sanitizer pass over one training step, then the
+# 20B-shaped benchmark: bench/train.lua in both precisions and
+# transformers + peft (tools/reference/hf_train_bench.py) in the same run.
+#   STAGES="specs sanitize bench hf" (default all); SEQ (2048), STEPS (3)
+set -u
+source .device-kit/env.sh
+export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer PYTHONUNBUFFERED=1
+export LUA_CPATH="build/lua5.4/?.so;$LUA_CPATH" LUA_CPATH_5_4="build/lua5.4/?.so;$LUA_CPATH_5_4"
+STAGES=${STAGES:-specs sanitize bench hf}
+SEQ=${SEQ:-2048} STEPS=${STEPS:-3}
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has specs; then
+  timeout 300 $BUSTED --cpath='build/lua5.4/?.so' --tags=gpu -o utfTerminal spec/lora_gpu_spec.lua spec/gpu_spec.lua > $OUT/train_spec.log 2>&1
+  grep -aE "^  [a-z]|successes|Failure|Error|spec.lua:[0-9]" $OUT/train_spec.log | head -40
+fi
+if has sanitize; then
+  lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 bench/train.lua /tmp/tiny cuda:0 exact 40 1 > $OUT/train_memcheck.log 2>&1
+  echo "memcheck rc=$? $(grep -a 'ERROR SUMMARY' $OUT/train_memcheck.log)"
+fi
+if has bench || has hf; then
+  t0=$(date +%s)
+  [ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer
+  echo "generated in $(( $(date +%s) - t0 )) s"
+fi
+if has bench; then
+  for p in exact fast; do
+    BENCH_JSON=$OUT/train_$p.json timeout 200 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 $p $SEQ $STEPS 2>&1 | tee -a $OUT/train_bench.txt
+  done
+fi
+if has hf; then
+  timeout 400 python3 tools/reference/hf_train_bench.py /tmp/gptoss-20b $OUT/hf_train.json $SEQ $STEPS 2>&1 | grep -v Warning | tail -25
+fi
