@@ -714,21 +714,43 @@ static att_rows rows_of(trainer *t, int l, int h0) {
   return a;
 }
 
-// att = softmax(q k^T / sqrt(D), sink) v, head batches sharing a key/value head
+// Up to t->hc query heads that share key/value head g, from head h0
+struct head_batch {
+  int h0, nb;
+  const float *q, *k, *v;    // in qkv: the first head's queries; the shared keys and values
+};
+
+static head_batch batch_of(const trainer *t, int g, int i0) {
+  const dims &d = t->v->d;
+  int G = d.Hq / d.Hkv;
+  head_batch b;
+  b.nb = G - i0 < t->hc ? G - i0 : t->hc;
+  b.h0 = g * G + i0;
+  b.q = t->qkv + (size_t)b.h0 * d.D;
+  b.k = t->qkv + d.Q + (size_t)g * d.D;
+  b.v = b.k + d.KV;
+  return b;
+}
+
+// S[i] = q_i k^T / sqrt(D) for the batch's heads (the key/value head broadcast)
+static gptoss_status scores(trainer *t, const head_batch &b) {
+  const dims &d = t->v->d;
+  int T = t->T, ldq = d.Q + 2 * d.KV;
+  return gemm(t, false, true, T, T, d.D, 1.f / sqrtf((float)d.D), b.q, CUDA_R_32F, ldq, d.D, b.k, CUDA_R_32F, ldq, 0, 0.f, t->S,
+              T, (long long)T * T, b.nb, score_compute(t));
+}
+
+// att = softmax(q k^T / sqrt(D), sink) v
 static gptoss_status attention_fwd(trainer *t, int l) {
   const dims &d = t->v->d;
-  int T = t->T, G = d.Hq / d.Hkv, ldq = d.Q + 2 * d.KV;
-  float scale = 1.f / sqrtf((float)d.D);
-  long long tt = (long long)T * T;
+  int T = t->T, ldq = d.Q + 2 * d.KV;
   for (int g = 0; g < d.Hkv; g++)
-    for (int i0 = 0; i0 < G; i0 += t->hc) {
-      int nb = G - i0 < t->hc ? G - i0 : t->hc, h0 = g * G + i0;
-      const float *q = t->qkv + (size_t)h0 * d.D, *k = t->qkv + d.Q + (size_t)g * d.D, *v = k + d.KV;
-      TRY(gemm(t, false, true, T, T, d.D, scale, q, CUDA_R_32F, ldq, d.D, k, CUDA_R_32F, ldq, 0, 0.f, t->S, T, tt, nb,
-               score_compute(t)));
-      softmax_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, rows_of(t, l, h0));
-      TRY(gemm(t, false, false, T, d.D, T, 1.f, t->S, CUDA_R_32F, T, tt, v, CUDA_R_32F, ldq, 0, 0.f, t->att + (size_t)h0 * d.D,
-               d.Q, d.D, nb, score_compute(t)));
+    for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
+      head_batch b = batch_of(t, g, i0);
+      TRY(scores(t, b));
+      softmax_kernel<<<dim3(T, b.nb), 256, 0, t->v->stream>>>(t->S, rows_of(t, l, b.h0));
+      TRY(gemm(t, false, false, T, d.D, T, 1.f, t->S, CUDA_R_32F, T, (long long)T * T, b.v, CUDA_R_32F, ldq, 0, 0.f,
+               t->att + (size_t)b.h0 * d.D, d.Q, d.D, b.nb, score_compute(t)));
     }
   return GPTOSS_OK;
 }
@@ -736,18 +758,18 @@ static gptoss_status attention_fwd(trainer *t, int l) {
 // datt (rows of Q) into dqkv's q, k and v columns (zeroed by the caller)
 static gptoss_status attention_bwd(trainer *t, int l) {
   const dims &d = t->v->d;
-  int T = t->T, G = d.Hq / d.Hkv, ldq = d.Q + 2 * d.KV;
+  int T = t->T, ldq = d.Q + 2 * d.KV;
   float scale = 1.f / sqrtf((float)d.D);
   long long tt = (long long)T * T;
   cublasComputeType_t ct = score_compute(t);
   for (int g = 0; g < d.Hkv; g++)
-    for (int i0 = 0; i0 < G; i0 += t->hc) {
-      int nb = G - i0 < t->hc ? G - i0 : t->hc, h0 = g * G + i0;
-      const float *q = t->qkv + (size_t)h0 * d.D, *k = t->qkv + d.Q + (size_t)g * d.D, *v = k + d.KV;
-      const float *dout = t->datt + (size_t)h0 * d.D;
+    for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
+      head_batch b = batch_of(t, g, i0);
+      int h0 = b.h0, nb = b.nb;
+      const float *q = b.q, *k = b.k, *v = b.v, *dout = t->datt + (size_t)h0 * d.D;
       float *dq = t->dqkv + (size_t)h0 * d.D, *dk = t->dqkv + d.Q + (size_t)g * d.D, *dv = dk + d.KV;
       att_rows a = rows_of(t, l, h0);
-      TRY(gemm(t, false, true, T, T, d.D, scale, q, CUDA_R_32F, ldq, d.D, k, CUDA_R_32F, ldq, 0, 0.f, t->S, T, tt, nb, ct));
+      TRY(scores(t, b));
       probs_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, a);
       TRY(gemm(t, false, true, T, T, d.D, 1.f, dout, CUDA_R_32F, d.Q, d.D, v, CUDA_R_32F, ldq, 0, 0.f, t->dP, T, tt, nb, ct));
       dsoftmax_kernel<<<dim3(T, nb), 256, 0, t->v->stream>>>(t->S, t->dP, t->datt, t->att, d.Q, d.D, scale, a);

@@ -161,4 +161,42 @@ function H.flat(fl, scale)
   return out
 end
 
+-- a LoRA training fixture of tools/reference/peft_train.py: the safetensors
+-- file, its ids, and the loss mask (labels -100 are not targets)
+function H.lora_fixture(run)
+  local fx = assert(require("gptoss").safetensors("spec/fixtures/lora/" .. run .. ".safetensors"))
+  local mask = {}
+  for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
+  return fx, fx:numbers("ids"), mask
+end
+
+-- The adapter's gradients (of the loss summed over n targets) against
+-- PEFT's (of the mean) in fx, for modules mods of layers 0-3: each within
+-- tol (relative L2); returns the worst
+function H.check_peft_grads(a, fx, mods, n, tol)
+  local worst = 0
+  for l = 0, 3 do
+    for _, p in ipairs(mods) do
+      local x = a:module(l, p)
+      for _, w in ipairs { "A", "B" } do
+        local err = H.rel_l2(H.flat(x["g" .. w], 1 / n), H.flat(fx:floats("grad." .. H.peft_lora_name(l, p, w))))
+        worst = math.max(worst, err)
+        assert(err <= tol, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
+      end
+    end
+  end
+  return worst
+end
+
+-- the 3 ten-token sequences (vocabulary 128) the overfitting specs learn
+function H.overfit_data()
+  local data = {}
+  for k = 1, 3 do
+    local ids = {}
+    for i = 1, 10 do ids[i] = (i * 37 + k * 11) % 128 end
+    data[k] = { ids = ids }
+  end
+  return data
+end
+
 return H

@@ -6,14 +6,9 @@ local gptoss = require "gptoss"
 
 local FX = "spec/fixtures/lora/"
 local RUNS = { train_r4 = { "q", "k", "v", "o" }, train_experts_r4 = { "o", "gate_up", "down" } }
-local name, flat = H.peft_lora_name, H.flat
+local flat = H.flat
 
-local function fixture(run)
-  local fx = assert(gptoss.safetensors(FX .. run .. ".safetensors"))
-  local mask = {}
-  for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
-  return fx, fx:numbers("ids"), mask
-end
+local fixture = H.lora_fixture
 
 -- worst relative L2 between two adapters' gradients (or weights), over mods of layers 0..3
 local function worst_between(a, b, mods, what)
@@ -47,17 +42,7 @@ describe("LoRA training on CUDA #gpu", function()
         local want = fx:numbers("loss")[1]
         local lerr = math.abs(loss / n - want) / want
         assert.is_true(lerr <= tol, string.format("loss %.8g vs %.8g", loss / n, want))
-        local worst = 0
-        for l = 0, 3 do
-          for _, p in ipairs(mods) do
-            local x = a:module(l, p)
-            for _, w in ipairs { "A", "B" } do
-              local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
-              worst = math.max(worst, err)
-              assert.is_true(err <= tol, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
-            end
-          end
-        end
+        local worst = H.check_peft_grads(a, fx, mods, n, tol)
         print(string.format("\n  cuda %s %s: loss relative error %.3g, gradients worst relative L2 %.3g over %d tensors",
           precision, run, lerr, worst, 8 * #mods))
         -- gradients accumulate across calls, as on the CPU
@@ -104,12 +89,7 @@ describe("LoRA training on CUDA #gpu", function()
 
   it("overfits a small dataset with gptoss.train (loss below 0.1)", function()
     local m = H.v128 { tokenizer = false, device = "cuda:0" }
-    local data = {}
-    for k = 1, 3 do
-      local ids = {}
-      for i = 1, 10 do ids[i] = (i * 37 + k * 11) % 128 end
-      data[k] = { ids = ids }
-    end
+    local data = H.overfit_data()
     local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1, targets = { "attn", "experts" } })
     local r = gptoss.train(m, lora, { data = data, steps = 60, lr = 1e-2, warmup = 3, schedule = "constant", batch = 3, seed = 5 })
     assert.is_true(r.final_loss < 0.1, "final loss " .. r.final_loss)

@@ -19,12 +19,7 @@ describe("LoRA training (CPU) vs PEFT", function()
   teardown(function() m:close() end)
 
   for run, mods in pairs(RUNS) do
-    local function fixture()
-      local fx = assert(gptoss.safetensors(FX .. run .. ".safetensors"))
-      local mask = {}
-      for i, l in ipairs(fx:numbers("labels")) do mask[i] = l ~= -100 end
-      return fx, fx:numbers("ids"), mask
-    end
+    local function fixture() return H.lora_fixture(run) end
 
     it(run .. ": gives PEFT's loss and every LoRA gradient (relative L2 <= 1e-4)", function()
       local fx, ids, mask = fixture()
@@ -34,17 +29,7 @@ describe("LoRA training (CPU) vs PEFT", function()
       assert.are.equal(25, n)                      -- 39 predicted positions, 14 masked
       local want = fx:numbers("loss")[1]
       assert.is_true(math.abs(loss / n - want) / want < 1e-5, string.format("loss %.8g vs %.8g", loss / n, want))
-      local worst = 0
-      for l = 0, 3 do
-        for _, p in ipairs(mods) do
-          local x = a:module(l, p)
-          for _, w in ipairs { "A", "B" } do
-            local err = H.rel_l2(flat(x["g" .. w], 1 / n), flat(fx:floats("grad." .. name(l, p, w))))
-            worst = math.max(worst, err)
-            assert.is_true(err <= 1e-4, string.format("layer %d %s lora_%s: relative L2 %.3g", l, p, w, err))
-          end
-        end
-      end
+      local worst = H.check_peft_grads(a, fx, mods, n, 1e-4)
       print(string.format("\n  %s gradients: worst relative L2 %.3g over %d tensors", run, worst, 8 * #mods))
       -- gradients accumulate until zero_grad
       local x0 = a:module(2, mods[1])
@@ -199,12 +184,7 @@ describe("gptoss.train", function()
 
   it("overfits a small dataset (loss below 0.1), reproducibly, with eval", function()
     local m = v128()
-    local data = {}
-    for k = 1, 3 do
-      local ids = {}
-      for i = 1, 10 do ids[i] = (i * 37 + k * 11) % 128 end
-      data[k] = { ids = ids }
-    end
+    local data = H.overfit_data()
     local function run()
       local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1 })
       local seen = {}
