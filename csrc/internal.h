@@ -27,8 +27,15 @@ static inline uint64_t gptoss_fnv1a(const void *p, size_t n) {
   return h;
 }
 
+/* what the CUDA backend also runs on the device (same arithmetic) */
+#ifdef __CUDACC__
+#define GPTOSS_HD __host__ __device__
+#else
+#define GPTOSS_HD
+#endif
+
 /* splitmix64's finaliser: a good 64-bit mix, used as a counter-based RNG */
-static inline uint64_t gptoss_mix64(uint64_t z) {
+static inline GPTOSS_HD uint64_t gptoss_mix64(uint64_t z) {
   z += 0x9e3779b97f4a7c15ull;
   z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
   z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
@@ -36,7 +43,15 @@ static inline uint64_t gptoss_mix64(uint64_t z) {
 }
 
 /* uniform double in [0, 1) from 53 random bits */
-static inline double gptoss_u01(uint64_t x) { return (double)(x >> 11) * (1.0 / 9007199254740992.0); }
+static inline GPTOSS_HD double gptoss_u01(uint64_t x) { return (double)(x >> 11) * (1.0 / 9007199254740992.0); }
+
+/* LoRA dropout's mask (training): feature i of token t at projection mod of
+   layer l is kept, scaled by 1/(1-p), or dropped (0), from these alone, so a
+   recomputation sees the forward's masks and both backends draw the same */
+static inline GPTOSS_HD float gptoss_lora_keep(uint64_t key, int l, int mod, int t, int i, float p) {
+  uint64_t k = gptoss_mix64(key ^ ((uint64_t)l << 48) ^ ((uint64_t)mod << 40) ^ ((uint64_t)t << 20));
+  return gptoss_u01(gptoss_mix64(k + (uint64_t)i)) < p ? 0.0f : 1.0f / (1.0f - p);
+}
 /* }====================================================== */
 
 /* {====================================================== thread pool */

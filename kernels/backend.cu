@@ -29,11 +29,10 @@ gptoss_status cuda_fail(cudaError_t e, const char *what, const char *file, int l
                      what, file, line, g_broken ? "; the device context is lost: close the model and load it again" : "");
 }
 
-static gptoss_status blas_fail(cublasStatus_t st, const char *what) {
+gptoss_status cuda_blas_fail(cublasStatus_t st, const char *what) {
   if (st == CUBLAS_STATUS_ALLOC_FAILED) return gptoss_fail(GPTOSS_ENOMEM, "cuBLAS out of memory (%s)", what);
   return gptoss_fail(GPTOSS_EDEVICE, "cuBLAS error %d in %s", (int)st, what);
 }
-#define BLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return blas_fail(s_, #call); } while (0)
 // after a batch of launches: a bad launch configuration shows up here
 #define LAUNCHED() CU(cudaGetLastError())
 // }======================================================
@@ -53,7 +52,7 @@ struct prof {
 };
 static prof g_prof;
 
-static void prof_mark(const char *label, cudaStream_t s) {
+void cuda_prof_mark(const char *label, cudaStream_t s) {
   if (!g_prof.on || g_prof.nev >= 512) return;
   int k = 0;
   while (k < g_prof.n && strcmp(g_prof.label[k], label) != 0) k++;
@@ -64,7 +63,7 @@ static void prof_mark(const char *label, cudaStream_t s) {
 }
 
 // the time between consecutive marks belongs to the later mark's label
-static void prof_flush(void) {
+void cuda_prof_flush(void) {
   if (!g_prof.on || g_prof.nev < 2) { g_prof.nev = 0; return; }
   cudaEventSynchronize(g_prof.ev[g_prof.nev - 1]);
   for (int i = 1; i < g_prof.nev; i++) {
@@ -576,9 +575,9 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
 
   int maxpos = 0;
   for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
-  prof_mark("start", st);
+  cuda_prof_mark("start", st);
   launch_embed(cm->ids, T, cm->embed, cm->x, d.H, st);
-  prof_mark("fwd embed", st);
+  cuda_prof_mark("fwd embed", st);
   int any_trace = 0;
   for (int i = 0; i < nss; i++) any_trace |= ss[i]->trace;
   for (int l = 0; l < d.L; l++) {
@@ -586,9 +585,9 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     int sliding = m->cfg.layer_sliding[l];
     bf16 *xn_lo = cm->split ? cm->xn_lo : NULL, *att_lo = cm->split ? cm->att_lo : NULL;
     launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, xn_lo, d.H, d.eps, st);
-    prof_mark("fwd norm", st);
+    cuda_prof_mark("fwd norm", st);
     if ((rc = gemm(cm, y.qkv_w, cm->xn, xn_lo, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
-    prof_mark("fwd qkv", st);
+    cuda_prof_mark("fwd qkv", st);
     attn_args a;
     memset(&a, 0, sizeof a);
     a.qkv = cm->qkv; a.q = cm->q; a.tok_pos = cm->tok_pos; a.tok_sess = cm->tok_sess; a.sess = cm->sess_arr;
@@ -602,29 +601,29 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
       split_len = (span + nsplit - 1) / nsplit;
     }
     launch_attention(&a, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att, st);
-    prof_mark("fwd rope+attention", st);
+    cuda_prof_mark("fwd rope+attention", st);
     launch_bf16_from_f32(cm->att, cm->att16, att_lo, (size_t)T * d.Q, st);
     if ((rc = gemm(cm, y.o_w, cm->att16, att_lo, cm->tmp, d.H, T, d.Q))) return rc;
     launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
-    prof_mark("fwd o_proj", st);
+    cuda_prof_mark("fwd o_proj", st);
     launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, xn_lo, NULL, cm->sel, cm->wts, st);
-    prof_mark("fwd router", st);
+    cuda_prof_mark("fwd router", st);
     if (any_trace) {
       CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
       CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
     }
     launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
-    prof_mark("fwd moe sort", st);
+    cuda_prof_mark("fwd moe sort", st);
     // few rows per expert (batched decode): read each expert once, no padded tiles
     bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
     if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, cm->act, st);
     else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, cm->act, st);
-    prof_mark("fwd moe gate_up", st);
+    cuda_prof_mark("fwd moe gate_up", st);
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
-    prof_mark("fwd moe down", st);
+    cuda_prof_mark("fwd moe down", st);
     launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
-    prof_mark("fwd moe combine", st);
+    cuda_prof_mark("fwd moe combine", st);
     LAUNCHED();
   }
   // logits, in groups of at most ws_out rows
@@ -645,8 +644,8 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     }
   }
   LAUNCHED();
-  prof_mark("fwd lm_head", st);
-  prof_flush();
+  cuda_prof_mark("fwd lm_head", st);
+  cuda_prof_flush();
   if (any_trace) {
     int32_t *te = (int32_t *)malloc(sizeof(int32_t) * (size_t)d.L * T * d.K);
     float *tw = (float *)malloc(sizeof(float) * (size_t)d.L * T * d.K);
@@ -846,37 +845,37 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
   cuda_model *cm = CM(m);
   const dims &d = cm->d;
   cudaStream_t st = cm->stream;
-  prof_mark("start", st);
+  cuda_prof_mark("start", st);
   decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
   launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
-  prof_mark("dec embed", st);
+  cuda_prof_mark("dec embed", st);
   for (int l = 0; l < d.L; l++) {
     const dlayer &y = cm->layer[l];
     int sliding = m->cfg.layer_sliding[l];
     launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, st);
-    prof_mark("dec qkv gemv", st);
+    cuda_prof_mark("dec qkv gemv", st);
     attn_args a;
     memset(&a, 0, sizeof a);
     a.qkv = cs->d_qkv; a.q = cs->d_q; a.pos_dev = cs->step + 1; a.sess = (const dsess *const *)cm->sess_arr;
     a.T = 1; a.layer = l; a.sliding = sliding; a.inv_freq = cm->inv_freq;
     launch_rope_store(&a, &d, st);
-    prof_mark("dec rope", st);
+    cuda_prof_mark("dec rope", st);
     int nsplit = sliding ? dec_splits(d.window) : cs->nsplit_full;
     launch_attention(&a, &d, y.sinks, nsplit, 0, cs->d_ml, cs->d_acc, cs->d_att, st);
-    prof_mark("dec attention", st);
+    cuda_prof_mark("dec attention", st);
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, st);
-    prof_mark("dec o gemv", st);
+    cuda_prof_mark("dec o gemv", st);
     launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
-    prof_mark("dec router", st);
+    cuda_prof_mark("dec router", st);
     launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, cs->d_act, st);
-    prof_mark("dec moe gate_up", st);
+    cuda_prof_mark("dec moe gate_up", st);
     launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
-    prof_mark("dec moe down", st);
+    cuda_prof_mark("dec moe down", st);
   }
   launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
-  prof_mark("dec lm_head", st);
+  cuda_prof_mark("dec lm_head", st);
   launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st, cm->sw.keys_in);
-  prof_mark("dec sample", st);
+  cuda_prof_mark("dec sample", st);
   cudaMemcpyAsync(cs->next_host, cs->next, sizeof(int32_t), cudaMemcpyDeviceToHost, st);
   return GPTOSS_OK;
 }
@@ -910,7 +909,7 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
     // profiled: the same launches, uncaptured, timed
     rc = decode_launches(m, cs, cs->params_host);
     if (rc) return rc;
-    prof_flush();
+    cuda_prof_flush();
     CU(cudaStreamSynchronize(st));
     *next = cs->next_host[0];
     return GPTOSS_OK;

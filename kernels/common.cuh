@@ -31,6 +31,14 @@ typedef __nv_bfloat16 bf16;
   } while (0)
 
 gptoss_status cuda_fail(cudaError_t e, const char *what, const char *file, int line);
+gptoss_status cuda_blas_fail(cublasStatus_t st, const char *what);
+#define BLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return cuda_blas_fail(s_, #call); } while (0)
+
+// GPTOSS_PROFILE=1 (backend.cu): events between launches; the time between
+// two marks belongs to the later mark's label; totals print when the model
+// is closed. flush collects the events recorded so far.
+void cuda_prof_mark(const char *label, cudaStream_t s);
+void cuda_prof_flush(void);
 
 // {====================================================== device views
 struct dlayer {

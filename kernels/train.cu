@@ -17,50 +17,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include "common.cuh"
 
-static gptoss_status blas_fail(cublasStatus_t st, const char *what) {
-  if (st == CUBLAS_STATUS_ALLOC_FAILED) return gptoss_fail(GPTOSS_ENOMEM, "cuBLAS out of memory (%s)", what);
-  return gptoss_fail(GPTOSS_EDEVICE, "cuBLAS error %d in %s", (int)st, what);
-}
-#define BLAS(call) do { cublasStatus_t s_ = (call); if (s_ != CUBLAS_STATUS_SUCCESS) return blas_fail(s_, #call); } while (0)
 #define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
-
-// {====================================================== profiling
-// GPTOSS_PROFILE=1: the stream is synchronised between phases, whose wall
-// times print after each call (train.cu's own; the stage profile of
-// inference lives in backend.cu).
-enum { PH_SYNC, PH_ATT_FWD, PH_MOE_FWD, PH_LOSS, PH_MOE_BWD, PH_ATT_BWD, PH_GRADS, PH_N };
-static const char *const ph_name[PH_N] = {"adapter upload", "attention fwd", "moe fwd", "loss head", "moe bwd", "attention bwd",
-                                          "gradients down"};
-static int g_tprof = -1;
-static double g_ph[PH_N], g_mark;
-
-static double wall(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
-static void phase(cudaStream_t st, int k) {
-  if (g_tprof < 0) { const char *e = getenv("GPTOSS_PROFILE"); g_tprof = e && *e && strcmp(e, "0") != 0; }
-  if (!g_tprof) return;
-  cudaStreamSynchronize(st);
-  double now = wall();
-  if (k >= 0) g_ph[k] += now - g_mark;
-  g_mark = now;
-}
-
-static void phase_print(void) {
-  if (g_tprof != 1) return;
-  double tot = 0;
-  for (int k = 0; k < PH_N; k++) tot += g_ph[k];
-  fprintf(stderr, "lora backward (ms):");
-  for (int k = 0; k < PH_N; k++) { fprintf(stderr, " %s %.1f;", ph_name[k], 1e3 * g_ph[k]); g_ph[k] = 0; }
-  fprintf(stderr, " total %.1f\n", 1e3 * tot);
-}
-// }======================================================
 
 // {====================================================== kernels
 // x[rows[i]] (rows NULL: x[i]) normalised: out[i] = w * x / rms(x); inv[i] = 1 / rms
@@ -304,26 +263,13 @@ __global__ void xent_kernel(float *z, int V, const int32_t *target, float *loss)
   if (threadIdx.x == 0) loss[i] = mx + logf(s) - zy;
 }
 
-// LoRA dropout, the masks of csrc/cpu/train.c (lora_input): keep[t][c] =
-// 0 with probability p, else 1/(1-p), from (key, layer, module, t, c) alone.
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-  z += 0x9e3779b97f4a7c15ull;
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
 struct drop_args { uint64_t key; int layer, mod; float p; };
-__device__ __forceinline__ float keep_of(const drop_args &d, int t, int c) {
-  uint64_t k = mix64(d.key ^ ((uint64_t)d.layer << 48) ^ ((uint64_t)d.mod << 40) ^ ((uint64_t)t << 20));
-  double u = (double)(mix64(k + (uint64_t)c) >> 11) * (1.0 / 9007199254740992.0);
-  return u < (double)d.p ? 0.f : 1.f / (1.f - d.p);
-}
 // add 0: out = x * keep (contiguous); add 1: out (row stride ld) += x * keep
 __global__ void dropout_kernel(const float *x, int ldx, float *out, int ldo, int n, size_t total, drop_args d, int add) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= total) return;
   int t = (int)(i / n), c = (int)(i % n);
-  float v = x[(size_t)t * ldx + c] * keep_of(d, t, c);
+  float v = x[(size_t)t * ldx + c] * gptoss_lora_keep(d.key, d.layer, d.mod, t, c, d.p);
   if (add) out[(size_t)t * ldo + c] += v;
   else out[(size_t)t * ldo + c] = v;
 }
@@ -808,7 +754,6 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
-  phase(st, -1);
   rms_fwd_kernel<<<T, 256, 0, st>>>(x, NULL, w->attn_norm, t->xn1, t->inv1, d.H, d.eps);
   TRY(wgemm(t, t->xn1, T, d.H, w->qkv_w, ldq, d.H, true, t->qkv, ldq, 0.f));
   add_bias(t, t->qkv, ldq, w->qkv_b, T, ldq, NULL, NULL);
@@ -822,7 +767,7 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   TRY(wgemm(t, t->att, T, d.Q, w->o_w, d.H, d.Q, true, t->xmid, d.H, 1.f));
   add_bias(t, t->xmid, d.H, w->o_b, T, d.H, NULL, NULL);
   TRY(lora_fwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->xmid, d.H));
-  phase(st, PH_ATT_FWD);
+  cuda_prof_mark("train attention fwd", st);
   // MoE
   rms_fwd_kernel<<<T, 256, 0, st>>>(t->xmid, NULL, w->mlp_norm, t->xn2, t->inv2, d.H, d.eps);
   TRY(wgemm(t, t->xn2, T, d.H, w->router_w, d.E, d.H, true, t->rl, d.E, 0.f));
@@ -859,7 +804,7 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   }
   add_bias(t, t->ye, d.H, w->dn_bias, TK, d.H, t->sel, t->mw.perm);
   if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
-  phase(st, PH_MOE_FWD);
+  cuda_prof_mark("train moe fwd", st);
   CU(cudaGetLastError());
   return GPTOSS_OK;
 }
@@ -906,7 +851,7 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   }
   scatter_kernel<<<T, 256, 0, st>>>(t->dxn, t->xg, t->invp, d.H, d.K);
   rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->xmid, NULL, t->inv2, w->mlp_norm, t->dxn, d.H);
-  phase(st, PH_MOE_BWD);
+  cuda_prof_mark("train moe bwd", st);
   // attention: dx is now d x_mid, the o projection's output gradient
   TRY(wgemm(t, t->dx, T, d.H, w->o_w, d.H, d.Q, false, t->datt, d.Q, 0.f));
   TRY(lora_bwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->dx, d.H, t->datt, d.Q));
@@ -920,7 +865,7 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(lora_bwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->dqkv + d.Q, ldq, t->dxn, d.H));
   TRY(lora_bwd(t, l, GPTOSS_LORA_V, t->xn1, d.H, t->dqkv + d.Q + d.KV, ldq, t->dxn, d.H));
   rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, x, NULL, t->inv1, w->attn_norm, t->dxn, d.H);
-  phase(st, PH_ATT_BWD);
+  cuda_prof_mark("train attention bwd", st);
   CU(cudaGetLastError());
   return GPTOSS_OK;
 }
@@ -934,7 +879,6 @@ static gptoss_status loss_head(trainer *t, int nr) {
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   const float *xl = t->xs + (size_t)d.L * t->T * d.H;
-  phase(st, -1);
   rms_fwd_kernel<<<nr, 256, 0, st>>>(xl, t->rows, t->v->norm, t->xf, t->inv1, d.H, d.eps);
   for (int r0 = 0; r0 < nr; r0 += t->lg_rows) {
     int n = nr - r0 < t->lg_rows ? nr - r0 : t->lg_rows;
@@ -944,7 +888,7 @@ static gptoss_status loss_head(trainer *t, int nr) {
     TRY(wgemm(t, t->gu, n, d.V, t->v->lm_head, d.V, d.H, false, xf, d.H, 0.f));   // xf becomes d xf
   }
   rms_bwd_kernel<<<nr, 256, 0, st>>>(t->dx, xl, t->rows, t->inv1, t->v->norm, t->xf, d.H);
-  phase(st, PH_LOSS);
+  cuda_prof_mark("train loss head", st);
   CU(cudaGetLastError());
   return GPTOSS_OK;
 }
@@ -974,11 +918,11 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
   *loss = 0;
   *count = nr;
   if (!nr) return GPTOSS_OK;   // nothing to learn from: the gradients stay as they are
+  cuda_prof_mark("start", st);
   launch_embed(t->ids, n, t->v->embed, t->xs, d.H, st);
   for (int l = 0; l < d.L; l++) {
-    phase(st, -1);
     TRY(upload_layer(t, l));
-    phase(st, PH_SYNC);
+    cuda_prof_mark("train adapter upload", st);
     TRY(layer_fwd(t, l, t->xs + (size_t)l * n * d.H, t->xs + (size_t)(l + 1) * n * d.H));
   }
   t->version = gptoss_adapter_version(a);
@@ -988,9 +932,8 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
     TRY(grads_begin(t, l));
     TRY(layer_fwd(t, l, t->xs + (size_t)l * n * d.H, NULL));
     TRY(layer_bwd(t, l, t->xs + (size_t)l * n * d.H));
-    phase(st, -1);
     TRY(grads_end(t, l));
-    phase(st, PH_GRADS);
+    cuda_prof_mark("train gradients down", st);
   }
   float *lr = (float *)malloc(sizeof(float) * nr);
   if (!lr) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
@@ -1000,10 +943,9 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
   for (int i = 0; i < nr; i++) total += lr[i];
   free(lr);
   if (e != cudaSuccess) return cuda_fail(e, "the backward pass", __FILE__, __LINE__);
-  phase(st, -1);
   TRY(grads_add_pending(t));
-  phase(st, PH_GRADS);
-  phase_print();
+  cuda_prof_mark("train gradients down", st);
+  cuda_prof_flush();
   *loss = total;
   return GPTOSS_OK;
 }

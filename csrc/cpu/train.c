@@ -41,10 +41,8 @@ typedef struct trainer {
    1/(1-p)); the mask depends only on (seed, step, layer, projection, t, i) */
 static const float *lora_input(trainer *tr, int l, int mod, int t, const float *x, int n) {
   if (tr->drop <= 0) return x;
-  uint64_t k = gptoss_mix64(tr->drop_key ^ ((uint64_t)l << 48) ^ ((uint64_t)mod << 40) ^ ((uint64_t)t << 20));
-  float keep = 1.0f / (1.0f - tr->drop);
   for (int i = 0; i < n; i++) {
-    tr->keep[i] = gptoss_u01(gptoss_mix64(k + (uint64_t)i)) < tr->drop ? 0.0f : keep;
+    tr->keep[i] = gptoss_lora_keep(tr->drop_key, l, mod, t, i, tr->drop);
     tr->xd[i] = x[i] * tr->keep[i];
   }
   return tr->xd;
