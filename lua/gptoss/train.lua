@@ -1,5 +1,5 @@
 --- gptoss.train: the LoRA training loop over the engine's backward pass
--- (CPU backend for now).
+-- (CPU or CUDA, as the model was loaded).
 --
 --   local lora = gptoss.lora(model, { r = 16, alpha = 32, seed = 3407 })
 --   local run = gptoss.train(model, lora, {
