@@ -80,6 +80,7 @@ void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out) {
   memset(out, 0, sizeof *out);
   out->r = a->r;
   out->alpha = a->alpha;
+  out->dropout = a->dropout;
   out->rslora = a->rslora;
   out->nlayers = a->nlayers;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)

@@ -316,7 +316,7 @@ typedef struct gptoss_lora {
 } gptoss_lora;
 typedef struct gptoss_adapter_desc {
   int r, rslora, nlayers, modules;
-  double alpha;
+  double alpha, dropout;
   size_t params;
 } gptoss_adapter_desc;
 

@@ -259,6 +259,7 @@ static int adapter_fields(lua_State *L) {
   if (strcmp(k, "r") == 0) lua_pushinteger(L, d.r);
   else if (strcmp(k, "alpha") == 0) lua_pushnumber(L, d.alpha);
   else if (strcmp(k, "rslora") == 0) lua_pushboolean(L, d.rslora);
+  else if (strcmp(k, "dropout") == 0) lua_pushnumber(L, d.dropout);
   else if (strcmp(k, "layers") == 0) lua_pushinteger(L, d.nlayers);
   else if (strcmp(k, "modules") == 0) lua_pushinteger(L, d.modules);
   else if (strcmp(k, "params") == 0) lua_pushinteger(L, (lua_Integer)d.params);

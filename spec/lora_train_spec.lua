@@ -209,6 +209,80 @@ describe("gptoss.train", function()
   end)
 end)
 
+describe("training profiles", function()
+  -- the oracle: the seeds' script (Maxli53/NeMo_NIM scripts/train.py), its
+  -- PROFILES table and what main() derives from it, written out by hand
+  local SEEDS = {
+    quick_test   = { r = 16, batch = 4, grad_accum = 4, steps = 30,  dataset_size = 100,   checkpoint_every = 15,  log_every = 1 },
+    standard     = { r = 16, batch = 4, grad_accum = 4, steps = 200, dataset_size = 1000,  checkpoint_every = 50,  log_every = 10 },
+    full         = { r = 16, batch = 4, grad_accum = 4, steps = 500, dataset_size = 5000,  checkpoint_every = 100, log_every = 10 },
+    max_quality  = { r = 16, batch = 6, grad_accum = 2, steps = 500, dataset_size = 10000, checkpoint_every = 50,  log_every = 10 },
+    conservative = { r = 8,  batch = 2, grad_accum = 8, steps = 100, dataset_size = 1000,  checkpoint_every = 25,  log_every = 5 },
+  }
+
+  it("gives the seeds' steps, dataset sizes, ranks and batches, with their optimizer and schedule", function()
+    for name, want in pairs(SEEDS) do
+      local a = train.lora_options(name)
+      assert.are.same({ r = want.r, alpha = 2 * want.r, rslora = want.r >= 16, dropout = 0, seed = 3407,
+                        targets = { "attn", "experts" } }, a, name)
+      local o = train.options(name, a.r)
+      for k, v in pairs(want) do if k ~= "r" then assert.are.equal(v, o[k], name .. " " .. k) end end
+      assert.are.equal(2e-4, o.lr); assert.are.equal("cosine", o.schedule); assert.are.equal(20, o.warmup)
+      assert.are.equal(0.01, o.weight_decay); assert.are.equal(3407, o.seed); assert.are.equal(3, o.keep)
+      assert.are.equal(want.r >= 16 and 2048 or 1024, o.max_len, name)
+      assert.are.equal(0.5, o.target_loss)
+    end
+    -- what the caller gives wins, and what follows from it follows
+    local o = train.options("standard", 8, { schedule = "linear", steps = 7 })
+    assert.are.same({ 2, 8, 1024, 10, 7 }, { o.batch, o.grad_accum, o.max_len, o.warmup, o.steps })
+    local a = train.lora_options("standard", { r = 32, rslora = false })
+    assert.are.same({ 32, 64, false }, { a.r, a.alpha, a.rslora })
+  end)
+
+  it("drives gptoss.lora and gptoss.train: the first dataset_size examples, a log every log_every steps", function()
+    local m = v128()
+    local lora = gptoss.lora(m, { profile = "quick_test", r = 4 })
+    assert.are.same({ 4, 8, 0 }, { lora.r, lora.alpha, lora.dropout })
+    assert.are.equal(6 * m.config.num_hidden_layers, lora.modules)      -- q, k, v, o, gate_up, down
+    local data = H.overfit_data()
+    data[4] = { ids = { 5, 9, 17, 33, 65, 1, 2, 3 } }
+    local logs, losses = {}, {}
+    local opts = { profile = "quick_test", data = data, dataset_size = 3, steps = 5, batch = 1, grad_accum = 1,
+                   lr = 1e-2, log_every = 2, on_log = function(step, info) logs[#logs + 1] = { step, info.loss, info.steps } end,
+                   on_step = function(step, info) losses[step] = info.loss end }
+    local r = gptoss.train(m, lora, opts)
+    assert.are.equal(3, r.examples)
+    assert.are.equal("cosine", r.options.schedule)
+    assert.are.same({ 2, 4, 5 }, { logs[1][1], logs[2][1], logs[3][1] })
+    assert.are.same({ 2, 2, 1 }, { logs[1][3], logs[2][3], logs[3][3] })
+    assert.near((losses[1] + losses[2]) / 2, logs[1][2], 1e-12)
+    assert.near((losses[3] + losses[4]) / 2, logs[2][2], 1e-12)
+    assert.are.equal(losses[5], logs[3][2])
+    -- the same run over just the first three examples gives the same curve
+    local lora2 = gptoss.lora(m, { profile = "quick_test", r = 4 })
+    opts.data, opts.dataset_size, opts.on_log = { data[1], data[2], data[3] }, nil, nil
+    local losses1 = losses
+    losses = {}
+    gptoss.train(m, lora2, opts)
+    assert.are.same(losses1, losses)
+    lora:close(); lora2:close(); m:close()
+  end)
+
+  it("refuses an unknown profile and bad counts", function()
+    local m = v128()
+    assert.has_error(function() gptoss.lora(m, { profile = "fast" }) end,
+      "lora: unknown training profile 'fast' (conservative, full, max_quality, quick_test, standard)")
+    local a = gptoss.lora(m, { r = 2 })
+    assert.has_error(function() gptoss.train(m, a, { profile = "fast", data = H.overfit_data() }) end,
+      "train: unknown training profile 'fast' (conservative, full, max_quality, quick_test, standard)")
+    assert.has_error(function() gptoss.train(m, a, { data = H.overfit_data(), log_every = 0 }) end,
+      "train: log_every must be a positive integer (got 0)")
+    assert.has_error(function() gptoss.train(m, a, { data = H.overfit_data(), dataset_size = 1.5 }) end,
+      "train: dataset_size must be a positive integer (got 1.5)")
+    a:close(); m:close()
+  end)
+end)
+
 describe("training checkpoints", function()
   it("resumes after a kill and continues the loss curve exactly", function()
     local m = v128()

@@ -17,9 +17,19 @@ local M = {
   floats = core.floats,
   -- LoRA adapters in PEFT's format: gptoss.adapter.load(dir) -> Adapter | nil, message
   adapter = { load = core.adapter_load },
-  -- gptoss.lora(model, opts) -> a new, trainable Adapter (also model:lora(opts))
-  lora = core.lora_new,
 }
+
+--- gptoss.lora(model, opts) -> a new, trainable Adapter (also model:lora(opts));
+-- opts.profile names one of gptoss.train's profiles, whose rank, alpha,
+-- rsLoRA, dropout, targets and seed fill in what opts leaves out
+function M.lora(model, opts)
+  if type(opts) == "table" and opts.profile ~= nil then
+    local ok, res = pcall(require("gptoss.train").lora_options, opts.profile, opts)
+    if not ok then error("lora: " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
+    opts = res
+  end
+  return core.lora_new(model, opts)
+end
 
 --- gptoss.train(model, lora, opts): the LoRA training loop (gptoss.train)
 function M.train(model, lora, opts) return require("gptoss.train").train(model, lora, opts) end
@@ -95,7 +105,7 @@ end
 -- {====================================================== generation
 local Model = core.methods.Model
 
-Model.lora = core.lora_new
+Model.lora = M.lora
 --- model:lora_backward(adapter, ids [, mask]) -> loss sum, count: the
 -- summed next-token loss over positions whose mask entry is set (the first
 -- position is never a target), its gradients added into the adapter's.

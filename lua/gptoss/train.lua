@@ -14,12 +14,86 @@
 -- rendered and masked by gptoss.data. Each optimizer step
 -- takes batch * grad_accum examples, in an order drawn from `seed`, and
 -- averages the loss over all their target tokens, as transformers does.
+--
+-- profile = "quick_test" | "standard" | "full" | "max_quality" |
+-- "conservative" fills in the seeds' settings (M.profiles); any option given
+-- beside it wins. gptoss.lora(model, { profile = ... }) makes the adapter
+-- the same profile asks for.
 local M = {}
 
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
-    .. "group_by_length eval eval_every on_step target_loss overfit_below underfit_above checkpoint_dir checkpoint_every "
-    .. "keep resume loss_on flavour on_error"):gmatch("%S+") do KNOWN[k] = true end
+    .. "group_by_length eval eval_every on_step on_log log_every target_loss overfit_below underfit_above checkpoint_dir "
+    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size"):gmatch("%S+") do KNOWN[k] = true end
+
+-- {====================================================== profiles
+-- The seeds' training profiles: PROFILES and main() of their training
+-- script (github.com/Maxli53/NeMo_NIM, scripts/train.py, "V3"). Their
+-- logging_steps and save_steps are log_every and checkpoint_every here; the
+-- rest of each profile follows from the rank, as main() derives it.
+M.profiles = {
+  quick_test   = { steps = 30,  dataset_size = 100,   checkpoint_every = 15,  log_every = 1,
+                   description = "quick test run (30 steps, 100 samples): for testing configurations" },
+  standard     = { steps = 200, dataset_size = 1000,  checkpoint_every = 50,  log_every = 10,
+                   description = "standard training (200 steps, 1000 samples)" },
+  full         = { steps = 500, dataset_size = 5000,  checkpoint_every = 100, log_every = 10,
+                   description = "full training (500 steps, 5000 samples)" },
+  max_quality  = { steps = 500, dataset_size = 10000, checkpoint_every = 50,  log_every = 10, r = 16, batch = 6,
+                   description = "maximum quality (500 steps, 10k samples, r=16)" },
+  conservative = { steps = 100, dataset_size = 1000,  checkpoint_every = 25,  log_every = 5,  r = 8, batch = 2,
+                   description = "conservative, safe settings (r=8, batch=2)" },
+}
+
+local function find_profile(name, level)
+  local p = M.profiles[name]
+  if not p then
+    local names = {}
+    for k in pairs(M.profiles) do names[#names + 1] = k end
+    table.sort(names)
+    error("unknown training profile '" .. tostring(name) .. "' (" .. table.concat(names, ", ") .. ")", level + 1)
+  end
+  return p
+end
+
+--- the adapter options a profile asks for, under `over` (gptoss.lora's
+-- options, which win): rank 16 (8 for conservative), alpha twice the rank,
+-- rsLoRA from rank 16 up, no dropout, attention and experts, seed 3407
+function M.lora_options(name, over)
+  local p = find_profile(name, 2)
+  local o = {}
+  for k, v in pairs(over or {}) do if k ~= "profile" then o[k] = v end end
+  o.r = o.r or p.r or (name == "conservative" and 8 or 16)
+  if o.alpha == nil then o.alpha = 2 * o.r end
+  if o.rslora == nil then o.rslora = o.r >= 16 end
+  if o.dropout == nil then o.dropout = 0 end
+  if o.targets == nil then o.targets = { "attn", "experts" } end
+  if o.seed == nil then o.seed = 3407 end
+  return o
+end
+
+--- the training options a profile asks for, for an adapter of rank r,
+-- under `over` (gptoss.train's options, which win)
+function M.options(name, r, over)
+  local p = find_profile(name, 2)
+  local o = {}
+  for k, v in pairs(over or {}) do o[k] = v end
+  r = r or p.r or (name == "conservative" and 8 or 16)
+  for _, k in ipairs { "steps", "dataset_size", "checkpoint_every", "log_every" } do
+    if o[k] == nil then o[k] = p[k] end
+  end
+  if o.batch == nil then o.batch = p.batch or (r == 8 and 2 or 4) end
+  if o.grad_accum == nil then o.grad_accum = math.max(1, math.floor(16 / o.batch)) end
+  if o.lr == nil then o.lr = 2e-4 end
+  if o.schedule == nil then o.schedule = "cosine" end
+  if o.warmup == nil then o.warmup = o.schedule == "cosine" and 20 or 10 end
+  if o.weight_decay == nil then o.weight_decay = 0.01 end
+  if o.max_len == nil then o.max_len = r >= 16 and 2048 or 1024 end
+  if o.seed == nil then o.seed = 3407 end
+  if o.keep == nil then o.keep = 3 end
+  if o.target_loss == nil then o.target_loss = 0.5 end
+  return o
+end
+-- }======================================================
 
 local DEFAULTS = {
   steps = nil, epochs = 1, batch = 1, grad_accum = 1, lr = 2e-4, schedule = "linear", warmup = 0,
@@ -157,14 +231,30 @@ function M.train(model, lora, opts)
   for k in pairs(opts) do
     if not KNOWN[k] then error("train: unknown option '" .. tostring(k) .. "'", 2) end
   end
+  if opts.profile ~= nil then
+    local ok, res = pcall(M.options, opts.profile, lora and lora.r, opts)
+    if not ok then error("train: " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
+    opts = res
+  end
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
+  for _, k in ipairs { "steps", "batch", "grad_accum", "dataset_size", "log_every", "checkpoint_every", "eval_every" } do
+    local v = o[k]
+    if v ~= nil and (type(v) ~= "number" or v < 1 or v ~= math.floor(v)) then
+      error("train: " .. k .. " must be a positive integer (got " .. tostring(v) .. ")", 2)
+    end
+  end
   local skipped
   if type(o.data) == "string" then          -- a JSONL file
     local ex, err = require("gptoss.data").read_jsonl(o.data, model.tokenizer, o)
     if not ex then error("train: " .. err, 2) end
     o.data, skipped = ex, err
+  end
+  if o.dataset_size and type(o.data) == "table" and #o.data > o.dataset_size then   -- the first N, as train[:N]
+    local head = {}
+    for i = 1, o.dataset_size do head[i] = o.data[i] end
+    o.data = head
   end
   local data = prepare(model, o.data, o.max_len, "data", o)
   local per_step = o.batch * o.grad_accum
@@ -198,6 +288,7 @@ function M.train(model, lora, opts)
       end
     end
   end
+  local window = {}
   for step = first, steps do
     local t0 = clock()
     local group = {}
@@ -221,6 +312,18 @@ function M.train(model, lora, opts)
       info.eval_loss, info.eval_perplexity = M.evaluate(model, lora, o.eval, o)
     end
     history[step] = info
+    window[#window + 1] = info
+    if o.on_log and (#window >= (o.log_every or 1) or step == steps) then
+      -- as transformers logs: the mean loss over the steps since the last log
+      local l, tps = 0, 0
+      for _, w in ipairs(window) do l, tps = l + w.loss, tps + w.tokens_per_s end
+      local m = { step = step, loss = l / #window, steps = #window, lr = lr, grad_norm = gn,
+                  tokens_per_s = tps / #window, elapsed = info.elapsed, memory = info.memory,
+                  eval_loss = info.eval_loss, eval_perplexity = info.eval_perplexity }
+      m.flag = M.flag(m.loss, o)
+      o.on_log(step, m)
+      window = {}
+    end
     if o.checkpoint_dir and o.checkpoint_every and (step % o.checkpoint_every == 0 or step == steps) then
       local h = {}
       -- as %.17g text: lua-cjson keeps only 14 digits, and a resumed curve must be exact
@@ -232,7 +335,7 @@ function M.train(model, lora, opts)
     if o.on_step then o.on_step(step, info) end
   end
   local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag,
-                   skipped = skipped }
+                   skipped = skipped, examples = #data, options = o }
   if o.eval then result.eval_loss, result.eval_perplexity = M.evaluate(model, lora, o.eval, o) end
   return result
 end
