@@ -43,6 +43,7 @@ struct gptoss_adapter {
 static uint64_t g_version;
 void gptoss_adapter_touch(gptoss_adapter *a) { a->version = __atomic_add_fetch(&g_version, 1, __ATOMIC_RELAXED); }
 uint64_t gptoss_adapter_version(const gptoss_adapter *a) { return a->version; }
+int gptoss_adapter_refs(const gptoss_adapter *a) { return a->refs; }
 
 static double lora_scale(double alpha, int r, int rslora) { return rslora ? alpha / sqrt((double)r) : alpha / r; }
 

@@ -363,6 +363,9 @@ int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
    to copy them again. Versions are unique across adapters. */
 void gptoss_adapter_touch(gptoss_adapter *a);
 uint64_t gptoss_adapter_version(const gptoss_adapter *a);
+/* references held (a backend's cache of device copies drops its own when
+   it is the last one) */
+int gptoss_adapter_refs(const gptoss_adapter *a);
 /* LoRA dropout on the attention projections' inputs during training (the
    masks are a function of seed, step, layer, projection, token and
    feature, so a recomputation sees the same ones) */

@@ -53,8 +53,6 @@ void gptoss_session_free(gptoss_session *s) {
 }
 
 gptoss_status gptoss_session_set_adapter(gptoss_session *s, gptoss_adapter *a) {
-  if (a && s->m->be != &gptoss_cpu_backend)
-    return gptoss_fail(GPTOSS_EUNSUP, "LoRA adapters run on the CPU backend only for now (this model is on %s)", s->m->device);
   if (a) {
     gptoss_status rc = gptoss_adapter_check(a, s->m);
     if (rc) return rc;
@@ -190,8 +188,9 @@ gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int3
 gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
   if (n <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
   gptoss_model *m = ss[0]->m;
-  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
-    /* one token of one session: the backend's fused step */
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !ss[0]->adapter) {
+    /* one token of one session: the backend's fused step (without an
+       adapter: a graph would have to be captured again for each version) */
     gptoss_session *s = ss[0];
     if (s->pos >= s->context)
       return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry 1 holds %d tokens, its context is %d", s->pos, s->context);

@@ -124,6 +124,8 @@ struct cuda_model {
   // LoRA training (train.cu)
   void *train;
   size_t train_bytes;
+  // adapters' device copies for sessions that use them (lora.cu)
+  lora_cache *lora;
 };
 
 struct cuda_session {
@@ -431,6 +433,7 @@ static void cuda_model_free(gptoss_model *m) {
   cudaSetDevice(cm->dev);
   if (cm->stream) cudaStreamSynchronize(cm->stream);
   free_workspace(cm);
+  lora_cache_free(cm->lora);
   cuda_train_free(cm->train);
   if (cm->arena) cudaFree(cm->arena);
   if (cm->blas) cublasDestroy(cm->blas);
@@ -444,7 +447,7 @@ static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
   cuda_model *cm = CM(m);
   out->weights = cm->arena_bytes;
   out->kv = cm->kv_bytes;
-  out->workspace = cm->ws_bytes + cm->train_bytes + BLAS_WS;
+  out->workspace = cm->ws_bytes + cm->train_bytes + lora_cache_bytes(cm->lora) + BLAS_WS;
   out->total = out->weights + out->kv + out->workspace;
   size_t f = 0, t = 0;
   if (cudaSetDevice(cm->dev) == cudaSuccess && cudaMemGetInfo(&f, &t) == cudaSuccess) { out->device_free = f; out->device_total = t; }
@@ -573,6 +576,22 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     t = u;
   }
 
+  // sessions' adapters: a delta pass after each targeted product
+  const dlora_mod *const *ltok = NULL;
+  float *lu = NULL, *ldelta = NULL;
+  int lr = 0;
+  for (int i = 0; i < nss && cm->train_bytes; i++)
+    if (ss[i]->adapter) cuda_train_release(cm->train, &cm->train_bytes);
+  {
+    lora_view lv = {st, d.L, d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+    if ((rc = lora_bind(&cm->lora, &lv, ss, nss, sidx, T, T * d.K, &ltok, &lu, &lr, &ldelta))) return rc;
+  }
+  auto lora = [&](int l, int mod, int n, const int32_t *perm, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted,
+                  float *out, int ostride, int ooff, int mode, int outs) {
+    lora_pass p = {ltok, l, mod, n, perm, cm->sel, d.K, xf, xh, xl, in_sorted, lu, lr, out, ostride, ooff, mode};
+    launch_lora(&p, outs, st);
+  };
+
   int maxpos = 0;
   for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
   cuda_prof_mark("start", st);
@@ -587,6 +606,13 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, xn_lo, d.H, d.eps, st);
     cuda_prof_mark("fwd norm", st);
     if ((rc = gemm(cm, y.qkv_w, cm->xn, xn_lo, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
+    if (ltok) {
+      int qkv = d.Q + 2 * d.KV;
+      lora(l, GPTOSS_LORA_Q, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, 0, LORA_ADD_TOKEN, d.Q);
+      lora(l, GPTOSS_LORA_K, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, d.Q, LORA_ADD_TOKEN, d.KV);
+      lora(l, GPTOSS_LORA_V, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, d.Q + d.KV, LORA_ADD_TOKEN, d.KV);
+      cuda_prof_mark("fwd lora", st);
+    }
     cuda_prof_mark("fwd qkv", st);
     attn_args a;
     memset(&a, 0, sizeof a);
@@ -604,6 +630,11 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     cuda_prof_mark("fwd rope+attention", st);
     launch_bf16_from_f32(cm->att, cm->att16, att_lo, (size_t)T * d.Q, st);
     if ((rc = gemm(cm, y.o_w, cm->att16, att_lo, cm->tmp, d.H, T, d.Q))) return rc;
+    if (ltok) {
+      cuda_prof_mark("fwd o_proj", st);
+      lora(l, GPTOSS_LORA_O, T, NULL, cm->att, NULL, NULL, 0, cm->tmp, d.H, 0, LORA_ADD_TOKEN, d.H);
+      cuda_prof_mark("fwd lora", st);
+    }
     launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
     cuda_prof_mark("fwd o_proj", st);
     launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, xn_lo, NULL, cm->sel, cm->wts, st);
@@ -616,11 +647,22 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     cuda_prof_mark("fwd moe sort", st);
     // few rows per expert (batched decode): read each expert once, no padded tiles
     bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
-    if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, cm->act, st);
-    else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, cm->act, st);
+    const float *delta = NULL;
+    if (ltok) {
+      lora(l, GPTOSS_LORA_GU, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, 0, LORA_SET_ROW, 2 * d.I);
+      delta = ldelta;
+      cuda_prof_mark("fwd lora", st);
+    }
+    if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
+    else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->act, st);
     cuda_prof_mark("fwd moe gate_up", st);
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
+    if (ltok) {
+      cuda_prof_mark("fwd moe down", st);
+      lora(l, GPTOSS_LORA_DN, T * d.K, cm->mw.perm, cm->act, NULL, NULL, 1, cm->y, d.H, 0, LORA_ADD_ASSIGNMENT, d.H);
+      cuda_prof_mark("fwd lora", st);
+    }
     cuda_prof_mark("fwd moe down", st);
     launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
     cuda_prof_mark("fwd moe combine", st);
@@ -948,6 +990,7 @@ static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_
   cuda_model *cm = CM(m);
   if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
   CU(cudaSetDevice(cm->dev));
+  lora_cache_drop(cm->lora);     // sessions' adapter copies: made again when next used
   train_view v = {cm->stream, cm->blas, cm->layer, cm->embed, cm->norm, cm->lm_head, cm->inv_freq, m->cfg.layer_sliding, cm->d,
                   cm->split,
                   m->threads, &cm->train, &cm->train_bytes};

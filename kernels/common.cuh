@@ -181,19 +181,61 @@ struct moe_work {
 };
 void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaStream_t s);
 // grouped GEMMs over the sorted assignments; xn_lo NULL = plain bf16 inputs
-void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d, float *act,
-                        cudaStream_t s);
+// delta (or NULL): [T*K][2I] in expert order, added to gate_up before SwiGLU (LoRA)
+void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d,
+                        const float *delta, float *act, cudaStream_t s);
 void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
 // the same two products for few rows per expert (batched decode): each
 // expert's weights read once, its rows taken 8 at a time; same layouts
-void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
-                              cudaStream_t s);
+void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
+                              const float *delta, float *act, cudaStream_t s);
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 // decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
                             cudaStream_t s);
+
+// lora.cu: adapters in the inference forward
+// one LoRA module's device copy: A [E][r][in], B [E][out][r] (E = 1 for
+// attention); r = 0 where the adapter has none
+struct dlora_mod {
+  const float *A, *B;
+  int r, in, out;
+  float scale;
+};
+struct lora_view {
+  cudaStream_t stream;
+  int L, I;                  // layers; the experts' intermediate size
+  size_t budget, used;       // the model's memory budget (0: none) and the bytes it holds besides the adapters
+};
+struct lora_cache;
+// Makes sure each session's adapter has a current device copy and points
+// each token at its session's table ([T], NULL entries for sessions without
+// one): *tok stays NULL when no session has an adapter. Also gives room for
+// `rows` rows of rank products (u, [rows][rmax]) and gate_up deltas
+// (delta, [rows][2I]). Copies of adapters nobody else holds are dropped.
+gptoss_status lora_bind(lora_cache **c, const lora_view *v, gptoss_session *const *ss, int nss, const int32_t *sidx, int T,
+                        int rows, const dlora_mod *const **tok, float **u, int *rmax, float **delta);
+void lora_cache_drop(lora_cache *c);      // every copy and buffer (training wants the memory)
+void lora_cache_free(lora_cache *c);
+size_t lora_cache_bytes(const lora_cache *c);
+enum { LORA_ADD_TOKEN, LORA_SET_ROW, LORA_ADD_ASSIGNMENT };
+struct lora_pass {
+  const dlora_mod *const *tok;
+  int layer, mod;
+  int n;                     // rows: tokens, or with perm sorted (token, expert) assignments
+  const int32_t *perm, *sel;
+  int K;
+  const float *xf;           // input rows, fp32, or
+  const bf16 *xh, *xl;       // bf16 (+ lo when split)
+  int in_sorted;             // input row j (else the row's token)
+  float *u;
+  int rmax;
+  float *out;                // ADD_TOKEN: out[t][ooff + c] +=; SET_ROW: out[j][c] = (0 without a LoRA);
+  int ostride, ooff, mode;   // ADD_ASSIGNMENT: out[assignment][ooff + c] +=
+};
+void launch_lora(const lora_pass *p, int outs, cudaStream_t s);
 
 // sampler.cu
 struct gpu_sampling {
@@ -233,4 +275,8 @@ struct train_view {
 gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                  double *loss, int *count);
 void cuda_train_free(void *state);
+// gives back the trainer's device memory (the next backward allocates it
+// again): sessions with adapters do, so training and generating with
+// adapters never hold both their copies
+void cuda_train_release(void *state, size_t *bytes);
 // }======================================================

@@ -133,7 +133,7 @@ template <int MODE, bool SPLIT>
 __global__ void __launch_bounds__(128)
 moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t *perm, const int32_t *offsets,
                 const int32_t *tile_offsets, int E, int K, const uint8_t *blocks, const uint8_t *scales, const bf16 *bias,
-                int N, int Kd, float limit, float *act, float *y) {
+                int N, int Kd, float limit, const float *delta, float *act, float *y) {
   typedef moe_stage<MODE, SPLIT> stage;
   constexpr size_t STAGES = 2 * sizeof(stage), CB = sizeof(float) * BM * LDC;
   __shared__ __align__(128) unsigned char raw[STAGES > CB ? STAGES : CB];
@@ -253,6 +253,7 @@ moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t 
       int n = n0 + 2 * j;
       float gt = Cs[r * LDC + 2 * j] + __bfloat162float(eb_bias[n]);
       float up = Cs[r * LDC + 2 * j + 1] + __bfloat162float(eb_bias[n + 1]);
+      if (delta) { gt += delta[(size_t)(row0 + r) * N + n]; up += delta[(size_t)(row0 + r) * N + n + 1]; }
       act[(size_t)(row0 + r) * I + n / 2] = swiglu(gt, up, limit);
     }
   } else {
@@ -265,16 +266,16 @@ moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t 
   }
 }
 
-void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d, float *act,
-                        cudaStream_t s) {
+void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d,
+                        const float *delta, float *act, cudaStream_t s) {
   int n = T * d->K;
   dim3 grid((n + BM - 1) / BM + d->E, (2 * d->I) / BN);
   if (xn_lo)
     moe_gemm_kernel<0, true><<<grid, 128, 0, s>>>(xn, xn_lo, NULL, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->gu_blocks,
-                                                  l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, act, NULL);
+                                                  l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, delta, act, NULL);
   else
     moe_gemm_kernel<0, false><<<grid, 128, 0, s>>>(xn, NULL, NULL, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->gu_blocks,
-                                                   l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, act, NULL);
+                                                   l->gu_scales, l->gu_bias, 2 * d->I, d->H, d->limit, delta, act, NULL);
 }
 
 void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s) {
@@ -282,10 +283,10 @@ void launch_moe_down(const float *act, int split, const moe_work *w, int T, cons
   dim3 grid((n + BM - 1) / BM + d->E, d->H / BN);
   if (split)
     moe_gemm_kernel<1, true><<<grid, 128, 0, s>>>(NULL, NULL, act, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->dn_blocks,
-                                                  l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, y);
+                                                  l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, NULL, y);
   else
     moe_gemm_kernel<1, false><<<grid, 128, 0, s>>>(NULL, NULL, act, w->perm, w->offsets, w->tile_offsets, d->E, d->K, l->dn_blocks,
-                                                   l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, y);
+                                                   l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, NULL, y);
 }
 
 // x[t] += sum_k w[t][k] * y[t*K + k]
@@ -494,7 +495,7 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
 // grouped GEMM writes it
 __global__ void __launch_bounds__(GU_WARPS * 32)
 moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm, const int32_t *offsets, int K, dlayer l,
-                         dims d, float *act) {
+                         dims d, const float *delta, float *act) {
   extern __shared__ __align__(16) float xs[];   // [SM_MT][H]
   int e = blockIdx.x, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int r0 = offsets[e], n = offsets[e + 1] - r0;
@@ -534,6 +535,10 @@ moe_gate_up_small_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm,
     for (int r = 0; r < SM_MT; r++) {
       if (r >= m) break;
       float g = warp_sum(acc[0][r]) * FP4_UNBIAS, u = warp_sum(acc[1][r]) * FP4_UNBIAS;
+      if (delta) {
+        const float *dr = delta + (size_t)(r0 + c0 + r) * 2 * d.I + 2 * j;
+        g += dr[0]; u += dr[1];
+      }
       if (lane == 0)
         act[(size_t)(r0 + c0 + r) * d.I + j] =
             swiglu(g + __bfloat162float(l.gu_bias[rg]), u + __bfloat162float(l.gu_bias[rg + 1]), d.limit);
@@ -583,12 +588,12 @@ moe_down_small_kernel(const float *act, const int32_t *perm, const int32_t *offs
   }
 }
 
-void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d, float *act,
-                              cudaStream_t s) {
+void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
+                              const float *delta, float *act, cudaStream_t s) {
   size_t smem = sizeof(float) * SM_MT * (size_t)d->H;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_gate_up_small_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   dim3 grid(d->E, (d->I + GU_WARPS - 1) / GU_WARPS);
-  moe_gate_up_small_kernel<<<grid, GU_WARPS * 32, smem, s>>>(xn, xn_lo, w->perm, w->offsets, d->K, *l, *d, act);
+  moe_gate_up_small_kernel<<<grid, GU_WARPS * 32, smem, s>>>(xn, xn_lo, w->perm, w->offsets, d->K, *l, *d, delta, act);
 }
 
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s) {

@@ -334,6 +334,15 @@ static void release_lora(trainer *t) {
   t->lmem = NULL; t->stage = NULL; t->lbytes = 0; t->nparams = 0; t->span = 0; t->version = 0;
 }
 
+void cuda_train_release(void *state, size_t *bytes) {
+  trainer *t = (trainer *)state;
+  if (!t) return;
+  if (t->cs) cudaStreamSynchronize(t->cs);   // the caller's stream is idle between calls
+  *bytes -= t->buf_bytes + t->lbytes;
+  release_buffers(t);
+  release_lora(t);
+}
+
 void cuda_train_free(void *state) {
   trainer *t = (trainer *)state;
   if (!t) return;

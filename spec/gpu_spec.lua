@@ -29,16 +29,6 @@ describe("CUDA backend #gpu", function()
     fx:close()
   end)
 
-  it("refuses a LoRA adapter plainly (adapters run on the CPU backend for now)", function()
-    local a = assert(gptoss.adapter.load("spec/fixtures/lora/attn_r4"))
-    assert.has_error(function() gpu:session { adapter = a } end,
-      "LoRA adapters run on the CPU backend only for now (this model is on cuda:0)")
-    local s = gpu:session()
-    assert.has_error(function() s:set_adapter(a) end)
-    s:feed(prompt, "none")                       -- and the session still works
-    s:close(); a:close()
-  end)
-
   it("reports its device and memory", function()
     assert.are.equal("cuda:0", gpu.device)
     local mem = gpu:memory()

@@ -199,4 +199,27 @@ function H.overfit_data()
   return data
 end
 
+-- worst relative L2 over positions between logits and a PEFT fixture's
+-- subset (tools/reference/peft_lora.py), and whether every row's argmax agrees
+function H.compare_peft_logits(logits, fx, prefix)
+  prefix = prefix or ""
+  local subset, ref, argmax = fx:numbers("subset_ids"), fx:floats(prefix .. "logits_subset"), fx:numbers(prefix .. "argmax")
+  local worst, same = 0, true
+  for t = 1, #argmax do
+    local mine = {}
+    for j, id in ipairs(subset) do mine[j] = logits:get(t, id + 1) end
+    worst = math.max(worst, H.rel_l2(mine, ref:row(t)))
+    same = same and argmax[t] == (logits:argmax(t))
+  end
+  return worst, same
+end
+
+-- every position's logits of ids in a fresh session with the adapter (or none)
+function H.session_logits(m, ids, adapter)
+  local s = m:session { adapter = adapter }
+  local l = s:feed(ids, "all")
+  s:close()
+  return l
+end
+
 return H

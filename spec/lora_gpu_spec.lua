@@ -1,6 +1,8 @@
--- LoRA training on the CUDA backend (#gpu), against PEFT 0.21 + transformers
--- 5.17 autograd in float32 (the fixtures of lora_train_spec.lua) and against
--- the CPU backend, which computes the same masks and steps in fp32.
+-- LoRA on the CUDA backend (#gpu): sessions with adapters against PEFT's
+-- logits (the fixtures of lora_spec.lua) and the CPU backend; training
+-- against PEFT 0.21 + transformers 5.17 autograd in float32 (the fixtures of
+-- lora_train_spec.lua) and against the CPU backend, which computes the same
+-- masks and steps in fp32.
 local H = require "helpers"
 local gptoss = require "gptoss"
 
@@ -109,5 +111,111 @@ describe("LoRA training on CUDA #gpu", function()
     assert.are.equal(2, n)
     assert.is_true(loss > 0)
     a:close(); b:close(); other:close(); m:close()
+  end)
+end)
+
+describe("LoRA adapters in CUDA sessions #gpu", function()
+  local NAMES = { "attn_r4", "qv_rslora_r8", "experts_r4" }
+  local gpu, cpu
+  setup(function()
+    gpu = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    cpu = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+  end)
+  teardown(function() gpu:close(); cpu:close() end)
+
+  for _, name in ipairs(NAMES) do
+    it(name .. ": PEFT's adapter gives PEFT's logits (relative L2 <= 2e-2, same argmax)", function()
+      local fx = assert(gptoss.safetensors(FX .. name .. ".safetensors"))
+      local ids = fx:numbers("ids")
+      local a = assert(gptoss.adapter.load(FX .. name))
+      local lg = H.session_logits(gpu, ids, a)
+      local worst = H.compare_peft_logits(lg, fx)
+      local base = H.compare_peft_logits(H.session_logits(gpu, ids, nil), fx)
+      print(string.format("\n  cuda %s: worst relative L2 %.3g (base model: %.3g)", name, worst, base))
+      assert.is_true(worst <= 2e-2, string.format("relative L2 %.3g", worst))
+      -- the same top token, or a near tie (1e-3) with PEFT's
+      local want = fx:numbers("argmax")
+      for t = 1, #want do
+        local best, top = lg:argmax(t)
+        local gap = top - lg:get(t, want[t] + 1)
+        assert.is_true(best == want[t] or gap <= 1e-3 * math.max(1, math.abs(top)),
+          string.format("position %d: argmax %d, PEFT's %d, %.3g below", t, best, want[t], gap))
+      end
+      assert.is_true(base > 0.1, "the adapter changes too little to tell")
+      a:close(); fx:close()
+    end)
+  end
+
+  it("decodes and batches several adapters at once, greedy tokens as the CPU's", function()
+    local ad = {}
+    for i, name in ipairs(NAMES) do ad[i] = assert(gptoss.adapter.load(FX .. name)) end
+    local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
+    local prompt = fx:numbers("ids")
+    fx:close()
+    local function run(m, batched)
+      local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
+      local ss = { m:session { adapter = ad[1] }, m:session(), m:session { adapter = ad[3] }, m:session { adapter = ad[2] } }
+      local out = {}
+      for i, s in ipairs(ss) do s:feed(prompt, "last"); out[i] = {} end
+      local last = {}
+      for i, s in ipairs(ss) do last[i] = s:sample(greedy) end
+      for step = 1, 8 do
+        for i in ipairs(ss) do out[i][step] = last[i] end
+        if batched then
+          last = gptoss.batch_step(ss, last, { greedy, greedy, greedy, greedy })
+        else
+          for i, s in ipairs(ss) do last[i] = gptoss.batch_step({ s }, { last[i] }, { greedy })[1] end
+        end
+      end
+      for _, s in ipairs(ss) do s:close() end
+      return out
+    end
+    local want = run(cpu, false)
+    assert.are.same(want, run(gpu, false))          -- one session a step: the decode path
+    assert.are.same(want, run(gpu, true))           -- four sessions, three adapters and none, in one batch
+    assert.are_not.same(want[1], want[2])           -- the adapters do change the tokens
+    for _, a in ipairs(ad) do a:close() end
+  end)
+
+  it("follows writes to the adapter, training included, and gives its copy back when the adapter goes", function()
+    local fx = assert(gptoss.safetensors(FX .. "experts_r4.safetensors"))
+    local ids = fx:numbers("ids")
+    fx:close()
+    local a = assert(gptoss.adapter.load(FX .. "experts_r4"))
+    local function agree(tag)
+      local g, c = H.session_logits(gpu, ids, a), H.session_logits(cpu, ids, a)
+      for t = 1, #ids do
+        local e = H.rel_l2(g:row(t), c:row(t))
+        assert.is_true(e <= 2e-2, string.format("%s: position %d relative L2 %.3g", tag, t, e))
+      end
+      return g
+    end
+    H.session_logits(gpu, ids, nil)                 -- drops the copies of adapters earlier specs closed
+    local before = gpu:memory().workspace
+    local g0 = agree("loaded")
+    local with = gpu:memory().workspace
+    assert.is_true(with > before, "the adapter's copy shows in the workspace")
+    a:set(1, "gate_up", "B", 3, 2, 5.0)
+    local g1 = agree("after set")
+    assert.is_true(H.rel_l2(g1:row(#ids), g0:row(#ids)) > 1e-3, "the write reached the device copy")
+    -- a training step on the GPU, then a session again: each backend sees the stepped weights
+    gpu:lora_backward(a, ids)
+    a:step { lr = 1e-2, grad_scale = 1 / (#ids - 1) }
+    agree("after a step")
+    a:close()
+    collectgarbage(); collectgarbage()
+    H.session_logits(gpu, ids, nil)                 -- the next forward drops the copy nobody holds
+    assert.are.equal(before, gpu:memory().workspace)
+  end)
+
+  it("refuses an adapter of another shape, as the CPU does", function()
+    local other = H.v128()
+    local b = gptoss.lora(other, { r = 4, targets = { "attn", "experts" } })
+    local ok, err = pcall(function() gpu:session { adapter = b } end)
+    local ok2, err2 = pcall(function() cpu:session { adapter = b } end)
+    assert.is_false(ok); assert.is_false(ok2)
+    assert.are.equal(tostring(err2):gsub("^.-:%d+: ", ""), (tostring(err):gsub("^.-:%d+: ", "")))
+    assert.matches("adapter", tostring(err))
+    b:close(); other:close()
   end)
 end)

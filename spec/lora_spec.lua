@@ -6,27 +6,7 @@ local gptoss = require "gptoss"
 
 local FX = "spec/fixtures/lora/"
 
--- worst relative L2 over positions between our logits and the fixture's
--- subset, and whether every row's argmax agrees
-local function compare(logits, fx, prefix)
-  prefix = prefix or ""
-  local subset, ref, argmax = fx:numbers("subset_ids"), fx:floats(prefix .. "logits_subset"), fx:numbers(prefix .. "argmax")
-  local worst, same = 0, true
-  for t = 1, #argmax do
-    local mine = {}
-    for j, id in ipairs(subset) do mine[j] = logits:get(t, id + 1) end
-    worst = math.max(worst, H.rel_l2(mine, ref:row(t)))
-    same = same and argmax[t] == (logits:argmax(t))
-  end
-  return worst, same
-end
-
-local function session_logits(m, ids, adapter)
-  local s = m:session { adapter = adapter }
-  local l = s:feed(ids, "all")
-  s:close()
-  return l
-end
+local compare, session_logits = H.compare_peft_logits, H.session_logits
 
 describe("LoRA adapters (PEFT format, CPU)", function()
   local m

@@ -6,7 +6,8 @@
 -- prefill: one N-token prompt (default 2048); decode: N steps (default 64)
 -- after a 512-token prompt; batch: STEPS steps (default 16) of N sessions
 -- (default 64) together. Without GPTOSS_PROFILE it also serves as the
--- workload for ncu (tools/reference/device_ncu.sh).
+-- workload for ncu (tools/reference/device_ncu.sh). LORA=r gives every
+-- session a random adapter of rank r on attention and experts.
 package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 local gptoss = require "gptoss"
 local dir, what, precision = arg[1], arg[2], arg[3] or "exact"
@@ -17,14 +18,16 @@ local workload = require "workload"
 local ids = workload.ids
 local greedy = gptoss.sampler(V, { temperature = 0 })
 local now = gptoss.core.clock
+local lora = tonumber(os.getenv("LORA") or "")
+if lora then lora = gptoss.lora(m, { r = lora, targets = { "attn", "experts" }, init = "random", seed = 1 }) end
 local t0
 if what == "prefill" then
-  local s = m:session()
+  local s = m:session { adapter = lora }
   t0 = now()
   s:feed(ids(n or 2048, 2), "last")
   s:close()
 elseif what == "decode" then
-  local s = m:session()
+  local s = m:session { adapter = lora }
   s:feed(ids(512, 3), "last")
   local id = s:sample(greedy)
   t0 = now()
@@ -33,6 +36,7 @@ elseif what == "decode" then
 elseif what == "batch" then
   n = n or 64
   local ss, last, smp = workload.sessions(m, n, greedy)
+  if lora then for _, s in ipairs(ss) do s:set_adapter(lora) end end
   t0 = now()
   for _ = 1, tonumber(arg[5] or "") or 16 do last = gptoss.batch_step(ss, last, smp) end
   for i = 1, n do ss[i]:close() end

@@ -153,7 +153,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
   for (int split = 0; split < 2; split++) {
     CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
     launch_moe_sort(dsel, T, E, K, &mw, 0);
-    launch_moe_gate_up(dxn, split ? dxn_lo : NULL, &mw, T, &l, &d, act, 0);
+    launch_moe_gate_up(dxn, split ? dxn_lo : NULL, &mw, T, &l, &d, NULL, act, 0);
     launch_moe_down(act, split, &mw, T, &l, &d, y, 0);
     launch_moe_combine(x, y, dw, T, H, K, 0);
     CK(cudaGetLastError());
@@ -161,7 +161,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
     report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
     // the small-M path on the same sorted rows (any number per expert: 8 at a time)
     CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
-    launch_moe_gate_up_small(dxn, split ? dxn_lo : NULL, &mw, &l, &d, act, 0);
+    launch_moe_gate_up_small(dxn, split ? dxn_lo : NULL, &mw, &l, &d, NULL, act, 0);
     launch_moe_down_small(act, &mw, &l, &d, y, 0);
     launch_moe_combine(x, y, dw, T, H, K, 0);
     CK(cudaGetLastError());
