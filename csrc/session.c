@@ -188,9 +188,8 @@ gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int3
 gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
   if (n <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
   gptoss_model *m = ss[0]->m;
-  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !ss[0]->adapter) {
-    /* one token of one session: the backend's fused step (without an
-       adapter: a graph would have to be captured again for each version) */
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
+    /* one token of one session: the backend's fused step */
     gptoss_session *s = ss[0];
     if (s->pos >= s->context)
       return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry 1 holds %d tokens, its context is %d", s->pos, s->context);

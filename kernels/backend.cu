@@ -149,7 +149,16 @@ struct cuda_session {
   float *d_x;
   int32_t *d_sel;
   char *dec;              // the decode scratch allocation
+  // LoRA in the decode step (the session's adapter): the table pointer
+  // (pinned staging in step_host), rank products, deltas, expert slots
+  // 0..K-1, the attention input normalised (bf16 hi + lo)
+  char *ldec;
+  const dlora_mod **l_tok, **l_tok_host;
+  float *l_u, *l_delta;
+  int32_t *l_slots;
+  bf16 *l_xn, *l_xl;
   cudaGraphExec_t graph;
+  int graph_lora;         // the adapter rank it was captured with (0: none)
   int graph_kind;         // which sampling the graph was captured with
   int graph_gen;          // the workspace generation it was captured in
   int nsplit_full;
@@ -462,6 +471,7 @@ static void session_release(cuda_session *cs, cuda_model *cm) {
   if (cs->graph) cudaGraphExecDestroy(cs->graph);
   if (cs->kv) cudaFree(cs->kv);
   if (cs->dec) cudaFree(cs->dec);
+  if (cs->ldec) cudaFree(cs->ldec);
   if (cs->step_host) cudaFreeHost(cs->step_host);
   if (cm) cm->kv_bytes -= cs->kv_bytes;
   free(cs);
@@ -864,8 +874,32 @@ static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_sess
   cs->hist_len = cs->step + 2;
   CU(cudaHostAlloc((void **)&cs->step_host, 256, cudaHostAllocDefault));
   cs->params_host = (gpu_sampling *)((char *)cs->step_host + 64);
+  cs->l_tok_host = (const dlora_mod **)((char *)cs->step_host + 128);
   cs->next_host = cs->step_host + 48;
   CU(cudaMemcpy(cs->hist_ptr, &cs->hist, sizeof(int32_t *), cudaMemcpyHostToDevice));
+  return GPTOSS_OK;
+}
+
+// the decode step's LoRA buffers, sized for the largest rank, so that a
+// graph's pointers stay valid whatever adapter the session takes next
+static gptoss_status decode_lora_scratch(cuda_model *cm, cuda_session *cs) {
+  if (cs->ldec) return GPTOSS_OK;
+  const dims &d = cm->d;
+  int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
+  size_t sz[] = {sizeof(dlora_mod *), sizeof(float) * (size_t)d.K * GPTOSS_LORA_MAX_RANK, sizeof(float) * (size_t)d.K * wide,
+                 sizeof(int32_t) * d.K, sizeof(bf16) * d.H, sizeof(bf16) * d.H};
+  size_t total = 0;
+  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
+  CU(cudaMalloc((void **)&cs->ldec, total));
+  char *p = cs->ldec;
+  size_t k = 0;
+#define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
+  TAKE(cs->l_tok, const dlora_mod **); TAKE(cs->l_u, float *); TAKE(cs->l_delta, float *); TAKE(cs->l_slots, int32_t *);
+  TAKE(cs->l_xn, bf16 *); TAKE(cs->l_xl, bf16 *);
+#undef TAKE
+  int32_t slots[64];
+  for (int i = 0; i < d.K && i < 64; i++) slots[i] = i;
+  CU(cudaMemcpy(cs->l_slots, slots, sizeof(int32_t) * d.K, cudaMemcpyHostToDevice));
   return GPTOSS_OK;
 }
 
@@ -882,11 +916,17 @@ static int sampling_kind(const gptoss_sampling *p) {
   return kind;
 }
 
-// the kernels of one decode step, in order (captured into the graph)
-static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gpu_sampling *host_params) {
+// the kernels of one decode step, in order (captured into the graph); lr:
+// the rank of the session's adapter, 0 for none
+static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gpu_sampling *host_params, int lr) {
   cuda_model *cm = CM(m);
   const dims &d = cm->d;
   cudaStream_t st = cm->stream;
+  auto lora = [&](int l, int mod, int n, const int32_t *slots, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted,
+                  float *out, int ostride, int ooff, int mode, int outs) {
+    lora_pass p = {cs->l_tok, l, mod, n, slots, cs->d_sel, d.K, xf, xh, xl, in_sorted, cs->l_u, lr, out, ostride, ooff, mode};
+    launch_lora(&p, outs, st);
+  };
   cuda_prof_mark("start", st);
   decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
   launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
@@ -896,6 +936,14 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     int sliding = m->cfg.layer_sliding[l];
     launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, st);
     cuda_prof_mark("dec qkv gemv", st);
+    if (lr) {
+      int qkv = d.Q + 2 * d.KV;
+      launch_rmsnorm(cs->d_x, NULL, 1, y.attn_norm, cs->l_xn, cs->l_xl, d.H, d.eps, st);
+      lora(l, GPTOSS_LORA_Q, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, 0, LORA_ADD_TOKEN, d.Q);
+      lora(l, GPTOSS_LORA_K, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, d.Q, LORA_ADD_TOKEN, d.KV);
+      lora(l, GPTOSS_LORA_V, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, d.Q + d.KV, LORA_ADD_TOKEN, d.KV);
+      cuda_prof_mark("dec lora", st);
+    }
     attn_args a;
     memset(&a, 0, sizeof a);
     a.qkv = cs->d_qkv; a.q = cs->d_q; a.pos_dev = cs->step + 1; a.sess = (const dsess *const *)cm->sess_arr;
@@ -907,12 +955,26 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     cuda_prof_mark("dec attention", st);
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, st);
     cuda_prof_mark("dec o gemv", st);
+    if (lr) {
+      lora(l, GPTOSS_LORA_O, 1, NULL, cs->d_att, NULL, NULL, 0, cs->d_x, d.H, 0, LORA_ADD_TOKEN, d.H);
+      cuda_prof_mark("dec lora", st);
+    }
     launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
     cuda_prof_mark("dec router", st);
-    launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, cs->d_act, st);
+    if (lr) {
+      lora(l, GPTOSS_LORA_GU, d.K, cs->l_slots, cs->d_xnf, NULL, NULL, 0, cs->l_delta, 2 * d.I, 0, LORA_SET_ROW, 2 * d.I);
+      cuda_prof_mark("dec lora", st);
+    }
+    launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, lr ? cs->l_delta : NULL, cs->d_act, st);
     cuda_prof_mark("dec moe gate_up", st);
     launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
     cuda_prof_mark("dec moe down", st);
+    if (lr) {
+      // each slot's delta, then weighted into the residual in slot order (no atomics: the same sums every run)
+      lora(l, GPTOSS_LORA_DN, d.K, cs->l_slots, cs->d_act, NULL, NULL, 1, cs->l_delta, d.H, 0, LORA_SET_ROW, d.H);
+      launch_moe_combine(cs->d_x, cs->l_delta, cs->d_w, 1, d.H, d.K, st);
+      cuda_prof_mark("dec lora", st);
+    }
   }
   launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
   cuda_prof_mark("dec lm_head", st);
@@ -931,6 +993,15 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
   gptoss_status rc = decode_scratch(cm, s, cs);
   if (!rc) rc = ensure_workspace(cm, 1, 1);
   if (rc) return rc;
+  int lr = 0;
+  if (s->adapter) {
+    if (cm->train_bytes) cuda_train_release(cm->train, &cm->train_bytes);
+    lora_view lv = {cm->stream, cm->d.L, cm->d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+    const dlora_mod *tab;
+    if ((rc = lora_table(&cm->lora, &lv, s->adapter, &tab, &lr)) || (rc = decode_lora_scratch(cm, cs))) return rc;
+    *cs->l_tok_host = tab;
+    CU(cudaMemcpyAsync(cs->l_tok, cs->l_tok_host, sizeof tab, cudaMemcpyHostToDevice, cm->stream));
+  }
   const gptoss_sampling *p = gptoss_sampler_params(smp);
   if (p->n_bias > 4096) return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA");
   cudaStream_t st = cm->stream;
@@ -949,18 +1020,18 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
   int kind = sampling_kind(p);
   if (g_prof.on) {
     // profiled: the same launches, uncaptured, timed
-    rc = decode_launches(m, cs, cs->params_host);
+    rc = decode_launches(m, cs, cs->params_host, lr);
     if (rc) return rc;
     cuda_prof_flush();
     CU(cudaStreamSynchronize(st));
     *next = cs->next_host[0];
     return GPTOSS_OK;
   }
-  if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen) {
+  if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen || cs->graph_lora != lr) {
     if (cs->graph) { cudaGraphExecDestroy(cs->graph); cs->graph = NULL; }
     cudaGraph_t g;
     CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
-    rc = decode_launches(m, cs, cs->params_host);
+    rc = decode_launches(m, cs, cs->params_host, lr);
     cudaError_t e = cudaStreamEndCapture(st, &g);
     if (rc) { if (e == cudaSuccess) cudaGraphDestroy(g); return rc; }
     if (e != cudaSuccess) return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
@@ -969,6 +1040,7 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
     if (e != cudaSuccess) { cs->graph = NULL; return cuda_fail(e, "instantiating the decode graph", __FILE__, __LINE__); }
     cs->graph_kind = kind;
     cs->graph_gen = cm->ws_gen;
+    cs->graph_lora = lr;
   }
   CU(cudaGraphLaunch(cs->graph, st));
   CU(cudaStreamSynchronize(st));

@@ -191,8 +191,9 @@ void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, 
 void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
                               const float *delta, float *act, cudaStream_t s);
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s);
-// decode (one token): gate_up + SwiGLU into act [K][I]; down + weights added to the residual
-void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s);
+// decode (one token): gate_up (+ delta [K][2I], or NULL) + SwiGLU into act [K][I]; down + weights added to the residual
+void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, const float *delta, float *act,
+                               cudaStream_t s);
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
                             cudaStream_t s);
 
@@ -217,6 +218,8 @@ struct lora_cache;
 // (delta, [rows][2I]). Copies of adapters nobody else holds are dropped.
 gptoss_status lora_bind(lora_cache **c, const lora_view *v, gptoss_session *const *ss, int nss, const int32_t *sidx, int T,
                         int rows, const dlora_mod *const **tok, float **u, int *rmax, float **delta);
+// one adapter's current device table ([L][modules]) and rank (batch-1 decode)
+gptoss_status lora_table(lora_cache **c, const lora_view *v, gptoss_adapter *a, const dlora_mod **tab, int *r);
 void lora_cache_drop(lora_cache *c);      // every copy and buffer (training wants the memory)
 void lora_cache_free(lora_cache *c);
 size_t lora_cache_bytes(const lora_cache *c);

@@ -140,24 +140,41 @@ static gptoss_status entry_for(lora_cache *c, gptoss_adapter *a, const lora_view
   return GPTOSS_OK;
 }
 
-gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *const *ss, int nss, const int32_t *sidx, int T,
-                        int rows, const dlora_mod *const **tok, float **u, int *rmax, float **delta) {
-  *tok = NULL;
-  int any = 0;
-  for (int i = 0; i < nss; i++) any |= ss[i]->adapter != NULL;
+// drops the entries nobody else holds any more; makes the cache when want
+static gptoss_status sweep(lora_cache **pc, bool want) {
   lora_cache *c = *pc;
-  // entries nobody else holds any more go first, whether or not this batch has adapters
   if (c)
     for (int i = 0; i < c->n;)
       if (gptoss_adapter_refs(c->e[i].a) == 1) { c->bytes -= c->e[i].bytes; entry_free(&c->e[i]); c->e[i] = c->e[--c->n]; }
       else i++;
   if (c && c->n == 0 && c->work) { cudaFree(c->work); c->work = NULL; c->work_bytes = 0; }
-  if (!any) return GPTOSS_OK;
-  if (!c) {
-    c = (lora_cache *)calloc(1, sizeof *c);
-    if (!c) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  if (!c && want) {
+    if (!(c = (lora_cache *)calloc(1, sizeof *c))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
     *pc = c;
   }
+  return GPTOSS_OK;
+}
+
+gptoss_status lora_table(lora_cache **pc, const lora_view *v, gptoss_adapter *a, const dlora_mod **tab, int *r) {
+  gptoss_status rc = sweep(pc, true);
+  if (rc) return rc;
+  lora_entry *x;
+  if ((rc = entry_for(*pc, a, v, &x))) return rc;
+  gptoss_adapter_desc dsc;
+  gptoss_adapter_info(a, &dsc);
+  *tab = (const dlora_mod *)x->mem;
+  *r = dsc.r;
+  return GPTOSS_OK;
+}
+
+gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *const *ss, int nss, const int32_t *sidx, int T,
+                        int rows, const dlora_mod *const **tok, float **u, int *rmax, float **delta) {
+  *tok = NULL;
+  int any = 0;
+  for (int i = 0; i < nss; i++) any |= ss[i]->adapter != NULL;
+  gptoss_status rc0 = sweep(pc, any);   // whether or not this batch has adapters
+  if (rc0 || !any) return rc0;
+  lora_cache *c = *pc;
   if (T > c->tok_cap) {
     if (c->tok_host) cudaFreeHost(c->tok_host);
     if (c->tok_dev) cudaFree(c->tok_dev);
@@ -171,15 +188,11 @@ gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *con
   if (!st) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   int r = 0;
   for (int i = 0; i < nss; i++) {
-    gptoss_adapter *a = ss[i]->adapter;
-    if (!a) continue;
-    lora_entry *x;
-    gptoss_status rc = entry_for(c, a, v, &x);
+    int ri;
+    if (!ss[i]->adapter) continue;
+    gptoss_status rc = lora_table(pc, v, ss[i]->adapter, &st[i], &ri);
     if (rc) { free(st); return rc; }
-    st[i] = (const dlora_mod *)x->mem;
-    gptoss_adapter_desc dsc;
-    gptoss_adapter_info(a, &dsc);
-    if (dsc.r > r) r = dsc.r;
+    if (ri > r) r = ri;
   }
   size_t need = sizeof(float) * (size_t)rows * r + sizeof(float) * (size_t)rows * 2 * v->I;
   if (need > c->work_bytes) {

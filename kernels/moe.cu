@@ -393,7 +393,7 @@ __device__ __forceinline__ void fp4_rows_dot(const uint8_t *const *rows, const u
 
 // grid (K, I / GU_WARPS): warp j of block y handles gate row 2j and up row 2j+1
 __global__ void __launch_bounds__(GU_WARPS * 32)
-moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d, float *act) {
+moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d, const float *delta, float *act) {
   extern __shared__ __align__(16) float xs[];
   for (int i = threadIdx.x; i < d.H / 4; i += blockDim.x)
     reinterpret_cast<float4 *>(xs)[i] = reinterpret_cast<const float4 *>(xn)[i];
@@ -411,13 +411,15 @@ moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d,
   if (lane == 0) {
     g += __bfloat162float(l.gu_bias[rg]);
     u += __bfloat162float(l.gu_bias[rg + 1]);
+    if (delta) { g += delta[(size_t)k * 2 * d.I + 2 * j]; u += delta[(size_t)k * 2 * d.I + 2 * j + 1]; }
     act[(size_t)k * d.I + j] = swiglu(g, u, d.limit);
   }
 }
 
-void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, float *act, cudaStream_t s) {
+void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, const float *delta, float *act,
+                               cudaStream_t s) {
   dim3 grid(d->K, (d->I + GU_WARPS - 1) / GU_WARPS);
-  moe_gate_up_decode_kernel<<<grid, GU_WARPS * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, act);
+  moe_gate_up_decode_kernel<<<grid, GU_WARPS * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, delta, act);
 }
 
 #define DN_WARPS 8

@@ -161,6 +161,9 @@ describe("LoRA adapters in CUDA sessions #gpu", function()
       for i, s in ipairs(ss) do last[i] = s:sample(greedy) end
       for step = 1, 8 do
         for i in ipairs(ss) do out[i][step] = last[i] end
+        -- switching adapters mid-stream: another rank, and from none to one
+        if step == 4 then ss[1]:set_adapter(ad[2]) end
+        if step == 6 then ss[2]:set_adapter(ad[3]) end
         if batched then
           last = gptoss.batch_step(ss, last, { greedy, greedy, greedy, greedy })
         else

@@ -173,7 +173,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
   float *dx0 = dev(x0), *dxn0 = dev(xn0);
   std::vector<float> actd((size_t)K * I);
   float *dact = dev(actd);
-  launch_moe_gate_up_decode(dxn0, dsel, &l, &d, dact, 0);
+  launch_moe_gate_up_decode(dxn0, dsel, &l, &d, NULL, dact, 0);
   launch_moe_down_decode(dact, dsel, dw, &l, &d, dx0, 0);
   CK(cudaGetLastError());
   snprintf(name, sizeof name, "moe decode GEMVs H=%d I=%d", H, I);
