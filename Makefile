@@ -29,7 +29,11 @@ OUT := $(BUILD)/$(LUA_ABI)/gptoss
 PKG_CFLAGS := $(shell pkg-config --cflags libpcre2-8 libcjson 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs libpcre2-8 libcjson 2>/dev/null || echo -lpcre2-8 -lcjson)
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter
-ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+# -fno-math-errno: nothing reads errno after a math call, and it lets sqrt
+# vectorise; GCC's -O2 cost model leaves loops with conversions (AdamW's)
+# scalar, so ask for its -O3 one where the compiler has it
+VECT := $(shell $(CC) -fvect-cost-model=dynamic -E -x c /dev/null >/dev/null 2>&1 && echo -fvect-cost-model=dynamic)
+ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
 ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train

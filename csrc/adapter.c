@@ -448,12 +448,30 @@ static gptoss_status grads_alloc(gptoss_adapter *a) {
   return GPTOSS_OK;
 }
 
-void gptoss_adapter_zero_grad(gptoss_adapter *a) {
+/* in 1M-float pieces over threads: a 20B adapter's gradients are 740 MB */
+#define ZERO_PIECE ((size_t)1 << 20)
+
+static void zero_pieces(void *ctx, int tid, int nth) {
+  gptoss_adapter *a = ctx;
+  size_t piece = 0;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
-    if (x->gA) memset(x->gA, 0, sizeof(float) * (size_t)x->rk * x->in);
-    if (x->gB) memset(x->gB, 0, sizeof(float) * (size_t)x->out * x->rk);
+    float *g[2] = {x->gA, x->gB};
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
+    for (int w = 0; w < 2; w++)
+      for (size_t lo = 0; g[w] && lo < n[w]; lo += ZERO_PIECE, piece++)
+        if ((int)(piece % (size_t)nth) == tid) memset(g[w] + lo, 0, sizeof(float) * (lo + ZERO_PIECE < n[w] ? ZERO_PIECE : n[w] - lo));
   }
+}
+
+void gptoss_adapter_zero_grad(gptoss_adapter *a) {
+  size_t total = 0;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
+    if (a->mod[i].gA) total += (size_t)a->mod[i].rk * (a->mod[i].in + a->mod[i].out);
+  int nth = total < 8 * ZERO_PIECE ? 1 : gptoss_cpu_count() > 16 ? 16 : gptoss_cpu_count();
+  gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL (or none to be had): this thread alone */
+  gptoss_pool_run(pool, zero_pieces, a);
+  gptoss_pool_free(pool);
 }
 
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
@@ -491,6 +509,34 @@ typedef struct step_job {
   double bc1, bc2;
 } step_job;
 
+/* sum of (g scale)^2 in eight fixed lanes (the order never changes) */
+GPTOSS_HOT static double sum_squares(const float *g, size_t n, float scale) {
+  double acc[8] = {0};
+  size_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; j++) { double x = (double)(g[k + j] * scale); acc[j] += x * x; }
+  for (; k < n; k++) { double x = (double)(g[k] * scale); acc[0] += x * x; }
+  double s = 0;
+  for (int j = 0; j < 8; j++) s += acc[j];
+  return s;
+}
+
+/* torch's AdamW: decay, the moments, then p -= lr/bc1 * m / (sqrt(v/bc2) + eps).
+   The moments and the step are taken in double (float would add rounding
+   of its own to torch's, and PEFT's 5-step trajectory drifts past 1e-4);
+   written so that it vectorises (no errno from sqrt), which makes the
+   update memory-bound rather than bound by scalar divisions. */
+GPTOSS_HOT static void adamw_span(float *restrict p, const float *restrict g, float *restrict m, float *restrict v, size_t n,
+                                  float gs, float decay, double b1, double b2, double step, double bc2, double eps) {
+  for (size_t k = 0; k < n; k++) {
+    float gk = g[k] * gs;
+    float mk = (float)(b1 * m[k] + (1 - b1) * gk), vk = (float)(b2 * v[k] + (1 - b2) * (double)gk * gk);
+    m[k] = mk;
+    v[k] = vk;
+    p[k] = p[k] * decay - (float)(step * mk / (sqrt(vk / bc2) + eps));
+  }
+}
+
 static void step_chunks(void *ctx, int tid, int nth) {
   step_job *j = ctx;
   const gptoss_adamw *o = j->o;
@@ -503,22 +549,11 @@ static void step_chunks(void *ctx, int tid, int nth) {
     for (int w = 0; w < 2; w++)
       for (size_t lo = 0; lo < n[w]; lo += STEP_CHUNK, chunk++) {
         if ((int)(chunk % (size_t)nth) != tid) continue;
-        size_t hi = lo + STEP_CHUNK < n[w] ? lo + STEP_CHUNK : n[w];
-        if (j->pass == 0) {
-          double ss = 0;
-          for (size_t k = lo; k < hi; k++) { double gk = g[w][k] * o->grad_scale; ss += gk * gk; }
-          j->partial[chunk] = ss;
-          continue;
-        }
-        double b1 = o->beta1, b2 = o->beta2;
-        for (size_t k = lo; k < hi; k++) {
-          float gk = g[w][k] * j->gs;
-          p[w][k] *= (float)(1 - o->lr * o->weight_decay);
-          mm[w][k] = (float)(b1 * mm[w][k] + (1 - b1) * gk);
-          vv[w][k] = (float)(b2 * vv[w][k] + (1 - b2) * (double)gk * gk);
-          double denom = sqrt(vv[w][k] / j->bc2) + o->eps;
-          p[w][k] -= (float)(o->lr / j->bc1 * mm[w][k] / denom);
-        }
+        size_t len = lo + STEP_CHUNK < n[w] ? STEP_CHUNK : n[w] - lo;
+        if (j->pass == 0) j->partial[chunk] = sum_squares(g[w] + lo, len, (float)o->grad_scale);
+        else
+          adamw_span(p[w] + lo, g[w] + lo, mm[w] + lo, vv[w] + lo, len, j->gs, (float)(1 - o->lr * o->weight_decay),
+                     o->beta1, o->beta2, o->lr / j->bc1, j->bc2, o->eps);
       }
   }
 }

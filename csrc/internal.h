@@ -19,6 +19,14 @@ void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), vo
 #pragma GCC visibility pop
 #endif
 
+/* Hot loops, cloned for AVX2/AVX-512 and picked at load time, so one binary
+   runs on any x86-64 and uses what the machine has */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define GPTOSS_HOT __attribute__((target_clones("avx512f", "arch=haswell", "default")))
+#else
+#define GPTOSS_HOT
+#endif
+
 /* {====================================================== hashing */
 static inline uint64_t gptoss_fnv1a(const void *p, size_t n) {
   const unsigned char *s = (const unsigned char *)p;

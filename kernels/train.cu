@@ -310,7 +310,8 @@ struct trainer {
   size_t lbytes, nparams, span;   // span: the most parameters one layer has
   size_t layer_off[GPTOSS_MAX_LAYERS + 1];
   float *params, *gbuf[2];
-  float *stage;              // host (pinned), nparams
+  float *xbuf;               // a layer's worth, for regrouping expert B's between PEFT's layout and ours
+  float *stage;              // host (pinned), nparams, in PEFT's layout
   cudaStream_t cs;           // copies
   cudaEvent_t ev_up, ev_bwd[2], ev_down[2];
   dlora mod[GPTOSS_MAX_LAYERS][GPTOSS_LORA_MODULES];
@@ -437,20 +438,46 @@ static void copy_part(void *ctx, int tid, int nth) {
     gptoss_lora *h = x->host;
     size_t na = (size_t)h->rk * x->in, nb = (size_t)x->out * h->rk;
     float *sa = t->stage + x->off, *sb = sa + na;
-    size_t per = (na + nth - 1) / nth, lo = per * tid, hi = lo + per < na ? lo + per : na;
-    for (size_t i = lo; i < hi; i++) { if (j->down) h->gA[i] += sa[i]; else sa[i] = h->A[i]; }
-    per = (nb + nth - 1) / nth; lo = per * tid; hi = lo + per < nb ? lo + per : nb;
-    if (!x->E) {
-      for (size_t i = lo; i < hi; i++) { if (j->down) h->gB[i] += sb[i]; else sb[i] = h->B[i]; }
-      continue;
-    }
-    // device index (e, o, k) <-> host (o, k * E + e)
-    size_t per_e = (size_t)x->out * x->r;
-    for (size_t i = lo; i < hi; i++) {
-      size_t e = i / per_e, o = i % per_e / x->r, k = i % x->r, hidx = o * (size_t)h->rk + k * x->E + e;
-      if (j->down) h->gB[hidx] += sb[i]; else sb[i] = h->B[hidx];
+    // A and B both as the host lays them out: the device regroups expert B's (regroup_b)
+    float *dev[2] = {sa, sb}, *w[2] = {h->A, h->B}, *g[2] = {h->gA, h->gB};
+    size_t len[2] = {na, nb};
+    for (int k = 0; k < 2; k++) {
+      size_t per = (len[k] + nth - 1) / nth, lo = per * tid, hi = lo + per < len[k] ? lo + per : len[k];
+      if (lo >= hi) continue;
+      if (!j->down) memcpy(dev[k] + lo, w[k] + lo, sizeof(float) * (hi - lo));
+      else {
+        float *__restrict__ dst = g[k];
+        const float *__restrict__ src = dev[k];
+        for (size_t i = lo; i < hi; i++) dst[i] += src[i];
+      }
     }
   }
+}
+
+// expert B between PEFT's [out][r * E] (rank-k column of expert e at k*E + e)
+// and ours, [E][out][r]
+__global__ void regroup_b_kernel(const float *src, float *dst, int E, int out, int r, int to_peft) {
+  size_t n = (size_t)E * out * r;
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x) {
+    size_t e = i / ((size_t)out * r), o = i / r % out, k = i % r, h = o * (size_t)r * E + k * E + e;
+    if (to_peft) dst[h] = src[i]; else dst[i] = src[h];
+  }
+}
+
+// layer l's expert B's at base (the weights or a gradient buffer) from one
+// layout to the other, through xbuf, on the copy stream
+static gptoss_status regroup_b(trainer *t, int l, float *base, int to_peft) {
+  for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+    dlora *x = &t->mod[l][m];
+    if (!x->host || !x->E) continue;
+    size_t nb = (size_t)x->out * x->host->rk;
+    float *b = base + (x->off - t->layer_off[l]) + (size_t)x->host->rk * x->in;
+    CU(cudaMemcpyAsync(t->xbuf, b, sizeof(float) * nb, cudaMemcpyDeviceToDevice, t->cs));
+    regroup_b_kernel<<<(unsigned)((nb + 255) / 256 < 4096 ? (nb + 255) / 256 : 4096), 256, 0, t->cs>>>(t->xbuf, b, x->E, x->out,
+                                                                                                       x->r, to_peft);
+    CU(cudaGetLastError());
+  }
+  return GPTOSS_OK;
 }
 
 // Lays out the adapter's modules, layer after layer, and allocates their
@@ -477,7 +504,7 @@ static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *r
     CU(cudaStreamSynchronize(t->v->stream));
     *t->v->bytes -= t->lbytes;
     release_lora(t);
-    t->lbytes = ALIGN256(sizeof(float) * n) + 2 * ALIGN256(sizeof(float) * span);
+    t->lbytes = ALIGN256(sizeof(float) * n) + 2 * ALIGN256(sizeof(float) * span) + ALIGN256(sizeof(float) * span);
     CU(cudaMalloc(&t->lmem, t->lbytes));
     *t->v->bytes += t->lbytes;
     // pinned: the copies run at full PCIe speed (740 MB each way for r = 16 on a 20B model)
@@ -488,6 +515,7 @@ static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *r
   t->params = (float *)t->lmem;
   t->gbuf[0] = (float *)(t->lmem + ALIGN256(sizeof(float) * n));
   t->gbuf[1] = t->gbuf[0] + ALIGN256(sizeof(float) * span) / sizeof(float);
+  t->xbuf = t->gbuf[1] + ALIGN256(sizeof(float) * span) / sizeof(float);
   for (int l = 0; l < GPTOSS_MAX_LAYERS; l++)
     for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
       dlora *x = &t->mod[l][m];
@@ -515,6 +543,7 @@ static gptoss_status upload_layer(trainer *t, int l) {
   copy_job j = {t, l, 0};
   gptoss_pool_run(t->pool, copy_part, &j);
   CU(cudaMemcpyAsync(t->params + lo, t->stage + lo, sizeof(float) * n, cudaMemcpyHostToDevice, t->cs));
+  TRY(regroup_b(t, l, t->params + lo, 0));
   CU(cudaEventRecord(t->ev_up, t->cs));
   CU(cudaStreamWaitEvent(t->v->stream, t->ev_up, 0));
   return GPTOSS_OK;
@@ -554,6 +583,7 @@ static gptoss_status grads_end(trainer *t, int l) {
   if (n) {
     CU(cudaEventRecord(t->ev_bwd[l & 1], t->v->stream));
     CU(cudaStreamWaitEvent(t->cs, t->ev_bwd[l & 1], 0));
+    TRY(regroup_b(t, l, t->gbuf[l & 1], 1));
     CU(cudaMemcpyAsync(t->stage + lo, t->gbuf[l & 1], sizeof(float) * n, cudaMemcpyDeviceToHost, t->cs));
     CU(cudaEventRecord(t->ev_down[l & 1], t->cs));
   }

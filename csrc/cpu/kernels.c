@@ -8,11 +8,7 @@
 #include <stdlib.h>
 #include "cpu.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define HOT __attribute__((target_clones("avx512f", "arch=haswell", "default")))
-#else
-#define HOT
-#endif
+#define HOT GPTOSS_HOT
 
 const float gptoss_fp4_values[16] = {
   +0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
