@@ -296,6 +296,8 @@ struct trainer {
   float *xn1, *inv1, *qkv, *att, *lse, *xmid, *xn2, *inv2, *rl, *w;
   float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes their gradients over them
   float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
+  const float **ptrs;        // [3][E]: one grouped product's A, B and C per expert
+  int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
   moe_work mw;
   bf16 *hi, *lo, *wx;        // GEMM inputs as bf16 (lo: split-bf16); one expert's weights
@@ -325,6 +327,8 @@ struct trainer {
 
 static void release_buffers(trainer *t) {
   if (t->buf) cudaFree(t->buf);
+  free(t->xdims);
+  t->xdims = NULL;
   if (t->off_host) cudaFreeHost(t->off_host);
   t->buf = NULL; t->off_host = NULL; t->cap = 0; t->buf_bytes = 0;
 }
@@ -382,7 +386,8 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   if (t->hc > G) t->hc = G;
   TAKE(t->S, float, per_head * t->hc); TAKE(t->dP, float, per_head * t->hc);
   TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
-  TAKE(t->lh, float, (size_t)T * rmax); TAKE(t->ldh, float, (size_t)T * rmax);   // an expert has at most T rows
+  TAKE(t->lh, float, TK * rmax); TAKE(t->ldh, float, TK * rmax);   // every expert's rows at once
+  TAKE(t->ptrs, const float *, 3 * (size_t)d.E);
   TAKE(t->xf, float, (size_t)T * d.H); TAKE(t->lossrow, float, T);
   TAKE(t->ids, int32_t, T); TAKE(t->rows, int32_t, T); TAKE(t->targets, int32_t, T);
   TAKE(t->sel, int32_t, TK); TAKE(t->invp, int32_t, TK);
@@ -411,6 +416,8 @@ static gptoss_status ensure_buffers(trainer *t, int T, int rmax) {
   size_t n = carve(t, d, T, rmax, NULL);
   CU(cudaMalloc(&t->buf, n));
   CU(cudaHostAlloc((void **)&t->off_host, sizeof(int32_t) * (d.E + 1), cudaHostAllocDefault));
+  if (!(t->xdims = (int *)malloc(sizeof(int) * 7 * d.E + sizeof(float) * 2 * d.E + sizeof(cublasOperation_t) * 2 * d.E)))
+    return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   carve(t, d, T, rmax, t->buf);
   t->cap = T; t->cap_r = rmax; t->buf_bytes = n;
   *t->v->bytes += n;
@@ -616,20 +623,103 @@ static cublasComputeType_t score_compute(const trainer *t) {
 }
 
 // Y[M][*] (row stride ldy) = X W^T (fwd: W [N][K]) or X W (!fwd: W [K][N]) + beta Y,
-// X fp32 [M][K] (row stride ldx) taken as bf16 (+ its split-bf16 rest)
+// X already split into hi (+ lo) bf16 rows of K
+static gptoss_status wgemm_split(trainer *t, const bf16 *hi, const bf16 *lo, int M, const bf16 *W, int wrows, int wcols, bool fwd,
+                                 float *Y, int ldy, float beta) {
+  if (M <= 0) return GPTOSS_OK;
+  int K = fwd ? wcols : wrows, N = fwd ? wrows : wcols;
+  TRY(gemm(t, false, fwd, M, N, K, 1.f, hi, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, beta, Y, ldy, 0, 1, CUBLAS_COMPUTE_32F));
+  if (lo) TRY(gemm(t, false, fwd, M, N, K, 1.f, lo, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, 1.f, Y, ldy, 0, 1, CUBLAS_COMPUTE_32F));
+  return GPTOSS_OK;
+}
+
+// X fp32 [M][K] (row stride ldx) into t->hi (+ t->lo), rows of K
+static void split(trainer *t, const float *X, int M, int ldx, int K) {
+  size_t n = (size_t)M * K;
+  if (n) split_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(X, ldx, K, n, t->hi, t->lo);
+}
+
+// as wgemm_split, X fp32 taken as bf16 (+ its split-bf16 rest)
 static gptoss_status wgemm(trainer *t, const float *X, int M, int ldx, const bf16 *W, int wrows, int wcols, bool fwd, float *Y,
                            int ldy, float beta) {
   if (M <= 0) return GPTOSS_OK;
-  int K = fwd ? wcols : wrows, N = fwd ? wrows : wcols;
-  size_t n = (size_t)M * K;
-  split_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(X, ldx, K, n, t->hi, t->lo);
-  TRY(gemm(t, false, fwd, M, N, K, 1.f, t->hi, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, beta, Y, ldy, 0, 1,
-           CUBLAS_COMPUTE_32F));
-  if (t->lo)
-    TRY(gemm(t, false, fwd, M, N, K, 1.f, t->lo, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, 1.f, Y, ldy, 0, 1,
-             CUBLAS_COMPUTE_32F));
+  split(t, X, M, ldx, fwd ? wcols : wrows);
+  return wgemm_split(t, t->hi, t->lo, M, W, wrows, wcols, fwd, Y, ldy, beta);
+}
+
+// {====================================================== grouped expert products
+// One fp32 product per expert, all in one cuBLAS call: the experts' LoRA
+// products are small (rank 16 against each expert's few hundred rows), so
+// 32 calls of each were mostly launch overhead. An operand is rows of a
+// sorted buffer (base + offset[e] * ld) or an expert's slice of a LoRA
+// matrix (base + e * stride).
+struct xop {
+  const float *base;
+  size_t stride;             // per expert; 0: rows at the expert's offset
+  int ld;
+};
+
+__global__ void xptr_kernel(const float **ptrs, int E, const int32_t *off, xop a, xop b, xop c) {
+  int e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= E) return;
+  const xop ops[3] = {a, b, c};
+  for (int i = 0; i < 3; i++)
+    ptrs[i * E + e] = ops[i].base + (ops[i].stride ? e * ops[i].stride : (size_t)off[e] * ops[i].ld);
+}
+
+// Row-major C_e[M_e][N_e] = alpha op(A_e) op(B_e) + beta C_e for every expert;
+// a dimension given as -1 is the expert's row count
+static gptoss_status xgemm(trainer *t, bool ta, bool tb, int M, int N, int K, float alpha, xop A, xop B, float beta, xop C) {
+  const dims &d = t->v->d;
+  const int32_t *off = t->off_host;
+  int E = d.E;
+  int *mm = t->xdims, *nn = mm + E, *kk = nn + E, *lda = kk + E, *ldb = lda + E, *ldc = ldb + E, *gs = ldc + E;
+  float *al = (float *)(gs + E), *be = al + E;
+  cublasOperation_t *opa = (cublasOperation_t *)(be + E), *opb = opa + E;
+  for (int e = 0; e < E; e++) {
+    int n = off[e + 1] - off[e];
+    // cuBLAS is column-major: C^T = op(B)^T op(A)^T
+    mm[e] = N < 0 ? n : N; nn[e] = M < 0 ? n : M; kk[e] = K < 0 ? n : K;
+    opa[e] = tb ? CUBLAS_OP_T : CUBLAS_OP_N; opb[e] = ta ? CUBLAS_OP_T : CUBLAS_OP_N;
+    lda[e] = B.ld; ldb[e] = A.ld; ldc[e] = C.ld; al[e] = alpha; be[e] = beta; gs[e] = 1;
+  }
+  xptr_kernel<<<(E + 127) / 128, 128, 0, t->v->stream>>>(t->ptrs, E, t->mw.offsets, B, A, C);
+  BLAS(cublasSgemmGroupedBatched(t->v->blas, opa, opb, mm, nn, kk, al, t->ptrs, lda, t->ptrs + E, ldb, be,
+                                 (float *const *)(t->ptrs + 2 * E), ldc, E, gs));
   return GPTOSS_OK;
 }
+
+// xop of rows of a sorted buffer, and of a LoRA matrix's expert slices
+static xop rows_op(const float *base, int ld) { xop o = {base, 0, ld}; return o; }
+static xop slice_op(const float *base, size_t per_expert, int ld) { xop o = {base, per_expert, ld}; return o; }
+
+// every expert's y += s B_e (A_e x) (forward)
+static gptoss_status lora_experts_fwd(trainer *t, const dlora *L, const float *x, int ldx, float *y, int ldy) {
+  if (!L->host) return GPTOSS_OK;
+  int r = L->r;
+  TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, (size_t)r * L->in, L->in), 0.f, rows_op(t->lh, r)));
+  return xgemm(t, false, true, -1, L->out, r, L->scale, rows_op(t->lh, r), slice_op(L->B, (size_t)L->out * r, r), 1.f,
+               rows_op(y, ldy));
+}
+
+// every expert's gradients of A and B for input x and output gradient dy; leaves s dy B_e in ldh
+static gptoss_status lora_experts_grads(trainer *t, const dlora *L, const float *x, int ldx, const float *dy, int ldy) {
+  if (!L->host) return GPTOSS_OK;
+  int r = L->r;
+  size_t sa = (size_t)r * L->in, sb = (size_t)L->out * r;
+  TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, sa, L->in), 0.f, rows_op(t->lh, r)));
+  TRY(xgemm(t, true, false, L->out, r, -1, L->scale, rows_op(dy, ldy), rows_op(t->lh, r), 1.f, slice_op(L->gB, sb, r)));
+  TRY(xgemm(t, false, false, -1, r, L->out, L->scale, rows_op(dy, ldy), slice_op(L->B, sb, r), 0.f, rows_op(t->ldh, r)));
+  return xgemm(t, true, false, r, L->in, -1, 1.f, rows_op(t->ldh, r), rows_op(x, ldx), 1.f, slice_op(L->gA, sa, L->in));
+}
+
+// every expert's dx += (s dy B_e) A_e, from ldh
+static gptoss_status lora_experts_dx(trainer *t, const dlora *L, float *dx, int lddx) {
+  if (!L->host) return GPTOSS_OK;
+  return xgemm(t, false, false, -1, L->in, L->r, 1.f, rows_op(t->ldh, L->r), slice_op(L->A, (size_t)L->r * L->in, L->in), 1.f,
+               rows_op(dx, lddx));
+}
+// }======================================================
 
 static void add_bias(trainer *t, float *y, int ld, const bf16 *bias, int rows, int N, const int32_t *sel, const int32_t *perm) {
   size_t n = (size_t)rows * N;
@@ -815,32 +905,28 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   TRY(moe_route(t));
   const int32_t *off = t->off_host;
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
+  // the experts' inputs split once for all their rows; their weights expanded one expert at a time
+  split(t, t->xg, TK, d.H, d.H);
   for (int e = 0; e < d.E; e++) {
     int n = off[e + 1] - off[e];
     if (!n) continue;
-    float *xe = t->xg + (size_t)off[e] * d.H, *ge = t->gu + (size_t)off[e] * 2 * d.I;
+    size_t r0 = (size_t)off[e] * d.H;
     dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
-    TRY(wgemm(t, xe, n, d.H, t->wx, 2 * d.I, d.H, true, ge, 2 * d.I, 0.f));
-    if (lgu->host) {
-      const float *A = lgu->A + (size_t)e * lgu->r * lgu->in, *B = lgu->B + (size_t)e * lgu->out * lgu->r;
-      TRY(fgemm(t, false, true, n, lgu->r, lgu->in, 1.f, xe, d.H, A, lgu->in, 0.f, t->lh, lgu->r));
-      TRY(fgemm(t, false, true, n, lgu->out, lgu->r, lgu->scale, t->lh, lgu->r, B, lgu->r, 1.f, ge, 2 * d.I));
-    }
+    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, 2 * d.I, d.H, true, t->gu + (size_t)off[e] * 2 * d.I,
+                    2 * d.I, 0.f));
   }
+  TRY(lora_experts_fwd(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
   add_bias(t, t->gu, 2 * d.I, w->gu_bias, TK, 2 * d.I, t->sel, t->mw.perm);
   swiglu_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
+  split(t, t->act, TK, d.I, d.I);
   for (int e = 0; e < d.E; e++) {
     int n = off[e + 1] - off[e];
     if (!n) continue;
-    float *ae = t->act + (size_t)off[e] * d.I, *ye = t->ye + (size_t)off[e] * d.H;
+    size_t r0 = (size_t)off[e] * d.I;
     dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
-    TRY(wgemm(t, ae, n, d.I, t->wx, d.H, d.I, true, ye, d.H, 0.f));
-    if (ldn->host) {
-      const float *A = ldn->A + (size_t)e * ldn->r * ldn->in, *B = ldn->B + (size_t)e * ldn->out * ldn->r;
-      TRY(fgemm(t, false, true, n, ldn->r, ldn->in, 1.f, ae, d.I, A, ldn->in, 0.f, t->lh, ldn->r));
-      TRY(fgemm(t, false, true, n, ldn->out, ldn->r, ldn->scale, t->lh, ldn->r, B, ldn->r, 1.f, ye, d.H));
-    }
+    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, d.H, d.I, true, t->ye + (size_t)off[e] * d.H, d.H, 0.f));
   }
+  TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H));
   add_bias(t, t->ye, d.H, w->dn_bias, TK, d.H, t->sel, t->mw.perm);
   if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
   cuda_prof_mark("train moe fwd", st);
@@ -859,35 +945,29 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
   // MoE: ye becomes d ye, act d act, gu d gu, xg d xg
   router_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->w, t->sel, t->invp, w->router_w, t->dxn, d.H, d.K);
+  // the LoRA gradients read act and xg before the base products overwrite them with their gradients
+  TRY(lora_experts_grads(t, ldn, t->act, d.I, t->ye, d.H));
+  split(t, t->ye, TK, d.H, d.H);
   for (int e = 0; e < d.E; e++) {
     int n = off[e + 1] - off[e];
     if (!n) continue;
-    float *ae = t->act + (size_t)off[e] * d.I, *dye = t->ye + (size_t)off[e] * d.H;
-    if (ldn->host)
-      TRY(lora_grads(t, n, ldn->r, ldn->in, ldn->out, ldn->scale, ldn->A + (size_t)e * ldn->r * ldn->in,
-                     ldn->B + (size_t)e * ldn->out * ldn->r, ldn->gA + (size_t)e * ldn->r * ldn->in,
-                     ldn->gB + (size_t)e * ldn->out * ldn->r, ae, d.I, dye, d.H));
+    size_t r0 = (size_t)off[e] * d.H;
     dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
-    TRY(wgemm(t, dye, n, d.H, t->wx, d.H, d.I, false, ae, d.I, 0.f));
-    if (ldn->host)
-      TRY(fgemm(t, false, false, n, ldn->in, ldn->r, 1.f, t->ldh, ldn->r, ldn->A + (size_t)e * ldn->r * ldn->in, ldn->in, 1.f, ae,
-                d.I));
+    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, d.H, d.I, false, t->act + (size_t)off[e] * d.I, d.I, 0.f));
   }
+  TRY(lora_experts_dx(t, ldn, t->act, d.I));
   swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
+  TRY(lora_experts_grads(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
+  split(t, t->gu, TK, 2 * d.I, 2 * d.I);
   for (int e = 0; e < d.E; e++) {
     int n = off[e + 1] - off[e];
     if (!n) continue;
-    float *xe = t->xg + (size_t)off[e] * d.H, *dge = t->gu + (size_t)off[e] * 2 * d.I;
-    if (lgu->host)
-      TRY(lora_grads(t, n, lgu->r, lgu->in, lgu->out, lgu->scale, lgu->A + (size_t)e * lgu->r * lgu->in,
-                     lgu->B + (size_t)e * lgu->out * lgu->r, lgu->gA + (size_t)e * lgu->r * lgu->in,
-                     lgu->gB + (size_t)e * lgu->out * lgu->r, xe, d.H, dge, 2 * d.I));
+    size_t r0 = (size_t)off[e] * 2 * d.I;
     dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
-    TRY(wgemm(t, dge, n, 2 * d.I, t->wx, 2 * d.I, d.H, false, xe, d.H, 0.f));
-    if (lgu->host)
-      TRY(fgemm(t, false, false, n, lgu->in, lgu->r, 1.f, t->ldh, lgu->r, lgu->A + (size_t)e * lgu->r * lgu->in, lgu->in, 1.f, xe,
-                d.H));
+    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, 2 * d.I, d.H, false, t->xg + (size_t)off[e] * d.H, d.H,
+                    0.f));
   }
+  TRY(lora_experts_dx(t, lgu, t->xg, d.H));
   scatter_kernel<<<T, 256, 0, st>>>(t->dxn, t->xg, t->invp, d.H, d.K);
   rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->xmid, NULL, t->inv2, w->mlp_norm, t->dxn, d.H);
   cuda_prof_mark("train moe bwd", st);
