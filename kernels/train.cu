@@ -137,6 +137,190 @@ __global__ void dsoftmax_kernel(const float *P, float *dP, const float *dO, cons
   for (int j = t + 1 + threadIdx.x; j < a.T; j += blockDim.x) dP[off + j] = 0.f;
 }
 
+// {====================================================== sliding-window attention
+// A sliding layer's query sees at most `window` keys, so materialising the
+// T x T scores (as the full layers do) would be almost all masked work.
+// These kernels stage a tile's keys and values (or queries and output
+// gradients) in shared memory and take each (query, key) product in fp32:
+// the forward writes att and lse as softmax_kernel does; the backward
+// recomputes the probabilities from lse, one kernel per query for dq (and
+// dd = O.dO) and one per key for dk and dv, summing over its queries and its
+// group's heads in a fixed order (no atomics: the same sums every run).
+#define SW_TILE 32
+#define SW_WARPS 8
+
+struct swa_args {
+  const float *qkv;          // [T][Q + 2 KV], roped
+  int T, D, Q, KV, Hq, Hkv, window;
+  float scale;
+  const bf16 *sinks;
+  float *att;                // [T][Q]
+  float *lse, *dd;           // [T][Hq]
+  const float *datt;         // [T][Q]: the output gradient (backward)
+  float *dqkv;               // [T][Q + 2 KV] (backward)
+};
+
+__device__ __forceinline__ int swa_ld(const swa_args &a) { return a.Q + 2 * a.KV; }
+
+// rows [r0, r0 + n) of a strided matrix's column block c0 .. c0 + D into shared rows of D + 1
+__device__ __forceinline__ void swa_stage(float *dst, const float *src, int ld, int c0, int r0, int n, int D) {
+  for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
+    int r = i / D, c = i % D;
+    dst[r * (D + 1) + c] = src[(size_t)(r0 + r) * ld + c0 + c];
+  }
+}
+
+__device__ __forceinline__ float swa_dot(const float *a, const float *b, int D) {
+  float s = 0.f;
+  for (int c = 0; c < D; c++) s += a[c] * b[c];
+  return s;
+}
+
+// grid (tiles of SW_TILE queries, Hq)
+__global__ void __launch_bounds__(SW_WARPS * 32) swa_fwd_kernel(swa_args a) {
+  extern __shared__ float sm[];
+  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), h = blockIdx.y, g = h / (a.Hq / a.Hkv);
+  int q0 = blockIdx.x * SW_TILE, nq = a.T - q0 < SW_TILE ? a.T - q0 : SW_TILE;
+  int k0 = q0 - W + 1 > 0 ? q0 - W + 1 : 0, nk = q0 + nq - k0;
+  float *Ks = sm, *Vs = Ks + (SW_TILE + W) * P, *Qs = Vs + (SW_TILE + W) * P, *Ps = Qs + SW_TILE * P;
+  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
+  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
+  swa_stage(Qs, a.qkv, ld, h * D, q0, nq, D);
+  __syncthreads();
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float *pw = Ps + warp * W, sink = __bfloat162float(a.sinks[h]);
+  for (int r = warp; r < nq; r += SW_WARPS) {
+    int t = q0 + r, j0 = t - W + 1 > 0 ? t - W + 1 : 0, cnt = t - j0 + 1;
+    float mx = sink;
+    for (int jj = lane; jj < cnt; jj += 32) {
+      float sc = swa_dot(Qs + r * P, Ks + (j0 + jj - k0) * P, D) * a.scale;
+      pw[jj] = sc;
+      mx = fmaxf(mx, sc);
+    }
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    float sum = 0.f;
+    for (int jj = lane; jj < cnt; jj += 32) sum += expf(pw[jj] - mx);
+    sum = warp_sum(sum) + expf(sink - mx);
+    float lse = mx + logf(sum);
+    for (int jj = lane; jj < cnt; jj += 32) pw[jj] = expf(pw[jj] - lse);
+    __syncwarp();
+    for (int c = lane; c < D; c += 32) {
+      float acc = 0.f;
+      for (int jj = 0; jj < cnt; jj++) acc += pw[jj] * Vs[(j0 + jj - k0) * P + c];
+      a.att[(size_t)t * a.Q + h * D + c] = acc;
+    }
+    if (lane == 0) a.lse[(size_t)t * a.Hq + h] = lse;
+    __syncwarp();
+  }
+}
+
+// grid (tiles of SW_TILE queries, Hq): dq of each query, and dd = O.dO
+__global__ void __launch_bounds__(SW_WARPS * 32) swa_dq_kernel(swa_args a) {
+  extern __shared__ float sm[];
+  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), h = blockIdx.y, g = h / (a.Hq / a.Hkv);
+  int q0 = blockIdx.x * SW_TILE, nq = a.T - q0 < SW_TILE ? a.T - q0 : SW_TILE;
+  int k0 = q0 - W + 1 > 0 ? q0 - W + 1 : 0, nk = q0 + nq - k0;
+  float *Ks = sm, *Vs = Ks + (SW_TILE + W) * P, *Qs = Vs + (SW_TILE + W) * P, *Gs = Qs + SW_TILE * P, *Ps = Gs + SW_TILE * P;
+  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
+  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
+  swa_stage(Qs, a.qkv, ld, h * D, q0, nq, D);
+  swa_stage(Gs, a.datt, a.Q, h * D, q0, nq, D);
+  __syncthreads();
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float *pw = Ps + warp * W;
+  for (int r = warp; r < nq; r += SW_WARPS) {
+    int t = q0 + r, j0 = t - W + 1 > 0 ? t - W + 1 : 0, cnt = t - j0 + 1;
+    float dd = 0.f;
+    for (int c = lane; c < D; c += 32) dd += a.att[(size_t)t * a.Q + h * D + c] * Gs[r * P + c];
+    dd = warp_sum(dd);
+    float lse = a.lse[(size_t)t * a.Hq + h];
+    for (int jj = lane; jj < cnt; jj += 32) {
+      const float *kr = Ks + (j0 + jj - k0) * P, *vr = Vs + (j0 + jj - k0) * P;
+      float p = expf(swa_dot(Qs + r * P, kr, D) * a.scale - lse);
+      pw[jj] = p * (swa_dot(Gs + r * P, vr, D) - dd) * a.scale;
+    }
+    __syncwarp();
+    for (int c = lane; c < D; c += 32) {
+      float acc = 0.f;
+      for (int jj = 0; jj < cnt; jj++) acc += pw[jj] * Ks[(j0 + jj - k0) * P + c];
+      a.dqkv[(size_t)t * ld + h * D + c] = acc;
+    }
+    if (lane == 0) a.dd[(size_t)t * a.Hq + h] = dd;
+    __syncwarp();
+  }
+}
+
+// grid (tiles of SW_TILE keys, Hkv): dk and dv of each key, over the
+// queries that see it and the heads of its group
+__global__ void __launch_bounds__(SW_WARPS * 32) swa_dkv_kernel(swa_args a) {
+  extern __shared__ float sm[];
+  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), g = blockIdx.y, G = a.Hq / a.Hkv;
+  int k0 = blockIdx.x * SW_TILE, nk = a.T - k0 < SW_TILE ? a.T - k0 : SW_TILE;
+  int qend = k0 + nk - 1 + W < a.T ? k0 + nk - 1 + W : a.T, nq = qend - k0;   // queries k0 .. qend - 1
+  float *Ks = sm, *Vs = Ks + SW_TILE * P, *Qs = Vs + SW_TILE * P, *Gs = Qs + (SW_TILE + W) * P;
+  float *Ls = Gs + (SW_TILE + W) * P, *Ds = Ls + SW_TILE + W, *Ps = Ds + SW_TILE + W;
+  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
+  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float *pp = Ps + warp * 2 * W, *ps = pp + W;
+  float dk[SW_TILE / SW_WARPS][4], dv[SW_TILE / SW_WARPS][4];   // D <= 128
+  for (int i = 0; i < SW_TILE / SW_WARPS; i++)
+    for (int u = 0; u < 4; u++) dk[i][u] = dv[i][u] = 0.f;
+  for (int hi = 0; hi < G; hi++) {
+    int h = g * G + hi;
+    __syncthreads();                                  // the previous head's readers are done
+    swa_stage(Qs, a.qkv, ld, h * D, k0, nq, D);
+    swa_stage(Gs, a.datt, a.Q, h * D, k0, nq, D);
+    for (int i = threadIdx.x; i < nq; i += blockDim.x) {
+      Ls[i] = a.lse[(size_t)(k0 + i) * a.Hq + h];
+      Ds[i] = a.dd[(size_t)(k0 + i) * a.Hq + h];
+    }
+    __syncthreads();
+    for (int i = 0; i < SW_TILE / SW_WARPS; i++) {
+      int kr = warp + i * SW_WARPS, j = k0 + kr;
+      if (kr >= nk) break;
+      int tend = j + W < a.T ? j + W : a.T, cnt = tend - j;   // queries j .. j + W - 1
+      for (int tt = lane; tt < cnt; tt += 32) {
+        int qr = j - k0 + tt;
+        float p = expf(swa_dot(Qs + qr * P, Ks + kr * P, D) * a.scale - Ls[qr]);
+        pp[tt] = p;
+        ps[tt] = p * (swa_dot(Gs + qr * P, Vs + kr * P, D) - Ds[qr]) * a.scale;
+      }
+      __syncwarp();
+      for (int u = 0; u < 4; u++) {
+        int c = lane + 32 * u;
+        if (c >= D) break;
+        float sk = 0.f, sv = 0.f;
+        for (int tt = 0; tt < cnt; tt++) {
+          int qr = j - k0 + tt;
+          sk += ps[tt] * Qs[qr * P + c];
+          sv += pp[tt] * Gs[qr * P + c];
+        }
+        dk[i][u] += sk;
+        dv[i][u] += sv;
+      }
+      __syncwarp();
+    }
+  }
+  for (int i = 0; i < SW_TILE / SW_WARPS; i++) {
+    int kr = warp + i * SW_WARPS, j = k0 + kr;
+    if (kr >= nk) break;
+    for (int u = 0; u < 4; u++) {
+      int c = lane + 32 * u;
+      if (c >= D) break;
+      a.dqkv[(size_t)j * ld + a.Q + g * D + c] = dk[i][u];
+      a.dqkv[(size_t)j * ld + a.Q + a.KV + g * D + c] = dv[i][u];
+    }
+  }
+}
+
+static size_t swa_smem_fwd(int D, int W) { return sizeof(float) * ((size_t)2 * (SW_TILE + W) * (D + 1) + SW_TILE * (D + 1) + SW_WARPS * W); }
+static size_t swa_smem_dq(int D, int W) { return swa_smem_fwd(D, W) + sizeof(float) * SW_TILE * (D + 1); }
+static size_t swa_smem_dkv(int D, int W) {
+  return sizeof(float) * ((size_t)2 * SW_TILE * (D + 1) + 2 * (SW_TILE + W) * (D + 1) + 2 * (SW_TILE + W) + SW_WARPS * 2 * W);
+}
+// }======================================================
+
 // one warp per token: the router's top-k and softmax, as the inference path
 __global__ void topk_kernel(const float *rl, int T, int E, int K, int32_t *sel, float *w) {
   int t = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -296,6 +480,7 @@ struct trainer {
   float *xn1, *inv1, *qkv, *att, *lse, *xmid, *xn2, *inv2, *rl, *w;
   float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes their gradients over them
   float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
+  float *dd;                 // [T][Hq]: O.dO per query and head (sliding layers' backward)
   const float **ptrs;        // [3][E]: one grouped product's A, B and C per expert
   int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
@@ -371,7 +556,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   size_t gu_n = TK * 2 * d.I > (size_t)d.V ? TK * 2 * d.I : (size_t)d.V;   // the logits of a chunk live there too
 #define TAKE(p, type, n) do { if (base) p = (type *)(base + off); off += ALIGN256(sizeof(type) * (size_t)(n)); } while (0)
   TAKE(t->xs, float, (size_t)(d.L + 1) * T * d.H);
-  TAKE(t->xn1, float, (size_t)T * d.H); TAKE(t->inv1, float, T);
+  TAKE(t->xn1, float, (size_t)T * d.H); TAKE(t->inv1, float, T); TAKE(t->dd, float, (size_t)T * d.Hq);
   TAKE(t->qkv, float, T * ldq); TAKE(t->att, float, (size_t)T * d.Q); TAKE(t->lse, float, (size_t)T * d.Hq);
   TAKE(t->xmid, float, (size_t)T * d.H); TAKE(t->xn2, float, (size_t)T * d.H); TAKE(t->inv2, float, T);
   TAKE(t->rl, float, (size_t)T * d.E); TAKE(t->w, float, TK);
@@ -815,10 +1000,31 @@ static gptoss_status scores(trainer *t, const head_batch &b) {
               T, (long long)T * T, b.nb, score_compute(t));
 }
 
+// a sliding layer whose window is shorter than the sequence runs the
+// windowed kernels (when their tiles fit in shared memory)
+static bool windowed(const trainer *t, int l, swa_args *a) {
+  const dims &d = t->v->d;
+  if (!t->v->layer_sliding[l] || d.window >= t->T || d.D > 128 || swa_smem_dkv(d.D, d.window) > 200 * 1024) return false;
+  swa_args x = {t->qkv, t->T, d.D, d.Q, d.KV, d.Hq, d.Hkv, d.window, 1.f / sqrtf((float)d.D), t->v->layer[l].sinks, t->att, t->lse,
+                t->dd, t->datt, t->dqkv};
+  *a = x;
+  return true;
+}
+
+static gptoss_status swa_launch(void (*k)(swa_args), size_t smem, dim3 grid, const swa_args &a, cudaStream_t st) {
+  CU(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  k<<<grid, SW_WARPS * 32, smem, st>>>(a);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
 // att = softmax(q k^T / sqrt(D), sink) v
 static gptoss_status attention_fwd(trainer *t, int l) {
   const dims &d = t->v->d;
   int T = t->T, ldq = d.Q + 2 * d.KV;
+  swa_args sa;
+  if (windowed(t, l, &sa))
+    return swa_launch(swa_fwd_kernel, swa_smem_fwd(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hq), sa, t->v->stream);
   for (int g = 0; g < d.Hkv; g++)
     for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
       head_batch b = batch_of(t, g, i0);
@@ -837,6 +1043,11 @@ static gptoss_status attention_bwd(trainer *t, int l) {
   float scale = 1.f / sqrtf((float)d.D);
   long long tt = (long long)T * T;
   cublasComputeType_t ct = score_compute(t);
+  swa_args sa;
+  if (windowed(t, l, &sa)) {
+    TRY(swa_launch(swa_dq_kernel, swa_smem_dq(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hq), sa, t->v->stream));
+    return swa_launch(swa_dkv_kernel, swa_smem_dkv(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hkv), sa, t->v->stream);
+  }
   for (int g = 0; g < d.Hkv; g++)
     for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
       head_batch b = batch_of(t, g, i0);
