@@ -68,6 +68,59 @@ struct dims {
 // }======================================================
 
 // {====================================================== device helpers
+// MXFP4 decoding, shared by moe.cu (in its kernels) and train.cu (whole
+// experts expanded to bf16): the FP4 code (low nibble first) times
+// 2^(scale-127)
+__device__ __forceinline__ float e8m0(uint8_t e) {
+  return e ? __uint_as_float((uint32_t)e << 23) : __uint_as_float(0x00400000u);
+}
+
+// Eight FP4 codes (one 32-bit word, value i in nibble i) as four half2,
+// h[k] = (value k, value k + 4) * 2^-14: each code's sign and e2m1 bits go
+// straight into an fp16 whose exponent bias is 15 instead of 1, which is
+// exact (the code 0.5 lands on an fp16 subnormal) and costs about one and a
+// half integer operations per value. A table in constant memory would
+// serialise, since the lanes of a warp look up different codes.
+__device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
+  uint32_t r0 = ((w << 9) & 0x0E000E00u) | ((w << 12) & 0x80008000u);
+  uint32_t r1 = ((w << 5) & 0x0E000E00u) | ((w << 8) & 0x80008000u);
+  uint32_t r2 = ((w << 1) & 0x0E000E00u) | ((w << 4) & 0x80008000u);
+  uint32_t r3 = ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
+  h[0] = *reinterpret_cast<__half2 *>(&r0);
+  h[1] = *reinterpret_cast<__half2 *>(&r1);
+  h[2] = *reinterpret_cast<__half2 *>(&r2);
+  h[3] = *reinterpret_cast<__half2 *>(&r3);
+}
+
+#define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
+
+// 16 weights of one row (8 bytes of a 32-value block) as bf16, scaled:
+// exact, since an FP4 code times a power of two has at most 2 significant bits
+__device__ __forceinline__ void fp4x16_bf16(uint2 raw, float sc, uint4 out[2]) {
+  uint32_t w[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int q = 0; q < 2; q++) {
+    __half2 h[4];
+    fp4x8(w[q], h);
+    float2 f[4];
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+      f[k] = __half22float2(h[k]);
+      f[k].x = f[k].x * FP4_UNBIAS * sc;
+      f[k].y = f[k].y * FP4_UNBIAS * sc;
+    }
+    __nv_bfloat162 p0 = __floats2bfloat162_rn(f[0].x, f[1].x), p1 = __floats2bfloat162_rn(f[2].x, f[3].x);
+    __nv_bfloat162 p2 = __floats2bfloat162_rn(f[0].y, f[1].y), p3 = __floats2bfloat162_rn(f[2].y, f[3].y);
+    out[q] = make_uint4(*reinterpret_cast<uint32_t *>(&p0), *reinterpret_cast<uint32_t *>(&p1),
+                        *reinterpret_cast<uint32_t *>(&p2), *reinterpret_cast<uint32_t *>(&p3));
+  }
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&p);
+}
+
 // shared by dense.cu, moe.cu and train.cu
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -409,23 +409,22 @@ __global__ void scatter_kernel(float *dxn, const float *dxg, const int32_t *invp
   }
 }
 
-// FP4 (E2M1) code to its value: bit 3 the sign, two exponent bits, one mantissa bit
-__device__ __forceinline__ float fp4_value(unsigned c) {
-  unsigned e = (c >> 1) & 3, m = c & 1;
-  float v = e ? (1.f + 0.5f * (float)m) * (float)(1 << (e - 1)) : 0.5f * (float)m;
-  return c & 8 ? -v : v;
-}
-
 // one expert's MXFP4 rows (blocks [rows][cols/32][16], scales [rows][cols/32]) as
 // bf16 [rows][cols]; exact, since a code times a power of two has 2 significant bits
-__global__ void dequant_kernel(const uint8_t *blocks, const uint8_t *scales, bf16 *out, int cols, size_t nbytes) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= nbytes) return;
-  size_t per_row = (size_t)cols / 2, row = i / per_row, b = i % per_row;
-  uint8_t s = scales[row * (cols / 32) + b / 16], q = blocks[i];
-  float sc = __uint_as_float(s ? (uint32_t)s << 23 : 0x00400000u);
-  out[2 * i] = __float2bfloat16(fp4_value(q & 15) * sc);
-  out[2 * i + 1] = __float2bfloat16(fp4_value(q >> 4) * sc);
+// one thread per 4-byte word (8 values, one 16-byte store), so that
+// neighbouring threads read and write neighbouring bytes
+__global__ void dequant_kernel(const uint8_t *blocks, const uint8_t *scales, bf16 *out, size_t nwords) {
+  size_t w = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (w >= nwords) return;
+  uint32_t q = reinterpret_cast<const uint32_t *>(blocks)[w];
+  float sc = e8m0(scales[w / 4]) * FP4_UNBIAS;
+  __half2 h[4];
+  fp4x8(q, h);
+  float2 f[4];
+  for (int k = 0; k < 4; k++) f[k] = __half22float2(h[k]);
+  // h[k] holds values k and k + 4
+  reinterpret_cast<uint4 *>(out)[w] = make_uint4(pack_bf16(f[0].x * sc, f[1].x * sc), pack_bf16(f[2].x * sc, f[3].x * sc),
+                                                 pack_bf16(f[0].y * sc, f[1].y * sc), pack_bf16(f[2].y * sc, f[3].y * sc));
 }
 
 // Cross-entropy of R rows of logits: loss[i] = lse - z[y]; the row becomes
@@ -482,6 +481,7 @@ struct trainer {
   float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
   float *dd;                 // [T][Hq]: O.dO per query and head (sliding layers' backward)
   const float **ptrs;        // [3][E]: one grouped product's A, B and C per expert
+  float *xpart;              // xdown's partial sums over column chunks
   int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
   moe_work mw;
@@ -572,6 +572,10 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->S, float, per_head * t->hc); TAKE(t->dP, float, per_head * t->hc);
   TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
   TAKE(t->lh, float, TK * rmax); TAKE(t->ldh, float, TK * rmax);   // every expert's rows at once
+  {
+    int kc = (16384 / (rmax < 1 ? 1 : rmax)) / 32 * 32, wide = 2 * d.I > d.H ? 2 * d.I : d.H;
+    TAKE(t->xpart, float, TK * rmax * (size_t)((wide + kc - 1) / kc));   // xdown's partial sums
+  }
   TAKE(t->ptrs, const float *, 3 * (size_t)d.E);
   TAKE(t->xf, float, (size_t)T * d.H); TAKE(t->lossrow, float, T);
   TAKE(t->ids, int32_t, T); TAKE(t->rows, int32_t, T); TAKE(t->targets, int32_t, T);
@@ -878,13 +882,180 @@ static gptoss_status xgemm(trainer *t, bool ta, bool tb, int M, int N, int K, fl
 static xop rows_op(const float *base, int ld) { xop o = {base, 0, ld}; return o; }
 static xop slice_op(const float *base, size_t per_expert, int ld) { xop o = {base, per_expert, ld}; return o; }
 
+// The same products in kernels of their own, for ranks up to XR: cuBLAS's
+// grouped fp32 products take 128 x 128 tiles against a side of 16 and ran
+// at a few percent of the GPU. Rows come in 64-row tiles of one expert (the
+// sort's tile_offsets); an expert's matrix W_e(a, b) lives at
+// W + e * es + a * sa + b * sb, so A (r x in), B (out x r) and their
+// transposes are all the same kind of operand.
+#define XR 64
+#define XT 64                      // rows per tile
+#define XC 64                      // columns per staged chunk
+struct xmat {
+  const float *p;
+  size_t es;
+  int sa, sb;
+};
+
+__device__ __forceinline__ int tile_expert(const int32_t *tile_offsets, const int32_t *offsets, int E, int mt, int *row0, int *nrows) {
+  if (mt >= tile_offsets[E]) return -1;
+  int e = 0;
+  while (tile_offsets[e + 1] <= mt) e++;
+  *row0 = offsets[e] + (mt - tile_offsets[e]) * XT;
+  int n = offsets[e + 1] - *row0;
+  *nrows = n < XT ? n : XT;
+  return e;
+}
+
+// Upart[ks][i][k] = sum over chunk ks of c of X[i][c] W_e(k, c), k < r: a
+// block per (tile, chunk of xchunk(r) columns), the chunk of W_e in shared
+// memory, a warp per row with its lanes across the columns (X read once,
+// coalesced); xsum adds the chunks in order
+__device__ __host__ __forceinline__ int xchunk(int r) { return (16384 / r) / 32 * 32; }   // 64 KB of W
+
+__global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int K, xmat W, int r, float *Upart, size_t pstride,
+                                                    const int32_t *offsets, const int32_t *tile_offsets, int E) {
+  extern __shared__ float Ws[];      // [r][kc]
+  int row0, nrows, e = tile_expert(tile_offsets, offsets, E, blockIdx.x, &row0, &nrows);
+  if (e < 0) return;
+  int kc = xchunk(r), c0 = blockIdx.y * kc, nc = K - c0 < kc ? K - c0 : kc;
+  const float *We = W.p + e * W.es;
+  for (int i = threadIdx.x; i < r * kc; i += 256) {
+    int k = i / kc, c = i % kc;
+    Ws[i] = c < nc ? We[(size_t)k * W.sa + (size_t)(c0 + c) * W.sb] : 0.f;
+  }
+  __syncthreads();
+  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float *Up = Upart + blockIdx.y * pstride;
+  for (int rr = warp; rr < nrows; rr += 8) {
+    const float *x = X + (size_t)(row0 + rr) * ldx + c0;
+    float acc[XR];
+#pragma unroll
+    for (int k = 0; k < XR; k++) acc[k] = 0.f;
+    for (int c = lane; c < nc; c += 32) {
+      float xv = x[c];
+#pragma unroll
+      for (int k = 0; k < XR; k++)
+        if (k < r) acc[k] += xv * Ws[k * kc + c];
+    }
+#pragma unroll
+    for (int k = 0; k < XR; k++) {
+      if (k >= r) break;
+      float v = warp_sum(acc[k]);
+      if (lane == 0) Up[(size_t)(row0 + rr) * r + k] = v;
+    }
+  }
+}
+
+// U[i][k] = alpha sum_ks Upart[ks][i][k], the chunks in order
+__global__ void xsum_kernel(const float *Upart, size_t pstride, int nks, float alpha, float *U, size_t n) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float s = 0.f;
+  for (int ks = 0; ks < nks; ks++) s += Upart[ks * pstride + i];
+  U[i] = alpha * s;
+}
+
+// Y[i][n] += alpha sum_k U[i][k] W_e(n, k): a block per (tile, 64 columns), a
+// thread per (column, every 4th row)
+__global__ void __launch_bounds__(256) xup_kernel(const float *U, int r, xmat W, int N, float alpha, float *Y, int ldy,
+                                                  const int32_t *offsets, const int32_t *tile_offsets, int E) {
+  __shared__ float Us[XT][XR], Ws[64][XR + 1];
+  int row0, nrows, e = tile_expert(tile_offsets, offsets, E, blockIdx.x, &row0, &nrows);
+  if (e < 0) return;
+  int tid = threadIdx.x, n0 = blockIdx.y * 64, nn = N - n0 < 64 ? N - n0 : 64;
+  const float *We = W.p + e * W.es;
+  for (int i = tid; i < nrows * r; i += 256) Us[i / r][i % r] = U[(size_t)(row0 + i / r) * r + i % r];
+  for (int i = tid; i < 64 * r; i += 256) {
+    int n = i / r, k = i % r;
+    Ws[n][k] = n < nn ? We[(size_t)(n0 + n) * W.sa + (size_t)k * W.sb] : 0.f;
+  }
+  __syncthreads();
+  int n = tid % 64, quarter = tid / 64;
+  if (n >= nn) return;
+  for (int rr = quarter; rr < nrows; rr += 4) {
+    float acc = 0.f;
+    for (int k = 0; k < r; k++) acc += Us[rr][k] * Ws[n][k];
+    Y[(size_t)(row0 + rr) * ldy + n0 + n] += alpha * acc;
+  }
+}
+
+// G_e(n, k) += alpha sum over e's rows i of P[i][n] U[i][k]: a block per
+// (expert, 128 columns), the rows in a fixed order
+__global__ void __launch_bounds__(256) xgrad_kernel(const float *P, int ldp, const float *U, int r, int N, float alpha, xmat G,
+                                                    const int32_t *offsets) {
+  __shared__ float Ps[32][128], Us[32][XR];
+  int e = blockIdx.x, tid = threadIdx.x, n0 = blockIdx.y * 128, nn = N - n0 < 128 ? N - n0 : 128;
+  int n = tid % 128, kg = tid / 128;
+  float acc[XR / 2];
+#pragma unroll
+  for (int q = 0; q < XR / 2; q++) acc[q] = 0.f;
+  for (int i0 = offsets[e]; i0 < offsets[e + 1]; i0 += 32) {
+    int ni = offsets[e + 1] - i0 < 32 ? offsets[e + 1] - i0 : 32;
+    __syncthreads();
+    for (int i = tid; i < 32 * 128; i += 256) {
+      int rr = i / 128, c = i % 128;
+      Ps[rr][c] = rr < ni && c < nn ? P[(size_t)(i0 + rr) * ldp + n0 + c] : 0.f;
+    }
+    for (int i = tid; i < ni * r; i += 256) Us[i / r][i % r] = U[(size_t)(i0 + i / r) * r + i % r];
+    __syncthreads();
+    for (int rr = 0; rr < ni; rr++) {
+      float p = Ps[rr][n];
+#pragma unroll
+      for (int q = 0; q < XR / 2; q++) {
+        int k = kg + 2 * q;
+        if (k < r) acc[q] += p * Us[rr][k];
+      }
+    }
+  }
+  if (n >= nn) return;
+  float *Ge = (float *)G.p + e * G.es;
+#pragma unroll
+  for (int q = 0; q < XR / 2; q++) {
+    int k = kg + 2 * q;
+    if (k < r) Ge[(size_t)(n0 + n) * G.sa + (size_t)k * G.sb] += alpha * acc[q];
+  }
+}
+
+static int xtiles(const trainer *t) { return t->T * t->v->d.K / XT + t->v->d.E; }
+
+static gptoss_status xdown(trainer *t, const float *X, int ldx, int K, xmat W, int r, float alpha, float *U) {
+  int kc = xchunk(r), nks = (K + kc - 1) / kc;
+  size_t n = (size_t)t->T * t->v->d.K * r, smem = sizeof(float) * r * kc;
+  CU(cudaFuncSetAttribute(xdown_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  xdown_kernel<<<dim3(xtiles(t), nks), 256, smem, t->v->stream>>>(X, ldx, K, W, r, t->xpart, n, t->mw.offsets, t->mw.tile_offsets,
+                                                                   t->v->d.E);
+  xsum_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(t->xpart, n, nks, alpha, U, n);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+static gptoss_status xup(trainer *t, const float *U, int r, xmat W, int N, float alpha, float *Y, int ldy) {
+  xup_kernel<<<dim3(xtiles(t), (N + 63) / 64), 256, 0, t->v->stream>>>(U, r, W, N, alpha, Y, ldy, t->mw.offsets,
+                                                                         t->mw.tile_offsets, t->v->d.E);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+static gptoss_status xgrad(trainer *t, const float *P, int ldp, const float *U, int r, int N, float alpha, xmat G) {
+  xgrad_kernel<<<dim3(t->v->d.E, (N + 127) / 128), 256, 0, t->v->stream>>>(P, ldp, U, r, N, alpha, G, t->mw.offsets);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+static xmat xm(const float *p, size_t es, int sa, int sb) { xmat m = {p, es, sa, sb}; return m; }
+
 // every expert's y += s B_e (A_e x) (forward)
 static gptoss_status lora_experts_fwd(trainer *t, const dlora *L, const float *x, int ldx, float *y, int ldy) {
   if (!L->host) return GPTOSS_OK;
   int r = L->r;
-  TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, (size_t)r * L->in, L->in), 0.f, rows_op(t->lh, r)));
-  return xgemm(t, false, true, -1, L->out, r, L->scale, rows_op(t->lh, r), slice_op(L->B, (size_t)L->out * r, r), 1.f,
-               rows_op(y, ldy));
+  size_t sa = (size_t)r * L->in, sb = (size_t)L->out * r;
+  if (r <= XR) {
+    TRY(xdown(t, x, ldx, L->in, xm(L->A, sa, L->in, 1), r, 1.f, t->lh));
+    return xup(t, t->lh, r, xm(L->B, sb, r, 1), L->out, L->scale, y, ldy);
+  }
+  TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, sa, L->in), 0.f, rows_op(t->lh, r)));
+  return xgemm(t, false, true, -1, L->out, r, L->scale, rows_op(t->lh, r), slice_op(L->B, sb, r), 1.f, rows_op(y, ldy));
 }
 
 // every expert's gradients of A and B for input x and output gradient dy; leaves s dy B_e in ldh
@@ -892,6 +1063,12 @@ static gptoss_status lora_experts_grads(trainer *t, const dlora *L, const float 
   if (!L->host) return GPTOSS_OK;
   int r = L->r;
   size_t sa = (size_t)r * L->in, sb = (size_t)L->out * r;
+  if (r <= XR) {
+    TRY(xdown(t, x, ldx, L->in, xm(L->A, sa, L->in, 1), r, 1.f, t->lh));
+    TRY(xgrad(t, dy, ldy, t->lh, r, L->out, L->scale, xm(L->gB, sb, r, 1)));
+    TRY(xdown(t, dy, ldy, L->out, xm(L->B, sb, 1, r), r, L->scale, t->ldh));
+    return xgrad(t, x, ldx, t->ldh, r, L->in, 1.f, xm(L->gA, sa, 1, L->in));
+  }
   TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, sa, L->in), 0.f, rows_op(t->lh, r)));
   TRY(xgemm(t, true, false, L->out, r, -1, L->scale, rows_op(dy, ldy), rows_op(t->lh, r), 1.f, slice_op(L->gB, sb, r)));
   TRY(xgemm(t, false, false, -1, r, L->out, L->scale, rows_op(dy, ldy), slice_op(L->B, sb, r), 0.f, rows_op(t->ldh, r)));
@@ -901,6 +1078,7 @@ static gptoss_status lora_experts_grads(trainer *t, const dlora *L, const float 
 // every expert's dx += (s dy B_e) A_e, from ldh
 static gptoss_status lora_experts_dx(trainer *t, const dlora *L, float *dx, int lddx) {
   if (!L->host) return GPTOSS_OK;
+  if (L->r <= XR) return xup(t, t->ldh, L->r, xm(L->A, (size_t)L->r * L->in, 1, L->in), L->in, 1.f, dx, lddx);
   return xgemm(t, false, false, -1, L->in, L->r, 1.f, rows_op(t->ldh, L->r), slice_op(L->A, (size_t)L->r * L->in, L->in), 1.f,
                rows_op(dx, lddx));
 }
@@ -913,9 +1091,9 @@ static void add_bias(trainer *t, float *y, int ld, const bf16 *bias, int rows, i
 
 // one expert's MXFP4 matrix as bf16 [rows][cols] into t->wx
 static void dequant(trainer *t, const uint8_t *blocks, const uint8_t *scales, int e, int rows, int cols) {
-  size_t nb = (size_t)rows * cols / 2;
-  dequant_kernel<<<(unsigned)((nb + 255) / 256), 256, 0, t->v->stream>>>(blocks + (size_t)e * nb, scales + (size_t)e * rows * (cols / 32),
-                                                                         t->wx, cols, nb);
+  size_t nb = (size_t)rows * cols / 2, nw = nb / 4;
+  dequant_kernel<<<(unsigned)((nw + 255) / 256), 256, 0, t->v->stream>>>(blocks + (size_t)e * nb, scales + (size_t)e * (nb / 16),
+                                                                         t->wx, nw);
 }
 // }======================================================
 
