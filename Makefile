@@ -82,8 +82,10 @@ $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
 	$(NVCC) -shared $(CUDA_ARCH) -o $@ $(CUDA_OBJ) -cudart static -L$(CUDA_HOME)/lib64 -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64 -Xlinker --version-script=kernels/exports.map
 
 # each kernel against a double-precision CPU computation (run on the GPU machine)
-$(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(filter-out $(BUILD)/cuda/backend.o,$(CUDA_OBJ)) kernels/common.cuh
-	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(filter-out $(BUILD)/cuda/backend.o,$(CUDA_OBJ)) -cudart static
+# the kernels alone, without the engine (backend.o, train.o and lora.o call into it)
+KTEST_OBJ := $(filter-out $(BUILD)/cuda/backend.o $(BUILD)/cuda/train.o $(BUILD)/cuda/lora.o,$(CUDA_OBJ))
+$(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(KTEST_OBJ) kernels/common.cuh
+	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(KTEST_OBJ) -cudart static
 
 kernels-test: $(BUILD)/cuda/kernels_test
 

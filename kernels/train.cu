@@ -170,10 +170,27 @@ __device__ __forceinline__ void swa_stage(float *dst, const float *src, int ld, 
   }
 }
 
+// four independent sums (a single chain of D dependent FMAs left the SMs waiting)
 __device__ __forceinline__ float swa_dot(const float *a, const float *b, int D) {
-  float s = 0.f;
-  for (int c = 0; c < D; c++) s += a[c] * b[c];
-  return s;
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int c = 0;
+  for (; c + 4 <= D; c += 4) { s0 += a[c] * b[c]; s1 += a[c + 1] * b[c + 1]; s2 += a[c + 2] * b[c + 2]; s3 += a[c + 3] * b[c + 3]; }
+  for (; c < D; c++) s0 += a[c] * b[c];
+  return (s0 + s1) + (s2 + s3);
+}
+
+// sum over jj < n of p[jj] * M[(base + jj) * P + c], in four independent sums
+__device__ __forceinline__ float swa_mix(const float *p, const float *M, int base, int P, int c, int n) {
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+  int jj = 0;
+  for (; jj + 4 <= n; jj += 4) {
+    s0 += p[jj] * M[(base + jj) * P + c];
+    s1 += p[jj + 1] * M[(base + jj + 1) * P + c];
+    s2 += p[jj + 2] * M[(base + jj + 2) * P + c];
+    s3 += p[jj + 3] * M[(base + jj + 3) * P + c];
+  }
+  for (; jj < n; jj++) s0 += p[jj] * M[(base + jj) * P + c];
+  return (s0 + s1) + (s2 + s3);
 }
 
 // grid (tiles of SW_TILE queries, Hq)
@@ -204,11 +221,7 @@ __global__ void __launch_bounds__(SW_WARPS * 32) swa_fwd_kernel(swa_args a) {
     float lse = mx + logf(sum);
     for (int jj = lane; jj < cnt; jj += 32) pw[jj] = expf(pw[jj] - lse);
     __syncwarp();
-    for (int c = lane; c < D; c += 32) {
-      float acc = 0.f;
-      for (int jj = 0; jj < cnt; jj++) acc += pw[jj] * Vs[(j0 + jj - k0) * P + c];
-      a.att[(size_t)t * a.Q + h * D + c] = acc;
-    }
+    for (int c = lane; c < D; c += 32) a.att[(size_t)t * a.Q + h * D + c] = swa_mix(pw, Vs, j0 - k0, P, c, cnt);
     if (lane == 0) a.lse[(size_t)t * a.Hq + h] = lse;
     __syncwarp();
   }
@@ -240,11 +253,7 @@ __global__ void __launch_bounds__(SW_WARPS * 32) swa_dq_kernel(swa_args a) {
       pw[jj] = p * (swa_dot(Gs + r * P, vr, D) - dd) * a.scale;
     }
     __syncwarp();
-    for (int c = lane; c < D; c += 32) {
-      float acc = 0.f;
-      for (int jj = 0; jj < cnt; jj++) acc += pw[jj] * Ks[(j0 + jj - k0) * P + c];
-      a.dqkv[(size_t)t * ld + h * D + c] = acc;
-    }
+    for (int c = lane; c < D; c += 32) a.dqkv[(size_t)t * ld + h * D + c] = swa_mix(pw, Ks, j0 - k0, P, c, cnt);
     if (lane == 0) a.dd[(size_t)t * a.Hq + h] = dd;
     __syncwarp();
   }
@@ -290,14 +299,8 @@ __global__ void __launch_bounds__(SW_WARPS * 32) swa_dkv_kernel(swa_args a) {
       for (int u = 0; u < 4; u++) {
         int c = lane + 32 * u;
         if (c >= D) break;
-        float sk = 0.f, sv = 0.f;
-        for (int tt = 0; tt < cnt; tt++) {
-          int qr = j - k0 + tt;
-          sk += ps[tt] * Qs[qr * P + c];
-          sv += pp[tt] * Gs[qr * P + c];
-        }
-        dk[i][u] += sk;
-        dv[i][u] += sv;
+        dk[i][u] += swa_mix(ps, Qs, j - k0, P, c, cnt);
+        dv[i][u] += swa_mix(pp, Gs, j - k0, P, c, cnt);
       }
       __syncwarp();
     }
