@@ -1,9 +1,9 @@
 --- bench/train.lua: LoRA training speed and memory on a checkpoint.
 --
---   lua5.4 bench/train.lua CHECKPOINT_DIR [device] [precision] [seq] [steps]
+--   lua5.4 bench/train.lua CHECKPOINT_DIR [device] [precision] [seq] [steps] [rank]
 --
 -- One optimizer step per sequence (batch 1): zero_grad, the backward pass,
--- AdamW. r = 16, alpha = 32 on attention (q, k, v, o) and the experts
+-- AdamW. r = 16 (or rank), alpha = 2r on attention (q, k, v, o) and the experts
 -- (gate_up, down), as tools/reference/hf_train_bench.py sets up
 -- transformers + peft. After one warm-up step it times `steps` steps and
 -- prints tokens/s, the split between the backward pass and the optimizer,
@@ -14,7 +14,7 @@ local workload = require "workload"
 local cjson = require "cjson"
 
 local dir, device, precision = arg[1], arg[2] or "cuda:0", arg[3] or "exact"
-local seq, steps = tonumber(arg[4] or 2048), tonumber(arg[5] or 5)
+local seq, steps, rank = tonumber(arg[4] or 2048), tonumber(arg[5] or 5), tonumber(arg[6] or 16)
 if not dir then
   io.stderr:write("usage: lua5.4 bench/train.lua CHECKPOINT_DIR [device] [precision] [seq] [steps]\n")
   os.exit(2)
@@ -25,7 +25,7 @@ local now = gptoss.core.clock
 local t0 = now()
 local m = assert(gptoss.load(dir, { device = device, precision = precision, tokenizer = false }))
 local load_s = now() - t0
-local lora = gptoss.lora(m, { r = 16, alpha = 32, targets = { "attn", "experts" }, seed = 1 })
+local lora = gptoss.lora(m, { r = rank, alpha = 2 * rank, targets = { "attn", "experts" }, seed = 1 })
 local ids = workload.ids(seq, 42)
 
 local function step()
@@ -53,8 +53,8 @@ local res = {
   weights_gb = mem.weights / 1e9, workspace_gb = mem.workspace / 1e9,
   device_in_use_gb = (mem.device_total - mem.device_free) / 1e9,
 }
-print(string.format("gptoss LoRA training, %s %s, seq %d, batch 1, r 16 on attention + experts (%d parameters)",
-  device, precision, seq, res.params or -1))
+print(string.format("gptoss LoRA training, %s %s, seq %d, batch 1, r %d on attention + experts (%d parameters)",
+  device, precision, seq, rank, res.params or -1))
 print(string.format("  %.0f tokens/s (%.3f s a step: backward %.3f, AdamW %.3f); loss %.4f -> %.4f",
   res.tokens_per_s, res.step_s, res.backward_s, res.optimizer_s, first_loss, last_loss))
 print(string.format("  memory: weights %.2f GB, workspace + adapter %.2f GB; device in use %.2f GB (CUDA context included)",

@@ -576,7 +576,9 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
   TAKE(t->lh, float, TK * rmax); TAKE(t->ldh, float, TK * rmax);   // every expert's rows at once
   {
-    int kc = (16384 / (rmax < 1 ? 1 : rmax)) / 32 * 32, wide = 2 * d.I > d.H ? 2 * d.I : d.H;
+    // as xdown: the rank rounded up to a power of two, 64 KB of W a chunk
+    int R = rmax <= 8 ? 8 : rmax <= 16 ? 16 : rmax <= 32 ? 32 : 64, kc = (16384 / R) / 32 * 32;
+    int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
     TAKE(t->xpart, float, TK * rmax * (size_t)((wide + kc - 1) / kc));   // xdown's partial sums
   }
   TAKE(t->ptrs, const float *, 3 * (size_t)d.E);
@@ -911,38 +913,38 @@ __device__ __forceinline__ int tile_expert(const int32_t *tile_offsets, const in
 }
 
 // Upart[ks][i][k] = sum over chunk ks of c of X[i][c] W_e(k, c), k < r: a
-// block per (tile, chunk of xchunk(r) columns), the chunk of W_e in shared
+// block per (tile, chunk of xchunk(R) columns), the chunk of W_e in shared
 // memory, a warp per row with its lanes across the columns (X read once,
 // coalesced); xsum adds the chunks in order
 __device__ __host__ __forceinline__ int xchunk(int r) { return (16384 / r) / 32 * 32; }   // 64 KB of W
 
+template <int R>   // r <= R, rounded up to a power of two: the rank loops unroll exactly
 __global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int K, xmat W, int r, float *Upart, size_t pstride,
                                                     const int32_t *offsets, const int32_t *tile_offsets, int E) {
   extern __shared__ float Ws[];      // [r][kc]
   int row0, nrows, e = tile_expert(tile_offsets, offsets, E, blockIdx.x, &row0, &nrows);
   if (e < 0) return;
-  int kc = xchunk(r), c0 = blockIdx.y * kc, nc = K - c0 < kc ? K - c0 : kc;
+  int kc = xchunk(R), c0 = blockIdx.y * kc, nc = K - c0 < kc ? K - c0 : kc;
   const float *We = W.p + e * W.es;
-  for (int i = threadIdx.x; i < r * kc; i += 256) {
+  for (int i = threadIdx.x; i < R * kc; i += 256) {
     int k = i / kc, c = i % kc;
-    Ws[i] = c < nc ? We[(size_t)k * W.sa + (size_t)(c0 + c) * W.sb] : 0.f;
+    Ws[i] = c < nc && k < r ? We[(size_t)k * W.sa + (size_t)(c0 + c) * W.sb] : 0.f;
   }
   __syncthreads();
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float *Up = Upart + blockIdx.y * pstride;
   for (int rr = warp; rr < nrows; rr += 8) {
     const float *x = X + (size_t)(row0 + rr) * ldx + c0;
-    float acc[XR];
+    float acc[R];
 #pragma unroll
-    for (int k = 0; k < XR; k++) acc[k] = 0.f;
+    for (int k = 0; k < R; k++) acc[k] = 0.f;
     for (int c = lane; c < nc; c += 32) {
       float xv = x[c];
 #pragma unroll
-      for (int k = 0; k < XR; k++)
-        if (k < r) acc[k] += xv * Ws[k * kc + c];
+      for (int k = 0; k < R; k++) acc[k] += xv * Ws[k * kc + c];   // rows k >= r of Ws are zero
     }
 #pragma unroll
-    for (int k = 0; k < XR; k++) {
+    for (int k = 0; k < R; k++) {
       if (k >= r) break;
       float v = warp_sum(acc[k]);
       if (lane == 0) Up[(size_t)(row0 + rr) * r + k] = v;
@@ -985,14 +987,15 @@ __global__ void __launch_bounds__(256) xup_kernel(const float *U, int r, xmat W,
 
 // G_e(n, k) += alpha sum over e's rows i of P[i][n] U[i][k]: a block per
 // (expert, 128 columns), the rows in a fixed order
+template <int R>
 __global__ void __launch_bounds__(256) xgrad_kernel(const float *P, int ldp, const float *U, int r, int N, float alpha, xmat G,
                                                     const int32_t *offsets) {
   __shared__ float Ps[32][128], Us[32][XR];
   int e = blockIdx.x, tid = threadIdx.x, n0 = blockIdx.y * 128, nn = N - n0 < 128 ? N - n0 : 128;
   int n = tid % 128, kg = tid / 128;
-  float acc[XR / 2];
+  float acc[R / 2];
 #pragma unroll
-  for (int q = 0; q < XR / 2; q++) acc[q] = 0.f;
+  for (int q = 0; q < R / 2; q++) acc[q] = 0.f;
   for (int i0 = offsets[e]; i0 < offsets[e + 1]; i0 += 32) {
     int ni = offsets[e + 1] - i0 < 32 ? offsets[e + 1] - i0 : 32;
     __syncthreads();
@@ -1000,34 +1003,36 @@ __global__ void __launch_bounds__(256) xgrad_kernel(const float *P, int ldp, con
       int rr = i / 128, c = i % 128;
       Ps[rr][c] = rr < ni && c < nn ? P[(size_t)(i0 + rr) * ldp + n0 + c] : 0.f;
     }
-    for (int i = tid; i < ni * r; i += 256) Us[i / r][i % r] = U[(size_t)(i0 + i / r) * r + i % r];
+    for (int i = tid; i < 32 * R; i += 256) {
+      int rr = i / R, k = i % R;
+      Us[rr][k] = rr < ni && k < r ? U[(size_t)(i0 + rr) * r + k] : 0.f;
+    }
     __syncthreads();
     for (int rr = 0; rr < ni; rr++) {
       float p = Ps[rr][n];
 #pragma unroll
-      for (int q = 0; q < XR / 2; q++) {
-        int k = kg + 2 * q;
-        if (k < r) acc[q] += p * Us[rr][k];
-      }
+      for (int q = 0; q < R / 2; q++) acc[q] += p * Us[rr][kg + 2 * q];   // columns k >= r of Us are zero
     }
   }
   if (n >= nn) return;
   float *Ge = (float *)G.p + e * G.es;
 #pragma unroll
-  for (int q = 0; q < XR / 2; q++) {
+  for (int q = 0; q < R / 2; q++) {
     int k = kg + 2 * q;
     if (k < r) Ge[(size_t)(n0 + n) * G.sa + (size_t)k * G.sb] += alpha * acc[q];
   }
 }
 
 static int xtiles(const trainer *t) { return t->T * t->v->d.K / XT + t->v->d.E; }
+static int xround(int r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
 
 static gptoss_status xdown(trainer *t, const float *X, int ldx, int K, xmat W, int r, float alpha, float *U) {
-  int kc = xchunk(r), nks = (K + kc - 1) / kc;
-  size_t n = (size_t)t->T * t->v->d.K * r, smem = sizeof(float) * r * kc;
-  CU(cudaFuncSetAttribute(xdown_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  xdown_kernel<<<dim3(xtiles(t), nks), 256, smem, t->v->stream>>>(X, ldx, K, W, r, t->xpart, n, t->mw.offsets, t->mw.tile_offsets,
-                                                                   t->v->d.E);
+  int R = xround(r), kc = xchunk(R), nks = (K + kc - 1) / kc;
+  size_t n = (size_t)t->T * t->v->d.K * r, smem = sizeof(float) * R * kc;
+  void (*k)(const float *, int, int, xmat, int, float *, size_t, const int32_t *, const int32_t *, int) =
+      R == 8 ? xdown_kernel<8> : R == 16 ? xdown_kernel<16> : R == 32 ? xdown_kernel<32> : xdown_kernel<64>;
+  CU(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
+  k<<<dim3(xtiles(t), nks), 256, smem, t->v->stream>>>(X, ldx, K, W, r, t->xpart, n, t->mw.offsets, t->mw.tile_offsets, t->v->d.E);
   xsum_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(t->xpart, n, nks, alpha, U, n);
   CU(cudaGetLastError());
   return GPTOSS_OK;
@@ -1041,7 +1046,10 @@ static gptoss_status xup(trainer *t, const float *U, int r, xmat W, int N, float
 }
 
 static gptoss_status xgrad(trainer *t, const float *P, int ldp, const float *U, int r, int N, float alpha, xmat G) {
-  xgrad_kernel<<<dim3(t->v->d.E, (N + 127) / 128), 256, 0, t->v->stream>>>(P, ldp, U, r, N, alpha, G, t->mw.offsets);
+  int R = xround(r);
+  void (*k)(const float *, int, const float *, int, int, float, xmat, const int32_t *) =
+      R == 8 ? xgrad_kernel<8> : R == 16 ? xgrad_kernel<16> : R == 32 ? xgrad_kernel<32> : xgrad_kernel<64>;
+  k<<<dim3(t->v->d.E, (N + 127) / 128), 256, 0, t->v->stream>>>(P, ldp, U, r, N, alpha, G, t->mw.offsets);
   CU(cudaGetLastError());
   return GPTOSS_OK;
 }

@@ -18,8 +18,11 @@ if has specs; then
 fi
 if has sanitize; then
   lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 bench/train.lua /tmp/tiny cuda:0 exact 40 1 > $OUT/train_memcheck.log 2>&1
-  echo "memcheck rc=$? $(grep -a 'ERROR SUMMARY' $OUT/train_memcheck.log)"
+  # rank 16, and 6: the expert LoRA kernels round the rank up to a power of two
+  for r in 16 6; do
+    timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 bench/train.lua /tmp/tiny cuda:0 exact 40 1 $r > $OUT/train_memcheck_r$r.log 2>&1
+    echo "memcheck r $r: rc=$? $(grep -a 'ERROR SUMMARY' $OUT/train_memcheck_r$r.log)"
+  done
 fi
 if has bench || has hf; then
   t0=$(date +%s)
