@@ -16,7 +16,7 @@ local cjson = require "cjson"
 local dir, device, precision = arg[1], arg[2] or "cuda:0", arg[3] or "exact"
 local seq, steps, rank = tonumber(arg[4] or 2048), tonumber(arg[5] or 5), tonumber(arg[6] or 16)
 if not dir then
-  io.stderr:write("usage: lua5.4 bench/train.lua CHECKPOINT_DIR [device] [precision] [seq] [steps]\n")
+  io.stderr:write("usage: lua5.4 bench/train.lua CHECKPOINT_DIR [device] [precision] [seq] [steps] [rank]\n")
   os.exit(2)
 end
 
