@@ -849,6 +849,16 @@ static int dec_splits(int span) {
   return n < DEC_SPLITS ? n : DEC_SPLITS;
 }
 
+// one device allocation cut into n parts of the given sizes (each 256-aligned)
+static gptoss_status alloc_parts(char **mem, const size_t *sz, void **const *parts, size_t n) {
+  size_t total = 0;
+  for (size_t i = 0; i < n; i++) total += ALIGN(sz[i]);
+  CU(cudaMalloc((void **)mem, total));
+  char *p = *mem;
+  for (size_t i = 0; i < n; i++) { *parts[i] = p; p += ALIGN(sz[i]); }
+  return GPTOSS_OK;
+}
+
 static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_session *cs) {
   if (cs->dec) return GPTOSS_OK;
   const dims &d = cm->d;
@@ -860,17 +870,11 @@ static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_sess
     sizeof(float) * (size_t)d.D * d.Hq * ns, sizeof(float) * d.H, sizeof(float) * d.H, sizeof(int32_t) * d.K,
     sizeof(int32_t) * 4, sizeof(gpu_sampling), sizeof(int32_t) * 4, sizeof(int32_t *) * 2,
   };
-  size_t total = 0;
-  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
-  CU(cudaMalloc((void **)&cs->dec, total));
-  char *p = cs->dec;
-  size_t k = 0;
-#define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
-  TAKE(cs->d_qkv, float *); TAKE(cs->d_q, float *); TAKE(cs->d_att, float *); TAKE(cs->d_rl, float *);
-  TAKE(cs->d_w, float *); TAKE(cs->d_act, float *); TAKE(cs->d_ml, float *); TAKE(cs->d_acc, float *);
-  TAKE(cs->d_xnf, float *); TAKE(cs->d_x, float *); TAKE(cs->d_sel, int32_t *); TAKE(cs->step, int32_t *);
-  TAKE(cs->params, gpu_sampling *); TAKE(cs->next, int32_t *); TAKE(cs->hist_ptr, const int32_t **);
-#undef TAKE
+  void **parts[] = {(void **)&cs->d_qkv, (void **)&cs->d_q, (void **)&cs->d_att, (void **)&cs->d_rl, (void **)&cs->d_w,
+                     (void **)&cs->d_act, (void **)&cs->d_ml, (void **)&cs->d_acc, (void **)&cs->d_xnf, (void **)&cs->d_x,
+                     (void **)&cs->d_sel, (void **)&cs->step, (void **)&cs->params, (void **)&cs->next, (void **)&cs->hist_ptr};
+  gptoss_status rc = alloc_parts(&cs->dec, sz, parts, sizeof sz / sizeof sz[0]);
+  if (rc) return rc;
   cs->hist_len = cs->step + 2;
   CU(cudaHostAlloc((void **)&cs->step_host, 256, cudaHostAllocDefault));
   cs->params_host = (gpu_sampling *)((char *)cs->step_host + 64);
@@ -888,18 +892,16 @@ static gptoss_status decode_lora_scratch(cuda_model *cm, cuda_session *cs) {
   int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
   size_t sz[] = {sizeof(dlora_mod *), sizeof(float) * (size_t)d.K * GPTOSS_LORA_MAX_RANK, sizeof(float) * (size_t)d.K * wide,
                  sizeof(int32_t) * d.K, sizeof(bf16) * d.H, sizeof(bf16) * d.H};
-  size_t total = 0;
-  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
-  CU(cudaMalloc((void **)&cs->ldec, total));
-  char *p = cs->ldec;
-  size_t k = 0;
-#define TAKE(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
-  TAKE(cs->l_tok, const dlora_mod **); TAKE(cs->l_u, float *); TAKE(cs->l_delta, float *); TAKE(cs->l_slots, int32_t *);
-  TAKE(cs->l_xn, bf16 *); TAKE(cs->l_xl, bf16 *);
-#undef TAKE
-  int32_t slots[64];
-  for (int i = 0; i < d.K && i < 64; i++) slots[i] = i;
-  CU(cudaMemcpy(cs->l_slots, slots, sizeof(int32_t) * d.K, cudaMemcpyHostToDevice));
+  void **parts[] = {(void **)&cs->l_tok, (void **)&cs->l_u, (void **)&cs->l_delta, (void **)&cs->l_slots, (void **)&cs->l_xn,
+                     (void **)&cs->l_xl};
+  gptoss_status rc = alloc_parts(&cs->ldec, sz, parts, sizeof sz / sizeof sz[0]);
+  if (rc) return rc;
+  int32_t *slots = (int32_t *)malloc(sizeof(int32_t) * d.K);
+  if (!slots) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int i = 0; i < d.K; i++) slots[i] = i;
+  cudaError_t e = cudaMemcpy(cs->l_slots, slots, sizeof(int32_t) * d.K, cudaMemcpyHostToDevice);
+  free(slots);
+  if (e != cudaSuccess) return cuda_fail(e, "decode LoRA slots", __FILE__, __LINE__);
   return GPTOSS_OK;
 }
 
