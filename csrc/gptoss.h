@@ -376,8 +376,14 @@ double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed);
 gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path);
 /* Writes out_dir: the model's checkpoint with the adapter merged into its
    projections, W' = bf16(W + scale B A), every other tensor and file copied.
-   The directory appears whole (built under a temporary name, then renamed);
-   out_dir must not exist yet. */
+   With expert LoRAs the experts cannot stay MXFP4 (it would round the delta
+   away): every expert matrix goes out merged in bf16 as transformers holds
+   unquantized gpt-oss ([E][in][out] mlp.experts.gate_up_proj and down_proj),
+   config.json without quantization_config and the index renamed to match.
+   That checkpoint is for transformers, vLLM and the like: gptoss runs MXFP4
+   experts only and says so when asked to load it. The directory appears
+   whole (built under a temporary name, then renamed); out_dir must not
+   exist yet. */
 gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *a, const char *out_dir, int threads);
 /* dst's LoRA weights become src's: same layers, modules and shapes */
 gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adapter *src);

@@ -222,3 +222,28 @@ describe("LoRA adapters in CUDA sessions #gpu", function()
     b:close(); other:close()
   end)
 end)
+
+describe("merged checkpoints in transformers #gpu", function()
+  it("a merge with expert LoRAs loads in transformers and gives the adapter's logits (bf16 rounding aside)", function()
+    local m = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    local a = assert(gptoss.adapter.load(FX .. "experts_r4"))
+    local fx = assert(gptoss.safetensors(FX .. "experts_r4.safetensors"))
+    local dir = H.tmpdir()
+    local out = dir .. "/merged"
+    assert.are.equal(out, m:merge(a, out))
+    local ids = fx:numbers("ids")
+    H.write(dir .. "/ids.json", require("cjson").encode(ids))
+    local ok = os.execute(string.format("python3 tools/reference/hf_merged_logits.py '%s' '%s' '%s'", out, dir .. "/ids.json",
+      dir .. "/logits.safetensors"))
+    assert.is_truthy(ok == true or ok == 0, "transformers could not run the merged checkpoint")
+    local got = assert(gptoss.safetensors(dir .. "/logits.safetensors"))
+    local lg = got:floats("logits")
+    -- as for attention merges (lora_spec.lua): bf16 rounding of W + dW moves
+    -- some near-tied routers of this random model
+    local worst = H.compare_peft_logits(lg, fx)
+    local base = H.compare_peft_logits(lg, fx, "base_")
+    print(string.format("\n  transformers on the merged checkpoint: %.3g from PEFT's adapter logits, %.3g from the base's", worst, base))
+    assert.is_true(worst < 0.25 and worst < base / 5, string.format("merged: %.3g from the adapter's, %.3g from the base", worst, base))
+    got:close(); fx:close(); a:close(); m:close()
+  end)
+end)

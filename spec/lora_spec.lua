@@ -190,6 +190,67 @@ describe("LoRA adapters (PEFT format, CPU)", function()
 end)
 
 describe("merging an adapter into a checkpoint", function()
+  it("merges expert LoRAs into bf16 experts laid out as transformers holds them", function()
+    local m = assert(gptoss.load(H.tiny()))
+    local a = assert(gptoss.adapter.load(FX .. "experts_r4"))
+    local out = H.tmpdir() .. "/merged_experts"
+    assert.are.equal(out, m:merge(a, out))
+    local c = m.config
+    local E, Hd, I = c.num_local_experts, c.hidden_size, c.intermediate_size
+    local src, dst = assert(gptoss.safetensors(H.tiny())), assert(gptoss.safetensors(out))
+    local have = {}
+    for _, t in ipairs(dst:tensors()) do
+      have[t.name] = t
+      assert.is_nil(t.name:match("_blocks$") or t.name:match("_scales$"), t.name)
+    end
+    for l = 0, c.num_hidden_layers - 1 do
+      local gu, dn = have[("model.layers.%d.mlp.experts.gate_up_proj"):format(l)], have[("model.layers.%d.mlp.experts.down_proj"):format(l)]
+      assert.are.same({ E, Hd, 2 * I }, gu.shape); assert.are.equal("BF16", gu.dtype)
+      assert.are.same({ E, I, Hd }, dn.shape); assert.are.equal("BF16", dn.dtype)
+    end
+    -- config.json without quantization_config, otherwise the same
+    local cjson = require "cjson"
+    local cfg0, cfg1 = cjson.decode(H.read(H.tiny() .. "/config.json")), cjson.decode(H.read(out .. "/config.json"))
+    assert.is_table(cfg0.quantization_config); assert.is_nil(cfg1.quantization_config)
+    cfg0.quantization_config = nil
+    assert.are.same(cfg0, cfg1)
+    -- values: W[e][o][i] from the MXFP4 bytes by the reference's table and
+    -- formula (gpt-oss.md section 3), plus scale B A, rounded to bf16
+    local FP4 = { 0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, -1, -1.5, -2, -3, -4, -6 }
+    for _, which in ipairs { { "gate_up", 2 * I, Hd }, { "down", Hd, I } } do
+      local mod, rows, cols = which[1], which[2], which[3]
+      local base = "model.layers.1.mlp.experts." .. mod .. "_proj"
+      local blocks, scales = src:numbers(base .. "_blocks"), src:numbers(base .. "_scales")
+      local merged = dst:floats(base)
+      local x = assert(a:module(1, mod))
+      local G = cols / 32
+      for _, p in ipairs { { 0, 0, 0 }, { 3, 17, rows - 28 }, { E - 1, cols - 1, rows - 1 }, { 5, 40, 1 } } do
+        local e, i, o = p[1], p[2], p[3]                       -- 0-based expert, input, output
+        local r, g = e * rows + o, math.floor(i / 32)
+        local byte = blocks[(r * G + g) * 16 + math.floor((i % 32) / 2) + 1]
+        local code = i % 2 == 0 and byte % 16 or math.floor(byte / 16)
+        local w = FP4[code + 1] * 2 ^ (scales[r * G + g + 1] - 127)
+        local d = 0
+        for k = 0, x.r - 1 do d = d + x.B:get(o + 1, k * E + e + 1) * x.A:get(e * x.r + k + 1, i + 1) end
+        local want, got = w + x.scale * d, merged:get(1, (e * cols + i) * rows + o + 1)
+        assert.is_true(math.abs(got - want) <= math.abs(want) * 2 ^ -8 + 1e-30,
+          string.format("%s (%d, %d, %d): %.6g, want %.6g", mod, e, i, o, got, want))
+      end
+    end
+    -- the index names what the shards hold
+    local idx = H.exists(out .. "/model.safetensors.index.json") and cjson.decode(H.read(out .. "/model.safetensors.index.json"))
+    if idx then
+      local n = 0
+      for name in pairs(idx.weight_map) do assert.is_table(have[name], name); n = n + 1 end
+      assert.are.equal(#dst:tensors(), n)
+    end
+    -- gptoss runs MXFP4 experts only, and says so
+    local mm, err = gptoss.load(out)
+    assert.is_nil(mm); assert.matches("only MXFP4 experts are supported", err, 1, true)
+    src:close(); dst:close(); a:close(); m:close()
+  end)
+
+
   it("writes a loadable checkpoint whose logits are the adapter's (bf16 rounding aside)", function()
     local m = assert(gptoss.load(H.tiny()))
     local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))

@@ -107,8 +107,6 @@ describe("LoRA training (CPU) vs PEFT", function()
     assert.are.same({ "o_proj" }, cfg.target_modules)
     local b = assert(gptoss.adapter.load(dir))
     assert.are.equal(12, b.modules)
-    local out, err = m:merge(b, dir .. "/merged")
-    assert.is_nil(out); assert.matches("expert LoRAs", err, 1, true)
     mine:close(); peft:close(); a:close(); b:close()
   end)
 

@@ -111,7 +111,10 @@ Model.lora = M.lora
 -- position is never a target), its gradients added into the adapter's.
 Model.lora_backward = core.lora_backward
 --- model:merge(adapter, out_dir) -> out_dir | nil, message: a new checkpoint
--- with the adapter merged into the bf16 projections (load it with gptoss.load)
+-- with the adapter merged into the bf16 projections (load it with
+-- gptoss.load); with expert LoRAs the experts go out merged in bf16, as
+-- transformers holds unquantized gpt-oss (for transformers, vLLM: gptoss
+-- runs MXFP4 experts only)
 Model.merge = core.lora_merge
 
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
