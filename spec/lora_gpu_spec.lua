@@ -211,6 +211,25 @@ describe("LoRA adapters in CUDA sessions #gpu", function()
     assert.are.equal(before, gpu:memory().workspace)
   end)
 
+  it("refuses an adapter that does not fit the memory budget plainly, and stays usable", function()
+    local probe = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    local s0 = probe:session()
+    s0:feed({ 1, 2, 3, 4 }, "last")
+    local need = probe:memory().total
+    s0:close(); probe:close()
+    local tight = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0", memory = need + 2e6 }))
+    local big = gptoss.lora(tight, { r = 256, targets = { "attn", "experts" }, init = "random" })
+    assert.is_true(big.params * 4 > 2e6)
+    local s = tight:session { adapter = big }
+    local ok, err = pcall(s.feed, s, { 1, 2, 3, 4 }, "last")
+    assert.is_false(ok)
+    assert.matches("adapter's device copy needs", tostring(err), 1, true)
+    assert.matches("memory budget", tostring(err), 1, true)
+    s:set_adapter(nil)                               -- the same session, without it, still runs
+    s:feed({ 1, 2, 3, 4 }, "last")
+    s:close(); big:close(); tight:close()
+  end)
+
   it("refuses an adapter of another shape, as the CPU does", function()
     local other = H.v128()
     local b = gptoss.lora(other, { r = 4, targets = { "attn", "experts" } })
