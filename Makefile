@@ -53,7 +53,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all install test test-gpu run bench bench-train check-memory clean tokenizer fuzz kernels-test
+.PHONY: all install test test-gpu run bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -152,6 +152,10 @@ bench: all $(TOKENIZER)
 # LoRA training speed and memory on a checkpoint (GPU): make bench-train TRAIN_ARGS="DIR cuda:0 exact"
 bench-train: all
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/train.lua $(TRAIN_ARGS)
+
+# what an adapter costs a CUDA session: make bench-adapter ADAPTER_ARGS="DIR cuda:0 exact 16"
+bench-adapter: all
+	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/adapter.lua $(ADAPTER_ARGS)
 
 clean:
 	rm -rf $(BUILD)
