@@ -73,6 +73,41 @@ describe("LoRA adapters (PEFT format, CPU)", function()
     a:close(); b:close(); fa:close(); fb:close()
   end)
 
+  it("takes an adapter per generation call, and one per prompt in generate_batch", function()
+    local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
+    local ids = fx:numbers("ids")
+    fx:close()
+    local prompt = {}
+    for i = 1, 20 do prompt[i] = ids[i] end
+    local a = assert(gptoss.adapter.load(FX .. "attn_r4"))
+    local b = assert(gptoss.adapter.load(FX .. "qv_rslora_r8"))
+    local function through_session(ad)
+      local s = m:session { adapter = ad }
+      local r = m:generate(prompt, { temperature = 0, max_tokens = 6, session = s })
+      s:close()
+      return r.ids
+    end
+    local with_a = m:generate(prompt, { temperature = 0, max_tokens = 6, adapter = a }).ids
+    local plain = m:generate(prompt, { temperature = 0, max_tokens = 6 }).ids
+    assert.are.same(through_session(a), with_a)
+    assert.are_not.same(plain, with_a)                 -- the adapter does change the tokens
+    local seen = {}
+    for _, id in m:stream(prompt, { temperature = 0, max_tokens = 6, adapter = a }) do seen[#seen + 1] = id end
+    assert.are.same(with_a, seen)
+    local rs = m:generate_batch({ prompt, prompt, prompt }, { temperature = 0, max_tokens = 6, adapter = { a, false, b } })
+    assert.are.same(with_a, rs[1].ids)
+    assert.are.same(plain, rs[2].ids)
+    assert.are.same(through_session(b), rs[3].ids)
+    local all_a = m:generate_batch({ prompt, prompt }, { temperature = 0, max_tokens = 6, adapter = a })
+    assert.are.same(with_a, all_a[2].ids)
+    local s = m:session()
+    assert.has_error(function() m:generate(prompt, { adapter = a, session = s }) end,
+      "generate: give adapter or session, not both (a session carries its own adapter)")
+    assert.has_error(function() m:generate_batch({ prompt, prompt }, { adapter = { a } }) end,
+      "generate_batch: adapter lists 1 entries for 2 prompts")
+    s:close(); a:close(); b:close()
+  end)
+
   it("keeps an adapter alive for its sessions and forks, and switches it off", function()
     local fx = assert(gptoss.safetensors(FX .. "attn_r4.safetensors"))
     local ids = fx:numbers("ids")

@@ -120,7 +120,7 @@ Model.merge = core.lora_merge
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,
   penalty_window = true, seed = true, logit_bias = true }
-local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true }
+local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true }
 
 local seed_counter = 0
 local function fresh_seed()
@@ -260,7 +260,7 @@ end
 local function start(model, ids, opts, smp)
   local sess = opts.session
   local own = sess == nil
-  if own then sess = model:session() end
+  if own then sess = model:session { adapter = opts.adapter or nil } end
   local ok, first = pcall(function()
     sess:feed(ids, "last")
     return sess:sample(smp)
@@ -280,6 +280,9 @@ end
 function Model:stream(ids, opts)
   opts = check_options(opts, "stream")
   check_ids(ids, "stream")
+  if opts.session and opts.adapter then
+    error("stream: give adapter or session, not both (a session carries its own adapter)", 2)
+  end
   local run = new_run(self, opts, #ids)
   local smp = sampler_for(self, opts)
   local info = {}
@@ -325,10 +328,15 @@ end
 -- opts: the sampler's (temperature, top_k, top_p, min_p, repetition_penalty,
 -- presence_penalty, frequency_penalty, penalty_window, seed, logit_bias),
 -- max_tokens, stop (strings), stop_tokens (ids; default <|return|>, <|call|>),
--- on_token(piece, id) (return false to stop), session (continue one).
+-- on_token(piece, id) (return false to stop), session (continue one),
+-- adapter (a LoRA adapter for this call's fresh session; several can serve
+-- calls at once).
 function Model:generate(ids, opts)
   opts = check_options(opts, "generate")
   check_ids(ids, "generate")
+  if opts.session and opts.adapter then
+    error("generate: give adapter or session, not both (a session carries its own adapter)", 2)
+  end
   local cb = opts.on_token
   if cb ~= nil and type(cb) ~= "function" then error("generate: on_token must be a function", 2) end
   local it, info = self:stream(ids, opts)
@@ -349,11 +357,20 @@ end
 
 --- model:generate_batch({ids1, ids2, ...}, opts) -> { result1, result2, ... }
 -- The sessions decode together: one forward pass per step for all of them.
--- With a seed, prompt i samples with seed + i - 1.
+-- With a seed, prompt i samples with seed + i - 1. adapter: one adapter for
+-- every prompt, or a list with an adapter (or false) per prompt.
 function Model:generate_batch(prompts, opts)
   opts = check_options(opts, "generate_batch")
   if opts.session then error("generate_batch: session is not an option here", 2) end
   if type(prompts) ~= "table" or #prompts == 0 then error("generate_batch: a non-empty list of prompts expected", 2) end
+  local adapters = opts.adapter
+  if type(adapters) == "table" and #adapters ~= #prompts then
+    error(string.format("generate_batch: adapter lists %d entries for %d prompts", #adapters, #prompts), 2)
+  end
+  local function adapter_of(i)
+    if type(adapters) == "table" then return adapters[i] or nil end
+    return adapters
+  end
   local runs, sessions, samplers, last = {}, {}, {}, {}
   for i, ids in ipairs(prompts) do
     check_ids(ids, "generate_batch")
@@ -363,7 +380,7 @@ function Model:generate_batch(prompts, opts)
   local ok, err = pcall(function()
     local active = {}
     for i, ids in ipairs(prompts) do
-      sessions[i] = self:session()
+      sessions[i] = self:session { adapter = adapter_of(i) }
       sessions[i]:feed(ids, "last")
       if sessions[i]:pos() >= sessions[i]:context() then runs[i]:stop("length")
       else last[i] = sessions[i]:sample(samplers[i]); active[#active + 1] = i end
