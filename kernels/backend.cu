@@ -594,13 +594,16 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     if (ss[i]->adapter) cuda_train_release(cm->train, &cm->train_bytes);
   {
     lora_view lv = {st, d.L, d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
-    if ((rc = lora_bind(&cm->lora, &lv, ss, nss, sidx, T, T * d.K, &ltok, &lu, &lr, &ldelta))) return rc;
+    int rows = T * d.K > LORA_PASS_MODS * T ? T * d.K : LORA_PASS_MODS * T;   // rank products of the experts', or of q, k, v
+    if ((rc = lora_bind(&cm->lora, &lv, ss, nss, sidx, T, rows, &ltok, &lu, &lr, &ldelta))) return rc;
   }
-  auto lora = [&](int l, int mod, int n, const int32_t *perm, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted,
-                  float *out, int ostride, int ooff, int mode, int outs) {
-    lora_pass p = {ltok, l, mod, n, perm, cm->sel, d.K, xf, xh, xl, in_sorted, lu, lr, out, ostride, ooff, mode};
+  auto lora = [&](int l, int nm, const int *mods, const int *ooffs, int n, const int32_t *perm, const float *xf, const bf16 *xh,
+                  const bf16 *xl, int in_sorted, float *out, int ostride, int mode, int outs) {
+    lora_pass p = lora_pass_of(ltok, l, nm, mods, ooffs, n, perm, cm->sel, d.K, xf, xh, xl, in_sorted, lu, lr, out, ostride, mode);
     launch_lora(&p, outs, st);
   };
+  const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V}, qkv_off[3] = {0, d.Q, d.Q + d.KV};
+  const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
 
   int maxpos = 0;
   for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
@@ -617,10 +620,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     cuda_prof_mark("fwd norm", st);
     if ((rc = gemm(cm, y.qkv_w, cm->xn, xn_lo, cm->qkv, d.Q + 2 * d.KV, T, d.H))) return rc;
     if (ltok) {
-      int qkv = d.Q + 2 * d.KV;
-      lora(l, GPTOSS_LORA_Q, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, 0, LORA_ADD_TOKEN, d.Q);
-      lora(l, GPTOSS_LORA_K, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, d.Q, LORA_ADD_TOKEN, d.KV);
-      lora(l, GPTOSS_LORA_V, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, qkv, d.Q + d.KV, LORA_ADD_TOKEN, d.KV);
+      lora(l, 3, qkv_mods, qkv_off, T, NULL, NULL, cm->xn, xn_lo, 0, cm->qkv, d.Q + 2 * d.KV, LORA_ADD_TOKEN, d.Q);
       cuda_prof_mark("fwd lora", st);
     }
     cuda_prof_mark("fwd qkv", st);
@@ -642,7 +642,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     if ((rc = gemm(cm, y.o_w, cm->att16, att_lo, cm->tmp, d.H, T, d.Q))) return rc;
     if (ltok) {
       cuda_prof_mark("fwd o_proj", st);
-      lora(l, GPTOSS_LORA_O, T, NULL, cm->att, NULL, NULL, 0, cm->tmp, d.H, 0, LORA_ADD_TOKEN, d.H);
+      lora(l, 1, &mod_o, &off0, T, NULL, cm->att, NULL, NULL, 0, cm->tmp, d.H, LORA_ADD_TOKEN, d.H);
       cuda_prof_mark("fwd lora", st);
     }
     launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
@@ -659,7 +659,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
     const float *delta = NULL;
     if (ltok) {
-      lora(l, GPTOSS_LORA_GU, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, 0, LORA_SET_ROW, 2 * d.I);
+      lora(l, 1, &mod_gu, &off0, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, LORA_SET_ROW, 2 * d.I);
       delta = ldelta;
       cuda_prof_mark("fwd lora", st);
     }
@@ -670,7 +670,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     if (ltok) {
       cuda_prof_mark("fwd moe down", st);
-      lora(l, GPTOSS_LORA_DN, T * d.K, cm->mw.perm, cm->act, NULL, NULL, 1, cm->y, d.H, 0, LORA_ADD_ASSIGNMENT, d.H);
+      lora(l, 1, &mod_dn, &off0, T * d.K, cm->mw.perm, cm->act, NULL, NULL, 1, cm->y, d.H, LORA_ADD_ASSIGNMENT, d.H);
       cuda_prof_mark("fwd lora", st);
     }
     cuda_prof_mark("fwd moe down", st);
@@ -890,7 +890,8 @@ static gptoss_status decode_lora_scratch(cuda_model *cm, cuda_session *cs) {
   if (cs->ldec) return GPTOSS_OK;
   const dims &d = cm->d;
   int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
-  size_t sz[] = {sizeof(dlora_mod *), sizeof(float) * (size_t)d.K * GPTOSS_LORA_MAX_RANK, sizeof(float) * (size_t)d.K * wide,
+  int urows = d.K > LORA_PASS_MODS ? d.K : LORA_PASS_MODS;   // the experts' slots, or q, k and v
+  size_t sz[] = {sizeof(dlora_mod *), sizeof(float) * (size_t)urows * GPTOSS_LORA_MAX_RANK, sizeof(float) * (size_t)d.K * wide,
                  sizeof(int32_t) * d.K, sizeof(bf16) * d.H, sizeof(bf16) * d.H};
   void **parts[] = {(void **)&cs->l_tok, (void **)&cs->l_u, (void **)&cs->l_delta, (void **)&cs->l_slots, (void **)&cs->l_xn,
                      (void **)&cs->l_xl};
@@ -924,11 +925,14 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
   cuda_model *cm = CM(m);
   const dims &d = cm->d;
   cudaStream_t st = cm->stream;
-  auto lora = [&](int l, int mod, int n, const int32_t *slots, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted,
-                  float *out, int ostride, int ooff, int mode, int outs) {
-    lora_pass p = {cs->l_tok, l, mod, n, slots, cs->d_sel, d.K, xf, xh, xl, in_sorted, cs->l_u, lr, out, ostride, ooff, mode};
+  auto lora = [&](int l, int nm, const int *mods, const int *ooffs, int n, const int32_t *slots, const float *xf, const bf16 *xh,
+                  const bf16 *xl, int in_sorted, float *out, int ostride, int mode, int outs) {
+    lora_pass p = lora_pass_of(cs->l_tok, l, nm, mods, ooffs, n, slots, cs->d_sel, d.K, xf, xh, xl, in_sorted, cs->l_u, lr, out,
+                               ostride, mode);
     launch_lora(&p, outs, st);
   };
+  const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V}, qkv_off[3] = {0, d.Q, d.Q + d.KV};
+  const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
   cuda_prof_mark("start", st);
   decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
   launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
@@ -939,11 +943,8 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, st);
     cuda_prof_mark("dec qkv gemv", st);
     if (lr) {
-      int qkv = d.Q + 2 * d.KV;
       launch_rmsnorm(cs->d_x, NULL, 1, y.attn_norm, cs->l_xn, cs->l_xl, d.H, d.eps, st);
-      lora(l, GPTOSS_LORA_Q, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, 0, LORA_ADD_TOKEN, d.Q);
-      lora(l, GPTOSS_LORA_K, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, d.Q, LORA_ADD_TOKEN, d.KV);
-      lora(l, GPTOSS_LORA_V, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, qkv, d.Q + d.KV, LORA_ADD_TOKEN, d.KV);
+      lora(l, 3, qkv_mods, qkv_off, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, d.Q + 2 * d.KV, LORA_ADD_TOKEN, d.Q);
       cuda_prof_mark("dec lora", st);
     }
     attn_args a;
@@ -958,13 +959,13 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, st);
     cuda_prof_mark("dec o gemv", st);
     if (lr) {
-      lora(l, GPTOSS_LORA_O, 1, NULL, cs->d_att, NULL, NULL, 0, cs->d_x, d.H, 0, LORA_ADD_TOKEN, d.H);
+      lora(l, 1, &mod_o, &off0, 1, NULL, cs->d_att, NULL, NULL, 0, cs->d_x, d.H, LORA_ADD_TOKEN, d.H);
       cuda_prof_mark("dec lora", st);
     }
     launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
     cuda_prof_mark("dec router", st);
     if (lr) {
-      lora(l, GPTOSS_LORA_GU, d.K, cs->l_slots, cs->d_xnf, NULL, NULL, 0, cs->l_delta, 2 * d.I, 0, LORA_SET_ROW, 2 * d.I);
+      lora(l, 1, &mod_gu, &off0, d.K, cs->l_slots, cs->d_xnf, NULL, NULL, 0, cs->l_delta, 2 * d.I, LORA_SET_ROW, 2 * d.I);
       cuda_prof_mark("dec lora", st);
     }
     launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, lr ? cs->l_delta : NULL, cs->d_act, st);
@@ -973,7 +974,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
     cuda_prof_mark("dec moe down", st);
     if (lr) {
       // each slot's delta, then weighted into the residual in slot order (no atomics: the same sums every run)
-      lora(l, GPTOSS_LORA_DN, d.K, cs->l_slots, cs->d_act, NULL, NULL, 1, cs->l_delta, d.H, 0, LORA_SET_ROW, d.H);
+      lora(l, 1, &mod_dn, &off0, d.K, cs->l_slots, cs->d_act, NULL, NULL, 1, cs->l_delta, d.H, LORA_SET_ROW, d.H);
       launch_moe_combine(cs->d_x, cs->l_delta, cs->d_w, 1, d.H, d.K, st);
       cuda_prof_mark("dec lora", st);
     }

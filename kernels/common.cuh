@@ -277,20 +277,26 @@ void lora_cache_drop(lora_cache *c);      // every copy and buffer (training wan
 void lora_cache_free(lora_cache *c);
 size_t lora_cache_bytes(const lora_cache *c);
 enum { LORA_ADD_TOKEN, LORA_SET_ROW, LORA_ADD_ASSIGNMENT };
+#define LORA_PASS_MODS 3
 struct lora_pass {
   const dlora_mod *const *tok;
-  int layer, mod;
+  int layer;
+  int nm, mod[LORA_PASS_MODS], ooff[LORA_PASS_MODS];   // modules sharing the input (q, k, v), one launch
   int n;                     // rows: tokens, or with perm sorted (token, expert) assignments
   const int32_t *perm, *sel;
   int K;
   const float *xf;           // input rows, fp32, or
   const bf16 *xh, *xl;       // bf16 (+ lo when split)
   int in_sorted;             // input row j (else the row's token)
-  float *u;
+  float *u;                  // [nm][n][rmax]
   int rmax;
   float *out;                // ADD_TOKEN: out[t][ooff + c] +=; SET_ROW: out[j][c] = (0 without a LoRA);
-  int ostride, ooff, mode;   // ADD_ASSIGNMENT: out[assignment][ooff + c] +=
+  int ostride, mode;         // ADD_ASSIGNMENT: out[assignment][ooff + c] +=
 };
+lora_pass lora_pass_of(const dlora_mod *const *tok, int layer, int nm, const int *mods, const int *ooffs, int n, const int32_t *perm,
+                       const int32_t *sel, int K, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted, float *u, int rmax,
+                       float *out, int ostride, int mode);
+// outs: the widest module's outputs
 void launch_lora(const lora_pass *p, int outs, cudaStream_t s);
 
 // sampler.cu

@@ -222,13 +222,13 @@ gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *con
 // Row j of a pass is token j, or with perm the j-th (token, expert)
 // assignment in expert order. Its module, or NULL where its token's session
 // has no adapter or the adapter no LoRA here.
-__device__ __forceinline__ const dlora_mod *pass_row(const lora_pass &p, int j, int *t, int *e, int *a) {
+__device__ __forceinline__ const dlora_mod *pass_row(const lora_pass &p, int mod, int j, int *t, int *e, int *a) {
   int tt = j, ee = 0, aa = j;
   if (p.perm) { aa = p.perm[j]; tt = aa / p.K; ee = p.sel[aa]; }
   *t = tt; *e = ee; *a = aa;
   const dlora_mod *tab = p.tok[tt];
   if (!tab) return NULL;
-  const dlora_mod *m = tab + p.layer * GPTOSS_LORA_MODULES + p.mod;
+  const dlora_mod *m = tab + p.layer * GPTOSS_LORA_MODULES + mod;
   return m->r ? m : NULL;
 }
 
@@ -260,8 +260,8 @@ __device__ __forceinline__ float lora_x1(const lora_pass &p, size_t at) {
 
 __global__ void __launch_bounds__(LORA_THREADS) lora_a_kernel(lora_pass p) {
   __shared__ float red[LORA_RB][LORA_THREADS / 32];
-  int j = blockIdx.x, t, e, a;
-  const dlora_mod *m = pass_row(p, j, &t, &e, &a);
+  int j = blockIdx.x, z = blockIdx.z, t, e, a;
+  const dlora_mod *m = pass_row(p, p.mod[z], j, &t, &e, &a);
   int k0 = blockIdx.y * LORA_RB;
   if (!m || k0 >= m->r) return;
   int nk = m->r - k0 < LORA_RB ? m->r - k0 : LORA_RB;
@@ -297,22 +297,22 @@ __global__ void __launch_bounds__(LORA_THREADS) lora_a_kernel(lora_pass p) {
   if (threadIdx.x < nk) {
     float v = 0.f;
     for (int w = 0; w < LORA_THREADS / 32; w++) v += red[threadIdx.x][w];
-    p.u[(size_t)j * p.rmax + k0 + threadIdx.x] = v;
+    p.u[((size_t)z * p.n + j) * p.rmax + k0 + threadIdx.x] = v;
   }
 }
 
 // out[.][c] (+)= scale * B_e[c] . u[j]: blocks of 256 outputs of one row
 __global__ void lora_b_kernel(lora_pass p) {
   extern __shared__ float us[];
-  int j = blockIdx.y, t, e, a;
-  const dlora_mod *m = pass_row(p, j, &t, &e, &a);
+  int j = blockIdx.y, z = blockIdx.z, t, e, a;
+  const dlora_mod *m = pass_row(p, p.mod[z], j, &t, &e, &a);
   int c = blockIdx.x * blockDim.x + threadIdx.x;
   if (!m) {
     if (p.mode == LORA_SET_ROW && c < p.ostride) p.out[(size_t)j * p.ostride + c] = 0.f;
     return;
   }
   int r = m->r;
-  for (int k = threadIdx.x; k < r; k += blockDim.x) us[k] = p.u[(size_t)j * p.rmax + k];
+  for (int k = threadIdx.x; k < r; k += blockDim.x) us[k] = p.u[((size_t)z * p.n + j) * p.rmax + k];
   __syncthreads();
   if (c >= m->out) {
     if (p.mode == LORA_SET_ROW && c < p.ostride) p.out[(size_t)j * p.ostride + c] = 0.f;
@@ -328,15 +328,27 @@ __global__ void lora_b_kernel(lora_pass p) {
   } else
     for (int k = 0; k < r; k++) s += B[k] * us[k];
   s *= m->scale;
-  if (p.mode == LORA_ADD_TOKEN) p.out[(size_t)t * p.ostride + p.ooff + c] += s;
+  if (p.mode == LORA_ADD_TOKEN) p.out[(size_t)t * p.ostride + p.ooff[z] + c] += s;
   else if (p.mode == LORA_SET_ROW) p.out[(size_t)j * p.ostride + c] = s;
-  else p.out[(size_t)a * p.ostride + p.ooff + c] += s;
+  else p.out[(size_t)a * p.ostride + p.ooff[z] + c] += s;
+}
+
+lora_pass lora_pass_of(const dlora_mod *const *tok, int layer, int nm, const int *mods, const int *ooffs, int n, const int32_t *perm,
+                       const int32_t *sel, int K, const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted, float *u, int rmax,
+                       float *out, int ostride, int mode) {
+  lora_pass p;
+  memset(&p, 0, sizeof p);
+  p.tok = tok; p.layer = layer; p.nm = nm;
+  for (int i = 0; i < nm && i < LORA_PASS_MODS; i++) { p.mod[i] = mods[i]; p.ooff[i] = ooffs[i]; }
+  p.n = n; p.perm = perm; p.sel = sel; p.K = K; p.xf = xf; p.xh = xh; p.xl = xl; p.in_sorted = in_sorted;
+  p.u = u; p.rmax = rmax; p.out = out; p.ostride = ostride; p.mode = mode;
+  return p;
 }
 
 void launch_lora(const lora_pass *p, int outs, cudaStream_t s) {
   if (p->n <= 0) return;
-  lora_a_kernel<<<dim3(p->n, (p->rmax + LORA_RB - 1) / LORA_RB), LORA_THREADS, 0, s>>>(*p);
-  dim3 grid((outs + 255) / 256, p->n);
+  lora_a_kernel<<<dim3(p->n, (p->rmax + LORA_RB - 1) / LORA_RB, p->nm), LORA_THREADS, 0, s>>>(*p);
+  dim3 grid((outs + 255) / 256, p->n, p->nm);
   lora_b_kernel<<<grid, 256, sizeof(float) * p->rmax, s>>>(*p);
 }
 // }======================================================
