@@ -554,6 +554,14 @@ void cuda_train_free(void *state) {
 #define ALIGN256(x) (((x) + 255) & ~(size_t)255)
 
 // carves the buffers for T tokens out of one allocation (size only when base is NULL)
+// The experts' LoRA kernels (below): ranks up to XR, 64-row tiles of one
+// expert; a rank is rounded up to a power of two so their loops unroll
+// exactly, and xdown stages 64 KB of an expert's matrix a column chunk.
+#define XR 64
+#define XT 64
+static int xround(int r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
+__device__ __host__ __forceinline__ int xchunk(int R) { return (16384 / R) / 32 * 32; }
+
 static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   size_t off = 0, TK = (size_t)T * d.K, ldq = (size_t)d.Q + 2 * d.KV, HQ = (size_t)(d.H > d.Q ? d.H : d.Q);
   size_t gu_n = TK * 2 * d.I > (size_t)d.V ? TK * 2 * d.I : (size_t)d.V;   // the logits of a chunk live there too
@@ -576,9 +584,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
   TAKE(t->lh, float, TK * rmax); TAKE(t->ldh, float, TK * rmax);   // every expert's rows at once
   {
-    // as xdown: the rank rounded up to a power of two, 64 KB of W a chunk
-    int R = rmax <= 8 ? 8 : rmax <= 16 ? 16 : rmax <= 32 ? 32 : 64, kc = (16384 / R) / 32 * 32;
-    int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
+    int kc = xchunk(xround(rmax)), wide = 2 * d.I > d.H ? 2 * d.I : d.H;
     TAKE(t->xpart, float, TK * rmax * (size_t)((wide + kc - 1) / kc));   // xdown's partial sums
   }
   TAKE(t->ptrs, const float *, 3 * (size_t)d.E);
@@ -893,9 +899,6 @@ static xop slice_op(const float *base, size_t per_expert, int ld) { xop o = {bas
 // sort's tile_offsets); an expert's matrix W_e(a, b) lives at
 // W + e * es + a * sa + b * sb, so A (r x in), B (out x r) and their
 // transposes are all the same kind of operand.
-#define XR 64
-#define XT 64                      // rows per tile
-#define XC 64                      // columns per staged chunk
 struct xmat {
   const float *p;
   size_t es;
@@ -916,7 +919,6 @@ __device__ __forceinline__ int tile_expert(const int32_t *tile_offsets, const in
 // block per (tile, chunk of xchunk(R) columns), the chunk of W_e in shared
 // memory, a warp per row with its lanes across the columns (X read once,
 // coalesced); xsum adds the chunks in order
-__device__ __host__ __forceinline__ int xchunk(int r) { return (16384 / r) / 32 * 32; }   // 64 KB of W
 
 template <int R>   // r <= R, rounded up to a power of two: the rank loops unroll exactly
 __global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int K, xmat W, int r, float *Upart, size_t pstride,
@@ -1024,7 +1026,6 @@ __global__ void __launch_bounds__(256) xgrad_kernel(const float *P, int ldp, con
 }
 
 static int xtiles(const trainer *t) { return t->T * t->v->d.K / XT + t->v->d.E; }
-static int xround(int r) { return r <= 8 ? 8 : r <= 16 ? 16 : r <= 32 ? 32 : 64; }
 
 static gptoss_status xdown(trainer *t, const float *X, int ldx, int K, xmat W, int r, float alpha, float *U) {
   int R = xround(r), kc = xchunk(R), nks = (K + kc - 1) / kc;
@@ -1105,6 +1106,22 @@ static void dequant(trainer *t, const uint8_t *blocks, const uint8_t *scales, in
   size_t nb = (size_t)rows * cols / 2, nw = nb / 4;
   dequant_kernel<<<(unsigned)((nw + 255) / 256), 256, 0, t->v->stream>>>(blocks + (size_t)e * nb, scales + (size_t)e * (nb / 16),
                                                                          t->wx, nw);
+}
+// Y's rows of every expert = its rows of the input already split into
+// t->hi (+ t->lo) times its matrix (fwd: X W^T with W [rows][cols]; else
+// X W), each matrix expanded from MXFP4 just before its product
+static gptoss_status expert_products(trainer *t, const uint8_t *blocks, const uint8_t *scales, int rows, int cols, bool fwd,
+                                     float *Y, int ldy) {
+  const int32_t *off = t->off_host;
+  int K = fwd ? cols : rows;
+  for (int e = 0; e < t->v->d.E; e++) {
+    int n = off[e + 1] - off[e];
+    if (!n) continue;
+    size_t r0 = (size_t)off[e] * K;
+    dequant(t, blocks, scales, e, rows, cols);
+    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, rows, cols, fwd, Y + (size_t)off[e] * ldy, ldy, 0.f));
+  }
+  return GPTOSS_OK;
 }
 // }======================================================
 
@@ -1303,29 +1320,15 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   add_bias(t, t->rl, d.E, w->router_b, T, d.E, NULL, NULL);
   topk_kernel<<<(T + 7) / 8, 256, 0, st>>>(t->rl, T, d.E, d.K, t->sel, t->w);
   TRY(moe_route(t));
-  const int32_t *off = t->off_host;
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
   // the experts' inputs split once for all their rows; their weights expanded one expert at a time
   split(t, t->xg, TK, d.H, d.H);
-  for (int e = 0; e < d.E; e++) {
-    int n = off[e + 1] - off[e];
-    if (!n) continue;
-    size_t r0 = (size_t)off[e] * d.H;
-    dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
-    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, 2 * d.I, d.H, true, t->gu + (size_t)off[e] * 2 * d.I,
-                    2 * d.I, 0.f));
-  }
+  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, t->gu, 2 * d.I));
   TRY(lora_experts_fwd(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
   add_bias(t, t->gu, 2 * d.I, w->gu_bias, TK, 2 * d.I, t->sel, t->mw.perm);
   swiglu_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
   split(t, t->act, TK, d.I, d.I);
-  for (int e = 0; e < d.E; e++) {
-    int n = off[e + 1] - off[e];
-    if (!n) continue;
-    size_t r0 = (size_t)off[e] * d.I;
-    dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
-    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, d.H, d.I, true, t->ye + (size_t)off[e] * d.H, d.H, 0.f));
-  }
+  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, true, t->ye, d.H));
   TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H));
   add_bias(t, t->ye, d.H, w->dn_bias, TK, d.H, t->sel, t->mw.perm);
   if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
@@ -1341,32 +1344,18 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
-  const int32_t *off = t->off_host;
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
   // MoE: ye becomes d ye, act d act, gu d gu, xg d xg
   router_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->w, t->sel, t->invp, w->router_w, t->dxn, d.H, d.K);
   // the LoRA gradients read act and xg before the base products overwrite them with their gradients
   TRY(lora_experts_grads(t, ldn, t->act, d.I, t->ye, d.H));
   split(t, t->ye, TK, d.H, d.H);
-  for (int e = 0; e < d.E; e++) {
-    int n = off[e + 1] - off[e];
-    if (!n) continue;
-    size_t r0 = (size_t)off[e] * d.H;
-    dequant(t, w->dn_blocks, w->dn_scales, e, d.H, d.I);
-    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, d.H, d.I, false, t->act + (size_t)off[e] * d.I, d.I, 0.f));
-  }
+  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, t->act, d.I));
   TRY(lora_experts_dx(t, ldn, t->act, d.I));
   swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
   TRY(lora_experts_grads(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
   split(t, t->gu, TK, 2 * d.I, 2 * d.I);
-  for (int e = 0; e < d.E; e++) {
-    int n = off[e + 1] - off[e];
-    if (!n) continue;
-    size_t r0 = (size_t)off[e] * 2 * d.I;
-    dequant(t, w->gu_blocks, w->gu_scales, e, 2 * d.I, d.H);
-    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, 2 * d.I, d.H, false, t->xg + (size_t)off[e] * d.H, d.H,
-                    0.f));
-  }
+  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, false, t->xg, d.H));
   TRY(lora_experts_dx(t, lgu, t->xg, d.H));
   scatter_kernel<<<T, 256, 0, st>>>(t->dxn, t->xg, t->invp, d.H, d.K);
   rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->xmid, NULL, t->inv2, w->mlp_norm, t->dxn, d.H);
