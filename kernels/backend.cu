@@ -551,6 +551,19 @@ static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, const bf
   return GPTOSS_OK;
 }
 
+// What lora.cu needs to make adapters' device copies. Sessions that use
+// adapters give back the trainer's memory first (training drops the
+// copies in turn), so the two never hold memory at once.
+static lora_view adapter_view(cuda_model *cm, int adapters) {
+  if (adapters && cm->train_bytes) cuda_train_release(cm->train, &cm->train_bytes);
+  lora_view v = {cm->stream, cm->d.L, cm->d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+  return v;
+}
+
+// the modules of each LoRA pass (q, k and v share one), as lora_pass takes them
+static const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V};
+static const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
+
 // Runs T tokens (of nss sessions) through the layers; out rows (token
 // indices in rows_host) get logits, written to host out and/or kept.
 static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss, int nss, const int32_t *ids,
@@ -590,10 +603,10 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
   const dlora_mod *const *ltok = NULL;
   float *lu = NULL, *ldelta = NULL;
   int lr = 0;
-  for (int i = 0; i < nss && cm->train_bytes; i++)
-    if (ss[i]->adapter) cuda_train_release(cm->train, &cm->train_bytes);
   {
-    lora_view lv = {st, d.L, d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+    int any = 0;
+    for (int i = 0; i < nss; i++) any |= ss[i]->adapter != NULL;
+    lora_view lv = adapter_view(cm, any);
     int rows = T * d.K > LORA_PASS_MODS * T ? T * d.K : LORA_PASS_MODS * T;   // rank products of the experts', or of q, k, v
     if ((rc = lora_bind(&cm->lora, &lv, ss, nss, sidx, T, rows, &ltok, &lu, &lr, &ldelta))) return rc;
   }
@@ -602,8 +615,7 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     lora_pass p = lora_pass_of(ltok, l, nm, mods, ooffs, n, perm, cm->sel, d.K, xf, xh, xl, in_sorted, lu, lr, out, ostride, mode);
     launch_lora(&p, outs, st);
   };
-  const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V}, qkv_off[3] = {0, d.Q, d.Q + d.KV};
-  const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
+  const int qkv_off[3] = {0, d.Q, d.Q + d.KV};
 
   int maxpos = 0;
   for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
@@ -931,8 +943,7 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
                                ostride, mode);
     launch_lora(&p, outs, st);
   };
-  const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V}, qkv_off[3] = {0, d.Q, d.Q + d.KV};
-  const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
+  const int qkv_off[3] = {0, d.Q, d.Q + d.KV};
   cuda_prof_mark("start", st);
   decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
   launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
@@ -998,8 +1009,7 @@ static gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *
   if (rc) return rc;
   int lr = 0;
   if (s->adapter) {
-    if (cm->train_bytes) cuda_train_release(cm->train, &cm->train_bytes);
-    lora_view lv = {cm->stream, cm->d.L, cm->d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+    lora_view lv = adapter_view(cm, 1);
     const dlora_mod *tab;
     if ((rc = lora_table(&cm->lora, &lv, s->adapter, &tab, &lr)) || (rc = decode_lora_scratch(cm, cs))) return rc;
     *cs->l_tok_host = tab;

@@ -155,16 +155,21 @@ static gptoss_status sweep(lora_cache **pc, bool want) {
   return GPTOSS_OK;
 }
 
-gptoss_status lora_table(lora_cache **pc, const lora_view *v, gptoss_adapter *a, const dlora_mod **tab, int *r) {
-  gptoss_status rc = sweep(pc, true);
-  if (rc) return rc;
+// the adapter's current table (the first part of its copy) and its rank
+static gptoss_status table_of(lora_cache *c, const lora_view *v, gptoss_adapter *a, const dlora_mod **tab, int *r) {
   lora_entry *x;
-  if ((rc = entry_for(*pc, a, v, &x))) return rc;
+  gptoss_status rc = entry_for(c, a, v, &x);
+  if (rc) return rc;
   gptoss_adapter_desc dsc;
   gptoss_adapter_info(a, &dsc);
   *tab = (const dlora_mod *)x->mem;
   *r = dsc.r;
   return GPTOSS_OK;
+}
+
+gptoss_status lora_table(lora_cache **pc, const lora_view *v, gptoss_adapter *a, const dlora_mod **tab, int *r) {
+  gptoss_status rc = sweep(pc, true);
+  return rc ? rc : table_of(*pc, v, a, tab, r);
 }
 
 gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *const *ss, int nss, const int32_t *sidx, int T,
@@ -190,7 +195,7 @@ gptoss_status lora_bind(lora_cache **pc, const lora_view *v, gptoss_session *con
   for (int i = 0; i < nss; i++) {
     int ri;
     if (!ss[i]->adapter) continue;
-    gptoss_status rc = lora_table(pc, v, ss[i]->adapter, &st[i], &ri);
+    gptoss_status rc = table_of(c, v, ss[i]->adapter, &st[i], &ri);
     if (rc) { free(st); return rc; }
     if (ri > r) r = ri;
   }
