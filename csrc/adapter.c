@@ -711,18 +711,26 @@ static void remove_tree(const char *dir) {
 }
 
 /* the merged bf16 weight of one projection */
+/* d = scale * B[o] . A: output row o of a LoRA's delta, of expert e for a
+   ParamWrapper LoRA (A rows e*r .. e*r+r-1, B column k*E + e; attention:
+   e = 0, one "expert") */
+static void lora_delta_row(const gptoss_lora *x, int e, int o, float *d) {
+  int E = x->experts ? x->experts : 1;
+  memset(d, 0, sizeof(float) * (size_t)x->in);
+  for (int k = 0; k < x->r; k++) {
+    float b = x->scale * x->B[(size_t)o * x->rk + (size_t)k * E + e];
+    const float *ar = x->A + ((size_t)e * x->r + k) * x->in;
+    for (int i = 0; i < x->in; i++) d[i] += b * ar[i];
+  }
+}
+
 static uint16_t *merged(const gptoss_tensor *t, const gptoss_lora *x) {
   uint16_t *w = malloc(t->nbytes);
   float *d = malloc(sizeof(float) * (size_t)x->in);
   if (!w || !d) { free(w); free(d); return NULL; }
   const uint16_t *src = t->data;
   for (int o = 0; o < x->out; o++) {
-    memset(d, 0, sizeof(float) * (size_t)x->in);
-    for (int k = 0; k < x->r; k++) {
-      float b = x->scale * x->B[(size_t)o * x->r + k];
-      const float *ar = x->A + (size_t)k * x->in;
-      for (int i = 0; i < x->in; i++) d[i] += b * ar[i];
-    }
+    lora_delta_row(x, 0, o, d);
     for (int i = 0; i < x->in; i++) {
       size_t j = (size_t)o * x->in + i;
       w[j] = gptoss_f32_to_bf16(gptoss_bf16_to_f32(src[j]) + d[i]);
@@ -747,8 +755,8 @@ typedef struct expert_job {
 
 static void merge_experts_part(void *ctx, int tid, int nth) {
   expert_job *j = ctx;
-  float *row = malloc(sizeof(float) * (size_t)j->in);
-  if (!row) { j->failed = 1; return; }
+  float *row = malloc(sizeof(float) * (size_t)j->in), *d = malloc(sizeof(float) * (size_t)j->in);
+  if (!row || !d) { free(row); free(d); j->failed = 1; return; }
   int G = j->in / 32;
   for (int e = tid; e < j->E; e += nth)
     for (int o = 0; o < j->out; o++) {
@@ -761,16 +769,14 @@ static void merge_experts_part(void *ctx, int tid, int nth) {
           row[g * 32 + 2 * q + 1] = gptoss_fp4_values[b[q] >> 4] * sc;
         }
       }
-      const gptoss_lora *x = j->x;
-      if (x)   /* PEFT's ParamWrapper: A rows e*r .. e*r+r-1, B column k*E + e */
-        for (int k = 0; k < x->r; k++) {
-          float c = x->scale * x->B[(size_t)o * x->rk + (size_t)k * j->E + e];
-          const float *ar = x->A + ((size_t)e * x->r + k) * j->in;
-          for (int i = 0; i < j->in; i++) row[i] += c * ar[i];
-        }
+      if (j->x) {
+        lora_delta_row(j->x, e, o, d);
+        for (int i = 0; i < j->in; i++) row[i] += d[i];
+      }
       for (int i = 0; i < j->in; i++) j->w[((size_t)e * j->in + i) * j->out + o] = gptoss_f32_to_bf16(row[i]);
     }
   free(row);
+  free(d);
 }
 
 static uint16_t *merged_experts(const gptoss_tensor *blocks, const gptoss_tensor *scales, const gptoss_lora *x, int E, int out,
