@@ -62,7 +62,7 @@ function M.lora_options(name, over)
   local p = find_profile(name, 2)
   local o = {}
   for k, v in pairs(over or {}) do if k ~= "profile" then o[k] = v end end
-  o.r = o.r or p.r or (name == "conservative" and 8 or 16)
+  o.r = o.r or p.r or 16          -- conservative names its 8
   if o.alpha == nil then o.alpha = 2 * o.r end
   if o.rslora == nil then o.rslora = o.r >= 16 end
   if o.dropout == nil then o.dropout = 0 end
@@ -77,7 +77,7 @@ function M.options(name, r, over)
   local p = find_profile(name, 2)
   local o = {}
   for k, v in pairs(over or {}) do o[k] = v end
-  r = r or p.r or (name == "conservative" and 8 or 16)
+  r = r or p.r or 16
   for _, k in ipairs { "steps", "dataset_size", "checkpoint_every", "log_every" } do
     if o[k] == nil then o[k] = p[k] end
   end
