@@ -53,7 +53,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all install test test-gpu run bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test
+.PHONY: all install test test-gpu run bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -88,6 +88,12 @@ $(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(KTEST_OBJ) kernels/co
 	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(KTEST_OBJ) -cudart static
 
 kernels-test: $(BUILD)/cuda/kernels_test
+
+# training's grouped expert products against cuBLAS (run on the GPU machine)
+$(BUILD)/cuda/mxfp4_bench: bench/mxfp4_gemm.cu $(BUILD)/cuda/mxfp4_gemm.o kernels/common.cuh
+	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ bench/mxfp4_gemm.cu $(BUILD)/cuda/mxfp4_gemm.o -cudart static -L$(CUDA_HOME)/lib64 -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64
+
+bench-kernels: $(BUILD)/cuda/mxfp4_bench
 
 $(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
 	@mkdir -p $(OUT)

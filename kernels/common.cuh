@@ -250,6 +250,15 @@ void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
                             cudaStream_t s);
 
+// mxfp4_gemm.cu: training's expert products. Rows of expert e are
+// hi/lo[offsets[e] .. offsets[e + 1]) (w->offsets; lo NULL: plain bf16), K
+// wide; W [wrows][wcols] MXFP4 per expert; Y rows (same order, stride ldy)
+// = X W^T (trans false; + bias [E][wrows] if not NULL) or X W (trans
+// true). rows_bound >= all rows.
+cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
+                              const uint8_t *scales, int wrows, int wcols, bool trans, const bf16 *bias, float *Y, int ldy,
+                              cudaStream_t s);
+
 // lora.cu: adapters in the inference forward
 // one LoRA module's device copy: A [E][r][in], B [E][out][r] (E = 1 for
 // attention); r = 0 where the adapter has none

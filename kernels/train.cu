@@ -3,17 +3,17 @@
 // The computation of csrc/cpu/train.c, its reference (and PEFT's): one
 // sequence, each layer's input kept (activation checkpointing per layer),
 // each layer recomputed and walked back. Activations and gradients are fp32.
-// The frozen weights enter cuBLAS as bf16 (the MXFP4 experts are expanded to
-// bf16 one expert at a time, which is exact), against activations rounded to
-// bf16 (precision "fast") or split into two bf16 terms (precision "exact",
-// about 16 significant bits). The attention score products take fp32
+// The frozen weights enter the tensor cores as bf16 (cuBLAS; the MXFP4
+// experts decoded inside mxfp4_gemm.cu's grouped kernel, which is exact),
+// against activations rounded to bf16 (precision "fast") or split into two
+// bf16 terms (precision "exact", about 16 significant bits). The attention score products take fp32
 // operands, in fp32 ("exact") or cuBLAS's bf16 tensor-core mode ("fast").
 // LoRA weights, their products and their gradients stay fp32: they are the
 // master weights, which the host's AdamW updates.
 //
 // Attention materialises the scores of a few heads at a time (sharing one
-// key/value head, so the batched products broadcast it); the experts run as
-// one GEMM per expert over its rows, sorted by launch_moe_sort.
+// key/value head, so the batched products broadcast it); the experts' rows,
+// sorted by launch_moe_sort, run through one grouped product per matrix.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -47,12 +47,10 @@ __global__ void rms_bwd_kernel(float *dx, const float *x, const int32_t *rows, c
 }
 
 // y[t][n] += bias[n] (row stride ld), or bias[e][n] with e the expert of sorted row t
-__global__ void bias_kernel(float *y, int ld, const bf16 *bias, int N, size_t n, const int32_t *sel, const int32_t *perm) {
+__global__ void bias_kernel(float *y, int ld, const bf16 *bias, int N, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  size_t t = i / N, c = i % N;
-  size_t e = perm ? (size_t)sel[perm[t]] : 0;
-  y[t * ld + c] += __bfloat162float(bias[e * N + c]);
+  y[i / N * ld + i % N] += __bfloat162float(bias[i % N]);
 }
 
 // rows x cols (row stride ld) into contiguous bf16 hi (+ lo: split bf16)
@@ -412,24 +410,6 @@ __global__ void scatter_kernel(float *dxn, const float *dxg, const int32_t *invp
   }
 }
 
-// one expert's MXFP4 rows (blocks [rows][cols/32][16], scales [rows][cols/32]) as
-// bf16 [rows][cols]; exact, since a code times a power of two has 2 significant bits
-// one thread per 4-byte word (8 values, one 16-byte store), so that
-// neighbouring threads read and write neighbouring bytes
-__global__ void dequant_kernel(const uint8_t *blocks, const uint8_t *scales, bf16 *out, size_t nwords) {
-  size_t w = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (w >= nwords) return;
-  uint32_t q = reinterpret_cast<const uint32_t *>(blocks)[w];
-  float sc = e8m0(scales[w / 4]) * FP4_UNBIAS;
-  __half2 h[4];
-  fp4x8(q, h);
-  float2 f[4];
-  for (int k = 0; k < 4; k++) f[k] = __half22float2(h[k]);
-  // h[k] holds values k and k + 4
-  reinterpret_cast<uint4 *>(out)[w] = make_uint4(pack_bf16(f[0].x * sc, f[1].x * sc), pack_bf16(f[2].x * sc, f[3].x * sc),
-                                                 pack_bf16(f[0].y * sc, f[1].y * sc), pack_bf16(f[2].y * sc, f[3].y * sc));
-}
-
 // Cross-entropy of R rows of logits: loss[i] = lse - z[y]; the row becomes
 // softmax - onehot (the gradient of the summed loss)
 __global__ void xent_kernel(float *z, int V, const int32_t *target, float *loss) {
@@ -488,7 +468,7 @@ struct trainer {
   int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
   moe_work mw;
-  bf16 *hi, *lo, *wx;        // GEMM inputs as bf16 (lo: split-bf16); one expert's weights
+  bf16 *hi, *lo;             // GEMM inputs as bf16 (lo: split-bf16)
   size_t hi_n;
   int hc, lg_rows;           // heads per score batch; logit rows per chunk
   int32_t *off_host;         // pinned [E + 1]
@@ -602,7 +582,6 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   t->hi_n = big;
   TAKE(t->hi, bf16, big);
   if (t->v->split) TAKE(t->lo, bf16, big); else if (base) t->lo = NULL;
-  TAKE(t->wx, bf16, (size_t)2 * d.I * d.H);
 #undef TAKE
   return off;
 }
@@ -1096,31 +1075,19 @@ static gptoss_status lora_experts_dx(trainer *t, const dlora *L, float *dx, int 
 }
 // }======================================================
 
-static void add_bias(trainer *t, float *y, int ld, const bf16 *bias, int rows, int N, const int32_t *sel, const int32_t *perm) {
+static void add_bias(trainer *t, float *y, int ld, const bf16 *bias, int rows, int N) {
   size_t n = (size_t)rows * N;
-  if (n) bias_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(y, ld, bias, N, n, sel, perm);
+  if (n) bias_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(y, ld, bias, N, n);
 }
 
-// one expert's MXFP4 matrix as bf16 [rows][cols] into t->wx
-static void dequant(trainer *t, const uint8_t *blocks, const uint8_t *scales, int e, int rows, int cols) {
-  size_t nb = (size_t)rows * cols / 2, nw = nb / 4;
-  dequant_kernel<<<(unsigned)((nw + 255) / 256), 256, 0, t->v->stream>>>(blocks + (size_t)e * nb, scales + (size_t)e * (nb / 16),
-                                                                         t->wx, nw);
-}
 // Y's rows of every expert = its rows of the input already split into
-// t->hi (+ t->lo) times its matrix (fwd: X W^T with W [rows][cols]; else
-// X W), each matrix expanded from MXFP4 just before its product
+// t->hi (+ t->lo) times its MXFP4 matrix (fwd: X W^T + bias, W [rows][cols];
+// else X W), in one grouped launch that decodes the weights as it goes
 static gptoss_status expert_products(trainer *t, const uint8_t *blocks, const uint8_t *scales, int rows, int cols, bool fwd,
-                                     float *Y, int ldy) {
-  const int32_t *off = t->off_host;
-  int K = fwd ? cols : rows;
-  for (int e = 0; e < t->v->d.E; e++) {
-    int n = off[e + 1] - off[e];
-    if (!n) continue;
-    size_t r0 = (size_t)off[e] * K;
-    dequant(t, blocks, scales, e, rows, cols);
-    TRY(wgemm_split(t, t->hi + r0, t->lo ? t->lo + r0 : NULL, n, t->wx, rows, cols, fwd, Y + (size_t)off[e] * ldy, ldy, 0.f));
-  }
+                                     const bf16 *bias, float *Y, int ldy) {
+  const dims &d = t->v->d;
+  CU(launch_mxfp4_gemm(t->hi, t->lo, &t->mw, t->T * d.K, d.E, blocks, scales, rows, cols, !fwd, fwd ? bias : NULL, Y, ldy,
+                       t->v->stream));
   return GPTOSS_OK;
 }
 // }======================================================
@@ -1302,7 +1269,7 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
   rms_fwd_kernel<<<T, 256, 0, st>>>(x, NULL, w->attn_norm, t->xn1, t->inv1, d.H, d.eps);
   TRY(wgemm(t, t->xn1, T, d.H, w->qkv_w, ldq, d.H, true, t->qkv, ldq, 0.f));
-  add_bias(t, t->qkv, ldq, w->qkv_b, T, ldq, NULL, NULL);
+  add_bias(t, t->qkv, ldq, w->qkv_b, T, ldq);
   TRY(lora_fwd(t, l, GPTOSS_LORA_Q, t->xn1, d.H, t->qkv, ldq));
   TRY(lora_fwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->qkv + d.Q, ldq));
   TRY(lora_fwd(t, l, GPTOSS_LORA_V, t->xn1, d.H, t->qkv + d.Q + d.KV, ldq));
@@ -1311,26 +1278,24 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   TRY(attention_fwd(t, l));
   CU(cudaMemcpyAsync(t->xmid, x, sizeof(float) * T * d.H, cudaMemcpyDeviceToDevice, st));
   TRY(wgemm(t, t->att, T, d.Q, w->o_w, d.H, d.Q, true, t->xmid, d.H, 1.f));
-  add_bias(t, t->xmid, d.H, w->o_b, T, d.H, NULL, NULL);
+  add_bias(t, t->xmid, d.H, w->o_b, T, d.H);
   TRY(lora_fwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->xmid, d.H));
   cuda_prof_mark("train attention fwd", st);
   // MoE
   rms_fwd_kernel<<<T, 256, 0, st>>>(t->xmid, NULL, w->mlp_norm, t->xn2, t->inv2, d.H, d.eps);
   TRY(wgemm(t, t->xn2, T, d.H, w->router_w, d.E, d.H, true, t->rl, d.E, 0.f));
-  add_bias(t, t->rl, d.E, w->router_b, T, d.E, NULL, NULL);
+  add_bias(t, t->rl, d.E, w->router_b, T, d.E);
   topk_kernel<<<(T + 7) / 8, 256, 0, st>>>(t->rl, T, d.E, d.K, t->sel, t->w);
   TRY(moe_route(t));
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
   // the experts' inputs split once for all their rows; their weights expanded one expert at a time
   split(t, t->xg, TK, d.H, d.H);
-  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, t->gu, 2 * d.I));
+  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, w->gu_bias, t->gu, 2 * d.I));
   TRY(lora_experts_fwd(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
-  add_bias(t, t->gu, 2 * d.I, w->gu_bias, TK, 2 * d.I, t->sel, t->mw.perm);
   swiglu_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
   split(t, t->act, TK, d.I, d.I);
-  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, true, t->ye, d.H));
+  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, true, w->dn_bias, t->ye, d.H));
   TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H));
-  add_bias(t, t->ye, d.H, w->dn_bias, TK, d.H, t->sel, t->mw.perm);
   if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
   cuda_prof_mark("train moe fwd", st);
   CU(cudaGetLastError());
@@ -1350,12 +1315,12 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   // the LoRA gradients read act and xg before the base products overwrite them with their gradients
   TRY(lora_experts_grads(t, ldn, t->act, d.I, t->ye, d.H));
   split(t, t->ye, TK, d.H, d.H);
-  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, t->act, d.I));
+  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, NULL, t->act, d.I));
   TRY(lora_experts_dx(t, ldn, t->act, d.I));
   swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
   TRY(lora_experts_grads(t, lgu, t->xg, d.H, t->gu, 2 * d.I));
   split(t, t->gu, TK, 2 * d.I, 2 * d.I);
-  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, false, t->xg, d.H));
+  TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, false, NULL, t->xg, d.H));
   TRY(lora_experts_dx(t, lgu, t->xg, d.H));
   scatter_kernel<<<T, 256, 0, st>>>(t->dxn, t->xg, t->invp, d.H, d.K);
   rms_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->xmid, NULL, t->inv2, w->mlp_norm, t->dxn, d.H);

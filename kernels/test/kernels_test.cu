@@ -363,6 +363,46 @@ static void test_router(int T, int H, int E, int K) {
   if (wrong) { printf("  router choices differ\n"); failures++; }
 }
 
+// training's grouped expert products (mxfp4_gemm.cu): each expert's rows
+// times its MXFP4 matrix, plain (+ bias) or transposed, bf16 or split-bf16
+// rows; `counts` rows per expert (zeros and partial tiles included); block
+// scales 2^(scale_exp - 127) give or take one
+static void test_mxfp4_gemm(const std::vector<int> &counts, int wrows, int wcols, bool trans, bool split, int scale_exp = 127 - 4) {
+  int E = (int)counts.size(), N = trans ? wcols : wrows, K = trans ? wrows : wcols;
+  fp4w w = rand_fp4(E, wrows, wcols, scale_exp);
+  std::vector<bf16> bias = rand_bf16((size_t)E * wrows, 0.5);
+  std::vector<int32_t> off(E + 1, 0);
+  for (int e = 0; e < E; e++) off[e + 1] = off[e] + counts[e];
+  int M = off[E];
+  std::vector<float> xf((size_t)M * K);
+  for (auto &v : xf) v = (float)nrand();
+  std::vector<bf16> hi(xf.size()), lo(xf.size());
+  for (size_t i = 0; i < xf.size(); i++) {
+    hi[i] = __float2bfloat16(xf[i]);
+    lo[i] = __float2bfloat16(xf[i] - __bfloat162float(hi[i]));
+  }
+  std::vector<double> want((size_t)M * N);
+  for (int e = 0; e < E; e++)
+    for (int r = off[e]; r < off[e + 1]; r++)
+      for (int n = 0; n < N; n++) {
+        double v = trans ? 0 : __bfloat162float(bias[(size_t)e * wrows + n]);
+        for (int k = 0; k < K; k++) {
+          double x = (double)__bfloat162float(hi[(size_t)r * K + k]) + (split ? __bfloat162float(lo[(size_t)r * K + k]) : 0.0);
+          v += x * w.val[(size_t)e * wrows * wcols + (trans ? (size_t)k * wcols + n : (size_t)n * wcols + k)];
+        }
+        want[(size_t)r * N + n] = v;
+      }
+  moe_work mw = {};
+  mw.offsets = dev(off);
+  float *y = dev(std::vector<float>((size_t)(M ? M : 1) * N, 0.f));
+  cudaError_t err = launch_mxfp4_gemm(dev(hi), split ? dev(lo) : NULL, &mw, M, E, dev(w.blocks), dev(w.scales), wrows, wcols, trans,
+                                      trans ? NULL : dev(bias), y, N, 0);
+  CK(err);
+  char what[96];
+  snprintf(what, sizeof what, "mxfp4_gemm %s%s E%d M%d %dx%d", trans ? "X W" : "X W^T+b", split ? " split" : "", E, M, wrows, wcols);
+  report(what, host(y, (size_t)M * N), want, 1e-5);
+}
+
 int main() {
   test_router(1, 2880, 32, 4);
   test_router(17, 2880, 128, 4);
@@ -389,6 +429,15 @@ int main() {
   test_attention(1, 300, 64, 8, 64, 128, 1, 640, -4);
   test_attention(20, 0, 4, 2, 6, 16, 0, 0, 1);     // D % 4 != 0: scalar tile loads
   test_attention(1, 50, 4, 2, 6, 16, 1, 64, -4);
+  for (int tr = 0; tr < 2; tr++)
+    for (int sp = 0; sp < 2; sp++) {
+      test_mxfp4_gemm({0, 1, 64, 130, 0, 7}, 416, 320, tr, sp);   // N and K tails against the 192 x 64 steps
+      test_mxfp4_gemm({37, 200}, 128, 64, tr, sp);                   // the tiny checkpoint's gate_up
+      test_mxfp4_gemm({3, 250, 70}, 576, 384, tr, sp);
+    }
+  test_mxfp4_gemm({5, 40}, 64, 96, false, false, 129);               // scales past 2^1: the decode's two factors
+  test_mxfp4_gemm({300, 0, 129}, 5760, 2880, false, true);            // the 20B gate_up
+  test_mxfp4_gemm({129, 64}, 5760, 2880, true, false);
   printf("%s\n", failures ? "kernels_test: FAILED" : "kernels_test: all ok");
   return failures ? 1 : 0;
 }

@@ -3,15 +3,22 @@
 # CPU backend), a compute-sanitizer pass over one training step, then the
 # 20B-shaped benchmark: bench/train.lua in both precisions and
 # transformers + peft (tools/reference/hf_train_bench.py) in the same run.
-#   STAGES="specs sanitize bench hf" (default all); SEQ (2048), STEPS (3)
+#   STAGES="kernels specs sanitize bench hf" (default all); SEQ (2048), STEPS (3);
+#   KBIN: where kernels_test and mxfp4_bench are (build/cuda);
+#   AB=1: bench/train.lua also with the build in build/ab (the build before a change)
 set -u
 source .device-kit/env.sh
 export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer PYTHONUNBUFFERED=1
 export LUA_CPATH="build/lua5.4/?.so;$LUA_CPATH" LUA_CPATH_5_4="build/lua5.4/?.so;$LUA_CPATH_5_4"
-STAGES=${STAGES:-specs sanitize bench hf}
+STAGES=${STAGES:-kernels specs sanitize bench hf}
 SEQ=${SEQ:-2048} STEPS=${STEPS:-3}
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+if has kernels; then
+  timeout 120 ${KBIN:-build/cuda}/kernels_test > $OUT/kernels_test.log 2>&1; echo "kernels_test rc=$?"
+  grep -aE "mxfp4|FAIL|kernels_test" $OUT/kernels_test.log
+  timeout 60 ${KBIN:-build/cuda}/mxfp4_bench 2>&1 | tee $OUT/mxfp4_bench.txt
+fi
 if has specs; then
   timeout 300 $BUSTED --cpath='build/lua5.4/?.so' --tags=gpu -o utfTerminal spec/lora_gpu_spec.lua spec/gpu_spec.lua > $OUT/train_spec.log 2>&1
   grep -aE "^  [a-z]|successes|Failure|Error|spec.lua:[0-9]" $OUT/train_spec.log | head -40
@@ -32,6 +39,8 @@ fi
 if has bench; then
   for p in exact fast; do
     BENCH_JSON=$OUT/train_$p.json timeout 200 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 $p $SEQ $STEPS 2>&1 | tee -a $OUT/train_bench.txt
+    [ "${AB:-0}" = 1 ] && LUA_CPATH="build/ab/?.so;$LUA_CPATH" LUA_CPATH_5_4="build/ab/?.so;$LUA_CPATH_5_4" BENCH_JSON=$OUT/train_${p}_ab.json \
+      timeout 200 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 $p $SEQ $STEPS 2>&1 | sed 's/^/[ab] /' | tee -a $OUT/train_bench.txt
   done
 fi
 if has hf; then

@@ -1,0 +1,315 @@
+// mxfp4_gemm.cu: the experts' products in training. Every expert's rows (a
+// contiguous run of a sorted bf16 buffer, hi and optionally lo: split bf16)
+// times that expert's MXFP4 matrix W, plain (Y = X W^T, the forward) or
+// transposed (Y = X W, the backward's input gradient), fp32 out, in one
+// launch for all experts.
+//
+// The weights are decoded from MXFP4 while they are staged into shared
+// memory, so no bf16 copy of an expert exists (expanding each expert before
+// a cuBLAS call cost 12% of a training step, three expansions an expert a
+// step). A block takes 128 of an expert's rows by 192 columns: two
+// warpgroups, each 64 rows, on Hopper's asynchronous wgmma (m64n192k16,
+// bf16 in, fp32 accumulate, both operands read from shared memory). K runs
+// in steps of 64. The activations and the raw MXFP4 bytes of step s + 3 are
+// on their way by cp.async (a ring of four stages: one block per
+// multiprocessor, so the loads' latency is hidden by depth, not by other
+// blocks) while the tensor cores work on step s and the threads decode step
+// s + 1's weights into the other of two bf16 buffers: decoding costs no
+// tensor time. (The same tiles on mma.sync, where every warp reads its
+// fragments through ldmatrix, ran at 190 TFLOP/s: shared-memory bandwidth
+// bound; two stages left wgmma waiting on the loads, at 165.) With split
+// activations each stage runs the products twice, hi and lo, against one
+// decode of the weights. (A warpgroup whose rows lie past the expert's last
+// row runs its products on zeros all the same: branching around wgmma makes
+// ptxas serialise every wgmma of the kernel.)
+//
+// Shared memory holds each operand in wgmma's 128-byte swizzled layout: a
+// row's 64 values of a step (128 bytes) with its 16-byte pieces permuted by
+// the row's index mod 8, so that the tensor cores' reads and the threads'
+// 16-byte writes spread over all banks. (Without swizzling wgmma ran at a
+// quarter of its rate.) The transposed weights are stored N-major: 64
+// columns of a K row in each 128-byte row, three such atoms across 192.
+//
+// Reference: a double-precision product in kernels/test/kernels_test.cu.
+#include "common.cuh"
+
+// wgmma is sm_90a's alone; the compute_90 PTX (for GPUs after Hopper) gets
+// a plain loop instead, so that the products stay right there
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define WGMMA 1
+#endif
+
+namespace {
+constexpr int MB = 128, NB = 192, KB = 64, THREADS = 256;   // two warpgroups of 64 rows
+// bytes of a step's operands: rows of 128 bytes (see above)
+constexpr int A_BYTES = MB * 128, B_BYTES = NB * 128, ATOM = 8 * 128;
+constexpr int STAGES = 4, RAW_BYTES = NB * KB / 2;   // a step's MXFP4 bytes (scales apart)
+// the ring's slots (A, its lo, the raw weights), then the two decoded weight buffers
+template <bool SPLIT> struct layout {
+  static constexpr int SLOT = (SPLIT ? 2 : 1) * A_BYTES + RAW_BYTES;   // the raw weights last
+  static constexpr int DEC = STAGES * SLOT;
+  static constexpr size_t BYTES = (size_t)DEC + 2 * (size_t)B_BYTES + ATOM;   // + room to align to an atom
+};
+
+#ifdef WGMMA
+// a thread decodes WORDS words (8 weights each) a step and copies CHUNKS 16-byte pieces of A
+constexpr int WORDS = NB * KB / 8 / THREADS, CHUNKS = MB * KB / 8 / THREADS;
+static_assert(NB * KB / 8 % THREADS == 0 && MB * KB / 8 % THREADS == 0, "staging work per thread");
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
+}
+
+// wgmma's shared-memory operand: start, leading and stride byte offsets,
+// 128-byte swizzle
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+  return (uint64_t)((addr >> 4) & 0x3FFF) | (uint64_t)((lbo >> 4) & 0x3FFF) << 16 | (uint64_t)((sbo >> 4) & 0x3FFF) << 32 |
+         (uint64_t)1 << 62;
+}
+
+// byte offset of the 16-byte piece c (of 8) of row r in a swizzled tile
+__device__ __forceinline__ uint32_t swz(int r, int c) { return r * 128 + ((c ^ (r & 7)) << 4); }
+
+// d (64 x 192 over the warpgroup, 96 floats a thread) += A B, B transposed (N-major) when TRANS
+template <int TRANS>
+__device__ __forceinline__ void wgmma192(float d[96], uint64_t a, uint64_t b) {
+  asm volatile(
+      "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, "
+      "%24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, "
+      "%72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95}, "
+      "%96, %97, 1, 1, 1, 0, %98;\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]),
+        "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]),
+        "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]),
+        "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),
+        "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]),
+        "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),
+        "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]), "+f"(d[72]),
+        "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]),
+        "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]), "+f"(d[90]),
+        "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95])
+      : "l"(a), "l"(b), "n"(TRANS));
+}
+
+// Eight FP4 codes (one word, value i in nibble i) as bf16 in order, times
+// 2^(s - 127). Each code's sign and e2m1 bits go straight into a bf16 whose
+// exponent field is the code's exponent: the value times 2^-126 (the code
+// 0.5 lands on a subnormal), paired as (value i, value i + 4) and reordered
+// by byte permutes; one bf16 multiply by 2^(s - 1) scales it exactly.
+__device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
+  uint32_t p0 = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
+  uint32_t p1 = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
+  uint32_t p2 = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
+  uint32_t p3 = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
+  uint32_t q[4] = {__byte_perm(p0, p1, 0x5410), __byte_perm(p2, p3, 0x5410), __byte_perm(p0, p1, 0x7632),
+                   __byte_perm(p2, p3, 0x7632)};
+  // 2^(s - 1) is a bf16 for s <= 128; above, two factors (2^127, then the rest)
+  uint32_t f1 = (s <= 128 ? s + 126 : 254) << 7, f2 = (s - 1) << 7;
+  __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&f1);
+  a.y = a.x;
+  uint4 out;
+  uint32_t *o = reinterpret_cast<uint32_t *>(&out);
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&q[i]), a);
+    if (s > 128) {
+      __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&f2);
+      b.y = b.x;
+      v = __hmul2(v, b);
+    }
+    o[i] = *reinterpret_cast<uint32_t *>(&v);
+  }
+  return out;
+}
+
+#endif
+
+// K and N are multiples of 32 (MXFP4 blocks run along W's columns), so a
+// word of 8 weights or a chunk of 8 activations is wholly in or wholly out.
+template <bool SPLIT, bool TRANS>
+__global__ void __launch_bounds__(THREADS, 1)
+mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, const int32_t *__restrict__ offsets, int E,
+                  const uint8_t *__restrict__ blocks, const uint8_t *__restrict__ scales, int N, int K,
+                  const bf16 *__restrict__ bias, float *__restrict__ Y, int ldy) {
+  typedef layout<SPLIT> L;
+  extern __shared__ __align__(128) unsigned char smem[];
+  // this block's expert and tile: experts' tiles back to back
+  int mt = blockIdx.x, e = 0;
+  for (; e < E; e++) {
+    int tiles = (offsets[e + 1] - offsets[e] + MB - 1) / MB;
+    if (mt < tiles) break;
+    mt -= tiles;
+  }
+  if (e == E) return;
+  const int row0 = offsets[e] + mt * MB;
+  const int nrows = min(MB, offsets[e + 1] - row0);
+  const int n0 = blockIdx.y * NB;
+  const int tid = threadIdx.x;
+  // W rows of this expert: [N][K] plain, [K][N] transposed; blocks along the rows
+  const int cols = TRANS ? N : K;
+  const uint8_t *wb = blocks + (size_t)e * N * K / 2;
+  const uint8_t *ws = scales + (size_t)e * N * K / 32;
+#ifdef WGMMA
+  const int wg = tid / 128, G = cols / 32;
+  const uint32_t base = (smem_addr(smem) + ATOM - 1) & ~(uint32_t)(ATOM - 1);   // swizzling works on address bits
+  unsigned char *const sbase = smem + (base - smem_addr(smem));
+
+  // step k0 into a ring slot: A's piece c is row c / 8, k-chunk c % 8 (a
+  // row's 128 bytes by 8 neighbouring threads); the raw weights as they lie,
+  // W's rows of this step's 32 (plain) or 96 (transposed) bytes
+  auto stage = [&](uint32_t st, int k0) {
+#pragma unroll
+    for (int i = 0; i < CHUNKS; i++) {
+      int c = tid + i * THREADS, r = c / (KB / 8), kc = c % (KB / 8), k = k0 + kc * 8;
+      bool ok = r < nrows && k < K;
+      size_t at = ok ? (size_t)(row0 + r) * K + k : 0;
+      uint32_t d = st + swz(r, kc);
+      cp_async16(d, hi + at, ok);
+      if (SPLIT) cp_async16(d + A_BYTES, lo + at, ok);
+    }
+    constexpr int PER_ROW = TRANS ? NB / 32 : KB / 32;   // 16-byte pieces of a W row in a step
+    for (int c = tid; c < RAW_BYTES / 16; c += THREADS) {
+      int wr = c / PER_ROW, q = c % PER_ROW;
+      int gr = (TRANS ? k0 : n0) + wr, gc = (TRANS ? n0 : k0) + q * 32;
+      bool ok = gr < (TRANS ? K : N) && gc < cols;
+      cp_async16(st + L::SLOT - RAW_BYTES + c * 16, ok ? wb + (size_t)gr * cols / 2 + gc / 2 : wb, ok);
+    }
+  };
+  auto commit = []() { asm volatile("cp.async.commit_group;\n"); };
+  // word i of a thread: 8 weights of W row wr at column wc, neighbouring
+  // threads along the row; its scale is fetched a step ahead of its decode
+  auto word = [&](int i, int k0, int *wr, int *wc) {
+    int task = tid + i * THREADS;
+    if (TRANS) { *wr = k0 + task / (NB / 8); *wc = n0 + task % (NB / 8) * 8; }
+    else { *wr = n0 + task / (KB / 8); *wc = k0 + task % (KB / 8) * 8; }
+  };
+  uint32_t sc[WORDS];
+  auto fetch_scales = [&](int k0) {
+#pragma unroll
+    for (int i = 0; i < WORDS; i++) {
+      int wr, wc;
+      word(i, k0, &wr, &wc);
+      sc[i] = wr < (TRANS ? K : N) && wc < cols ? __ldg(ws + (size_t)wr * G + wc / 32) : 127;
+    }
+  };
+  auto decode = [&](uint32_t slot, unsigned char *dst) {
+    const unsigned char *raw = sbase + (slot - base) + L::SLOT - RAW_BYTES;
+#pragma unroll
+    for (int i = 0; i < WORDS; i++) {
+      int task = tid + i * THREADS;
+      // raw bytes of (row, word): row * (bytes a row) + word * 4; zero past the edges
+      uint32_t w = *reinterpret_cast<const uint32_t *>(raw + task * 4);
+      // plain: row n, piece k / 8; transposed: atom n / 64, row k, piece n / 8 % 8
+      int j = task % (NB / 8);
+      uint32_t off = TRANS ? (j >> 3) * (KB * 128) + swz(task / (NB / 8), j & 7) : swz(task / (KB / 8), task % (KB / 8));
+      *reinterpret_cast<uint4 *>(dst + off) = fp4x8_bf16(w, sc[i]);
+    }
+  };
+  auto slot = [&](int s) { return base + (uint32_t)(s % STAGES) * L::SLOT; };
+  auto dec = [&](int s) { return sbase + L::DEC + (s & 1) * B_BYTES; };
+
+  float acc[96];
+#pragma unroll
+  for (int i = 0; i < 96; i++) acc[i] = 0.f;
+
+  const int steps = (K + KB - 1) / KB;
+  for (int p = 0; p < STAGES - 1; p++) {
+    if (p < steps) stage(slot(p), p * KB);
+    commit();
+  }
+  fetch_scales(0);
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+  __syncthreads();
+  decode(slot(0), dec(0));
+  if (steps > 1) fetch_scales(KB);
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  __syncthreads();
+  for (int s = 0; s < steps; s++) {
+    if (s + STAGES - 1 < steps) stage(slot(s + STAGES - 1), (s + STAGES - 1) * KB);
+    commit();
+    {
+      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+      // a k16 step: 32 bytes into each K-major row (the hardware applies the
+      // swizzle to the address), 16 rows into the N-major weights
+      const uint32_t a0 = slot(s) + wg * 64 * 128, b0 = smem_addr(dec(s));
+#pragma unroll
+      for (int kk = 0; kk < KB / 16; kk++) {
+        uint64_t db = TRANS ? desc(b0 + kk * 16 * 128, KB * 128, ATOM) : desc(b0 + kk * 32, 16, ATOM);
+        wgmma192<TRANS>(acc, desc(a0 + kk * 32, 16, ATOM), db);
+        if (SPLIT) wgmma192<TRANS>(acc, desc(a0 + A_BYTES + kk * 32, 16, ATOM), db);
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+    }
+    if (s + 1 < steps) {
+      // step s + 1 has landed (s + 2 and s + 3 may still be on their way)
+      asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
+      __syncthreads();
+      decode(slot(s + 1), dec(s + 1));
+      if (s + 2 < steps) fetch_scales((s + 2) * KB);
+    }
+    // the tensor cores read what the threads wrote: hand it to the async proxy
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+    __syncthreads();
+  }
+  // d[4i + h] of thread t: row 16 (t / 32 % 4) + t % 32 / 4 (+ 8 for h >= 2), column 8i + 2 (t % 4) + h % 2
+  const bf16 *eb = bias ? bias + (size_t)e * N : NULL;
+  const int lane = tid & 31, r0 = wg * 64 + (tid / 32 % 4) * 16 + lane / 4;
+#pragma unroll
+  for (int i = 0; i < 24; i++) {
+    int n = n0 + i * 8 + (lane & 3) * 2;
+    if (n >= N) continue;
+    float b0 = eb ? __bfloat162float(eb[n]) : 0.f, b1 = eb ? __bfloat162float(eb[n + 1]) : 0.f;
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      int r = r0 + h * 8;
+      if (r < nrows)
+        *reinterpret_cast<float2 *>(Y + (size_t)(row0 + r) * ldy + n) = make_float2(acc[4 * i + 2 * h] + b0, acc[4 * i + 2 * h + 1] + b1);
+    }
+  }
+#else
+  // the same tile, one output at a time on the CUDA cores
+  const float fp4[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  for (int i = tid; i < nrows * NB; i += THREADS) {
+    int r = i / NB, n = n0 + i % NB;
+    if (n >= N) continue;
+    float v = bias ? __bfloat162float(bias[(size_t)e * N + n]) : 0.f;
+    for (int k = 0; k < K; k++) {
+      size_t at = TRANS ? (size_t)k * cols + n : (size_t)n * cols + k;
+      int code = at & 1 ? wb[at / 2] >> 4 : wb[at / 2] & 15;
+      float w = ldexpf(code & 8 ? -fp4[code & 7] : fp4[code & 7], (int)ws[at / 32] - 127);
+      size_t x = (size_t)(row0 + r) * K + k;
+      v += (__bfloat162float(hi[x]) + (SPLIT ? __bfloat162float(lo[x]) : 0.f)) * w;
+    }
+    Y[(size_t)(row0 + r) * ldy + n] = v;
+  }
+#endif
+}
+
+template <bool SPLIT, bool TRANS>
+cudaError_t launch(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
+                   const uint8_t *scales, int N, int K, const bf16 *bias, float *Y, int ldy, cudaStream_t s) {
+  auto k = mxfp4_gemm_kernel<SPLIT, TRANS>;
+  cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)layout<SPLIT>::BYTES);
+  if (err != cudaSuccess) return err;
+  dim3 grid((unsigned)((rows_bound + MB - 1) / MB + E), (unsigned)((N + NB - 1) / NB));
+  k<<<grid, THREADS, layout<SPLIT>::BYTES, s>>>(hi, lo, w->offsets, E, blocks, scales, N, K, bias, Y, ldy);
+  return cudaGetLastError();
+}
+}  // namespace
+
+cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
+                              const uint8_t *scales, int wrows, int wcols, bool trans, const bf16 *bias, float *Y, int ldy,
+                              cudaStream_t s) {
+  if (wrows % 32 || wcols % 32 || ldy % 2) return cudaErrorInvalidValue;
+  int N = trans ? wcols : wrows, K = trans ? wrows : wcols;
+  if (lo) return trans ? launch<true, true>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s)
+                       : launch<true, false>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s);
+  return trans ? launch<false, true>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s)
+               : launch<false, false>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s);
+}
