@@ -100,7 +100,10 @@ __device__ __forceinline__ void wgmma192(float d[96], uint64_t a, uint64_t b) {
 // 2^(s - 127). Each code's sign and e2m1 bits go straight into a bf16 whose
 // exponent field is the code's exponent: the value times 2^-126 (the code
 // 0.5 lands on a subnormal), paired as (value i, value i + 4) and reordered
-// by byte permutes; one bf16 multiply by 2^(s - 1) scales it exactly.
+// by byte permutes; a bf16 multiply by 2^(s - 1) scales it exactly. That
+// factor is a bf16 for s <= 128; BIG (scales above 2, which no trained
+// checkpoint has) multiplies by 2^127 and then by 2^(s - 128).
+template <bool BIG>
 __device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
   uint32_t p0 = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
   uint32_t p1 = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
@@ -108,25 +111,17 @@ __device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
   uint32_t p3 = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
   uint32_t q[4] = {__byte_perm(p0, p1, 0x5410), __byte_perm(p2, p3, 0x5410), __byte_perm(p0, p1, 0x7632),
                    __byte_perm(p2, p3, 0x7632)};
-  // 2^(s - 1) is a bf16 for s <= 128; above, two factors (2^127, then the rest)
-  uint32_t f1 = (s <= 128 ? s + 126 : 254) << 7, f2 = (s - 1) << 7;
-  __nv_bfloat162 a = *reinterpret_cast<__nv_bfloat162 *>(&f1);
-  a.y = a.x;
+  uint32_t f1 = ((BIG && s > 128 ? 254 : s + 126) << 7) * 0x10001u, f2 = (s > 128 ? (s - 1) << 7 : 0x3F80u) * 0x10001u;
   uint4 out;
   uint32_t *o = reinterpret_cast<uint32_t *>(&out);
 #pragma unroll
   for (int i = 0; i < 4; i++) {
-    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&q[i]), a);
-    if (s > 128) {
-      __nv_bfloat162 b = *reinterpret_cast<__nv_bfloat162 *>(&f2);
-      b.y = b.x;
-      v = __hmul2(v, b);
-    }
+    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&q[i]), *reinterpret_cast<__nv_bfloat162 *>(&f1));
+    if (BIG) v = __hmul2(v, *reinterpret_cast<__nv_bfloat162 *>(&f2));
     o[i] = *reinterpret_cast<uint32_t *>(&v);
   }
   return out;
 }
-
 #endif
 
 // K and N are multiples of 32 (MXFP4 blocks run along W's columns), so a
@@ -139,7 +134,7 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
   typedef layout<SPLIT> L;
   extern __shared__ __align__(128) unsigned char smem[];
   // this block's expert and tile: experts' tiles back to back
-  int mt = blockIdx.x, e = 0;
+  int mt = blockIdx.y, e = 0;
   for (; e < E; e++) {
     int tiles = (offsets[e + 1] - offsets[e] + MB - 1) / MB;
     if (mt < tiles) break;
@@ -148,7 +143,7 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
   if (e == E) return;
   const int row0 = offsets[e] + mt * MB;
   const int nrows = min(MB, offsets[e + 1] - row0);
-  const int n0 = blockIdx.y * NB;
+  const int n0 = blockIdx.x * NB;
   const int tid = threadIdx.x;
   // W rows of this expert: [N][K] plain, [K][N] transposed; blocks along the rows
   const int cols = TRANS ? N : K;
@@ -181,33 +176,44 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
     }
   };
   auto commit = []() { asm volatile("cp.async.commit_group;\n"); };
-  // word i of a thread: 8 weights of W row wr at column wc, neighbouring
-  // threads along the row; its scale is fetched a step ahead of its decode
-  auto word = [&](int i, int k0, int *wr, int *wc) {
-    int task = tid + i * THREADS;
-    if (TRANS) { *wr = k0 + task / (NB / 8); *wc = n0 + task % (NB / 8) * 8; }
-    else { *wr = n0 + task / (KB / 8); *wc = k0 + task % (KB / 8) * 8; }
-  };
-  uint32_t sc[WORDS];
+  // Word i of a thread: 8 weights of W row wr at column wc, neighbouring
+  // threads along the row. Its place in the raw bytes is (tid + i THREADS) * 4
+  // every step; its place in the decoded tile and its scale's offset (less
+  // the step's) are worked out once. Scales are fetched a step ahead.
+  uint32_t dst[WORDS], sc_off[WORDS], sc[WORDS];
+  int wr0[WORDS], wc0[WORDS];
+#pragma unroll
+  for (int i = 0; i < WORDS; i++) {
+    int task = tid + i * THREADS, j = task % (NB / 8);
+    if (TRANS) {   // atom n / 64, row k, piece n / 8 % 8
+      wr0[i] = task / (NB / 8); wc0[i] = n0 + j * 8;
+      dst[i] = (j >> 3) * (KB * 128) + swz(wr0[i], j & 7);
+    } else {       // row n, piece k / 8
+      wr0[i] = n0 + task / (KB / 8); wc0[i] = task % (KB / 8) * 8;
+      dst[i] = swz(task / (KB / 8), task % (KB / 8));
+    }
+    sc_off[i] = (uint32_t)(wr0[i] * G + wc0[i] / 32);
+  }
   auto fetch_scales = [&](int k0) {
+    // the step moves the row (transposed) or the column (plain)
+    const uint32_t step = TRANS ? (uint32_t)k0 * G : (uint32_t)k0 / 32;
 #pragma unroll
     for (int i = 0; i < WORDS; i++) {
-      int wr, wc;
-      word(i, k0, &wr, &wc);
-      sc[i] = wr < (TRANS ? K : N) && wc < cols ? __ldg(ws + (size_t)wr * G + wc / 32) : 127;
+      bool ok = TRANS ? wr0[i] + k0 < K && wc0[i] < N : wr0[i] < N && wc0[i] + k0 < K;
+      sc[i] = ok ? __ldg(ws + sc_off[i] + step) : 127;
     }
   };
-  auto decode = [&](uint32_t slot, unsigned char *dst) {
-    const unsigned char *raw = sbase + (slot - base) + L::SLOT - RAW_BYTES;
+  auto decode = [&](uint32_t slot, unsigned char *out) {
+    const uint32_t *raw = reinterpret_cast<const uint32_t *>(sbase + (slot - base) + L::SLOT - RAW_BYTES);
+    bool big = false;
 #pragma unroll
-    for (int i = 0; i < WORDS; i++) {
-      int task = tid + i * THREADS;
-      // raw bytes of (row, word): row * (bytes a row) + word * 4; zero past the edges
-      uint32_t w = *reinterpret_cast<const uint32_t *>(raw + task * 4);
-      // plain: row n, piece k / 8; transposed: atom n / 64, row k, piece n / 8 % 8
-      int j = task % (NB / 8);
-      uint32_t off = TRANS ? (j >> 3) * (KB * 128) + swz(task / (NB / 8), j & 7) : swz(task / (KB / 8), task % (KB / 8));
-      *reinterpret_cast<uint4 *>(dst + off) = fp4x8_bf16(w, sc[i]);
+    for (int i = 0; i < WORDS; i++) big |= sc[i] > 128;
+    if (__builtin_expect(__any_sync(0xffffffffu, big), 0)) {
+#pragma unroll
+      for (int i = 0; i < WORDS; i++) *reinterpret_cast<uint4 *>(out + dst[i]) = fp4x8_bf16<true>(raw[tid + i * THREADS], sc[i]);
+    } else {
+#pragma unroll
+      for (int i = 0; i < WORDS; i++) *reinterpret_cast<uint4 *>(out + dst[i]) = fp4x8_bf16<false>(raw[tid + i * THREADS], sc[i]);
     }
   };
   auto slot = [&](int s) { return base + (uint32_t)(s % STAGES) * L::SLOT; };
@@ -217,6 +223,9 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
 #pragma unroll
   for (int i = 0; i < 96; i++) acc[i] = 0.f;
 
+  // Step s + 1 is decoded while the tensor cores work on step s; step s + 2
+  // has landed (and is visible to all threads after the step's barrier) by
+  // the time it is decoded; step s + 3 is on its way.
   const int steps = (K + KB - 1) / KB;
   for (int p = 0; p < STAGES - 1; p++) {
     if (p < steps) stage(slot(p), p * KB);
@@ -227,13 +236,14 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
   __syncthreads();
   decode(slot(0), dec(0));
   if (steps > 1) fetch_scales(KB);
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3));
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   __syncthreads();
   for (int s = 0; s < steps; s++) {
     if (s + STAGES - 1 < steps) stage(slot(s + STAGES - 1), (s + STAGES - 1) * KB);
     commit();
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
     {
-      asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
       // a k16 step: 32 bytes into each K-major row (the hardware applies the
       // swizzle to the address), 16 rows into the N-major weights
       const uint32_t a0 = slot(s) + wg * 64 * 128, b0 = smem_addr(dec(s));
@@ -243,20 +253,19 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
         wgmma192<TRANS>(acc, desc(a0 + kk * 32, 16, ATOM), db);
         if (SPLIT) wgmma192<TRANS>(acc, desc(a0 + A_BYTES + kk * 32, 16, ATOM), db);
       }
-      asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     }
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
     if (s + 1 < steps) {
-      // step s + 1 has landed (s + 2 and s + 3 may still be on their way)
-      asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 2));
-      __syncthreads();
       decode(slot(s + 1), dec(s + 1));
       if (s + 2 < steps) fetch_scales((s + 2) * KB);
     }
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(STAGES - 3));
     // the tensor cores read what the threads wrote: hand it to the async proxy
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
     __syncthreads();
   }
+
   // d[4i + h] of thread t: row 16 (t / 32 % 4) + t % 32 / 4 (+ 8 for h >= 2), column 8i + 2 (t % 4) + h % 2
   const bf16 *eb = bias ? bias + (size_t)e * N : NULL;
   const int lane = tid & 31, r0 = wg * 64 + (tid / 32 % 4) * 16 + lane / 4;
@@ -297,7 +306,9 @@ cudaError_t launch(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_b
   auto k = mxfp4_gemm_kernel<SPLIT, TRANS>;
   cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)layout<SPLIT>::BYTES);
   if (err != cudaSuccess) return err;
-  dim3 grid((unsigned)((rows_bound + MB - 1) / MB + E), (unsigned)((N + NB - 1) / NB));
+  // column tiles fastest: the blocks running together share one tile of
+  // rows, which L2 then serves (a layer's rows, 47 MB a half, do not fit)
+  dim3 grid((unsigned)((N + NB - 1) / NB), (unsigned)((rows_bound + MB - 1) / MB + E));
   k<<<grid, THREADS, layout<SPLIT>::BYTES, s>>>(hi, lo, w->offsets, E, blocks, scales, N, K, bias, Y, ldy);
   return cudaGetLastError();
 }
