@@ -17,6 +17,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 #include <dirent.h>
+#include <pthread.h>
 #include <cjson/cJSON.h>
 
 #include "backend.h"
@@ -36,6 +37,7 @@ struct gptoss_adapter {
   uint64_t seed;
   cJSON *config;                /* adapter_config.json as read, written back by save */
   uint64_t version;             /* changes whenever A or B may have changed (see gptoss_adapter_touch) */
+  struct update *update;        /* AdamW's update, once a step has run */
 };
 
 /* one counter for all adapters, so that a version is never reused, even by
@@ -58,8 +60,11 @@ static gptoss_adapter *adapter_alloc(int nlayers) {
   return a;
 }
 
+static void update_free(gptoss_adapter *a);
+
 void gptoss_adapter_free(gptoss_adapter *a) {
   if (!a || --a->refs > 0) return;
+  update_free(a);
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
     free(x->A); free(x->B); free(x->gA); free(x->gB); free(x->mA); free(x->mB); free(x->vA); free(x->vB);
@@ -71,10 +76,15 @@ void gptoss_adapter_free(gptoss_adapter *a) {
 
 gptoss_adapter *gptoss_adapter_ref(gptoss_adapter *a) { if (a) a->refs++; return a; }
 
-const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m) {
+const gptoss_lora *gptoss_adapter_slot(const gptoss_adapter *a, int layer, gptoss_lora_module m) {
   if (!a || layer < 0 || layer >= a->nlayers) return NULL;
   const gptoss_lora *l = &a->mod[layer * GPTOSS_LORA_MODULES + m];
   return l->r ? l : NULL;
+}
+
+const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m) {
+  if (a) gptoss_adapter_wait(a, -1);
+  return gptoss_adapter_slot(a, layer, m);
 }
 
 void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out) {
@@ -307,7 +317,7 @@ gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *
   const int in[GPTOSS_LORA_MODULES] = {H, H, H, Q, H, I}, outd[GPTOSS_LORA_MODULES] = {Q, KV, KV, H, 2 * I, H};
   for (int l = 0; l < a->nlayers; l++)
     for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
-      const gptoss_lora *x = gptoss_adapter_module(a, l, i);
+      const gptoss_lora *x = gptoss_adapter_slot(a, l, i);   /* shapes only: no need to wait for an update */
       if (!x) continue;
       if (l >= c->num_hidden_layers)
         return gptoss_fail(GPTOSS_EARG, "adapter has a LoRA on layer %d but the model has %d layers", l, c->num_hidden_layers);
@@ -324,6 +334,7 @@ gptoss_status gptoss_adapter_check(const gptoss_adapter *a, const gptoss_model *
 
 /* {====================================================== save */
 gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
+  gptoss_adapter_wait(a, -1);
   if (mkdir(dir, 0777) != 0 && errno != EEXIST) return gptoss_fail(GPTOSS_EIO, "%s: %s", dir, strerror(errno));
   if (!gptoss_is_dir(dir)) return gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir);
   char *wpath = gptoss_path_join(dir, "adapter_model.safetensors"), *cpath = gptoss_path_join(dir, "adapter_config.json");
@@ -448,32 +459,6 @@ static gptoss_status grads_alloc(gptoss_adapter *a) {
   return GPTOSS_OK;
 }
 
-/* in 1M-float pieces over threads: a 20B adapter's gradients are 740 MB */
-#define ZERO_PIECE ((size_t)1 << 20)
-
-static void zero_pieces(void *ctx, int tid, int nth) {
-  gptoss_adapter *a = ctx;
-  size_t piece = 0;
-  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
-    gptoss_lora *x = &a->mod[i];
-    float *g[2] = {x->gA, x->gB};
-    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
-    for (int w = 0; w < 2; w++)
-      for (size_t lo = 0; g[w] && lo < n[w]; lo += ZERO_PIECE, piece++)
-        if ((int)(piece % (size_t)nth) == tid) memset(g[w] + lo, 0, sizeof(float) * (lo + ZERO_PIECE < n[w] ? ZERO_PIECE : n[w] - lo));
-  }
-}
-
-void gptoss_adapter_zero_grad(gptoss_adapter *a) {
-  size_t total = 0;
-  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
-    if (a->mod[i].gA) total += (size_t)a->mod[i].rk * (a->mod[i].in + a->mod[i].out);
-  int nth = total < 8 * ZERO_PIECE ? 1 : gptoss_cpu_count() > 16 ? 16 : gptoss_cpu_count();
-  gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL (or none to be had): this thread alone */
-  gptoss_pool_run(pool, zero_pieces, a);
-  gptoss_pool_free(pool);
-}
-
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count) {
   if (!m->be->lora_backward) return gptoss_fail(GPTOSS_EUNSUP, "LoRA training is not supported on %s", m->device);
@@ -502,12 +487,33 @@ double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed) {
 
 typedef struct step_job {
   gptoss_adapter *a;
-  const gptoss_adamw *o;
+  gptoss_adamw o;
   int pass;                     /* 0: squared gradient sums per chunk; 1: the update */
+  int layer;                    /* the update's layer (pass 1) */
+  int zero;                     /* pass 1 also zeroes the gradients it has used */
   double *partial;              /* [chunks] */
   float gs;                     /* grad_scale times the clipping coefficient */
   double bc1, bc2;
 } step_job;
+
+/* The update (pass 1) is memory-bound: 185M weights, each with its
+   gradient and two moments, 0.05-0.1 s on the host for a 20B adapter. It
+   runs on a thread of its own, layer after layer, after step returns, so a
+   trainer's next forward (the CUDA one uploads layer l as soon as layer l
+   is updated) runs alongside. Every other reader waits for all of it
+   (gptoss_adapter_wait). A zero_grad that comes during the update zeroes
+   each layer once it is updated: the layers already done at once, the rest
+   as the update goes (each chunk of gradients as soon as it is used). */
+struct update {
+  pthread_mutex_t mu;
+  pthread_cond_t cv;
+  pthread_t th;
+  int running, joinable;
+  int done;                     /* layers updated (and zeroed, if asked) */
+  int zero;                     /* zero_grad came during the update */
+  step_job job;
+  gptoss_pool *pool;            /* the optimizer's threads, kept between steps */
+};
 
 /* sum of (g scale)^2 in eight fixed lanes (the order never changes) */
 GPTOSS_HOT static double sum_squares(const float *g, size_t n, float scale) {
@@ -537,11 +543,14 @@ GPTOSS_HOT static void adamw_span(float *restrict p, const float *restrict g, fl
   }
 }
 
+/* pass 0 over every module, pass 1 over one layer's */
 static void step_chunks(void *ctx, int tid, int nth) {
   step_job *j = ctx;
-  const gptoss_adamw *o = j->o;
+  const gptoss_adamw *o = &j->o;
   size_t chunk = 0;
-  for (int i = 0; i < j->a->nlayers * GPTOSS_LORA_MODULES; i++) {
+  int i0 = j->pass ? j->layer * GPTOSS_LORA_MODULES : 0;
+  int i1 = j->pass ? i0 + GPTOSS_LORA_MODULES : j->a->nlayers * GPTOSS_LORA_MODULES;
+  for (int i = i0; i < i1; i++) {
     gptoss_lora *x = &j->a->mod[i];
     if (!x->r) continue;
     float *p[2] = {x->A, x->B}, *g[2] = {x->gA, x->gB}, *mm[2] = {x->mA, x->mB}, *vv[2] = {x->vA, x->vB};
@@ -551,16 +560,77 @@ static void step_chunks(void *ctx, int tid, int nth) {
         if ((int)(chunk % (size_t)nth) != tid) continue;
         size_t len = lo + STEP_CHUNK < n[w] ? STEP_CHUNK : n[w] - lo;
         if (j->pass == 0) j->partial[chunk] = sum_squares(g[w] + lo, len, (float)o->grad_scale);
-        else
+        else {
           adamw_span(p[w] + lo, g[w] + lo, mm[w] + lo, vv[w] + lo, len, j->gs, (float)(1 - o->lr * o->weight_decay),
                      o->beta1, o->beta2, o->lr / j->bc1, j->bc2, o->eps);
+          if (j->zero) memset(g[w] + lo, 0, sizeof(float) * len);   /* still in cache */
+        }
       }
   }
+}
+
+static void zero_layer(gptoss_adapter *a, int l) {
+  for (int i = l * GPTOSS_LORA_MODULES; i < (l + 1) * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    if (x->gA) memset(x->gA, 0, sizeof(float) * (size_t)x->rk * x->in);
+    if (x->gB) memset(x->gB, 0, sizeof(float) * (size_t)x->out * x->rk);
+  }
+}
+
+static void *update_main(void *arg) {
+  gptoss_adapter *a = arg;
+  struct update *u = a->update;
+  for (int l = 0; l < a->nlayers; l++) {
+    pthread_mutex_lock(&u->mu);
+    u->job.zero = u->zero;
+    pthread_mutex_unlock(&u->mu);
+    u->job.layer = l;
+    gptoss_pool_run(u->pool, step_chunks, &u->job);
+    /* reading zero and publishing done under one lock: a zero_grad either
+       comes first (and this thread zeroes layer l, here if it came while
+       the layer was being updated) or finds l done and zeroes it itself */
+    pthread_mutex_lock(&u->mu);
+    if (u->zero && !u->job.zero) {
+      pthread_mutex_unlock(&u->mu);
+      zero_layer(a, l);
+      pthread_mutex_lock(&u->mu);
+    }
+    u->done = l + 1;
+    pthread_cond_broadcast(&u->cv);
+    pthread_mutex_unlock(&u->mu);
+  }
+  pthread_mutex_lock(&u->mu);
+  u->running = 0;
+  pthread_cond_broadcast(&u->cv);
+  pthread_mutex_unlock(&u->mu);
+  return NULL;
+}
+
+void gptoss_adapter_wait(const gptoss_adapter *ca, int layer) {
+  struct update *u = ca->update;
+  if (!u) return;
+  pthread_mutex_lock(&u->mu);
+  while (u->running && (layer < 0 || u->done <= layer)) pthread_cond_wait(&u->cv, &u->mu);
+  int join = !u->running && u->joinable;
+  if (join) u->joinable = 0;
+  pthread_mutex_unlock(&u->mu);
+  if (join) pthread_join(u->th, NULL);
+}
+
+static void update_free(gptoss_adapter *a) {
+  if (!a->update) return;
+  gptoss_adapter_wait(a, -1);
+  pthread_mutex_destroy(&a->update->mu);
+  pthread_cond_destroy(&a->update->cv);
+  gptoss_pool_free(a->update->pool);
+  free(a->update);
+  a->update = NULL;
 }
 
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm) {
   if (!(o->lr >= 0) || !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0) || o->weight_decay < 0)
     return gptoss_fail(GPTOSS_EARG, "adamw: lr >= 0, betas in [0, 1), eps > 0 and weight_decay >= 0");
+  gptoss_adapter_wait(a, -1);
   size_t chunks = 0, total = 0;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
@@ -574,35 +644,96 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
     size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
     for (int w = 0; w < 2; w++) { chunks += (n[w] + STEP_CHUNK - 1) / STEP_CHUNK; total += n[w]; }
   }
-  step_job j = {a, o, 0, calloc(chunks ? chunks : 1, sizeof(double)), 0, 0, 0};
-  if (!j.partial) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
-  int nth = total < ((size_t)1 << 20) ? 1 : gptoss_cpu_count() > 16 ? 16 : gptoss_cpu_count();
-  gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL: this thread alone */
-  gptoss_pool_run(pool, step_chunks, &j);
-  double ss = 0;
-  for (size_t c = 0; c < chunks; c++) ss += j.partial[c];
-  double norm = sqrt(ss), clip = 1;
-  if (!isfinite(norm)) {
-    gptoss_pool_free(pool); free(j.partial);
-    return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
+  struct update *u = a->update;
+  if (!u) {
+    if (!(u = calloc(1, sizeof *u))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
+    /* half the cores, at most 8: the update is memory-bound, and it shares
+       the host with a CUDA trainer's copies (kernels/train.cu takes the
+       other half) */
+    int half = gptoss_cpu_count() / 2, nth = total < ((size_t)1 << 20) || half < 1 ? 1 : half > 8 ? 8 : half;
+    u->pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL: the calling thread alone */
+    if (pthread_mutex_init(&u->mu, NULL)) { gptoss_pool_free(u->pool); free(u); return gptoss_fail(GPTOSS_ENOMEM, "adamw: no mutex"); }
+    if (pthread_cond_init(&u->cv, NULL)) {
+      pthread_mutex_destroy(&u->mu); gptoss_pool_free(u->pool); free(u);
+      return gptoss_fail(GPTOSS_ENOMEM, "adamw: no condition variable");
+    }
+    a->update = u;
   }
+  step_job *j = &u->job;
+  memset(j, 0, sizeof *j);
+  j->a = a;
+  j->o = *o;
+  if (!(j->partial = calloc(chunks ? chunks : 1, sizeof(double)))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
+  gptoss_pool_run(u->pool, step_chunks, j);
+  double ss = 0;
+  for (size_t c = 0; c < chunks; c++) ss += j->partial[c];
+  free(j->partial);
+  j->partial = NULL;
+  double norm = sqrt(ss), clip = 1;
+  if (!isfinite(norm)) return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
   /* torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1 */
   if (o->max_grad_norm > 0 && o->max_grad_norm / (norm + 1e-6) < 1) clip = o->max_grad_norm / (norm + 1e-6);
   a->steps++;
   gptoss_adapter_touch(a);
-  j.pass = 1;
-  j.gs = (float)(o->grad_scale * clip);
-  j.bc1 = 1 - pow(o->beta1, a->steps);
-  j.bc2 = 1 - pow(o->beta2, a->steps);
-  gptoss_pool_run(pool, step_chunks, &j);
-  gptoss_pool_free(pool);
-  free(j.partial);
+  j->pass = 1;
+  j->gs = (float)(o->grad_scale * clip);
+  j->bc1 = 1 - pow(o->beta1, a->steps);
+  j->bc2 = 1 - pow(o->beta2, a->steps);
   if (grad_norm) *grad_norm = norm;
+  u->done = 0;
+  u->zero = 0;
+  u->running = 1;
+  if (pthread_create(&u->th, NULL, update_main, a) == 0) {
+    u->joinable = 1;
+    return GPTOSS_OK;
+  }
+  update_main(a);   /* no thread to be had: the update here and now */
   return GPTOSS_OK;
 }
+
+/* in 1M-float pieces over threads: a 20B adapter's gradients are 740 MB */
+#define ZERO_PIECE ((size_t)1 << 20)
+
+static void zero_pieces(void *ctx, int tid, int nth) {
+  gptoss_adapter *a = ctx;
+  size_t piece = 0;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    gptoss_lora *x = &a->mod[i];
+    float *g[2] = {x->gA, x->gB};
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
+    for (int w = 0; w < 2; w++)
+      for (size_t lo = 0; g[w] && lo < n[w]; lo += ZERO_PIECE, piece++)
+        if ((int)(piece % (size_t)nth) == tid) memset(g[w] + lo, 0, sizeof(float) * (lo + ZERO_PIECE < n[w] ? ZERO_PIECE : n[w] - lo));
+  }
+}
+
+void gptoss_adapter_zero_grad(gptoss_adapter *a) {
+  struct update *u = a->update;
+  if (u) {
+    pthread_mutex_lock(&u->mu);
+    int running = u->running, done = u->done;
+    if (running) u->zero = 1;
+    pthread_mutex_unlock(&u->mu);
+    if (running) {   /* the updated layers here, the rest by the update's thread */
+      for (int l = 0; l < done; l++) zero_layer(a, l);
+      return;
+    }
+    gptoss_adapter_wait(a, -1);   /* joins the finished thread */
+  }
+  size_t total = 0;
+  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
+    if (a->mod[i].gA) total += (size_t)a->mod[i].rk * (a->mod[i].in + a->mod[i].out);
+  int nth = total < 8 * ZERO_PIECE ? 1 : gptoss_cpu_count() > 16 ? 16 : gptoss_cpu_count();
+  gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;   /* NULL (or none to be had): this thread alone */
+  gptoss_pool_run(pool, zero_pieces, a);
+  gptoss_pool_free(pool);
+}
+
 /* }====================================================== */
 
 gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adapter *src) {
+  gptoss_adapter_wait(dst, -1);
+  gptoss_adapter_wait(src, -1);
   int nl = dst->nlayers > src->nlayers ? dst->nlayers : src->nlayers;
   for (int l = 0; l < nl; l++)
     for (int i = 0; i < GPTOSS_LORA_MODULES; i++) {
@@ -625,6 +756,7 @@ gptoss_status gptoss_adapter_copy_weights(gptoss_adapter *dst, const gptoss_adap
 
 /* {====================================================== optimizer state */
 gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path) {
+  gptoss_adapter_wait(a, -1);
   gptoss_st_writer *w = NULL;
   gptoss_status rc = gptoss_stw_new(path, &w);
   char steps[32];
@@ -650,6 +782,7 @@ gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *pat
 }
 
 gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path) {
+  gptoss_adapter_wait(a, -1);
   gptoss_st *st = NULL;
   gptoss_status rc = gptoss_st_open(path, &st);
   if (rc) return rc;
@@ -826,6 +959,7 @@ static gptoss_status unquantized_json(const char *src, const char *dst, int inde
 }
 
 gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *a, const char *out_dir, int threads) {
+  gptoss_adapter_wait(a, -1);
   gptoss_status rc = gptoss_adapter_check(a, m);
   if (rc) return rc;
   int bf16_experts = 0;

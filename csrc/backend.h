@@ -85,6 +85,12 @@ gptoss_status gptoss_trace_reserve(gptoss_session *s, int extra);
 /* what a backend that samples on its own device needs of a sampler */
 const gptoss_sampling *gptoss_sampler_params(const gptoss_sampler *s);
 uint64_t gptoss_sampler_draw(gptoss_sampler *s);   /* a fresh 64-bit random value per draw */
+/* AdamW's update runs after gptoss_adapter_step returns, a layer at a time
+   (see adapter.c). gptoss_adapter_module and every other adapter function
+   wait for all of it; a backend that reads one layer at a time takes the
+   modules with slot (no waiting) and waits for layer l (-1: all) itself. */
+void gptoss_adapter_wait(const gptoss_adapter *a, int layer);
+const gptoss_lora *gptoss_adapter_slot(const gptoss_adapter *a, int layer, gptoss_lora_module m);
 #if defined(__GNUC__)
 #pragma GCC visibility pop
 #endif

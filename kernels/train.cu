@@ -484,9 +484,11 @@ struct trainer {
   float *stage;              // host (pinned), nparams, in PEFT's layout
   cudaStream_t cs;           // copies
   cudaEvent_t ev_up, ev_bwd[2], ev_down[2];
+  cudaEvent_t ev_off;        // off_host has this layer's offsets
   dlora mod[GPTOSS_MAX_LAYERS][GPTOSS_LORA_MODULES];
   gptoss_pool *pool;
   // this call
+  gptoss_adapter *a;
   const train_view *v;
   int T;
   float drop;
@@ -525,6 +527,7 @@ void cuda_train_free(void *state) {
   if (t->cs) {
     cudaStreamDestroy(t->cs);
     cudaEventDestroy(t->ev_up);
+    cudaEventDestroy(t->ev_off);
     for (int i = 0; i < 2; i++) { cudaEventDestroy(t->ev_bwd[i]); cudaEventDestroy(t->ev_down[i]); }
   }
   if (t->pool) gptoss_pool_free(t->pool);
@@ -675,7 +678,8 @@ static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *r
     t->layer_off[l] = n;
     for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
       dlora *x = &t->mod[l][m];
-      gptoss_lora *h = l < L ? (gptoss_lora *)gptoss_adapter_module(a, l, (gptoss_lora_module)m) : NULL;
+      // pointers only: the weights are read a layer at a time (upload_layer)
+      gptoss_lora *h = l < L ? (gptoss_lora *)gptoss_adapter_slot(a, l, (gptoss_lora_module)m) : NULL;
       memset(x, 0, sizeof *x);
       if (!h) continue;
       x->host = h; x->r = h->experts ? h->rk / h->experts : h->rk; x->in = h->in; x->out = h->out; x->E = h->experts;
@@ -712,6 +716,7 @@ static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *r
   if (!t->cs) {
     CU(cudaStreamCreateWithFlags(&t->cs, cudaStreamNonBlocking));
     CU(cudaEventCreateWithFlags(&t->ev_up, cudaEventDisableTiming));
+    CU(cudaEventCreateWithFlags(&t->ev_off, cudaEventDisableTiming));
     for (int i = 0; i < 2; i++) {
       CU(cudaEventCreateWithFlags(&t->ev_bwd[i], cudaEventDisableTiming));
       CU(cudaEventCreateWithFlags(&t->ev_down[i], cudaEventDisableTiming));
@@ -722,10 +727,13 @@ static gptoss_status layout_adapter(trainer *t, gptoss_adapter *a, int L, int *r
   return GPTOSS_OK;
 }
 
-// layer l's weights onto the device, on the copy stream; the forward waits for them
+// layer l's weights onto the device, on the copy stream; the forward waits
+// for them. The host may still be updating later layers (AdamW's update
+// runs a layer at a time after the step returns): this waits for layer l.
 static gptoss_status upload_layer(trainer *t, int l) {
   size_t lo = t->layer_off[l], n = t->layer_off[l + 1] - lo;
   if (!t->upload || !n) return GPTOSS_OK;
+  gptoss_adapter_wait(t->a, l);
   copy_job j = {t, l, 0};
   gptoss_pool_run(t->pool, copy_part, &j);
   CU(cudaMemcpyAsync(t->params + lo, t->stage + lo, sizeof(float) * n, cudaMemcpyHostToDevice, t->cs));
@@ -851,6 +859,7 @@ __global__ void xptr_kernel(const float **ptrs, int E, const int32_t *off, xop a
 static gptoss_status xgemm(trainer *t, bool ta, bool tb, int M, int N, int K, float alpha, xop A, xop B, float beta, xop C) {
   const dims &d = t->v->d;
   const int32_t *off = t->off_host;
+  CU(cudaEventSynchronize(t->ev_off));
   int E = d.E;
   int *mm = t->xdims, *nn = mm + E, *kk = nn + E, *lda = kk + E, *ldb = lda + E, *ldc = ldb + E, *gs = ldc + E;
   float *al = (float *)(gs + E), *be = al + E;
@@ -1255,8 +1264,11 @@ static gptoss_status moe_route(trainer *t) {
   launch_moe_sort(t->sel, T, d.E, d.K, &t->mw, st);
   invperm_kernel<<<GRID(TK)>>>(t->mw.perm, t->invp, TK);
   gather_kernel<<<TK, 256, 0, st>>>(t->xn2, t->mw.perm, d.K, d.H, t->xg);
+  // for the host's grouped cuBLAS calls (ranks over 64) alone, which wait
+  // for it: everything else reads the offsets on the device, so the host
+  // queues the layers without waiting for the GPU
   CU(cudaMemcpyAsync(t->off_host, t->mw.offsets, sizeof(int32_t) * (d.E + 1), cudaMemcpyDeviceToHost, st));
-  CU(cudaStreamSynchronize(st));
+  CU(cudaEventRecord(t->ev_off, st));
   return GPTOSS_OK;
 }
 
@@ -1370,6 +1382,7 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   int rmax;
+  t->a = a;
   TRY(layout_adapter(t, a, d.L, &rmax));
   TRY(ensure_buffers(t, n, rmax));
   t->T = n;
@@ -1428,7 +1441,10 @@ gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const i
   trainer *t = (trainer *)*v->state;
   if (!t) {
     if (!(t = (trainer *)calloc(1, sizeof *t))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-    if (!(t->pool = gptoss_pool_new(v->threads > 16 ? 16 : v->threads < 1 ? 1 : v->threads))) {
+    // at most half of 16 cores: AdamW's update (adapter.c) takes the other
+    // half while the forward uploads, and spinning workers of two pools on
+    // the same cores starve the thread that drives the GPU
+    if (!(t->pool = gptoss_pool_new(v->threads > 8 ? 8 : v->threads < 1 ? 1 : v->threads))) {
       free(t);
       return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the trainer's threads");
     }

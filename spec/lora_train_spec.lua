@@ -69,6 +69,39 @@ describe("LoRA training (CPU) vs PEFT", function()
     end)
   end
 
+  -- step returns once the gradient norm is known; the update itself runs on
+  -- a thread a layer at a time (csrc/adapter.c). Whatever comes next sees
+  -- the finished step: here a zero_grad straight after it (a) against a
+  -- read that waits for the update first (b), same data, three steps.
+  it("steps the same whether the next call comes during AdamW's update or after it", function()
+    local fx, ids, mask = H.lora_fixture("train_experts_r4")
+    local a = assert(gptoss.adapter.load(FX .. "train_experts_r4"))
+    local b = assert(gptoss.adapter.load(FX .. "train_experts_r4"))
+    for _ = 1, 3 do
+      for _, x in ipairs { a, b } do
+        if x == b then x:module(3, "down") end
+        x:zero_grad()
+        local _, n = m:lora_backward(x, ids, mask)
+        x:step { lr = 1e-2, max_grad_norm = 1.0, grad_scale = 1 / n }
+      end
+    end
+    a:zero_grad()
+    for l = 0, 3 do
+      for _, p in ipairs { "o", "gate_up", "down" } do
+        local xa, xb = a:module(l, p), b:module(l, p)
+        assert.are.same(flat(xb.A), flat(xa.A)); assert.are.same(flat(xb.B), flat(xa.B))
+        for _, g in ipairs { "gA", "gB" } do
+          for _, v in ipairs(flat(xa[g])) do assert.are.equal(0, v) end
+        end
+      end
+    end
+    local dir = H.tmpdir() .. "/stepped"
+    assert.is_true(a:save(dir))   -- save waits too: what it writes is the finished step
+    local c = assert(gptoss.adapter.load(dir))
+    assert.are.same(flat(b:module(3, "down").B), flat(c:module(3, "down").B))
+    a:close(); b:close(); c:close(); fx:close()
+  end)
+
   it("makes new adapters as PEFT does: B zero, so the model starts unchanged", function()
     local a = gptoss.lora(m, { r = 4, alpha = 8, targets = { "q", "v" }, layers = { 1, 3 }, seed = 3 })
     assert.are.equal(4, a.modules)
