@@ -17,6 +17,9 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 if has kernels; then
   timeout 120 ${KBIN:-build/cuda}/kernels_test > $OUT/kernels_test.log 2>&1; echo "kernels_test rc=$?"
   grep -aE "mxfp4|FAIL|kernels_test" $OUT/kernels_test.log
+  # the compute_90 PTX the driver compiles for GPUs after Hopper: mxfp4_gemm's portable loop
+  CUDA_FORCE_PTX_JIT=1 timeout 300 ${KBIN:-build/cuda}/kernels_test > $OUT/kernels_test_ptx.log 2>&1; echo "kernels_test (PTX JIT) rc=$?"
+  grep -aE "FAIL|kernels_test" $OUT/kernels_test_ptx.log
   timeout 60 ${KBIN:-build/cuda}/mxfp4_bench 2>&1 | tee $OUT/mxfp4_bench.txt
 fi
 if has specs; then
