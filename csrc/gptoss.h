@@ -352,7 +352,10 @@ gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int
 void gptoss_adapter_zero_grad(gptoss_adapter *a);
 /* AdamW as torch.optim.AdamW, after scaling the gradients by grad_scale and
    clipping their total norm to max_grad_norm (0 = no clipping); *grad_norm
-   gets the norm before clipping. */
+   gets the norm before clipping. It returns once the norm is known: the
+   update itself then runs on a thread of its own, and every other call on
+   the adapter (and any use of it by a model) waits for it to finish, so
+   callers see the finished step; a CUDA backward overlaps it. */
 typedef struct gptoss_adamw {
   double lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad_scale;
 } gptoss_adamw;
