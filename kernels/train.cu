@@ -6,8 +6,9 @@
 // The frozen weights enter the tensor cores as bf16 (cuBLAS; the MXFP4
 // experts decoded inside mxfp4_gemm.cu's grouped kernel, which is exact),
 // against activations rounded to bf16 (precision "fast") or split into two
-// bf16 terms (precision "exact", about 16 significant bits). The attention score products take fp32
-// operands, in fp32 ("exact") or cuBLAS's bf16 tensor-core mode ("fast").
+// bf16 terms (precision "exact", about 16 significant bits). The attention
+// score products take fp32 operands, in fp32 ("exact") or cuBLAS's bf16
+// tensor-core mode ("fast").
 // LoRA weights, their products and their gradients stay fp32: they are the
 // master weights, which the host's AdamW updates.
 //
@@ -46,7 +47,7 @@ __global__ void rms_bwd_kernel(float *dx, const float *x, const int32_t *rows, c
   for (int c = threadIdx.x; c < H; c += blockDim.x) dx[row + c] += __bfloat162float(w[c]) * g[c] * r - xr[c] * k;
 }
 
-// y[t][n] += bias[n] (row stride ld), or bias[e][n] with e the expert of sorted row t
+// y[t][n] += bias[n] (row stride ld)
 __global__ void bias_kernel(float *y, int ld, const bf16 *bias, int N, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
