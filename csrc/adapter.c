@@ -894,14 +894,7 @@ static void merge_experts_part(void *ctx, int tid, int nth) {
   for (int e = tid; e < j->E; e += nth)
     for (int o = 0; o < j->out; o++) {
       size_t r = (size_t)e * j->out + o;
-      for (int g = 0; g < G; g++) {
-        float sc = ldexpf(1.f, (int)j->scales[r * G + g] - 127);
-        const uint8_t *b = j->blocks + (r * G + g) * 16;
-        for (int q = 0; q < 16; q++) {
-          row[g * 32 + 2 * q] = gptoss_fp4_values[b[q] & 15] * sc;
-          row[g * 32 + 2 * q + 1] = gptoss_fp4_values[b[q] >> 4] * sc;
-        }
-      }
+      cpu_mxfp4_row(row, j->blocks + r * G * 16, j->scales + r * G, j->in);
       if (j->x) {
         lora_delta_row(j->x, e, o, d);
         for (int i = 0; i < j->in; i++) row[i] += d[i];
