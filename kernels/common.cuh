@@ -68,57 +68,33 @@ struct dims {
 // }======================================================
 
 // {====================================================== device helpers
-// MXFP4 decoding, shared by moe.cu (in its kernels) and train.cu (whole
-// experts expanded to bf16): the FP4 code (low nibble first) times
-// 2^(scale-127)
-__device__ __forceinline__ float e8m0(uint8_t e) {
-  return e ? __uint_as_float((uint32_t)e << 23) : __uint_as_float(0x00400000u);
-}
-
-// Eight FP4 codes (one 32-bit word, value i in nibble i) as four half2,
-// h[k] = (value k, value k + 4) * 2^-14: each code's sign and e2m1 bits go
-// straight into an fp16 whose exponent bias is 15 instead of 1, which is
-// exact (the code 0.5 lands on an fp16 subnormal) and costs about one and a
-// half integer operations per value. A table in constant memory would
-// serialise, since the lanes of a warp look up different codes.
-__device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
-  uint32_t r0 = ((w << 9) & 0x0E000E00u) | ((w << 12) & 0x80008000u);
-  uint32_t r1 = ((w << 5) & 0x0E000E00u) | ((w << 8) & 0x80008000u);
-  uint32_t r2 = ((w << 1) & 0x0E000E00u) | ((w << 4) & 0x80008000u);
-  uint32_t r3 = ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
-  h[0] = *reinterpret_cast<__half2 *>(&r0);
-  h[1] = *reinterpret_cast<__half2 *>(&r1);
-  h[2] = *reinterpret_cast<__half2 *>(&r2);
-  h[3] = *reinterpret_cast<__half2 *>(&r3);
-}
-
-#define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
-
-// 16 weights of one row (8 bytes of a 32-value block) as bf16, scaled:
-// exact, since an FP4 code times a power of two has at most 2 significant bits
-__device__ __forceinline__ void fp4x16_bf16(uint2 raw, float sc, uint4 out[2]) {
-  uint32_t w[2] = {raw.x, raw.y};
+// MXFP4 to bf16 for the tensor cores, shared by moe.cu's grouped GEMM and
+// mxfp4_gemm.cu: eight FP4 codes (one word, value i in nibble i) as bf16 in
+// order, times 2^(s - 127). Each code's sign and e2m1 bits go straight into
+// a bf16 whose exponent field is the code's exponent: the value times
+// 2^-126 (the code 0.5 lands on a subnormal), paired as (value i, value
+// i + 4) and reordered by byte permutes; a bf16 multiply by 2^(s - 1)
+// scales it exactly. That factor is a bf16 for s <= 128; BIG (scales above
+// 2, which no trained checkpoint has) multiplies by 2^127 and then by
+// 2^(s - 128).
+template <bool BIG>
+__device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
+  uint32_t p0 = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
+  uint32_t p1 = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
+  uint32_t p2 = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
+  uint32_t p3 = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
+  uint32_t q[4] = {__byte_perm(p0, p1, 0x5410), __byte_perm(p2, p3, 0x5410), __byte_perm(p0, p1, 0x7632),
+                   __byte_perm(p2, p3, 0x7632)};
+  uint32_t f1 = ((BIG && s > 128 ? 254 : s + 126) << 7) * 0x10001u, f2 = (s > 128 ? (s - 1) << 7 : 0x3F80u) * 0x10001u;
+  uint4 out;
+  uint32_t *o = reinterpret_cast<uint32_t *>(&out);
 #pragma unroll
-  for (int q = 0; q < 2; q++) {
-    __half2 h[4];
-    fp4x8(w[q], h);
-    float2 f[4];
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-      f[k] = __half22float2(h[k]);
-      f[k].x = f[k].x * FP4_UNBIAS * sc;
-      f[k].y = f[k].y * FP4_UNBIAS * sc;
-    }
-    __nv_bfloat162 p0 = __floats2bfloat162_rn(f[0].x, f[1].x), p1 = __floats2bfloat162_rn(f[2].x, f[3].x);
-    __nv_bfloat162 p2 = __floats2bfloat162_rn(f[0].y, f[1].y), p3 = __floats2bfloat162_rn(f[2].y, f[3].y);
-    out[q] = make_uint4(*reinterpret_cast<uint32_t *>(&p0), *reinterpret_cast<uint32_t *>(&p1),
-                        *reinterpret_cast<uint32_t *>(&p2), *reinterpret_cast<uint32_t *>(&p3));
+  for (int i = 0; i < 4; i++) {
+    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&q[i]), *reinterpret_cast<__nv_bfloat162 *>(&f1));
+    if (BIG) v = __hmul2(v, *reinterpret_cast<__nv_bfloat162 *>(&f2));
+    o[i] = *reinterpret_cast<uint32_t *>(&v);
   }
-}
-
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t *>(&p);
+  return out;
 }
 
 // shared by dense.cu, moe.cu and train.cu

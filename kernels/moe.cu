@@ -13,6 +13,36 @@
 
 using namespace nvcuda;
 
+// MXFP4 for the GEMVs (fp32 sums): the FP4 code (low nibble first) times
+// 2^(scale-127)
+__device__ __forceinline__ float e8m0(uint8_t e) {
+  return e ? __uint_as_float((uint32_t)e << 23) : __uint_as_float(0x00400000u);
+}
+
+// Eight FP4 codes (one 32-bit word, value i in nibble i) as four half2,
+// h[k] = (value k, value k + 4) * 2^-14: each code's sign and e2m1 bits go
+// straight into an fp16 whose exponent bias is 15 instead of 1, which is
+// exact (the code 0.5 lands on an fp16 subnormal) and costs about one and a
+// half integer operations per value. A table in constant memory would
+// serialise, since the lanes of a warp look up different codes.
+__device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
+  uint32_t r0 = ((w << 9) & 0x0E000E00u) | ((w << 12) & 0x80008000u);
+  uint32_t r1 = ((w << 5) & 0x0E000E00u) | ((w << 8) & 0x80008000u);
+  uint32_t r2 = ((w << 1) & 0x0E000E00u) | ((w << 4) & 0x80008000u);
+  uint32_t r3 = ((w >> 3) & 0x0E000E00u) | (w & 0x80008000u);
+  h[0] = *reinterpret_cast<__half2 *>(&r0);
+  h[1] = *reinterpret_cast<__half2 *>(&r1);
+  h[2] = *reinterpret_cast<__half2 *>(&r2);
+  h[3] = *reinterpret_cast<__half2 *>(&r3);
+}
+
+#define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
+
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&p);
+}
+
 __device__ __forceinline__ float swiglu(float g, float u, float limit) {
   g = fminf(g, limit);
   u = fminf(fmaxf(u, -limit), limit);
@@ -159,10 +189,9 @@ moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t 
         dl[0] = make_uint4(lo[0], lo[1], lo[2], lo[3]); dl[1] = make_uint4(lo[4], lo[5], lo[6], lo[7]);
       }
     }
-    uint4 bv[2];
-    fp4x16_bf16(b_raw, e8m0(b_sc), bv);
     uint4 *db = reinterpret_cast<uint4 *>(S.B + r * LDS + half * 16);
-    db[0] = bv[0]; db[1] = bv[1];
+    db[0] = b_sc > 128 ? fp4x8_bf16<true>(b_raw.x, b_sc) : fp4x8_bf16<false>(b_raw.x, b_sc);
+    db[1] = b_sc > 128 ? fp4x8_bf16<true>(b_raw.y, b_sc) : fp4x8_bf16<false>(b_raw.y, b_sc);
   };
   wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
   for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.f);

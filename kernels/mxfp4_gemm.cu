@@ -96,32 +96,6 @@ __device__ __forceinline__ void wgmma192(float d[96], uint64_t a, uint64_t b) {
       : "l"(a), "l"(b), "n"(TRANS));
 }
 
-// Eight FP4 codes (one word, value i in nibble i) as bf16 in order, times
-// 2^(s - 127). Each code's sign and e2m1 bits go straight into a bf16 whose
-// exponent field is the code's exponent: the value times 2^-126 (the code
-// 0.5 lands on a subnormal), paired as (value i, value i + 4) and reordered
-// by byte permutes; a bf16 multiply by 2^(s - 1) scales it exactly. That
-// factor is a bf16 for s <= 128; BIG (scales above 2, which no trained
-// checkpoint has) multiplies by 2^127 and then by 2^(s - 128).
-template <bool BIG>
-__device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
-  uint32_t p0 = ((w << 6) & 0x01C001C0u) | ((w << 12) & 0x80008000u);
-  uint32_t p1 = ((w << 2) & 0x01C001C0u) | ((w << 8) & 0x80008000u);
-  uint32_t p2 = ((w >> 2) & 0x01C001C0u) | ((w << 4) & 0x80008000u);
-  uint32_t p3 = ((w >> 6) & 0x01C001C0u) | (w & 0x80008000u);
-  uint32_t q[4] = {__byte_perm(p0, p1, 0x5410), __byte_perm(p2, p3, 0x5410), __byte_perm(p0, p1, 0x7632),
-                   __byte_perm(p2, p3, 0x7632)};
-  uint32_t f1 = ((BIG && s > 128 ? 254 : s + 126) << 7) * 0x10001u, f2 = (s > 128 ? (s - 1) << 7 : 0x3F80u) * 0x10001u;
-  uint4 out;
-  uint32_t *o = reinterpret_cast<uint32_t *>(&out);
-#pragma unroll
-  for (int i = 0; i < 4; i++) {
-    __nv_bfloat162 v = __hmul2(*reinterpret_cast<__nv_bfloat162 *>(&q[i]), *reinterpret_cast<__nv_bfloat162 *>(&f1));
-    if (BIG) v = __hmul2(v, *reinterpret_cast<__nv_bfloat162 *>(&f2));
-    o[i] = *reinterpret_cast<uint32_t *>(&v);
-  }
-  return out;
-}
 #endif
 
 // K and N are multiples of 32 (MXFP4 blocks run along W's columns), so a
