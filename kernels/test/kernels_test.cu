@@ -53,6 +53,16 @@ static std::vector<float> to_f(const std::vector<bf16> &v) {
   return o;
 }
 
+// x as bf16 and what bf16 rounded off (split bf16, the "exact" inputs)
+static void split_bf16(const std::vector<float> &x, std::vector<bf16> &hi, std::vector<bf16> &lo) {
+  hi.resize(x.size());
+  lo.resize(x.size());
+  for (size_t i = 0; i < x.size(); i++) {
+    hi[i] = __float2bfloat16(x[i]);
+    lo[i] = __float2bfloat16(x[i] - __bfloat162float(hi[i]));
+  }
+}
+
 // an MXFP4 weight [E][N][K] (blocks, scales) and its dequantised values
 struct fp4w { std::vector<uint8_t> blocks, scales; std::vector<float> val; };
 static fp4w rand_fp4(int E, int N, int K, int scale_exp) {
@@ -91,11 +101,8 @@ static void test_moe(int T, int H, int I, int E, int K) {
   std::vector<bf16> gub = rand_bf16((size_t)E * 2 * I, 0.02), dnb = rand_bf16((size_t)E * H, 0.02);
   std::vector<float> xnf((size_t)T * H);
   for (auto &v : xnf) v = (float)nrand();
-  std::vector<bf16> xn(xnf.size()), xn_lo(xnf.size());
-  for (size_t i = 0; i < xnf.size(); i++) {
-    xn[i] = __float2bfloat16(xnf[i]);
-    xn_lo[i] = __float2bfloat16(xnf[i] - __bfloat162float(xn[i]));
-  }
+  std::vector<bf16> xn, xn_lo;
+  split_bf16(xnf, xn, xn_lo);
   std::vector<int32_t> sel((size_t)T * K);
   std::vector<float> w((size_t)T * K);
   for (int t = 0; t < T; t++) {
@@ -376,11 +383,8 @@ static void test_mxfp4_gemm(const std::vector<int> &counts, int wrows, int wcols
   int M = off[E];
   std::vector<float> xf((size_t)M * K);
   for (auto &v : xf) v = (float)nrand();
-  std::vector<bf16> hi(xf.size()), lo(xf.size());
-  for (size_t i = 0; i < xf.size(); i++) {
-    hi[i] = __float2bfloat16(xf[i]);
-    lo[i] = __float2bfloat16(xf[i] - __bfloat162float(hi[i]));
-  }
+  std::vector<bf16> hi, lo;
+  split_bf16(xf, hi, lo);
   std::vector<double> want((size_t)M * N);
   for (int e = 0; e < E; e++)
     for (int r = off[e]; r < off[e + 1]; r++)
