@@ -97,6 +97,19 @@ __device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
   return out;
 }
 
+// two floats as a bf16 pair, a in the low half (the first element in memory)
+__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
+  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<uint32_t *>(&p);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+
+// 16 bytes global to shared, in flight until cp.async.wait_group; zeros when !pred
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
+}
+
 // shared by dense.cu, moe.cu and train.cu
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -234,6 +247,26 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
 cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
                               const uint8_t *scales, int wrows, int wcols, bool trans, const bf16 *bias, float *Y, int ldy,
                               cudaStream_t s);
+
+// flash_attention.cu: training's attention of T tokens, causal with the
+// heads' sinks and (window > 0) a sliding window, for head sizes
+// flash_supported accepts. Operands bf16 (the lo's NULL) or split bf16.
+struct flash_args {
+  const bf16 *qkv_hi, *qkv_lo;     // [T][ldq]: roped q (head h at h D), k (at Q + g D), v (at Q + KV + g D)
+  const bf16 *dout_hi, *dout_lo;   // [T][Q]: the output's gradient (backward)
+  const float *dout;               // the same in fp32 (backward)
+  const bf16 *sinks;               // [Hq]
+  int T, ldq, Q, KV, Hq, Hkv, D, window;
+  float scale;
+  float *att;                      // [T][Q]: the output (forward writes it, backward reads it)
+  float *lse;                      // [T][Hq]: log of each softmax's denominator (forward writes it)
+  float *dd;                       // [T][Hq]: O.dO (backward writes it)
+  float *dqkv;                     // [T][ldq]: the gradients of q, k and v (backward writes them)
+  float *dk_part, *dv_part;        // [T][Hq][D]: each head's share of dk and dv (backward's scratch)
+};
+bool flash_supported(int D);
+cudaError_t launch_flash_fwd(const flash_args *a, cudaStream_t s);
+cudaError_t launch_flash_bwd(const flash_args *a, cudaStream_t s);
 
 // lora.cu: adapters in the inference forward
 // one LoRA module's device copy: A [E][r][in], B [E][out][r] (E = 1 for

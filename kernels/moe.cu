@@ -38,11 +38,6 @@ __device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
 
 #define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
 
-__device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
-  __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<uint32_t *>(&p);
-}
-
 __device__ __forceinline__ float swiglu(float g, float u, float limit) {
   g = fminf(g, limit);
   u = fminf(fmaxf(u, -limit), limit);

@@ -56,12 +56,6 @@ template <bool SPLIT> struct layout {
 constexpr int WORDS = NB * KB / 8 / THREADS, CHUNKS = MB * KB / 8 / THREADS;
 static_assert(NB * KB / 8 % THREADS == 0 && MB * KB / 8 % THREADS == 0, "staging work per thread");
 
-__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool pred) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
-}
-
 // wgmma's shared-memory operand: start, leading and stride byte offsets,
 // 128-byte swizzle
 __device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {

@@ -6,15 +6,17 @@
 // The frozen weights enter the tensor cores as bf16 (cuBLAS; the MXFP4
 // experts decoded inside mxfp4_gemm.cu's grouped kernel, which is exact),
 // against activations rounded to bf16 (precision "fast") or split into two
-// bf16 terms (precision "exact", about 16 significant bits). The attention
-// score products take fp32 operands, in fp32 ("exact") or cuBLAS's bf16
-// tensor-core mode ("fast").
+// bf16 terms (precision "exact", about 16 significant bits). Attention
+// (flash_attention.cu) takes the same operands in tiles that never hold the
+// scores.
 // LoRA weights, their products and their gradients stay fp32: they are the
 // master weights, which the host's AdamW updates.
 //
-// Attention materialises the scores of a few heads at a time (sharing one
-// key/value head, so the batched products broadcast it); the experts' rows,
-// sorted by launch_moe_sort, run through one grouped product per matrix.
+// Head sizes flash_attention.cu has no tiles for materialise the scores of
+// a few heads at a time instead (sharing one key/value head, so the batched
+// cuBLAS products broadcast it), in fp32 ("exact") or cuBLAS's bf16 mode.
+// The experts' rows, sorted by launch_moe_sort, run through one grouped
+// product per matrix.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -135,193 +137,6 @@ __global__ void dsoftmax_kernel(const float *P, float *dP, const float *dO, cons
   for (int j = threadIdx.x; j <= t; j += blockDim.x) dP[off + j] = P[off + j] * (dP[off + j] - dd) * scale;
   for (int j = t + 1 + threadIdx.x; j < a.T; j += blockDim.x) dP[off + j] = 0.f;
 }
-
-// {====================================================== sliding-window attention
-// A sliding layer's query sees at most `window` keys, so materialising the
-// T x T scores (as the full layers do) would be almost all masked work.
-// These kernels stage a tile's keys and values (or queries and output
-// gradients) in shared memory and take each (query, key) product in fp32:
-// the forward writes att and lse as softmax_kernel does; the backward
-// recomputes the probabilities from lse, one kernel per query for dq (and
-// dd = O.dO) and one per key for dk and dv, summing over its queries and its
-// group's heads in a fixed order (no atomics: the same sums every run).
-#define SW_TILE 32
-#define SW_WARPS 8
-
-struct swa_args {
-  const float *qkv;          // [T][Q + 2 KV], roped
-  int T, D, Q, KV, Hq, Hkv, window;
-  float scale;
-  const bf16 *sinks;
-  float *att;                // [T][Q]
-  float *lse, *dd;           // [T][Hq]
-  const float *datt;         // [T][Q]: the output gradient (backward)
-  float *dqkv;               // [T][Q + 2 KV] (backward)
-};
-
-__device__ __forceinline__ int swa_ld(const swa_args &a) { return a.Q + 2 * a.KV; }
-
-// rows [r0, r0 + n) of a strided matrix's column block c0 .. c0 + D into shared rows of D + 1
-__device__ __forceinline__ void swa_stage(float *dst, const float *src, int ld, int c0, int r0, int n, int D) {
-  for (int i = threadIdx.x; i < n * D; i += blockDim.x) {
-    int r = i / D, c = i % D;
-    dst[r * (D + 1) + c] = src[(size_t)(r0 + r) * ld + c0 + c];
-  }
-}
-
-// four independent sums (a single chain of D dependent FMAs left the SMs waiting)
-__device__ __forceinline__ float swa_dot(const float *a, const float *b, int D) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  int c = 0;
-  for (; c + 4 <= D; c += 4) { s0 += a[c] * b[c]; s1 += a[c + 1] * b[c + 1]; s2 += a[c + 2] * b[c + 2]; s3 += a[c + 3] * b[c + 3]; }
-  for (; c < D; c++) s0 += a[c] * b[c];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// sum over jj < n of p[jj] * M[(base + jj) * P + c], in four independent sums
-__device__ __forceinline__ float swa_mix(const float *p, const float *M, int base, int P, int c, int n) {
-  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-  int jj = 0;
-  for (; jj + 4 <= n; jj += 4) {
-    s0 += p[jj] * M[(base + jj) * P + c];
-    s1 += p[jj + 1] * M[(base + jj + 1) * P + c];
-    s2 += p[jj + 2] * M[(base + jj + 2) * P + c];
-    s3 += p[jj + 3] * M[(base + jj + 3) * P + c];
-  }
-  for (; jj < n; jj++) s0 += p[jj] * M[(base + jj) * P + c];
-  return (s0 + s1) + (s2 + s3);
-}
-
-// grid (tiles of SW_TILE queries, Hq)
-__global__ void __launch_bounds__(SW_WARPS * 32) swa_fwd_kernel(swa_args a) {
-  extern __shared__ float sm[];
-  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), h = blockIdx.y, g = h / (a.Hq / a.Hkv);
-  int q0 = blockIdx.x * SW_TILE, nq = a.T - q0 < SW_TILE ? a.T - q0 : SW_TILE;
-  int k0 = q0 - W + 1 > 0 ? q0 - W + 1 : 0, nk = q0 + nq - k0;
-  float *Ks = sm, *Vs = Ks + (SW_TILE + W) * P, *Qs = Vs + (SW_TILE + W) * P, *Ps = Qs + SW_TILE * P;
-  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
-  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
-  swa_stage(Qs, a.qkv, ld, h * D, q0, nq, D);
-  __syncthreads();
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float *pw = Ps + warp * W, sink = __bfloat162float(a.sinks[h]);
-  for (int r = warp; r < nq; r += SW_WARPS) {
-    int t = q0 + r, j0 = t - W + 1 > 0 ? t - W + 1 : 0, cnt = t - j0 + 1;
-    float mx = sink;
-    for (int jj = lane; jj < cnt; jj += 32) {
-      float sc = swa_dot(Qs + r * P, Ks + (j0 + jj - k0) * P, D) * a.scale;
-      pw[jj] = sc;
-      mx = fmaxf(mx, sc);
-    }
-    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    float sum = 0.f;
-    for (int jj = lane; jj < cnt; jj += 32) sum += expf(pw[jj] - mx);
-    sum = warp_sum(sum) + expf(sink - mx);
-    float lse = mx + logf(sum);
-    for (int jj = lane; jj < cnt; jj += 32) pw[jj] = expf(pw[jj] - lse);
-    __syncwarp();
-    for (int c = lane; c < D; c += 32) a.att[(size_t)t * a.Q + h * D + c] = swa_mix(pw, Vs, j0 - k0, P, c, cnt);
-    if (lane == 0) a.lse[(size_t)t * a.Hq + h] = lse;
-    __syncwarp();
-  }
-}
-
-// grid (tiles of SW_TILE queries, Hq): dq of each query, and dd = O.dO
-__global__ void __launch_bounds__(SW_WARPS * 32) swa_dq_kernel(swa_args a) {
-  extern __shared__ float sm[];
-  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), h = blockIdx.y, g = h / (a.Hq / a.Hkv);
-  int q0 = blockIdx.x * SW_TILE, nq = a.T - q0 < SW_TILE ? a.T - q0 : SW_TILE;
-  int k0 = q0 - W + 1 > 0 ? q0 - W + 1 : 0, nk = q0 + nq - k0;
-  float *Ks = sm, *Vs = Ks + (SW_TILE + W) * P, *Qs = Vs + (SW_TILE + W) * P, *Gs = Qs + SW_TILE * P, *Ps = Gs + SW_TILE * P;
-  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
-  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
-  swa_stage(Qs, a.qkv, ld, h * D, q0, nq, D);
-  swa_stage(Gs, a.datt, a.Q, h * D, q0, nq, D);
-  __syncthreads();
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float *pw = Ps + warp * W;
-  for (int r = warp; r < nq; r += SW_WARPS) {
-    int t = q0 + r, j0 = t - W + 1 > 0 ? t - W + 1 : 0, cnt = t - j0 + 1;
-    float dd = 0.f;
-    for (int c = lane; c < D; c += 32) dd += a.att[(size_t)t * a.Q + h * D + c] * Gs[r * P + c];
-    dd = warp_sum(dd);
-    float lse = a.lse[(size_t)t * a.Hq + h];
-    for (int jj = lane; jj < cnt; jj += 32) {
-      const float *kr = Ks + (j0 + jj - k0) * P, *vr = Vs + (j0 + jj - k0) * P;
-      float p = expf(swa_dot(Qs + r * P, kr, D) * a.scale - lse);
-      pw[jj] = p * (swa_dot(Gs + r * P, vr, D) - dd) * a.scale;
-    }
-    __syncwarp();
-    for (int c = lane; c < D; c += 32) a.dqkv[(size_t)t * ld + h * D + c] = swa_mix(pw, Ks, j0 - k0, P, c, cnt);
-    if (lane == 0) a.dd[(size_t)t * a.Hq + h] = dd;
-    __syncwarp();
-  }
-}
-
-// grid (tiles of SW_TILE keys, Hkv): dk and dv of each key, over the
-// queries that see it and the heads of its group
-__global__ void __launch_bounds__(SW_WARPS * 32) swa_dkv_kernel(swa_args a) {
-  extern __shared__ float sm[];
-  int D = a.D, P = D + 1, W = a.window, ld = swa_ld(a), g = blockIdx.y, G = a.Hq / a.Hkv;
-  int k0 = blockIdx.x * SW_TILE, nk = a.T - k0 < SW_TILE ? a.T - k0 : SW_TILE;
-  int qend = k0 + nk - 1 + W < a.T ? k0 + nk - 1 + W : a.T, nq = qend - k0;   // queries k0 .. qend - 1
-  float *Ks = sm, *Vs = Ks + SW_TILE * P, *Qs = Vs + SW_TILE * P, *Gs = Qs + (SW_TILE + W) * P;
-  float *Ls = Gs + (SW_TILE + W) * P, *Ds = Ls + SW_TILE + W, *Ps = Ds + SW_TILE + W;
-  swa_stage(Ks, a.qkv, ld, a.Q + g * D, k0, nk, D);
-  swa_stage(Vs, a.qkv, ld, a.Q + a.KV + g * D, k0, nk, D);
-  int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  float *pp = Ps + warp * 2 * W, *ps = pp + W;
-  float dk[SW_TILE / SW_WARPS][4], dv[SW_TILE / SW_WARPS][4];   // D <= 128
-  for (int i = 0; i < SW_TILE / SW_WARPS; i++)
-    for (int u = 0; u < 4; u++) dk[i][u] = dv[i][u] = 0.f;
-  for (int hi = 0; hi < G; hi++) {
-    int h = g * G + hi;
-    __syncthreads();                                  // the previous head's readers are done
-    swa_stage(Qs, a.qkv, ld, h * D, k0, nq, D);
-    swa_stage(Gs, a.datt, a.Q, h * D, k0, nq, D);
-    for (int i = threadIdx.x; i < nq; i += blockDim.x) {
-      Ls[i] = a.lse[(size_t)(k0 + i) * a.Hq + h];
-      Ds[i] = a.dd[(size_t)(k0 + i) * a.Hq + h];
-    }
-    __syncthreads();
-    for (int i = 0; i < SW_TILE / SW_WARPS; i++) {
-      int kr = warp + i * SW_WARPS, j = k0 + kr;
-      if (kr >= nk) break;
-      int tend = j + W < a.T ? j + W : a.T, cnt = tend - j;   // queries j .. j + W - 1
-      for (int tt = lane; tt < cnt; tt += 32) {
-        int qr = j - k0 + tt;
-        float p = expf(swa_dot(Qs + qr * P, Ks + kr * P, D) * a.scale - Ls[qr]);
-        pp[tt] = p;
-        ps[tt] = p * (swa_dot(Gs + qr * P, Vs + kr * P, D) - Ds[qr]) * a.scale;
-      }
-      __syncwarp();
-      for (int u = 0; u < 4; u++) {
-        int c = lane + 32 * u;
-        if (c >= D) break;
-        dk[i][u] += swa_mix(ps, Qs, j - k0, P, c, cnt);
-        dv[i][u] += swa_mix(pp, Gs, j - k0, P, c, cnt);
-      }
-      __syncwarp();
-    }
-  }
-  for (int i = 0; i < SW_TILE / SW_WARPS; i++) {
-    int kr = warp + i * SW_WARPS, j = k0 + kr;
-    if (kr >= nk) break;
-    for (int u = 0; u < 4; u++) {
-      int c = lane + 32 * u;
-      if (c >= D) break;
-      a.dqkv[(size_t)j * ld + a.Q + g * D + c] = dk[i][u];
-      a.dqkv[(size_t)j * ld + a.Q + a.KV + g * D + c] = dv[i][u];
-    }
-  }
-}
-
-static size_t swa_smem_fwd(int D, int W) { return sizeof(float) * ((size_t)2 * (SW_TILE + W) * (D + 1) + SW_TILE * (D + 1) + SW_WARPS * W); }
-static size_t swa_smem_dq(int D, int W) { return swa_smem_fwd(D, W) + sizeof(float) * SW_TILE * (D + 1); }
-static size_t swa_smem_dkv(int D, int W) {
-  return sizeof(float) * ((size_t)2 * SW_TILE * (D + 1) + 2 * (SW_TILE + W) * (D + 1) + 2 * (SW_TILE + W) + SW_WARPS * 2 * W);
-}
-// }======================================================
 
 // one warp per token: the router's top-k and softmax, as the inference path
 __global__ void topk_kernel(const float *rl, int T, int E, int K, int32_t *sel, float *w) {
@@ -463,7 +278,7 @@ struct trainer {
   float *xn1, *inv1, *qkv, *att, *lse, *xmid, *xn2, *inv2, *rl, *w;
   float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes their gradients over them
   float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
-  float *dd;                 // [T][Hq]: O.dO per query and head (sliding layers' backward)
+  float *dd;                 // [T][Hq]: O.dO per query and head (flash_attention.cu's backward)
   const float **ptrs;        // [3][E]: one grouped product's A, B and C per expert
   float *xpart;              // xdown's partial sums over column chunks
   int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
@@ -558,13 +373,16 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I); TAKE(t->ye, float, TK * d.H);
   TAKE(t->dx, float, (size_t)T * d.H); TAKE(t->dxn, float, T * HQ); TAKE(t->datt, float, (size_t)T * d.Q);
   TAKE(t->dqkv, float, T * ldq);
-  // a batch of heads' scores at a time: about 128 MB each for S and dP
-  int G = d.Hq / d.Hkv;
-  size_t per_head = (size_t)T * T;
-  t->hc = (int)((size_t)(32u << 20) / per_head);
-  if (t->hc < 1) t->hc = 1;
-  if (t->hc > G) t->hc = G;
-  TAKE(t->S, float, per_head * t->hc); TAKE(t->dP, float, per_head * t->hc);
+  // head sizes flash_attention.cu has no tiles for: a batch of heads'
+  // scores at a time, about 128 MB each for S and dP
+  if (!flash_supported(d.D)) {
+    int G = d.Hq / d.Hkv;
+    size_t per_head = (size_t)T * T;
+    t->hc = (int)((size_t)(32u << 20) / per_head);
+    if (t->hc < 1) t->hc = 1;
+    if (t->hc > G) t->hc = G;
+    TAKE(t->S, float, per_head * t->hc); TAKE(t->dP, float, per_head * t->hc);
+  }
   TAKE(t->xd, float, T * HQ); TAKE(t->tmp, float, T * HQ);
   TAKE(t->lh, float, TK * rmax); TAKE(t->ldh, float, TK * rmax);   // every expert's rows at once
   {
@@ -581,7 +399,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   if (t->lg_rows > T) t->lg_rows = T;
   size_t big = TK * (2 * d.I > d.H ? 2 * d.I : d.H);
   if ((size_t)t->lg_rows * d.V > big) big = (size_t)t->lg_rows * d.V;
-  if (T * ldq > big) big = T * ldq;
+  if (T * (ldq + d.Q) > big) big = T * (ldq + d.Q);   // qkv and datt, the attention backward's operands
   if (T * HQ > big) big = T * HQ;
   t->hi_n = big;
   TAKE(t->hi, bf16, big);
@@ -821,11 +639,13 @@ static gptoss_status wgemm_split(trainer *t, const bf16 *hi, const bf16 *lo, int
   return GPTOSS_OK;
 }
 
-// X fp32 [M][K] (row stride ldx) into t->hi (+ t->lo), rows of K
-static void split(trainer *t, const float *X, int M, int ldx, int K) {
+// X fp32 [M][K] (row stride ldx) into t->hi (+ t->lo) from element at, rows of K
+static void split_at(trainer *t, const float *X, int M, int ldx, int K, size_t at) {
   size_t n = (size_t)M * K;
-  if (n) split_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(X, ldx, K, n, t->hi, t->lo);
+  if (n) split_kernel<<<(unsigned)((n + 255) / 256), 256, 0, t->v->stream>>>(X, ldx, K, n, t->hi + at, t->lo ? t->lo + at : NULL);
 }
+
+static void split(trainer *t, const float *X, int M, int ldx, int K) { split_at(t, X, M, ldx, K, 0); }
 
 // as wgemm_split, X fp32 taken as bf16 (+ its split-bf16 rest)
 static gptoss_status wgemm(trainer *t, const float *X, int M, int ldx, const bf16 *W, int wrows, int wcols, bool fwd, float *Y,
@@ -1183,31 +1003,35 @@ static gptoss_status scores(trainer *t, const head_batch &b) {
               T, (long long)T * T, b.nb, score_compute(t));
 }
 
-// a sliding layer whose window is shorter than the sequence runs the
-// windowed kernels (when their tiles fit in shared memory)
-static bool windowed(const trainer *t, int l, swa_args *a) {
+// flash_attention.cu's operands: qkv split at t->hi (+ t->lo), and for the
+// backward datt after it; the parts of dk and dv in t->xd and t->tmp, free
+// between the o projection's LoRA backward and the q, k, v ones
+static flash_args flash_of(trainer *t, int l, bool bwd) {
   const dims &d = t->v->d;
-  if (!t->v->layer_sliding[l] || d.window >= t->T || d.D > 128 || swa_smem_dkv(d.D, d.window) > 200 * 1024) return false;
-  swa_args x = {t->qkv, t->T, d.D, d.Q, d.KV, d.Hq, d.Hkv, d.window, 1.f / sqrtf((float)d.D), t->v->layer[l].sinks, t->att, t->lse,
-                t->dd, t->datt, t->dqkv};
-  *a = x;
-  return true;
-}
-
-static gptoss_status swa_launch(void (*k)(swa_args), size_t smem, dim3 grid, const swa_args &a, cudaStream_t st) {
-  CU(cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-  k<<<grid, SW_WARPS * 32, smem, st>>>(a);
-  CU(cudaGetLastError());
-  return GPTOSS_OK;
+  int T = t->T, ldq = d.Q + 2 * d.KV;
+  size_t at = (size_t)T * ldq;
+  split_at(t, t->qkv, T, ldq, ldq, 0);
+  if (bwd) split_at(t, t->datt, T, d.Q, d.Q, at);
+  flash_args a = {};
+  a.qkv_hi = t->hi; a.qkv_lo = t->lo;
+  a.dout_hi = t->hi + at; a.dout_lo = t->lo ? t->lo + at : NULL; a.dout = t->datt;
+  a.sinks = t->v->layer[l].sinks;
+  a.T = T; a.ldq = ldq; a.Q = d.Q; a.KV = d.KV; a.Hq = d.Hq; a.Hkv = d.Hkv; a.D = d.D;
+  a.window = t->v->layer_sliding[l] ? d.window : 0;
+  a.scale = 1.f / sqrtf((float)d.D);
+  a.att = t->att; a.lse = t->lse; a.dd = t->dd; a.dqkv = t->dqkv; a.dk_part = t->xd; a.dv_part = t->tmp;
+  return a;
 }
 
 // att = softmax(q k^T / sqrt(D), sink) v
 static gptoss_status attention_fwd(trainer *t, int l) {
   const dims &d = t->v->d;
   int T = t->T, ldq = d.Q + 2 * d.KV;
-  swa_args sa;
-  if (windowed(t, l, &sa))
-    return swa_launch(swa_fwd_kernel, swa_smem_fwd(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hq), sa, t->v->stream);
+  if (flash_supported(d.D)) {
+    flash_args a = flash_of(t, l, false);
+    CU(launch_flash_fwd(&a, t->v->stream));
+    return GPTOSS_OK;
+  }
   for (int g = 0; g < d.Hkv; g++)
     for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
       head_batch b = batch_of(t, g, i0);
@@ -1219,18 +1043,19 @@ static gptoss_status attention_fwd(trainer *t, int l) {
   return GPTOSS_OK;
 }
 
-// datt (rows of Q) into dqkv's q, k and v columns (zeroed by the caller)
+// datt (rows of Q) into dqkv's q, k and v columns
 static gptoss_status attention_bwd(trainer *t, int l) {
   const dims &d = t->v->d;
   int T = t->T, ldq = d.Q + 2 * d.KV;
   float scale = 1.f / sqrtf((float)d.D);
   long long tt = (long long)T * T;
   cublasComputeType_t ct = score_compute(t);
-  swa_args sa;
-  if (windowed(t, l, &sa)) {
-    TRY(swa_launch(swa_dq_kernel, swa_smem_dq(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hq), sa, t->v->stream));
-    return swa_launch(swa_dkv_kernel, swa_smem_dkv(d.D, d.window), dim3((T + SW_TILE - 1) / SW_TILE, d.Hkv), sa, t->v->stream);
+  if (flash_supported(d.D)) {
+    flash_args a = flash_of(t, l, true);
+    CU(launch_flash_bwd(&a, t->v->stream));
+    return GPTOSS_OK;
   }
+  CU(cudaMemsetAsync(t->dqkv, 0, sizeof(float) * T * ldq, t->v->stream));   // dk, dv accumulate over the heads
   for (int g = 0; g < d.Hkv; g++)
     for (int i0 = 0; i0 < d.Hq / d.Hkv; i0 += t->hc) {
       head_batch b = batch_of(t, g, i0);
@@ -1341,7 +1166,6 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   // attention: dx is now d x_mid, the o projection's output gradient
   TRY(wgemm(t, t->dx, T, d.H, w->o_w, d.H, d.Q, false, t->datt, d.Q, 0.f));
   TRY(lora_bwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->dx, d.H, t->datt, d.Q));
-  CU(cudaMemsetAsync(t->dqkv, 0, sizeof(float) * T * ldq, st));
   TRY(attention_bwd(t, l));
   // RoPE is a scaled rotation: its transpose rotates back
   rope_kernel<<<GRID((size_t)T * d.Hq * (d.D / 2))>>>(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f);

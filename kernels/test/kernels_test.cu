@@ -407,6 +407,99 @@ static void test_mxfp4_gemm(const std::vector<int> &counts, int wrows, int wcols
   report(what, host(y, (size_t)M * N), want, 1e-5);
 }
 
+// training's attention (flash_attention.cu), forward and backward, against
+// double-precision attention of the fp32 inputs: causal, sinks, a window
+// when window > 0; bf16 operands (bound 2e-2) or split bf16 (1e-4). The
+// backward takes the reference's output and lse, as training's recompute
+// hands it the forward's.
+static void test_flash(int T, int Hq, int Hkv, int D, int window, bool split) {
+  int Q = Hq * D, KV = Hkv * D, ldq = Q + 2 * KV, G = Hq / Hkv;
+  double scale = 1.0 / sqrt((double)D);
+  std::vector<float> qkv((size_t)T * ldq), dout((size_t)T * Q);
+  for (auto &v : qkv) v = (float)(1.5 * nrand());
+  for (auto &v : dout) v = (float)nrand();
+  std::vector<bf16> sinks = rand_bf16(Hq, 1.0);
+  std::vector<double> O((size_t)T * Q, 0), lse((size_t)T * Hq), dq((size_t)T * Q, 0), dk((size_t)T * KV, 0), dv((size_t)T * KV, 0);
+  std::vector<double> p(T);
+  for (int h = 0; h < Hq; h++) {
+    int g = h / G;
+    const float *qc = &qkv[(size_t)h * D], *kc = &qkv[(size_t)Q + g * D], *vc = &qkv[(size_t)Q + KV + g * D];
+    for (int t = 0; t < T; t++) {
+      int j0 = window && t - window + 1 > 0 ? t - window + 1 : 0;
+      double sink = __bfloat162float(sinks[h]), m = sink;
+      for (int j = j0; j <= t; j++) {
+        double s = 0;
+        for (int d = 0; d < D; d++) s += (double)qc[(size_t)t * ldq + d] * kc[(size_t)j * ldq + d];
+        p[j] = s * scale;
+        if (p[j] > m) m = p[j];
+      }
+      double L = exp(sink - m);
+      for (int j = j0; j <= t; j++) L += (p[j] = exp(p[j] - m));
+      lse[(size_t)t * Hq + h] = m + log(L);
+      double *o = &O[(size_t)t * Q + h * D], dd = 0;
+      for (int j = j0; j <= t; j++) {
+        p[j] /= L;
+        for (int d = 0; d < D; d++) o[d] += p[j] * vc[(size_t)j * ldq + d];
+      }
+      const float *go = &dout[(size_t)t * Q + h * D];
+      for (int d = 0; d < D; d++) dd += o[d] * go[d];
+      for (int j = j0; j <= t; j++) {
+        double dp = 0;
+        for (int d = 0; d < D; d++) dp += (double)go[d] * vc[(size_t)j * ldq + d];
+        double ds = p[j] * (dp - dd) * scale;
+        for (int d = 0; d < D; d++) {
+          dq[(size_t)t * Q + h * D + d] += ds * kc[(size_t)j * ldq + d];
+          dk[(size_t)j * KV + g * D + d] += ds * qc[(size_t)t * ldq + d];
+          dv[(size_t)j * KV + g * D + d] += p[j] * go[d];
+        }
+      }
+    }
+  }
+  std::vector<bf16> qh, ql, gh, gl;
+  split_bf16(qkv, qh, ql);
+  split_bf16(dout, gh, gl);
+  std::vector<float> Of(O.begin(), O.end()), lsef(lse.begin(), lse.end());
+  flash_args a = {};
+  a.qkv_hi = dev(qh); a.qkv_lo = split ? dev(ql) : NULL;
+  a.dout_hi = dev(gh); a.dout_lo = split ? dev(gl) : NULL;
+  a.dout = dev(dout); a.sinks = dev(sinks);
+  a.T = T; a.ldq = ldq; a.Q = Q; a.KV = KV; a.Hq = Hq; a.Hkv = Hkv; a.D = D; a.window = window;
+  a.scale = (float)scale;
+  a.att = dev(std::vector<float>((size_t)T * Q, 0.f));
+  a.lse = dev(std::vector<float>((size_t)T * Hq, 0.f));
+  a.dd = dev(std::vector<float>((size_t)T * Hq, 0.f));
+  a.dqkv = dev(std::vector<float>((size_t)T * ldq, NAN));
+  a.dk_part = dev(std::vector<float>((size_t)T * Q, 0.f));
+  a.dv_part = dev(std::vector<float>((size_t)T * Q, 0.f));
+  CK(launch_flash_fwd(&a, 0));
+  char what[96];
+  double bound = split ? 1e-4 : 2e-2;
+  const char *how = split ? "split" : "bf16";
+  snprintf(what, sizeof what, "flash fwd %s T%d %d/%d D%d w%d", how, T, Hq, Hkv, D, window);
+  report(what, host(a.att, (size_t)T * Q), O, bound);
+  snprintf(what, sizeof what, "flash lse %s T%d %d/%d D%d w%d", how, T, Hq, Hkv, D, window);
+  report(what, host(a.lse, (size_t)T * Hq), lse, bound);
+  CK(cudaMemcpy(a.att, Of.data(), sizeof(float) * Of.size(), cudaMemcpyHostToDevice));
+  CK(cudaMemcpy(a.lse, lsef.data(), sizeof(float) * lsef.size(), cudaMemcpyHostToDevice));
+  CK(launch_flash_bwd(&a, 0));
+  std::vector<float> got = host(a.dqkv, (size_t)T * ldq), gq((size_t)T * Q), gk((size_t)T * KV), gv((size_t)T * KV);
+  for (int t = 0; t < T; t++) {
+    std::copy(&got[(size_t)t * ldq], &got[(size_t)t * ldq + Q], &gq[(size_t)t * Q]);
+    std::copy(&got[(size_t)t * ldq + Q], &got[(size_t)t * ldq + Q + KV], &gk[(size_t)t * KV]);
+    std::copy(&got[(size_t)t * ldq + Q + KV], &got[(size_t)t * ldq + Q + 2 * KV], &gv[(size_t)t * KV]);
+  }
+  const char *name[3] = {"dq", "dk", "dv"};
+  const std::vector<float> *gs[3] = {&gq, &gk, &gv};
+  const std::vector<double> *ws[3] = {&dq, &dk, &dv};
+  for (int i = 0; i < 3; i++) {
+    snprintf(what, sizeof what, "flash %s %s T%d %d/%d D%d w%d", name[i], how, T, Hq, Hkv, D, window);
+    report(what, *gs[i], *ws[i], bound);
+  }
+  for (void *q : {(void *)a.qkv_hi, (void *)a.qkv_lo, (void *)a.dout_hi, (void *)a.dout_lo, (void *)a.dout, (void *)a.sinks,
+                  (void *)a.att, (void *)a.lse, (void *)a.dd, (void *)a.dqkv, (void *)a.dk_part, (void *)a.dv_part})
+    if (q) CK(cudaFree(q));
+}
+
 int main() {
   test_router(1, 2880, 32, 4);
   test_router(17, 2880, 128, 4);
@@ -442,6 +535,14 @@ int main() {
   test_mxfp4_gemm({5, 40}, 64, 96, false, false, 129);               // scales past 2^1: the decode's two factors
   test_mxfp4_gemm({300, 0, 129}, 5760, 2880, false, true);            // the 20B gate_up
   test_mxfp4_gemm({129, 64}, 5760, 2880, true, false);
+  for (int sp = 0; sp < 2; sp++) {
+    test_flash(300, 8, 2, 64, 0, sp);       // partial tiles of queries and keys
+    test_flash(300, 8, 2, 64, 128, sp);     // the 20B's window
+    test_flash(1024, 8, 1, 64, 0, sp);      // eight heads on one key/value head
+    test_flash(83, 4, 2, 16, 16, sp);       // the tiny checkpoint's shape
+    test_flash(130, 4, 1, 32, 40, sp);      // a window that is no multiple of the tiles
+    test_flash(5, 4, 2, 64, 0, sp);
+  }
   printf("%s\n", failures ? "kernels_test: FAILED" : "kernels_test: all ok");
   return failures ? 1 : 0;
 }
