@@ -40,25 +40,47 @@ gptoss_status cuda_blas_fail(cublasStatus_t st, const char *what) {
 // {====================================================== profiling
 // GPTOSS_PROFILE=1: stages are timed with events between launches (the
 // decode step then runs without its graph) and the totals print when the
-// model is closed.
+// model is closed. GPTOSS_PROFILE_TIMELINE=FILE also appends each mark of
+// each flush to FILE: its label, when the host queued it and when the GPU
+// reached it (ms from the flush's first mark); where the two meet, the GPU
+// was waiting for the host.
 #define PROF_MAX 64
+#define PROF_EVENTS 2048   // a training step marks about 700
 struct prof {
   int on, n;
   const char *label[PROF_MAX];
   double ms[PROF_MAX];
   long calls[PROF_MAX];
-  cudaEvent_t ev[512];
-  int ev_label[512], nev;
+  cudaEvent_t ev[PROF_EVENTS];
+  int ev_label[PROF_EVENTS], nev;
+  double host[PROF_EVENTS];  // when each mark was queued
+  long flushes;
 };
 static prof g_prof;
 
-void cuda_prof_mark(const char *label, cudaStream_t s) {
-  if (!g_prof.on || g_prof.nev >= 512) return;
+static int prof_label(const char *label) {
   int k = 0;
   while (k < g_prof.n && strcmp(g_prof.label[k], label) != 0) k++;
   if (k == g_prof.n && g_prof.n < PROF_MAX) g_prof.label[g_prof.n++] = label;
+  return k;
+}
+
+void cuda_prof_host(const char *label, double ms) {
+  if (!g_prof.on) return;
+  int k = prof_label(label);
+  if (k == PROF_MAX) return;
+  g_prof.ms[k] += ms;
+  g_prof.calls[k]++;
+}
+
+void cuda_prof_mark(const char *label, cudaStream_t s) {
+  if (!g_prof.on || g_prof.nev >= PROF_EVENTS) return;
+  int k = prof_label(label);
   if (!g_prof.ev[g_prof.nev]) cudaEventCreate(&g_prof.ev[g_prof.nev]);
   cudaEventRecord(g_prof.ev[g_prof.nev], s);
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  g_prof.host[g_prof.nev] = ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
   g_prof.ev_label[g_prof.nev++] = k;
 }
 
@@ -72,16 +94,30 @@ void cuda_prof_flush(void) {
     g_prof.ms[g_prof.ev_label[i]] += ms;
     g_prof.calls[g_prof.ev_label[i]]++;
   }
+  const char *path = getenv("GPTOSS_PROFILE_TIMELINE");
+  FILE *f = path && *path ? fopen(path, "a") : NULL;
+  if (f) {
+    for (int i = 0; i < g_prof.nev; i++) {
+      float ms = 0;
+      cudaEventElapsedTime(&ms, g_prof.ev[0], g_prof.ev[i]);
+      fprintf(f, "%ld %4d %-26s host %9.3f gpu %9.3f\n", g_prof.flushes, i, g_prof.label[g_prof.ev_label[i]],
+              g_prof.host[i] - g_prof.host[0], ms);
+    }
+    fclose(f);
+  }
+  g_prof.flushes++;
   g_prof.nev = 0;
 }
 
 static void prof_print(void) {
   if (!g_prof.on || !g_prof.n) return;
   double total = 0;
-  for (int k = 0; k < g_prof.n; k++) total += g_prof.ms[k];
-  fprintf(stderr, "gptoss profile (ms total, calls, %% of timed):\n");
   for (int k = 0; k < g_prof.n; k++)
-    fprintf(stderr, "  %-22s %10.3f %8ld %6.1f%%\n", g_prof.label[k], g_prof.ms[k], g_prof.calls[k], 100 * g_prof.ms[k] / total);
+    if (strncmp(g_prof.label[k], "host ", 5)) total += g_prof.ms[k];
+  fprintf(stderr, "gptoss profile (ms total, calls, %% of the GPU's timed total; host: the host's own wall time):\n");
+  for (int k = 0; k < g_prof.n; k++)
+    fprintf(stderr, "  %-26s %10.3f %8ld %6.1f%%\n", g_prof.label[k], g_prof.ms[k], g_prof.calls[k],
+            strncmp(g_prof.label[k], "host ", 5) ? 100 * g_prof.ms[k] / total : 0.0);
   memset(g_prof.ms, 0, sizeof g_prof.ms);
   memset(g_prof.calls, 0, sizeof g_prof.calls);
 }

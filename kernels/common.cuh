@@ -38,6 +38,8 @@ gptoss_status cuda_blas_fail(cublasStatus_t st, const char *what);
 // two marks belongs to the later mark's label; totals print when the model
 // is closed. flush collects the events recorded so far.
 void cuda_prof_mark(const char *label, cudaStream_t s);
+// the host's wall time of a blocking call, under a label that starts "host "
+void cuda_prof_host(const char *label, double ms);
 void cuda_prof_flush(void);
 
 // {====================================================== device views
