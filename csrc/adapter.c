@@ -38,6 +38,13 @@ struct gptoss_adapter {
   cJSON *config;                /* adapter_config.json as read, written back by save */
   uint64_t version;             /* changes whenever A or B may have changed (see gptoss_adapter_touch) */
   struct update *update;        /* AdamW's update, once a step has run */
+  /* each STEP_CHUNK chunk's sum of squares of the gradients (in step's
+     chunk order), kept by gptoss_adapter_add_grads; gsq_ok[l]: layer l's
+     are current, so step need not read them again (see step) */
+  double *gsq;
+  unsigned char *gsq_ok;
+  size_t *chunk0;               /* [nlayers * GPTOSS_LORA_MODULES]: each module's first chunk */
+  size_t chunk0_total;          /* chunks in all */
 };
 
 /* one counter for all adapters, so that a version is never reused, even by
@@ -70,6 +77,7 @@ void gptoss_adapter_free(gptoss_adapter *a) {
     free(x->A); free(x->B); free(x->gA); free(x->gB); free(x->mA); free(x->mB); free(x->vA); free(x->vB);
   }
   free(a->mod);
+  free(a->gsq); free(a->gsq_ok); free(a->chunk0);
   cJSON_Delete(a->config);
   free(a);
 }
@@ -448,8 +456,28 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
   return GPTOSS_OK;
 }
 
+#define STEP_CHUNK ((size_t)1 << 16)
+
+static size_t chunks_of(size_t n) { return (n + STEP_CHUNK - 1) / STEP_CHUNK; }
+
+/* the gradients (zeros) and their sums of squares (zeros, current) */
 static gptoss_status grads_alloc(gptoss_adapter *a) {
-  for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+  int nm = a->nlayers * GPTOSS_LORA_MODULES;
+  if (!a->chunk0) {
+    size_t c = 0;
+    if (!(a->chunk0 = malloc(sizeof(size_t) * (size_t)(nm ? nm : 1)))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+    for (int i = 0; i < nm; i++) {
+      gptoss_lora *x = &a->mod[i];
+      a->chunk0[i] = c;
+      if (x->r) c += chunks_of((size_t)x->rk * x->in) + chunks_of((size_t)x->out * x->rk);
+    }
+    a->gsq = calloc(c ? c : 1, sizeof(double));
+    a->chunk0_total = c;
+    a->gsq_ok = malloc((size_t)(a->nlayers ? a->nlayers : 1));
+    if (!a->gsq || !a->gsq_ok) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+    memset(a->gsq_ok, 1, (size_t)a->nlayers);
+  }
+  for (int i = 0; i < nm; i++) {
     gptoss_lora *x = &a->mod[i];
     if (!x->r || x->gA) continue;
     x->gA = calloc((size_t)x->rk * x->in, sizeof(float));
@@ -457,6 +485,62 @@ static gptoss_status grads_alloc(gptoss_adapter *a) {
     if (!x->gA || !x->gB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the adapter's gradients");
   }
   return GPTOSS_OK;
+}
+
+/* A backward pass adds to the gradients; a backend that adds a layer
+   through gptoss_adapter_add_grads makes its sums current again. */
+static void grads_stale(gptoss_adapter *a) {
+  if (a->gsq_ok) memset(a->gsq_ok, 0, (size_t)a->nlayers);
+}
+
+typedef struct {
+  gptoss_adapter *a;
+  int layer;
+  const float *src;
+  size_t off[GPTOSS_LORA_MODULES];   /* each module's place in src */
+} add_job;
+
+/* chunk by chunk over threads: the add, and the chunk's sum of squares of
+   the result while it is in cache */
+static void add_chunks(void *ctx, int tid, int nth) {
+  add_job *j = ctx;
+  gptoss_adapter *a = j->a;
+  size_t k = 0;
+  for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+    int i = j->layer * GPTOSS_LORA_MODULES + m;
+    gptoss_lora *x = &a->mod[i];
+    if (!x->r) continue;
+    size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk}, c = a->chunk0[i];
+    float *g[2] = {x->gA, x->gB};
+    const float *src[2] = {j->src + j->off[m], j->src + j->off[m] + n[0]};
+    for (int w = 0; w < 2; w++)
+      for (size_t lo = 0; lo < n[w]; lo += STEP_CHUNK, c++, k++) {
+        if ((int)(k % (size_t)nth) != tid) continue;
+        size_t len = lo + STEP_CHUNK < n[w] ? STEP_CHUNK : n[w] - lo;
+        float *restrict d = g[w] + lo;
+        const float *restrict s = src[w] + lo;
+        double acc[8] = {0};
+        size_t q = 0;
+        for (; q + 8 <= len; q += 8)
+          for (int e = 0; e < 8; e++) { d[q + e] += s[q + e]; acc[e] += (double)d[q + e] * d[q + e]; }
+        for (; q < len; q++) { d[q] += s[q]; acc[0] += (double)d[q] * d[q]; }
+        double t = 0;
+        for (int e = 0; e < 8; e++) t += acc[e];
+        a->gsq[c] = t;
+      }
+  }
+}
+
+void gptoss_adapter_add_grads(gptoss_adapter *a, int layer, const float *src, gptoss_pool *pool) {
+  add_job j = {a, layer, src, {0}};
+  size_t off = 0;
+  for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
+    gptoss_lora *x = &a->mod[layer * GPTOSS_LORA_MODULES + m];
+    j.off[m] = off;
+    if (x->r) off += (size_t)x->rk * x->in + (size_t)x->out * x->rk;
+  }
+  gptoss_pool_run(pool, add_chunks, &j);
+  a->gsq_ok[layer] = 1;
 }
 
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
@@ -469,7 +553,10 @@ gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int
                          m->cfg.vocab_size);
   gptoss_status rc = gptoss_adapter_check(a, m);
   if (!rc) rc = grads_alloc(a);
-  if (!rc) rc = m->be->lora_backward(m, a, ids, mask, n, loss, count);
+  if (!rc) {
+    grads_stale(a);
+    rc = m->be->lora_backward(m, a, ids, mask, n, loss, count);
+  }
   return rc;
 }
 
@@ -480,10 +567,10 @@ double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed) {
   return a->dropout;
 }
 
-/* AdamW runs over fixed chunks of each weight array, spread over threads:
-   the gradient norm sums per chunk and then over chunks in order, so it is
-   the same whatever the thread count (a 20B adapter has 185M weights). */
-#define STEP_CHUNK ((size_t)1 << 16)
+/* AdamW runs over fixed chunks (STEP_CHUNK) of each weight array, spread
+   over threads: the gradient norm sums per chunk and then over chunks in
+   order, so it is the same whatever the thread count (a 20B adapter has
+   185M weights). */
 
 typedef struct step_job {
   gptoss_adapter *a;
@@ -663,12 +750,22 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
   memset(j, 0, sizeof *j);
   j->a = a;
   j->o = *o;
-  if (!(j->partial = calloc(chunks ? chunks : 1, sizeof(double)))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
-  gptoss_pool_run(u->pool, step_chunks, j);
+  /* the sums of squares gptoss_adapter_add_grads kept, when every layer's
+     are current; else pass 0 reads the gradients */
+  int current = a->gsq_ok != NULL;
+  for (int l = 0; current && l < a->nlayers; l++) current = a->gsq_ok[l];
   double ss = 0;
-  for (size_t c = 0; c < chunks; c++) ss += j->partial[c];
-  free(j->partial);
-  j->partial = NULL;
+  if (current) {
+    double gs = (float)o->grad_scale;
+    for (size_t c = 0; c < chunks; c++) ss += a->gsq[c];
+    ss *= gs * gs;
+  } else {
+    if (!(j->partial = calloc(chunks ? chunks : 1, sizeof(double)))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer");
+    gptoss_pool_run(u->pool, step_chunks, j);
+    for (size_t c = 0; c < chunks; c++) ss += j->partial[c];
+    free(j->partial);
+    j->partial = NULL;
+  }
   double norm = sqrt(ss), clip = 1;
   if (!isfinite(norm)) return gptoss_fail(GPTOSS_ERANGE, "adamw: the gradient norm is not finite; no step taken");
   /* torch.nn.utils.clip_grad_norm_: coefficient max / (norm + 1e-6), capped at 1 */
@@ -709,6 +806,11 @@ static void zero_pieces(void *ctx, int tid, int nth) {
 
 void gptoss_adapter_zero_grad(gptoss_adapter *a) {
   struct update *u = a->update;
+  /* zeros, or zeros by the time anything reads them (the update's, below) */
+  if (a->gsq) {
+    memset(a->gsq, 0, sizeof(double) * a->chunk0_total);
+    memset(a->gsq_ok, 1, (size_t)a->nlayers);
+  }
   if (u) {
     pthread_mutex_lock(&u->mu);
     int running = u->running, done = u->done;

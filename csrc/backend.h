@@ -91,6 +91,11 @@ uint64_t gptoss_sampler_draw(gptoss_sampler *s);   /* a fresh 64-bit random valu
    modules with slot (no waiting) and waits for layer l (-1: all) itself. */
 void gptoss_adapter_wait(const gptoss_adapter *a, int layer);
 const gptoss_lora *gptoss_adapter_slot(const gptoss_adapter *a, int layer, gptoss_lora_module m);
+/* adds layer `layer`'s gradients, src (its modules in order, each A's then
+   B's, as the host lays them out), to the adapter's over the pool's
+   threads, keeping their sums of squares for step's gradient norm; during
+   gptoss_lora_backward, from one thread at a time */
+void gptoss_adapter_add_grads(gptoss_adapter *a, int layer, const float *src, gptoss_pool *pool);
 #if defined(__GNUC__)
 #pragma GCC visibility pop
 #endif

@@ -475,13 +475,14 @@ static gptoss_status ensure_buffers(trainer *t, int T, int rmax) {
 // the weights, uploaded again when gptoss_adapter_version says they changed,
 // a layer at a time on a copy stream ahead of the forward; and the gradients
 // of two layers, each copied down on the copy stream as soon as its layer's
-// backward is done and added to the host's while the next layer runs.
+// backward is done and added to the host's (gptoss_adapter_add_grads) while
+// the next layers run.
 struct copy_job {
   trainer *t;
   int layer;
-  int down;                  // 0: host weights into stage; 1: stage (gradients) added to the host's
 };
 
+// layer j->layer's host weights into stage
 static void copy_part(void *ctx, int tid, int nth) {
   copy_job *j = (copy_job *)ctx;
   trainer *t = j->t;
@@ -492,17 +493,11 @@ static void copy_part(void *ctx, int tid, int nth) {
     size_t na = (size_t)h->rk * x->in, nb = (size_t)x->out * h->rk;
     float *sa = t->stage + x->off, *sb = sa + na;
     // A and B both as the host lays them out: the device regroups expert B's (regroup_b)
-    float *dev[2] = {sa, sb}, *w[2] = {h->A, h->B}, *g[2] = {h->gA, h->gB};
+    float *dev[2] = {sa, sb}, *w[2] = {h->A, h->B};
     size_t len[2] = {na, nb};
     for (int k = 0; k < 2; k++) {
       size_t per = (len[k] + nth - 1) / nth, lo = per * tid, hi = lo + per < len[k] ? lo + per : len[k];
-      if (lo >= hi) continue;
-      if (!j->down) memcpy(dev[k] + lo, w[k] + lo, sizeof(float) * (hi - lo));
-      else {
-        float *__restrict__ dst = g[k];
-        const float *__restrict__ src = dev[k];
-        for (size_t i = lo; i < hi; i++) dst[i] += src[i];
-      }
+      if (lo < hi) memcpy(dev[k] + lo, w[k] + lo, sizeof(float) * (hi - lo));
     }
   }
 }
@@ -598,7 +593,7 @@ static gptoss_status upload_layer(trainer *t, int l) {
   double t0 = now_ms();
   gptoss_adapter_wait(t->a, l);
   double t1 = now_ms();
-  copy_job j = {t, l, 0};
+  copy_job j = {t, l};
   gptoss_pool_run(t->pool, copy_part, &j);
   cuda_prof_host("host update wait", t1 - t0);
   cuda_prof_host("host weights copy", now_ms() - t1);
@@ -626,7 +621,9 @@ static gptoss_status grads_begin(trainer *t, int l) {
 }
 
 // The adder: each layer's gradients, once copied into stage, added to the
-// host's by t->pool on a thread of its own, in the order the layers finish.
+// host's by t->pool on a thread of its own, in the order the layers finish
+// (gptoss_adapter_add_grads, which also keeps their sums of squares, so that
+// step need not read 740 MB of gradients again for their norm).
 // Adding takes about as long as the GPU's layer (6 ms at r 16 on the 20B
 // shape); on the thread that queues the GPU's work it had left the GPU idle
 // a third of the time. The call waits for every add before it returns.
@@ -640,10 +637,7 @@ static void *adder_main(void *arg) {
     int l = t->add.queue[t->add.done];
     pthread_mutex_unlock(&t->add.mu);
     cudaError_t e = cudaEventSynchronize(t->ev_down[l]);
-    if (e == cudaSuccess) {
-      copy_job j = {t, l, 1};
-      gptoss_pool_run(t->pool, copy_part, &j);
-    }
+    if (e == cudaSuccess) gptoss_adapter_add_grads(t->a, l, t->stage + t->layer_off[l], t->pool);
     pthread_mutex_lock(&t->add.mu);
     if (e != cudaSuccess && t->add.err == cudaSuccess) t->add.err = e;
     t->add.done++;
@@ -838,6 +832,7 @@ __global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int
   // rows (one row a warp was bound by shared-memory reads)
   constexpr int RW = R <= 16 ? 4 : R == 32 ? 2 : 1;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  bool vec = ((ldx | c0) & 3) == 0 && ((uintptr_t)X & 15) == 0;
   float *Up = Upart + blockIdx.y * pstride;
   for (int r0 = warp * RW; r0 < nrows; r0 += 8 * RW) {
     const float *x[RW];
@@ -848,13 +843,27 @@ __global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int
     for (int j = 0; j < RW; j++)
 #pragma unroll
       for (int k = 0; k < R; k++) acc[j][k] = 0.f;
-    for (int c = lane; c < nc; c += 32) {
+    // rows k >= r of Ws are zero; four columns a lane (four loads in
+    // flight a row) where the rows are whole float4s
+    int nv = vec ? nc / 128 * 128 : 0;   // columns taken in float4s
+    for (int c = 4 * lane; c < nv; c += 128) {
+      float4 xv[RW];
+#pragma unroll
+      for (int j = 0; j < RW; j++) xv[j] = *reinterpret_cast<const float4 *>(x[j] + c);
+#pragma unroll
+      for (int k = 0; k < R; k++) {
+        float4 w = *reinterpret_cast<const float4 *>(Ws + k * kc + c);
+#pragma unroll
+        for (int j = 0; j < RW; j++) acc[j][k] += xv[j].x * w.x + xv[j].y * w.y + xv[j].z * w.z + xv[j].w * w.w;
+      }
+    }
+    for (int c = nv + lane; c < nc; c += 32) {
       float xv[RW];
 #pragma unroll
       for (int j = 0; j < RW; j++) xv[j] = x[j][c];
 #pragma unroll
       for (int k = 0; k < R; k++) {
-        float w = Ws[k * kc + c];   // rows k >= r of Ws are zero
+        float w = Ws[k * kc + c];
 #pragma unroll
         for (int j = 0; j < RW; j++) acc[j][k] += xv[j] * w;
       }
@@ -880,22 +889,28 @@ __global__ void xsum_kernel(const float *Upart, size_t pstride, int nks, float a
 }
 
 // Y[i][n] += alpha sum_k U[i][k] W_e(n, k): a block per (tile, 64 columns), a
-// thread per (column, every 4th row)
+// thread per (column, every 4th row) with its column of W_e in registers,
+// reading each row of U four values at a time (one broadcast to the warp:
+// W's values read from shared memory once a product had bound it by
+// shared-memory reads)
+template <int R>
 __global__ void __launch_bounds__(256) xup_kernel(const float *U, int r, xmat W, int N, float alpha, float *Y, int ldy,
                                                   const int32_t *offsets, const int32_t *tile_offsets, int E) {
-  __shared__ float Us[XT][XR], Ws[64][XR + 1];
+  __shared__ __align__(16) float Us[XT][R];
   int row0, nrows, e = tile_expert(tile_offsets, offsets, E, blockIdx.x, &row0, &nrows);
   if (e < 0) return;
   int tid = threadIdx.x, n0 = blockIdx.y * 64, nn = N - n0 < 64 ? N - n0 : 64;
-  const float *We = W.p + e * W.es;
-  for (int i = tid; i < nrows * r; i += 256) Us[i / r][i % r] = U[(size_t)(row0 + i / r) * r + i % r];
-  for (int i = tid; i < 64 * r; i += 256) {
-    int n = i / r, k = i % r;
-    Ws[n][k] = n < nn ? We[(size_t)(n0 + n) * W.sa + (size_t)k * W.sb] : 0.f;
+  for (int i = tid; i < XT * R; i += 256) {
+    int rr = i / R, k = i % R;
+    Us[rr][k] = rr < nrows && k < r ? U[(size_t)(row0 + rr) * r + k] : 0.f;
   }
   __syncthreads();
   int n = tid % 64, quarter = tid / 64;
   if (n >= nn) return;
+  const float *We = W.p + e * W.es + (size_t)(n0 + n) * W.sa;
+  float w[R];
+#pragma unroll
+  for (int k = 0; k < R; k++) w[k] = k < r ? We[(size_t)k * W.sb] : 0.f;
   // every row's Y value loaded before any is stored (one at a time, each
   // load waited behind the previous row's store)
   float y[XT / 4];
@@ -908,46 +923,72 @@ __global__ void __launch_bounds__(256) xup_kernel(const float *U, int r, xmat W,
   for (int q = 0; q < XT / 4; q++) {
     int rr = quarter + 4 * q;
     if (rr >= nrows) break;
+    const float4 *u4 = reinterpret_cast<const float4 *>(Us[rr]);
     float acc = 0.f;
-    for (int k = 0; k < r; k++) acc += Us[rr][k] * Ws[n][k];
+#pragma unroll
+    for (int k4 = 0; k4 < R / 4; k4++) {
+      float4 u = u4[k4];
+      acc += u.x * w[4 * k4];
+      acc += u.y * w[4 * k4 + 1];
+      acc += u.z * w[4 * k4 + 2];
+      acc += u.w * w[4 * k4 + 3];
+    }
     Y[(size_t)(row0 + rr) * ldy + n0 + n] = y[q] + alpha * acc;
   }
 }
 
 // G_e(n, k) += alpha sum over e's rows i of P[i][n] U[i][k]: a block per
-// (expert, 128 columns), the rows in a fixed order
+// (expert, 128 columns), the rows in a fixed order; a thread per (column,
+// half of the ranks), reading its half of U's row four values at a time,
+// the next 32 rows of P loaded into registers while these are summed
 template <int R>
 __global__ void __launch_bounds__(256) xgrad_kernel(const float *P, int ldp, const float *U, int r, int N, float alpha, xmat G,
                                                     const int32_t *offsets) {
-  __shared__ float Ps[32][128], Us[32][XR];
+  constexpr int HR = R / 2, PRE = 32 * 128 / 256;
+  __shared__ float Ps[32][128];
+  __shared__ __align__(16) float Us[32][R];
   int e = blockIdx.x, tid = threadIdx.x, n0 = blockIdx.y * 128, nn = N - n0 < 128 ? N - n0 : 128;
-  int n = tid % 128, kg = tid / 128;
-  float acc[R / 2];
+  int n = tid % 128, kg = tid / 128, i1 = offsets[e + 1];
+  float acc[HR], pre[PRE];
 #pragma unroll
-  for (int q = 0; q < R / 2; q++) acc[q] = 0.f;
-  for (int i0 = offsets[e]; i0 < offsets[e + 1]; i0 += 32) {
-    int ni = offsets[e + 1] - i0 < 32 ? offsets[e + 1] - i0 : 32;
-    __syncthreads();
-    for (int i = tid; i < 32 * 128; i += 256) {
-      int rr = i / 128, c = i % 128;
-      Ps[rr][c] = rr < ni && c < nn ? P[(size_t)(i0 + rr) * ldp + n0 + c] : 0.f;
+  for (int q = 0; q < HR; q++) acc[q] = 0.f;
+  auto fetch = [&](int i0) {
+#pragma unroll
+    for (int j = 0; j < PRE; j++) {
+      int i = tid + 256 * j, rr = i / 128, c = i % 128;
+      pre[j] = i0 + rr < i1 && c < nn ? P[(size_t)(i0 + rr) * ldp + n0 + c] : 0.f;
     }
+  };
+  if (offsets[e] < i1) fetch(offsets[e]);
+  for (int i0 = offsets[e]; i0 < i1; i0 += 32) {
+    int ni = i1 - i0 < 32 ? i1 - i0 : 32;
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < PRE; j++) Ps[(tid + 256 * j) / 128][(tid + 256 * j) % 128] = pre[j];
     for (int i = tid; i < 32 * R; i += 256) {
       int rr = i / R, k = i % R;
       Us[rr][k] = rr < ni && k < r ? U[(size_t)(i0 + rr) * r + k] : 0.f;
     }
     __syncthreads();
+    if (i0 + 32 < i1) fetch(i0 + 32);
     for (int rr = 0; rr < ni; rr++) {
       float p = Ps[rr][n];
+      const float4 *u4 = reinterpret_cast<const float4 *>(&Us[rr][kg * HR]);
 #pragma unroll
-      for (int q = 0; q < R / 2; q++) acc[q] += p * Us[rr][kg + 2 * q];   // columns k >= r of Us are zero
+      for (int q4 = 0; q4 < HR / 4; q4++) {   // columns k >= r of Us are zero
+        float4 u = u4[q4];
+        acc[4 * q4] += p * u.x;
+        acc[4 * q4 + 1] += p * u.y;
+        acc[4 * q4 + 2] += p * u.z;
+        acc[4 * q4 + 3] += p * u.w;
+      }
     }
   }
   if (n >= nn) return;
   float *Ge = (float *)G.p + e * G.es;
 #pragma unroll
-  for (int q = 0; q < R / 2; q++) {
-    int k = kg + 2 * q;
+  for (int q = 0; q < HR; q++) {
+    int k = kg * HR + q;
     if (k < r) Ge[(size_t)(n0 + n) * G.sa + (size_t)k * G.sb] += alpha * acc[q];
   }
 }
@@ -967,8 +1008,11 @@ static gptoss_status xdown(trainer *t, const float *X, int ldx, int K, xmat W, i
 }
 
 static gptoss_status xup(trainer *t, const float *U, int r, xmat W, int N, float alpha, float *Y, int ldy) {
-  xup_kernel<<<dim3(xtiles(t), (N + 63) / 64), 256, 0, t->v->stream>>>(U, r, W, N, alpha, Y, ldy, t->mw.offsets,
-                                                                         t->mw.tile_offsets, t->v->d.E);
+  int R = xround(r);
+  void (*k)(const float *, int, xmat, int, float, float *, int, const int32_t *, const int32_t *, int) =
+      R == 8 ? xup_kernel<8> : R == 16 ? xup_kernel<16> : R == 32 ? xup_kernel<32> : xup_kernel<64>;
+  k<<<dim3(xtiles(t), (N + 63) / 64), 256, 0, t->v->stream>>>(U, r, W, N, alpha, Y, ldy, t->mw.offsets, t->mw.tile_offsets,
+                                                             t->v->d.E);
   CU(cudaGetLastError());
   return GPTOSS_OK;
 }

@@ -89,6 +89,41 @@ describe("LoRA training on CUDA #gpu", function()
     a:close(); b:close(); cpu:close(); gpu:close()
   end)
 
+  it("steps with the norm of the gradients the device added (kept as it adds them), through accumulation and a CPU pass", function()
+    local cpu = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    local gpu = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    local b = gptoss.lora(gpu, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn", "experts" } })
+    local ids, ids2 = {}, {}
+    for i = 1, 24 do ids[i] = (i * 7919) % 200000; ids2[i] = (i * 104729 + 17) % 200000 end
+    -- the norm from the gradients themselves, in double precision
+    local function norm(scale)
+      local s = 0
+      for l = 0, 3 do
+        for _, p in ipairs { "q", "k", "v", "o", "gate_up", "down" } do
+          local x = b:module(l, p)
+          for _, g in ipairs(x and { x.gA, x.gB } or {}) do
+            for _, v in ipairs(flat(g)) do s = s + (v * scale) ^ 2 end
+          end
+        end
+      end
+      return math.sqrt(s)
+    end
+    local function check(what, scale)
+      local want = norm(scale)
+      local got = b:step { lr = 1e-3, grad_scale = scale }
+      assert.is_true(want > 0 and math.abs(got - want) / want < 1e-6, string.format("%s: norm %.10g, want %.10g", what, got, want))
+    end
+    b:zero_grad(); gpu:lora_backward(b, ids)
+    check("one pass", 1)
+    b:zero_grad(); gpu:lora_backward(b, ids); gpu:lora_backward(b, ids2)
+    check("two passes accumulated, scaled", 0.5)
+    b:zero_grad(); gpu:lora_backward(b, ids); cpu:lora_backward(b, ids2)   -- the CPU's adds keep no sums
+    check("a device pass and a CPU pass", 1 / 3)
+    b:zero_grad(); cpu:lora_backward(b, ids); gpu:lora_backward(b, ids2)   -- the device's add covers whole layers
+    check("a CPU pass, then a device pass", 1)
+    b:close(); cpu:close(); gpu:close()
+  end)
+
   it("matches the CPU's expert gradients at every rank path (rounded up to 8, 16, 64; past 64 through cuBLAS)", function()
     local cpu = assert(gptoss.load(H.tiny(), { tokenizer = false }))
     local gpu = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
