@@ -49,20 +49,22 @@ for _ = 1, steps do
   local l, b, o = step()
   back, opt, last_loss = back + b, opt + o, l
 end
+local u0 = now()
 updated()
-local total = now() - t_start
+local total, last_update = now() - t_start, now() - u0
 local mem = m:memory()
 local res = {
   device = device, precision = precision, seq = seq, steps = steps, load_s = load_s,
   params = lora.params, tokens_per_s = seq * steps / total, step_s = total / steps,
   backward_s = back / steps, optimizer_s = opt / steps, first_loss = first_loss, last_loss = last_loss,
+  last_update_s = last_update,
   weights_gb = mem.weights / 1e9, workspace_gb = mem.workspace / 1e9,
   device_in_use_gb = (mem.device_total - mem.device_free) / 1e9,
 }
 print(string.format("gptoss LoRA training, %s %s, seq %d, batch 1, r %d on attention + experts (%d parameters)",
   device, precision, seq, rank, res.params or -1))
-print(string.format("  %.0f tokens/s (%.3f s a step: backward %.3f, step %.3f (the update itself runs behind the next backward)); loss %.4f -> %.4f",
-  res.tokens_per_s, res.step_s, res.backward_s, res.optimizer_s, first_loss, last_loss))
+print(string.format("  %.0f tokens/s (%.3f s a step: backward %.3f, step %.3f (the update itself runs behind the next backward; the last one took %.3f s more)); loss %.4f -> %.4f",
+  res.tokens_per_s, res.step_s, res.backward_s, res.optimizer_s, last_update, first_loss, last_loss))
 print(string.format("  memory: weights %.2f GB, workspace + adapter %.2f GB; device in use %.2f GB (CUDA context included)",
   res.weights_gb, res.workspace_gb, res.device_in_use_gb))
 if os.getenv("BENCH_JSON") then
