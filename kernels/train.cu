@@ -309,6 +309,7 @@ struct trainer {
   int32_t *ids, *rows, *targets, *sel, *invp;
   moe_work mw;
   bf16 *hi, *lo;             // GEMM inputs as bf16 (lo: split-bf16)
+  bf16 *rlo;                 // precision "fast": the router's input's split-bf16 rest (see router_logits)
   size_t hi_n;
   int hc, lg_rows;           // heads per score batch; logit rows per chunk
   int32_t *off_host;         // pinned [E + 1]
@@ -449,6 +450,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   t->hi_n = big;
   TAKE(t->hi, bf16, big);
   if (t->v->split) TAKE(t->lo, bf16, big); else if (base) t->lo = NULL;
+  if (!t->v->split) TAKE(t->rlo, bf16, (size_t)T * d.H); else if (base) t->rlo = NULL;
 #undef TAKE
   return off;
 }
@@ -739,6 +741,17 @@ static gptoss_status wgemm(trainer *t, const float *X, int M, int ldx, const bf1
   if (M <= 0) return GPTOSS_OK;
   split(t, X, M, ldx, fwd ? wcols : wrows);
   return wgemm_split(t, t->hi, t->lo, M, W, wrows, wcols, fwd, Y, ldy, beta);
+}
+
+// The router's logits from split-bf16 inputs in either precision: a top-k
+// that bf16 rounding tips over sends a token to other experts altogether,
+// which costs far more than the product (T x E, E = 32)
+static gptoss_status router_logits(trainer *t, const dlayer *w) {
+  const dims &d = t->v->d;
+  int T = t->T;
+  bf16 *lo = t->lo ? t->lo : t->rlo;
+  split_kernel<<<T, 256, 0, t->v->stream>>>(t->xn2, d.H, d.H, t->hi, lo);
+  return wgemm_split(t, t->hi, lo, T, w->router_w, d.E, d.H, true, t->rl, d.E, 0.f);
 }
 
 // {====================================================== grouped expert products
@@ -1286,7 +1299,7 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   cuda_prof_mark("train o fwd", st);
   // MoE
   rms_fwd_kernel<<<T, 256, 0, st>>>(t->xmid, NULL, w->mlp_norm, t->xn2, t->inv2, d.H, d.eps);
-  TRY(wgemm(t, t->xn2, T, d.H, w->router_w, d.E, d.H, true, t->rl, d.E, 0.f));
+  TRY(router_logits(t, w));
   add_bias(t, t->rl, d.E, w->router_b, T, d.E);
   topk_kernel<<<(T + 7) / 8, 256, 0, st>>>(t->rl, T, d.E, d.K, t->sel, t->w);
   TRY(moe_route(t));
