@@ -160,6 +160,20 @@ __device__ __forceinline__ void key_tiles(const flash_args &a, int q0, int *kb0,
   *kb1 = last / BK;
 }
 
+// A ring of two stages of `bytes` from base for tiles it0 .. it1: tile it's
+// stage, and the wait for it, with the next tile's loads (if any) already
+// queued behind it
+__device__ __forceinline__ uint32_t ring_slot(int it, int it0, uint32_t base, int bytes) { return base + ((it - it0) & 1) * bytes; }
+
+__device__ __forceinline__ uint32_t ring_wait(int it, int it0, int it1, uint32_t base, int bytes) {
+  if (it < it1)
+    wait_async<1>();
+  else
+    wait_async<0>();
+  __syncthreads();
+  return ring_slot(it, it0, base, bytes);
+}
+
 // keys kb * BK .. of key/value head g into stage s: K (hi, lo), then V (hi, lo)
 template <int D, bool SPLIT>
 __device__ __forceinline__ void stage_kv(const flash_args &a, uint32_t s, int kb, int g) {
@@ -192,13 +206,8 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(flash_args a) {
   key_tiles(a, q0, &kb0, &kb1);
   stage_kv<D, SPLIT>(a, base, kb0, g);
   for (int kb = kb0; kb <= kb1; kb++) {
-    uint32_t s = base + ((kb - kb0) & 1) * STAGE;
-    if (kb < kb1) {
-      stage_kv<D, SPLIT>(a, base + ((kb + 1 - kb0) & 1) * STAGE, kb + 1, g);
-      wait_async<1>();
-    } else
-      wait_async<0>();
-    __syncthreads();
+    if (kb < kb1) stage_kv<D, SPLIT>(a, ring_slot(kb + 1, kb0, base, STAGE), kb + 1, g);
+    uint32_t s = ring_wait(kb, kb0, kb1, base, STAGE);
     float c[8][4] = {};
     mma_rows<D, SPLIT>(c, q, s, s + TILE);
     float mx[2] = {m[0], m[1]};
@@ -274,13 +283,8 @@ __global__ void __launch_bounds__(WARPS * 32) dq_kernel(flash_args a) {
   }
   float dq[D / 8][4] = {};
   for (int kb = kb0; kb <= kb1; kb++) {
-    uint32_t s = base + ((kb - kb0) & 1) * STAGE;
-    if (kb < kb1) {
-      stage_kv<D, SPLIT>(a, base + ((kb + 1 - kb0) & 1) * STAGE, kb + 1, g);
-      wait_async<1>();
-    } else
-      wait_async<0>();
-    __syncthreads();
+    if (kb < kb1) stage_kv<D, SPLIT>(a, ring_slot(kb + 1, kb0, base, STAGE), kb + 1, g);
+    uint32_t s = ring_wait(kb, kb0, kb1, base, STAGE);
     float p[8][4] = {}, dp[8][4] = {};
     mma_rows<D, SPLIT>(p, q, s, s + TILE);
     mma_rows<D, SPLIT>(dp, go, s + NS * TILE, s + (NS + 1) * TILE);
@@ -342,8 +346,8 @@ __global__ void __launch_bounds__(KWARPS * 32) dkv_kernel(flash_args a) {
   for (int qb = qb0; qb <= qb1; qb++) {
     uint32_t s = base + ((qb - qb0) & 1) * STAGE;
     const float *ls = reinterpret_cast<const float *>(sm + ((qb - qb0) & 1) * STAGE + 2 * NS * TILE), *ds = ls + KQ;
-    if (qb < qb1) {
-      stage_q<D, SPLIT>(a, base + ((qb + 1 - qb0) & 1) * STAGE, qb + 1, h);
+    if (qb < qb1) {   // (ring_wait's order here spills two registers of the split kernel at D 64)
+      stage_q<D, SPLIT>(a, ring_slot(qb + 1, qb0, base, STAGE), qb + 1, h);
       wait_async<1>();
     } else
       wait_async<0>();
