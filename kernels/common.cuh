@@ -105,6 +105,14 @@ __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   return *reinterpret_cast<uint32_t *>(&p);
 }
 
+// a and b as a bf16 pair and, when lo is given, what bf16 rounded off into
+// *lo (split bf16)
+__device__ __forceinline__ uint32_t split_pair(float a, float b, uint32_t *lo) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
+  if (lo) *lo = pack_bf16(a - __low2float(h), b - __high2float(h));
+  return *reinterpret_cast<uint32_t *>(&h);
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 // 16 bytes global to shared, in flight until cp.async.wait_group; zeros when !pred

@@ -118,11 +118,7 @@ __device__ __forceinline__ void mma_rows(float c[8][4], const afrag<D> &a, uint3
 __device__ __forceinline__ void to_a(const float x[4], const float y[4], uint32_t h[4], uint32_t l[4], bool split) {
   const float v[8] = {x[0], x[1], x[2], x[3], y[0], y[1], y[2], y[3]};
 #pragma unroll
-  for (int i = 0; i < 4; i++) {
-    __nv_bfloat162 p = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-    h[i] = *reinterpret_cast<uint32_t *>(&p);
-    if (split) l[i] = pack_bf16(v[2 * i] - __low2float(p), v[2 * i + 1] - __high2float(p));
-  }
+  for (int i = 0; i < 4; i++) h[i] = split_pair(v[2 * i], v[2 * i + 1], split ? &l[i] : NULL);
 }
 
 // o (16 x D) += p (16 x 64, accumulators) . tile (64 rows of D)

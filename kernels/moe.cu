@@ -173,11 +173,7 @@ moe_gemm_kernel(const bf16 *A, const bf16 *A_lo, const float *Af, const int32_t 
       for (int q = 0; q < 4; q++) { v[4 * q] = a_f[q].x; v[4 * q + 1] = a_f[q].y; v[4 * q + 2] = a_f[q].z; v[4 * q + 3] = a_f[q].w; }
       uint32_t hi[8], lo[8];
 #pragma unroll
-      for (int i = 0; i < 8; i++) {
-        __nv_bfloat162 h = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-        hi[i] = *reinterpret_cast<uint32_t *>(&h);
-        if (SPLIT) lo[i] = pack_bf16(v[2 * i] - __low2float(h), v[2 * i + 1] - __high2float(h));
-      }
+      for (int i = 0; i < 8; i++) hi[i] = split_pair(v[2 * i], v[2 * i + 1], SPLIT ? &lo[i] : NULL);
       da[0] = make_uint4(hi[0], hi[1], hi[2], hi[3]); da[1] = make_uint4(hi[4], hi[5], hi[6], hi[7]);
       if (SPLIT) {
         uint4 *dl = reinterpret_cast<uint4 *>(S.Al + r * LDS + half * 16);

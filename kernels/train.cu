@@ -77,11 +77,9 @@ __global__ void split_kernel(const float *x, int ld, int cols, bf16 *hi, bf16 *l
   }
   for (int c = 4 * threadIdx.x; c < cols; c += 4 * blockDim.x) {
     float4 v = *reinterpret_cast<const float4 *>(xr + c);
-    __nv_bfloat162 a = __floats2bfloat162_rn(v.x, v.y), b = __floats2bfloat162_rn(v.z, v.w);
-    *reinterpret_cast<uint2 *>(h + c) = make_uint2(*reinterpret_cast<uint32_t *>(&a), *reinterpret_cast<uint32_t *>(&b));
-    if (l)
-      *reinterpret_cast<uint2 *>(l + c) = make_uint2(pack_bf16(v.x - __low2float(a), v.y - __high2float(a)),
-                                                     pack_bf16(v.z - __low2float(b), v.w - __high2float(b)));
+    uint2 lv;
+    *reinterpret_cast<uint2 *>(h + c) = make_uint2(split_pair(v.x, v.y, l ? &lv.x : NULL), split_pair(v.z, v.w, l ? &lv.y : NULL));
+    if (l) *reinterpret_cast<uint2 *>(l + c) = lv;
   }
 }
 
@@ -842,7 +840,7 @@ __global__ void __launch_bounds__(256) xdown_kernel(const float *X, int ldx, int
   }
   __syncthreads();
   // RW rows a warp at once: each W value read from shared memory serves RW
-  // rows (one row a warp was bound by shared-memory reads)
+  // rows
   constexpr int RW = R <= 16 ? 4 : R == 32 ? 2 : 1;
   int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   bool vec = ((ldx | c0) & 3) == 0 && ((uintptr_t)X & 15) == 0;
@@ -1459,9 +1457,9 @@ gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const i
   trainer *t = (trainer *)*v->state;
   if (!t) {
     if (!(t = (trainer *)calloc(1, sizeof *t))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-    // at most half of 16 cores: AdamW's update (adapter.c) takes the other
-    // half while the forward uploads, and spinning workers of two pools on
-    // the same cores starve the thread that drives the GPU
+    // at most 8 threads: AdamW's update (adapter.c) runs on all cores but
+    // two while the forward uploads, and more spinning workers on the same
+    // cores starve the thread that drives the GPU
     if (!(t->pool = gptoss_pool_new(v->threads > 8 ? 8 : v->threads < 1 ? 1 : v->threads))) {
       free(t);
       return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the trainer's threads");
