@@ -500,6 +500,18 @@ typedef struct {
   size_t off[GPTOSS_LORA_MODULES];   /* each module's place in src */
 } add_job;
 
+/* sum of (g scale)^2 in eight fixed lanes (the order never changes) */
+GPTOSS_HOT static double sum_squares(const float *g, size_t n, float scale) {
+  double acc[8] = {0};
+  size_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    for (int j = 0; j < 8; j++) { double x = (double)(g[k + j] * scale); acc[j] += x * x; }
+  for (; k < n; k++) { double x = (double)(g[k] * scale); acc[0] += x * x; }
+  double s = 0;
+  for (int j = 0; j < 8; j++) s += acc[j];
+  return s;
+}
+
 /* chunk by chunk over threads: the add, and the chunk's sum of squares of
    the result while it is in cache */
 static void add_chunks(void *ctx, int tid, int nth) {
@@ -519,14 +531,8 @@ static void add_chunks(void *ctx, int tid, int nth) {
         size_t len = lo + STEP_CHUNK < n[w] ? STEP_CHUNK : n[w] - lo;
         float *restrict d = g[w] + lo;
         const float *restrict s = src[w] + lo;
-        double acc[8] = {0};
-        size_t q = 0;
-        for (; q + 8 <= len; q += 8)
-          for (int e = 0; e < 8; e++) { d[q + e] += s[q + e]; acc[e] += (double)d[q + e] * d[q + e]; }
-        for (; q < len; q++) { d[q] += s[q]; acc[0] += (double)d[q] * d[q]; }
-        double t = 0;
-        for (int e = 0; e < 8; e++) t += acc[e];
-        a->gsq[c] = t;
+        for (size_t q = 0; q < len; q++) d[q] += s[q];
+        a->gsq[c] = sum_squares(d, len, 1.f);
       }
   }
 }
@@ -602,17 +608,6 @@ struct update {
   gptoss_pool *pool;            /* the optimizer's threads, kept between steps */
 };
 
-/* sum of (g scale)^2 in eight fixed lanes (the order never changes) */
-GPTOSS_HOT static double sum_squares(const float *g, size_t n, float scale) {
-  double acc[8] = {0};
-  size_t k = 0;
-  for (; k + 8 <= n; k += 8)
-    for (int j = 0; j < 8; j++) { double x = (double)(g[k + j] * scale); acc[j] += x * x; }
-  for (; k < n; k++) { double x = (double)(g[k] * scale); acc[0] += x * x; }
-  double s = 0;
-  for (int j = 0; j < 8; j++) s += acc[j];
-  return s;
-}
 
 /* torch's AdamW: decay, the moments, then p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps).
    The moments are taken in double (float would add rounding of its own to
@@ -731,7 +726,7 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
       if (!x->mA || !x->vA || !x->mB || !x->vB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer state");
     }
     size_t n[2] = {(size_t)x->rk * x->in, (size_t)x->out * x->rk};
-    for (int w = 0; w < 2; w++) { chunks += (n[w] + STEP_CHUNK - 1) / STEP_CHUNK; total += n[w]; }
+    for (int w = 0; w < 2; w++) { chunks += chunks_of(n[w]); total += n[w]; }
   }
   struct update *u = a->update;
   if (!u) {
@@ -823,6 +818,8 @@ void gptoss_adapter_zero_grad(gptoss_adapter *a) {
       return;
     }
     gptoss_adapter_wait(a, -1);   /* joins the finished thread */
+    gptoss_pool_run(u->pool, zero_pieces, a);   /* its threads, idle now */
+    return;
   }
   size_t total = 0;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++)
