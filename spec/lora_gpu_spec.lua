@@ -27,6 +27,19 @@ local function worst_between(a, b, mods, what)
   return worst
 end
 
+-- one backward pass of the same adapter on the CPU (a) and the GPU (b):
+-- the same token count, the loss within 1e-5 and mods' gradients within 1e-3
+-- (relative L2); returns the gradients' worst
+local function backward_both(cpu, gpu, a, b, ids, mods, what)
+  local la, na = cpu:lora_backward(a, ids)
+  local lb, nb = gpu:lora_backward(b, ids)
+  assert.are.equal(na, nb)
+  assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("%s: loss %.8g vs %.8g", what, lb, la))
+  local err = worst_between(b, a, mods, "g")
+  assert.is_true(err < 1e-3, string.format("%s: gradients worst relative L2 %.3g", what, err))
+  return err
+end
+
 describe("LoRA training on CUDA #gpu", function()
   for _, precision in ipairs { "exact", "fast" } do
     for run, mods in pairs(RUNS) do
@@ -66,13 +79,7 @@ describe("LoRA training on CUDA #gpu", function()
     local worst = 0
     for s = 1, 3 do
       a:zero_grad(); b:zero_grad()
-      local la, na = cpu:lora_backward(a, ids)
-      local lb, nb = gpu:lora_backward(b, ids)
-      assert.are.equal(na, nb)
-      assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("step %d loss %.8g vs %.8g", s, lb, la))
-      local err = worst_between(b, a, { "q", "k", "v", "o" }, "g")
-      assert.is_true(err < 1e-3, string.format("step %d gradients: worst relative L2 %.3g", s, err))
-      worst = math.max(worst, err)
+      worst = math.max(worst, backward_both(cpu, gpu, a, b, ids, { "q", "k", "v", "o" }, "step " .. s))
       -- Adam turns rounding-level differences in near-zero gradients into
       -- whole steps, so the GPU adapter takes the CPU's weights after each
       -- step: the next backward must see them (and the step's new masks)
@@ -132,12 +139,7 @@ describe("LoRA training on CUDA #gpu", function()
     for i = 1, 40 do ids[i] = (i * 7919) % 200000 end   -- past the sliding window of 16
     local opts = { r = 4, alpha = 8, init = "random", seed = 5, targets = { "attn" } }
     local a, b = gptoss.lora(cpu, opts), gptoss.lora(gpu, opts)
-    local la, na = cpu:lora_backward(a, ids)
-    local lb, nb = gpu:lora_backward(b, ids)
-    assert.are.equal(na, nb)
-    assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("loss %.8g vs %.8g", lb, la))
-    local err = worst_between(b, a, { "q", "k", "v", "o" }, "g")
-    assert.is_true(err < 1e-3, string.format("gradients worst relative L2 %.3g", err))
+    local err = backward_both(cpu, gpu, a, b, ids, { "q", "k", "v", "o" }, "head size 24")
     print(string.format("\n  cuda vs cpu, head size 24 (no attention tiles): gradients within %.3g", err))
     a:close(); b:close(); cpu:close(); gpu:close()
   end)
@@ -150,12 +152,7 @@ describe("LoRA training on CUDA #gpu", function()
     for _, r in ipairs { 3, 16, 40, 80 } do
       local opts = { r = r, alpha = 2 * r, init = "random", seed = r, targets = { "o", "gate_up", "down" } }
       local a, b = gptoss.lora(cpu, opts), gptoss.lora(gpu, opts)
-      local la, na = cpu:lora_backward(a, ids)
-      local lb, nb = gpu:lora_backward(b, ids)
-      assert.are.equal(na, nb)
-      assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("r %d: loss %.8g vs %.8g", r, lb, la))
-      local err = worst_between(b, a, { "o", "gate_up", "down" }, "g")
-      assert.is_true(err < 1e-3, string.format("r %d: gradients worst relative L2 %.3g", r, err))
+      local err = backward_both(cpu, gpu, a, b, ids, { "o", "gate_up", "down" }, "r " .. r)
       print(string.format("\n  cuda vs cpu, experts at r %d: gradients within %.3g", r, err))
       a:close(); b:close()
     end
