@@ -54,7 +54,8 @@ static int l_load(lua_State *L) {
   const char *prec = lg_opt_str(L, 2, "precision", "exact");
   if (strcmp(prec, "exact") == 0) o.fast = 0;
   else if (strcmp(prec, "fast") == 0) o.fast = 1;
-  else luaL_error(L, "load: precision must be \"exact\" or \"fast\" (got '%s')", prec);
+  else if (strcmp(prec, "mixed") == 0) o.bf16_backward = 1;
+  else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", prec);
   if (o.threads < 0) luaL_error(L, "load: threads must be >= 0");
   if (o.context < 0) luaL_error(L, "load: context must be >= 0");
   int want_tok = 1;

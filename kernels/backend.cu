@@ -144,7 +144,8 @@ struct cuda_model {
   int ws_gen;                              // bumped when the workspace moves: graphs must be captured again
   float *x, *qkv, *q, *att, *tmp, *rl, *y, *wts, *part_ml, *part_acc, *logits, *act;
   bf16 *xn, *xn_lo, *att16, *att_lo;
-  int split;                               // split-bf16 activations in the GEMMs (precision "exact")
+  int split;                               // split-bf16 activations in the GEMMs (precision "exact", "mixed")
+  int split_bwd;                           // and in the training backward's ("exact")
   int32_t *ids, *tok_pos, *tok_sess, *sel, *rows;
   const dsess **sess_arr;
   moe_work mw;
@@ -386,6 +387,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.K = c->num_experts_per_tok; d.V = c->vocab_size; d.window = c->sliding_window; d.eps = (float)c->rms_norm_eps;
   d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
   cm->split = !o->fast;
+  cm->split_bwd = cm->split && !o->bf16_backward;
   d.kv32 = !o->fast;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));
@@ -1113,7 +1115,7 @@ static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_
   CU(cudaSetDevice(cm->dev));
   lora_cache_drop(cm->lora);     // sessions' adapter copies: made again when next used
   train_view v = {cm->stream, cm->blas, cm->layer, cm->embed, cm->norm, cm->lm_head, cm->inv_freq, m->cfg.layer_sliding, cm->d,
-                  cm->split,
+                  cm->split, cm->split_bwd,
                   m->threads, &cm->train, &cm->train_bytes};
   return cuda_lora_backward(&v, a, ids, mask, n, loss, count);
 }

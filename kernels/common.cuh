@@ -357,7 +357,8 @@ struct train_view {
   const float *inv_freq;
   const unsigned char *layer_sliding;   // [L]
   dims d;
-  int split;                 // precision "exact": split-bf16 activations, fp32 score products
+  int split;                 // precision "exact" or "mixed": split-bf16 activations, fp32 score products
+  int split_bwd;             // the same in the backward ("exact"; "mixed" takes bf16 there)
   int threads;               // host threads for the adapter's copies
   void **state;              // the trainer's buffers, kept between calls
   size_t *bytes;             // device bytes they hold (reported as workspace)

@@ -185,12 +185,13 @@ __global__ void swiglu_kernel(const float *gu, float *act, size_t n, float limit
   act[i] = g / (1.f + expf(-1.702f * g)) * (u + 1.f);
 }
 
-// its backward, in place: gu (the pre-activations) becomes d gu. A clamp
-// passes the gradient where its input is inside [min, max].
-__global__ void swiglu_bwd_kernel(float *gu, const float *dact, size_t n, float limit) {
+// its backward, in place: gu (the pre-activations) becomes d gu, for d act
+// = w_k ud (the routing weight of sorted row i / I times the unweighted
+// gradient). A clamp passes the gradient where its input is inside [min, max].
+__global__ void swiglu_bwd_kernel(float *gu, const float *ud, const float *w, const int32_t *perm, int I, size_t n, float limit) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  float gt = gu[2 * i], up = gu[2 * i + 1], g = dact[i];
+  float gt = gu[2 * i], up = gu[2 * i + 1], g = ud[i] * w[perm[i / I]];
   float gc = fminf(gt, limit), uc = fmaxf(fminf(up, limit), -limit);
   float sg = 1.f / (1.f + expf(-1.702f * gc));
   gu[2 * i + 1] = up >= -limit && up <= limit ? g * gc * sg : 0.f;
@@ -209,17 +210,26 @@ __global__ void combine_kernel(float *out, const float *xmid, const float *ye, c
 
 // One block per token, dy = d out: the routing weights' gradients dw_k =
 // dy . ye_k, through the softmax over the k chosen logits into the router's
-// input (dxn = sum_k w_k (dw_k - sum_j w_j dw_j) W_router[e_k]); and each
-// expert output's gradient w_k dy, written over ye.
-__global__ void router_bwd_kernel(const float *dy, float *ye, const float *w, const int32_t *sel, const int32_t *invp,
-                                  const bf16 *Wr, float *dxn, int H, int K) {
+// input (dxn = sum_k w_k (dw_k - sum_j w_j dw_j) W_router[e_k]). The
+// recompute leaves out the down product ye_k = W_e act_k + b_e + (LoRA),
+// so dy . ye_k comes as ud_k . act_k + dy . b_e, where ud_k = W_e^T dy +
+// (LoRA) is the backward's own product taken on unweighted rows (the
+// LoRA's term is ud's: (A^T dh) . act = dh . (A act)). ldh (the LoRA's s dy
+// B_e, r a row; NULL: none) is scaled to w_k s dy B_e for its gradients.
+__global__ void route_bwd_kernel(const float *dy, const float *ud, const float *act, const bf16 *bias, const float *w,
+                                 const int32_t *sel, const int32_t *invp, const bf16 *Wr, float *dxn, float *ldh, int r, int H,
+                                 int I, int K) {
   __shared__ float red[32], dw[32];
   int t = blockIdx.x;
   const float *g = dy + (size_t)t * H;
   for (int k = 0; k < K; k++) {
-    const float *y = ye + (size_t)invp[t * K + k] * H;
+    size_t row = invp[t * K + k];
+    const float *u = ud + row * I, *a = act + row * I;
+    const bf16 *b = bias ? bias + (size_t)sel[t * K + k] * H : NULL;
     float s = 0.f;
-    for (int c = threadIdx.x; c < H; c += blockDim.x) s += g[c] * y[c];
+    for (int c = threadIdx.x; c < I; c += blockDim.x) s += u[c] * a[c];
+    if (b)
+      for (int c = threadIdx.x; c < H; c += blockDim.x) s += g[c] * __bfloat162float(b[c]);
     s = block_sum(s, red);
     if (threadIdx.x == 0) dw[k] = s;
   }
@@ -228,13 +238,17 @@ __global__ void router_bwd_kernel(const float *dy, float *ye, const float *w, co
   for (int k = 0; k < K; k++) wdw += w[t * K + k] * dw[k];
   for (int c = threadIdx.x; c < H; c += blockDim.x) {
     float v = 0.f;
-    for (int k = 0; k < K; k++) {
-      float wk = w[t * K + k];
-      v += wk * (dw[k] - wdw) * __bfloat162float(Wr[(size_t)sel[t * K + k] * H + c]);
-      ye[(size_t)invp[t * K + k] * H + c] = wk * g[c];
-    }
+    for (int k = 0; k < K; k++) v += w[t * K + k] * (dw[k] - wdw) * __bfloat162float(Wr[(size_t)sel[t * K + k] * H + c]);
     dxn[(size_t)t * H + c] = v;
   }
+  if (ldh)
+    for (int i = threadIdx.x; i < K * r; i += blockDim.x) ldh[(size_t)invp[t * K + i / r] * r + i % r] *= w[t * K + i / r];
+}
+
+// x[i][c] *= w[(token, expert) of sorted row i], rows of n
+__global__ void scale_rows_kernel(float *x, int n, const float *w, const int32_t *perm, size_t total) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < total) x[i] *= w[perm[i / n]];
 }
 
 // dxn[t] += sum_k dxg[row of (t, k)]
@@ -297,7 +311,8 @@ struct trainer {
   size_t buf_bytes;
   float *xs;                 // [L + 1][T][H]: each layer's input, then the output
   float *xn1, *inv1, *qkv, *att, *lse, *xmid, *xn2, *inv2, *rl, *w;
-  float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes their gradients over them
+  float *xg, *gu, *act, *ye; // sorted (token, expert) rows; the backward writes gradients over xg and gu, and
+                             // dy's rows, then W^T dy, into ye
   float *dx, *dxn, *datt, *dqkv, *S, *dP, *xd, *tmp, *lh, *ldh, *xf, *lossrow;
   float *dd;                 // [T][Hq]: O.dO per query and head (flash_attention.cu's backward)
   float *eu[2];              // [T K][r]: the experts' A x of gate_up and of down, from the recompute for the backward
@@ -306,7 +321,9 @@ struct trainer {
   int *xdims;                // host: its dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
   moe_work mw;
-  bf16 *hi, *lo;             // GEMM inputs as bf16 (lo: split-bf16)
+  bf16 *hi, *lo;             // GEMM inputs as bf16, and lo their split-bf16 rests for the products being
+                             // queued: lo_buf, or NULL for bf16 alone ("fast"; "mixed"'s backward)
+  bf16 *lo_buf;
   bf16 *rlo;                 // precision "fast": the router's input's split-bf16 rest (see router_logits)
   size_t hi_n;
   int hc, lg_rows;           // heads per score batch; logit rows per chunk
@@ -413,7 +430,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->qkv, float, T * ldq); TAKE(t->att, float, (size_t)T * d.Q); TAKE(t->lse, float, (size_t)T * d.Hq);
   TAKE(t->xmid, float, (size_t)T * d.H); TAKE(t->xn2, float, (size_t)T * d.H); TAKE(t->inv2, float, T);
   TAKE(t->rl, float, (size_t)T * d.E); TAKE(t->w, float, TK);
-  TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I); TAKE(t->ye, float, TK * d.H);
+  TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I); TAKE(t->ye, float, TK * (d.H > d.I ? d.H : d.I));   // ye: rows of H, then of I (layer_bwd)
   TAKE(t->dx, float, (size_t)T * d.H); TAKE(t->dxn, float, T * HQ); TAKE(t->datt, float, (size_t)T * d.Q);
   TAKE(t->dqkv, float, T * ldq);
   // head sizes flash_attention.cu has no tiles for: a batch of heads'
@@ -447,7 +464,8 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   if (T * HQ > big) big = T * HQ;
   t->hi_n = big;
   TAKE(t->hi, bf16, big);
-  if (t->v->split) TAKE(t->lo, bf16, big); else if (base) t->lo = NULL;
+  if (t->v->split) TAKE(t->lo_buf, bf16, big); else if (base) t->lo_buf = NULL;
+  if (base) t->lo = t->lo_buf;
   if (!t->v->split) TAKE(t->rlo, bf16, (size_t)T * d.H); else if (base) t->rlo = NULL;
 #undef TAKE
   return off;
@@ -712,7 +730,7 @@ static gptoss_status fgemm(trainer *t, bool ta, bool tb, int M, int N, int K, fl
 }
 
 static cublasComputeType_t score_compute(const trainer *t) {
-  return t->v->split ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
+  return t->lo ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_16BF;
 }
 
 // Y[M][*] (row stride ldy) = X W^T (fwd: W [N][K]) or X W (!fwd: W [K][N]) + beta Y,
@@ -1039,35 +1057,55 @@ static gptoss_status xgrad(trainer *t, const float *P, int ldp, const float *U, 
 
 static xmat xm(const float *p, size_t es, int sa, int sb) { xmat m = {p, es, sa, sb}; return m; }
 
-// every expert's y += s B_e (A_e x) (forward); A_e x into U, which the
-// backward that follows the recompute reads
-static gptoss_status lora_experts_fwd(trainer *t, const dlora *L, const float *x, int ldx, float *y, int ldy, float *U) {
+// every expert's U = A_e x, which the backward that follows the recompute reads
+static gptoss_status lora_experts_ax(trainer *t, const dlora *L, const float *x, int ldx, float *U) {
   if (!L->host) return GPTOSS_OK;
   int r = L->r;
-  size_t sa = (size_t)r * L->in, sb = (size_t)L->out * r;
-  if (r <= XR) {
-    TRY(xdown(t, x, ldx, L->in, xm(L->A, sa, L->in, 1), r, 1.f, U));
-    return xup(t, U, r, xm(L->B, sb, r, 1), L->out, L->scale, y, ldy);
-  }
-  TRY(xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, sa, L->in), 0.f, rows_op(U, r)));
+  size_t sa = (size_t)r * L->in;
+  if (r <= XR) return xdown(t, x, ldx, L->in, xm(L->A, sa, L->in, 1), r, 1.f, U);
+  return xgemm(t, false, true, -1, r, L->in, 1.f, rows_op(x, ldx), slice_op(L->A, sa, L->in), 0.f, rows_op(U, r));
+}
+
+// every expert's y += s B_e (A_e x) (forward); A_e x into U
+static gptoss_status lora_experts_fwd(trainer *t, const dlora *L, const float *x, int ldx, float *y, int ldy, float *U) {
+  if (!L->host) return GPTOSS_OK;
+  TRY(lora_experts_ax(t, L, x, ldx, U));
+  int r = L->r;
+  size_t sb = (size_t)L->out * r;
+  if (r <= XR) return xup(t, U, r, xm(L->B, sb, r, 1), L->out, L->scale, y, ldy);
   return xgemm(t, false, true, -1, L->out, r, L->scale, rows_op(U, r), slice_op(L->B, sb, r), 1.f, rows_op(y, ldy));
 }
 
-// every expert's gradients of A and B for input x, U = A_e x (the
-// recompute's) and output gradient dy; leaves s dy B_e in ldh
+// The backward of an expert LoRA, in three parts: gB += s dy^T U (U = A_e x,
+// the recompute's), ldh = s dy B_e, gA += ldh^T x
+static gptoss_status lora_experts_gB(trainer *t, const dlora *L, const float *dy, int ldy, const float *U) {
+  int r = L->r;
+  size_t sb = (size_t)L->out * r;
+  if (r <= XR) return xgrad(t, dy, ldy, U, r, L->out, L->scale, xm(L->gB, sb, r, 1));
+  return xgemm(t, true, false, L->out, r, -1, L->scale, rows_op(dy, ldy), rows_op(U, r), 1.f, slice_op(L->gB, sb, r));
+}
+
+static gptoss_status lora_experts_dh(trainer *t, const dlora *L, const float *dy, int ldy) {
+  int r = L->r;
+  size_t sb = (size_t)L->out * r;
+  if (r <= XR) return xdown(t, dy, ldy, L->out, xm(L->B, sb, 1, r), r, L->scale, t->ldh);
+  return xgemm(t, false, false, -1, r, L->out, L->scale, rows_op(dy, ldy), slice_op(L->B, sb, r), 0.f, rows_op(t->ldh, r));
+}
+
+static gptoss_status lora_experts_gA(trainer *t, const dlora *L, const float *x, int ldx) {
+  int r = L->r;
+  size_t sa = (size_t)r * L->in;
+  if (r <= XR) return xgrad(t, x, ldx, t->ldh, r, L->in, 1.f, xm(L->gA, sa, 1, L->in));
+  return xgemm(t, true, false, r, L->in, -1, 1.f, rows_op(t->ldh, r), rows_op(x, ldx), 1.f, slice_op(L->gA, sa, L->in));
+}
+
+// all three, for output gradient dy; leaves s dy B_e in ldh
 static gptoss_status lora_experts_grads(trainer *t, const dlora *L, const float *x, int ldx, const float *U, const float *dy,
                                         int ldy) {
   if (!L->host) return GPTOSS_OK;
-  int r = L->r;
-  size_t sa = (size_t)r * L->in, sb = (size_t)L->out * r;
-  if (r <= XR) {
-    TRY(xgrad(t, dy, ldy, U, r, L->out, L->scale, xm(L->gB, sb, r, 1)));
-    TRY(xdown(t, dy, ldy, L->out, xm(L->B, sb, 1, r), r, L->scale, t->ldh));
-    return xgrad(t, x, ldx, t->ldh, r, L->in, 1.f, xm(L->gA, sa, 1, L->in));
-  }
-  TRY(xgemm(t, true, false, L->out, r, -1, L->scale, rows_op(dy, ldy), rows_op(U, r), 1.f, slice_op(L->gB, sb, r)));
-  TRY(xgemm(t, false, false, -1, r, L->out, L->scale, rows_op(dy, ldy), slice_op(L->B, sb, r), 0.f, rows_op(t->ldh, r)));
-  return xgemm(t, true, false, r, L->in, -1, 1.f, rows_op(t->ldh, r), rows_op(x, ldx), 1.f, slice_op(L->gA, sa, L->in));
+  TRY(lora_experts_gB(t, L, dy, ldy, U));
+  TRY(lora_experts_dh(t, L, dy, ldy));
+  return lora_experts_gA(t, L, x, ldx);
 }
 
 // every expert's dx += (s dy B_e) A_e, from ldh
@@ -1279,6 +1317,7 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
+  t->lo = t->lo_buf;
   rms_fwd_kernel<<<T, 256, 0, st>>>(x, NULL, w->attn_norm, t->xn1, t->inv1, d.H, d.eps);
   TRY(wgemm(t, t->xn1, T, d.H, w->qkv_w, ldq, d.H, true, t->qkv, ldq, 0.f));
   add_bias(t, t->qkv, ldq, w->qkv_b, T, ldq);
@@ -1312,12 +1351,18 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   cuda_prof_mark("train gate_up fwd", st);
   swiglu_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
   cuda_prof_mark("train moe lora and misc", st);
+  if (!xout) {   // the backward needs only A act of the down product (route_bwd_kernel)
+    TRY(lora_experts_ax(t, ldn, t->act, d.I, t->eu[1]));
+    cuda_prof_mark("train down fwd", st);
+    CU(cudaGetLastError());
+    return GPTOSS_OK;
+  }
   split(t, t->act, TK, d.I, d.I);
   TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, true, w->dn_bias, t->ye, d.H));
   cuda_prof_mark("train experts mxfp4", st);
   TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H, t->eu[1]));
   cuda_prof_mark("train down fwd", st);
-  if (xout) combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
+  combine_kernel<<<T, 256, 0, st>>>(xout, t->xmid, t->ye, t->w, t->invp, d.H, d.K);
   cuda_prof_mark("train moe fwd", st);
   CU(cudaGetLastError());
   return GPTOSS_OK;
@@ -1330,19 +1375,27 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
+  t->lo = t->v->split_bwd ? t->lo_buf : NULL;
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
-  // MoE: ye becomes d ye, act d act, gu d gu, xg d xg
-  router_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->w, t->sel, t->invp, w->router_w, t->dxn, d.H, d.K);
-  cuda_prof_mark("train router bwd", st);
-  // the LoRA gradients read act and xg before the base products overwrite them with their gradients
-  TRY(lora_experts_grads(t, ldn, t->act, d.I, t->eu[1], t->ye, d.H));
+  // MoE: ye takes dy's rows (unweighted), then ud = W_e^T dy (+ the
+  // LoRA's) over them (route_bwd_kernel); gu becomes d gu, xg d xg
+  gather_kernel<<<TK, 256, 0, st>>>(t->dx, t->mw.perm, d.K, d.H, t->ye);
+  if (ldn->host) {   // gB += s (w_k dy)^T A act, with A act weighted in place
+    TRY(lora_experts_dh(t, ldn, t->ye, d.H));
+    scale_rows_kernel<<<GRID((size_t)TK * ldn->r)>>>(t->eu[1], ldn->r, t->w, t->mw.perm, (size_t)TK * ldn->r);
+    TRY(lora_experts_gB(t, ldn, t->ye, d.H, t->eu[1]));
+  }
   cuda_prof_mark("train moe lora and misc", st);
   split(t, t->ye, TK, d.H, d.H);
-  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, NULL, t->act, d.I));
+  TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, NULL, t->ye, d.I));
   cuda_prof_mark("train experts mxfp4", st);
-  TRY(lora_experts_dx(t, ldn, t->act, d.I));
+  TRY(lora_experts_dx(t, ldn, t->ye, d.I));
+  route_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->act, w->dn_bias, t->w, t->sel, t->invp, w->router_w, t->dxn,
+                                      ldn->host ? t->ldh : NULL, ldn->r, d.H, d.I, d.K);
+  cuda_prof_mark("train router bwd", st);
+  if (ldn->host) TRY(lora_experts_gA(t, ldn, t->act, d.I));   // with ldh weighted
   cuda_prof_mark("train down bwd", st);
-  swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->act, (size_t)TK * d.I, d.limit);
+  swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->ye, t->w, t->mw.perm, d.I, (size_t)TK * d.I, d.limit);
   TRY(lora_experts_grads(t, lgu, t->xg, d.H, t->eu[0], t->gu, 2 * d.I));
   cuda_prof_mark("train moe lora and misc", st);
   split(t, t->gu, TK, 2 * d.I, 2 * d.I);
@@ -1384,8 +1437,10 @@ static gptoss_status loss_head(trainer *t, int nr) {
   for (int r0 = 0; r0 < nr; r0 += t->lg_rows) {
     int n = nr - r0 < t->lg_rows ? nr - r0 : t->lg_rows;
     float *xf = t->xf + (size_t)r0 * d.H;
+    t->lo = t->lo_buf;
     TRY(wgemm(t, xf, n, d.H, t->v->lm_head, d.V, d.H, true, t->gu, d.V, 0.f));
     xent_kernel<<<n, 1024, 0, st>>>(t->gu, d.V, t->targets + r0, t->lossrow + r0);
+    t->lo = t->v->split_bwd ? t->lo_buf : NULL;
     TRY(wgemm(t, t->gu, n, d.V, t->v->lm_head, d.V, d.H, false, xf, d.H, 0.f));   // xf becomes d xf
   }
   rms_bwd_kernel<<<nr, 256, 0, st>>>(t->dx, xl, t->rows, t->inv1, t->v->norm, t->xf, d.H);

@@ -41,13 +41,16 @@ local function backward_both(cpu, gpu, a, b, ids, mods, what)
 end
 
 describe("LoRA training on CUDA #gpu", function()
-  for _, precision in ipairs { "exact", "fast" } do
+  -- "exact" (split-bf16 products throughout) comes within about 1e-4, and
+  -- is held to 1e-3 so that a regression shows; "mixed" (the forward as
+  -- exact, the backward's products in bf16) to the issue's 2e-2; "fast"
+  -- rounds every activation to bf16 before the GEMMs, and on this random
+  -- 4-layer model a rounding in the forward tips some tokens' top-4 experts
+  -- (its logits are already 0.18 off, gpu_spec.lua): within about 0.15
+  local TOL = { exact = 1e-3, mixed = 2e-2, fast = 0.25 }
+  for _, precision in ipairs { "exact", "mixed", "fast" } do
     for run, mods in pairs(RUNS) do
-      -- "exact" (split-bf16 activations) is held to the 2e-2 of the issue;
-      -- "fast" rounds every activation and gradient to bf16 before the
-      -- GEMMs; on this random 4-layer model (whose fast-precision logits are
-      -- already 0.18 off, gpu_spec.lua) its gradients come within about 0.1
-      local tol = precision == "exact" and 2e-2 or 0.25
+      local tol = TOL[precision]
       it(precision .. ", " .. run .. ": PEFT's loss and every LoRA gradient within " .. tol, function()
         local m = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0", precision = precision }))
         local fx, ids, mask = fixture(run)

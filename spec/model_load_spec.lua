@@ -127,6 +127,10 @@ describe("gptoss.load", function()
     assert.matches("/no/such/model: not a directory", err)
     assert.has_error(function() gptoss.load(H.micro(), { thread = 2 }) end, "load: unknown option 'thread'")
     assert.has_error(function() gptoss.load(H.micro(), { threads = -1 }) end, "load: threads must be >= 0")
+    assert.has_error(function() gptoss.load(H.micro(), { precision = "bf16" }) end,
+      "load: precision must be \"exact\", \"mixed\" or \"fast\" (got 'bf16')")
+    -- the precisions choose the CUDA backend's products; the CPU's stay fp32 whichever is named
+    for _, p in ipairs { "exact", "mixed", "fast" } do assert(gptoss.load(H.micro(), { precision = p })):close() end
     local m2, err2 = gptoss.load(H.micro(), { device = "tpu" })
     assert.is_nil(m2)
     assert.matches("invalid device 'tpu'", err2)

@@ -1,9 +1,10 @@
 #!/bin/bash
 # Device: LoRA training on CUDA. The #gpu training specs (PEFT fixtures, the
 # CPU backend), a compute-sanitizer pass over one training step, then the
-# 20B-shaped benchmark: bench/train.lua in both precisions and
+# 20B-shaped benchmark: bench/train.lua in each precision (PRECISIONS) and
 # transformers + peft (tools/reference/hf_train_bench.py) in the same run.
 #   STAGES="kernels specs sanitize bench hf" (default all); SEQ (2048), STEPS (3);
+#   PRECISIONS (default "exact mixed fast");
 #   KBIN: where kernels_test and mxfp4_bench are (build/cuda);
 #   AB=1: bench/train.lua also with the build in build/ab (the build before a change)
 set -u
@@ -40,7 +41,7 @@ if has bench || has hf; then
   echo "generated in $(( $(date +%s) - t0 )) s"
 fi
 if has bench; then
-  for p in exact fast; do
+  for p in ${PRECISIONS:-exact mixed fast}; do
     BENCH_JSON=$OUT/train_$p.json timeout 200 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 $p $SEQ $STEPS 2>&1 | tee -a $OUT/train_bench.txt
     [ "${AB:-0}" = 1 ] && LUA_CPATH="build/ab/?.so;$LUA_CPATH" LUA_CPATH_5_4="build/ab/?.so;$LUA_CPATH_5_4" BENCH_JSON=$OUT/train_${p}_ab.json \
       timeout 200 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 $p $SEQ $STEPS 2>&1 | sed 's/^/[ab] /' | tee -a $OUT/train_bench.txt
