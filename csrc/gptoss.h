@@ -238,8 +238,9 @@ typedef struct gptoss_model_opts {
   int context;             /* max tokens per session; 0 = min(max_position_embeddings, 8192) */
   size_t memory_budget;    /* CUDA: bytes the model may hold; 0 = 90% of free memory */
   int fast;                /* CUDA: plain bf16 activations in the GEMMs instead of split bf16 */
-  int bf16_backward;       /* CUDA, with fast 0: LoRA training's backward products in plain bf16 (precision
-                              "mixed"); the forward, and with it each token's experts, stays split bf16 */
+  int bf16_backward;       /* CUDA, with fast 0: LoRA training in plain bf16 past the routing (the loss head,
+                              the recompute's expert products, the backward's products but attention's):
+                              precision "mixed"; what decides each token's experts stays split bf16 */
 } gptoss_model_opts;
 
 gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);

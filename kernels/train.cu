@@ -6,9 +6,15 @@
 // The frozen weights enter the tensor cores as bf16 (cuBLAS; the MXFP4
 // experts decoded inside mxfp4_gemm.cu's grouped kernel, which is exact),
 // against activations rounded to bf16 (precision "fast") or split into two
-// bf16 terms (precision "exact", about 16 significant bits). Attention
-// (flash_attention.cu) takes the same operands in tiles that never hold the
-// scores.
+// bf16 terms (precision "exact", about 16 significant bits). Precision
+// "mixed" splits them where they decide which experts each token reaches
+// (every layer's forward up to its router, and the forward's expert
+// products, which feed the next layer's) and in the attention backward, and
+// takes bf16 elsewhere (the recompute's expert products, the loss head, the
+// backward's products): a rounding that tips a top-k moves the gradients
+// by percents, where bf16 products after the routing move them by less
+// than 1e-2. Attention (flash_attention.cu) takes the same operands in
+// tiles that never hold the scores.
 // LoRA weights, their products and their gradients stay fp32: they are the
 // master weights, which the host's AdamW updates.
 //
@@ -1342,8 +1348,11 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   TRY(moe_route(t));
   cuda_prof_mark("train router fwd", st);
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
-  // the experts' inputs split once for all their rows; their weights expanded one expert at a time
+  // the experts' inputs split once for all their rows; their weights
+  // expanded one expert at a time. The recompute's products from here on
+  // feed only the backward, and take its precision.
   cuda_prof_mark("train moe lora and misc", st);
+  if (!xout) t->lo = t->v->split_bwd ? t->lo_buf : NULL;
   split(t, t->xg, TK, d.H, d.H);
   TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, w->gu_bias, t->gu, 2 * d.I));
   cuda_prof_mark("train experts mxfp4", st);
@@ -1409,7 +1418,12 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(wgemm(t, t->dx, T, d.H, w->o_w, d.H, d.Q, false, t->datt, d.Q, 0.f));
   TRY(lora_bwd(t, l, GPTOSS_LORA_O, t->att, d.Q, t->dx, d.H, t->datt, d.Q));
   cuda_prof_mark("train o bwd", st);
+  // the attention backward in split bf16 wherever the forward is: in
+  // "mixed", its bf16 rounding had moved the attention LoRAs' gradients
+  // most (1.5e-2 from PEFT's against 4e-3 with it split)
+  t->lo = t->lo_buf;
   TRY(attention_bwd(t, l));
+  t->lo = t->v->split_bwd ? t->lo_buf : NULL;
   cuda_prof_mark("train attention bwd", st);
   // RoPE is a scaled rotation: its transpose rotates back
   rope_kernel<<<GRID((size_t)T * d.Hq * (d.D / 2))>>>(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f);
@@ -1433,14 +1447,13 @@ static gptoss_status loss_head(trainer *t, int nr) {
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   const float *xl = t->xs + (size_t)d.L * t->T * d.H;
+  t->lo = t->v->split_bwd ? t->lo_buf : NULL;   // past every router: the backward's precision
   rms_fwd_kernel<<<nr, 256, 0, st>>>(xl, t->rows, t->v->norm, t->xf, t->inv1, d.H, d.eps);
   for (int r0 = 0; r0 < nr; r0 += t->lg_rows) {
     int n = nr - r0 < t->lg_rows ? nr - r0 : t->lg_rows;
     float *xf = t->xf + (size_t)r0 * d.H;
-    t->lo = t->lo_buf;
     TRY(wgemm(t, xf, n, d.H, t->v->lm_head, d.V, d.H, true, t->gu, d.V, 0.f));
     xent_kernel<<<n, 1024, 0, st>>>(t->gu, d.V, t->targets + r0, t->lossrow + r0);
-    t->lo = t->v->split_bwd ? t->lo_buf : NULL;
     TRY(wgemm(t, t->gu, n, d.V, t->v->lm_head, d.V, d.H, false, xf, d.H, 0.f));   // xf becomes d xf
   }
   rms_bwd_kernel<<<nr, 256, 0, st>>>(t->dx, xl, t->rows, t->inv1, t->v->norm, t->xf, d.H);
