@@ -155,7 +155,7 @@ bench: all $(TOKENIZER)
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/tokenizer.lua tokenizer
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/llm.lua $(BENCH_ARGS)
 
-# LoRA training speed and memory on a checkpoint (GPU): make bench-train TRAIN_ARGS="DIR cuda:0 exact"
+# LoRA training speed and memory on a checkpoint (GPU): make bench-train TRAIN_ARGS="DIR cuda:0 mixed"
 bench-train: all
 	LUA_CPATH='$(OUT)/../?.so;;' $(LUA_ABI) bench/train.lua $(TRAIN_ARGS)
 
