@@ -436,7 +436,8 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   TAKE(t->qkv, float, T * ldq); TAKE(t->att, float, (size_t)T * d.Q); TAKE(t->lse, float, (size_t)T * d.Hq);
   TAKE(t->xmid, float, (size_t)T * d.H); TAKE(t->xn2, float, (size_t)T * d.H); TAKE(t->inv2, float, T);
   TAKE(t->rl, float, (size_t)T * d.E); TAKE(t->w, float, TK);
-  TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I); TAKE(t->ye, float, TK * (d.H > d.I ? d.H : d.I));   // ye: rows of H, then of I (layer_bwd)
+  TAKE(t->xg, float, TK * d.H); TAKE(t->gu, float, gu_n); TAKE(t->act, float, TK * d.I);
+  TAKE(t->ye, float, TK * (d.H > d.I ? d.H : d.I));   // rows of H, then of I (layer_bwd)
   TAKE(t->dx, float, (size_t)T * d.H); TAKE(t->dxn, float, T * HQ); TAKE(t->datt, float, (size_t)T * d.Q);
   TAKE(t->dqkv, float, T * ldq);
   // head sizes flash_attention.cu has no tiles for: a batch of heads'

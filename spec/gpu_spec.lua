@@ -59,6 +59,13 @@ describe("CUDA backend #gpu", function()
     fast:close()
   end)
 
+  it("runs inference in precision \"mixed\" as in \"exact\" (mixed differs in training alone): the same logits, bit for bit", function()
+    local mixed = assert(gptoss.load(H.tiny(), { device = "cuda:0", precision = "mixed" }))
+    local a, b = mixed:logits(prompt), gpu:logits(prompt)
+    for t = 1, #prompt do assert.are.same(b:row(t), a:row(t)) end
+    mixed:close()
+  end)
+
   it("matches transformers' logits on the fixture's vocabulary sample", function()
     local fx = assert(gptoss.safetensors("spec/fixtures/parity/tiny_seed1.safetensors"))
     local subset, ref = fx:numbers("subset_ids"), fx:floats("logits_subset")

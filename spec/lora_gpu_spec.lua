@@ -163,16 +163,18 @@ describe("LoRA training on CUDA #gpu", function()
     cpu:close(); gpu:close()
   end)
 
-  it("overfits a small dataset with gptoss.train (loss below 0.1)", function()
-    local m = H.v128 { tokenizer = false, device = "cuda:0" }
-    local data = H.overfit_data()
-    local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1, targets = { "attn", "experts" } })
-    local r = gptoss.train(m, lora, { data = data, steps = 60, lr = 1e-2, warmup = 3, schedule = "constant", batch = 3, seed = 5 })
-    assert.is_true(r.final_loss < 0.1, "final loss " .. r.final_loss)
-    assert.is_true(r.history[60].memory.workspace > 0)
-    print(string.format("\n  cuda overfit: loss %.3f -> %.4f in 60 steps", r.history[1].loss, r.final_loss))
-    lora:close(); m:close()
-  end)
+  for _, precision in ipairs { "exact", "mixed" } do
+    it("overfits a small dataset with gptoss.train (loss below 0.1), precision " .. precision, function()
+      local m = H.v128 { tokenizer = false, device = "cuda:0", precision = precision }
+      local data = H.overfit_data()
+      local lora = gptoss.lora(m, { r = 8, alpha = 16, seed = 1, targets = { "attn", "experts" } })
+      local r = gptoss.train(m, lora, { data = data, steps = 60, lr = 1e-2, warmup = 3, schedule = "constant", batch = 3, seed = 5 })
+      assert.is_true(r.final_loss < 0.1, "final loss " .. r.final_loss)
+      assert.is_true(r.history[60].memory.workspace > 0)
+      print(string.format("\n  cuda %s overfit: loss %.3f -> %.4f in 60 steps", precision, r.history[1].loss, r.final_loss))
+      lora:close(); m:close()
+    end)
+  end
 
   it("refuses bad input plainly and stays usable", function()
     local m = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
