@@ -3,7 +3,8 @@
 # CPU backend), a compute-sanitizer pass over one training step, then the
 # 20B-shaped benchmark: bench/train.lua in each precision (PRECISIONS) and
 # transformers + peft (tools/reference/hf_train_bench.py) in the same run.
-#   STAGES="kernels specs sanitize bench hf" (default all); SEQ (2048), STEPS (3);
+#   STAGES="kernels specs jit sanitize bench hf" (default all but jit; jit runs the
+#   specs under LuaJIT and needs build/luajit carried); SEQ (2048), STEPS (3);
 #   PRECISIONS (default "exact mixed fast");
 #   KBIN: where kernels_test and mxfp4_bench are (build/cuda);
 #   AB=1: bench/train.lua also with the build in build/ab (the build before a change)
@@ -26,6 +27,15 @@ fi
 if has specs; then
   timeout 300 $BUSTED --cpath='build/lua5.4/?.so' --tags=gpu -o utfTerminal spec/lora_gpu_spec.lua spec/gpu_spec.lua > $OUT/train_spec.log 2>&1
   grep -aE "^  [a-z]|successes|Failure|Error|spec.lua:[0-9]" $OUT/train_spec.log | head -40
+fi
+if has jit; then   # the same specs under LuaJIT (carry build/luajit): the kit's 5.1 modules
+  kit=/opt/kit
+  LUA_PATH="./lua/?.lua;./lua/?/init.lua;$kit/usr/share/lua/5.1/?.lua;$kit/usr/share/lua/5.1/?/init.lua;;" \
+  LUA_CPATH="build/luajit/?.so;$kit/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;;" \
+    timeout 300 luajit $kit/usr/bin/busted --cpath='build/luajit/?.so' --tags=gpu -o utfTerminal spec/lora_gpu_spec.lua \
+    spec/gpu_spec.lua > $OUT/train_spec_jit.log 2>&1
+  echo "LuaJIT: $(grep -aE 'successes' $OUT/train_spec_jit.log)"
+  grep -aE "Failure|Error|spec.lua:[0-9]" $OUT/train_spec_jit.log | head -20
 fi
 if has sanitize; then
   lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
