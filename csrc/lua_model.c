@@ -76,6 +76,8 @@ static int l_load(lua_State *L) {
   int fields = lua_gettop(L);
   lg_push_config(L, gptoss_model_config(b->m));
   lua_setfield(L, fields, "config");
+  lua_pushstring(L, prec);   /* as named: the CPU computes in fp32 whichever it is */
+  lua_setfield(L, fields, "precision");
   if (want_tok) {
     const char *p = tokpath;
     if (!p) {

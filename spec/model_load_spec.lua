@@ -130,7 +130,14 @@ describe("gptoss.load", function()
     assert.has_error(function() gptoss.load(H.micro(), { precision = "bf16" }) end,
       "load: precision must be \"exact\", \"mixed\" or \"fast\" (got 'bf16')")
     -- the precisions choose the CUDA backend's products; the CPU's stay fp32 whichever is named
-    for _, p in ipairs { "exact", "mixed", "fast" } do assert(gptoss.load(H.micro(), { precision = p })):close() end
+    for _, p in ipairs { "exact", "mixed", "fast" } do
+      local m = assert(gptoss.load(H.micro(), { precision = p }))
+      assert.are.equal(p, m.precision)
+      m:close()
+    end
+    local d = assert(gptoss.load(H.micro()))
+    assert.are.equal("exact", d.precision)   -- the default
+    d:close()
     local m2, err2 = gptoss.load(H.micro(), { device = "tpu" })
     assert.is_nil(m2)
     assert.matches("invalid device 'tpu'", err2)
