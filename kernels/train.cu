@@ -220,11 +220,9 @@ __global__ void combine_kernel(float *out, const float *xmid, const float *ye, c
 // recompute leaves out the down product ye_k = W_e act_k + b_e + (LoRA),
 // so dy . ye_k comes as ud_k . act_k + dy . b_e, where ud_k = W_e^T dy +
 // (LoRA) is the backward's own product taken on unweighted rows (the
-// LoRA's term is ud's: (A^T dh) . act = dh . (A act)). ldh (the LoRA's s dy
-// B_e, r a row; NULL: none) is scaled to w_k s dy B_e for its gradients.
+// LoRA's term is ud's: (A^T dh) . act = dh . (A act)).
 __global__ void route_bwd_kernel(const float *dy, const float *ud, const float *act, const bf16 *bias, const float *w,
-                                 const int32_t *sel, const int32_t *invp, const bf16 *Wr, float *dxn, float *ldh, int r, int H,
-                                 int I, int K) {
+                                 const int32_t *sel, const int32_t *invp, const bf16 *Wr, float *dxn, int H, int I, int K) {
   __shared__ float red[32], dw[32];
   int t = blockIdx.x;
   const float *g = dy + (size_t)t * H;
@@ -247,11 +245,10 @@ __global__ void route_bwd_kernel(const float *dy, const float *ud, const float *
     for (int k = 0; k < K; k++) v += w[t * K + k] * (dw[k] - wdw) * __bfloat162float(Wr[(size_t)sel[t * K + k] * H + c]);
     dxn[(size_t)t * H + c] = v;
   }
-  if (ldh)
-    for (int i = threadIdx.x; i < K * r; i += blockDim.x) ldh[(size_t)invp[t * K + i / r] * r + i % r] *= w[t * K + i / r];
 }
 
-// x[i][c] *= w[(token, expert) of sorted row i], rows of n
+// x[i][c] *= w[(token, expert) of sorted row i], rows of n: the routing
+// weights on rank-r rows of an expert LoRA's backward, computed unweighted
 __global__ void scale_rows_kernel(float *x, int n, const float *w, const int32_t *perm, size_t total) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < total) x[i] *= w[perm[i / n]];
@@ -750,6 +747,10 @@ static gptoss_status wgemm_split(trainer *t, const bf16 *hi, const bf16 *lo, int
   if (lo) TRY(gemm(t, false, fwd, M, N, K, 1.f, lo, CUDA_R_16BF, K, 0, W, CUDA_R_16BF, wcols, 0, 1.f, Y, ldy, 0, 1, CUBLAS_COMPUTE_32F));
   return GPTOSS_OK;
 }
+
+// the split-bf16 rests for products past the routing (the backward's, the
+// recompute's expert products, the loss head): NULL in "fast" and "mixed"
+static bf16 *lo_bwd(const trainer *t) { return t->v->split_bwd ? t->lo_buf : NULL; }
 
 // X fp32 [M][K] (row stride ldx) into t->hi (+ t->lo) from element at, rows of K
 static void split_at(trainer *t, const float *X, int M, int ldx, int K, size_t at) {
@@ -1349,11 +1350,11 @@ static gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout) {
   TRY(moe_route(t));
   cuda_prof_mark("train router fwd", st);
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
-  // the experts' inputs split once for all their rows; their weights
-  // expanded one expert at a time. The recompute's products from here on
+  // the experts' inputs split once for all their rows (mxfp4_gemm.cu
+  // decodes the weights as it goes). The recompute's products from here on
   // feed only the backward, and take its precision.
   cuda_prof_mark("train moe lora and misc", st);
-  if (!xout) t->lo = t->v->split_bwd ? t->lo_buf : NULL;
+  if (!xout) t->lo = lo_bwd(t);
   split(t, t->xg, TK, d.H, d.H);
   TRY(expert_products(t, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, w->gu_bias, t->gu, 2 * d.I));
   cuda_prof_mark("train experts mxfp4", st);
@@ -1385,7 +1386,7 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
   int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
-  t->lo = t->v->split_bwd ? t->lo_buf : NULL;
+  t->lo = lo_bwd(t);
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
   // MoE: ye takes dy's rows (unweighted), then ud = W_e^T dy (+ the
   // LoRA's) over them (route_bwd_kernel); gu becomes d gu, xg d xg
@@ -1400,10 +1401,13 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(expert_products(t, w->dn_blocks, w->dn_scales, d.H, d.I, false, NULL, t->ye, d.I));
   cuda_prof_mark("train experts mxfp4", st);
   TRY(lora_experts_dx(t, ldn, t->ye, d.I));
-  route_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->act, w->dn_bias, t->w, t->sel, t->invp, w->router_w, t->dxn,
-                                      ldn->host ? t->ldh : NULL, ldn->r, d.H, d.I, d.K);
+  route_bwd_kernel<<<T, 256, 0, st>>>(t->dx, t->ye, t->act, w->dn_bias, t->w, t->sel, t->invp, w->router_w, t->dxn, d.H, d.I,
+                                      d.K);
   cuda_prof_mark("train router bwd", st);
-  if (ldn->host) TRY(lora_experts_gA(t, ldn, t->act, d.I));   // with ldh weighted
+  if (ldn->host) {   // gA += (w_k s dy B_e)^T act
+    scale_rows_kernel<<<GRID((size_t)TK * ldn->r)>>>(t->ldh, ldn->r, t->w, t->mw.perm, (size_t)TK * ldn->r);
+    TRY(lora_experts_gA(t, ldn, t->act, d.I));
+  }
   cuda_prof_mark("train down bwd", st);
   swiglu_bwd_kernel<<<GRID((size_t)TK * d.I)>>>(t->gu, t->ye, t->w, t->mw.perm, d.I, (size_t)TK * d.I, d.limit);
   TRY(lora_experts_grads(t, lgu, t->xg, d.H, t->eu[0], t->gu, 2 * d.I));
@@ -1424,7 +1428,7 @@ static gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   // most (1.5e-2 from PEFT's against 4e-3 with it split)
   t->lo = t->lo_buf;
   TRY(attention_bwd(t, l));
-  t->lo = t->v->split_bwd ? t->lo_buf : NULL;
+  t->lo = lo_bwd(t);
   cuda_prof_mark("train attention bwd", st);
   // RoPE is a scaled rotation: its transpose rotates back
   rope_kernel<<<GRID((size_t)T * d.Hq * (d.D / 2))>>>(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f);
@@ -1448,7 +1452,7 @@ static gptoss_status loss_head(trainer *t, int nr) {
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   const float *xl = t->xs + (size_t)d.L * t->T * d.H;
-  t->lo = t->v->split_bwd ? t->lo_buf : NULL;   // past every router: the backward's precision
+  t->lo = lo_bwd(t);   // past every router: the backward's precision
   rms_fwd_kernel<<<nr, 256, 0, st>>>(xl, t->rows, t->v->norm, t->xf, t->inv1, d.H, d.eps);
   for (int r0 = 0; r0 < nr; r0 += t->lg_rows) {
     int n = nr - r0 < t->lg_rows ? nr - r0 : t->lg_rows;
