@@ -44,10 +44,10 @@ describe("LoRA training on CUDA #gpu", function()
   -- "exact" (split-bf16 products throughout) comes within about 1e-4, and
   -- is held to 1e-3 so that a regression shows; "mixed" (split bf16 up to
   -- each router and in the attention backward, bf16 after) within about
-  -- 6e-3, to the issue's 2e-2; "fast"
-  -- rounds every activation to bf16 before the GEMMs, and on this random
-  -- 4-layer model a rounding in the forward tips some tokens' top-4 experts
-  -- (its logits are already 0.18 off, gpu_spec.lua): within about 0.15
+  -- 6e-3, held to the issue's 2e-2; "fast" rounds every activation to bf16
+  -- before the GEMMs, and on this random 4-layer model a rounding in the
+  -- forward tips some tokens' top-4 experts (its logits are already 0.18
+  -- off, gpu_spec.lua): within about 0.15
   local TOL = { exact = 1e-3, mixed = 2e-2, fast = 0.25 }
   for _, precision in ipairs { "exact", "mixed", "fast" } do
     for run, mods in pairs(RUNS) do

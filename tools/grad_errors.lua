@@ -21,15 +21,10 @@ for _, run in ipairs(RUNS) do
   local a = assert(gptoss.adapter.load(FX .. name))
   local _, n = m:lora_backward(a, ids, mask)
   local line, worst, at = {}, 0, ""
-  for l = 0, 3 do
-    for _, p in ipairs(mods) do
-      local x = a:module(l, p)
-      for _, w in ipairs { "A", "B" } do
-        local err = H.rel_l2(H.flat(x["g" .. w], 1 / n), H.flat(fx:floats("grad." .. H.peft_lora_name(l, p, w))))
-        line[#line + 1] = string.format("%d.%s.%s %.2e", l, p, w, err)
-        if err > worst then worst, at = err, string.format("%d.%s.%s", l, p, w) end
-      end
-    end
+  for _, e in ipairs(H.peft_grad_errors(a, fx, mods, n)) do
+    local tag = string.format("%d.%s.%s", e[1], e[2], e[3])
+    line[#line + 1] = string.format("%s %.2e", tag, e[4])
+    if e[4] > worst then worst, at = e[4], tag end
   end
   print(string.format("%s %s %s: worst %.3g (%s)", device, precision, name, worst, at))
   print("  " .. table.concat(line, ", "))
