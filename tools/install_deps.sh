@@ -2,7 +2,7 @@
 # Installs the Debian 12 packages gptoss builds, tests and runs with, when
 # they are missing. Needs root (or sudo). The list is the one in README.md.
 set -eu
-PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit libluajit-5.1-dev lua-lpeg lua-cjson \
+PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
 lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks"
 missing=""
 for p in $PKGS; do
