@@ -46,6 +46,27 @@ struct gptoss_session {
   void *bs;                          /* backend state */
 };
 
+/* One forward pass over tokens of several sessions, planned once by
+   session.c (gptoss_forward) for every backend: which tokens, at which
+   positions, of which session, and which rows give logits. A pass never
+   holds two pieces of one session (a session's next chunk must read the
+   keys this one writes), never more of one session than its sliding ring
+   can hold beside the window it attends to, and never more than the
+   backend's max_pass_tokens. */
+typedef struct gptoss_plan {
+  gptoss_session **ss;               /* the sessions of this pass */
+  int nss;
+  int T;                             /* tokens */
+  const int32_t *ids;                /* [T] */
+  const int32_t *pos;                /* [T] absolute position of each token */
+  const int32_t *sess;               /* [T] index into ss of each token's session; a session's tokens are consecutive */
+  int nout;                          /* rows that give logits */
+  const int32_t *rows;               /* [nout] token index of each, ascending */
+  float *out;                        /* [nout][vocab] on the host, or NULL (only the kept rows matter) */
+  const int32_t *keep;               /* [nss] index into rows of the row that becomes the session's
+                                        current logits, or -1 (the session's feed goes on in a later pass) */
+} gptoss_plan;
+
 struct gptoss_backend {
   const char *name;
   gptoss_status (*model_init)(gptoss_model *m, const gptoss_model_opts *o);
@@ -54,12 +75,12 @@ struct gptoss_backend {
   void (*session_free)(gptoss_session *s);
   /* copies the cache of src into dst (same model and capacity) */
   gptoss_status (*session_copy)(gptoss_session *dst, const gptoss_session *src);
-  /* Runs counts[i] tokens of ss[i] (ids concatenated), at each session's
-     pos, updating caches. Does not advance pos: the caller does. Logits:
-     LAST gives one row per session, ALL one per token, into out (host) when
-     out is not NULL; a backend also keeps the last row for sample(). */
-  gptoss_status (*forward)(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
-                           gptoss_logits_mode mode, float *out);
+  /* Runs one pass the engine planned (see gptoss_plan): updates the caches
+     at the plan's positions, writes its logits rows and keeps the rows the
+     plan names as each session's current logits (for sample()). Session
+     state (pos, history) is the engine's: a backend never advances it. */
+  gptoss_status (*run)(const gptoss_plan *p);
+  int max_pass_tokens;               /* most tokens one pass may hold (the workspace's bound) */
   gptoss_status (*sample)(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out);
   void (*memory)(const gptoss_model *m, gptoss_memory *out);
   /* optional: feed one token and sample the next in one go (a backend can
@@ -100,7 +121,23 @@ void gptoss_adapter_add_grads(gptoss_adapter *a, int layer, const float *src, gp
 #pragma GCC visibility pop
 #endif
 
-/* ring slot of absolute position p in a sliding layer */
-static inline int gptoss_ring_slot(const gptoss_session *s, int p) { return p % s->ring; }
+/* The KV slot of absolute position p in a layer: full layers keep every
+   position, sliding layers a ring of `ring` (the session's). The one rule,
+   for the host and the CUDA kernels alike. */
+static inline GPTOSS_HD int gptoss_kv_slot(int sliding, int ring, int p) { return sliding ? p % ring : p; }
+
+/* Feeds counts[i] tokens to ss[i] (ids concatenated) through as many
+   passes as the plan rules need, then advances every session. Logits:
+   NONE, LAST (one row per session) or ALL (one per token), into out when
+   not NULL. What gptoss_session_feed, gptoss_batch_step and the engine
+   call. */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
+                             gptoss_logits_mode mode, float *out);
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
 
 #endif

@@ -157,20 +157,138 @@ gptoss_status gptoss_session_trace_get(const gptoss_session *s, int32_t *experts
   return GPTOSS_OK;
 }
 
+/* {====================================================== the batch plan */
+/* Most tokens of s one pass may take: a sliding layer's ring must still hold
+   every key a token of the pass attends to after the pass writes its own. */
+static int pass_room(const gptoss_session *s) {
+  if (!uses_sliding(&s->m->cfg) || s->ring >= s->context) return s->context;
+  int room = s->ring - s->m->cfg.sliding_window;
+  return room < 1 ? 1 : room;
+}
+
+/* what the caller asked of every pass's logits */
+typedef struct plan_req {
+  gptoss_session **ss;
+  const int32_t *ids;
+  const int *counts;
+  gptoss_logits_mode mode;
+  float *out;
+  int vocab;
+} plan_req;
+
+/* A pass over sessions [s0, s1] of the request: the tokens from
+   concatenated index t0, the first session starting at its token off0.
+   Every session but possibly the last ends in this pass; `last_ends` says
+   whether the last one does. */
+static gptoss_status run_pass(const plan_req *q, int s0, int s1, int off0, int t0, int T, int last_ends,
+                              int32_t *pos, int32_t *sess, int32_t *rows, int32_t *keep) {
+  gptoss_plan p;
+  p.ss = q->ss + s0;
+  p.nss = s1 - s0 + 1;
+  p.T = T;
+  p.ids = q->ids + t0;
+  p.pos = pos;
+  p.sess = sess;
+  p.rows = rows;
+  p.keep = keep;
+  p.nout = 0;
+  p.out = NULL;
+  int t = 0;
+  for (int i = s0; i <= s1; i++) {
+    gptoss_session *s = q->ss[i];
+    int first = i == s0 ? off0 : 0;
+    int ends = i < s1 || last_ends;
+    int n = (i < s1 || last_ends) ? q->counts[i] - first : T - t;
+    for (int k = 0; k < n; k++, t++) {
+      pos[t] = s->pos + first + k;
+      sess[t] = i - s0;
+      if (q->mode == GPTOSS_LOGITS_ALL && q->out) rows[p.nout++] = t;
+    }
+    keep[i - s0] = -1;
+    if (ends && q->mode != GPTOSS_LOGITS_NONE) {
+      if (!(q->mode == GPTOSS_LOGITS_ALL && q->out)) rows[p.nout++] = t - 1;
+      keep[i - s0] = p.nout - 1;
+    }
+  }
+  if (q->out && q->mode == GPTOSS_LOGITS_ALL) p.out = q->out + (size_t)t0 * (size_t)q->vocab;
+  else if (q->out && q->mode == GPTOSS_LOGITS_LAST && p.nout) p.out = q->out + (size_t)s0 * (size_t)q->vocab;
+  return q->ss[0]->m->be->run(&p);
+}
+
+gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
+                             gptoss_logits_mode mode, float *out) {
+  if (nss <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
+  gptoss_model *m = ss[0]->m;
+  gptoss_status rc = GPTOSS_OK;
+  int64_t total = 0;
+  for (int i = 0; i < nss; i++) {
+    gptoss_session *s = ss[i];
+    if (s->m != m) return gptoss_fail(GPTOSS_EARG, "batch entry %d belongs to another model", i + 1);
+    if (counts[i] <= 0) return gptoss_fail(GPTOSS_EARG, "batch entry %d has no tokens to feed", i + 1);
+    if (counts[i] > s->context - s->pos) {
+      if (nss == 1)
+        return gptoss_fail(GPTOSS_ERANGE, "context limit: the session holds %d tokens and %d more exceed its context of %d",
+                           s->pos, counts[i], s->context);
+      return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry %d holds %d tokens, its context is %d", i + 1, s->pos,
+                         s->context);
+    }
+    for (int j = 0; j < i; j++)
+      if (ss[j] == s) return gptoss_fail(GPTOSS_EARG, "batch entries %d and %d are the same session", j + 1, i + 1);
+    if ((rc = check_ids(s, ids + total, counts[i]))) return rc;
+    total += counts[i];
+  }
+  for (int i = 0; i < nss; i++)
+    if ((rc = gptoss_trace_reserve(ss[i], counts[i]))) return rc;
+  int cap = m->be->max_pass_tokens;
+  int most = (int)(total < cap ? total : cap);
+  int32_t *pos = malloc(sizeof(int32_t) * (size_t)most * 3), *keep = malloc(sizeof(int32_t) * (size_t)nss);
+  if (!pos || !keep) { free(pos); free(keep); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a batch plan"); }
+  plan_req q = {ss, ids, counts, mode, out, m->cfg.vocab_size};
+  /* Greedy over the concatenation: sessions in order, each cut into
+     pieces of at most its ring's room; a pass ends when it is full or
+     when a session does not end in it (its next piece needs this one's keys). */
+  int s0 = 0, off0 = 0, T = 0;
+  int64_t t0 = 0;
+  for (int i = 0; i < nss && !rc; i++) {
+    int room = pass_room(ss[i]);
+    int off = i == s0 ? off0 : 0;
+    while (!rc) {
+      int left = counts[i] - off;
+      int take = left < room ? left : room;
+      if (take > cap - T) take = cap - T;
+      T += take;
+      off += take;
+      if (off == counts[i]) {
+        if (T == cap || i == nss - 1) {
+          rc = run_pass(&q, s0, i, off0, (int)t0, T, 1, pos, pos + most, pos + 2 * most, keep);
+          t0 += T; T = 0; s0 = i + 1; off0 = 0;
+        }
+        break;
+      }
+      /* s continues in the next pass */
+      rc = run_pass(&q, s0, i, off0, (int)t0, T, 0, pos, pos + most, pos + 2 * most, keep);
+      t0 += T; T = 0; s0 = i; off0 = off;
+    }
+  }
+  free(pos);
+  free(keep);
+  if (rc) return rc;
+  const int32_t *at = ids;
+  for (int i = 0; i < nss; i++) {
+    gptoss_session *s = ss[i];
+    memcpy(s->history + s->pos, at, sizeof(int32_t) * (size_t)counts[i]);
+    at += counts[i];
+    s->pos += counts[i];
+    if (s->trace) s->trace_n += counts[i];
+    s->has_logits = mode != GPTOSS_LOGITS_NONE;
+  }
+  return GPTOSS_OK;
+}
+/* }====================================================== */
+
 gptoss_status gptoss_session_feed(gptoss_session *s, const int32_t *ids, int n, gptoss_logits_mode mode, float *out) {
   if (n <= 0) return gptoss_fail(GPTOSS_EARG, "no tokens to feed (empty input)");
-  gptoss_status rc = check_ids(s, ids, n);
-  if (rc) return rc;
-  if (n > s->context - s->pos)
-    return gptoss_fail(GPTOSS_ERANGE, "context limit: the session holds %d tokens and %d more exceed its context of %d",
-                       s->pos, n, s->context);
-  if ((rc = gptoss_trace_reserve(s, n))) return rc;
-  if ((rc = s->m->be->forward(&s, 1, ids, &n, mode, out))) return rc;
-  memcpy(s->history + s->pos, ids, sizeof(int32_t) * (size_t)n);
-  s->pos += n;
-  if (s->trace) s->trace_n += n;
-  s->has_logits = mode != GPTOSS_LOGITS_NONE;
-  return GPTOSS_OK;
+  return gptoss_forward(&s, 1, ids, &n, mode, out);
 }
 
 gptoss_status gptoss_session_logits(const gptoss_session *s, float *out) {
@@ -202,27 +320,9 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
   }
   int *counts = malloc(sizeof(int) * (size_t)n);
   if (!counts) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  gptoss_status rc = GPTOSS_OK;
-  for (int i = 0; i < n && !rc; i++) {
-    gptoss_session *s = ss[i];
-    counts[i] = 1;
-    if (s->m != m) rc = gptoss_fail(GPTOSS_EARG, "batch entry %d belongs to another model", i + 1);
-    else if (s->pos >= s->context)
-      rc = gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry %d holds %d tokens, its context is %d", i + 1, s->pos, s->context);
-    else if ((rc = check_ids(s, ids + i, 1))) break;
-    for (int j = 0; j < i && !rc; j++)
-      if (ss[j] == s) rc = gptoss_fail(GPTOSS_EARG, "batch entries %d and %d are the same session", j + 1, i + 1);
-    if (!rc) rc = gptoss_trace_reserve(s, 1);
-  }
-  if (!rc) rc = m->be->forward(ss, n, ids, counts, GPTOSS_LOGITS_LAST, NULL);
+  for (int i = 0; i < n; i++) counts[i] = 1;
+  gptoss_status rc = gptoss_forward(ss, n, ids, counts, GPTOSS_LOGITS_LAST, NULL);
   free(counts);
-  if (rc) return rc;
-  for (int i = 0; i < n; i++) {
-    gptoss_session *s = ss[i];
-    s->history[s->pos++] = ids[i];
-    if (s->trace) s->trace_n++;
-    s->has_logits = 1;
-  }
-  if (!smp || !next) return GPTOSS_OK;
+  if (rc || !smp || !next) return rc;
   return m->be->sample(ss, n, smp, next);
 }

@@ -16,7 +16,7 @@ __device__ __forceinline__ const dsess *token_sess(const attn_args &a, int t) {
   return a.sess[a.tok_sess ? a.tok_sess[t] : 0];
 }
 
-__device__ __forceinline__ int kv_slot(const dsess *S, int sliding, int p) { return sliding ? p % S->ring : p; }
+__device__ __forceinline__ int kv_slot(const dsess *S, int sliding, int p) { return gptoss_kv_slot(sliding, S->ring, p); }
 
 __device__ __forceinline__ void kv_put(float *p, float v) { *p = v; }
 __device__ __forceinline__ void kv_put(__half *p, float v) { *p = __float2half(v); }

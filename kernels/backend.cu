@@ -604,9 +604,12 @@ static const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS
 
 // Runs T tokens (of nss sessions) through the layers; out rows (token
 // indices in rows_host) get logits, written to host out and/or kept.
-static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss, int nss, const int32_t *ids,
-                                    const int32_t *pos, const int32_t *sidx, const int *orows, int nout, float *out,
-                                    int keep_last) {
+static gptoss_status forward_tokens(const gptoss_plan *p) {
+  gptoss_model *m = p->ss[0]->m;
+  int T = p->T, nss = p->nss, nout = p->nout;
+  gptoss_session **ss = p->ss;
+  const int32_t *ids = p->ids, *pos = p->pos, *sidx = p->sess, *orows = p->rows;
+  float *out = p->out;
   cuda_model *cm = CM(m);
   const dims &d = cm->d;
   gptoss_status rc = ensure_workspace(cm, T, nss);
@@ -735,14 +738,11 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     launch_rmsnorm(cm->x, cm->rows + r0, nr, cm->norm, cm->xn, xn_lo, d.H, d.eps, st);
     if ((rc = gemm(cm, cm->lm_head, cm->xn, xn_lo, cm->logits, d.V, nr, d.H))) return rc;
     if (out) CU(cudaMemcpyAsync(out + (size_t)r0 * d.V, cm->logits, sizeof(float) * (size_t)nr * d.V, cudaMemcpyDeviceToHost, st));
-    if (keep_last) {
-      // the last row of each session becomes its current logits
-      for (int i = 0; i < nr; i++) {
-        int t = orows[r0 + i];
-        gptoss_session *s = ss[sidx[t]];
-        bool last = t + 1 == T || sidx[t + 1] != sidx[t];
-        if (last) CU(cudaMemcpyAsync(CS(s)->logits, cm->logits + (size_t)i * d.V, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
-      }
+    // the kept rows become their sessions' current logits
+    for (int i = 0; i < nr; i++) {
+      gptoss_session *s = ss[sidx[orows[r0 + i]]];
+      if (p->keep[sidx[orows[r0 + i]]] == r0 + i)
+        CU(cudaMemcpyAsync(CS(s)->logits, cm->logits + (size_t)i * d.V, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
     }
   }
   LAUNCHED();
@@ -756,11 +756,11 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
     if (e == cudaSuccess) e = cudaMemcpyAsync(tw, cm->trace_w, sizeof(float) * (size_t)d.L * T * d.K, cudaMemcpyDeviceToHost, st);
     if (e == cudaSuccess) e = cudaStreamSynchronize(st);
     if (e == cudaSuccess) {
-      // index of each token within its session's feed
-      for (int t = 0, first = 0; t < T; t++) {
-        if (t > 0 && sidx[t] != sidx[t - 1]) first = t;
+      // a token's trace row is its index within its session's feed
+      for (int t = 0; t < T; t++) {
+        gptoss_session *s = ss[sidx[t]];
         for (int l = 0; l < d.L; l++)
-          gptoss_trace_record(ss[sidx[t]], t - first, l, te + ((size_t)l * T + t) * d.K, tw + ((size_t)l * T + t) * d.K);
+          gptoss_trace_record(s, pos[t] - s->pos, l, te + ((size_t)l * T + t) * d.K, tw + ((size_t)l * T + t) * d.K);
       }
     }
     free(te);
@@ -771,62 +771,14 @@ static gptoss_status forward_tokens(gptoss_model *m, int T, gptoss_session **ss,
   return GPTOSS_OK;
 }
 
-static int max_chunk(const gptoss_session *s, int cap) {
-  int ch = cap;
-  int sliding = 0;
-  for (int l = 0; l < s->m->cfg.num_hidden_layers; l++) sliding |= s->m->cfg.layer_sliding[l];
-  if (sliding && s->ring < s->context && s->ring - s->m->cfg.sliding_window < ch) ch = s->ring - s->m->cfg.sliding_window;
-  return ch < 1 ? 1 : ch;
-}
+// the most tokens one pass takes: the workspace is sized for this many
+#define PASS_TOKENS 2048
 
-#define CHUNK_CAP 2048
-
-static gptoss_status cuda_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
-                                  gptoss_logits_mode mode, float *out) {
-  gptoss_model *m = ss[0]->m;
-  cuda_model *cm = CM(m);
+static gptoss_status cuda_run(const gptoss_plan *p) {
+  cuda_model *cm = CM(p->ss[0]->m);
   if (g_broken) return gptoss_fail(GPTOSS_EDEVICE, "an earlier CUDA error lost the device context; reload the model");
   CU(cudaSetDevice(cm->dev));
-  int V = m->cfg.vocab_size;
-  int total = 0;
-  for (int i = 0; i < nss; i++) total += counts[i];
-  gptoss_status rc = GPTOSS_OK;
-  int ch = nss == 1 ? max_chunk(ss[0], CHUNK_CAP) : total;
-  if (nss > 1 && total > CHUNK_CAP) return gptoss_fail(GPTOSS_EUNSUP, "a batch of more than %d tokens", CHUNK_CAP);
-  size_t cap = (size_t)(total > ch ? ch : total);
-  int32_t *pos = (int32_t *)malloc(sizeof(int32_t) * cap * 2);   // positions, then session indices
-  int *rows = (int *)malloc(sizeof(int) * cap);
-  if (!pos || !rows) { free(pos); free(rows); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-  int32_t *sidx = pos + cap;
-  if (nss == 1) {
-    // one session: in chunks the sliding ring can hold
-    gptoss_session *s = ss[0];
-    int n = counts[0];
-    for (int off = 0; off < n && !rc; off += ch) {
-      int T = n - off < ch ? n - off : ch;
-      bool last = off + T == n;
-      for (int t = 0; t < T; t++) { pos[t] = s->pos + off + t; sidx[t] = 0; }
-      int nout = 0;
-      float *dst = NULL;
-      if (mode == GPTOSS_LOGITS_ALL) { for (int t = 0; t < T; t++) rows[t] = t; nout = T; dst = out ? out + (size_t)off * V : NULL; }
-      else if (last && mode == GPTOSS_LOGITS_LAST) { rows[0] = T - 1; nout = 1; dst = out; }
-      rc = forward_tokens(m, T, ss, 1, ids + off, pos, sidx, rows, nout, dst, last && mode != GPTOSS_LOGITS_NONE);
-    }
-  } else {
-    int k = 0;
-    for (int i = 0; i < nss; i++)
-      for (int t = 0; t < counts[i]; t++) { pos[k] = ss[i]->pos + t; sidx[k] = i; k++; }
-    int nout = 0;
-    if (mode == GPTOSS_LOGITS_ALL) for (int t = 0; t < total; t++) rows[nout++] = t;
-    else if (mode == GPTOSS_LOGITS_LAST) {
-      int at = 0;
-      for (int i = 0; i < nss; i++) { at += counts[i]; rows[nout++] = at - 1; }
-    }
-    rc = forward_tokens(m, total, ss, nss, ids, pos, sidx, rows, nout, out, mode != GPTOSS_LOGITS_NONE);
-  }
-  free(pos);
-  free(rows);
-  return rc;
+  return forward_tokens(p);
 }
 // }======================================================
 
@@ -1122,7 +1074,7 @@ static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_
 
 static const gptoss_backend cuda_backend = {
   "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
-  cuda_forward, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_train,
+  cuda_run, PASS_TOKENS, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_train,
 };
 
 extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

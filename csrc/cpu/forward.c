@@ -16,6 +16,9 @@ typedef struct cpu_session {
   int *cap;                      /* slots allocated per layer */
 } cpu_session;
 
+/* a pass's workspace stays bounded: at most this many tokens */
+#define CPU_PASS_TOKENS 256
+
 static int kvdim(const gptoss_config *c) { return c->num_key_value_heads * c->head_dim; }
 
 static gptoss_status cpu_model_init(gptoss_model *m, const gptoss_model_opts *o) {
@@ -102,7 +105,7 @@ static gptoss_status cpu_session_copy(gptoss_session *dst, const gptoss_session 
 }
 
 static inline int kv_slot(const gptoss_session *s, int l, int p) {
-  return s->m->cfg.layer_sliding[l] ? p % s->ring : p;
+  return gptoss_kv_slot(s->m->cfg.layer_sliding[l], s->ring, p);
 }
 
 /* {====================================================== one forward chunk */
@@ -111,7 +114,7 @@ typedef struct fwd {
   gptoss_pool *pool;
   int T;
   gptoss_session **tsess;        /* session of each token */
-  int *tpos;                     /* absolute position of each token */
+  const int32_t *tpos;                    /* absolute position of each token */
   int *tidx;                     /* index of the token within its session's feed */
   float *x, *xn, *q, *k, *v, *att, *tmp, *rl, *act, *y;
   int layer;
@@ -266,8 +269,8 @@ static void layer_forward(fwd *f, int l) {
   for (size_t i = 0; i < (size_t)T * H; i++) f->x[i] += f->tmp[i];
 }
 
-static gptoss_status forward_chunk(gptoss_model *m, int T, gptoss_session **tsess, int *tpos, int *tidx,
-                                   const int32_t *ids, const int *out_rows, int nout, float *out) {
+static gptoss_status forward_chunk(gptoss_model *m, int T, gptoss_session **tsess, const int32_t *tpos, int *tidx,
+                                   const int32_t *ids, const int32_t *out_rows, int nout, float *out) {
   const gptoss_config *c = &m->cfg;
   cpu_model *cm = m->bm;
   int H = c->hidden_size, Q = c->num_attention_heads * c->head_dim, kd = kvdim(c);
@@ -315,88 +318,31 @@ done:
 }
 /* }====================================================== */
 
-/* Largest chunk one pass may take: the ring must keep every key a token of
-   the chunk attends to, and the workspace stays bounded. */
-static int max_chunk(const gptoss_session *s) {
-  int ch = 256;
-  int sliding = 0;
-  for (int l = 0; l < s->m->cfg.num_hidden_layers; l++) sliding |= s->m->cfg.layer_sliding[l];
-  if (sliding && s->ring < s->context) {
-    int room = s->ring - s->m->cfg.sliding_window;
-    if (room < ch) ch = room;
-  }
-  return ch < 1 ? 1 : ch;
-}
-
-static gptoss_status cpu_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
-                                 gptoss_logits_mode mode, float *out) {
-  gptoss_model *m = ss[0]->m;
-  int V = m->cfg.vocab_size;
+/* One planned pass: each token's session and index within its session's
+   feed (the trace's row), the caches grown to the pass's last positions,
+   the rows' logits into the plan's out (or a scratch block when the caller
+   wants only the kept rows). */
+static gptoss_status cpu_run(const gptoss_plan *p) {
+  gptoss_model *m = p->ss[0]->m;
+  size_t V = (size_t)m->cfg.vocab_size;
   gptoss_status rc = GPTOSS_OK;
-  for (int i = 0; i < nss && !rc; i++) rc = kv_reserve(ss[i], ss[i]->pos + counts[i]);
+  for (int t = 0; t < p->T && !rc; t++)
+    if (t + 1 == p->T || p->sess[t + 1] != p->sess[t]) rc = kv_reserve(p->ss[p->sess[t]], p->pos[t] + 1);
   if (rc) return rc;
-  int total = 0;
-  for (int i = 0; i < nss; i++) total += counts[i];
-
-  if (nss == 1 && counts[0] > max_chunk(ss[0])) {
-    /* long prefill: in chunks, each reading the cache the previous wrote */
-    gptoss_session *s = ss[0];
-    int ch = max_chunk(s), n = counts[0];
-    gptoss_session **ts = malloc(sizeof *ts * (size_t)ch);
-    int *tp = malloc(sizeof(int) * (size_t)ch), *ti = malloc(sizeof(int) * (size_t)ch), *rows = calloc((size_t)ch, sizeof(int));
-    if (!ts || !tp || !ti || !rows) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-    for (int off = 0; off < n && !rc; off += ch) {
-      int T = n - off < ch ? n - off : ch;
-      int last = off + T == n;
-      for (int t = 0; t < T; t++) { ts[t] = s; tp[t] = s->pos + off + t; ti[t] = off + t; rows[t] = t; }
-      int nout = 0;
-      float *dst = NULL;
-      if (mode == GPTOSS_LOGITS_ALL) { nout = T; dst = out ? out + (size_t)off * V : NULL; }
-      else if (mode == GPTOSS_LOGITS_LAST && last) { nout = 1; rows[0] = T - 1; dst = out; }
-      if (nout && !dst) {
-        /* the caller wants no copy, but sampling needs the last row */
-        if (!last) nout = 0;
-        else { nout = 1; rows[0] = T - 1; dst = s->logits; }
-      }
-      rc = forward_chunk(m, T, ts, tp, ti, ids + off, rows, nout, dst);
-      if (!rc && last && mode != GPTOSS_LOGITS_NONE && dst != s->logits)
-        memcpy(s->logits, dst + (size_t)(nout - 1) * V, sizeof(float) * (size_t)V);
-    }
-    free(ts); free(tp); free(ti); free(rows);
-    return rc;
+  gptoss_session **ts = malloc(sizeof *ts * (size_t)p->T);
+  int *ti = malloc(sizeof(int) * (size_t)p->T);
+  float *dst = p->out, *scratch = NULL;
+  if (p->nout && !dst) dst = scratch = malloc(sizeof(float) * (size_t)p->nout * V);
+  if (!ts || !ti || (p->nout && !dst)) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for a forward pass of %d tokens", p->T); goto done; }
+  for (int t = 0; t < p->T; t++) {
+    ts[t] = p->ss[p->sess[t]];
+    ti[t] = p->pos[t] - ts[t]->pos;
   }
-
-  gptoss_session **ts = malloc(sizeof *ts * (size_t)total);
-  int *tp = malloc(sizeof(int) * (size_t)total), *ti = malloc(sizeof(int) * (size_t)total);
-  int *rows = calloc((size_t)total, sizeof(int));
-  float *buf = NULL;
-  if (!ts || !tp || !ti || !rows) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
-  int k = 0;
-  for (int i = 0; i < nss; i++)
-    for (int t = 0; t < counts[i]; t++) { ts[k] = ss[i]; tp[k] = ss[i]->pos + t; ti[k] = t; k++; }
-  int nout = 0;
-  if (mode == GPTOSS_LOGITS_ALL) { for (int t = 0; t < total; t++) rows[t] = t; nout = total; }
-  else if (mode == GPTOSS_LOGITS_LAST) {
-    int at = 0;
-    for (int i = 0; i < nss; i++) { at += counts[i]; rows[nout++] = at - 1; }
-  }
-  float *dst = out;
-  if (nout && !dst) {
-    buf = malloc(sizeof(float) * (size_t)nout * V);
-    if (!buf) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for logits"); goto done; }
-    dst = buf;
-  }
-  rc = forward_chunk(m, total, ts, tp, ti, ids, rows, nout, dst);
-  if (!rc && nout) {
-    int at = 0;
-    for (int i = 0; i < nss; i++) {
-      at += counts[i];
-      int row = mode == GPTOSS_LOGITS_ALL ? at - 1 : i;
-      memcpy(ss[i]->logits, dst + (size_t)row * V, sizeof(float) * (size_t)V);
-    }
-  }
+  rc = forward_chunk(m, p->T, ts, p->pos, ti, p->ids, p->rows, p->nout, dst);
+  for (int i = 0; i < p->nss && !rc; i++)
+    if (p->keep[i] >= 0) memcpy(p->ss[i]->logits, dst + (size_t)p->keep[i] * V, sizeof(float) * V);
 done:
-  free(ts); free(tp); free(ti); free(rows); free(buf);
+  free(ts); free(ti); free(scratch);
   return rc;
 }
 
@@ -419,5 +365,5 @@ static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
 
 const gptoss_backend gptoss_cpu_backend = {
   "cpu", cpu_model_init, cpu_model_free, cpu_session_init, cpu_session_free, cpu_session_copy,
-  cpu_forward, cpu_sample, cpu_memory, NULL, NULL, cpu_lora_backward,
+  cpu_run, CPU_PASS_TOKENS, cpu_sample, cpu_memory, NULL, NULL, cpu_lora_backward,
 };
