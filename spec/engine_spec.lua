@@ -39,6 +39,27 @@ describe("sessions", function()
     assert.are.same(ids, s:history())
   end)
 
+  it("plans a feed the sliding ring cannot hold at once as several passes, with the same logits and trace", function()
+    -- rewind 4: a ring of 16 + 4 slots, so passes of at most 4 tokens
+    local narrow, wide = m:session { rewind = 4 }, m:session()
+    narrow:trace(true); wide:trace(true)
+    local a = narrow:feed(ids, "all")
+    local b = wide:feed(ids, "all")
+    assert.are.equal(#ids, narrow:pos())
+    for t = 1, #ids do assert.is_true(max_rel_diff(row(a, t), row(b, t)) < 1e-5, "position " .. t) end
+    local ta, tb = narrow:trace_get(), wide:trace_get()
+    assert.are.equal(#ids, #ta)
+    for t = 1, #ids do
+      for l = 1, #tb[t] do
+        assert.are.equal(table.concat(tb[t][l].experts, ","), table.concat(ta[t][l].experts, ","), "token " .. t .. " layer " .. l)
+      end
+    end
+    -- the last row is what the session samples from
+    local last = narrow:logits()
+    assert.are.equal(a:row(#ids)[1], last:row(1)[1])
+    narrow:close(); wide:close()
+  end)
+
   it("forks: the fork continues exactly like the original", function()
     local s = m:session()
     s:feed(ids, "none")

@@ -151,6 +151,28 @@ describe("CUDA backend #gpu", function()
     assert.is_true(same / total >= 0.98, string.format("%d of %d routings agree", same, total))
   end)
 
+  it("feeds in passes the sliding ring can hold, with the CPU's logits and routing at every position", function()
+    -- rewind 4: a ring of 16 + 4 slots, so the plan cuts the prompt into passes of 4 tokens
+    local g, c = gpu:session { rewind = 4 }, cpu:session()
+    g:trace(true); c:trace(true)
+    local a, b = g:feed(prompt, "all"), c:feed(prompt, "all")
+    local worst = 0
+    for t = 1, #prompt do worst = math.max(worst, rel_l2(a:row(t), b:row(t))) end
+    local ta, tb = g:trace_get(), c:trace_get()
+    assert.are.equal(#prompt, #ta)
+    local same, total = 0, 0
+    for t = 1, #prompt do
+      for l = 1, #tb[t] do
+        total = total + 1
+        if table.concat(ta[t][l].experts, ",") == table.concat(tb[t][l].experts, ",") then same = same + 1 end
+      end
+    end
+    print(string.format("\n  passes of 4: worst relative L2 %.3g, %d of %d routings agree", worst, same, total))
+    assert.is_true(worst <= 2e-2)
+    assert.is_true(same / total >= 0.98)
+    g:close(); c:close()
+  end)
+
   it("matches the CPU on a mid-size model (top-1 >= 98%)", function()
     local dir = small()
     local c2 = assert(gptoss.load(dir))
