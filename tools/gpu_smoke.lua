@@ -1,5 +1,7 @@
 -- A short generation on the GPU, for compute-sanitizer (memcheck, racecheck):
--- prefill, graph-captured decode with each sampler, a batch, a fork.
+-- prefill, graph-captured decode with each sampler, a batch, a fork, a
+-- prefill in passes (a narrow sliding ring) with the expert trace, and a
+-- batch mixing an adapter with plain sessions.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local gptoss = require "gptoss"
 local dir = assert(arg[1], "usage: gpu_smoke.lua CHECKPOINT")
@@ -15,5 +17,11 @@ local s = m:session()
 s:feed(ids, "last")
 local f = s:fork()
 f:feed({ 5 }, "last")
-print("smoke ok", #b)
+local narrow = m:session { rewind = 4 }
+narrow:trace(true)
+narrow:feed(ids, "all")
+assert(#narrow:trace_get() == #ids)
+local lora = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn", "experts" } })
+local b2 = m:generate_batch({ ids, { 1, 2, 3 }, { 7, 8 } }, { max_tokens = 4, adapter = { lora, false, lora } })
+print("smoke ok", #b, #b2)
 m:close()

@@ -40,7 +40,7 @@ if has sanitize; then
   lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
   timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 bench/train.lua /tmp/tiny cuda:0 exact 40 1 16 > $OUT/memcheck_train.log 2>&1
   echo "memcheck train r16: rc=$? $(grep -a 'ERROR SUMMARY' $OUT/memcheck_train.log)"
-  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 tools/reference/gpu_smoke.lua /tmp/tiny > $OUT/memcheck_fwd.log 2>&1
+  timeout 200 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 tools/gpu_smoke.lua /tmp/tiny > $OUT/memcheck_fwd.log 2>&1
   echo "memcheck forward/decode/batch: rc=$? $(grep -a 'ERROR SUMMARY' $OUT/memcheck_fwd.log)"
 fi
 if has llm || has train; then
