@@ -36,11 +36,12 @@ VECT := $(shell $(CC) -fvect-cost-model=dynamic -E -x c /dev/null >/dev/null 2>&
 ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
-ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train
-BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter
+ENGINE := error dtype pool files json utf8 safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train
+# the Lua binding, in csrc/lua/ (the engine in csrc/ knows no Lua)
+BINDING := gptoss binding floats tokenizer safetensors model adapter
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
-HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h)
+HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h csrc/lua/*.h)
 
 CUDA_SRC := $(wildcard kernels/*.cu)
 CUDA ?= $(if $(and $(NVCC),$(CUDA_SRC)),1,0)
@@ -60,9 +61,9 @@ $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c $< -o $@
 
-$(BUILD)/$(LUA_ABI)/obj/%.o: csrc/%.c $(HEADERS)
+$(BUILD)/$(LUA_ABI)/obj/%.o: csrc/lua/%.c $(HEADERS)
 	@mkdir -p $(dir $@)
-	$(CC) $(ALL_CFLAGS) -I$(LUA_INCDIR) -c $< -o $@
+	$(CC) $(ALL_CFLAGS) -Icsrc -I$(LUA_INCDIR) -c $< -o $@
 
 # Only the C API and the module entry point are exported: the CUDA backend
 # links against the former, Lua needs the latter.
@@ -127,7 +128,7 @@ test: $(TOKENIZER)
 	$(SPEC_ENV) $(BUSTED) --lua=lua5.4 --cpath='$(BUILD)/lua5.4/?.so' $(BUSTED_ARGS) spec
 	$(SPEC_ENV) $(BUSTED) --lua=luajit --cpath='$(BUILD)/luajit/?.so' $(BUSTED_ARGS) spec
 
-# on the device (see bench/device.sh): the #gpu specs
+# on the GPU machine (tools/reference/device_*.sh run them): the #gpu specs
 test-gpu: $(TOKENIZER) all
 	$(SPEC_ENV) $(BUSTED) --lua=$(LUA) --cpath='$(OUT)/../?.so' --tags=gpu spec
 

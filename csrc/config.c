@@ -226,6 +226,7 @@ char *gptoss_config_to_json(const gptoss_config *c) {
   sbuf b = {0};
   put(&b, "{\n  \"architectures\": [\n    \"GptOssForCausalLM\"\n  ],\n");
   put(&b, "  \"attention_bias\": true,\n  \"attention_dropout\": 0.0,\n");
+  if (c->bos_token_id >= 0) put(&b, "  \"bos_token_id\": %d,\n", c->bos_token_id);
   if (c->n_eos == 1) put(&b, "  \"eos_token_id\": %d,\n", c->eos_token_ids[0]);
   else {
     put(&b, "  \"eos_token_id\": [");

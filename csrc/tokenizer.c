@@ -14,6 +14,7 @@
 #include <string.h>
 #include <cjson/cJSON.h>
 #include "internal.h"
+#include "utf8.h"
 
 /* o200k_harmony's vocabulary ends at 201087 (reserved specials) */
 #define HARMONY_N_VOCAB 201088
@@ -134,59 +135,6 @@ static void byte_decoder(int16_t dec[324]) {
     if (printable) dec[b] = (int16_t)b;
     else dec[256 + n++] = (int16_t)b;
   }
-}
-
-/* decodes one UTF-8 code point; returns its length or 0 when invalid */
-static int utf8_decode(const unsigned char *s, size_t n, uint32_t *cp) {
-  if (!n) return 0;
-  unsigned c = s[0];
-  if (c < 0x80) { *cp = c; return 1; }
-  int len;
-  uint32_t v, min;
-  if ((c & 0xE0) == 0xC0) { len = 2; v = c & 0x1F; min = 0x80; }
-  else if ((c & 0xF0) == 0xE0) { len = 3; v = c & 0x0F; min = 0x800; }
-  else if ((c & 0xF8) == 0xF0) { len = 4; v = c & 0x07; min = 0x10000; }
-  else return 0;
-  if ((size_t)len > n) return 0;
-  for (int i = 1; i < len; i++) {
-    if ((s[i] & 0xC0) != 0x80) return 0;
-    v = (v << 6) | (s[i] & 0x3F);
-  }
-  if (v < min || v > 0x10FFFF || (v >= 0xD800 && v <= 0xDFFF)) return 0;
-  *cp = v;
-  return len;
-}
-
-/* Offset of the first byte that is not valid UTF-8, or n. Multi-byte
-   sequences are checked against Unicode's table 3-7 (well-formed byte
-   sequences) directly: no overlongs, no surrogates, nothing past U+10FFFF. */
-static size_t utf8_valid_prefix(const unsigned char *s, size_t n) {
-  size_t i = 0;
-  while (i < n) {
-    unsigned c = s[i];
-    if (c < 0x80) {
-      /* ASCII runs eight bytes at a time */
-      while (i + 8 <= n) {
-        uint64_t w;
-        memcpy(&w, s + i, 8);
-        if (w & 0x8080808080808080ull) break;
-        i += 8;
-      }
-      while (i < n && s[i] < 0x80) i++;
-      continue;
-    }
-    size_t len;
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c >= 0xC2 && c <= 0xDF) len = 2;
-    else if (c >= 0xE0 && c <= 0xEF) { len = 3; if (c == 0xE0) lo = 0xA0; else if (c == 0xED) hi = 0x9F; }
-    else if (c >= 0xF0 && c <= 0xF4) { len = 4; if (c == 0xF0) lo = 0x90; else if (c == 0xF4) hi = 0x8F; }
-    else return i;
-    if (i + len > n || s[i + 1] < lo || s[i + 1] > hi) return i;
-    for (size_t k = 2; k < len; k++)
-      if ((s[i + k] & 0xC0) != 0x80) return i;
-    i += len;
-  }
-  return n;
 }
 
 static size_t pow2_above(size_t n) {
@@ -354,7 +302,7 @@ static gptoss_status build(loader *ld) {
     size_t i = 0;
     while (i < kl) {
       uint32_t cp;
-      int n = utf8_decode(k + i, kl - i, &cp);
+      int n = gptoss_utf8_decode(k + i, kl - i, &cp);
       if (!n || cp >= 324 || dec[cp] < 0) {
         rc = gptoss_fail(GPTOSS_EFORMAT, "%s: model.vocab key '%s' (id %d) is not byte-level BPE text", path, x->string, id);
         break;
@@ -711,7 +659,7 @@ static gptoss_status encode_text(enc_ctx *c, const unsigned char *s, size_t n,
     if (e == b) {
       /* an empty match cannot happen with this regex; step past it anyway */
       uint32_t cp;
-      int k = utf8_decode(s + at, n - at, &cp);
+      int k = gptoss_utf8_decode(s + at, n - at, &cp);
       at += k ? (size_t)k : 1;
       continue;
     }
@@ -725,7 +673,7 @@ static gptoss_status encode_ordinary(enc_ctx *c, const unsigned char *s, size_t 
                                      int bytes_mode, pcre2_match_data *md, pcre2_match_context *mc) {
   size_t at = 0;
   while (at < n) {
-    size_t ok = at + utf8_valid_prefix(s + at, n - at);
+    size_t ok = at + gptoss_utf8_valid(s + at, n - at);
     if (ok > at) {
       gptoss_status rc = encode_text(c, s + at, ok - at, base + at, md, mc);
       if (rc) return rc;
@@ -737,7 +685,7 @@ static gptoss_status encode_ordinary(enc_ctx *c, const unsigned char *s, size_t 
     size_t bad = ok;
     while (bad < n) {
       uint32_t cp;
-      if (utf8_decode(s + bad, n - bad, &cp)) break;
+      if (gptoss_utf8_decode(s + bad, n - bad, &cp)) break;
       bad++;
     }
     if (encode_piece(c, s + ok, bad - ok) != 0) return gptoss_fail(GPTOSS_ENOMEM, "out of memory encoding");

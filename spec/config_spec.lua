@@ -44,8 +44,18 @@ describe("config.json", function()
     assert.are.equal(199999, c.pad_token_id)
     assert.are.equal("sliding_attention", c.layer_types[1])
     assert.are.equal("full_attention", c.layer_types[24])
-    assert.are.equal("mxfp4", c.quant_method)
+    assert.are.equal("mxfp4", c.quantization_config.quant_method)
     assert.is_false(c.tie_word_embeddings)
+  end)
+
+  it("gives the config as the table of the config.json it writes", function()
+    local c = assert(core.config_parse(PUBLISHED_20B))
+    assert.are.same(cjson.decode(core.config_json(PUBLISHED_20B)), c)
+    -- a field the published file lacks comes back when present
+    local t = cjson.decode(PUBLISHED_20B)
+    t.bos_token_id = 199998
+    assert.are.equal(199998, assert(core.config_parse(cjson.encode(t))).bos_token_id)
+    assert.matches('"bos_token_id": 199998,', core.config_json(cjson.encode(t)))
   end)
 
   it("writes the canonical form and reads it back unchanged", function()

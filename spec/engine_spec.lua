@@ -137,6 +137,16 @@ describe("generation API", function()
   end)
   teardown(function() m:close() end)
 
+  it("chat: the rendered prompt as prompt_ids, its length as usage.prompt_tokens", function()
+    local harmony = require "gptoss.harmony"
+    local msgs = { { role = "user", content = "Hi" } }
+    local r = gptoss.chat(m, msgs, { temperature = 0, max_tokens = 3, date = "2026-11-22" })
+    local want = harmony.render({ system = { date = "2026-11-22" }, messages = msgs, mode = "completion" }, m.tokenizer)
+    assert.are.same(want, r.prompt_ids)
+    assert.are.same({ prompt_tokens = #want, completion_tokens = #r.ids, total_tokens = #want + #r.ids }, r.usage)
+    assert.is_nil(r.prompt_tokens)
+  end)
+
   it("returns ids, text, finish reason and usage; greedy equals the argmax chain", function()
     local r = m:generate(prompt, { temperature = 0, max_tokens = 6 })
     assert.are.equal("length", r.finish_reason)

@@ -24,18 +24,7 @@ function H.tmpdir()
   return d
 end
 
-function H.rm_tree(path)
-  local attr = lfs.symlinkattributes(path)
-  if not attr then return end
-  if attr.mode == "directory" then
-    for e in lfs.dir(path) do
-      if e ~= "." and e ~= ".." then H.rm_tree(path .. "/" .. e) end
-    end
-    lfs.rmdir(path)
-  else
-    os.remove(path)
-  end
-end
+H.rm_tree = require("gptoss.files").rm_tree
 
 function H.read(path)
   local f = assert(io.open(path, "rb"))

@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "check-memory: installing valgrind"; apt-get install -y -qq valgrind >/dev/null; }
 make -s LUA=lua5.4 CUDA=0 all
-specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lua spec/tokenizer_spec.lua spec/sampler_spec.lua"
+specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lua spec/config_spec.lua spec/tokenizer_spec.lua spec/utf8_spec.lua spec/sampler_spec.lua"
 export GPTOSS_TOKENIZER_DIR="$PWD/tokenizer"
 echo "== valgrind"
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \

@@ -8,6 +8,7 @@
 -- 20B shape), router weights wide enough that routing is never a near tie.
 local core = require "gptoss.core"
 local cjson = require "cjson"
+local files = require "gptoss.files"
 
 local M = {}
 
@@ -116,28 +117,6 @@ function M.plan(cfg, shard_size)
   return { specs = specs, shards = shards, total = total, config_json = core.config_json(json) }
 end
 
---- write_file(path, data): atomically (a temporary file renamed into place);
--- true or nil, message. Shared with gptoss.train's checkpoints.
-local function write_file(path, data)
-  local tmp = path .. ".part"
-  local f, err = io.open(tmp, "wb")
-  if not f then return nil, err end
-  local ok, werr = f:write(data)
-  local cok, cerr = f:close()
-  if not ok or not cok then os.remove(tmp); return nil, werr or cerr end
-  local rok, rerr = os.rename(tmp, path)
-  if not rok then os.remove(tmp); return nil, rerr end
-  return true
-end
-
-local function read_file(path)
-  local f, err = io.open(path, "rb")
-  if not f then return nil, err end
-  local d = f:read("*a")
-  f:close()
-  return d
-end
-
 local function index_json(plan)
   local names = {}
   local where = {}
@@ -166,36 +145,6 @@ local GENERATION_CONFIG = [[{
 }
 ]]
 
-local function mkdir_p(path)
-  local lfs = require "lfs"
-  local acc = path:sub(1, 1) == "/" and "" or nil
-  for part in path:gmatch("[^/]+") do
-    acc = acc and (acc .. "/" .. part) or part
-    if not lfs.attributes(acc) then
-      local ok, err = lfs.mkdir(acc)
-      if not ok then return nil, acc .. ": " .. tostring(err) end
-    end
-  end
-  return true
-end
-
---- rm_tree(path): removes a file or a directory tree (links are not followed)
-local function rm_tree(path)
-  local lfs = require "lfs"
-  local attr = lfs.symlinkattributes(path)
-  if not attr then return end
-  if attr.mode == "directory" then
-    for e in lfs.dir(path) do
-      if e ~= "." and e ~= ".." then rm_tree(path .. "/" .. e) end
-    end
-    lfs.rmdir(path)
-  else
-    os.remove(path)
-  end
-end
-
-M.write_file, M.rm_tree = write_file, rm_tree
-
 --- Writes a checkpoint. opts: preset (default "tiny") or config (a table),
 -- seed, out (directory), shard_size, threads, tokenizer (a directory holding
 -- tokenizer.json, or false), force (replace an existing out).
@@ -212,10 +161,10 @@ function M.write(opts)
     return nil, out .. ": already exists (pass force to replace it)"
   end
   local tmp = out .. ".partial"
-  rm_tree(tmp)
-  local ok, err = mkdir_p(tmp)
+  files.rm_tree(tmp)
+  local ok, err = files.mkdir_p(tmp)
   if not ok then return nil, err end
-  local function fail(msg) rm_tree(tmp); return nil, msg end
+  local function fail(msg) files.rm_tree(tmp); return nil, msg end
   local seed = opts.seed or 0
   for _, sh in ipairs(plan.shards) do
     local w = core.writer(tmp .. "/" .. sh.file)
@@ -224,22 +173,22 @@ function M.write(opts)
     local cok, cerr = w:commit(opts.threads)
     if not cok then return fail(cerr) end
   end
-  ok, err = write_file(tmp .. "/model.safetensors.index.json", index_json(plan))
+  ok, err = files.write_file(tmp .. "/model.safetensors.index.json", index_json(plan))
   if not ok then return fail(err) end
-  ok, err = write_file(tmp .. "/config.json", plan.config_json)
+  ok, err = files.write_file(tmp .. "/config.json", plan.config_json)
   if not ok then return fail(err) end
-  ok, err = write_file(tmp .. "/generation_config.json", GENERATION_CONFIG)
+  ok, err = files.write_file(tmp .. "/generation_config.json", GENERATION_CONFIG)
   if not ok then return fail(err) end
   if opts.tokenizer ~= false then
     local src = opts.tokenizer or os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer"
     for _, f in ipairs { "tokenizer.json", "tokenizer_config.json" } do
-      local data, rerr = read_file(src .. "/" .. f)
+      local data, rerr = files.read_file(src .. "/" .. f)
       if not data then return fail("tokenizer: " .. tostring(rerr)) end
-      ok, err = write_file(tmp .. "/" .. f, data)
+      ok, err = files.write_file(tmp .. "/" .. f, data)
       if not ok then return fail(err) end
     end
   end
-  if lfs.attributes(out) then rm_tree(out) end
+  if lfs.attributes(out) then files.rm_tree(out) end
   ok, err = os.rename(tmp, out)
   if not ok then return fail(err) end
   plan.config = cfg

@@ -25,6 +25,7 @@
 -- kept), as tables from gptoss.json.decode / json.object, or with properties
 -- as a list of { name, schema } pairs. Plain tables render in sorted order.
 local lpeg = require "lpeg"
+local core = require "gptoss.core"
 local json = require "gptoss.json"
 
 local P, S, C, Ct, Cs = lpeg.P, lpeg.S, lpeg.C, lpeg.Ct, lpeg.Cs
@@ -920,31 +921,10 @@ local function parse_header(text, role, parse_recipient_and_type)
   return h, rest
 end
 
--- UTF-8: the length of the longest valid prefix of s, and for the first
--- invalid spot either the length of its maximal invalid subpart or nil when
--- the rest could still become valid with more bytes
-local function utf8_check(s)
-  local i, n = 1, #s
-  while i <= n do
-    local c = s:byte(i)
-    local len, lo, hi = 1, 0x80, 0xBF
-    if c < 0x80 then len = 0
-    elseif c >= 0xC2 and c <= 0xDF then len = 2
-    elseif c >= 0xE0 and c <= 0xEF then len = 3; if c == 0xE0 then lo = 0xA0 elseif c == 0xED then hi = 0x9F end
-    elseif c >= 0xF0 and c <= 0xF4 then len = 4; if c == 0xF0 then lo = 0x90 elseif c == 0xF4 then hi = 0x8F end
-    else return i - 1, 1 end
-    if len == 0 then i = i + 1
-    else
-      for k = 1, len - 1 do
-        local d = s:byte(i + k)
-        if d == nil then return i - 1, nil end
-        if (k == 1 and (d < lo or d > hi)) or (k > 1 and (d < 0x80 or d > 0xBF)) then return i - 1, k end
-      end
-      i = i + len
-    end
-  end
-  return n, nil
-end
+-- UTF-8 (utf8.c): the length of the longest valid prefix of s, and for the
+-- first invalid spot either the length of its maximal invalid subpart or nil
+-- when the rest could still become valid with more bytes
+local utf8_check = core.utf8_check
 
 local REPLACEMENT = "\239\191\189"
 
@@ -1007,16 +987,7 @@ function Parser:_content_bytes(b)
 end
 
 function Parser:_end_content()
-  local text = self:_content_text() .. (self.undecoded ~= "" and self.undecoded:gsub("[\128-\255]+", function(s)
-    local ok = {}
-    local i = 1
-    while i <= #s do
-      local v, e = utf8_check(s:sub(i))
-      if v > 0 then ok[#ok + 1] = s:sub(i, i + v - 1); i = i + v end
-      if i <= #s then ok[#ok + 1] = REPLACEMENT; i = i + (e or (#s - i + 1)) end
-    end
-    return table.concat(ok)
-  end) or "")
+  local text = self:_content_text() .. core.utf8_clean(self.undecoded)
   local m = self:_finish_message(self.current_header, text)
   self.state, self.current_header, self.content, self.undecoded = "start", nil, {}, ""
   self.last_content_delta = nil

@@ -50,36 +50,6 @@ function M.tensor_specs(cfg)
 end
 
 -- {====================================================== streaming decoder
--- Number of bytes the UTF-8 sequence starting with byte b should have.
-local function seqlen(b)
-  if b < 0x80 then return 1 elseif b >= 0xC2 and b <= 0xDF then return 2
-  elseif b >= 0xE0 and b <= 0xEF then return 3 elseif b >= 0xF0 and b <= 0xF4 then return 4 end
-  return 1   -- invalid lead byte: stands alone (and becomes U+FFFD)
-end
-
--- Splits s into the part that can be emitted now and a trailing incomplete
--- (but so far well-formed) sequence to hold back.
-local function split_complete(s)
-  local n = #s
-  for back = 1, math.min(3, n) do
-    local i = n - back + 1
-    local b = s:byte(i)
-    if b < 0x80 or b >= 0xC0 then
-      local want = seqlen(b)
-      if want > back then
-        for j = i + 1, n do
-          local c = s:byte(j)
-          if c < 0x80 or c >= 0xC0 then return s, "" end
-        end
-        return s:sub(1, i - 1), s:sub(i)
-      end
-      return s, ""
-    end
-  end
-  return s, ""
-end
-M._split_complete = split_complete
-
 --- tok:decoder([{ bytes = true }]): a streaming decoder. d:feed(id) returns
 -- the text that is complete so far (holding back a split UTF-8 sequence),
 -- d:flush() what remains (an unfinished sequence becomes U+FFFD).
@@ -89,9 +59,10 @@ function Tokenizer:decoder(opts)
   function d.feed(_, id)
     local b = tok:decode_bytes({ id })
     if raw then return b end
-    local ready
-    ready, pending = split_complete(pending .. b)
-    return core.utf8_clean(ready)
+    local s = pending .. b
+    local keep = core.utf8_tail(s)
+    pending = s:sub(#s - keep + 1)
+    return core.utf8_clean(s:sub(1, #s - keep))
   end
   function d.flush()
     local rest = pending
@@ -458,7 +429,7 @@ local CHAT_KEYS = { system = true, developer = true, instructions = true, tools 
   on_delta = true }
 
 --- gptoss.chat(model, messages, opts) -> { final, analysis, tool_calls,
--- messages, text, ids, finish_reason, usage }
+-- messages, text, ids, finish_reason, usage, prompt_ids }
 -- Renders the conversation with harmony, generates until <|return|> or
 -- <|call|>, and parses the reply as it streams. opts: the system message's
 -- reasoning, date, identity, builtin_tools (or a whole system table);
@@ -505,7 +476,7 @@ function M.chat(model, messages, opts)
   return {
     final = post.final_text(msgs), analysis = post.analysis_text(msgs), tool_calls = post.tool_calls(msgs),
     messages = msgs, text = r.text, ids = r.ids, finish_reason = r.finish_reason, usage = r.usage,
-    prompt_tokens = prompt,
+    prompt_ids = prompt,
   }
 end
 -- }======================================================

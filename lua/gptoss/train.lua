@@ -173,8 +173,8 @@ end
 -- renamed into place, then checkpoint_dir/latest (a one-line file, replaced
 -- by rename) points at it. A kill at any moment leaves the previous
 -- checkpoint whole.
-local rm_tree = require("gptoss.checkpoint").rm_tree
-local write_file = require("gptoss.checkpoint").write_file
+local rm_tree = require("gptoss.files").rm_tree
+local write_file = require("gptoss.files").write_file
 
 local function save_checkpoint(dir, lora, state, keep)
   local lfs = require "lfs"

@@ -1,12 +1,12 @@
 /*
-** lua_model.c: gptoss.Model, gptoss.Session and gptoss.Sampler.
+** model.c: gptoss.Model, gptoss.Session and gptoss.Sampler.
 **
 ** A model owns its sessions: closing the model closes them, so a session
 ** left in a Lua variable can never reach freed engine memory.
 */
 #include <stdio.h>
 #include <string.h>
-#include "lua_gptoss.h"
+#include "binding.h"
 
 typedef struct lsession lsession;
 typedef struct lmodel { gptoss_model *m; lsession *sessions; } lmodel;
@@ -14,13 +14,8 @@ struct lsession { gptoss_session *s; lmodel *owner; lsession *next, *prev; };
 typedef struct lsampler { gptoss_sampler *s; int vocab; } lsampler;
 
 /* {====================================================== Model */
-static lmodel *checkmodel(lua_State *L, int idx) {
-  lmodel *b = lg_udata(L, idx, MODEL_T);
-  if (!b->m) luaL_error(L, "model is closed");
-  return b;
-}
-
-gptoss_model *lg_check_model(lua_State *L, int idx) { return checkmodel(L, idx)->m; }
+/* the engine model comes first: lg_check_model reads it for adapter.c */
+static lmodel *checkmodel(lua_State *L, int idx) { return lg_open(L, idx, MODEL_T, "model is closed"); }
 
 static void session_close(lsession *s) {
   if (!s->s) return;
@@ -87,7 +82,7 @@ static int l_load(lua_State *L) {
       if (f) fclose(f); else p = NULL;   /* no tokenizer files: ids only */
     }
     if (p) {
-      ltokenizer *tb = lg_tokenizer_push(L, NULL);
+      ltokenizer *tb = lg_box(L, sizeof *tb, TOKENIZER_T);
       gptoss_tokenizer *t;
       if (gptoss_tokenizer_load(p, &t)) return lg_fail(L);
       tb->t = t;
@@ -312,7 +307,7 @@ static int session_fork(lua_State *L) {
   push_session(L, lua_gettop(L), s->owner, c);
   lua_getuservalue(L, -1);
   lua_getfield(L, env, "adapter");
-  lua_setfield(L, -2, "adapter");      /* the fork uses the same adapter (core.c shares it) */
+  lua_setfield(L, -2, "adapter");      /* the fork uses the same adapter (gptoss_session_fork shares it) */
   lua_pop(L, 1);
   return 1;
 }
@@ -500,7 +495,7 @@ static int l_batch_step(lua_State *L) {
   return 1;
 }
 
-int luaopen_gptoss_model(lua_State *L) {
+void lg_open_model(lua_State *L) {
   static const luaL_Reg m_methods[] = {
     {"close", model_gc}, {"tensors", model_tensors}, {"memory", model_memory},
     {"session", model_session}, {"logits", model_logits}, {NULL, NULL}};
@@ -533,5 +528,4 @@ int luaopen_gptoss_model(lua_State *L) {
   lg_class(L, SAMPLER_T, p_methods, p_meta, NULL);
   static const luaL_Reg funcs[] = {{"load", l_load}, {"sampler", l_sampler}, {"batch_step", l_batch_step}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
-  return 0;
 }

@@ -1,19 +1,14 @@
 /*
-** lua_adapter.c: the gptoss.Adapter type (a LoRA adapter in PEFT format)
+** adapter.c: the gptoss.Adapter type (a LoRA adapter in PEFT format)
 ** and its use by sessions.
 */
 #include <string.h>
-#include "lua_gptoss.h"
+#include "binding.h"
 
+/* the engine adapter comes first: lg_check_adapter reads it for model.c */
 typedef struct ladapter { gptoss_adapter *a; } ladapter;
 
-gptoss_adapter *lg_check_adapter(lua_State *L, int idx) {
-  ladapter *b = lg_udata(L, idx, ADAPTER_T);
-  if (!b->a) luaL_error(L, "adapter is closed");
-  return b->a;
-}
-
-static ladapter *push_adapter(lua_State *L);
+static ladapter *push_adapter(lua_State *L) { return lg_box(L, sizeof(ladapter), ADAPTER_T); }
 
 /* gptoss.core.adapter_load(dir) -> Adapter | nil, message */
 static int l_adapter_load(lua_State *L) {
@@ -66,13 +61,6 @@ static int adapter_module(lua_State *L) {
     lua_setfield(L, -2, "gB");
   }
   return 1;
-}
-
-static ladapter *push_adapter(lua_State *L) {
-  ladapter *b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->a = NULL;
-  luaL_setmetatable(L, ADAPTER_T);
-  return b;
 }
 
 /* gptoss.core.lora_new(model, { r, alpha, rslora, targets = {"q","k","v","o","gate_up","down"} or groups
@@ -277,7 +265,7 @@ static int adapter_tostring(lua_State *L) {
   return 1;
 }
 
-int luaopen_gptoss_adapter(lua_State *L) {
+void lg_open_adapter(lua_State *L) {
   static const luaL_Reg methods[] = {{"save", adapter_save}, {"module", adapter_module}, {"zero_grad", adapter_zero_grad},
                                      {"save_state", adapter_save_state}, {"load_state", adapter_load_state},
                                      {"copy_from", adapter_copy_from}, {"set", adapter_set},
@@ -292,5 +280,4 @@ int luaopen_gptoss_adapter(lua_State *L) {
   static const luaL_Reg funcs[] = {{"adapter_load", l_adapter_load}, {"lora_new", l_lora_new},
                                    {"lora_backward", l_lora_backward}, {"lora_merge", l_lora_merge}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
-  return 0;
 }

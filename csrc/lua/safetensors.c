@@ -1,54 +1,12 @@
 /*
-** lua_safetensors.c: gptoss.SafeTensors (reader), gptoss.Writer, and the
+** safetensors.c: gptoss.SafeTensors (reader), gptoss.Writer, and the
 ** config and tensor-table functions the checkpoint generator is built on.
 */
 #include <stdlib.h>
 #include <string.h>
-#include "lua_gptoss.h"
+#include "binding.h"
 
 /* {====================================================== config */
-static void push_config(lua_State *L, const gptoss_config *c) {
-  lua_newtable(L);
-#define I(k) lua_pushinteger(L, c->k); lua_setfield(L, -2, #k)
-#define N(k) lua_pushnumber(L, c->k); lua_setfield(L, -2, #k)
-  lua_pushstring(L, "gpt_oss"); lua_setfield(L, -2, "model_type");
-  I(hidden_size); I(intermediate_size); I(num_hidden_layers); I(num_attention_heads);
-  I(num_key_value_heads); I(head_dim); I(num_local_experts); I(num_experts_per_tok);
-  I(vocab_size); I(sliding_window); I(max_position_embeddings); I(initial_context_length);
-  N(rope_theta); N(swiglu_limit); N(rms_norm_eps);
-#undef I
-#undef N
-  lua_createtable(L, c->num_hidden_layers, 0);
-  for (int i = 0; i < c->num_hidden_layers; i++) {
-    lua_pushstring(L, c->layer_sliding[i] ? "sliding_attention" : "full_attention");
-    lua_rawseti(L, -2, i + 1);
-  }
-  lua_setfield(L, -2, "layer_types");
-  if (c->rope_yarn) {
-    lua_newtable(L);
-    lua_pushstring(L, "yarn"); lua_setfield(L, -2, "rope_type");
-    lua_pushnumber(L, c->rope_factor); lua_setfield(L, -2, "factor");
-    lua_pushnumber(L, c->rope_beta_fast); lua_setfield(L, -2, "beta_fast");
-    lua_pushnumber(L, c->rope_beta_slow); lua_setfield(L, -2, "beta_slow");
-    lua_pushinteger(L, c->rope_original_max_position_embeddings); lua_setfield(L, -2, "original_max_position_embeddings");
-    lua_pushboolean(L, c->rope_truncate); lua_setfield(L, -2, "truncate");
-    lua_setfield(L, -2, "rope_scaling");
-  }
-  if (c->n_eos == 1) lua_pushinteger(L, c->eos_token_ids[0]);
-  else {
-    lua_createtable(L, c->n_eos, 0);
-    for (int i = 0; i < c->n_eos; i++) { lua_pushinteger(L, c->eos_token_ids[i]); lua_rawseti(L, -2, i + 1); }
-  }
-  lua_setfield(L, -2, "eos_token_id");
-  if (c->pad_token_id >= 0) { lua_pushinteger(L, c->pad_token_id); lua_setfield(L, -2, "pad_token_id"); }
-  if (c->bos_token_id >= 0) { lua_pushinteger(L, c->bos_token_id); lua_setfield(L, -2, "bos_token_id"); }
-  lua_pushboolean(L, c->tie_word_embeddings); lua_setfield(L, -2, "tie_word_embeddings");
-  lua_pushstring(L, c->experts_mxfp4 ? "mxfp4" : "none"); lua_setfield(L, -2, "quant_method");
-}
-
-/* exported for lua_model.c (model.config) */
-void lg_push_config(lua_State *L, const gptoss_config *c) { push_config(L, c); }
-
 /* config_parse(json [, where]) -> table | nil, message */
 static int l_config_parse(lua_State *L) {
   size_t len;
@@ -56,7 +14,7 @@ static int l_config_parse(lua_State *L) {
   const char *where = luaL_optstring(L, 2, "config.json");
   gptoss_config c;
   if (gptoss_config_parse(s, len, where, &c)) return lg_fail(L);
-  push_config(L, &c);
+  lg_push_config(L, &c);
   return 1;
 }
 
@@ -64,7 +22,7 @@ static int l_config_parse(lua_State *L) {
 static int l_config_load(lua_State *L) {
   gptoss_config c;
   if (gptoss_config_load(luaL_checkstring(L, 1), &c)) return lg_fail(L);
-  push_config(L, &c);
+  lg_push_config(L, &c);
   return 1;
 }
 
@@ -112,17 +70,11 @@ static int l_tensor_specs(lua_State *L) {
 /* {====================================================== reader */
 typedef struct lreader { gptoss_st *st; } lreader;
 
-static lreader *checkreader(lua_State *L) {
-  lreader *r = lg_udata(L, 1, READER_T);
-  if (!r->st) luaL_error(L, "safetensors reader is closed");
-  return r;
-}
+static lreader *checkreader(lua_State *L) { return lg_open(L, 1, READER_T, "safetensors reader is closed"); }
 
 static int l_safetensors(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  lreader *r = lua_newuserdatauv(L, sizeof *r, 0);
-  r->st = NULL;
-  luaL_setmetatable(L, READER_T);
+  lreader *r = lg_box(L, sizeof *r, READER_T);
   if (gptoss_st_open(path, &r->st)) return lg_fail(L);
   return 1;
 }
@@ -132,26 +84,6 @@ static int rd_gc(lua_State *L) {
   gptoss_st_free(r->st);
   r->st = NULL;
   return 0;
-}
-
-static void push_tensor_info(lua_State *L, const gptoss_tensor *t) {
-  lua_createtable(L, 0, 5);
-  lua_pushstring(L, t->name); lua_setfield(L, -2, "name");
-  lua_pushstring(L, gptoss_dtype_name(t->dtype)); lua_setfield(L, -2, "dtype");
-  lua_createtable(L, t->ndim, 0);
-  for (int d = 0; d < t->ndim; d++) { lua_pushinteger(L, (lua_Integer)t->shape[d]); lua_rawseti(L, -2, d + 1); }
-  lua_setfield(L, -2, "shape");
-  lua_pushnumber(L, (lua_Number)t->nbytes); lua_setfield(L, -2, "bytes");
-  lua_pushstring(L, t->file); lua_setfield(L, -2, "file");
-}
-
-void lg_push_tensor_list(lua_State *L, const gptoss_st *st) {
-  size_t n = gptoss_st_count(st);
-  lua_createtable(L, (int)n, 0);
-  for (size_t i = 0; i < n; i++) {
-    push_tensor_info(L, gptoss_st_at(st, i));
-    lua_rawseti(L, -2, (lua_Integer)(i + 1));
-  }
 }
 
 static int rd_tensors(lua_State *L) {
@@ -170,7 +102,7 @@ static int rd_tensor(lua_State *L) {
   lreader *r = checkreader(L);
   const gptoss_tensor *t = gptoss_st_find(r->st, luaL_checkstring(L, 2));
   if (!t) return 0;
-  push_tensor_info(L, t);
+  lg_push_tensor(L, t);
   return 1;
 }
 
@@ -254,17 +186,11 @@ static int rd_metadata(lua_State *L) {
 /* {====================================================== writer */
 typedef struct lwriter { gptoss_st_writer *w; } lwriter;
 
-static lwriter *checkwriter(lua_State *L) {
-  lwriter *w = lg_udata(L, 1, WRITER_T);
-  if (!w->w) luaL_error(L, "writer is closed (committed or discarded)");
-  return w;
-}
+static lwriter *checkwriter(lua_State *L) { return lg_open(L, 1, WRITER_T, "writer is closed (committed or discarded)"); }
 
 static int l_writer(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  lwriter *w = lua_newuserdatauv(L, sizeof *w, 0);
-  w->w = NULL;
-  luaL_setmetatable(L, WRITER_T);
+  lwriter *w = lg_box(L, sizeof *w, WRITER_T);
   if (gptoss_stw_new(path, &w->w)) return lg_raise(L);
   return 1;
 }
@@ -343,7 +269,7 @@ static int wr_commit(lua_State *L) {
 }
 /* }====================================================== */
 
-int luaopen_gptoss_safetensors(lua_State *L) {
+void lg_open_safetensors(lua_State *L) {
   static const luaL_Reg rd_methods[] = {
     {"tensors", rd_tensors}, {"tensor", rd_tensor}, {"read", rd_read}, {"floats", rd_floats}, {"numbers", rd_numbers},
     {"metadata", rd_metadata}, {"close", rd_gc}, {NULL, NULL}};
@@ -369,5 +295,4 @@ int luaopen_gptoss_safetensors(lua_State *L) {
     {"config_load", l_config_load}, {"config_json", l_config_json}, {"tensor_specs", l_tensor_specs},
     {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
-  return 0;
 }

@@ -1,26 +1,17 @@
 /*
-** lua_tokenizer.c: gptoss.Tokenizer.
+** tokenizer.c: gptoss.Tokenizer, and the UTF-8 functions (utf8.c) the Lua
+** libraries use: core.utf8_clean, core.utf8_check, core.utf8_tail.
 */
 #include <string.h>
-#include "lua_gptoss.h"
+#include "binding.h"
+#include "utf8.h"
 
-static ltokenizer *checktok(lua_State *L) {
-  ltokenizer *b = lg_udata(L, 1, TOKENIZER_T);
-  if (!b->t) luaL_error(L, "tokenizer is closed");
-  return b;
-}
-
-ltokenizer *lg_tokenizer_push(lua_State *L, gptoss_tokenizer *t) {
-  ltokenizer *b = lua_newuserdatauv(L, sizeof *b, 0);
-  b->t = t;
-  luaL_setmetatable(L, TOKENIZER_T);
-  return b;
-}
+static ltokenizer *checktok(lua_State *L) { return lg_open(L, 1, TOKENIZER_T, "tokenizer is closed"); }
 
 /* gptoss.tokenizer(path) -> Tokenizer | nil, message */
 static int l_tokenizer(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
-  ltokenizer *b = lg_tokenizer_push(L, NULL);   /* boxed first: no leak if loading fails */
+  ltokenizer *b = lg_box(L, sizeof *b, TOKENIZER_T);   /* boxed first: no leak if loading fails */
   gptoss_tokenizer *t;
   if (gptoss_tokenizer_load(path, &t)) return lg_fail(L);
   b->t = t;
@@ -92,51 +83,66 @@ static void push_bytes(lua_State *L, gptoss_tokenizer *t, int idx) {
   luaL_pushresult(&B);
 }
 
-/* replaces each maximal invalid UTF-8 subpart with U+FFFD, as tiktoken's
-   decode (errors="replace") does */
-static void push_valid_utf8(lua_State *L, const unsigned char *s, size_t n) {
+/* {====================================================== UTF-8 */
+/* s with each ill-formed subpart replaced by U+FFFD, as tiktoken's decode
+   (errors="replace") does */
+static void push_clean(lua_State *L, const char *s, size_t n) {
+  const unsigned char *p = (const unsigned char *)s;
+  size_t ok = gptoss_utf8_valid(p, n);
+  if (ok == n) { lua_pushlstring(L, s, n); return; }
   luaL_Buffer B;
   luaL_buffinit(L, &B);
-  size_t i = 0;
-  while (i < n) {
-    unsigned c = s[i];
-    int len = c < 0x80 ? 1 : (c & 0xE0) == 0xC0 ? 2 : (c & 0xF0) == 0xE0 ? 3 : (c & 0xF8) == 0xF0 ? 4 : 0;
-    /* valid second-byte ranges per lead byte (Unicode table 3-7) */
-    unsigned lo = 0x80, hi = 0xBF;
-    if (c == 0xE0) lo = 0xA0;
-    else if (c == 0xED) hi = 0x9F;
-    else if (c == 0xF0) lo = 0x90;
-    else if (c == 0xF4) hi = 0x8F;
-    if (c < 0xC2 && c >= 0x80) len = 0;
-    if (c > 0xF4) len = 0;
-    int k = 1;
-    if (len > 1) {
-      while (k < len && i + (size_t)k < n) {
-        unsigned d = s[i + (size_t)k];
-        if (k == 1 ? (d < lo || d > hi) : (d & 0xC0) != 0x80) break;
-        k++;
-      }
-    }
-    if (len >= 1 && k == len) { luaL_addlstring(&B, (const char *)s + i, (size_t)len); i += (size_t)len; }
-    else { luaL_addlstring(&B, "\xEF\xBF\xBD", 3); i += (size_t)(len > 1 ? k : 1); }
+  for (;;) {
+    luaL_addlstring(&B, s, ok);
+    p += ok; s += ok; n -= ok;
+    if (!n) break;
+    int incomplete;
+    size_t bad = gptoss_utf8_subpart(p, n, &incomplete);
+    luaL_addlstring(&B, "\xEF\xBF\xBD", 3);
+    p += bad; s += bad; n -= bad;
+    ok = gptoss_utf8_valid(p, n);
   }
   luaL_pushresult(&B);
 }
 
-/* core.utf8_clean(s): s with each invalid UTF-8 subpart replaced by U+FFFD */
+/* core.utf8_clean(s): s with each ill-formed subpart replaced by U+FFFD */
 static int l_utf8_clean(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
-  push_valid_utf8(L, (const unsigned char *)s, n);
+  push_clean(L, s, n);
   return 1;
 }
+
+/* core.utf8_check(s) -> the length of s's longest well-formed prefix, and
+   the length of the ill-formed subpart after it, or nil when there is none
+   or when more bytes could still complete it */
+static int l_utf8_check(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  size_t ok = gptoss_utf8_valid(s, n);
+  lua_pushinteger(L, (lua_Integer)ok);
+  int incomplete = 1;
+  size_t bad = ok < n ? gptoss_utf8_subpart(s + ok, n - ok, &incomplete) : 0;
+  if (incomplete) lua_pushnil(L); else lua_pushinteger(L, (lua_Integer)bad);
+  return 2;
+}
+
+/* core.utf8_tail(s) -> the length of the sequence cut short at the end of
+   s (0..3), which a streaming decoder holds back */
+static int l_utf8_tail(lua_State *L) {
+  size_t n;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  lua_pushinteger(L, (lua_Integer)gptoss_utf8_tail(s, n));
+  return 1;
+}
+/* }====================================================== */
 
 static int tok_decode(lua_State *L) {
   ltokenizer *b = checktok(L);
   push_bytes(L, b->t, 2);
   size_t n;
   const char *s = lua_tolstring(L, -1, &n);
-  push_valid_utf8(L, (const unsigned char *)s, n);
+  push_clean(L, s, n);
   return 1;
 }
 
@@ -187,7 +193,7 @@ static int tok_tostring(lua_State *L) {
   return 1;
 }
 
-int luaopen_gptoss_tokenizer(lua_State *L) {
+void lg_open_tokenizer(lua_State *L) {
   static const luaL_Reg methods[] = {
     {"encode", tok_encode}, {"decode", tok_decode}, {"decode_bytes", tok_decode_bytes},
     {"special", tok_special}, {"name", tok_name}, {"is_special", tok_is_special},
@@ -199,9 +205,8 @@ int luaopen_gptoss_tokenizer(lua_State *L) {
 #endif
     {NULL, NULL}};
   lg_class(L, TOKENIZER_T, methods, meta, tok_fields);
-  lua_pushcfunction(L, l_tokenizer);
-  lua_setfield(L, -2, "tokenizer");
-  lua_pushcfunction(L, l_utf8_clean);
-  lua_setfield(L, -2, "utf8_clean");
-  return 0;
+  static const luaL_Reg funcs[] = {
+    {"tokenizer", l_tokenizer}, {"utf8_clean", l_utf8_clean}, {"utf8_check", l_utf8_check}, {"utf8_tail", l_utf8_tail},
+    {NULL, NULL}};
+  luaL_setfuncs(L, funcs, 0);
 }

@@ -1,0 +1,89 @@
+/*
+** binding.h: what the binding's files share, all of it defined in
+** binding.c. The binding is the only place that knows Lua. Each type's file
+** (tokenizer.c, safetensors.c, model.c, adapter.c, floats.c) uses these
+** helpers and nothing of another type's file; gptoss.c gathers them into
+** the gptoss.core module.
+*/
+#ifndef GPTOSS_BINDING_H
+#define GPTOSS_BINDING_H
+
+#include "lcompat.h"
+#include "gptoss.h"
+
+/* {====================================================== types */
+#define MODEL_T "gptoss.Model"
+#define SESSION_T "gptoss.Session"
+#define TOKENIZER_T "gptoss.Tokenizer"
+#define SAMPLER_T "gptoss.Sampler"
+#define FLOATS_T "gptoss.Floats"
+#define WRITER_T "gptoss.Writer"
+#define READER_T "gptoss.SafeTensors"
+#define ADAPTER_T "gptoss.Adapter"
+
+/* Registers a type: metatable `name` with meta functions, and a method
+   table used by __index (also stored as registry["name.methods"] so Lua
+   libraries can add methods). If fields is not NULL, __index falls back to
+   fields(L) for keys that are not methods. */
+void lg_class(lua_State *L, const char *name, const luaL_Reg *methods, const luaL_Reg *meta,
+              lua_CFunction fields);
+
+/* a userdata of type tname at idx, raising if another type */
+void *lg_udata(lua_State *L, int idx, const char *tname);
+
+/* A box is a userdata whose first member points at an engine object, NULL
+   once closed. lg_box pushes a new one of size bytes (closed until filled
+   in), lg_open returns the box of type tname at idx, raising `closed` (the
+   message) when it is closed. */
+void *lg_box(lua_State *L, size_t size, const char *tname);
+void *lg_open(lua_State *L, int idx, const char *tname, const char *closed);
+
+/* the boxes more than one file opens or makes */
+typedef struct ltokenizer { gptoss_tokenizer *t; } ltokenizer;
+/* the engine object of the open model or adapter at idx */
+gptoss_model *lg_check_model(lua_State *L, int idx);
+gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
+
+/* float array userdata (logits, tensors, LoRA weights) */
+typedef struct lfloats { int rows, cols; float v[]; } lfloats;
+lfloats *lg_floats_new(lua_State *L, int rows, int cols);
+/* }====================================================== */
+
+/* {====================================================== errors */
+/* raises the engine's last error; never returns */
+int lg_raise(lua_State *L);
+/* pushes nil and the engine's last error: the loader convention */
+int lg_fail(lua_State *L);
+/* }====================================================== */
+
+/* {====================================================== values */
+/* token ids from a Lua array at idx, into a buffer owned by a userdata
+   pushed on the stack (so a later error cannot leak it) */
+int32_t *lg_ids(lua_State *L, int idx, size_t *n);
+void lg_push_ids(lua_State *L, const int32_t *v, size_t n);
+
+/* option tables: raise on keys outside `known` (NULL-terminated) */
+void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *known);
+int lg_opt_int(lua_State *L, int idx, const char *key, int dflt);
+double lg_opt_num(lua_State *L, int idx, const char *key, double dflt);
+const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt);
+
+/* the config as the table of its config.json (config.c writes the text) */
+void lg_push_config(lua_State *L, const gptoss_config *c);
+/* {name=, dtype=, shape=, bytes=, file=}, and a list of them */
+void lg_push_tensor(lua_State *L, const gptoss_tensor *t);
+void lg_push_tensor_list(lua_State *L, const gptoss_st *st);
+/* }====================================================== */
+
+/* {====================================================== parts */
+/* each registers its types, and its functions into the table on top */
+void lg_open_floats(lua_State *L);
+void lg_open_tokenizer(lua_State *L);
+void lg_open_safetensors(lua_State *L);
+void lg_open_model(lua_State *L);
+void lg_open_adapter(lua_State *L);
+
+__attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
+/* }====================================================== */
+
+#endif
