@@ -107,7 +107,7 @@ gptoss_status gptoss_trace_reserve(gptoss_session *s, int extra);
 const gptoss_sampling *gptoss_sampler_params(const gptoss_sampler *s);
 uint64_t gptoss_sampler_draw(gptoss_sampler *s);   /* a fresh 64-bit random value per draw */
 /* AdamW's update runs after gptoss_adapter_step returns, a layer at a time
-   (see adapter.c). gptoss_adapter_module and every other adapter function
+   (see optim.c). gptoss_adapter_module and every other adapter function
    wait for all of it; a backend that reads one layer at a time takes the
    modules with slot (no waiting) and waits for layer l (-1: all) itself. */
 void gptoss_adapter_wait(const gptoss_adapter *a, int layer);
@@ -117,6 +117,17 @@ const gptoss_lora *gptoss_adapter_slot(const gptoss_adapter *a, int layer, gptos
    threads, keeping their sums of squares for step's gradient norm; during
    gptoss_lora_backward, from one thread at a time */
 void gptoss_adapter_add_grads(gptoss_adapter *a, int layer, const float *src, gptoss_pool *pool);
+/* changes whenever A or B may have changed (gptoss_adapter_touch): a
+   backend that keeps a device copy compares versions to know when to copy
+   them again. Versions are unique across adapters. */
+uint64_t gptoss_adapter_version(const gptoss_adapter *a);
+/* references held (a backend's cache of device copies drops its own when
+   it is the last one) */
+int gptoss_adapter_refs(const gptoss_adapter *a);
+/* LoRA dropout on the attention projections' inputs during training (the
+   masks are a function of seed, step, layer, projection, token and
+   feature, so a recomputation sees the same ones) */
+double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed);
 #if defined(__GNUC__)
 #pragma GCC visibility pop
 #endif

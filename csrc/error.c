@@ -3,7 +3,7 @@
 */
 #include <stdarg.h>
 #include <stdio.h>
-#include "gptoss.h"
+#include "internal.h"
 
 static _Thread_local char errbuf[1024];
 static _Thread_local gptoss_status errcode;

@@ -1,7 +1,11 @@
 /*
-** files.c: whole-file reads and writes, and path helpers.
+** files.c: whole-file reads and writes, the temporary-then-rename protocol
+** every writer of the engine follows, and path helpers.
 */
+#define _GNU_SOURCE   /* mkostemp */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,29 +37,81 @@ char *gptoss_read_file(const char *path, size_t *len) {
   return buf;
 }
 
-gptoss_status gptoss_write_file(const char *path, const void *data, size_t len) {
-  size_t n = strlen(path) + 16;
-  char *tmp = malloc(n);
-  if (!tmp) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  snprintf(tmp, n, "%s.tmp-XXXXXX", path);
-  int fd = mkstemp(tmp);
-  if (fd < 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: %s", tmp, strerror(errno)); free(tmp); return rc; }
-  const char *p = data;
-  size_t off = 0;
-  int err = 0;
-  while (off < len && !err) {
-    ssize_t w = write(fd, p + off, len - off);
-    if (w > 0) off += (size_t)w;
-    else if (w < 0 && errno != EINTR) err = errno;
-    else if (w == 0) err = EIO;
+/* {====================================================== temporary files */
+char *gptoss_temp_name(const char *path) {
+  size_t n = strlen(path);
+  char *tmp = malloc(n + 12);
+  if (!tmp) { gptoss_fail(GPTOSS_ENOMEM, "out of memory"); return NULL; }
+  memcpy(tmp, path, n);
+  memcpy(tmp + n, ".tmp-XXXXXX", 12);
+  return tmp;
+}
+
+int gptoss_temp_open(const char *path, char **tmp) {
+  if (!(*tmp = gptoss_temp_name(path))) return -1;
+  int fd = mkostemp(*tmp, O_CLOEXEC);
+  if (fd < 0) {
+    gptoss_fail(GPTOSS_EIO, "%s: cannot create a temporary file beside it: %s", path, strerror(errno));
+    free(*tmp);
+    *tmp = NULL;
+    return -1;
   }
-  if (!err && fsync(fd) != 0) err = errno;
-  if (close(fd) != 0 && !err) err = errno;
-  if (!err && rename(tmp, path) != 0) err = errno;
-  gptoss_status rc = GPTOSS_OK;
-  if (err) { unlink(tmp); rc = gptoss_fail(GPTOSS_EIO, "%s: %s", path, strerror(err)); }
+  fchmod(fd, 0644);   /* mkstemp's 0600 would make the file private to its writer */
+  return fd;
+}
+
+gptoss_status gptoss_write_all(int fd, const void *data, size_t len, const char *name) {
+  const char *c = data;
+  while (len) {
+    ssize_t k = write(fd, c, len);
+    if (k < 0) {
+      if (errno == EINTR) continue;
+      return gptoss_fail(GPTOSS_EIO, "%s: write failed: %s", name, strerror(errno));
+    }
+    c += k;
+    len -= (size_t)k;
+  }
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_temp_commit(int fd, char *tmp, const char *path, gptoss_status rc) {
+  if (!rc && fsync(fd) != 0) rc = gptoss_fail(GPTOSS_EIO, "%s: fsync failed: %s", tmp, strerror(errno));
+  if (close(fd) != 0 && !rc) rc = gptoss_fail(GPTOSS_EIO, "%s: close failed: %s", tmp, strerror(errno));
+  if (!rc && rename(tmp, path) != 0) rc = gptoss_fail(GPTOSS_EIO, "%s: rename into place failed: %s", path, strerror(errno));
+  if (rc) unlink(tmp);
   free(tmp);
   return rc;
+}
+/* }====================================================== */
+
+gptoss_status gptoss_write_file(const char *path, const void *data, size_t len) {
+  char *tmp;
+  int fd = gptoss_temp_open(path, &tmp);
+  if (fd < 0) return gptoss_errcode();
+  return gptoss_temp_commit(fd, tmp, path, gptoss_write_all(fd, data, len, tmp));
+}
+
+gptoss_status gptoss_copy_file(const char *src, const char *dst) {
+  size_t len;
+  char *data = gptoss_read_file(src, &len);
+  if (!data) return gptoss_errcode();
+  gptoss_status rc = gptoss_write_file(dst, data, len);
+  free(data);
+  return rc;
+}
+
+void gptoss_remove_tree(const char *dir) {
+  DIR *d = opendir(dir);
+  if (d) {
+    struct dirent *e;
+    while ((e = readdir(d))) {
+      if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+      char *p = gptoss_path_join(dir, e->d_name);
+      if (p) { unlink(p); free(p); }
+    }
+    closedir(d);
+  }
+  rmdir(dir);
 }
 
 char *gptoss_path_join(const char *dir, const char *name) {

@@ -38,12 +38,6 @@ typedef enum gptoss_status {
 
 const char *gptoss_errmsg(void);           /* message of this thread's last failure */
 gptoss_status gptoss_errcode(void);        /* code of this thread's last failure */
-/* internal but shared by all engine files: sets the message and returns code */
-gptoss_status gptoss_fail(gptoss_status code, const char *fmt, ...)
-#if defined(__GNUC__)
-  __attribute__((format(printf, 2, 3)))
-#endif
-  ;
 /* }====================================================== */
 
 /* {====================================================== dtypes */
@@ -310,12 +304,10 @@ typedef enum {
    expert e's rows e*r .. e*r+r-1, and B [out][r*experts] with expert e's
    rank-k column at k*experts + e. rk = r * experts (r for attention). */
 typedef struct gptoss_lora {
-  int r, rk, rb, in, out;  /* rb: lora_B's columns as read (== rk once loaded) */
+  int r, rk, in, out;
   int experts;             /* 0 for an attention projection */
   float scale;             /* alpha / r, or alpha / sqrt(r) with rslora */
   float *A, *B;            /* A [rk][in], B [out][rk], row-major */
-  float *gA, *gB;          /* gradients (training), NULL until the first backward */
-  float *mA, *mB, *vA, *vB;/* AdamW moments, NULL until the first step */
 } gptoss_lora;
 typedef struct gptoss_adapter_desc {
   int r, rslora, nlayers, modules;
@@ -353,6 +345,9 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count);
 void gptoss_adapter_zero_grad(gptoss_adapter *a);
+/* the gradients summed so far for one module, shaped like its A and B;
+   both NULL before the first backward or where the adapter has no LoRA */
+void gptoss_adapter_grads(const gptoss_adapter *a, int layer, gptoss_lora_module m, float **gA, float **gB);
 /* AdamW as torch.optim.AdamW, after scaling the gradients by grad_scale and
    clipping their total norm to max_grad_norm (0 = no clipping); *grad_norm
    gets the norm before clipping. It returns once the norm is known: the
@@ -365,17 +360,8 @@ typedef struct gptoss_adamw {
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
 int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
 /* Whoever writes A or B other than through this API calls touch: a backend
-   that keeps a device copy of the weights compares versions to know when
-   to copy them again. Versions are unique across adapters. */
+   that keeps a device copy of the weights then knows to copy them again. */
 void gptoss_adapter_touch(gptoss_adapter *a);
-uint64_t gptoss_adapter_version(const gptoss_adapter *a);
-/* references held (a backend's cache of device copies drops its own when
-   it is the last one) */
-int gptoss_adapter_refs(const gptoss_adapter *a);
-/* LoRA dropout on the attention projections' inputs during training (the
-   masks are a function of seed, step, layer, projection, token and
-   feature, so a recomputation sees the same ones) */
-double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed);
 /* The optimizer state (AdamW moments and step count) in one safetensors
    file, written atomically: with the adapter's own files it makes a
    checkpoint that a resumed run continues exactly. */

@@ -12,6 +12,12 @@ typedef struct gptoss_pool gptoss_pool;
 #if defined(__GNUC__)
 #pragma GCC visibility push(default)
 #endif
+/* sets this thread's message (gptoss_errmsg) and returns code */
+gptoss_status gptoss_fail(gptoss_status code, const char *fmt, ...)
+#if defined(__GNUC__)
+  __attribute__((format(printf, 2, 3)))
+#endif
+  ;
 gptoss_pool *gptoss_pool_new(int nthreads);
 void gptoss_pool_free(gptoss_pool *p);
 void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), void *ctx);
@@ -82,6 +88,20 @@ char *gptoss_read_file(const char *path, size_t *len);
 /* Writes len bytes to "<path>.tmp-XXXXXX", syncs, and renames it into
    place: readers see the old file or the whole new one. */
 gptoss_status gptoss_write_file(const char *path, const void *data, size_t len);
+gptoss_status gptoss_copy_file(const char *src, const char *dst);   /* through gptoss_write_file */
+/* The same protocol for a writer that writes piece by piece: temp_open
+   creates "<path>.tmp-XXXXXX" (mode 0644) and returns its descriptor, with
+   its name in *tmp (-1 and the error set when it cannot); temp_commit takes
+   the result so far, syncs, closes and renames it into place when that is
+   GPTOSS_OK, else removes it; it frees tmp and returns the result. */
+int gptoss_temp_open(const char *path, char **tmp);
+gptoss_status gptoss_write_all(int fd, const void *data, size_t len, const char *name);
+gptoss_status gptoss_temp_commit(int fd, char *tmp, const char *path, gptoss_status rc);
+/* "<path>.tmp-XXXXXX", malloc'd (NULL and the error set when out of memory),
+   for mkstemp or mkdtemp */
+char *gptoss_temp_name(const char *path);
+/* removes dir and the files in it (one level: what the engine writes) */
+void gptoss_remove_tree(const char *dir);
 /* dir + "/" + name, malloc'd */
 char *gptoss_path_join(const char *dir, const char *name);
 int gptoss_is_dir(const char *path);

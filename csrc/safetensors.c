@@ -624,20 +624,6 @@ static void fill_worker(void *ctx, int tid, int nth) {
   fill_range(j->e, j->buf + (size_t)lo * es, j->first + (uint64_t)lo, (uint64_t)(hi - lo));
 }
 
-static gptoss_status write_all(int fd, const void *p, size_t n, const char *path) {
-  const char *c = p;
-  while (n) {
-    ssize_t k = write(fd, c, n);
-    if (k < 0) {
-      if (errno == EINTR) continue;
-      return gptoss_fail(GPTOSS_EIO, "%s: write failed: %s", path, strerror(errno));
-    }
-    c += k;
-    n -= (size_t)k;
-  }
-  return GPTOSS_OK;
-}
-
 static char *build_header(gptoss_st_writer *w, size_t *len) {
   cJSON *h = cJSON_CreateObject();
   if (!h) return NULL;
@@ -676,23 +662,14 @@ gptoss_status gptoss_stw_commit(gptoss_st_writer *w, int threads) {
   char *hdr = build_header(w, &hlen);
   if (!hdr) return gptoss_fail(GPTOSS_ENOMEM, "%s: out of memory building the header", w->path);
 
-  size_t plen = strlen(w->path);
-  char *tmp = malloc(plen + 16);
-  if (!tmp) { free(hdr); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-  memcpy(tmp, w->path, plen);
-  memcpy(tmp + plen, ".tmp-XXXXXX", 12);
-  int fd = mkostemp(tmp, O_CLOEXEC);
-  if (fd < 0) {
-    gptoss_status rc = gptoss_fail(GPTOSS_EIO, "%s: cannot create a temporary file beside it: %s", w->path, strerror(errno));
-    free(tmp); free(hdr);
-    return rc;
-  }
-  fchmod(fd, 0644);
+  char *tmp;
+  int fd = gptoss_temp_open(w->path, &tmp);
+  if (fd < 0) { free(hdr); return gptoss_errcode(); }
   gptoss_status rc = GPTOSS_OK;
   unsigned char lenb[8];
   for (int i = 0; i < 8; i++) lenb[i] = (unsigned char)((uint64_t)hlen >> (8 * i));
-  rc = write_all(fd, lenb, 8, tmp);
-  if (!rc) rc = write_all(fd, hdr, hlen, tmp);
+  rc = gptoss_write_all(fd, lenb, 8, tmp);
+  if (!rc) rc = gptoss_write_all(fd, hdr, hlen, tmp);
   free(hdr);
 
   const size_t CHUNK = (size_t)64 << 20;
@@ -701,7 +678,7 @@ gptoss_status gptoss_stw_commit(gptoss_st_writer *w, int threads) {
   for (size_t i = 0; i < w->n && !rc; i++) {
     const w_entry *e = &w->e[i];
     if (e->fill.kind == GPTOSS_FILL_DATA) {
-      if (e->nbytes) rc = write_all(fd, e->fill.data, (size_t)e->nbytes, tmp);
+      if (e->nbytes) rc = gptoss_write_all(fd, e->fill.data, (size_t)e->nbytes, tmp);
       continue;
     }
     if (!buf && !(buf = malloc(CHUNK))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); break; }
@@ -712,16 +689,11 @@ gptoss_status gptoss_stw_commit(gptoss_st_writer *w, int threads) {
       uint64_t cnt = total - first < per ? total - first : per;
       fill_job j = { e, buf, first, cnt };
       gptoss_pool_run(pool, fill_worker, &j);
-      rc = write_all(fd, buf, (size_t)(cnt * es), tmp);
+      rc = gptoss_write_all(fd, buf, (size_t)(cnt * es), tmp);
     }
   }
   free(buf);
   gptoss_pool_free(pool);
-  if (!rc && fsync(fd) != 0) rc = gptoss_fail(GPTOSS_EIO, "%s: fsync failed: %s", tmp, strerror(errno));
-  if (close(fd) != 0 && !rc) rc = gptoss_fail(GPTOSS_EIO, "%s: close failed: %s", tmp, strerror(errno));
-  if (!rc && rename(tmp, w->path) != 0) rc = gptoss_fail(GPTOSS_EIO, "%s: rename into place failed: %s", w->path, strerror(errno));
-  if (rc) unlink(tmp);
-  free(tmp);
-  return rc;
+  return gptoss_temp_commit(fd, tmp, w->path, rc);
 }
 /* }====================================================== */

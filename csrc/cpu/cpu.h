@@ -7,24 +7,15 @@
 #define GPTOSS_CPU_H
 
 #include "../backend.h"
+#include "../mxfp4.h"
 
 /* the backend's model state (m->bm) */
 typedef struct cpu_model {
   gptoss_pool *pool;
 } cpu_model;
 
-/* the FP4 (E2M1) code points, bit 3 the sign */
-extern const float gptoss_fp4_values[16];
-
 float cpu_dot(const float *a, const float *b, int n);
 void cpu_bf16_row(float *dst, const uint16_t *src, int n);
-/* one MXFP4 row of n = 32*G values: blocks[G][16], scales[G] */
-void cpu_mxfp4_row(float *dst, const uint8_t *blocks, const uint8_t *scales, int n);
-static inline float cpu_e8m0(uint8_t e) {
-  union { uint32_t u; float f; } v;
-  v.u = e ? (uint32_t)e << 23 : 0x00400000u;   /* 2^(e-127); e = 0 is the subnormal 2^-127 */
-  return v.f;
-}
 
 /* out[t*os + r] = bias[r] + W[r,:] . in[t*is + :] for r < N, t < T; W bf16 [N][K] */
 void cpu_matmul_bf16(gptoss_pool *p, float *out, int os, const float *in, int is, int T,

@@ -10,11 +10,6 @@
 
 #define HOT GPTOSS_HOT
 
-const float gptoss_fp4_values[16] = {
-  +0.0f, +0.5f, +1.0f, +1.5f, +2.0f, +3.0f, +4.0f, +6.0f,
-  -0.0f, -0.5f, -1.0f, -1.5f, -2.0f, -3.0f, -4.0f, -6.0f,
-};
-
 /* Sixteen partial sums: enough independent chains for the vector units, and
    a summation order that does not depend on the thread count. */
 HOT float cpu_dot(const float *a, const float *b, int n) {
@@ -31,29 +26,6 @@ HOT float cpu_dot(const float *a, const float *b, int n) {
 HOT void cpu_bf16_row(float *dst, const uint16_t *src, int n) {
   uint32_t *d = (uint32_t *)dst;
   for (int i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
-}
-
-/* byte -> (low nibble value, high nibble value): the low nibble comes first */
-static float fp4_pairs[256][2];
-static void fp4_init(void) {
-  for (int b = 0; b < 256; b++) {
-    fp4_pairs[b][0] = gptoss_fp4_values[b & 15];
-    fp4_pairs[b][1] = gptoss_fp4_values[b >> 4];
-  }
-}
-__attribute__((constructor)) static void kernels_init(void) { fp4_init(); }
-
-void cpu_mxfp4_row(float *dst, const uint8_t *blocks, const uint8_t *scales, int n) {
-  int G = n / 32;
-  for (int g = 0; g < G; g++) {
-    float s = cpu_e8m0(scales[g]);
-    const uint8_t *b = blocks + 16 * g;
-    float *o = dst + 32 * g;
-    for (int j = 0; j < 16; j++) {
-      o[2 * j] = fp4_pairs[b[j]][0] * s;
-      o[2 * j + 1] = fp4_pairs[b[j]][1] * s;
-    }
-  }
 }
 
 typedef struct mm_job {
@@ -95,7 +67,7 @@ static void mm_mxfp4_worker(void *ctx, int tid, int nth) {
   if (!row) abort();
   int G = j->K / 32;
   for (int64_t r = lo; r < hi; r++) {
-    cpu_mxfp4_row(row, j->blocks + (size_t)r * (size_t)G * 16, j->scales + (size_t)r * (size_t)G, j->K);
+    gptoss_mxfp4_row(row, j->blocks + (size_t)r * (size_t)G * 16, j->scales + (size_t)r * (size_t)G, j->K);
     float b = j->bias ? gptoss_bf16_to_f32(j->bias[r]) : 0.0f;
     for (int t = 0; t < j->T; t++)
       j->out[(size_t)t * (size_t)j->os + (size_t)r] = cpu_dot(row, j->in + (size_t)t * (size_t)j->is, j->K) + b;
@@ -178,7 +150,7 @@ static void mmt_worker(void *ctx, int tid, int nth) {
   if (!row) abort();
   for (int r = 0; r < j->N; r++) {
     if (j->W) cpu_bf16_row(row, j->W + (size_t)r * (size_t)j->K + k0, n);
-    else cpu_mxfp4_row(row, j->blocks + ((size_t)r * (size_t)G + (size_t)(k0 / 32)) * 16,
+    else gptoss_mxfp4_row(row, j->blocks + ((size_t)r * (size_t)G + (size_t)(k0 / 32)) * 16,
                        j->scales + (size_t)r * (size_t)G + (size_t)(k0 / 32), n);
     for (int t = 0; t < j->T; t++) {
       float a = j->dy[(size_t)t * (size_t)j->ys + (size_t)r];

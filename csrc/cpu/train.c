@@ -78,22 +78,23 @@ static void lora_fwd(trainer *tr, int l, gptoss_lora_module mod, float *y, int y
 /* gradients of one module from its input x and output gradient dy; dx gets
    the LoRA path's share: dB += s dy h^T, dA += (s B^T dy) x^T, dx += A^T (s B^T dy) */
 static void lora_bwd(trainer *tr, int l, gptoss_lora_module mod, const float *x, int xs, const float *dy, int ys, float *dx) {
-  gptoss_lora *L = (gptoss_lora *)gptoss_adapter_module(tr->a, l, mod);
+  const gptoss_lora *L = gptoss_adapter_module(tr->a, l, mod);
   if (!L) return;
-  float *h = tr->h, *dh = tr->h + L->r;
+  float *gA, *gB, *h = tr->h, *dh = tr->h + L->r;
+  gptoss_adapter_grads(tr->a, l, mod, &gA, &gB);
   for (int t = 0; t < tr->T; t++) {
     const float *xt = lora_input(tr, l, mod, t, x + (size_t)t * xs, L->in), *dyt = dy + (size_t)t * ys;
     for (int i = 0; i < L->r; i++) { h[i] = cpu_dot(L->A + (size_t)i * L->in, xt, L->in); dh[i] = 0; }
     for (int o = 0; o < L->out; o++) {
       float g = L->scale * dyt[o];
       if (g == 0.0f) continue;
-      float *gb = L->gB + (size_t)o * L->r;
+      float *gb = gB + (size_t)o * L->r;
       const float *b = L->B + (size_t)o * L->r;
       for (int i = 0; i < L->r; i++) { gb[i] += g * h[i]; dh[i] += g * b[i]; }
     }
     float *dxt = dx + (size_t)t * xs;
     for (int i = 0; i < L->r; i++) {
-      float *ga = L->gA + (size_t)i * L->in;
+      float *ga = gA + (size_t)i * L->in;
       const float *ar = L->A + (size_t)i * L->in;
       for (int c = 0; c < L->in; c++) {
         ga[c] += dh[i] * xt[c];
@@ -107,7 +108,8 @@ static void lora_bwd(trainer *tr, int l, gptoss_lora_module mod, const float *x,
 /* expert e's share of an expert LoRA's gradients (PEFT's ParamWrapper
    layout): with h = A_e x, dh = s B_e^T dy: gB_e += s dy h^T, gA_e += dh x^T,
    dx += A_e^T dh */
-static void lora_expert_bwd(trainer *tr, gptoss_lora *x, int e, const float *in, const float *dy, float *din) {
+static void lora_expert_bwd(trainer *tr, const gptoss_lora *x, float *gA, float *gB, int e, const float *in, const float *dy,
+                            float *din) {
   int E = x->experts, r = x->r;
   float *h = tr->h, *dh = tr->h + r;
   for (int k = 0; k < r; k++) { h[k] = cpu_dot(x->A + (size_t)(e * r + k) * x->in, in, x->in); dh[k] = 0; }
@@ -115,11 +117,11 @@ static void lora_expert_bwd(trainer *tr, gptoss_lora *x, int e, const float *in,
     float g = x->scale * dy[o];
     if (g == 0.0f) continue;
     const float *b = x->B + (size_t)o * x->rk + e;
-    float *gb = x->gB + (size_t)o * x->rk + e;
+    float *gb = gB + (size_t)o * x->rk + e;
     for (int k = 0; k < r; k++) { gb[(size_t)k * E] += g * h[k]; dh[k] += g * b[(size_t)k * E]; }
   }
   for (int k = 0; k < r; k++) {
-    float *ga = x->gA + (size_t)(e * r + k) * x->in;
+    float *ga = gA + (size_t)(e * r + k) * x->in;
     const float *ar = x->A + (size_t)(e * r + k) * x->in;
     for (int i = 0; i < x->in; i++) { ga[i] += dh[k] * in[i]; din[i] += dh[k] * ar[i]; }
   }
@@ -215,8 +217,10 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
   const gptoss_tensor *dnb = LAYER_T(m, l, GPTOSS_T_DN_BLOCKS), *dns = LAYER_T(m, l, GPTOSS_T_DN_SCALES);
   const uint16_t *router = LAYER_T(m, l, GPTOSS_T_ROUTER_W)->data;
   float limit = (float)cfg->swiglu_limit, alpha = 1.702f;
-  gptoss_lora *lgu = (gptoss_lora *)gptoss_adapter_module(tr->a, l, GPTOSS_LORA_GU);
-  gptoss_lora *ldn = (gptoss_lora *)gptoss_adapter_module(tr->a, l, GPTOSS_LORA_DN);
+  const gptoss_lora *lgu = gptoss_adapter_module(tr->a, l, GPTOSS_LORA_GU), *ldn = gptoss_adapter_module(tr->a, l, GPTOSS_LORA_DN);
+  float *ggu[2], *gdn[2];   /* their gradients, A's and B's */
+  gptoss_adapter_grads(tr->a, l, GPTOSS_LORA_GU, &ggu[0], &ggu[1]);
+  gptoss_adapter_grads(tr->a, l, GPTOSS_LORA_DN, &gdn[0], &gdn[1]);
 
   /* MoE: dx (d/d x_out) flows to x_mid directly and through the experts */
   float *dxn = calloc((size_t)T * (H > Q ? H : Q), sizeof(float));
@@ -236,7 +240,7 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
       for (int d = 0; d < H; d++) dye[d] = c->w[p] * g[d];
       memset(dact, 0, sizeof(float) * (size_t)I);
       cpu_matmul_t_mxfp4(tr->pool, dact, 0, dye, 0, 1, blk(dnb, e * dn_g * 16), blk(dns, e * dn_g), H, I);
-      if (ldn) lora_expert_bwd(tr, ldn, (int)e, c->act + p * I, dye, dact);
+      if (ldn) lora_expert_bwd(tr, ldn, gdn[0], gdn[1], (int)e, c->act + p * I, dye, dact);
       for (int i = 0; i < I; i++) {       /* clamped SwiGLU; clamp passes gradient on [min, max] */
         float gt = gu[2 * i], up = gu[2 * i + 1];
         float gc = gt > limit ? limit : gt, uc = up > limit ? limit : up < -limit ? -limit : up;
@@ -245,7 +249,7 @@ static void layer_bwd(trainer *tr, int l, const float *x, float *dx) {
         dgu[2 * i] = gt <= limit ? dact[i] * (uc + 1.0f) * (sg + gc * alpha * sg * (1.0f - sg)) : 0.0f;
       }
       cpu_matmul_t_mxfp4(tr->pool, dn, 0, dgu, 0, 1, blk(gub, e * gu_g * 16), blk(gus, e * gu_g), (int)gu_rows, H);
-      if (lgu) lora_expert_bwd(tr, lgu, (int)e, c->xn2 + (size_t)t * H, dgu, dn);
+      if (lgu) lora_expert_bwd(tr, lgu, ggu[0], ggu[1], (int)e, c->xn2 + (size_t)t * H, dgu, dn);
     }
     /* softmax over the k chosen logits; the router's input gets the rest */
     for (int j = 0; j < K; j++) {

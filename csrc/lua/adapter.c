@@ -40,8 +40,11 @@ static gptoss_lora *arg_module(lua_State *L, gptoss_adapter *a, int li, int *m) 
    B = Floats [out x rk], gA, gB (once trained) } | nil */
 static int adapter_module(lua_State *L) {
   int m;
-  const gptoss_lora *x = arg_module(L, lg_check_adapter(L, 1), 2, &m);
+  gptoss_adapter *a = lg_check_adapter(L, 1);
+  const gptoss_lora *x = arg_module(L, a, 2, &m);
   if (!x) { lua_pushnil(L); return 1; }
+  float *gA, *gB;
+  gptoss_adapter_grads(a, (int)lua_tointeger(L, 2), (gptoss_lora_module)m, &gA, &gB);
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, x->r); lua_setfield(L, -2, "r");
   lua_pushinteger(L, x->experts); lua_setfield(L, -2, "experts");
@@ -52,12 +55,12 @@ static int adapter_module(lua_State *L) {
   f = lg_floats_new(L, x->out, x->rk);
   memcpy(f->v, x->B, sizeof(float) * (size_t)x->out * x->rk);
   lua_setfield(L, -2, "B");
-  if (x->gA) {
+  if (gA) {
     f = lg_floats_new(L, x->rk, x->in);
-    memcpy(f->v, x->gA, sizeof(float) * (size_t)x->rk * x->in);
+    memcpy(f->v, gA, sizeof(float) * (size_t)x->rk * x->in);
     lua_setfield(L, -2, "gA");
     f = lg_floats_new(L, x->out, x->rk);
-    memcpy(f->v, x->gB, sizeof(float) * (size_t)x->out * x->rk);
+    memcpy(f->v, gB, sizeof(float) * (size_t)x->out * x->rk);
     lua_setfield(L, -2, "gB");
   }
   return 1;

@@ -1,0 +1,52 @@
+/*
+** adapter_impl.h: the adapter object as its files share it: adapter.c
+** (the object), peft.c (PEFT's files), optim.c (gradients and AdamW) and
+** merge.c (merging into a checkpoint).
+*/
+#ifndef GPTOSS_ADAPTER_IMPL_H
+#define GPTOSS_ADAPTER_IMPL_H
+
+#include <cjson/cJSON.h>
+#include "backend.h"
+
+/* PEFT's names of the modules, in gptoss_lora_module order */
+extern const char *const gptoss_lora_names[GPTOSS_LORA_MODULES];
+
+/* what training keeps beside a module's weights, shaped like its A and B */
+typedef struct lora_train {
+  float *gA, *gB;               /* gradients, NULL until the first backward */
+  float *mA, *mB, *vA, *vB;     /* AdamW's moments, NULL until the first step */
+} lora_train;
+
+struct gptoss_adapter {
+  int refs;
+  int nlayers;                  /* 1 + the highest layer with a module */
+  gptoss_lora *mod;             /* [nlayers][GPTOSS_LORA_MODULES]; r == 0: absent */
+  lora_train *train;            /* [nlayers][GPTOSS_LORA_MODULES], beside mod */
+  double alpha;
+  int r, rslora;
+  int steps;                    /* AdamW steps taken */
+  int tp[2], ntp;               /* target_parameters in listed order (expert modules) */
+  double dropout;               /* training only */
+  uint64_t seed;
+  cJSON *config;                /* adapter_config.json as read, written back by save */
+  uint64_t version;             /* changes whenever A or B may have changed (see gptoss_adapter_touch) */
+  struct update *update;        /* AdamW's update, once a step has run */
+  /* each STEP_CHUNK chunk's sum of squares of the gradients (in step's
+     chunk order), kept by gptoss_adapter_add_grads; gsq_ok[l]: layer l's
+     are current, so step need not read them again (see optim.c) */
+  double *gsq;
+  unsigned char *gsq_ok;
+  size_t *chunk0;               /* [nlayers * GPTOSS_LORA_MODULES]: each module's first chunk */
+  size_t chunk0_total;          /* chunks in all */
+};
+
+/* adapter.c: an adapter with room for nlayers layers and no modules yet */
+gptoss_adapter *gptoss_adapter_alloc(int nlayers);
+double gptoss_lora_scale(double alpha, int r, int rslora);
+/* peft.c: PEFT's adapter_config.json for a new adapter */
+cJSON *gptoss_peft_new_config(const gptoss_model *m, const gptoss_lora_opts *o);
+/* optim.c: stops the update's thread and frees the optimizer's state */
+void gptoss_optim_free(gptoss_adapter *a);
+
+#endif
