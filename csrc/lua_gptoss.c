@@ -264,12 +264,22 @@ static int l_cpu_count(lua_State *L) {
   return 1;
 }
 
+/* core.test_fail_alloc(n) -> what was left of the last: a test hook, not
+   API (csrc/internal.h): the n-th allocation of the CPU backend from now
+   fails, 0 none; what comes back is 0 once the armed failure happened */
+int gptoss_test_fail_alloc(int n);
+static int l_test_fail_alloc(lua_State *L) {
+  lua_pushinteger(L, gptoss_test_fail_alloc((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
 int luaopen_gptoss_core(lua_State *L) {
   static const luaL_Reg fl_methods[] = {
     {"row", fl_row}, {"argmax", fl_argmax}, {"shape", fl_shape}, {"bytes", fl_bytes}, {"get", fl_get}, {"nll", fl_nll}, {NULL, NULL}};
   static const luaL_Reg fl_meta[] = {{"__len", fl_len}, {"__tostring", fl_tostring}, {NULL, NULL}};
   lg_class(L, FLOATS_T, fl_methods, fl_meta, fl_fields);
-  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"floats", l_floats}, {"clock", l_clock}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"floats", l_floats}, {"clock", l_clock},
+                                   {"test_fail_alloc", l_test_fail_alloc}, {NULL, NULL}};
   luaL_newlib(L, funcs);
   lua_pushstring(L, GPTOSS_VERSION);
   lua_setfield(L, -2, "version");
