@@ -69,10 +69,11 @@ static inline GPTOSS_HD float gptoss_lora_keep(uint64_t key, int l, int mod, int
 /* }====================================================== */
 
 /* {====================================================== thread pool */
-/* Fork-join pool: run() calls fn(ctx, tid, nthreads) on every thread (the
-   caller is thread 0) and returns when all are done. Workers spin briefly
-   before sleeping, since a forward pass issues hundreds of short regions. */
-typedef struct gptoss_pool gptoss_pool;
+/* Fork-join pool (gptoss_pool_new, _run, _free above): run() calls
+   fn(ctx, tid, nthreads) on every thread (the caller is thread 0) and
+   returns when all are done. Workers spin briefly before sleeping, since a
+   forward pass issues hundreds of short regions. pool_size: the threads
+   run() uses, fewer than asked when some failed to start. */
 int gptoss_pool_size(const gptoss_pool *p);
 
 /* [lo, hi) share of n items for thread tid of nth */
@@ -122,6 +123,14 @@ int gptoss_json_walk_next(gptoss_json_walk *w, char **key);
 struct cJSON *gptoss_json_walk_value(gptoss_json_walk *w);   /* parses the value */
 int gptoss_json_walk_skip(gptoss_json_walk *w);              /* skips the value */
 size_t gptoss_json_walk_offset(const gptoss_json_walk *w);
+/* }====================================================== */
+
+/* {====================================================== test hooks */
+/* Not API: the n-th allocation of the CPU backend from now fails (n >= 1;
+   0: none does), so that a spec can reach every out-of-memory path.
+   Returns what was left of the previous count: 0 once its failure came
+   (or none was armed), more when fewer allocations were made */
+int gptoss_test_fail_alloc(int n);
 /* }====================================================== */
 
 #endif

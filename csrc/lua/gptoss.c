@@ -5,6 +5,7 @@
 #include <string.h>
 #include <time.h>
 #include "binding.h"
+#include "internal.h"   /* gptoss_test_fail_alloc */
 
 /* core.clock(): seconds from a monotonic clock, for benchmarks */
 static int l_clock(lua_State *L) {
@@ -19,8 +20,17 @@ static int l_cpu_count(lua_State *L) {
   return 1;
 }
 
+/* core.test_fail_alloc(n) -> what was left of the last: a test hook, not
+   API (csrc/internal.h): the n-th allocation of the CPU backend from now
+   fails, 0 none; what comes back is 0 once the armed failure happened */
+static int l_test_fail_alloc(lua_State *L) {
+  lua_pushinteger(L, gptoss_test_fail_alloc((int)luaL_checkinteger(L, 1)));
+  return 1;
+}
+
 int luaopen_gptoss_core(lua_State *L) {
-  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"clock", l_clock}, {NULL, NULL}};
+  static const luaL_Reg funcs[] = {{"cpu_count", l_cpu_count}, {"clock", l_clock},
+                                   {"test_fail_alloc", l_test_fail_alloc}, {NULL, NULL}};
   luaL_newlib(L, funcs);
   lua_pushstring(L, GPTOSS_VERSION);
   lua_setfield(L, -2, "version");

@@ -1,11 +1,10 @@
 /*
-** kernels.c: the CPU backend's arithmetic, in plain C the compiler
-** vectorises. Hot loops are cloned for AVX2/AVX-512 and picked at load time,
-** so one binary runs on any x86-64 and uses what the machine has.
+** matmul.c: weight rows (bf16, MXFP4) into fp32, the dot product, and the
+** products against a layer's weights with their transposes (the backward),
+** in plain C the compiler vectorises. Hot loops are cloned for AVX2/AVX-512
+** and picked at load time, so one binary runs on any x86-64 and uses what
+** the machine has.
 */
-#include <math.h>
-#include <string.h>
-#include <stdlib.h>
 #include "cpu.h"
 
 #define HOT GPTOSS_HOT
@@ -29,6 +28,7 @@ HOT void cpu_bf16_row(float *dst, const uint16_t *src, int n) {
 }
 
 typedef struct mm_job {
+  const cpu_model *cm;
   float *out;
   int os, is, T, N, K;
   const float *in;
@@ -42,29 +42,26 @@ static void mm_bf16_worker(void *ctx, int tid, int nth) {
   mm_job *j = ctx;
   int64_t lo, hi;
   gptoss_split(j->N, tid, nth, &lo, &hi);
-  float *row = malloc(sizeof(float) * (size_t)j->K);
-  if (!row) abort();
+  float *row = j->cm->rows + (size_t)tid * (size_t)j->cm->row_len;
   for (int64_t r = lo; r < hi; r++) {
     cpu_bf16_row(row, j->W + (size_t)r * (size_t)j->K, j->K);
     float b = j->bias ? gptoss_bf16_to_f32(j->bias[r]) : 0.0f;
     for (int t = 0; t < j->T; t++)
       j->out[(size_t)t * (size_t)j->os + (size_t)r] = cpu_dot(row, j->in + (size_t)t * (size_t)j->is, j->K) + b;
   }
-  free(row);
 }
 
-void cpu_matmul_bf16(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+void cpu_matmul_bf16(const cpu_model *cm, float *out, int os, const float *in, int is, int T,
                      const uint16_t *W, int N, int K, const uint16_t *bias) {
-  mm_job j = { out, os, is, T, N, K, in, W, bias, NULL, NULL };
-  gptoss_pool_run(p, mm_bf16_worker, &j);
+  mm_job j = { cm, out, os, is, T, N, K, in, W, bias, NULL, NULL };
+  gptoss_pool_run(cm->pool, mm_bf16_worker, &j);
 }
 
 static void mm_mxfp4_worker(void *ctx, int tid, int nth) {
   mm_job *j = ctx;
   int64_t lo, hi;
   gptoss_split(j->N, tid, nth, &lo, &hi);
-  float *row = malloc(sizeof(float) * (size_t)j->K);
-  if (!row) abort();
+  float *row = j->cm->rows + (size_t)tid * (size_t)j->cm->row_len;
   int G = j->K / 32;
   for (int64_t r = lo; r < hi; r++) {
     gptoss_mxfp4_row(row, j->blocks + (size_t)r * (size_t)G * 16, j->scales + (size_t)r * (size_t)G, j->K);
@@ -72,59 +69,12 @@ static void mm_mxfp4_worker(void *ctx, int tid, int nth) {
     for (int t = 0; t < j->T; t++)
       j->out[(size_t)t * (size_t)j->os + (size_t)r] = cpu_dot(row, j->in + (size_t)t * (size_t)j->is, j->K) + b;
   }
-  free(row);
 }
 
-void cpu_matmul_mxfp4(gptoss_pool *p, float *out, int os, const float *in, int is, int T,
+void cpu_matmul_mxfp4(const cpu_model *cm, float *out, int os, const float *in, int is, int T,
                       const uint8_t *blocks, const uint8_t *scales, int N, int K, const uint16_t *bias) {
-  mm_job j = { out, os, is, T, N, K, in, NULL, bias, blocks, scales };
-  gptoss_pool_run(p, mm_mxfp4_worker, &j);
-}
-
-/* RMSNorm as transformers computes it: fp32 mean of squares, then the weight */
-void cpu_rmsnorm(float *out, const float *x, const uint16_t *w, int n, float eps) {
-  float ss = cpu_dot(x, x, n) / (float)n;
-  float r = 1.0f / sqrtf(ss + eps);
-  for (int i = 0; i < n; i++) out[i] = gptoss_bf16_to_f32(w[i]) * (x[i] * r);
-}
-
-void cpu_rope(float *x, int d, int pos, const float *inv_freq, float scale) {
-  int h = d / 2;
-  for (int i = 0; i < h; i++) {
-    float th = (float)pos * inv_freq[i];
-    float c = cosf(th) * scale, s = sinf(th) * scale;
-    float a = x[i], b = x[i + h];
-    x[i] = a * c - b * s;
-    x[i + h] = b * c + a * s;
-  }
-}
-
-void cpu_swiglu(float *out, const float *h, int n, float limit) {
-  const float alpha = 1.702f;
-  for (int j = 0; j < n; j++) {
-    float g = h[2 * j], u = h[2 * j + 1];
-    if (g > limit) g = limit;
-    if (u > limit) u = limit;
-    if (u < -limit) u = -limit;
-    float glu = g / (1.0f + expf(-alpha * g));
-    out[j] = (u + 1.0f) * glu;
-  }
-}
-
-void cpu_route(const float *logits, int E, int k, int32_t *sel, float *w) {
-  for (int i = 0; i < k; i++) {
-    int best = -1;
-    for (int e = 0; e < E; e++) {
-      int taken = 0;
-      for (int j = 0; j < i; j++) taken |= sel[j] == e;
-      if (!taken && (best < 0 || logits[e] > logits[best])) best = e;
-    }
-    sel[i] = best;
-    w[i] = logits[best];
-  }
-  float mx = w[0], sum = 0;
-  for (int i = 0; i < k; i++) { w[i] = expf(w[i] - mx); sum += w[i]; }
-  for (int i = 0; i < k; i++) w[i] /= sum;
+  mm_job j = { cm, out, os, is, T, N, K, in, NULL, bias, blocks, scales };
+  gptoss_pool_run(cm->pool, mm_mxfp4_worker, &j);
 }
 
 /* {====================================================== transposed products (backward) */
@@ -132,6 +82,7 @@ void cpu_route(const float *logits, int E, int k, int32_t *sel, float *w) {
    walks every row once and adds dy[t][r] * W[r][k] for all t: no two
    threads write the same dx element. */
 typedef struct mmt_job {
+  const cpu_model *cm;
   float *dx;
   int xs, ys, T, N, K;
   const float *dy;
@@ -146,8 +97,7 @@ static void mmt_worker(void *ctx, int tid, int nth) {
   gptoss_split(j->K / unit, tid, nth, &lo, &hi);
   int k0 = (int)lo * unit, n = (int)(hi - lo) * unit, G = j->K / 32;
   if (n <= 0) return;
-  float *row = malloc(sizeof(float) * (size_t)n);
-  if (!row) abort();
+  float *row = j->cm->rows + (size_t)tid * (size_t)j->cm->row_len;
   for (int r = 0; r < j->N; r++) {
     if (j->W) cpu_bf16_row(row, j->W + (size_t)r * (size_t)j->K + k0, n);
     else gptoss_mxfp4_row(row, j->blocks + ((size_t)r * (size_t)G + (size_t)(k0 / 32)) * 16,
@@ -159,30 +109,16 @@ static void mmt_worker(void *ctx, int tid, int nth) {
       for (int i = 0; i < n; i++) d[i] += a * row[i];
     }
   }
-  free(row);
 }
 
-void cpu_matmul_t_bf16(gptoss_pool *p, float *dx, int xs, const float *dy, int ys, int T, const uint16_t *W, int N, int K) {
-  mmt_job j = { dx, xs, ys, T, N, K, dy, W, NULL, NULL };
-  gptoss_pool_run(p, mmt_worker, &j);
+void cpu_matmul_t_bf16(const cpu_model *cm, float *dx, int xs, const float *dy, int ys, int T, const uint16_t *W, int N, int K) {
+  mmt_job j = { cm, dx, xs, ys, T, N, K, dy, W, NULL, NULL };
+  gptoss_pool_run(cm->pool, mmt_worker, &j);
 }
 
-void cpu_matmul_t_mxfp4(gptoss_pool *p, float *dx, int xs, const float *dy, int ys, int T,
+void cpu_matmul_t_mxfp4(const cpu_model *cm, float *dx, int xs, const float *dy, int ys, int T,
                         const uint8_t *blocks, const uint8_t *scales, int N, int K) {
-  mmt_job j = { dx, xs, ys, T, N, K, dy, NULL, blocks, scales };
-  gptoss_pool_run(p, mmt_worker, &j);
+  mmt_job j = { cm, dx, xs, ys, T, N, K, dy, NULL, blocks, scales };
+  gptoss_pool_run(cm->pool, mmt_worker, &j);
 }
 /* }====================================================== */
-
-/* expert e's share of an expert LoRA (PEFT's ParamWrapper layout, see
-   gptoss.h): y += scale * B_e (A_e x); h is scratch for r floats */
-void cpu_lora_expert(const gptoss_lora *x, int e, const float *in, float *y, float *h) {
-  int E = x->experts, r = x->r;
-  for (int k = 0; k < r; k++) h[k] = cpu_dot(x->A + (size_t)(e * r + k) * x->in, in, x->in);
-  for (int o = 0; o < x->out; o++) {
-    const float *b = x->B + (size_t)o * x->rk + e;
-    float acc = 0;
-    for (int k = 0; k < r; k++) acc += b[(size_t)k * E] * h[k];
-    y[o] += x->scale * acc;
-  }
-}
