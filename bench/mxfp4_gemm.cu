@@ -1,6 +1,6 @@
 // bench/mxfp4_gemm.cu: training's grouped expert products (kernels/mxfp4_gemm.cu)
 // against cuBLAS on the same products with the weights already expanded to
-// bf16 (what train.cu ran before, less the expansion), on the 20B shape:
+// bf16 (what the trainer ran before, less the expansion), on the 20B shape:
 // 32 experts, 2048 tokens x 4 slots routed at random.
 //
 //   make bench-kernels && build/cuda/mxfp4_bench [reps]

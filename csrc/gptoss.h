@@ -226,15 +226,22 @@ int32_t gptoss_sampler_sample(gptoss_sampler *s, float *logits,
 typedef struct gptoss_model gptoss_model;
 typedef struct gptoss_session gptoss_session;
 
+/* How the CUDA backend rounds (the CPU computes in fp32 whichever is asked) */
+typedef enum gptoss_precision {
+  GPTOSS_PRECISION_EXACT = 0,  /* the default: every GEMM input split into two bf16 terms, fp32 KV cache;
+                                  the CPU's tokens */
+  GPTOSS_PRECISION_MIXED,      /* as exact for inference; LoRA training takes plain bf16 past the routing
+                                  (the loss head, the recompute's expert products, the backward's products
+                                  but attention's): what decides each token's experts stays split */
+  GPTOSS_PRECISION_FAST        /* plain bf16 GEMM inputs everywhere, fp16 KV cache */
+} gptoss_precision;
+
 typedef struct gptoss_model_opts {
   const char *device;      /* "cpu" (default) or "cuda[:N]" */
   int threads;             /* CPU threads; 0 = number of cores */
   int context;             /* max tokens per session; 0 = min(max_position_embeddings, 8192) */
   size_t memory_budget;    /* CUDA: bytes the model may hold; 0 = 90% of free memory */
-  int fast;                /* CUDA: plain bf16 activations in the GEMMs instead of split bf16 */
-  int bf16_backward;       /* CUDA, with fast 0: LoRA training in plain bf16 past the routing (the loss head,
-                              the recompute's expert products, the backward's products but attention's):
-                              precision "mixed"; what decides each token's experts stays split bf16 */
+  gptoss_precision precision;   /* CUDA; 0 = GPTOSS_PRECISION_EXACT */
 } gptoss_model_opts;
 
 gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);

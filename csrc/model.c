@@ -202,6 +202,8 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   } else return gptoss_fail(GPTOSS_EARG, "invalid device '%s' (cpu, cuda or cuda:N)", dev);
   if (o->threads < 0) return gptoss_fail(GPTOSS_EARG, "threads must be >= 0");
   if (o->context < 0) return gptoss_fail(GPTOSS_EARG, "context must be >= 0");
+  if (o->precision != GPTOSS_PRECISION_EXACT && o->precision != GPTOSS_PRECISION_MIXED && o->precision != GPTOSS_PRECISION_FAST)
+    return gptoss_fail(GPTOSS_EARG, "precision must be GPTOSS_PRECISION_EXACT, _MIXED or _FAST (got %d)", (int)o->precision);
 
   gptoss_model *m = calloc(1, sizeof *m);
   if (!m || !(m->dir = strdup(dir))) { free(m); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }

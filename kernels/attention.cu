@@ -218,3 +218,84 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
   size_t wsz = sizeof(float) * (size_t)((nsplit + 3) & ~3);
   attention_combine_kernel<<<a->T * d->Hq, COMBINE_THREADS, wsz, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
 }
+
+// {====================================================== training
+// LoRA training's attention for head sizes flash_attention.cu has no tiles
+// for: the scores of a few heads at a time, materialised (train_layer.cu
+// runs the products through cuBLAS). CPU reference: csrc/cpu/train.c.
+// RoPE on nh heads of each row (row stride ld): the half-split rotation of
+// cpu_rope, by angle sign * t * inv_freq (sign -1: the backward)
+__global__ void rope_kernel(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, half = D / 2;
+  if (i >= (size_t)T * nh * half) return;
+  int t = (int)(i / (nh * half)), h = (int)(i / half % nh), k = (int)(i % half);
+  float th = sign * (float)t * inv_freq[k], sn, cs;
+  sincosf(th, &sn, &cs);
+  cs *= scale; sn *= scale;
+  float *p = y + (size_t)t * ld + (size_t)h * D;
+  float a = p[k], b = p[k + half];
+  p[k] = a * cs - b * sn;
+  p[k + half] = b * cs + a * sn;
+}
+
+void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign, cudaStream_t s) {
+  size_t n = (size_t)T * nh * (D / 2);
+  rope_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(y, ld, T, nh, D, inv_freq, scale, sign);
+}
+
+__device__ __forceinline__ int first_key(const att_rows &a, int t) {
+  return a.window && t - a.window + 1 > 0 ? t - a.window + 1 : 0;
+}
+
+// One block per (query t, head i of the batch): scaled scores into
+// probabilities over the causal window plus the head's sink (which takes
+// probability but has no value); lse keeps log(sum) for the backward.
+__global__ void softmax_kernel(float *S, att_rows a) {
+  __shared__ float red[32];
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i, j0 = first_key(a, t);
+  float *row = S + ((size_t)i * a.T + t) * a.T;
+  float sink = __bfloat162float(a.sinks[h]), mx = sink;
+  for (int j = j0 + threadIdx.x; j <= t; j += blockDim.x) mx = fmaxf(mx, row[j]);
+  mx = block_max(mx, red);
+  float sum = 0.f;
+  for (int j = j0 + threadIdx.x; j <= t; j += blockDim.x) sum += expf(row[j] - mx);
+  sum = block_sum(sum, red) + expf(sink - mx);
+  float lse = mx + logf(sum);
+  for (int j = threadIdx.x; j < a.T; j += blockDim.x) row[j] = j >= j0 && j <= t ? expf(row[j] - lse) : 0.f;
+  if (threadIdx.x == 0) a.lse[(size_t)t * a.Hq + h] = lse;
+}
+
+// The backward's recomputed scores into the forward's probabilities
+__global__ void probs_kernel(float *S, att_rows a) {
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i, j0 = first_key(a, t);
+  float *row = S + ((size_t)i * a.T + t) * a.T;
+  float lse = a.lse[(size_t)t * a.Hq + h];
+  for (int j = threadIdx.x; j < a.T; j += blockDim.x) row[j] = j >= j0 && j <= t ? expf(row[j] - lse) : 0.f;
+}
+
+// dS = P (dP - dO.O) scale, into dP; dO and O: rows of Q floats, head h at h*D
+__global__ void dsoftmax_kernel(const float *P, float *dP, const float *dO, const float *O, int Q, int D, float scale, att_rows a) {
+  __shared__ float red[32];
+  int t = blockIdx.x, i = blockIdx.y, h = a.h0 + i;
+  size_t off = ((size_t)i * a.T + t) * a.T;
+  const float *o = O + (size_t)t * Q + (size_t)h * D, *g = dO + (size_t)t * Q + (size_t)h * D;
+  float dd = 0.f;
+  for (int d = threadIdx.x; d < D; d += blockDim.x) dd += o[d] * g[d];
+  dd = block_sum(dd, red);
+  for (int j = threadIdx.x; j <= t; j += blockDim.x) dP[off + j] = P[off + j] * (dP[off + j] - dd) * scale;
+  for (int j = t + 1 + threadIdx.x; j < a.T; j += blockDim.x) dP[off + j] = 0.f;
+}
+
+void launch_softmax_rows(float *S, const att_rows *a, int nb, cudaStream_t s) {
+  softmax_kernel<<<dim3(a->T, nb), 256, 0, s>>>(S, *a);
+}
+
+void launch_probs_rows(float *S, const att_rows *a, int nb, cudaStream_t s) {
+  probs_kernel<<<dim3(a->T, nb), 256, 0, s>>>(S, *a);
+}
+
+void launch_dsoftmax_rows(const float *P, float *dP, const float *dO, const float *O, int Q, int D, float scale, const att_rows *a,
+                          int nb, cudaStream_t s) {
+  dsoftmax_kernel<<<dim3(a->T, nb), 256, 0, s>>>(P, dP, dO, O, Q, D, scale, *a);
+}
+// }======================================================

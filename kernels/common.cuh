@@ -120,7 +120,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool p
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
 }
 
-// shared by dense.cu, moe.cu and train.cu
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
@@ -135,6 +134,18 @@ __device__ __forceinline__ float block_sum(float v, float *red) {
   __syncthreads();
   float t = lane < nw ? red[lane] : 0.f;
   t = warp_sum(t);
+  return t;
+}
+
+// max over the block; `red` is 32 floats of shared memory
+__device__ __forceinline__ float block_max(float v, float *red) {
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  __syncthreads();
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  float t = lane < nw ? red[lane] : -INFINITY;
+  for (int o = 16; o > 0; o >>= 1) t = fmaxf(t, __shfl_xor_sync(0xffffffffu, t, o));
   return t;
 }
 
@@ -187,13 +198,60 @@ __device__ __forceinline__ void warp_topk(const float *logit, int E, int K, int3
 }
 // }======================================================
 
+// {====================================================== the layer
+// One gpt-oss layer as every CUDA forward runs it, in csrc/cpu/forward.c's
+// order. Each forward implements the five ops with the kernels of its
+// shape (forward.cu: the general pass's GEMMs over many tokens, the decode
+// step's GEMVs over one; train_layer.cu: the training forward, which keeps
+// fp32 activations for the backward) and runs them through layer_sequence.
+struct layer_ops {
+  virtual gptoss_status attn_in(int l) = 0;     // RMSNorm, q/k/v (+ LoRA); the trainer also ropes q and k here
+  virtual gptoss_status attention(int l) = 0;   // RoPE with the KV store (inference), attention with sinks and window
+  virtual gptoss_status attn_out(int l) = 0;    // o (+ LoRA) into the residual
+  virtual gptoss_status route(int l) = 0;       // RMSNorm, router, top-k and softmax (+ the experts' sort)
+  virtual gptoss_status experts(int l) = 0;     // gate_up (+ LoRA) + SwiGLU, down (+ LoRA), weighted into the residual
+};
+
+static inline gptoss_status layer_sequence(layer_ops &ops, int l) {
+  gptoss_status rc;
+  if ((rc = ops.attn_in(l)) || (rc = ops.attention(l)) || (rc = ops.attn_out(l)) || (rc = ops.route(l))) return rc;
+  return ops.experts(l);
+}
+// }======================================================
+
 // {====================================================== launchers
-// dense.cu
-void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s);
+// norm.cu: RMSNorm of rows (rows[i], or i when rows is NULL).
 // split-bf16: where lo is given, x = hi + lo to ~16 bits; products with the
 // (exactly bf16) weights then sum two tensor-core GEMMs in fp32
 void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps, cudaStream_t s);
+// training: fp32 out, and inv[i] = 1 / rms for the backward, which adds
+// its dx into dx's rows
+void launch_rmsnorm_f32(const float *x, const int32_t *rows, int T, const bf16 *w, float *out, float *inv, int H, float eps,
+                        cudaStream_t s);
+void launch_rmsnorm_bwd(float *dx, const float *x, const int32_t *rows, int T, const float *inv, const bf16 *w, const float *dy,
+                        int H, cudaStream_t s);
+
+// pointwise.cu
 void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s);
+void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s);
+// y[t][n] += bias[n] over rows x N (row stride ld)
+void launch_add_bias(float *y, int ld, const bf16 *bias, int rows, int N, cudaStream_t s);
+// rows x cols (row stride ld) into contiguous bf16 hi (+ lo: split bf16)
+void launch_split(const float *x, int rows, int ld, int cols, bf16 *hi, bf16 *lo, cudaStream_t s);
+// clamped SwiGLU over n interleaved (gate, up) pairs; the backward turns gu
+// into d gu in place, for d act = w[row's assignment] ud (rows of I, perm:
+// the sort's assignment of each row)
+void launch_swiglu(const float *gu, float *act, size_t n, float limit, cudaStream_t s);
+void launch_swiglu_bwd(float *gu, const float *ud, const float *w, const int32_t *perm, int I, size_t n, float limit, cudaStream_t s);
+// cross-entropy of rows of V logits: loss[i] = lse - z[target]; z becomes softmax - onehot
+void launch_xent(float *z, int rows, int V, const int32_t *target, float *loss, cudaStream_t s);
+// LoRA dropout (masks from gptoss_lora_keep) over total values, rows of n:
+// add 0: out = x * keep (contiguous); add 1: out (row stride ldo) += x * keep
+struct drop_args { uint64_t key; int layer, mod; float p; };
+void launch_dropout(const float *x, int ldx, float *out, int ldo, int n, size_t total, drop_args d, int add, cudaStream_t s);
+
+// dense.cu
+void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s);
 // decode: out[r] = bias[r] + W[r] . rmsnorm(x) (or . x when norm_w is NULL); with
 // residual, residual[r] += that instead
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
@@ -203,7 +261,6 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.
 void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
                    bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w, cudaStream_t s);
-void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s);
 
 // attention.cu
 struct attn_args {
@@ -222,6 +279,22 @@ void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s);
 // split_len 0: each token's keys in nsplit equal runs of whole tiles
 void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int nsplit, int split_len,
                       float *part_ml, float *part_acc, float *out, cudaStream_t s);
+// training, for head sizes flash_attention.cu has no tiles for: RoPE on nh
+// heads of fp32 rows (row stride ld) by angle sign * t * inv_freq (sign -1:
+// the backward); the softmax of a batch of nb heads' materialised scores
+// S [nb][T][T] (lse kept), its recomputation from lse, and its backward
+// (dP becomes dS)
+struct att_rows {
+  int T, Hq, h0;            // h0: the batch's first head
+  int window;               // keys t - window + 1 .. t on a sliding layer, else 0
+  const bf16 *sinks;
+  float *lse;               // [T][Hq]
+};
+void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign, cudaStream_t s);
+void launch_softmax_rows(float *S, const att_rows *a, int nb, cudaStream_t s);
+void launch_probs_rows(float *S, const att_rows *a, int nb, cudaStream_t s);
+void launch_dsoftmax_rows(const float *P, float *dP, const float *dO, const float *O, int Q, int D, float scale, const att_rows *a,
+                          int nb, cudaStream_t s);
 
 // moe.cu
 struct moe_work {
@@ -248,6 +321,22 @@ void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer
                                cudaStream_t s);
 void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w, const dlayer *l, const dims *d, float *x,
                             cudaStream_t s);
+
+// moe_rows.cu: training's MoE over the sort's rows (row i holds assignment
+// perm[i] = t K + k; invp is its inverse): top-k + softmax of the router's
+// logits, the tokens' rows gathered into sorted rows (n of them), the
+// weighted combine with the residual xmid, the routing weights' backward
+// into dxn, rows of n values scaled by their routing weight, and the
+// sorted rows' gradients added back to their tokens
+void launch_topk(const float *rl, int T, int E, int K, int32_t *sel, float *w, cudaStream_t s);
+void launch_invperm(const int32_t *perm, int32_t *invp, int n, cudaStream_t s);
+void launch_gather_rows(const float *xn, const int32_t *perm, int n, int K, int H, float *xg, cudaStream_t s);
+void launch_combine_rows(float *out, const float *xmid, const float *ye, const float *w, const int32_t *invp, int T, int H, int K,
+                         cudaStream_t s);
+void launch_route_bwd(const float *dy, const float *ud, const float *act, const bf16 *bias, const float *w, const int32_t *sel,
+                      const int32_t *invp, const bf16 *Wr, float *dxn, int T, int H, int I, int K, cudaStream_t s);
+void launch_scale_rows(float *x, int n, const float *w, const int32_t *perm, size_t total, cudaStream_t s);
+void launch_scatter_rows(float *dxn, const float *dxg, const int32_t *invp, int T, int H, int K, cudaStream_t s);
 
 // mxfp4_gemm.cu: training's expert products. Rows of expert e are
 // hi/lo[offsets[e] .. offsets[e + 1]) (w->offsets; lo NULL: plain bf16), K
@@ -347,7 +436,7 @@ void launch_sample(float *logits, int rows, int V, const gpu_sampling *params_de
                    float *scratch);
 // }======================================================
 
-// {====================================================== training (train.cu)
+// {====================================================== training (train*.cu)
 // What the LoRA training pass needs of the model; backend.cu fills it.
 struct train_view {
   cudaStream_t stream;
@@ -357,8 +446,7 @@ struct train_view {
   const float *inv_freq;
   const unsigned char *layer_sliding;   // [L]
   dims d;
-  int split;                 // precision "exact" or "mixed": split-bf16 activations, fp32 score products
-  int split_bwd;             // the same in the backward ("exact"; "mixed" takes bf16 there)
+  gptoss_precision precision;   // the model's: which products take split-bf16 operands (train.cuh)
   int threads;               // host threads for the adapter's copies
   void **state;              // the trainer's buffers, kept between calls
   size_t *bytes;             // device bytes they hold (reported as workspace)

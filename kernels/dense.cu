@@ -1,5 +1,5 @@
-// dense.cu: embedding, RMSNorm, the bf16 GEMV of batch-1 decode (with the
-// RMSNorm of its input fused in), residual adds and the router's top-k.
+// dense.cu: embedding, the bf16 GEMV of batch-1 decode (with the RMSNorm
+// of its input fused in) and the router (RMSNorm, logits, top-k, softmax).
 //
 // CPU references: csrc/cpu/kernels.c (cpu_rmsnorm, cpu_matmul_bf16) and
 // cpu_route() in csrc/cpu/kernels.c.
@@ -13,41 +13,6 @@ __global__ void embed_kernel(const int32_t *ids, const bf16 *embed, float *x, in
 
 void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s) {
   embed_kernel<<<T, 256, 0, s>>>(ids, embed, x, H);
-}
-
-// out[t] = w * x[rows[t]] / rms(x[rows[t]]), as bf16 (the GEMMs' input);
-// lo, if given, receives what bf16 rounded off (split-bf16: hi + lo)
-__global__ void rmsnorm_kernel(const float *x, const int *rows, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps) {
-  __shared__ float red[32];
-  int t = blockIdx.x, r = rows ? rows[t] : t;
-  const float *xr = x + (size_t)r * H;
-  float inv = block_inv_rms(xr, H, eps, red);
-  for (int i = threadIdx.x; i < H; i += blockDim.x)
-    store_split(out, lo, (size_t)t * H + i, __bfloat162float(w[i]) * (xr[i] * inv));
-}
-
-void launch_rmsnorm(const float *x, const int *rows, int T, const bf16 *w, bf16 *out, bf16 *lo, int H, float eps,
-                    cudaStream_t s) {
-  rmsnorm_kernel<<<T, 256, 0, s>>>(x, rows, w, out, lo, H, eps);
-}
-
-__global__ void add_bias_residual_kernel(float *x, const float *y, const bf16 *bias, int H, size_t n) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) x[i] += y[i] + (bias ? __bfloat162float(bias[i % H]) : 0.f);
-}
-
-void launch_add_bias_residual(float *x, const float *y, const bf16 *bias, int T, int H, cudaStream_t s) {
-  size_t n = (size_t)T * H;
-  add_bias_residual_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, bias, H, n);
-}
-
-__global__ void bf16_from_f32_kernel(const float *x, bf16 *y, bf16 *lo, size_t n) {
-  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) store_split(y, lo, i, x[i]);
-}
-
-void launch_bf16_from_f32(const float *x, bf16 *y, bf16 *lo, size_t n, cudaStream_t s) {
-  bf16_from_f32_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(x, y, lo, n);
 }
 
 // {====================================================== decode GEMV

@@ -47,9 +47,9 @@ static int l_load(lua_State *L) {
   o.context = lg_opt_int(L, 2, "context", 0);
   o.memory_budget = (size_t)lg_opt_num(L, 2, "memory", 0);
   const char *prec = lg_opt_str(L, 2, "precision", "exact");
-  if (strcmp(prec, "exact") == 0) o.fast = 0;
-  else if (strcmp(prec, "fast") == 0) o.fast = 1;
-  else if (strcmp(prec, "mixed") == 0) o.bf16_backward = 1;
+  if (strcmp(prec, "exact") == 0) o.precision = GPTOSS_PRECISION_EXACT;
+  else if (strcmp(prec, "fast") == 0) o.precision = GPTOSS_PRECISION_FAST;
+  else if (strcmp(prec, "mixed") == 0) o.precision = GPTOSS_PRECISION_MIXED;
   else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", prec);
   if (o.threads < 0) luaL_error(L, "load: threads must be >= 0");
   if (o.context < 0) luaL_error(L, "load: context must be >= 0");

@@ -1,0 +1,106 @@
+// backend.cuh: what the CUDA backend's host files share (backend.cu: the
+// model, its weights and sessions, errors and profiling; forward.cu: the
+// workspace, the forward passes and sampling).
+#pragma once
+
+#include "common.cuh"
+
+#define BLAS_WS ((size_t)32 << 20)   // what NVIDIA suggests for Hopper
+#define ALIGN(x) (((x) + 255) & ~(size_t)255)
+// the most tokens one pass takes: the workspace is sized for this many
+#define PASS_TOKENS 2048
+#define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
+
+struct cuda_model {
+  int dev;
+  cudaStream_t stream;
+  cublasHandle_t blas;
+  void *blas_ws;                           // BLAS_WS bytes, cuBLAS's workspace
+  char *arena;
+  size_t arena_bytes;
+  dlayer layer[CUDA_MAX_LAYERS];
+  const bf16 *embed, *norm, *lm_head;
+  float *inv_freq;
+  dims d;
+  int sms;
+  size_t budget, kv_bytes, ws_bytes;
+  // general forward workspace, for up to ws_tokens tokens and ws_sess sessions
+  int ws_tokens, ws_sess, ws_out;
+  int ws_gen;                              // bumped when the workspace moves: graphs must be captured again
+  float *x, *qkv, *q, *att, *tmp, *rl, *y, *wts, *part_ml, *part_acc, *logits, *act;
+  bf16 *xn, *xn_lo, *att16, *att_lo;
+  gptoss_precision precision;
+  int split;                               // split-bf16 activations in the GEMMs (precision "exact", "mixed")
+  int32_t *ids, *tok_pos, *tok_sess, *sel, *rows;
+  const dsess **sess_arr;
+  moe_work mw;
+  int32_t *trace_sel; float *trace_w;    // [L][ws_tokens][K]
+  char *ws;                                // the workspace allocation
+  // host staging for per-call inputs
+  int32_t *h_ints;                         // pinned: ids | pos | sess | rows
+  // sampling
+  sampler_work sw;
+  gpu_sampling *params_dev, *params_host;  // [ws_sess]
+  int32_t *out_dev, *out_host;             // [ws_sess]
+  const int32_t **hist_arr; int32_t *hist_len;
+  // LoRA training (train.cu)
+  void *train;
+  size_t train_bytes;
+  // adapters' device copies for sessions that use them (lora.cu)
+  lora_cache *lora;
+};
+
+struct cuda_session {
+  dsess view;
+  dsess *dev;
+  char *kv;
+  size_t kv_bytes;
+  float *logits;          // device [V]: the last position's logits
+  int32_t *hist;          // device copy of the token history [context]
+  int32_t *hist_len;      // device [1]
+  // the batch-1 decode step, as a CUDA graph
+  int32_t *step;          // device {token, pos}
+  int32_t *step_host;     // pinned {token, pos}
+  gpu_sampling *params;   // device [1]
+  gpu_sampling *params_host;   // pinned
+  int32_t *next;          // device [1]
+  int32_t *next_host;     // pinned [1]
+  const int32_t **hist_ptr;    // device [1] -> hist
+  float *d_qkv, *d_q, *d_att, *d_rl, *d_w, *d_act, *d_ml, *d_acc;
+  float *d_xnf;           // the normalised MoE input, fp32
+  float *d_x;
+  int32_t *d_sel;
+  char *dec;              // the decode scratch allocation
+  // LoRA in the decode step (the session's adapter): the table pointer
+  // (pinned staging in step_host), rank products, deltas, expert slots
+  // 0..K-1, the attention input normalised (bf16 hi + lo)
+  char *ldec;
+  const dlora_mod **l_tok, **l_tok_host;
+  float *l_u, *l_delta;
+  int32_t *l_slots;
+  bf16 *l_xn, *l_xl;
+  cudaGraphExec_t graph;
+  int graph_lora;         // the adapter rank it was captured with (0: none)
+  int graph_kind;         // which sampling the graph was captured with
+  int graph_gen;          // the workspace generation it was captured in
+  int nsplit_full;
+};
+
+static inline cuda_model *model_of(const gptoss_model *m) { return (cuda_model *)m->bm; }
+static inline cuda_session *session_of(const gptoss_session *s) { return (cuda_session *)s->bs; }
+
+// backend.cu
+// GPTOSS_OK, or the one message for a device whose context an earlier
+// sticky error lost (cuda_fail)
+gptoss_status cuda_device_usable(int dev);
+bool cuda_prof_on(void);
+
+// forward.cu
+void free_workspace(cuda_model *cm);
+gptoss_status ensure_workspace(cuda_model *cm, int T, int S);
+gptoss_status cuda_run(const gptoss_plan *p);
+gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *outids);
+gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
+// what lora.cu needs to make adapters' device copies (adapters: whether
+// sessions use them, which gives back the trainer's memory first)
+lora_view adapter_view(cuda_model *cm, int adapters);

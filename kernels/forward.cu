@@ -1,0 +1,669 @@
+// forward.cu: the CUDA backend's forward passes: the general one (any
+// tokens of any sessions: prefill, batched decode) over a workspace sized
+// for the largest pass, the batch-1 decode step captured once per session
+// into a CUDA graph, and sampling on the GPU.
+//
+// Shapes and order of operations follow csrc/cpu/forward.c, the reference
+// this backend is tested against. docs/ARCHITECTURE.md says why the
+// general pass, the decode step and the trainer's layer (train_layer.cu)
+// are three sequences.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include "backend.cuh"
+
+// after a batch of launches: a bad launch configuration shows up here
+#define LAUNCHED() CU(cudaGetLastError())
+// at most this many (token, expert) rows per expert on average take the
+// small-M MoE path (measured: 8 sessions 372 -> 542 tok/s; at 4 or 8 rows
+// per expert the CUDA-core path lost to the 64-row tensor-core tiles)
+#define MOE_SMALL_ROWS 2
+
+// {====================================================== workspace
+void free_workspace(cuda_model *cm) {
+  if (cm->ws) cudaFree(cm->ws);
+  if (cm->h_ints) cudaFreeHost(cm->h_ints);
+  if (cm->params_host) cudaFreeHost(cm->params_host);
+  if (cm->out_host) cudaFreeHost(cm->out_host);
+  cm->ws = NULL; cm->h_ints = NULL; cm->params_host = NULL; cm->out_host = NULL;
+  cm->ws_tokens = cm->ws_sess = 0;
+  cm->ws_bytes = 0;
+  cm->ws_gen++;
+}
+
+// (Re)allocates the general workspace for T tokens of up to S sessions.
+gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
+  if (T <= cm->ws_tokens && S <= cm->ws_sess) return GPTOSS_OK;
+  int nt = T > cm->ws_tokens ? T : cm->ws_tokens, ns = S > cm->ws_sess ? S : cm->ws_sess;
+  if (ns < 64) ns = 64;
+  free_workspace(cm);
+  const dims &d = cm->d;
+  size_t TK = (size_t)nt * d.K;
+  int outrows = 64;
+  // attention partials: T <= 64 tokens may split their keys up to 64 ways
+  size_t prows = (size_t)(nt > 64 * 64 ? nt : 64 * 64) * d.Hq;
+  size_t sz[] = {
+    sizeof(float) * nt * d.H,                     // x
+    sizeof(float) * nt * (d.Q + 2 * d.KV),        // qkv
+    sizeof(float) * nt * d.Q,                     // q
+    sizeof(float) * nt * d.Q,                     // att
+    sizeof(float) * nt * (d.H > d.E ? d.H : d.E), // tmp
+    sizeof(float) * nt * d.E,                     // rl
+    sizeof(float) * TK * d.H,                     // y
+    sizeof(float) * TK,                           // wts
+    sizeof(float) * 2 * prows,                    // part_ml
+    sizeof(float) * (size_t)d.D * prows,          // part_acc
+    sizeof(float) * (size_t)outrows * d.V,        // logits
+    sizeof(float) * TK * d.I,                     // act
+    sizeof(bf16) * nt * d.H, sizeof(bf16) * nt * d.H,   // xn, xn_lo
+    sizeof(bf16) * nt * d.Q, sizeof(bf16) * nt * d.Q,   // att16, att_lo
+    sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * nt, sizeof(int32_t) * TK, sizeof(int32_t) * nt,
+    sizeof(dsess *) * ns,
+    sizeof(int32_t) * (d.E + 1) * 4 + sizeof(int32_t) * TK,  // moe work
+    sizeof(int32_t) * (size_t)d.L * TK, sizeof(float) * (size_t)d.L * TK,   // trace
+    cm->sw.cub_bytes, sizeof(float) * d.V * 2, sizeof(int32_t) * d.V * 2,   // sampler sort
+    sizeof(float) * 64 * ns, sizeof(int32_t) * 64 * ns,                     // argmax partials
+    sizeof(int32_t) * 4096, sizeof(float) * 4096,                           // logit bias
+    sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
+  };
+  size_t total = 0;
+  for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
+  if (cm->budget && cm->arena_bytes + cm->kv_bytes + total > cm->budget)
+    return gptoss_fail(GPTOSS_ENOMEM, "a forward pass of %d tokens needs %.1f MB of workspace beyond the memory budget of %.1f MB",
+                       T, total / 1e6, cm->budget / 1e6);
+  CU(cudaMalloc((void **)&cm->ws, total));
+  char *p = cm->ws;
+  size_t k = 0;
+#define NEXT_PART(ptr, type) do { ptr = (type)p; p += ALIGN(sz[k]); k++; } while (0)
+  NEXT_PART(cm->x, float *); NEXT_PART(cm->qkv, float *); NEXT_PART(cm->q, float *); NEXT_PART(cm->att, float *); NEXT_PART(cm->tmp, float *);
+  NEXT_PART(cm->rl, float *); NEXT_PART(cm->y, float *); NEXT_PART(cm->wts, float *); NEXT_PART(cm->part_ml, float *); NEXT_PART(cm->part_acc, float *);
+  NEXT_PART(cm->logits, float *); NEXT_PART(cm->act, float *); NEXT_PART(cm->xn, bf16 *); NEXT_PART(cm->xn_lo, bf16 *);
+  NEXT_PART(cm->att16, bf16 *); NEXT_PART(cm->att_lo, bf16 *);
+  NEXT_PART(cm->ids, int32_t *); NEXT_PART(cm->tok_pos, int32_t *); NEXT_PART(cm->tok_sess, int32_t *); NEXT_PART(cm->sel, int32_t *);
+  NEXT_PART(cm->rows, int32_t *); NEXT_PART(cm->sess_arr, const dsess **);
+  int32_t *mw;
+  NEXT_PART(mw, int32_t *);
+  cm->mw.counts = mw; cm->mw.offsets = mw + (d.E + 1); cm->mw.tile_offsets = mw + 2 * (d.E + 1);
+  cm->mw.cursor = mw + 3 * (d.E + 1); cm->mw.perm = mw + 4 * (d.E + 1);
+  NEXT_PART(cm->trace_sel, int32_t *); NEXT_PART(cm->trace_w, float *);
+  NEXT_PART(cm->sw.cub_temp, void *);
+  float *keys; int32_t *idx;
+  NEXT_PART(keys, float *); NEXT_PART(idx, int32_t *);
+  cm->sw.keys_in = keys; cm->sw.keys_out = keys + d.V; cm->sw.idx_in = idx; cm->sw.idx_out = idx + d.V;
+  NEXT_PART(cm->sw.partial_f, float *); NEXT_PART(cm->sw.partial_i, int32_t *);
+  NEXT_PART(cm->sw.bias_ids, int32_t *); NEXT_PART(cm->sw.bias_vals, float *);
+  NEXT_PART(cm->params_dev, gpu_sampling *); NEXT_PART(cm->out_dev, int32_t *); NEXT_PART(cm->hist_arr, const int32_t **);
+  NEXT_PART(cm->hist_len, int32_t *);
+#undef NEXT_PART
+  cudaError_t e = cudaHostAlloc((void **)&cm->h_ints, sizeof(int32_t) * (size_t)nt * 4, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaHostAlloc((void **)&cm->params_host, sizeof(gpu_sampling) * ns, cudaHostAllocDefault);
+  if (e == cudaSuccess) e = cudaHostAlloc((void **)&cm->out_host, sizeof(int32_t) * ns, cudaHostAllocDefault);
+  if (e != cudaSuccess) { free_workspace(cm); return cuda_fail(e, "pinned workspace", __FILE__, __LINE__); }
+  cm->ws_tokens = nt;
+  cm->ws_sess = ns;
+  cm->ws_out = outrows;
+  cm->ws_bytes = total;
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== general forward
+// Y[T, out] = X[T, in] . W^T, W row-major [out, in] bf16, Y fp32; with
+// X_lo (split bf16) Y += X_lo . W^T in a second product
+static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int out, int T, int in) {
+  const float one = 1.f, zero = 0.f;
+  BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X, CUDA_R_16BF, in, &zero,
+                    Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  if (X_lo)
+    BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X_lo, CUDA_R_16BF, in, &one,
+                      Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+  return GPTOSS_OK;
+}
+
+// Sessions that use adapters give back the trainer's memory first
+// (training drops the copies in turn), so the two never hold memory at once.
+lora_view adapter_view(cuda_model *cm, int adapters) {
+  if (adapters && cm->train_bytes) cuda_train_release(cm->train, &cm->train_bytes);
+  lora_view v = {cm->stream, cm->d.L, cm->d.I, cm->budget, cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + cm->train_bytes};
+  return v;
+}
+
+// Where a forward's LoRA passes find their adapters: each token's table,
+// the router's choices (K a token) and the rank products' rows (u, rmax)
+struct lora_site {
+  const dlora_mod *const *tok;
+  const int32_t *sel;
+  int K;
+  float *u;
+  int rmax;
+  cudaStream_t stream;
+};
+
+// one delta pass (lora_pass_of's arguments)
+static void lora_run(const lora_site &w, int l, int nm, const int *mods, const int *ooffs, int n, const int32_t *perm,
+                     const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted, float *out, int ostride, int mode, int outs) {
+  lora_pass p = lora_pass_of(w.tok, l, nm, mods, ooffs, n, perm, w.sel, w.K, xf, xh, xl, in_sorted, w.u, w.rmax, out, ostride, mode);
+  launch_lora(&p, outs, w.stream);
+}
+
+// the modules of each LoRA pass (q, k and v share one), as lora_pass takes them
+static const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V};
+static const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
+
+// The general pass's layer: T tokens of many sessions in the workspace's
+// rows, products in cuBLAS and the grouped MoE GEMMs
+struct batch_layer : layer_ops {
+  cuda_model *cm;
+  const dims &d;
+  cudaStream_t st;
+  const unsigned char *sliding;   // [L]
+  int T, maxpos, any_trace;
+  lora_site ls;
+  float *ldelta;                  // the gate_up LoRA's deltas, a row per assignment
+
+  explicit batch_layer(cuda_model *model) : cm(model), d(model->d), st(model->stream) {}
+
+  bf16 *xn_lo() const { return cm->split ? cm->xn_lo : NULL; }
+
+  gptoss_status attn_in(int l) override {
+    const dlayer &y = cm->layer[l];
+    const int qkv_off[3] = {0, d.Q, d.Q + d.KV};
+    launch_rmsnorm(cm->x, NULL, T, y.attn_norm, cm->xn, xn_lo(), d.H, d.eps, st);
+    cuda_prof_mark("fwd norm", st);
+    TRY(gemm(cm, y.qkv_w, cm->xn, xn_lo(), cm->qkv, d.Q + 2 * d.KV, T, d.H));
+    if (ls.tok) {
+      lora_run(ls, l, 3, qkv_mods, qkv_off, T, NULL, NULL, cm->xn, xn_lo(), 0, cm->qkv, d.Q + 2 * d.KV, LORA_ADD_TOKEN, d.Q);
+      cuda_prof_mark("fwd lora", st);
+    }
+    cuda_prof_mark("fwd qkv", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status attention(int l) override {
+    const dlayer &y = cm->layer[l];
+    attn_args a;
+    memset(&a, 0, sizeof a);
+    a.qkv = cm->qkv; a.q = cm->q; a.tok_pos = cm->tok_pos; a.tok_sess = cm->tok_sess; a.sess = cm->sess_arr;
+    a.T = T; a.layer = l; a.sliding = sliding[l]; a.inv_freq = cm->inv_freq; a.bias = y.qkv_b;
+    launch_rope_store(&a, &d, st);
+    int span = sliding[l] ? d.window : maxpos + 1;
+    int nsplit = 1, split_len = span;
+    if (T <= 64 && T * d.Hkv < 2 * cm->sms) {
+      nsplit = (span + 255) / 256;
+      if (nsplit > 64) nsplit = 64;
+      split_len = (span + nsplit - 1) / nsplit;
+    }
+    launch_attention(&a, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att, st);
+    cuda_prof_mark("fwd rope+attention", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status attn_out(int l) override {
+    const dlayer &y = cm->layer[l];
+    bf16 *att_lo = cm->split ? cm->att_lo : NULL;
+    launch_bf16_from_f32(cm->att, cm->att16, att_lo, (size_t)T * d.Q, st);
+    TRY(gemm(cm, y.o_w, cm->att16, att_lo, cm->tmp, d.H, T, d.Q));
+    if (ls.tok) {
+      cuda_prof_mark("fwd o_proj", st);
+      lora_run(ls, l, 1, &mod_o, &off0, T, NULL, cm->att, NULL, NULL, 0, cm->tmp, d.H, LORA_ADD_TOKEN, d.H);
+      cuda_prof_mark("fwd lora", st);
+    }
+    launch_add_bias_residual(cm->x, cm->tmp, y.o_b, T, d.H, st);
+    cuda_prof_mark("fwd o_proj", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status route(int l) override {
+    const dlayer &y = cm->layer[l];
+    launch_router(cm->x, T, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, cm->xn, xn_lo(), NULL, cm->sel, cm->wts, st);
+    cuda_prof_mark("fwd router", st);
+    if (any_trace) {
+      CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
+      CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
+    }
+    launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
+    cuda_prof_mark("fwd moe sort", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status experts(int l) override {
+    const dlayer &y = cm->layer[l];
+    bf16 *xn_lo = this->xn_lo();
+    // few rows per expert (batched decode): read each expert once, no padded tiles
+    bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
+    const float *delta = NULL;
+    if (ls.tok) {
+      lora_run(ls, l, 1, &mod_gu, &off0, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, LORA_SET_ROW, 2 * d.I);
+      delta = ldelta;
+      cuda_prof_mark("fwd lora", st);
+    }
+    if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
+    else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->act, st);
+    cuda_prof_mark("fwd moe gate_up", st);
+    if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
+    else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
+    if (ls.tok) {
+      cuda_prof_mark("fwd moe down", st);
+      lora_run(ls, l, 1, &mod_dn, &off0, T * d.K, cm->mw.perm, cm->act, NULL, NULL, 1, cm->y, d.H, LORA_ADD_ASSIGNMENT, d.H);
+      cuda_prof_mark("fwd lora", st);
+    }
+    cuda_prof_mark("fwd moe down", st);
+    launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
+    cuda_prof_mark("fwd moe combine", st);
+    LAUNCHED();
+    return GPTOSS_OK;
+  }
+};
+
+// Runs T tokens (of nss sessions) through the layers; out rows (token
+// indices in rows_host) get logits, written to host out and/or kept.
+static gptoss_status forward_tokens(const gptoss_plan *p) {
+  gptoss_model *m = p->ss[0]->m;
+  int T = p->T, nss = p->nss, nout = p->nout;
+  gptoss_session **ss = p->ss;
+  const int32_t *ids = p->ids, *pos = p->pos, *sidx = p->sess, *orows = p->rows;
+  float *out = p->out;
+  cuda_model *cm = model_of(m);
+  const dims &d = cm->d;
+  gptoss_status rc = ensure_workspace(cm, T, nss);
+  if (rc) return rc;
+  cudaStream_t st = cm->stream;
+  // inputs: ids, positions, session indices, output rows, through pinned memory
+  int32_t *h = cm->h_ints;
+  memcpy(h, ids, sizeof(int32_t) * T);
+  memcpy(h + T, pos, sizeof(int32_t) * T);
+  memcpy(h + 2 * T, sidx, sizeof(int32_t) * T);
+  for (int i = 0; i < nout; i++) h[3 * T + i] = orows[i];
+  CU(cudaMemcpyAsync(cm->ids, h, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cm->tok_pos, h + T, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cm->tok_sess, h + 2 * T, sizeof(int32_t) * T, cudaMemcpyHostToDevice, st));
+  if (nout) CU(cudaMemcpyAsync(cm->rows, h + 3 * T, sizeof(int32_t) * nout, cudaMemcpyHostToDevice, st));
+  const dsess **sa = (const dsess **)malloc(sizeof(dsess *) * nss);
+  if (!sa) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int i = 0; i < nss; i++) sa[i] = session_of(ss[i])->dev;
+  cudaError_t e = cudaMemcpyAsync(cm->sess_arr, sa, sizeof(dsess *) * nss, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);   // sa is pageable: copy before it is freed
+  free(sa);
+  if (e != cudaSuccess) return cuda_fail(e, "forward inputs", __FILE__, __LINE__);
+  // the device copy of each session's history (its tokens are consecutive here), for penalties
+  for (int t = 0; t < T;) {
+    int u = t;
+    while (u < T && sidx[u] == sidx[t]) u++;
+    CU(cudaMemcpyAsync(session_of(ss[sidx[t]])->hist + pos[t], h + t, sizeof(int32_t) * (u - t), cudaMemcpyHostToDevice, st));
+    t = u;
+  }
+
+  // sessions' adapters: a delta pass after each targeted product
+  const dlora_mod *const *ltok = NULL;
+  float *lu = NULL, *ldelta = NULL;
+  int lr = 0;
+  {
+    int any = 0;
+    for (int i = 0; i < nss; i++) any |= ss[i]->adapter != NULL;
+    lora_view lv = adapter_view(cm, any);
+    int rows = T * d.K > LORA_PASS_MODS * T ? T * d.K : LORA_PASS_MODS * T;   // rank products of the experts', or of q, k, v
+    if ((rc = lora_bind(&cm->lora, &lv, ss, nss, sidx, T, rows, &ltok, &lu, &lr, &ldelta))) return rc;
+  }
+  int maxpos = 0;
+  for (int t = 0; t < T; t++) if (pos[t] > maxpos) maxpos = pos[t];
+  cuda_prof_mark("start", st);
+  launch_embed(cm->ids, T, cm->embed, cm->x, d.H, st);
+  cuda_prof_mark("fwd embed", st);
+  int any_trace = 0;
+  for (int i = 0; i < nss; i++) any_trace |= ss[i]->trace;
+  batch_layer ops(cm);
+  ops.sliding = m->cfg.layer_sliding; ops.T = T; ops.maxpos = maxpos; ops.any_trace = any_trace;
+  ops.ls = {ltok, cm->sel, d.K, lu, lr, st};
+  ops.ldelta = ldelta;
+  for (int l = 0; l < d.L; l++) TRY(layer_sequence(ops, l));
+  // logits, in groups of at most ws_out rows
+  for (int r0 = 0; r0 < nout; r0 += cm->ws_out) {
+    int nr = nout - r0 < cm->ws_out ? nout - r0 : cm->ws_out;
+    bf16 *xn_lo = cm->split ? cm->xn_lo : NULL;
+    launch_rmsnorm(cm->x, cm->rows + r0, nr, cm->norm, cm->xn, xn_lo, d.H, d.eps, st);
+    if ((rc = gemm(cm, cm->lm_head, cm->xn, xn_lo, cm->logits, d.V, nr, d.H))) return rc;
+    if (out) CU(cudaMemcpyAsync(out + (size_t)r0 * d.V, cm->logits, sizeof(float) * (size_t)nr * d.V, cudaMemcpyDeviceToHost, st));
+    // the kept rows become their sessions' current logits
+    for (int i = 0; i < nr; i++) {
+      gptoss_session *s = ss[sidx[orows[r0 + i]]];
+      if (p->keep[sidx[orows[r0 + i]]] == r0 + i)
+        CU(cudaMemcpyAsync(session_of(s)->logits, cm->logits + (size_t)i * d.V, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
+    }
+  }
+  LAUNCHED();
+  cuda_prof_mark("fwd lm_head", st);
+  cuda_prof_flush();
+  if (any_trace) {
+    int32_t *te = (int32_t *)malloc(sizeof(int32_t) * (size_t)d.L * T * d.K);
+    float *tw = (float *)malloc(sizeof(float) * (size_t)d.L * T * d.K);
+    if (!te || !tw) { free(te); free(tw); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+    e = cudaMemcpyAsync(te, cm->trace_sel, sizeof(int32_t) * (size_t)d.L * T * d.K, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(tw, cm->trace_w, sizeof(float) * (size_t)d.L * T * d.K, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e == cudaSuccess) {
+      // a token's trace row is its index within its session's feed
+      for (int t = 0; t < T; t++) {
+        gptoss_session *s = ss[sidx[t]];
+        for (int l = 0; l < d.L; l++)
+          gptoss_trace_record(s, pos[t] - s->pos, l, te + ((size_t)l * T + t) * d.K, tw + ((size_t)l * T + t) * d.K);
+      }
+    }
+    free(te);
+    free(tw);
+    if (e != cudaSuccess) return cuda_fail(e, "expert trace", __FILE__, __LINE__);
+  }
+  CU(cudaStreamSynchronize(st));
+  return GPTOSS_OK;
+}
+
+gptoss_status cuda_run(const gptoss_plan *p) {
+  cuda_model *cm = model_of(p->ss[0]->m);
+  TRY(cuda_device_usable(cm->dev));
+  CU(cudaSetDevice(cm->dev));
+  return forward_tokens(p);
+}
+// }======================================================
+
+// {====================================================== sampling
+static void to_gpu_params(const gptoss_sampling *p, gptoss_sampler *smp, gpu_sampling *g) {
+  g->temperature = p->temperature; g->top_p = p->top_p; g->min_p = p->min_p;
+  g->repetition_penalty = p->repetition_penalty; g->presence_penalty = p->presence_penalty;
+  g->frequency_penalty = p->frequency_penalty; g->top_k = p->top_k; g->penalty_window = p->penalty_window;
+  g->n_bias = p->n_bias;
+  g->seed = gptoss_sampler_draw(smp);
+  g->counter = 0;
+}
+
+gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *outids) {
+  cuda_model *cm = model_of(ss[0]->m);
+  const dims &d = cm->d;
+  gptoss_status rc = ensure_workspace(cm, 1, n);
+  if (rc) return rc;
+  cudaStream_t st = cm->stream;
+  CU(cudaSetDevice(cm->dev));
+  // in groups of rows: each session's logits, then the samplers' parameters
+  int done = 0;
+  while (done < n) {
+    int rows = n - done < cm->ws_out ? n - done : cm->ws_out;
+    for (int i = 0; i < rows; i++)
+      CU(cudaMemcpyAsync(cm->logits + (size_t)i * d.V, session_of(ss[done + i])->logits, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
+    const int32_t **hp = (const int32_t **)malloc(sizeof(int32_t *) * rows);
+    int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * rows);
+    if (!hp || !hl) { free(hp); free(hl); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+    for (int i = 0; i < rows; i++) {
+      const gptoss_sampling *p = gptoss_sampler_params(smp[done + i]);
+      to_gpu_params(p, smp[done + i], &cm->params_host[i]);
+      hp[i] = session_of(ss[done + i])->hist;
+      hl[i] = ss[done + i]->pos;
+      if (p->n_bias) {
+        if (p->n_bias > 4096) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA"); }
+        // bias lists are applied one row at a time
+        if (rows > 1) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "logit_bias in a CUDA batch"); }
+        CU(cudaMemcpyAsync(cm->sw.bias_ids, p->bias_ids, sizeof(int32_t) * p->n_bias, cudaMemcpyHostToDevice, st));
+        CU(cudaMemcpyAsync(cm->sw.bias_vals, p->bias_values, sizeof(float) * p->n_bias, cudaMemcpyHostToDevice, st));
+      }
+    }
+    cudaError_t e = cudaMemcpyAsync(cm->params_dev, cm->params_host, sizeof(gpu_sampling) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_arr, hp, sizeof(int32_t *) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_len, hl, sizeof(int32_t) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    free(hp);
+    free(hl);
+    if (e != cudaSuccess) return cuda_fail(e, "sampling inputs", __FILE__, __LINE__);
+    launch_sample(cm->logits, rows, d.V, cm->params_dev, cm->params_host, cm->hist_arr, cm->hist_len, &cm->sw, cm->out_dev, st, NULL);
+    LAUNCHED();
+    CU(cudaMemcpyAsync(cm->out_host, cm->out_dev, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, st));
+    CU(cudaStreamSynchronize(st));
+    for (int i = 0; i < rows; i++) outids[done + i] = cm->out_host[i];
+    done += rows;
+  }
+  return GPTOSS_OK;
+}
+// }======================================================
+
+// {====================================================== batch-1 decode
+// Decode splits each layer's keys over at most DEC_SPLITS blocks per KV
+// head; the kernel sizes the splits from the position it reads on the
+// device (split_len 0), so a graph captured early stays right later on.
+#define DEC_SPLITS 64
+#define DEC_TILE 32
+
+static int dec_splits(int span) {
+  int n = (span + DEC_TILE - 1) / DEC_TILE;
+  return n < DEC_SPLITS ? n : DEC_SPLITS;
+}
+
+// one device allocation cut into n parts of the given sizes (each 256-aligned)
+static gptoss_status alloc_parts(char **mem, const size_t *sz, void **const *parts, size_t n) {
+  size_t total = 0;
+  for (size_t i = 0; i < n; i++) total += ALIGN(sz[i]);
+  CU(cudaMalloc((void **)mem, total));
+  char *p = *mem;
+  for (size_t i = 0; i < n; i++) { *parts[i] = p; p += ALIGN(sz[i]); }
+  return GPTOSS_OK;
+}
+
+static gptoss_status decode_scratch(cuda_model *cm, gptoss_session *s, cuda_session *cs) {
+  if (cs->dec) return GPTOSS_OK;
+  const dims &d = cm->d;
+  cs->nsplit_full = dec_splits(s->context);
+  int ns = cs->nsplit_full > dec_splits(d.window) ? cs->nsplit_full : dec_splits(d.window);
+  size_t sz[] = {
+    sizeof(float) * (d.Q + 2 * d.KV), sizeof(float) * d.Q, sizeof(float) * d.Q, sizeof(float) * d.E,
+    sizeof(float) * d.K, sizeof(float) * (size_t)d.K * d.I, sizeof(float) * 2 * (size_t)d.Hq * ns,
+    sizeof(float) * (size_t)d.D * d.Hq * ns, sizeof(float) * d.H, sizeof(float) * d.H, sizeof(int32_t) * d.K,
+    sizeof(int32_t) * 4, sizeof(gpu_sampling), sizeof(int32_t) * 4, sizeof(int32_t *) * 2,
+  };
+  void **parts[] = {(void **)&cs->d_qkv, (void **)&cs->d_q, (void **)&cs->d_att, (void **)&cs->d_rl, (void **)&cs->d_w,
+                     (void **)&cs->d_act, (void **)&cs->d_ml, (void **)&cs->d_acc, (void **)&cs->d_xnf, (void **)&cs->d_x,
+                     (void **)&cs->d_sel, (void **)&cs->step, (void **)&cs->params, (void **)&cs->next, (void **)&cs->hist_ptr};
+  gptoss_status rc = alloc_parts(&cs->dec, sz, parts, sizeof sz / sizeof sz[0]);
+  if (rc) return rc;
+  cs->hist_len = cs->step + 2;
+  CU(cudaHostAlloc((void **)&cs->step_host, 256, cudaHostAllocDefault));
+  cs->params_host = (gpu_sampling *)((char *)cs->step_host + 64);
+  cs->l_tok_host = (const dlora_mod **)((char *)cs->step_host + 128);
+  cs->next_host = cs->step_host + 48;
+  CU(cudaMemcpy(cs->hist_ptr, &cs->hist, sizeof(int32_t *), cudaMemcpyHostToDevice));
+  return GPTOSS_OK;
+}
+
+// the decode step's LoRA buffers, sized for the largest rank, so that a
+// graph's pointers stay valid whatever adapter the session takes next
+static gptoss_status decode_lora_scratch(cuda_model *cm, cuda_session *cs) {
+  if (cs->ldec) return GPTOSS_OK;
+  const dims &d = cm->d;
+  int wide = 2 * d.I > d.H ? 2 * d.I : d.H;
+  int urows = d.K > LORA_PASS_MODS ? d.K : LORA_PASS_MODS;   // the experts' slots, or q, k and v
+  size_t sz[] = {sizeof(dlora_mod *), sizeof(float) * (size_t)urows * GPTOSS_LORA_MAX_RANK, sizeof(float) * (size_t)d.K * wide,
+                 sizeof(int32_t) * d.K, sizeof(bf16) * d.H, sizeof(bf16) * d.H};
+  void **parts[] = {(void **)&cs->l_tok, (void **)&cs->l_u, (void **)&cs->l_delta, (void **)&cs->l_slots, (void **)&cs->l_xn,
+                     (void **)&cs->l_xl};
+  gptoss_status rc = alloc_parts(&cs->ldec, sz, parts, sizeof sz / sizeof sz[0]);
+  if (rc) return rc;
+  int32_t *slots = (int32_t *)malloc(sizeof(int32_t) * d.K);
+  if (!slots) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  for (int i = 0; i < d.K; i++) slots[i] = i;
+  cudaError_t e = cudaMemcpy(cs->l_slots, slots, sizeof(int32_t) * d.K, cudaMemcpyHostToDevice);
+  free(slots);
+  if (e != cudaSuccess) return cuda_fail(e, "decode LoRA slots", __FILE__, __LINE__);
+  return GPTOSS_OK;
+}
+
+// step = {token, pos, hist_len}: append the token to the device history
+__global__ void decode_prologue_kernel(int32_t *step, int32_t *hist) {
+  hist[step[1]] = step[0];
+  step[2] = step[1] + 1;
+}
+
+static int sampling_kind(const gptoss_sampling *p) {
+  int kind = p->temperature == 0 ? 0 : (p->top_k > 0 || p->top_p < 1 || p->min_p > 0) ? 2 : 1;
+  if (p->repetition_penalty != 1 || p->presence_penalty != 0 || p->frequency_penalty != 0) kind |= 4;
+  if (p->n_bias) kind |= 8;
+  return kind;
+}
+
+// The decode step's layer: one token in the session's own buffers (fixed
+// when the graph is captured), the position read on the device, GEMVs with
+// the norm fused in; lr: the rank of the session's adapter, 0 for none
+struct decode_layer : layer_ops {
+  cuda_model *cm;
+  const dims &d;
+  cudaStream_t st;
+  cuda_session *cs;
+  const unsigned char *sliding;   // [L]
+  int lr;
+  lora_site ls;
+
+  explicit decode_layer(cuda_model *model) : cm(model), d(model->d), st(model->stream) {}
+
+  gptoss_status attn_in(int l) override {
+    const dlayer &y = cm->layer[l];
+    const int qkv_off[3] = {0, d.Q, d.Q + d.KV};
+    launch_gemv_bf16(cs->d_x, y.attn_norm, d.eps, y.qkv_w, y.qkv_b, cs->d_qkv, d.Q + 2 * d.KV, d.H, NULL, st);
+    cuda_prof_mark("dec qkv gemv", st);
+    if (lr) {
+      launch_rmsnorm(cs->d_x, NULL, 1, y.attn_norm, cs->l_xn, cs->l_xl, d.H, d.eps, st);
+      lora_run(ls, l, 3, qkv_mods, qkv_off, 1, NULL, NULL, cs->l_xn, cs->l_xl, 0, cs->d_qkv, d.Q + 2 * d.KV, LORA_ADD_TOKEN, d.Q);
+      cuda_prof_mark("dec lora", st);
+    }
+    return GPTOSS_OK;
+  }
+
+  gptoss_status attention(int l) override {
+    const dlayer &y = cm->layer[l];
+    attn_args a;
+    memset(&a, 0, sizeof a);
+    a.qkv = cs->d_qkv; a.q = cs->d_q; a.pos_dev = cs->step + 1; a.sess = (const dsess *const *)cm->sess_arr;
+    a.T = 1; a.layer = l; a.sliding = sliding[l]; a.inv_freq = cm->inv_freq;
+    launch_rope_store(&a, &d, st);
+    cuda_prof_mark("dec rope", st);
+    int nsplit = sliding[l] ? dec_splits(d.window) : cs->nsplit_full;
+    launch_attention(&a, &d, y.sinks, nsplit, 0, cs->d_ml, cs->d_acc, cs->d_att, st);
+    cuda_prof_mark("dec attention", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status attn_out(int l) override {
+    const dlayer &y = cm->layer[l];
+    launch_gemv_bf16(cs->d_att, NULL, d.eps, y.o_w, y.o_b, NULL, d.H, d.Q, cs->d_x, st);
+    cuda_prof_mark("dec o gemv", st);
+    if (lr) {
+      lora_run(ls, l, 1, &mod_o, &off0, 1, NULL, cs->d_att, NULL, NULL, 0, cs->d_x, d.H, LORA_ADD_TOKEN, d.H);
+      cuda_prof_mark("dec lora", st);
+    }
+    return GPTOSS_OK;
+  }
+
+  gptoss_status route(int l) override {
+    const dlayer &y = cm->layer[l];
+    launch_router(cs->d_x, 1, y.mlp_norm, d.eps, y.router_w, y.router_b, d.H, d.E, d.K, NULL, NULL, cs->d_xnf, cs->d_sel, cs->d_w, st);
+    cuda_prof_mark("dec router", st);
+    return GPTOSS_OK;
+  }
+
+  gptoss_status experts(int l) override {
+    const dlayer &y = cm->layer[l];
+    if (lr) {
+      lora_run(ls, l, 1, &mod_gu, &off0, d.K, cs->l_slots, cs->d_xnf, NULL, NULL, 0, cs->l_delta, 2 * d.I, LORA_SET_ROW, 2 * d.I);
+      cuda_prof_mark("dec lora", st);
+    }
+    launch_moe_gate_up_decode(cs->d_xnf, cs->d_sel, &y, &d, lr ? cs->l_delta : NULL, cs->d_act, st);
+    cuda_prof_mark("dec moe gate_up", st);
+    launch_moe_down_decode(cs->d_act, cs->d_sel, cs->d_w, &y, &d, cs->d_x, st);
+    cuda_prof_mark("dec moe down", st);
+    if (lr) {
+      // each slot's delta, then weighted into the residual in slot order (no atomics: the same sums every run)
+      lora_run(ls, l, 1, &mod_dn, &off0, d.K, cs->l_slots, cs->d_act, NULL, NULL, 1, cs->l_delta, d.H, LORA_SET_ROW, d.H);
+      launch_moe_combine(cs->d_x, cs->l_delta, cs->d_w, 1, d.H, d.K, st);
+      cuda_prof_mark("dec lora", st);
+    }
+    return GPTOSS_OK;
+  }
+};
+
+// the kernels of one decode step, in order (captured into the graph); lr:
+// the rank of the session's adapter, 0 for none
+static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gpu_sampling *host_params, int lr) {
+  cuda_model *cm = model_of(m);
+  const dims &d = cm->d;
+  cudaStream_t st = cm->stream;
+  cuda_prof_mark("start", st);
+  decode_prologue_kernel<<<1, 1, 0, st>>>(cs->step, cs->hist);
+  launch_embed(cs->step, 1, cm->embed, cs->d_x, d.H, st);
+  cuda_prof_mark("dec embed", st);
+  decode_layer ops(cm);
+  ops.cs = cs; ops.sliding = m->cfg.layer_sliding; ops.lr = lr;
+  ops.ls = {cs->l_tok, cs->d_sel, d.K, cs->l_u, lr, st};
+  for (int l = 0; l < d.L; l++) TRY(layer_sequence(ops, l));
+  launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
+  cuda_prof_mark("dec lm_head", st);
+  launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st, cm->sw.keys_in);
+  cuda_prof_mark("dec sample", st);
+  cudaMemcpyAsync(cs->next_host, cs->next, sizeof(int32_t), cudaMemcpyDeviceToHost, st);
+  return GPTOSS_OK;
+}
+
+gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next) {
+  gptoss_model *m = s->m;
+  cuda_model *cm = model_of(m);
+  cuda_session *cs = session_of(s);
+  TRY(cuda_device_usable(cm->dev));
+  CU(cudaSetDevice(cm->dev));
+  gptoss_status rc = decode_scratch(cm, s, cs);
+  if (!rc) rc = ensure_workspace(cm, 1, 1);
+  if (rc) return rc;
+  int lr = 0;
+  if (s->adapter) {
+    lora_view lv = adapter_view(cm, 1);
+    const dlora_mod *tab;
+    if ((rc = lora_table(&cm->lora, &lv, s->adapter, &tab, &lr)) || (rc = decode_lora_scratch(cm, cs))) return rc;
+    *cs->l_tok_host = tab;
+    CU(cudaMemcpyAsync(cs->l_tok, cs->l_tok_host, sizeof tab, cudaMemcpyHostToDevice, cm->stream));
+  }
+  const gptoss_sampling *p = gptoss_sampler_params(smp);
+  if (p->n_bias > 4096) return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA");
+  cudaStream_t st = cm->stream;
+  // the sessions array's first entry is this session while the graph runs
+  const dsess *self = cs->dev;
+  cs->step_host[0] = id;
+  cs->step_host[1] = s->pos;
+  to_gpu_params(p, smp, cs->params_host);
+  CU(cudaMemcpyAsync(cs->step, cs->step_host, sizeof(int32_t) * 2, cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync(cs->params, cs->params_host, sizeof(gpu_sampling), cudaMemcpyHostToDevice, st));
+  CU(cudaMemcpyAsync((void *)cm->sess_arr, &self, sizeof self, cudaMemcpyHostToDevice, st));
+  if (p->n_bias) {
+    CU(cudaMemcpyAsync(cm->sw.bias_ids, p->bias_ids, sizeof(int32_t) * p->n_bias, cudaMemcpyHostToDevice, st));
+    CU(cudaMemcpyAsync(cm->sw.bias_vals, p->bias_values, sizeof(float) * p->n_bias, cudaMemcpyHostToDevice, st));
+  }
+  int kind = sampling_kind(p);
+  if (cuda_prof_on()) {
+    // profiled: the same launches, uncaptured, timed
+    rc = decode_launches(m, cs, cs->params_host, lr);
+    if (rc) return rc;
+    cuda_prof_flush();
+    CU(cudaStreamSynchronize(st));
+    *next = cs->next_host[0];
+    return GPTOSS_OK;
+  }
+  if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen || cs->graph_lora != lr) {
+    if (cs->graph) { cudaGraphExecDestroy(cs->graph); cs->graph = NULL; }
+    cudaGraph_t g;
+    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
+    rc = decode_launches(m, cs, cs->params_host, lr);
+    cudaError_t e = cudaStreamEndCapture(st, &g);
+    if (rc) { if (e == cudaSuccess) cudaGraphDestroy(g); return rc; }
+    if (e != cudaSuccess) return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
+    e = cudaGraphInstantiate(&cs->graph, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) { cs->graph = NULL; return cuda_fail(e, "instantiating the decode graph", __FILE__, __LINE__); }
+    cs->graph_kind = kind;
+    cs->graph_gen = cm->ws_gen;
+    cs->graph_lora = lr;
+  }
+  CU(cudaGraphLaunch(cs->graph, st));
+  CU(cudaStreamSynchronize(st));
+  *next = cs->next_host[0];
+  return GPTOSS_OK;
+}
+// }======================================================
