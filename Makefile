@@ -36,8 +36,8 @@ VECT := $(shell $(CC) -fvect-cost-model=dynamic -E -x c /dev/null >/dev/null 2>&
 ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
-ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train
-BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter
+ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter engine cpu/kernels cpu/forward cpu/train
+BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter lua_engine
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
 HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h)

@@ -17,6 +17,8 @@
 #define WRITER_T "gptoss.Writer"
 #define READER_T "gptoss.SafeTensors"
 #define ADAPTER_T "gptoss.Adapter"
+#define ENGINE_T "gptoss.Engine"
+#define REQUEST_T "gptoss.Request"
 
 /* raises the engine's last error; never returns */
 int lg_raise(lua_State *L);
@@ -60,9 +62,15 @@ int luaopen_gptoss_tokenizer(lua_State *L);
 int luaopen_gptoss_safetensors(lua_State *L);
 int luaopen_gptoss_model(lua_State *L);
 int luaopen_gptoss_adapter(lua_State *L);
+int luaopen_gptoss_engine(lua_State *L);
 /* the adapter at idx, raising if closed or another type */
 gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
 /* the open model at idx, raising if closed or another type */
 gptoss_model *lg_check_model(lua_State *L, int idx);
+/* marks the model at idx as owned by a running engine (NULL: free again);
+   while owned, every direct use of it or its sessions raises */
+void lg_model_own(lua_State *L, int idx, gptoss_engine *e);
+/* the sampler at idx, taken over by the caller (the Lua object is closed) */
+gptoss_sampler *lg_take_sampler(lua_State *L, int idx);
 
 #endif
