@@ -33,7 +33,8 @@ typedef enum gptoss_status {
   GPTOSS_ERANGE = 5,   /* a position, id or size past a limit */
   GPTOSS_EDEVICE = 6,  /* a CUDA or backend failure */
   GPTOSS_ESTATE = 7,   /* object closed or in the wrong state */
-  GPTOSS_EUNSUP = 8    /* valid input that this build does not support */
+  GPTOSS_EUNSUP = 8,   /* valid input that this build does not support */
+  GPTOSS_EBUSY = 9     /* a queue is full: try again later (a server's HTTP 429) */
 } gptoss_status;
 
 const char *gptoss_errmsg(void);           /* message of this thread's last failure */
@@ -391,6 +392,89 @@ gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path);
 /* a = NULL: the base model. The session's cache is not recomputed: switch
    adapters on an empty session, or after a rewind to 0, for clean results. */
 gptoss_status gptoss_session_set_adapter(gptoss_session *s, gptoss_adapter *a);
+/* }====================================================== */
+
+/* {====================================================== serving engine */
+/* Continuous batching on a thread of its own (engine.c). While an engine
+   runs it owns its model: nothing else may call into the model, its
+   sessions or an adapter's training on it until gptoss_engine_stop. Every
+   other function here may be called from any thread and never waits for a
+   forward pass. */
+typedef struct gptoss_engine gptoss_engine;
+typedef struct gptoss_request gptoss_request;
+
+typedef struct gptoss_engine_opts {
+  int max_batch;           /* requests decoding together; 0 = 64 */
+  int max_queue;           /* requests waiting for admission; beyond it submit fails with GPTOSS_EBUSY; 0 = 1024 */
+  int chunk_tokens;        /* prompt tokens one step feeds across all prefills; 0 = 256 */
+  uint64_t kv_budget;      /* bytes of KV cache for active and cached sessions (see gptoss_engine_kv_bytes);
+                              0 = half the free device memory, or a quarter of the host's */
+  int context;             /* positions per session; 0 = the model's */
+  int prefix_cache;        /* finished sessions kept for prefix reuse; 0 = 16, < 0 = none */
+  int rewind;              /* the sessions' rewind allowance (gptoss_session_opts); 0 = 512 */
+} gptoss_engine_opts;
+
+typedef struct gptoss_request_opts {
+  int max_tokens;          /* > 0 */
+  const int32_t *stop_ids; /* a sampled id among these ends the request (it is kept) */
+  int n_stop;
+  gptoss_adapter *adapter; /* referenced while the request lives; NULL = the base model */
+  int priority;            /* higher is admitted first; equal ones in order of submission */
+} gptoss_request_opts;
+
+enum { GPTOSS_REQ_QUEUED, GPTOSS_REQ_RUNNING, GPTOSS_REQ_DONE };
+enum { GPTOSS_FINISH_NONE, GPTOSS_FINISH_STOP, GPTOSS_FINISH_LENGTH, GPTOSS_FINISH_CANCELLED, GPTOSS_FINISH_ERROR };
+
+typedef struct gptoss_request_info {
+  int state, finish;       /* GPTOSS_REQ_*, GPTOSS_FINISH_* */
+  int prompt_tokens;
+  int cached_tokens;       /* prompt tokens whose KV came from the prefix cache */
+  int generated;           /* tokens produced so far */
+  size_t left;             /* produced but not taken yet */
+  double queued_s, first_token_s, finished_s;   /* seconds from submit; -1 until known */
+  char error[256];         /* GPTOSS_FINISH_ERROR's message */
+} gptoss_request_info;
+
+typedef struct gptoss_engine_stats {
+  int queued, active, cached_sessions, max_batch, max_queue, chunk_tokens;
+  uint64_t kv_budget, kv_active, kv_cached;   /* bytes: budgeted for active requests, held by the prefix cache */
+  uint64_t submitted, completed, cancelled, failed;
+  uint64_t prompt_tokens, prefill_tokens;     /* submitted, and computed (the rest came from the cache) */
+  uint64_t prefix_hits, prefix_tokens, generated_tokens, steps;
+  double busy_s, uptime_s, tokens_per_s;      /* tokens_per_s: generated per second of forward passes */
+} gptoss_engine_stats;
+
+gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gptoss_engine **out);
+/* cancels what is left, stops the thread and frees the engine's sessions:
+   the model is the caller's again. Requests stay valid (finished). */
+void gptoss_engine_stop(gptoss_engine *e);
+void gptoss_engine_free(gptoss_engine *e);   /* stop, and drop the caller's reference */
+int gptoss_engine_running(const gptoss_engine *e);
+/* readable (an eventfd on Linux, a pipe elsewhere) once any request has
+   news; gptoss_engine_drain reads it empty and says whether it was signalled */
+int gptoss_engine_fd(const gptoss_engine *e);
+int gptoss_engine_drain(gptoss_engine *e);
+/* blocks until the descriptor is signalled or timeout_s passed, then drains
+   it; 1: some request has news (for scripts and worker threads) */
+int gptoss_engine_wait(gptoss_engine *e, double timeout_s);
+void gptoss_engine_stats_get(gptoss_engine *e, gptoss_engine_stats *out);
+/* KV bytes the engine budgets for a session reaching that many positions
+   (the same for any: what one takes when opened, on a backend that
+   allocates it all up front) */
+uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions);
+/* Queues a request; smp is taken over (freed by the request, or now on
+   failure). GPTOSS_EBUSY: the queue is full; GPTOSS_ENOMEM: the request
+   alone exceeds the memory budget; GPTOSS_ERANGE: the prompt exceeds the
+   engine's context; GPTOSS_ESTATE: the engine is stopped. */
+gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, gptoss_sampler *smp,
+                                   const gptoss_request_opts *o, gptoss_request **out);
+/* Copies up to cap ids produced since the last take; info (may be NULL)
+   gets the request's state. Never waits for the engine. */
+size_t gptoss_request_take(gptoss_request *r, int32_t *ids, size_t cap, gptoss_request_info *info);
+/* blocks until the request has news or timeout_s passed; 1: news */
+int gptoss_request_wait(gptoss_request *r, double timeout_s);
+void gptoss_request_cancel(gptoss_request *r);   /* its memory is freed at the engine's next step */
+void gptoss_request_free(gptoss_request *r);     /* cancels it unless done; drops the caller's reference */
 /* }====================================================== */
 
 /* {====================================================== misc */

@@ -1,5 +1,5 @@
 #!/bin/sh
-# make check-memory: the lifetime, loader and tokenizer specs under valgrind
+# make check-memory: the lifetime (models, sessions, the serving engine), loader and tokenizer specs under valgrind
 # (Lua 5.4, real binaries) and under AddressSanitizer (a separate build of
 # core.so preloaded with libasan), so that GC and :close() in any order, and
 # every error path, are checked for invalid accesses and leaks.
@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "check-memory: installing valgrind"; apt-get install -y -qq valgrind >/dev/null; }
 make -s LUA=lua5.4 CUDA=0 all
-specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lua spec/config_spec.lua spec/tokenizer_spec.lua spec/utf8_spec.lua spec/sampler_spec.lua"
+specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lua spec/config_spec.lua spec/tokenizer_spec.lua spec/utf8_spec.lua spec/sampler_spec.lua spec/serving_lifecycle_spec.lua"
 export GPTOSS_TOKENIZER_DIR="$PWD/tokenizer"
 echo "== valgrind"
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \

@@ -20,6 +20,8 @@
 #define WRITER_T "gptoss.Writer"
 #define READER_T "gptoss.SafeTensors"
 #define ADAPTER_T "gptoss.Adapter"
+#define ENGINE_T "gptoss.Engine"
+#define REQUEST_T "gptoss.Request"
 
 /* Registers a type: metatable `name` with meta functions, and a method
    table used by __index (also stored as registry["name.methods"] so Lua
@@ -84,6 +86,12 @@ void lg_open_model(lua_State *L);
 void lg_open_adapter(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
+void lg_open_engine(lua_State *L);
+/* marks the model at idx as owned by a running engine (NULL: free again);
+   while owned, every direct use of it or its sessions raises */
+void lg_model_own(lua_State *L, int idx, gptoss_engine *e);
+/* the sampler at idx, taken over by the caller (the Lua object is closed) */
+gptoss_sampler *lg_take_sampler(lua_State *L, int idx);
 /* }====================================================== */
 
 #endif

@@ -9,13 +9,23 @@
 #include "binding.h"
 
 typedef struct lsession lsession;
-typedef struct lmodel { gptoss_model *m; lsession *sessions; } lmodel;
+typedef struct lmodel { gptoss_model *m; lsession *sessions; gptoss_engine *engine; } lmodel;
 struct lsession { gptoss_session *s; lmodel *owner; lsession *next, *prev; };
 typedef struct lsampler { gptoss_sampler *s; int vocab; } lsampler;
 
 /* {====================================================== Model */
 /* the engine model comes first: lg_check_model reads it for adapter.c */
-static lmodel *checkmodel(lua_State *L, int idx) { return lg_open(L, idx, MODEL_T, "model is closed"); }
+static lmodel *checkmodel(lua_State *L, int idx) {
+  lmodel *b = lg_open(L, idx, MODEL_T, "model is closed");
+  if (b->engine) luaL_error(L, "model is owned by a running engine: submit requests to it (eng:submit), or eng:close() first");
+  return b;
+}
+
+void lg_model_own(lua_State *L, int idx, gptoss_engine *e) {
+  lmodel *b = lg_udata(L, idx, MODEL_T);
+  if (e) checkmodel(L, idx);
+  b->engine = e;
+}
 
 static void session_close(lsession *s) {
   if (!s->s) return;
@@ -28,6 +38,8 @@ static void session_close(lsession *s) {
 
 static int model_gc(lua_State *L) {
   lmodel *b = lg_udata(L, 1, MODEL_T);
+  if (b->engine) gptoss_engine_stop(b->engine);   /* its thread runs the model: stop it first */
+  b->engine = NULL;
   while (b->sessions) session_close(b->sessions);
   gptoss_model_free(b->m);
   b->m = NULL;
@@ -65,6 +77,7 @@ static int l_load(lua_State *L) {
   lmodel *b = lua_newuserdatauv(L, sizeof *b, 1);
   b->m = NULL;
   b->sessions = NULL;
+  b->engine = NULL;
   luaL_setmetatable(L, MODEL_T);
   if (gptoss_model_load(dir, &o, &b->m)) return lg_fail(L);
   lua_newtable(L);   /* fields */
@@ -212,6 +225,7 @@ static int model_tostring(lua_State *L) {
 static lsession *checksession(lua_State *L, int idx) {
   lsession *s = lg_udata(L, idx, SESSION_T);
   if (!s->s) luaL_error(L, "session is closed (closed directly, or its model was closed)");
+  if (s->owner->engine) luaL_error(L, "the session's model is owned by a running engine: close the engine first");
   return s;
 }
 
@@ -467,6 +481,13 @@ static int sampler_sample(lua_State *L) {
   memcpy(scratch, f->v + (size_t)(row - 1) * f->cols, sizeof(float) * (size_t)f->cols);
   lua_pushinteger(L, gptoss_sampler_sample(p->s, scratch, hist, nh));
   return 1;
+}
+
+gptoss_sampler *lg_take_sampler(lua_State *L, int idx) {
+  lsampler *p = checksampler(L, idx);
+  gptoss_sampler *s = p->s;
+  p->s = NULL;
+  return s;
 }
 /* }====================================================== */
 

@@ -31,6 +31,10 @@ function M.lora(model, opts)
   return core.lora_new(model, opts)
 end
 
+--- gptoss.engine(model, opts) -> Engine: continuous batching on a thread of
+-- its own, non-blocking from any event loop (gptoss.engine)
+function M.engine(model, opts) return require("gptoss.engine").new(model, opts) end
+
 --- gptoss.train(model, lora, opts): the LoRA training loop (gptoss.train)
 function M.train(model, lora, opts) return require("gptoss.train").train(model, lora, opts) end
 
@@ -243,6 +247,34 @@ local function start(model, ids, opts, smp)
   return sess, own, first
 end
 
+-- generate_batch's arguments, checked; returns the options and a function
+-- giving prompt i's adapter
+local function check_batch(prompts, opts)
+  opts = check_options(opts, "generate_batch")
+  if opts.session then error("generate_batch: session is not an option here", 3) end
+  if type(prompts) ~= "table" or #prompts == 0 then error("generate_batch: a non-empty list of prompts expected", 3) end
+  local adapters = opts.adapter
+  if type(adapters) == "table" and #adapters ~= #prompts then
+    error(string.format("generate_batch: adapter lists %d entries for %d prompts", #adapters, #prompts), 3)
+  end
+  for _, ids in ipairs(prompts) do check_ids(ids, "generate_batch") end
+  return opts, function(i)
+    if type(adapters) == "table" then return adapters[i] or nil end
+    return adapters
+  end
+end
+
+-- what gptoss.engine shares with the loops here, so that a request through
+-- the engine is seeded, stopped and shaped exactly as model:generate's
+M._gen = { check_options = check_options, check_ids = check_ids, check_batch = check_batch, new_run = new_run,
+  sampler_for = sampler_for }
+
+-- the engine that owns the model now, if any (gptoss.engine registers it)
+local function engine_of(model)
+  local E = package.loaded["gptoss.engine"]
+  return E and E.of(model)
+end
+
 --- model:stream(ids, opts): an iterator of (piece, id) over generated tokens.
 -- The second value returned is a table that holds the result (finish_reason,
 -- usage, ids, text) once the iterator is exhausted; info.close() ends the
@@ -310,6 +342,8 @@ function Model:generate(ids, opts)
   end
   local cb = opts.on_token
   if cb ~= nil and type(cb) ~= "function" then error("generate: on_token must be a function", 2) end
+  local eng = not opts.session and engine_of(self)
+  if eng then return eng:generate(ids, opts) end   -- the engine owns the model: through it
   local it, info = self:stream(ids, opts)
   for piece, id in it do
     if cb then
@@ -327,24 +361,21 @@ function Model:generate(ids, opts)
 end
 
 --- model:generate_batch({ids1, ids2, ...}, opts) -> { result1, result2, ... }
--- The sessions decode together: one forward pass per step for all of them.
--- With a seed, prompt i samples with seed + i - 1. adapter: one adapter for
--- every prompt, or a list with an adapter (or false) per prompt.
+-- Through the engine (the running one, or one for this call): prompts are
+-- prefilled and decoded together. With a seed, prompt i samples with
+-- seed + i - 1. adapter: one adapter for every prompt, or a list with an
+-- adapter (or false) per prompt.
 function Model:generate_batch(prompts, opts)
-  opts = check_options(opts, "generate_batch")
-  if opts.session then error("generate_batch: session is not an option here", 2) end
-  if type(prompts) ~= "table" or #prompts == 0 then error("generate_batch: a non-empty list of prompts expected", 2) end
-  local adapters = opts.adapter
-  if type(adapters) == "table" and #adapters ~= #prompts then
-    error(string.format("generate_batch: adapter lists %d entries for %d prompts", #adapters, #prompts), 2)
-  end
-  local function adapter_of(i)
-    if type(adapters) == "table" then return adapters[i] or nil end
-    return adapters
-  end
+  return require("gptoss.engine").generate_batch(self, prompts, opts)
+end
+
+--- the same without the engine: sessions fed one after the other, then
+-- decoded together with gptoss.batch_step (what bench/ compares against)
+function Model:generate_batch_sessions(prompts, opts)
+  local adapter_of
+  opts, adapter_of = check_batch(prompts, opts)
   local runs, sessions, samplers, last = {}, {}, {}, {}
   for i, ids in ipairs(prompts) do
-    check_ids(ids, "generate_batch")
     runs[i] = new_run(self, opts, #ids)
     samplers[i] = sampler_for(self, opts, i - 1)
   end

@@ -1,0 +1,260 @@
+--- gptoss.engine: continuous batching on a thread of its own, polled from
+-- any event loop without blocking it.
+--
+--   local eng = gptoss.engine(model, { max_batch = 32 })
+--   local req = eng:submit(ids, { max_tokens = 64, temperature = 0.7, seed = 1 })
+--   -- in an event loop: wake on eng.fd, eng:drain(), then for each request
+--   local new_ids, text, done = req:poll()
+--   -- or, in a script: local r = req:result()   -- blocks until done
+--
+-- The C engine (engine.c) batches, samples and applies stop ids and
+-- max_tokens; this module turns ids into text with the streaming UTF-8
+-- decoder, applies stop strings, and shapes results as model:generate's.
+local gptoss = require "gptoss"
+local core = gptoss.core
+local G = gptoss._gen
+
+local M = {}
+
+-- the running engine of each model, for model:generate to go through
+local running = setmetatable({}, { __mode = "kv" })
+
+--- the engine that owns model now, or nil
+function M.of(model) return running[model] end
+
+local ENGINE_KEYS = { max_batch = true, max_queue = true, chunk_tokens = true, memory = true, prefix_cache = true,
+  rewind = true, context = true }
+local SUBMIT_EXTRA = { priority = true }
+
+-- {====================================================== requests
+local Request = {}
+Request.__index = Request
+
+-- Takes what the engine produced: per id, its text piece (the run holds
+-- back incomplete UTF-8 and what may start a stop string). A run that ends
+-- here (a stop string, on_id returning false) cancels the C request; one
+-- the engine ended (context full, cancelled, an error) is ended here.
+function Request:_pump(on_id)
+  local ids, pieces = {}, {}
+  if self.done then return ids, pieces end
+  local got, _, finish = self.c:take()
+  local run = self.run
+  for _, id in ipairs(got) do
+    local piece, ended = run:accept(id)
+    ids[#ids + 1], pieces[#pieces + 1] = id, piece
+    if on_id and on_id(piece, id) == false then
+      if not ended then run:stop("cancelled") end
+      self.callback_stop, finish = true, nil
+      break
+    end
+    if ended then break end
+  end
+  if not run.finish and finish then
+    local before = #run.parts
+    run:stop(finish == "stop" and "stop" or finish)
+    local tail = run.parts[before + 1]
+    if tail ~= "" then pieces[#pieces + 1] = tail end
+  end
+  if run.finish then
+    self.done = true
+    self.info = self.c:info()
+    if self.info.state ~= "done" then self.c:cancel() end   -- ended here: the engine stops at its next step
+  end
+  return ids, pieces
+end
+
+--- req:poll() -> ids, text, done [, error]: what was produced since the
+-- last poll; never blocks. text holds only complete UTF-8 (and nothing that
+-- may still turn out to start a stop string).
+function Request:poll()
+  local ids, pieces = self:_pump()
+  local err = self.done and self.info and self.info.error or nil
+  return ids, table.concat(pieces), self.done, err
+end
+
+--- req:wait([timeout_s]) -> true when poll has news (or the request is
+-- done); blocks the calling thread, for scripts and worker threads
+function Request:wait(timeout)
+  if self.done then return true end
+  return self.c:wait(timeout)
+end
+
+--- req:cancel(): the engine frees its memory at its next step
+function Request:cancel()
+  if self.done then return end
+  self.c:cancel()
+end
+
+--- req:result() -> { ids, text, finish_reason, usage, timings }: as
+-- model:generate returns it, plus timings (seconds after submit: queued,
+-- first_token, finished) and usage.prompt_tokens_details.cached_tokens;
+-- blocks until the request is done
+function Request:result()
+  while not self.done do
+    self.c:wait(1)
+    self:_pump()
+  end
+  local res = self.run:result()
+  local info = self.info
+  res.timings = { queued = info.queued, first_token = info.first_token, finished = info.finished }
+  res.usage.prompt_tokens_details = { cached_tokens = info.cached_tokens }
+  res.error = info.error
+  return res
+end
+
+--- req:close(): cancels it unless done and lets go of it (also on collection)
+function Request:close()
+  if not self.done then
+    self.done = true
+    self.run:stop("cancelled")
+    self.info = {}
+  end
+  self.c:close()
+end
+Request.__close = Request.close
+-- }======================================================
+
+-- {====================================================== the engine
+local Engine = {}
+Engine.__index = function(self, k)
+  if k == "fd" then return rawget(self, "c").fd end
+  return Engine[k]
+end
+
+--- gptoss.engine(model, opts) -> Engine. opts: max_batch (requests decoded
+-- together, 64), max_queue (waiting requests, 1024; beyond it submit fails
+-- with "queue_full"), chunk_tokens (prompt tokens per step across prefills,
+-- 256: what one long prompt may delay the others), memory (KV budget in
+-- bytes; default a quarter of RAM, or half the free GPU memory), context
+-- (positions per session, the model's by default; CUDA allocates a
+-- session's whole cache when it opens it, so a server sizes this to its
+-- longest request), prefix_cache (finished sessions kept for prefix reuse,
+-- 16; 0 turns it off), rewind (how far a cached session may be rewound past
+-- the sliding window, 512).
+function M.new(model, opts)
+  if opts ~= nil and type(opts) ~= "table" then error("engine: options must be a table", 2) end
+  for k in pairs(opts or {}) do
+    if not ENGINE_KEYS[k] then error("engine: unknown option '" .. tostring(k) .. "'", 2) end
+  end
+  local c = core.engine(model, opts)
+  local eng = setmetatable({ c = c, model = model }, Engine)
+  running[model] = eng
+  return eng
+end
+
+--- eng:submit(ids, opts) -> Request | nil, message, code. opts: as
+-- model:generate takes them (sampling options and seed, max_tokens, stop,
+-- stop_tokens, adapter) plus priority (higher first). code is "queue_full"
+-- (a server's 429), "too_large" (the request alone exceeds the memory
+-- budget), "context_length_exceeded" (the prompt is longer than the
+-- engine's context) or "closed". Returns at once.
+function Engine:submit(ids, opts)
+  opts = G.check_options(opts, "submit", SUBMIT_EXTRA)
+  G.check_ids(ids, "submit")
+  if opts.session then error("submit: session is not an option here", 2) end
+  if opts.on_token ~= nil then error("submit: on_token is not an option here (poll the request)", 2) end
+  return self:_submit(ids, opts, 0)
+end
+
+function Engine:_submit(ids, opts, seed_offset)
+  if self.c.closed then return nil, "engine is closed", "closed" end
+  local model = self.model
+  local run = G.new_run(model, opts, #ids)
+  local smp = G.sampler_for(model, opts, seed_offset)
+  local stops = {}
+  for id in pairs(run.stop_ids) do stops[#stops + 1] = id end
+  local c, err, code = self.c:submit(ids, smp, { max_tokens = run.max_tokens, stop_tokens = stops,
+    adapter = opts.adapter or nil, priority = opts.priority })
+  if not c then return nil, err, code end
+  return setmetatable({ c = c, run = run, engine = self, done = false }, Request)
+end
+
+--- eng:generate(ids, opts): model:generate through the engine (blocks the
+-- caller; on_token(piece, id) is called as the tokens arrive, and returning
+-- false from it stops the generation)
+function Engine:generate(ids, opts)
+  opts = G.check_options(opts, "generate", SUBMIT_EXTRA)
+  G.check_ids(ids, "generate")
+  local cb = opts.on_token
+  local req, err = self:_submit(ids, opts, 0)
+  if not req then error("generate: " .. err, 2) end
+  local cb_err
+  local on_id = cb and function(piece, id)
+    local ok, r = pcall(cb, piece, id)
+    if not ok then cb_err = r; return false end
+    return r
+  end
+  while not req.done do
+    req.c:wait(1)
+    req:_pump(on_id)
+  end
+  local res = req:result()
+  req.c:close()
+  if cb_err then error(cb_err, 0) end
+  if req.callback_stop then res.finish_reason = "callback" end
+  if res.finish_reason == "error" then error("generate: " .. tostring(res.error), 2) end
+  return res
+end
+
+--- eng:drain() -> true when eng.fd was signalled: reads it empty. An event
+-- loop that wakes on eng.fd calls this, then polls its requests.
+function Engine:drain() return self.c:drain() end
+
+--- eng:wait([timeout_s]) -> true when some request has news: blocks on
+-- eng.fd and drains it (for scripts and worker threads that serve many
+-- requests; an event loop watches eng.fd instead)
+function Engine:wait(timeout) return self.c:wait(timeout) end
+
+--- eng:stats() -> { queued, active, kv_active, kv_cached, kv_in_use,
+-- kv_budget, prefix_hits, prefix_tokens, prompt_tokens, prefill_tokens,
+-- generated_tokens, tokens_per_s, steps, ... }
+function Engine:stats() return self.c:stats() end
+
+--- eng:close(): cancels what is left and gives the model back to direct use
+function Engine:close()
+  if running[self.model] == self then running[self.model] = nil end
+  self.c:close()
+end
+Engine.__close = Engine.close
+Engine.__gc = Engine.close   -- Lua 5.4 (LuaJIT: the C object closes itself when collected)
+-- }======================================================
+
+--- generate_batch(model, prompts, opts): model:generate_batch through the
+-- model's running engine, or one started for this call
+function M.generate_batch(model, prompts, opts)
+  local adapter_of
+  opts, adapter_of = G.check_batch(prompts, opts)
+  if opts.on_token ~= nil then error("generate_batch: on_token is not an option here", 3) end
+  local eng, own = running[model], false
+  if not eng then
+    eng, own = M.new(model, { max_batch = math.min(#prompts, 256), max_queue = #prompts }), true
+  end
+  local reqs = {}
+  local ok, err = pcall(function()
+    for i, ids in ipairs(prompts) do
+      local o = {}
+      for k, v in pairs(opts) do o[k] = v end
+      o.adapter = adapter_of(i)
+      local req, msg = eng:_submit(ids, o, i - 1)
+      if not req then error("generate_batch: " .. msg, 0) end
+      reqs[i] = req
+    end
+  end)
+  local out = {}
+  if ok then
+    ok, err = pcall(function()
+      for i, req in ipairs(reqs) do
+        out[i] = req:result()
+        if out[i].finish_reason == "error" then error("generate_batch: " .. tostring(out[i].error), 0) end
+        out[i].timings, out[i].error = nil, nil
+        out[i].usage.prompt_tokens_details = nil
+      end
+    end)
+  end
+  for _, req in ipairs(reqs) do req.c:close() end
+  if own then eng:close() end
+  if not ok then error(err, 0) end
+  return out
+end
+
+return setmetatable(M, { __call = function(_, model, opts) return M.new(model, opts) end })
