@@ -58,6 +58,70 @@ local function kv_bytes(cfg, positions)
   return positions * cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
 end
 
+-- 16 requests with different prompt lengths, sampling options, seeds and
+-- adapters, half of them submitted while the first ones decode, each against
+-- model:generate alone on the same model (the oracle)
+local function check_mixed_requests(m, tok, a1, a2)
+  local samplings = {
+    { temperature = 0 },
+    { temperature = 0.8, seed = 1 },
+    { temperature = 1.2, top_k = 20, seed = 2 },
+    { temperature = 0.9, top_p = 0.8, seed = 3 },
+    { temperature = 1.0, min_p = 0.05, seed = 4 },
+    { temperature = 0.7, repetition_penalty = 1.3, seed = 5 },
+    { temperature = 1.1, presence_penalty = 0.5, frequency_penalty = 0.3, seed = 6 },
+    { temperature = 0.6, logit_bias = { [tok:encode(" river")[1]] = 4.0 }, seed = 7 },
+  }
+  local jobs = {}
+  for k = 1, 16 do
+    local o = {}
+    for key, v in pairs(samplings[(k - 1) % #samplings + 1]) do o[key] = v end
+    if o.seed then o.seed = o.seed * 100 + k end
+    o.max_tokens = 4 + (k * 5) % 9
+    o.stop_tokens = k % 4 == 0 and {} or nil
+    o.adapter = (k % 3 == 1 and a1) or (k % 3 == 2 and a2) or nil
+    -- prompts from 2 to ~70 tokens: several prefill in chunks (chunk_tokens below)
+    jobs[k] = { ids = prompt_of(tok, k, 2 + (k * 37) % 70), opts = o }
+  end
+  for _, j in ipairs(jobs) do j.alone = m:generate(j.ids, j.opts) end
+
+  local eng = gptoss.engine(m, { max_batch = 16, chunk_tokens = 24 })
+
+  finally(function() eng:close() end)
+  local reqs = {}
+  for k = 1, 8 do reqs[k] = assert(eng:submit(jobs[k].ids, jobs[k].opts)) end
+  -- the rest arrive while the first ones decode
+  local seen = {}
+  wait_until("a request to decode", function()
+    for k = 1, 8 do
+      local got, _, done = reqs[k]:poll()
+      seen[k] = seen[k] or {}
+      for _, id in ipairs(got) do table.insert(seen[k], id) end
+      if #seen[k] > 0 and not done then return true end
+    end
+  end)
+  for k = 9, 16 do reqs[k] = assert(eng:submit(jobs[k].ids, jobs[k].opts)) end
+  for k, req in ipairs(reqs) do
+    local r = req:result()
+    local alone = jobs[k].alone
+    assert.are.same(alone.ids, r.ids, "request " .. k)
+    assert.are.equal(alone.text, r.text, "request " .. k)
+    assert.are.equal(alone.finish_reason, r.finish_reason, "request " .. k)
+    assert.are.same(alone.usage.prompt_tokens, r.usage.prompt_tokens)
+    assert.is_true(r.timings.queued >= 0 and r.timings.first_token >= r.timings.queued
+                   and r.timings.finished >= r.timings.first_token)
+    -- what poll handed out is a prefix of the result
+    for i, id in ipairs(seen[k] or {}) do assert.are.equal(r.ids[i], id) end
+  end
+  local st = eng:stats()
+  local total = 0
+  for _, j in ipairs(jobs) do total = total + #j.alone.ids end
+  assert.are.equal(total, st.generated_tokens)
+  -- batched: far fewer steps than tokens
+  assert.is_true(st.steps < total / 2, st.steps .. " steps for " .. total .. " tokens")
+  eng:close()
+end
+
 describe("gptoss.engine", function()
   local m, tok, a1, a2
   setup(function()
@@ -71,64 +135,7 @@ describe("gptoss.engine", function()
   end)
 
   it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone", function()
-    local samplings = {
-      { temperature = 0 },
-      { temperature = 0.8, seed = 1 },
-      { temperature = 1.2, top_k = 20, seed = 2 },
-      { temperature = 0.9, top_p = 0.8, seed = 3 },
-      { temperature = 1.0, min_p = 0.05, seed = 4 },
-      { temperature = 0.7, repetition_penalty = 1.3, seed = 5 },
-      { temperature = 1.1, presence_penalty = 0.5, frequency_penalty = 0.3, seed = 6 },
-      { temperature = 0.6, logit_bias = { [tok:encode(" river")[1]] = 4.0 }, seed = 7 },
-    }
-    local jobs = {}
-    for k = 1, 16 do
-      local o = {}
-      for key, v in pairs(samplings[(k - 1) % #samplings + 1]) do o[key] = v end
-      if o.seed then o.seed = o.seed * 100 + k end
-      o.max_tokens = 4 + (k * 5) % 9
-      o.stop_tokens = k % 4 == 0 and {} or nil
-      o.adapter = (k % 3 == 1 and a1) or (k % 3 == 2 and a2) or nil
-      -- prompts from 2 to ~70 tokens: several prefill in chunks (chunk_tokens below)
-      jobs[k] = { ids = prompt_of(tok, k, 2 + (k * 37) % 70), opts = o }
-    end
-    for _, j in ipairs(jobs) do j.alone = m:generate(j.ids, j.opts) end
-
-    local eng = gptoss.engine(m, { max_batch = 16, chunk_tokens = 24 })
-
-    finally(function() eng:close() end)
-    local reqs = {}
-    for k = 1, 8 do reqs[k] = assert(eng:submit(jobs[k].ids, jobs[k].opts)) end
-    -- the rest arrive while the first ones decode
-    local seen = {}
-    wait_until("a request to decode", function()
-      for k = 1, 8 do
-        local got, _, done = reqs[k]:poll()
-        seen[k] = seen[k] or {}
-        for _, id in ipairs(got) do table.insert(seen[k], id) end
-        if #seen[k] > 0 and not done then return true end
-      end
-    end)
-    for k = 9, 16 do reqs[k] = assert(eng:submit(jobs[k].ids, jobs[k].opts)) end
-    for k, req in ipairs(reqs) do
-      local r = req:result()
-      local alone = jobs[k].alone
-      assert.are.same(alone.ids, r.ids, "request " .. k)
-      assert.are.equal(alone.text, r.text, "request " .. k)
-      assert.are.equal(alone.finish_reason, r.finish_reason, "request " .. k)
-      assert.are.same(alone.usage.prompt_tokens, r.usage.prompt_tokens)
-      assert.is_true(r.timings.queued >= 0 and r.timings.first_token >= r.timings.queued
-                     and r.timings.finished >= r.timings.first_token)
-      -- what poll handed out is a prefix of the result
-      for i, id in ipairs(seen[k] or {}) do assert.are.equal(r.ids[i], id) end
-    end
-    local st = eng:stats()
-    local total = 0
-    for _, j in ipairs(jobs) do total = total + #j.alone.ids end
-    assert.are.equal(total, st.generated_tokens)
-    -- batched: far fewer steps than tokens
-    assert.is_true(st.steps < total / 2, st.steps .. " steps for " .. total .. " tokens")
-    eng:close()
+    check_mixed_requests(m, tok, a1, a2)
   end)
 
   it("routes model:generate through a running engine, and generate_batch through one of its own", function()
@@ -377,5 +384,15 @@ describe("gptoss.engine", function()
     assert.is_true(p90 < step, string.format("p90 poll %.1f us against a step of %.1f us", p90 * 1e6, step * 1e6))
     for _, r in ipairs(reqs) do r:cancel() end
     eng:close()
+  end)
+end)
+
+describe("gptoss.engine on CUDA #gpu", function()
+  it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone (exact precision)", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0" }))
+    local a1 = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn" } })
+    local a2 = gptoss.lora(m, { r = 2, alpha = 4, init = "random", seed = 12, targets = { "attn", "experts" } })
+    check_mixed_requests(m, m.tokenizer, a1, a2)
+    m:close()
   end)
 end)

@@ -1,7 +1,7 @@
 #!/bin/bash
 # Device: a change checked and measured against the build before it, in one
 # run on one machine. Stages (STAGES, default all):
-#   kernels   kernels_test, native and through the PTX JIT
+#   kernels   kernels_test (PTX=1: also through the PTX JIT)
 #   specs     the #gpu specs under Lua 5.4 (and LuaJIT when build/luajit is carried)
 #   sanitize  compute-sanitizer memcheck over a forward, a decode and a training step
 #   llm       bench/llm.lua in exact and fast (BENCH_HF=0), this build then build/ab
@@ -21,8 +21,10 @@ with_ab() { LUA_CPATH="build/ab/?.so;$LUA_CPATH" LUA_CPATH_5_4="build/ab/?.so;$L
 if has kernels; then
   timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1; echo "kernels_test rc=$?"
   grep -aE "FAIL|kernels_test" $OUT/kernels_test.log
-  CUDA_FORCE_PTX_JIT=1 timeout 300 build/cuda/kernels_test > $OUT/kernels_test_ptx.log 2>&1; echo "kernels_test (PTX JIT) rc=$?"
-  grep -aE "FAIL|kernels_test" $OUT/kernels_test_ptx.log
+  if [ "${PTX:-0}" = 1 ]; then
+    CUDA_FORCE_PTX_JIT=1 timeout 300 build/cuda/kernels_test > $OUT/kernels_test_ptx.log 2>&1; echo "kernels_test (PTX JIT) rc=$?"
+    grep -aE "FAIL|kernels_test" $OUT/kernels_test_ptx.log
+  fi
 fi
 if has specs; then
   timeout 300 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec > $OUT/gpu_specs.log 2>&1
