@@ -67,7 +67,8 @@ int32_t *lg_ids(lua_State *L, int idx, size_t *n) {
     lua_Integer x = 0;
     if (!lcompat_tointeger(L, -1, &x))
       luaL_error(L, "token ids: element %d is %s, not an integer", (int)(i + 1), luaL_typename(L, -1));
-    if (x < INT32_MIN || x > INT32_MAX) luaL_error(L, "token ids: element %d (%d) is out of range", (int)(i + 1), (int)x);
+    if (x < INT32_MIN || x > INT32_MAX)
+      luaL_error(L, "token ids: element %d (%s) is out of range", (int)(i + 1), lcompat_quote(L, -1));
     v[i] = (int32_t)x;
     lua_pop(L, 1);
   }
@@ -109,7 +110,7 @@ int lg_opt_int(lua_State *L, int idx, const char *key, int dflt) {
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
   lua_Integer v = 0;
   if (!lcompat_tointeger(L, -1, &v) || v < INT32_MIN || v > INT32_MAX)
-    luaL_error(L, "option '%s' must be an integer", key);
+    luaL_error(L, "option '%s' must be an integer in -2^31..2^31-1 (got %s)", key, lcompat_quote(L, -1));
   lua_pop(L, 1);
   return (int)v;
 }
@@ -118,7 +119,7 @@ double lg_opt_num(lua_State *L, int idx, const char *key, double dflt) {
   if (lua_isnoneornil(L, idx)) return dflt;
   lua_getfield(L, idx, key);
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option '%s' must be a number", key);
+  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option '%s' must be a number (got %s)", key, luaL_typename(L, -1));
   double v = lua_tonumber(L, -1);
   lua_pop(L, 1);
   return v;
@@ -128,7 +129,7 @@ const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt)
   if (lua_isnoneornil(L, idx)) return dflt;
   lua_getfield(L, idx, key);
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string", key);
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string (got %s)", key, luaL_typename(L, -1));
   const char *s = lua_tostring(L, -1);
   lua_pop(L, 1);   /* the string stays referenced by the options table */
   return s;
@@ -137,7 +138,9 @@ const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt)
 
 /* {====================================================== Floats */
 lfloats *lg_floats_new(lua_State *L, int rows, int cols) {
-  size_t n = (size_t)rows * (size_t)cols;
+  size_t n = (size_t)rows * (size_t)cols;   /* both < 2^31: no wrap in 64 bits */
+  if (rows < 0 || cols < 0 || n > (PTRDIFF_MAX - sizeof(lfloats)) / sizeof(float))
+    luaL_error(L, "Floats of %d x %d values is too large", rows, cols);
   lfloats *f = lua_newuserdatauv(L, sizeof(lfloats) + sizeof(float) * n, 0);
   f->rows = rows;
   f->cols = cols;
@@ -184,6 +187,7 @@ static int fl_row(lua_State *L) {
 static int fl_argmax(lua_State *L) {
   lfloats *f = checkfloats(L);
   int r = f->rows == 1 && lua_isnoneornil(L, 2) ? 0 : fl_row_index(L, f, 2);
+  if (f->cols == 0) return luaL_error(L, "argmax: the Floats has no columns");
   const float *p = f->v + (size_t)r * f->cols;
   int best = 0;
   for (int c = 1; c < f->cols; c++) if (p[c] > p[best]) best = c;
@@ -243,7 +247,10 @@ static int l_floats(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   lua_Integer rows = luaL_checkinteger(L, 2), cols = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, rows >= 0 && cols >= 0 && (size_t)(rows * cols) * sizeof(float) == n, 1,
+  luaL_argcheck(L, rows >= 0 && rows <= INT32_MAX, 2, "rows must be an integer in 0..2^31-1");
+  luaL_argcheck(L, cols >= 0 && cols <= INT32_MAX, 3, "cols must be an integer in 0..2^31-1");
+  /* rows, cols < 2^31: their product and its bytes fit in 64 bits */
+  luaL_argcheck(L, (uint64_t)rows * (uint64_t)cols * sizeof(float) == n, 1,
                 "byte length does not match rows x cols float32 values");
   lfloats *f = lg_floats_new(L, (int)rows, (int)cols);
   memcpy(f->v, s, n);
