@@ -6,7 +6,8 @@
 #   make test            every spec under Lua 5.4 and LuaJIT
 #   make run             install what is missing, then the main job (examples/chat.lua)
 #   make bench           benchmarks (bench/)
-#   make check-memory    the specs' C paths under valgrind and AddressSanitizer
+#   make check-memory    the specs' C paths under valgrind and AddressSanitizer + UBSan
+#   make fuzz            libFuzzer on every parser (spec/fixtures/fuzz/)
 
 LUA ?= lua5.4
 CC ?= gcc
@@ -138,16 +139,50 @@ check-memory: $(TOKENIZER)
 	tools/check_memory.sh
 # }======================================================
 
-# libFuzzer on the tokenizer; new inputs that grow coverage land in the
-# corpus under spec/, which the tokenizer spec replays in every test run
+# libFuzzer on every parser. Each target starts from its kept corpus under
+# spec/fixtures/fuzz/<target>/ (seeds, tools/fuzz/make_seeds.py, included),
+# fuzzes for FUZZ_SECONDS into a scratch corpus, then the kept corpus is
+# rebuilt as the smallest set with the coverage of both (-merge=1 into an
+# empty directory; seeds always stay); crashes land in spec/fixtures/fuzz/crashes/.
+# spec/fuzz_corpus_spec.lua (and the tokenizer spec) replay both in `make test`.
+#   make fuzz FUZZ_SECONDS=300 FUZZ_TARGETS="config json"
 FUZZ_SECONDS ?= 120
+FUZZ_MAX_LEN ?= 2048
 FUZZ_SRC := $(ENGINE:%=csrc/%.c)
+FUZZ_CC := clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=gnu11 $(PKG_CFLAGS)
+FUZZ_C := safetensors config adapter tokjson
+FUZZ_LUA := json harmony_text harmony_tokens jsonl
+FUZZ_TARGETS ?= tokenizer $(FUZZ_C) $(FUZZ_LUA)
+FUZZ_ENV = GPTOSS_TOKENIZER_DIR=tokenizer UBSAN_OPTIONS=print_stacktrace=1
+fuzz_bin = $(BUILD)/fuzz/$(if $(filter $(FUZZ_LUA),$(1)),lua,$(1))_fuzz
+
+$(BUILD)/fuzz/%_fuzz: tools/fuzz/%_fuzz.c tools/fuzz/fuzz_files.h $(FUZZ_SRC) $(HEADERS)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) $< $(FUZZ_SRC) -o $@ $(LDLIBS)
+
+$(BUILD)/fuzz/lua_fuzz: tools/fuzz/lua_fuzz.c
+	@mkdir -p $(dir $@)
+	$(FUZZ_CC) -I/usr/include/lua5.4 $< -o $@ -llua5.4
+
 fuzz: $(TOKENIZER)
-	@mkdir -p $(BUILD)/fuzz spec/fixtures/fuzz/tokenizer
-	clang -O1 -g -fsanitize=fuzzer,address,undefined -std=gnu11 $(PKG_CFLAGS) tools/fuzz/tokenizer_fuzz.c $(FUZZ_SRC) \
-	  -o $(BUILD)/fuzz/tokenizer_fuzz $(LDLIBS)
-	GPTOSS_TOKENIZER_DIR=tokenizer $(BUILD)/fuzz/tokenizer_fuzz -max_total_time=$(FUZZ_SECONDS) -max_len=4096 \
-	  -dict=tools/fuzz/tokenizer.dict spec/fixtures/fuzz/tokenizer tools/fuzz/seeds
+	$(MAKE) LUA=lua5.4 CUDA=0 all
+	$(MAKE) CUDA=0 $(foreach t,$(FUZZ_TARGETS),$(call fuzz_bin,$(t)))
+	@mkdir -p spec/fixtures/fuzz/crashes
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  bin=$(BUILD)/fuzz/$$t''_fuzz; case " $(FUZZ_LUA) " in *" $$t "*) bin=$(BUILD)/fuzz/lua_fuzz;; esac; \
+	  dict=; test -f tools/fuzz/$$t.dict && dict=-dict=tools/fuzz/$$t.dict; \
+	  seeds=; test $$t = tokenizer && seeds=tools/fuzz/seeds; \
+	  scratch=$(BUILD)/fuzz/corpus/$$t; rm -rf $$scratch; mkdir -p $$scratch spec/fixtures/fuzz/$$t; \
+	  echo "== fuzz $$t for $(FUZZ_SECONDS) s"; \
+	  $(FUZZ_ENV) GPTOSS_FUZZ_TARGET=$$t $$bin -max_total_time=$(FUZZ_SECONDS) -max_len=$(FUZZ_MAX_LEN) -timeout=10 -rss_limit_mb=2048 \
+	    -artifact_prefix=spec/fixtures/fuzz/crashes/$$t- $$dict $$scratch spec/fixtures/fuzz/$$t $$seeds > $(BUILD)/fuzz/$$t.log 2>&1 || true; \
+	  grep -E "INITED|ERROR|SUMMARY|Done" $(BUILD)/fuzz/$$t.log; \
+	  grep -E "^#[0-9]+ +(NEW|REDUCE|pulse)" $(BUILD)/fuzz/$$t.log | grep "NEW" | tail -1 | sed 's/^/last NEW: /'; \
+	  min=$(BUILD)/fuzz/corpus/$$t.min; rm -rf $$min; mkdir -p $$min; \
+	  $(FUZZ_ENV) GPTOSS_FUZZ_TARGET=$$t $$bin -merge=1 -timeout=10 $$min spec/fixtures/fuzz/$$t $$scratch 2>&1 | grep -E "MERGE-OUTER: [0-9]+ new" || true; \
+	  cp spec/fixtures/fuzz/$$t/seed-* $$min/ 2>/dev/null || true; \
+	  rm -rf spec/fixtures/fuzz/$$t; mv $$min spec/fixtures/fuzz/$$t; \
+	done
 
 run:
 	tools/run.sh

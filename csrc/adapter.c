@@ -27,6 +27,17 @@ int gptoss_adapter_refs(const gptoss_adapter *a) { return a->refs; }
 
 double gptoss_lora_scale(double alpha, int r, int rslora) { return rslora ? alpha / sqrt((double)r) : alpha / r; }
 
+/* Scales past this make a LoRA's term overflow fp32 activations (NaN
+   logits) long before they could mean anything; real ones are 0.1 .. 64. */
+#define LORA_MAX_SCALE 65536.0
+gptoss_status gptoss_lora_check_scale(const char *where, double alpha, int r, int rslora) {
+  double s = gptoss_lora_scale(alpha, r, rslora);
+  if (!(s <= LORA_MAX_SCALE))
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: lora_alpha %.17g with r = %d gives a scale of %.17g; at most %.0f is accepted",
+                       where, alpha, r, s, LORA_MAX_SCALE);
+  return GPTOSS_OK;
+}
+
 gptoss_adapter *gptoss_adapter_alloc(int nlayers) {
   gptoss_adapter *a = calloc(1, sizeof *a);
   if (!a) return NULL;
@@ -115,6 +126,7 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
   const gptoss_config *c = &m->cfg;
   if (o->r < 1 || o->r > GPTOSS_LORA_MAX_RANK) return gptoss_fail(GPTOSS_EARG, "lora: rank %d must be in 1..%d", o->r, GPTOSS_LORA_MAX_RANK);
   if (!(o->alpha > 0)) return gptoss_fail(GPTOSS_EARG, "lora: alpha must be positive");
+  if (gptoss_lora_check_scale("lora", o->alpha, o->r, o->rslora)) return GPTOSS_EARG;
   if (!(o->dropout >= 0 && o->dropout < 1)) return gptoss_fail(GPTOSS_EARG, "lora: dropout must be in [0, 1)");
   if (o->dropout > 0 && (o->modules >> GPTOSS_LORA_ATTN_MODULES))
     return gptoss_fail(GPTOSS_EUNSUP, "lora: dropout cannot apply to expert LoRAs (as in PEFT): use 0 with gate_up/down");

@@ -44,6 +44,8 @@ struct gptoss_adapter {
 /* adapter.c: an adapter with room for nlayers layers and no modules yet */
 gptoss_adapter *gptoss_adapter_alloc(int nlayers);
 double gptoss_lora_scale(double alpha, int r, int rslora);
+/* refuses a scale so large that the LoRA's term overflows fp32 activations */
+gptoss_status gptoss_lora_check_scale(const char *where, double alpha, int r, int rslora);
 /* peft.c: PEFT's adapter_config.json for a new adapter */
 cJSON *gptoss_peft_new_config(const gptoss_model *m, const gptoss_lora_opts *o);
 /* optim.c: stops the update's thread and frees the optimizer's state */

@@ -9,18 +9,17 @@
 #include <cjson/cJSON.h>
 #include "internal.h"
 
+static const cJSON *get(const cJSON *j, const char *key);
+static gptoss_status int_value(const cJSON *v, const char *w, const char *key, int min, int *out);
+
 static gptoss_status want_int(const cJSON *j, const char *where, const char *key, int min, int *out) {
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+  const cJSON *v = get(j, key);
   if (!v) return gptoss_fail(GPTOSS_EFORMAT, "%s: missing field '%s'", where, key);
-  if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < min ||
-      v->valuedouble > 2147483647.0)
-    return gptoss_fail(GPTOSS_EFORMAT, "%s: field '%s' must be an integer >= %d", where, key, min);
-  *out = (int)v->valuedouble;
-  return GPTOSS_OK;
+  return int_value(v, where, key, min, out);
 }
 
 static gptoss_status want_num(const cJSON *j, const char *where, const char *key, double *out) {
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
+  const cJSON *v = get(j, key);
   if (!v) return gptoss_fail(GPTOSS_EFORMAT, "%s: missing field '%s'", where, key);
   if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble))
     return gptoss_fail(GPTOSS_EFORMAT, "%s: field '%s' must be a number", where, key);
@@ -28,9 +27,40 @@ static gptoss_status want_num(const cJSON *j, const char *where, const char *key
   return GPTOSS_OK;
 }
 
-static int opt_int(const cJSON *j, const char *key, int dflt) {
-  const cJSON *v = cJSON_GetObjectItemCaseSensitive(j, key);
-  return cJSON_IsNumber(v) ? (int)v->valuedouble : dflt;
+/* cJSON's lookup gives a repeated key's first value; Python's json (which
+   transformers reads configs with) keeps the last, so the last one wins */
+static const cJSON *get(const cJSON *j, const char *key) {
+  const cJSON *found = NULL, *x;
+  cJSON_ArrayForEach(x, j) if (x->string && strcmp(x->string, key) == 0) found = x;
+  return found;
+}
+
+/* a number that is an integer in [min, INT_MAX]; where names the field in errors */
+static gptoss_status int_value(const cJSON *v, const char *w, const char *key, int min, int *out) {
+  if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < min ||
+      v->valuedouble > 2147483647.0) {
+    if (cJSON_IsNumber(v))
+      return gptoss_fail(GPTOSS_EFORMAT, "%s: field '%s' must be an integer >= %d (got %.17g)", w, key, min, v->valuedouble);
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field '%s' must be an integer >= %d", w, key, min);
+  }
+  *out = (int)v->valuedouble;
+  return GPTOSS_OK;
+}
+
+/* an optional integer: absent or null gives dflt; anything else must be one */
+static gptoss_status opt_int(const cJSON *j, const char *w, const char *key, int min, int dflt, int *out) {
+  const cJSON *v = get(j, key);
+  if (!v || cJSON_IsNull(v)) { *out = dflt; return GPTOSS_OK; }
+  return int_value(v, w, key, min, out);
+}
+
+/* an optional boolean: absent or null is false */
+static gptoss_status opt_bool(const cJSON *j, const char *w, const char *key, int *out) {
+  const cJSON *v = get(j, key);
+  if (v && !cJSON_IsNull(v) && !cJSON_IsBool(v))
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field '%s' must be true or false", w, key);
+  *out = cJSON_IsTrue(v);
+  return GPTOSS_OK;
 }
 
 gptoss_status gptoss_config_check(const gptoss_config *c, const char *w) {
@@ -79,7 +109,7 @@ gptoss_status gptoss_config_parse(const char *json, size_t len, const char *w, g
   if (!j) return gptoss_fail(GPTOSS_EFORMAT, "%s: not valid JSON (near byte %zu)", w, perr ? (size_t)(perr - json) : 0);
   gptoss_status rc = GPTOSS_OK;
   if (!cJSON_IsObject(j)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: not a JSON object", w); goto done; }
-  const cJSON *mt = cJSON_GetObjectItemCaseSensitive(j, "model_type");
+  const cJSON *mt = get(j, "model_type");
   if (!cJSON_IsString(mt)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: missing field 'model_type'", w); goto done; }
   if (strcmp(mt->valuestring, "gpt_oss") != 0) {
     rc = gptoss_fail(GPTOSS_EUNSUP, "%s: model_type is '%s'; gptoss runs only model_type 'gpt_oss'", w, mt->valuestring);
@@ -96,16 +126,16 @@ gptoss_status gptoss_config_parse(const char *json, size_t len, const char *w, g
   INT(vocab_size, 1);
   INT(max_position_embeddings, 1);
 #undef INT
-  if (cJSON_GetObjectItemCaseSensitive(j, "num_experts_per_tok")) rc = want_int(j, w, "num_experts_per_tok", 1, &c->num_experts_per_tok);
+  if (get(j, "num_experts_per_tok")) rc = want_int(j, w, "num_experts_per_tok", 1, &c->num_experts_per_tok);
   else rc = want_int(j, w, "experts_per_token", 1, &c->num_experts_per_tok);
   if (rc) goto done;
-  c->initial_context_length = opt_int(j, "initial_context_length", c->max_position_embeddings);
+  if ((rc = opt_int(j, w, "initial_context_length", 1, c->max_position_embeddings, &c->initial_context_length))) goto done;
   if ((rc = want_num(j, w, "rope_theta", &c->rope_theta))) goto done;
   if ((rc = want_num(j, w, "rms_norm_eps", &c->rms_norm_eps))) goto done;
   if ((rc = want_num(j, w, "swiglu_limit", &c->swiglu_limit))) goto done;
   if (c->num_hidden_layers > GPTOSS_MAX_LAYERS) { rc = gptoss_config_check(c, w); goto done; }
 
-  const cJSON *lt = cJSON_GetObjectItemCaseSensitive(j, "layer_types");
+  const cJSON *lt = get(j, "layer_types");
   if (lt && !cJSON_IsNull(lt)) {
     if (!cJSON_IsArray(lt)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: field 'layer_types' must be an array", w); goto done; }
     if (cJSON_GetArraySize(lt) != c->num_hidden_layers) {
@@ -125,14 +155,14 @@ gptoss_status gptoss_config_parse(const char *json, size_t len, const char *w, g
     /* the transformers default: even layers slide */
     for (int i = 0; i < c->num_hidden_layers; i++) c->layer_sliding[i] = (i % 2) == 0;
   }
-  const cJSON *sw = cJSON_GetObjectItemCaseSensitive(j, "sliding_window");
+  const cJSON *sw = get(j, "sliding_window");
   if (sw && !cJSON_IsNull(sw)) { if ((rc = want_int(j, w, "sliding_window", 1, &c->sliding_window))) goto done; }
 
-  const cJSON *rs = cJSON_GetObjectItemCaseSensitive(j, "rope_scaling");
+  const cJSON *rs = get(j, "rope_scaling");
   if (rs && !cJSON_IsNull(rs)) {
     if (!cJSON_IsObject(rs)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: field 'rope_scaling' must be an object", w); goto done; }
-    const cJSON *ty = cJSON_GetObjectItemCaseSensitive(rs, "rope_type");
-    if (!ty) ty = cJSON_GetObjectItemCaseSensitive(rs, "type");
+    const cJSON *ty = get(rs, "rope_type");
+    if (!ty) ty = get(rs, "type");
     if (!cJSON_IsString(ty)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: missing field 'rope_scaling.rope_type'", w); goto done; }
     if (strcmp(ty->valuestring, "yarn") == 0) {
       char where2[512];
@@ -142,8 +172,9 @@ gptoss_status gptoss_config_parse(const char *json, size_t len, const char *w, g
       if ((rc = want_num(rs, where2, "beta_fast", &c->rope_beta_fast))) goto done;
       if ((rc = want_num(rs, where2, "beta_slow", &c->rope_beta_slow))) goto done;
       if ((rc = want_int(rs, where2, "original_max_position_embeddings", 1, &c->rope_original_max_position_embeddings))) goto done;
-      const cJSON *tr = cJSON_GetObjectItemCaseSensitive(rs, "truncate");
+      const cJSON *tr = get(rs, "truncate");
       /* transformers' default when the key is absent is to truncate */
+      if (tr && !cJSON_IsBool(tr)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: rope_scaling.truncate must be true or false", w); goto done; }
       c->rope_truncate = tr ? cJSON_IsTrue(tr) : 1;
     } else if (strcmp(ty->valuestring, "default") != 0) {
       rc = gptoss_fail(GPTOSS_EUNSUP, "%s: rope_scaling.rope_type '%s' is not supported (yarn or default)", w, ty->valuestring);
@@ -151,23 +182,25 @@ gptoss_status gptoss_config_parse(const char *json, size_t len, const char *w, g
     }
   }
 
-  const cJSON *eos = cJSON_GetObjectItemCaseSensitive(j, "eos_token_id");
-  if (cJSON_IsNumber(eos)) c->eos_token_ids[c->n_eos++] = (int)eos->valuedouble;
+  const cJSON *eos = get(j, "eos_token_id");
+  if (cJSON_IsNumber(eos)) { if ((rc = int_value(eos, w, "eos_token_id", 0, &c->eos_token_ids[c->n_eos++]))) goto done; }
   else if (cJSON_IsArray(eos)) {
-    const cJSON *x;
-    cJSON_ArrayForEach(x, eos) {
-      if (!cJSON_IsNumber(x)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: eos_token_id entries must be integers", w); goto done; }
-      if (c->n_eos < GPTOSS_MAX_EOS) c->eos_token_ids[c->n_eos++] = (int)x->valuedouble;
+    if (cJSON_GetArraySize(eos) > GPTOSS_MAX_EOS) {
+      rc = gptoss_fail(GPTOSS_EUNSUP, "%s: eos_token_id lists %d ids; this build keeps at most %d", w, cJSON_GetArraySize(eos), GPTOSS_MAX_EOS);
+      goto done;
     }
+    const cJSON *x;
+    cJSON_ArrayForEach(x, eos)
+      if ((rc = int_value(x, w, "eos_token_id", 0, &c->eos_token_ids[c->n_eos++]))) goto done;
   } else if (eos && !cJSON_IsNull(eos)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: eos_token_id must be an integer or a list", w); goto done; }
-  c->pad_token_id = opt_int(j, "pad_token_id", -1);
-  c->bos_token_id = opt_int(j, "bos_token_id", -1);
-  c->tie_word_embeddings = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(j, "tie_word_embeddings"));
-  const cJSON *ab = cJSON_GetObjectItemCaseSensitive(j, "attention_bias");
+  if ((rc = opt_int(j, w, "pad_token_id", 0, -1, &c->pad_token_id))) goto done;
+  if ((rc = opt_int(j, w, "bos_token_id", 0, -1, &c->bos_token_id))) goto done;
+  if ((rc = opt_bool(j, w, "tie_word_embeddings", &c->tie_word_embeddings))) goto done;
+  const cJSON *ab = get(j, "attention_bias");
   if (ab && !cJSON_IsTrue(ab)) { rc = gptoss_fail(GPTOSS_EUNSUP, "%s: attention_bias false is not supported (gpt-oss has biases)", w); goto done; }
-  const cJSON *qc = cJSON_GetObjectItemCaseSensitive(j, "quantization_config");
+  const cJSON *qc = get(j, "quantization_config");
   if (qc && !cJSON_IsNull(qc)) {
-    const cJSON *qm = cJSON_GetObjectItemCaseSensitive(qc, "quant_method");
+    const cJSON *qm = get(qc, "quant_method");
     if (!cJSON_IsString(qm)) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: quantization_config has no quant_method", w); goto done; }
     if (strcmp(qm->valuestring, "mxfp4") != 0) {
       rc = gptoss_fail(GPTOSS_EUNSUP, "%s: quantization_config.quant_method '%s' is not supported (mxfp4)", w, qm->valuestring);
@@ -182,11 +215,13 @@ done:
 }
 
 gptoss_status gptoss_config_load(const char *path, gptoss_config *out) {
+  char *file = gptoss_is_dir(path) ? gptoss_path_join(path, "config.json") : strdup(path);
+  if (!file) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   size_t len;
-  char *txt = gptoss_read_file(path, &len);
-  if (!txt) return gptoss_errcode();
-  gptoss_status rc = gptoss_config_parse(txt, len, path, out);
+  char *txt = gptoss_read_file(file, &len);
+  gptoss_status rc = txt ? gptoss_config_parse(txt, len, file, out) : gptoss_errcode();
   free(txt);
+  free(file);
   return rc;
 }
 

@@ -13,16 +13,35 @@
 #include <unistd.h>
 #include "internal.h"
 
-char *gptoss_read_file(const char *path, size_t *len) {
-  FILE *f = fopen(path, "rb");
-  if (!f) { gptoss_fail(GPTOSS_EIO, "%s: cannot open: %s", path, strerror(errno)); return NULL; }
+/* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer
+   (forever); the mode is checked on the open descriptor, so what was checked
+   is what is read, and blocking reads are restored for a regular file. */
+int gptoss_open_regular(const char *path, size_t *size) {
+  int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY);
+  if (fd < 0) { gptoss_fail(GPTOSS_EIO, "%s: cannot open: %s", path, strerror(errno)); return -1; }
   struct stat st;
-  if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-    fclose(f);
+  if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+    close(fd);
     gptoss_fail(GPTOSS_EIO, "%s: not a regular file", path);
-    return NULL;
+    return -1;
   }
-  size_t n = (size_t)st.st_size;
+  int fl = fcntl(fd, F_GETFL);
+  if (fl < 0 || fcntl(fd, F_SETFL, fl & ~O_NONBLOCK) != 0) {
+    int e = errno;
+    close(fd);
+    gptoss_fail(GPTOSS_EIO, "%s: %s", path, strerror(e));
+    return -1;
+  }
+  *size = (size_t)st.st_size;
+  return fd;
+}
+
+char *gptoss_read_file(const char *path, size_t *len) {
+  size_t n;
+  int fd = gptoss_open_regular(path, &n);
+  if (fd < 0) return NULL;
+  FILE *f = fdopen(fd, "rb");
+  if (!f) { close(fd); gptoss_fail(GPTOSS_EIO, "%s: cannot open: %s", path, strerror(errno)); return NULL; }
   char *buf = malloc(n + 1);
   if (!buf) { fclose(f); gptoss_fail(GPTOSS_ENOMEM, "%s: out of memory reading %zu bytes", path, n); return NULL; }
   if (n && fread(buf, 1, n, f) != n) {
@@ -133,4 +152,9 @@ int gptoss_is_dir(const char *path) {
 int gptoss_file_exists(const char *path) {
   struct stat st;
   return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+int gptoss_path_exists(const char *path) {
+  struct stat st;
+  return stat(path, &st) == 0;
 }

@@ -217,6 +217,7 @@ gptoss_status gptoss_sampling_check(const gptoss_sampling *s, int vocab);
 typedef struct gptoss_sampler gptoss_sampler;
 gptoss_status gptoss_sampler_new(const gptoss_sampling *s, int vocab, gptoss_sampler **out);
 void gptoss_sampler_free(gptoss_sampler *s);
+int gptoss_sampler_vocab(const gptoss_sampler *s);   /* the vocabulary size it was made for */
 /* Samples from logits[vocab] given the token history (for penalties). The
    logits array is used as scratch. */
 int32_t gptoss_sampler_sample(gptoss_sampler *s, float *logits,

@@ -84,6 +84,9 @@ static inline void gptoss_split(int64_t n, int tid, int nth, int64_t *lo, int64_
 /* }====================================================== */
 
 /* {====================================================== files */
+/* Opens path for reading, refusing (without blocking) anything but a regular
+   file; returns the descriptor and sets *size, or -1 and the error. */
+int gptoss_open_regular(const char *path, size_t *size);
 /* Reads a whole file; returns NULL and sets the error (naming path) on failure. */
 char *gptoss_read_file(const char *path, size_t *len);
 /* Writes len bytes to "<path>.tmp-XXXXXX", syncs, and renames it into
@@ -107,6 +110,7 @@ void gptoss_remove_tree(const char *dir);
 char *gptoss_path_join(const char *dir, const char *name);
 int gptoss_is_dir(const char *path);
 int gptoss_file_exists(const char *path);
+int gptoss_path_exists(const char *path);   /* of any type, so that the opener can say what is wrong */
 /* }====================================================== */
 
 /* {====================================================== JSON helpers (over cJSON) */

@@ -45,10 +45,37 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
   if (!cJSON_IsNumber(v) || !(v->valuedouble > 0))
     return gptoss_fail(GPTOSS_EFORMAT, "%s: field lora_alpha must be a positive number", path);
   a->alpha = v->valuedouble;
+  if (!isfinite(a->alpha)) return gptoss_fail(GPTOSS_EFORMAT, "%s: field lora_alpha must be finite", path);
   v = cJSON_GetObjectItemCaseSensitive(j, "use_rslora");
+  if (v && !cJSON_IsNull(v) && !cJSON_IsBool(v)) return gptoss_fail(GPTOSS_EFORMAT, "%s: field use_rslora must be true or false", path);
   a->rslora = cJSON_IsTrue(v);
   v = cJSON_GetObjectItemCaseSensitive(j, "lora_dropout");
-  a->dropout = cJSON_IsNumber(v) && v->valuedouble > 0 && v->valuedouble < 1 ? v->valuedouble : 0;
+  if (v && !cJSON_IsNull(v) && !(cJSON_IsNumber(v) && v->valuedouble >= 0 && v->valuedouble < 1))
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field lora_dropout must be a number in [0, 1)", path);
+  a->dropout = cJSON_IsNumber(v) ? v->valuedouble : 0;
+  /* the rank a module's tensors may have: r, or a value of rank_pattern */
+  v = cJSON_GetObjectItemCaseSensitive(j, "rank_pattern");
+  if (json_set(v) && !cJSON_IsObject(v)) return gptoss_fail(GPTOSS_EFORMAT, "%s: field rank_pattern must be an object", path);
+  /* target_modules as a list names modules; this engine applies LoRA to the
+     attention projections only (the experts come through target_parameters),
+     so any other entry would be trained or loaded and then ignored. A string
+     (a regex, or "all-linear") names no module by itself: the tensors decide. */
+  v = cJSON_GetObjectItemCaseSensitive(j, "target_modules");
+  if (cJSON_IsArray(v)) {
+    const cJSON *e;
+    cJSON_ArrayForEach(e, v) {
+      const char *s = cJSON_IsString(e) ? e->valuestring : NULL;
+      size_t n = s ? strlen(s) : 0;
+      int ok = 0;
+      for (int i = 0; s && i < GPTOSS_LORA_ATTN_MODULES && !ok; i++)
+        ok = n >= 6 && strcmp(s + n - 6, gptoss_lora_names[i]) == 0 && (n == 6 || s[n - 7] == '.');
+      if (!ok)
+        return gptoss_fail(GPTOSS_EUNSUP, "%s: field target_modules: entry %s is not a module this engine applies LoRA to "
+                           "(q_proj, k_proj, v_proj, o_proj; the experts through target_parameters)", path, s ? s : "(not a string)");
+    }
+  } else if (v && !cJSON_IsNull(v) && !cJSON_IsString(v)) {
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: field target_modules must be a list or a string", path);
+  }
   /* what would change the arithmetic and is not implemented: refuse by name */
   static const char *const unsupported[] = {
     "use_dora", "DoRA (use_dora)", "alpha_pattern", "per-module alpha (alpha_pattern)",
@@ -86,6 +113,13 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
 /* }====================================================== */
 
 /* {====================================================== load */
+/* whether rank_pattern (module pattern -> rank) gives some module rank r */
+static int rank_allowed(const gptoss_adapter *a, int r) {
+  const cJSON *rp = cJSON_GetObjectItemCaseSensitive(a->config, "rank_pattern"), *e;
+  cJSON_ArrayForEach(e, rp) if (cJSON_IsNumber(e) && e->valuedouble == r) return 1;
+  return 0;
+}
+
 /* layer and module of a PEFT tensor name; ab: 0 for lora_A, 1 for lora_B.
    Expert LoRAs nest: with target_parameters [p1, ..., pn] PEFT wraps p1
    first, so pn's tensors are mlp.experts.lora_*, and each earlier one sits
@@ -154,7 +188,7 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
   gptoss_status rc = GPTOSS_OK;
   int rb[GPTOSS_MAX_LAYERS * GPTOSS_LORA_MODULES];   /* lora_B's columns as read, to check against lora_A's rows */
   if (!cpath || !wpath) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
-  if (!gptoss_file_exists(wpath)) { rc = gptoss_fail(GPTOSS_EIO, "%s: no such file (PEFT adapters keep their weights there)", wpath); goto done; }
+  if (!gptoss_path_exists(wpath)) { rc = gptoss_fail(GPTOSS_EIO, "%s: no such file (PEFT adapters keep their weights there)", wpath); goto done; }
   if (!(a = gptoss_adapter_alloc(GPTOSS_MAX_LAYERS))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
   if ((rc = read_config(cpath, a))) goto done;
   if ((rc = gptoss_st_open(wpath, &st))) goto done;
@@ -204,7 +238,15 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
                          x->rk, rb[l * GPTOSS_LORA_MODULES + m]);
         goto done;
       }
-      if (m < GPTOSS_LORA_ATTN_MODULES) { x->r = x->rk; x->experts = 0; }
+      if (m < GPTOSS_LORA_ATTN_MODULES) {
+        x->r = x->rk;
+        x->experts = 0;
+        if (x->r != a->r && !rank_allowed(a, x->r)) {
+          rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %s has rank %d, but adapter_config.json gives r = %d and no rank_pattern "
+                           "entry of %d", wpath, l, gptoss_lora_names[m], x->r, a->r, x->r);
+          goto done;
+        }
+      }
       else {                                    /* r per expert comes from the config */
         if (x->rk % a->r) {
           rc = gptoss_fail(GPTOSS_EFORMAT, "%s: layer %d %s: lora_A has %d rows, not a multiple of r = %d", wpath, l,
@@ -214,6 +256,7 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
         x->r = a->r;
         x->experts = x->rk / a->r;
       }
+      if ((rc = gptoss_lora_check_scale(cpath, a->alpha, x->r, a->rslora))) goto done;
       x->scale = (float)gptoss_lora_scale(a->alpha, x->r, a->rslora);
     }
 done:

@@ -216,14 +216,9 @@ static gptoss_status open_file(gptoss_st *st, const char *path) {
   st->nfiles++;
   fname = f->path;
 
-  int fd = open(path, O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return gptoss_fail(GPTOSS_EIO, "%s: cannot open: %s", fname, strerror(errno));
-  struct stat sb;
-  if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
-    close(fd);
-    return gptoss_fail(GPTOSS_EIO, "%s: not a regular file", fname);
-  }
-  size_t size = (size_t)sb.st_size;
+  size_t size;
+  int fd = gptoss_open_regular(fname, &size);
+  if (fd < 0) return gptoss_errcode();
   if (size < 8) {
     close(fd);
     return gptoss_fail(GPTOSS_EFORMAT, "%s: file is %zu bytes, too short for the 8-byte header length (truncated?)", fname, size);
@@ -414,8 +409,8 @@ gptoss_status gptoss_st_open(const char *path, gptoss_st **out) {
     char *ip = gptoss_path_join(path, "model.safetensors.index.json");
     char *sp = gptoss_path_join(path, "model.safetensors");
     if (!ip || !sp) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-    else if (gptoss_file_exists(ip)) rc = open_index(st, ip);
-    else if (gptoss_file_exists(sp)) { rc = open_file(st, sp); if (!rc) rc = index_build(st); }
+    else if (gptoss_path_exists(ip)) rc = open_index(st, ip);
+    else if (gptoss_path_exists(sp)) { rc = open_file(st, sp); if (!rc) rc = index_build(st); }
     else rc = gptoss_fail(GPTOSS_EIO, "%s: no model.safetensors.index.json or model.safetensors in this directory", path);
     free(ip);
     free(sp);

@@ -90,6 +90,8 @@ gptoss_status gptoss_sampler_new(const gptoss_sampling *s, int vocab, gptoss_sam
   return GPTOSS_OK;
 }
 
+int gptoss_sampler_vocab(const gptoss_sampler *p) { return p->vocab; }
+
 const gptoss_sampling *gptoss_sampler_params(const gptoss_sampler *p) { return &p->cfg; }
 
 uint64_t gptoss_sampler_draw(gptoss_sampler *p) { return next_u64(p->rng); }
@@ -178,6 +180,15 @@ int32_t gptoss_sampler_sample(gptoss_sampler *p, float *logits, const int32_t *h
     if (logits[i] > mx) mx = logits[i];
   }
   if (n == 0) return 0;
+  if (mx == INFINITY) {
+    /* a +inf logit (a logit_bias of +inf) is certain: the draw is among
+       those alone, equally likely, as the softmax limit has it */
+    int k = 0;
+    for (int i = 0; i < n; i++)
+      if (logits[p->order[i]] == INFINITY) { logits[p->order[i]] = 0; p->order[k++] = p->order[i]; }
+    n = k;
+    mx = 0;
+  }
   if (c->top_k > 0 && c->top_k < n) {
     select_top(p->order, n, c->top_k, logits);
     n = c->top_k;

@@ -30,8 +30,8 @@ gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, 
   s->context = ctx;
   int w = m->cfg.sliding_window;
   /* a ring needs room for the window plus one chunk of new tokens */
-  int rw = o->rewind > 0 ? o->rewind : 1;
-  s->ring = uses_sliding(&m->cfg) ? (w + rw < ctx ? w + rw : ctx) : ctx;
+  int64_t rw = o->rewind > 0 ? o->rewind : 1;
+  s->ring = uses_sliding(&m->cfg) && (int64_t)w + rw < ctx ? (int)(w + rw) : ctx;
   s->history = malloc(sizeof(int32_t) * (size_t)ctx);
   s->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab_size);
   if (!s->history || !s->logits) { gptoss_session_free(s); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a session"); }
@@ -298,7 +298,19 @@ gptoss_status gptoss_session_logits(const gptoss_session *s, float *out) {
   return GPTOSS_OK;
 }
 
+/* a sampler walks its own vocabulary over the session's logits: they must agree */
+static gptoss_status check_samplers(gptoss_session *const *ss, gptoss_sampler *const *smp, int n) {
+  for (int i = 0; i < n; i++) {
+    int want = ss[i]->m->cfg.vocab_size, got = gptoss_sampler_vocab(smp[i]);
+    if (got != want)
+      return gptoss_fail(GPTOSS_EARG, "sampler %d is for a vocabulary of %d, the model's has %d", i + 1, got, want);
+  }
+  return GPTOSS_OK;
+}
+
 gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id) {
+  gptoss_status rc = check_samplers(&s, &smp, 1);
+  if (rc) return rc;
   if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "nothing to sample from: feed tokens with logits first");
   return s->m->be->sample(&s, 1, &smp, id);
 }
@@ -306,6 +318,10 @@ gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int3
 gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
   if (n <= 0) return gptoss_fail(GPTOSS_EARG, "empty batch");
   gptoss_model *m = ss[0]->m;
+  if (smp && next) {
+    gptoss_status rc = check_samplers(ss, smp, n);
+    if (rc) return rc;
+  }
   if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
     /* one token of one session: the backend's fused step */
     gptoss_session *s = ss[0];

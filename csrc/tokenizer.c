@@ -197,11 +197,13 @@ static gptoss_status walk_model(loader *ld, gptoss_json_walk *w) {
   int r;
   while ((r = gptoss_json_walk_next(&mw, &key)) == 1) {
     int ok;
-    if (strcmp(key, "vocab") == 0) ok = (ld->vocab = gptoss_json_walk_value(&mw)) != NULL;
+    /* a repeated key: the last one wins, as with Python's json */
+    if (strcmp(key, "vocab") == 0) { cJSON_Delete(ld->vocab); ok = (ld->vocab = gptoss_json_walk_value(&mw)) != NULL; }
     else if (strcmp(key, "type") == 0) {
       cJSON *v = gptoss_json_walk_value(&mw);
       ok = v != NULL;
-      if (cJSON_IsString(v)) ld->model_type = strdup(v->valuestring);
+      free(ld->model_type);
+      ld->model_type = cJSON_IsString(v) ? strdup(v->valuestring) : NULL;
       cJSON_Delete(v);
     } else ok = gptoss_json_walk_skip(&mw) == 0;
     free(key);
@@ -222,8 +224,8 @@ static gptoss_status read_json(loader *ld, const char *txt, size_t len) {
     gptoss_status rc = GPTOSS_OK;
     int ok = 1;
     if (strcmp(key, "model") == 0) rc = walk_model(ld, &w);
-    else if (strcmp(key, "added_tokens") == 0) ok = (ld->added = gptoss_json_walk_value(&w)) != NULL;
-    else if (strcmp(key, "pre_tokenizer") == 0) ok = (ld->pretok = gptoss_json_walk_value(&w)) != NULL;
+    else if (strcmp(key, "added_tokens") == 0) { cJSON_Delete(ld->added); ok = (ld->added = gptoss_json_walk_value(&w)) != NULL; }
+    else if (strcmp(key, "pre_tokenizer") == 0) { cJSON_Delete(ld->pretok); ok = (ld->pretok = gptoss_json_walk_value(&w)) != NULL; }
     else ok = gptoss_json_walk_skip(&w) == 0;
     free(key);
     if (rc) return rc;
@@ -645,6 +647,11 @@ static gptoss_status encode_text(enc_ctx *c, const unsigned char *s, size_t n,
                                  size_t base, pcre2_match_data *md, pcre2_match_context *mc) {
   const gptoss_tokenizer *t = c->t;
   size_t at = 0;
+  /* A run of whitespace backtracks once over its length (\s*[\r\n]+ before
+     \s+(?!\S) matches it), so PCRE2's fixed default of 10^7 steps refused
+     runs near 10 MB; the budget grows with the text instead: linear, bounded */
+  uint64_t limit = 10000000u + 8u * (uint64_t)n;
+  pcre2_set_match_limit(mc, limit > UINT32_MAX ? UINT32_MAX : (uint32_t)limit);
   while (at < n) {
     int r = t->jit ? pcre2_jit_match(t->re, s, n, at, PCRE2_NO_UTF_CHECK, md, mc)
                    : pcre2_match(t->re, s, n, at, PCRE2_NO_UTF_CHECK, md, mc);

@@ -80,7 +80,9 @@ gptoss_adapter *lg_check_adapter(lua_State *L, int idx) {
 }
 
 lfloats *lg_floats_new(lua_State *L, int rows, int cols) {
-  size_t n = (size_t)rows * (size_t)cols;
+  size_t n = (size_t)rows * (size_t)cols;   /* both < 2^31: no wrap in 64 bits */
+  if (rows < 0 || cols < 0 || n > (PTRDIFF_MAX - sizeof(lfloats)) / sizeof(float))
+    luaL_error(L, "Floats of %d x %d values is too large", rows, cols);
   lfloats *f = lua_newuserdatauv(L, sizeof(lfloats) + sizeof(float) * n, 0);
   f->rows = rows;
   f->cols = cols;
@@ -100,7 +102,8 @@ int32_t *lg_ids(lua_State *L, int idx, size_t *n) {
     lua_Integer x = 0;
     if (!lcompat_tointeger(L, -1, &x))
       luaL_error(L, "token ids: element %d is %s, not an integer", (int)(i + 1), luaL_typename(L, -1));
-    if (x < INT32_MIN || x > INT32_MAX) luaL_error(L, "token ids: element %d (%d) is out of range", (int)(i + 1), (int)x);
+    if (x < INT32_MIN || x > INT32_MAX)
+      luaL_error(L, "token ids: element %d (%s) is out of range", (int)(i + 1), lcompat_quote(L, -1));
     v[i] = (int32_t)x;
     lua_pop(L, 1);
   }
@@ -142,7 +145,7 @@ int lg_opt_int(lua_State *L, int idx, const char *key, int dflt) {
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
   lua_Integer v = 0;
   if (!lcompat_tointeger(L, -1, &v) || v < INT32_MIN || v > INT32_MAX)
-    luaL_error(L, "option '%s' must be an integer", key);
+    luaL_error(L, "option '%s' must be an integer in -2^31..2^31-1 (got %s)", key, lcompat_quote(L, -1));
   lua_pop(L, 1);
   return (int)v;
 }
@@ -151,7 +154,7 @@ double lg_opt_num(lua_State *L, int idx, const char *key, double dflt) {
   if (lua_isnoneornil(L, idx)) return dflt;
   lua_getfield(L, idx, key);
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option '%s' must be a number", key);
+  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option '%s' must be a number (got %s)", key, luaL_typename(L, -1));
   double v = lua_tonumber(L, -1);
   lua_pop(L, 1);
   return v;
@@ -161,7 +164,7 @@ const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt)
   if (lua_isnoneornil(L, idx)) return dflt;
   lua_getfield(L, idx, key);
   if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string", key);
+  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string (got %s)", key, luaL_typename(L, -1));
   const char *s = lua_tostring(L, -1);
   lua_pop(L, 1);   /* the string stays referenced by the options table */
   return s;

@@ -3,6 +3,7 @@
 ** LoRA weights).
 */
 #include <math.h>
+#include <stdint.h>
 #include <string.h>
 #include "binding.h"
 
@@ -45,6 +46,7 @@ static int fl_row(lua_State *L) {
 static int fl_argmax(lua_State *L) {
   lfloats *f = checkfloats(L);
   int r = f->rows == 1 && lua_isnoneornil(L, 2) ? 0 : fl_row_index(L, f, 2);
+  if (f->cols == 0) return luaL_error(L, "argmax: the Floats has no columns");
   const float *p = f->v + (size_t)r * f->cols;
   int best = 0;
   for (int c = 1; c < f->cols; c++) if (p[c] > p[best]) best = c;
@@ -104,7 +106,10 @@ static int l_floats(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   lua_Integer rows = luaL_checkinteger(L, 2), cols = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, rows >= 0 && cols >= 0 && (size_t)(rows * cols) * sizeof(float) == n, 1,
+  luaL_argcheck(L, rows >= 0 && rows <= INT32_MAX, 2, "rows must be an integer in 0..2^31-1");
+  luaL_argcheck(L, cols >= 0 && cols <= INT32_MAX, 3, "cols must be an integer in 0..2^31-1");
+  /* rows, cols < 2^31: their product and its bytes fit in 64 bits */
+  luaL_argcheck(L, (uint64_t)rows * (uint64_t)cols * sizeof(float) == n, 1,
                 "byte length does not match rows x cols float32 values");
   lfloats *f = lg_floats_new(L, (int)rows, (int)cols);
   memcpy(f->v, s, n);

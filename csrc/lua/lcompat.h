@@ -8,6 +8,7 @@
 #include <lua.h>
 #include <lauxlib.h>
 #include <lualib.h>
+#include <stdio.h>
 
 #if LUA_VERSION_NUM < 502
 #define lua_rawlen(L, i) lua_objlen(L, i)
@@ -35,6 +36,27 @@ static inline int lcompat_tointeger(lua_State *L, int idx, lua_Integer *out) {
   if (n != n || n < -9007199254740992.0 || n > 9007199254740992.0 || (lua_Number)(lua_Integer)n != n) return 0;
   *out = (lua_Integer)n;
   return 1;
+#endif
+}
+
+/* a value as the caller wrote it, for messages (pushed on the stack): LuaJIT
+   prints numbers with 14 digits, so an id like 2^53 + 1 would read as another */
+static inline const char *lcompat_quote(lua_State *L, int idx) {
+#if LUA_VERSION_NUM >= 502
+  return luaL_tolstring(L, idx, NULL);
+#else
+  char buf[40];
+  if (lua_type(L, idx) == LUA_TNUMBER) {
+    lua_Number n = lua_tonumber(L, idx);
+    if (n == n && n > -9.2e18 && n < 9.2e18 && n == (lua_Number)(long long)n) snprintf(buf, sizeof buf, "%lld", (long long)n);
+    else snprintf(buf, sizeof buf, "%.17g", (double)n);
+    lua_pushstring(L, buf);
+  } else if (lua_type(L, idx) == LUA_TSTRING) {
+    lua_pushvalue(L, idx);
+  } else {
+    lua_pushstring(L, luaL_typename(L, idx));
+  }
+  return lua_tostring(L, -1);
 #endif
 }
 

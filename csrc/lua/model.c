@@ -4,8 +4,10 @@
 ** A model owns its sessions: closing the model closes them, so a session
 ** left in a Lua variable can never reach freed engine memory.
 */
+#include <math.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/stat.h>
 #include "binding.h"
 
 typedef struct lsession lsession;
@@ -57,7 +59,13 @@ static int l_load(lua_State *L) {
   o.device = lg_opt_str(L, 2, "device", "cpu");
   o.threads = lg_opt_int(L, 2, "threads", 0);
   o.context = lg_opt_int(L, 2, "context", 0);
-  o.memory_budget = (size_t)lg_opt_num(L, 2, "memory", 0);
+  double memory = lg_opt_num(L, 2, "memory", 0);
+  /* bytes: a whole number, finite, >= 0 (0: no budget); 2^53 is past any device */
+  if (!(memory >= 0 && memory <= 9007199254740992.0 && memory == floor(memory))) {
+    lua_getfield(L, 2, "memory");
+    luaL_error(L, "load: memory must be a whole number of bytes >= 0 (got %s)", lcompat_quote(L, -1));
+  }
+  o.memory_budget = (size_t)memory;
   const char *prec = lg_opt_str(L, 2, "precision", "exact");
   if (strcmp(prec, "exact") == 0) o.precision = GPTOSS_PRECISION_EXACT;
   else if (strcmp(prec, "fast") == 0) o.precision = GPTOSS_PRECISION_FAST;
@@ -91,8 +99,10 @@ static int l_load(lua_State *L) {
     if (!p) {
       lua_pushfstring(L, "%s/tokenizer.json", dir);
       p = lua_tostring(L, -1);
-      FILE *f = fopen(p, "rb");
-      if (f) fclose(f); else p = NULL;   /* no tokenizer files: ids only */
+      /* no tokenizer files: ids only; one that is there but is not a regular
+         file is the loader's to refuse (opening it here could block) */
+      struct stat st;
+      if (stat(p, &st) != 0) p = NULL;
     }
     if (p) {
       ltokenizer *tb = lg_box(L, sizeof *tb, TOKENIZER_T);
@@ -112,7 +122,7 @@ static int model_fields(lua_State *L) {
   const char *k = lua_tostring(L, 2);
   if (!k) return 0;
   if (strcmp(k, "closed") == 0) { lua_pushboolean(L, b->m == NULL); return 1; }
-  if (!b->m) return 0;
+  if (!b->m) return luaL_error(L, "model is closed (reading its field '%s')", k);
   if (strcmp(k, "device") == 0) { lua_pushstring(L, gptoss_model_device(b->m)); return 1; }
   if (strcmp(k, "context") == 0) { lua_pushinteger(L, gptoss_model_context(b->m)); return 1; }
   lua_getuservalue(L, 1);
@@ -247,9 +257,9 @@ static gptoss_logits_mode want_mode(lua_State *L, int idx) {
 /* s:feed(ids [, "last"|"all"|"none"]) -> Floats | nothing */
 static int session_feed(lua_State *L) {
   lsession *s = checksession(L, 1);
+  gptoss_logits_mode mode = want_mode(L, 3);   /* before lg_ids pushes its copy above argument 3 */
   size_t n;
   int32_t *ids = lg_ids(L, 2, &n);
-  gptoss_logits_mode mode = want_mode(L, 3);
   int V = gptoss_model_config(s->owner->m)->vocab_size;
   float *out = NULL;
   if (mode != GPTOSS_LOGITS_NONE && n > 0) {
@@ -280,7 +290,7 @@ static int session_step(lua_State *L) {
   lsession *s = checksession(L, 1);
   lua_Integer id = luaL_checkinteger(L, 2);
   lsampler *p = checksampler(L, 3);
-  if (id < INT32_MIN || id > INT32_MAX) return luaL_error(L, "token id %d is out of range", (int)id);
+  if (id < INT32_MIN || id > INT32_MAX) return luaL_error(L, "token id %s is out of range", lcompat_quote(L, 2));
   int32_t in = (int32_t)id, next;
   if (gptoss_batch_step(&s->s, 1, &in, &p->s, &next)) return lg_raise(L);
   lua_pushinteger(L, next);
@@ -338,7 +348,7 @@ static int session_set_adapter(lua_State *L) {
 static int session_rewind(lua_State *L) {
   lsession *s = checksession(L, 1);
   lua_Integer p = luaL_checkinteger(L, 2);
-  if (p < 0 || p > INT32_MAX) return luaL_error(L, "cannot rewind to position %d", (int)p);
+  if (p < 0 || p > INT32_MAX) return luaL_error(L, "cannot rewind to position %s", lcompat_quote(L, 2));
   if (gptoss_session_rewind(s->s, (int)p)) return lg_raise(L);
   lua_settop(L, 1);
   return 1;
@@ -440,7 +450,8 @@ static int l_sampler(lua_State *L) {
         lua_Integer id = 0;
         if (!lcompat_tointeger(L, -2, &id) || lua_type(L, -1) != LUA_TNUMBER)
           luaL_error(L, "sampler: logit_bias maps integer token ids to numbers");
-        if (id < 0 || id >= vocab) luaL_error(L, "logit_bias id %d is outside the vocabulary (0..%d)", (int)id, (int)vocab - 1);
+        if (id < 0 || id >= vocab)
+          luaL_error(L, "logit_bias id %s is outside the vocabulary (0..%d)", lcompat_quote(L, -2), (int)vocab - 1);
         ids[i] = (int32_t)id;
         vals[i] = (float)lua_tonumber(L, -1);
         i++;

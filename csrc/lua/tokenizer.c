@@ -165,7 +165,7 @@ static int tok_name(lua_State *L) {
   lua_Integer id = luaL_checkinteger(L, 2);
   size_t len;
   const char *p = id >= INT32_MIN && id <= INT32_MAX ? gptoss_token_bytes(b->t, (int32_t)id, &len) : NULL;
-  if (!p) luaL_error(L, "token id %d is outside the vocabulary (0..%d)", (int)id, gptoss_tokenizer_vocab_size(b->t) - 1);
+  if (!p) luaL_error(L, "token id %s is outside the vocabulary (0..%d)", lcompat_quote(L, 2), gptoss_tokenizer_vocab_size(b->t) - 1);
   lua_pushlstring(L, p, len);
   return 1;
 }

@@ -114,7 +114,13 @@ function M.read_jsonl(path, tok, opts)
     if line:match("%S") then
       local ok, rec = pcall(cjson.decode, line)
       local ex, why
-      if ok then ex, why = M.example(rec, tok, opts) else why = "invalid JSON: " .. tostring(rec):gsub("^[^:]*:%d+: ", "") end
+      if ok then
+        -- a line the tokenizer refuses (invalid UTF-8, say) is that line's error
+        local ok2, e, w = pcall(M.example, rec, tok, opts)
+        if ok2 then ex, why = e, w else why = tostring(e):gsub("^[^:]*:%d+: ", "") end
+      else
+        why = "invalid JSON: " .. tostring(rec):gsub("^[^:]*:%d+: ", "")
+      end
       if ex then
         ex.line = n
         examples[#examples + 1] = ex

@@ -809,10 +809,44 @@ end
 -- }======================================================
 
 -- {====================================================== render API
+-- each field's type, checked before rendering so that a wrong one is named
+-- rather than met as "attempt to index a number value" deep inside
+local function want(v, types, what)
+  if v == nil or v == json.null then return end
+  local t = type(v)
+  for ty in types:gmatch("%a+") do if t == ty then return end end
+  fail("render: " .. what .. " must be a " .. types:gsub(",", " or a ") .. " (got " .. t .. ")", 4)
+end
+
+local function check_message_types(m, i)
+  local at = "messages[" .. i .. "]"
+  if type(m) ~= "table" then fail("render: " .. at .. " must be a table (got " .. type(m) .. ")", 4) end
+  for _, k in ipairs { "role", "name", "channel", "recipient", "content_type", "thinking", "tool_call_id" } do
+    want(m[k], "string", at .. "." .. k)
+  end
+  want(m.content, "string,table", at .. ".content")
+  want(m.tool_calls, "table", at .. ".tool_calls")
+  if type(m.tool_calls) == "table" then
+    for j, tc in ipairs(m.tool_calls) do
+      local tat = at .. ".tool_calls[" .. j .. "]"
+      want(tc, "table", tat)
+      local fn = tc["function"] or tc
+      want(fn, "table", tat .. ".function")
+      if type(fn.name) ~= "string" then fail("render: " .. tat .. " needs a function name (a string)", 4) end
+      want(fn.arguments, "string,table", tat .. ".arguments")
+    end
+  end
+end
+
 local function check_conv(conv)
-  if type(conv) ~= "table" then fail("render: a conversation table expected", 3) end
+  if type(conv) ~= "table" then fail("render: a conversation table expected (got " .. type(conv) .. ")", 3) end
   check_keys(conv, CONV_KEYS, "render")
   if conv.messages ~= nil and type(conv.messages) ~= "table" then fail("render: messages must be a list", 3) end
+  for i, m in ipairs(conv.messages or {}) do check_message_types(m, i) end
+  want(conv.system, "string,table,boolean", "system")
+  want(conv.developer, "string,table,boolean", "developer")
+  want(conv.mode, "string", "mode")
+  want(conv.next_role, "string", "next_role")
   local fl = conv.flavour or "harmony"
   if fl ~= "harmony" and fl ~= "hf" then fail("render: flavour must be harmony or hf (got '" .. tostring(fl) .. "')", 3) end
   return fl
@@ -953,6 +987,9 @@ function M.stream_parser(opts)
 end
 
 function Parser:_finish_message(h, text)
+  -- text recovered from headers (lenient) was never decoded: lossy, as
+  -- harmony's content always is (each maximal ill-formed subpart one U+FFFD)
+  text = core.utf8_clean(text)
   local m = { role = h.role, name = h.name, channel = h.channel, recipient = h.recipient,
               content_type = h.content_type, content = text }
   self.messages[#self.messages + 1] = m
@@ -990,6 +1027,7 @@ function Parser:_end_content()
   local text = self:_content_text() .. core.utf8_clean(self.undecoded)
   local m = self:_finish_message(self.current_header, text)
   self.state, self.current_header, self.content, self.undecoded = "start", nil, {}, ""
+  self.undecoded_ids = nil
   self.last_content_delta = nil
   return m
 end
@@ -1054,7 +1092,20 @@ function Parser:process(id)
   local tok = self.tok
   if not tok then fail("stream_parser: process(id) needs a tokenizer; use process_text or process_unit", 2) end
   if tok:is_special(id) then return self:process_unit { s = tok:name(id) } end
-  return self:process_unit { b = tok:decode_bytes { id } }
+  if self.state == "content" then
+    -- as harmony's StreamableParser: content ids that do not decode wait
+    -- (with those after them) for ids that make them decode; none comes for
+    -- an id past the vocabulary, so its bytes never reach the content
+    local pending = self.undecoded_ids or {}
+    pending[#pending + 1] = id
+    local ok, b = pcall(tok.decode_bytes, tok, pending)
+    if not ok then self.undecoded_ids, self.last_content_delta = pending, nil; return self end
+    self.undecoded_ids = nil
+    return self:process_unit { b = b }
+  end
+  local ok, b = pcall(tok.decode_bytes, tok, { id })
+  if not ok then fail("invalid token for decoding: " .. tostring(id), 2) end
+  return self:process_unit { b = b }
 end
 
 --- p:process_text(text): a chunk of text whose control tokens are written out

@@ -43,9 +43,7 @@ local Tokenizer = core.methods.Tokenizer
 --- config(path): the parsed config.json of a model directory (or file),
 -- or nil and a message.
 function M.config(path)
-  local f = io.open(path .. "/config.json", "rb")
-  if f then f:close(); path = path .. "/config.json" end
-  return core.config_load(path)
+  return core.config_load(path)   -- a directory's config.json, checked to be a regular file before it is opened
 end
 
 --- tensor_specs(config): the tensors a checkpoint of this config holds.
@@ -144,8 +142,9 @@ Run.__index = Run
 local function new_run(model, opts, prompt_len)
   local r = setmetatable({ model = model, ids = {}, parts = {}, pending = "",
     max_tokens = opts.max_tokens or 256, prompt_tokens = prompt_len }, Run)
-  if type(r.max_tokens) ~= "number" or r.max_tokens < 1 or r.max_tokens ~= math.floor(r.max_tokens) then
-    error("max_tokens must be a positive integer", 4)
+  local mt = r.max_tokens
+  if type(mt) ~= "number" or not (mt >= 1 and mt <= 2147483647) or mt ~= math.floor(mt) then
+    error("max_tokens must be an integer in 1..2147483647 (got " .. tostring(mt) .. ")", 4)
   end
   r.stop_ids = {}
   for _, id in ipairs(opts.stop_tokens or default_stops(model)) do
@@ -285,6 +284,9 @@ function Model:stream(ids, opts)
   check_ids(ids, "stream")
   if opts.session and opts.adapter then
     error("stream: give adapter or session, not both (a session carries its own adapter)", 2)
+  end
+  if opts.session ~= nil and opts.session.model ~= self then
+    error("the session given belongs to another model", 2)
   end
   local run = new_run(self, opts, #ids)
   local smp = sampler_for(self, opts)

@@ -74,7 +74,14 @@ end
 local uesc = P"\\u" * C(hex * hex * hex * hex)
 local escape = (uesc * uesc) / unicode_escape + uesc / unicode_escape + P"\\" * C(S'"\\/bfnrt') / escapes
 local str = P'"' * Cf(Cc"" * (C((P(1) - S'"\\' - R"\0\31") ^ 1) + escape) ^ 0, function(a, b) return a .. b end) * P'"'
-local num = C(P"-" ^ -1 * (P"0" + R"19" * R"09" ^ 0) * (P"." * R"09" ^ 1) ^ -1 * (S"eE" * S"+-" ^ -1 * R"09" ^ 1) ^ -1) / tonumber
+-- a number past the doubles (1e400) is refused, as serde_json does, rather
+-- than read as infinity, which no JSON text can hold
+local num = lpeg.Cmt(C(P"-" ^ -1 * (P"0" + R"19" * R"09" ^ 0) * (P"." * R"09" ^ 1) ^ -1 * (S"eE" * S"+-" ^ -1 * R"09" ^ 1) ^ -1),
+  function(_, i, s)
+    local v = tonumber(s)
+    if v == math.huge or v == -math.huge then return false end
+    return i, v
+  end)
 
 local function mkobject(list)
   local t, keys = {}, {}
@@ -95,10 +102,35 @@ local grammar = P{
   array = P"[" * ws * Ct((ws * V"value" * ws * (P"," * ws * V"value" * ws) ^ 0) ^ -1) / M.array * P"]",
 }
 
+-- nesting deeper than this is refused up front: LPeg's own limits (its
+-- backtrack stack and capture nesting) end near 99 levels with an internal
+-- error; tool schemas nest a few levels
+M.MAX_DEPTH = 64
+local function too_deep(text)
+  local depth, i, in_str = 0, 1, false
+  while true do
+    local j = text:find(in_str and '["\\]' or '[%[%]{}"]', i)
+    if not j then return false end
+    local c = text:byte(j)
+    i = j + 1
+    if in_str then
+      if c == 92 then i = j + 2 else in_str = false end
+    elseif c == 34 then in_str = true
+    elseif c == 91 or c == 123 then
+      depth = depth + 1
+      if depth > M.MAX_DEPTH then return true end
+    else
+      depth = depth - 1
+    end
+  end
+end
+
 --- decode(text) -> value | nil, message
 function M.decode(text)
   if type(text) ~= "string" then return nil, "json: text expected" end
-  local v = grammar:match(text)
+  if too_deep(text) then return nil, "json: nested deeper than " .. M.MAX_DEPTH .. " levels" end
+  local ok, v = pcall(grammar.match, grammar, text)
+  if not ok then return nil, "json: " .. tostring(v):gsub("^[^:]*:%d+: ", "") end
   if v == nil then return nil, "json: invalid JSON" end
   return v
 end

@@ -188,24 +188,38 @@ local function save_checkpoint(dir, lora, state, keep)
   if ok then rm_tree(final); ok, err = os.rename(tmp, final) end
   if ok then ok, err = write_file(dir .. "/latest", name .. "\n") end
   if not ok then rm_tree(tmp); error("train: checkpoint " .. final .. ": " .. tostring(err), 3) end
-  local names = {}
-  for f in lfs.dir(dir) do if f:match("^step%-%d+$") then names[#names + 1] = f end end
+  -- pruning renames a checkpoint out of sight first (one atomic step), so a
+  -- kill mid-deletion leaves no half-deleted step-N; leftovers go next time
+  local names, gone = {}, {}
+  for f in lfs.dir(dir) do
+    if f:match("^step%-%d+$") then names[#names + 1] = f
+    elseif f:match("^%.step%-%d+%.old$") then gone[#gone + 1] = f end
+  end
   table.sort(names)
-  for i = 1, #names - keep do rm_tree(dir .. "/" .. names[i]) end
+  for i = 1, #names - keep do
+    local hidden = "." .. names[i] .. ".old"
+    if os.rename(dir .. "/" .. names[i], dir .. "/" .. hidden) then gone[#gone + 1] = hidden end
+  end
+  for _, f in ipairs(gone) do rm_tree(dir .. "/" .. f) end
 end
 
 --- the latest checkpoint of a checkpoint_dir: its path and trainer state,
--- or nil when there is none
+-- or nil when there is none (no latest file); a latest that names a missing
+-- or broken checkpoint raises rather than restarting from step 1
 function M.latest(dir)
   local f = io.open(dir .. "/latest", "rb")
   if not f then return nil end
   local name = f:read("*l")
   f:close()
+  if type(name) ~= "string" or not name:match("^step%-%d+$") then
+    error(string.format("train: resume: %s/latest names %q, not a checkpoint (step-N)", dir, tostring(name)), 0)
+  end
   local path = dir .. "/" .. name
   local h = io.open(path .. "/trainer_state.json", "rb")
-  if not h then return nil end
-  local state = require("cjson").decode(h:read("*a"))
+  if not h then error("train: resume: " .. dir .. "/latest names " .. name .. ", but " .. path .. "/trainer_state.json is missing", 0) end
+  local ok, state = pcall(require("cjson").decode, h:read("*a"))
   h:close()
+  if not ok or type(state) ~= "table" then error("train: resume: " .. path .. "/trainer_state.json is not valid JSON", 0) end
   return path, state
 end
 -- }======================================================
