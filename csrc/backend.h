@@ -37,6 +37,7 @@ struct gptoss_session {
   int ring;                          /* positions a sliding layer keeps */
   int32_t *history;                  /* every token fed, [context] */
   int has_logits;                    /* the last feed left logits to sample from */
+  int lost;                          /* a failed feed overwrote keys its window needs (see gptoss_forward) */
   float *logits;                     /* host copy of the last position's logits (CPU backend) */
   int trace;
   int32_t *trace_e;                  /* [trace_cap][layers][k] */

@@ -16,6 +16,17 @@ static int uses_sliding(const gptoss_config *c) {
   return 0;
 }
 
+/* A feed that fails after a second pass of a session ran has already
+   overwritten, in the sliding ring, keys that the session's window at its
+   old position reads: it cannot go on from there, and says so. */
+#define LOST_WINDOW "the session lost its sliding window to a feed that failed after writing part of it; " \
+  "open a new session (the model and other sessions are unaffected)"
+static gptoss_status check_usable(const gptoss_session *s, int entry) {
+  if (!s->lost) return GPTOSS_OK;
+  if (entry) return gptoss_fail(GPTOSS_ESTATE, "batch entry %d: " LOST_WINDOW, entry);
+  return gptoss_fail(GPTOSS_ESTATE, LOST_WINDOW);
+}
+
 gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, gptoss_session **out) {
   *out = NULL;
   gptoss_session_opts dflt = {0, DEFAULT_REWIND};
@@ -68,6 +79,8 @@ const int32_t *gptoss_session_history(const gptoss_session *s) { return s->histo
 
 gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out) {
   *out = NULL;
+  gptoss_status urc = check_usable(s, 0);
+  if (urc) return urc;
   gptoss_session_opts o = { s->context, 0 };
   gptoss_session *c = calloc(1, sizeof *c);
   if (!c) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
@@ -93,6 +106,8 @@ gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out)
 }
 
 gptoss_status gptoss_session_rewind(gptoss_session *s, int pos) {
+  gptoss_status urc = check_usable(s, 0);
+  if (urc) return urc;
   if (pos < 0 || pos > s->pos)
     return gptoss_fail(GPTOSS_ERANGE, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
   if (pos == s->pos) return GPTOSS_OK;
@@ -224,6 +239,7 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
   for (int i = 0; i < nss; i++) {
     gptoss_session *s = ss[i];
     if (s->m != m) return gptoss_fail(GPTOSS_EARG, "batch entry %d belongs to another model", i + 1);
+    if ((rc = check_usable(s, nss > 1 ? i + 1 : 0))) return rc;
     if (counts[i] <= 0) return gptoss_fail(GPTOSS_EARG, "batch entry %d has no tokens to feed", i + 1);
     if (counts[i] > s->context - s->pos) {
       if (nss == 1)
@@ -242,7 +258,11 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
   int cap = m->be->max_pass_tokens;
   int most = (int)(total < cap ? total : cap);
   int32_t *pos = malloc(sizeof(int32_t) * (size_t)most * 3), *keep = malloc(sizeof(int32_t) * (size_t)nss);
-  if (!pos || !keep) { free(pos); free(keep); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a batch plan"); }
+  int *pieces = calloc((size_t)nss, sizeof(int));   /* each session's pieces run so far */
+  if (!pos || !keep || !pieces) {
+    free(pos); free(keep); free(pieces);
+    return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a batch plan");
+  }
   plan_req q = {ss, ids, counts, mode, out, m->cfg.vocab_size};
   /* Greedy over the concatenation: sessions in order, each cut into
      pieces of at most its ring's room; a pass ends when it is full or
@@ -261,18 +281,27 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
       if (off == counts[i]) {
         if (T == cap || i == nss - 1) {
           rc = run_pass(&q, s0, i, off0, (int)t0, T, 1, pos, pos + most, pos + 2 * most, keep);
+          for (int j = s0; j <= i && !rc; j++) pieces[j]++;
           t0 += T; T = 0; s0 = i + 1; off0 = 0;
         }
         break;
       }
       /* s continues in the next pass */
       rc = run_pass(&q, s0, i, off0, (int)t0, T, 0, pos, pos + most, pos + 2 * most, keep);
+      for (int j = s0; j <= i && !rc; j++) pieces[j]++;
       t0 += T; T = 0; s0 = i; off0 = off;
     }
   }
   free(pos);
   free(keep);
-  if (rc) return rc;
+  if (rc) {
+    /* a session's second piece overwrote ring slots of its old window */
+    for (int i = 0; i < nss; i++)
+      if (pieces[i] >= 2) ss[i]->lost = 1;
+    free(pieces);
+    return rc;
+  }
+  free(pieces);
   const int32_t *at = ids;
   for (int i = 0; i < nss; i++) {
     gptoss_session *s = ss[i];
@@ -310,6 +339,7 @@ static gptoss_status check_samplers(gptoss_session *const *ss, gptoss_sampler *c
 
 gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id) {
   gptoss_status rc = check_samplers(&s, &smp, 1);
+  if (!rc) rc = check_usable(s, 0);
   if (rc) return rc;
   if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "nothing to sample from: feed tokens with logits first");
   return s->m->be->sample(&s, 1, &smp, id);
@@ -325,6 +355,8 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
   if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
     /* one token of one session: the backend's fused step */
     gptoss_session *s = ss[0];
+    gptoss_status urc = check_usable(s, 0);
+    if (urc) return urc;
     if (s->pos >= s->context)
       return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry 1 holds %d tokens, its context is %d", s->pos, s->context);
     gptoss_status rc = check_ids(s, ids, 1);

@@ -88,7 +88,7 @@ describe("CPU backend out of memory (test hook)", function()
   -- pass that fails leaves the session as it was. (A feed that the engine
   -- cuts into several passes, one per ring's room, is another matter: the
   -- passes before the failing one have already overwritten ring slots the
-  -- session's window still reads.)
+  -- session's window still reads; the next spec.)
   it("a feed that fails leaves its session where it was", function()
     local s = m:session()
     logits(s, prompt)
@@ -112,6 +112,42 @@ describe("CPU backend out of memory (test hook)", function()
     end
     print(string.format("\n  feed: %d allocations failed in turn", total))
     s:close()
+  end)
+
+  it("a feed in several passes that fails after its second refuses the session from then on, and says why", function()
+    -- rewind 2: a ring of window + 2 slots, so the feed runs in passes of 2
+    local fresh = m:session { rewind = 2 }
+    local want = logits(fresh, ids)
+    fresh:close()
+    local lost, kept = 0, 0
+    local n = 0
+    while true do
+      n = n + 1
+      local s = m:session { rewind = 2 }
+      core.test_fail_alloc(n)
+      local ok, err = pcall(logits, s, ids)
+      local left = core.test_fail_alloc(0)
+      if ok then assert.is_true(left > 0); s:close(); break end
+      assert.is_truthy(tostring(err):find("out of memory", 1, true), tostring(err))
+      assert.are.equal(0, s:pos())
+      local ok2, err2 = pcall(logits, s, ids)
+      if ok2 then
+        -- the failure came before a second pass wrote anything: it went on as though none had come
+        same(want, err2, "logits")
+        kept = kept + 1
+      else
+        assert.matches("lost its sliding window", err2)
+        assert.has_error(function() s:fork() end)
+        lost = lost + 1
+      end
+      s:close()
+    end
+    -- a new session of the same model gives the undisturbed logits
+    local s = m:session { rewind = 2 }
+    same(want, logits(s, ids), "logits")
+    s:close()
+    print(string.format("\n  feed in passes: %d failures refused the session after, %d left it usable", lost, kept))
+    assert.is_true(lost > 0 and kept > 0)
   end)
 
   it("training: a failed step leaves the gradients untouched", function()
