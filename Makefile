@@ -6,6 +6,7 @@
 #   make test            every spec under Lua 5.4 and LuaJIT
 #   make run             install what is missing, then the main job (examples/chat.lua)
 #   make bench           benchmarks (bench/)
+#   make install         the module, the Lua libraries and bin/gptoss (the command line)
 #   make check-memory    the specs' C paths under valgrind and AddressSanitizer
 
 LUA ?= lua5.4
@@ -37,7 +38,7 @@ ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WAR
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
 ENGINE := error dtype pool files json safetensors config model session sampler tokenizer adapter cpu/kernels cpu/forward cpu/train
-BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter
+BINDING := lua_gptoss lua_tokenizer lua_safetensors lua_model lua_adapter lua_sys
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
 HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h)
@@ -99,13 +100,16 @@ $(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
 	@mkdir -p $(OUT)
 	cp $< $@
 
-# luarocks (build type "make") passes INST_LIBDIR and INST_LUADIR
+# luarocks (build type "make") passes INST_LIBDIR and INST_LUADIR, and an
+# empty INST_BINDIR: it installs bin/gptoss itself (rockspec build.install.bin)
 INST_LIBDIR ?= /usr/local/lib/lua/5.4
 INST_LUADIR ?= /usr/local/share/lua/5.4
+INST_BINDIR ?= /usr/local/bin
 install: all
 	mkdir -p $(INST_LIBDIR)/gptoss $(INST_LUADIR)/gptoss
 	cp $(TARGETS) $(INST_LIBDIR)/gptoss/
 	cp lua/gptoss/*.lua $(INST_LUADIR)/gptoss/
+	if [ -n "$(INST_BINDIR)" ]; then mkdir -p $(INST_BINDIR) && cp bin/gptoss $(INST_BINDIR)/gptoss; fi
 
 # {====================================================== tests
 # The tokenizer the specs and `make run` use: the exact gpt-oss tokenizer.json

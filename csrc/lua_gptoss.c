@@ -277,6 +277,7 @@ int luaopen_gptoss_core(lua_State *L) {
   luaopen_gptoss_safetensors(L);
   luaopen_gptoss_model(L);
   luaopen_gptoss_adapter(L);
+  lg_sys_register(L);
   /* core.methods.Model etc.: Lua libraries add methods written in Lua here */
   static const char *const types[] = {MODEL_T, SESSION_T, TOKENIZER_T, SAMPLER_T, FLOATS_T, WRITER_T, READER_T, ADAPTER_T, NULL};
   lua_newtable(L);

@@ -60,6 +60,7 @@ int luaopen_gptoss_tokenizer(lua_State *L);
 int luaopen_gptoss_safetensors(lua_State *L);
 int luaopen_gptoss_model(lua_State *L);
 int luaopen_gptoss_adapter(lua_State *L);
+void lg_sys_register(lua_State *L);   /* lua_sys.c: isatty, term_columns, getpid */
 /* the adapter at idx, raising if closed or another type */
 gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
 /* the open model at idx, raising if closed or another type */
