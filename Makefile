@@ -6,6 +6,7 @@
 #   make test            every spec under Lua 5.4 and LuaJIT
 #   make run             install what is missing, then the main job (examples/chat.lua)
 #   make bench           benchmarks (bench/)
+#   make install         the module, the Lua libraries and bin/gptoss (the command line)
 #   make check-memory    the specs' C paths under valgrind and AddressSanitizer + UBSan
 #   make fuzz            libFuzzer on every parser (spec/fixtures/fuzz/)
 
@@ -40,7 +41,7 @@ LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 ENGINE := error dtype pool files json utf8 safetensors config model session sampler tokenizer mxfp4 adapter peft optim merge engine \
   cpu/alloc cpu/matmul cpu/norm cpu/attention cpu/moe cpu/lora cpu/pointwise cpu/layer cpu/forward cpu/train
 # the Lua binding, in csrc/lua/ (the engine in csrc/ knows no Lua)
-BINDING := gptoss binding floats tokenizer safetensors model adapter engine
+BINDING := gptoss binding floats tokenizer safetensors model adapter engine sys
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
 HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h csrc/lua/*.h)
@@ -103,13 +104,16 @@ $(OUT)/cuda.so: $(BUILD)/cuda/cuda.so
 	@mkdir -p $(OUT)
 	cp $< $@
 
-# luarocks (build type "make") passes INST_LIBDIR and INST_LUADIR
+# luarocks (build type "make") passes INST_LIBDIR and INST_LUADIR, and an
+# empty INST_BINDIR: it installs bin/gptoss itself (rockspec build.install.bin)
 INST_LIBDIR ?= /usr/local/lib/lua/5.4
 INST_LUADIR ?= /usr/local/share/lua/5.4
+INST_BINDIR ?= /usr/local/bin
 install: all
 	mkdir -p $(INST_LIBDIR)/gptoss $(INST_LUADIR)/gptoss
 	cp $(TARGETS) $(INST_LIBDIR)/gptoss/
 	cp lua/gptoss/*.lua $(INST_LUADIR)/gptoss/
+	if [ -n "$(INST_BINDIR)" ]; then mkdir -p $(INST_BINDIR) && cp bin/gptoss $(INST_BINDIR)/gptoss; fi
 
 # {====================================================== tests
 # The tokenizer the specs and `make run` use: the exact gpt-oss tokenizer.json

@@ -33,7 +33,10 @@ build = {
     LUA_INCDIR = "$(LUA_INCDIR)",
     INST_LIBDIR = "$(LIBDIR)",
     INST_LUADIR = "$(LUADIR)",
+    INST_BINDIR = "",
   },
+  -- the command line, wrapped by luarocks for the tree's Lua
+  install = { bin = { gptoss = "bin/gptoss" } },
 }
 test = {
   type = "command",

@@ -87,6 +87,7 @@ void lg_open_adapter(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
 void lg_open_engine(lua_State *L);
+void lg_open_sys(lua_State *L);      /* isatty, term_columns, getpid */
 /* marks the model at idx as owned by a running engine (NULL: free again);
    while owned, every direct use of it or its sessions raises */
 void lg_model_own(lua_State *L, int idx, gptoss_engine *e);

@@ -147,7 +147,8 @@ local GENERATION_CONFIG = [[{
 
 --- Writes a checkpoint. opts: preset (default "tiny") or config (a table),
 -- seed, out (directory), shard_size, threads, tokenizer (a directory holding
--- tokenizer.json, or false), force (replace an existing out).
+-- tokenizer.json, or false), force (replace an existing out), on_shard
+-- (called as on_shard(i, n, bytes) after shard i of n is written).
 -- Everything is written under "<out>.partial" and renamed into place last.
 -- Returns the plan, or nil and a message.
 function M.write(opts)
@@ -166,12 +167,13 @@ function M.write(opts)
   if not ok then return nil, err end
   local function fail(msg) files.rm_tree(tmp); return nil, msg end
   local seed = opts.seed or 0
-  for _, sh in ipairs(plan.shards) do
+  for i, sh in ipairs(plan.shards) do
     local w = core.writer(tmp .. "/" .. sh.file)
     w:metadata("format", "pt")
     for _, s in ipairs(sh.tensors) do w:add(s.name, s.dtype, s.shape, M.fill(s, cfg, seed)) end
     local cok, cerr = w:commit(opts.threads)
     if not cok then return fail(cerr) end
+    if opts.on_shard then opts.on_shard(i, #plan.shards, sh.bytes) end
   end
   ok, err = files.write_file(tmp .. "/model.safetensors.index.json", index_json(plan))
   if not ok then return fail(err) end

@@ -24,7 +24,7 @@ local M = {}
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
     .. "group_by_length eval eval_every on_step on_log log_every target_loss overfit_below underfit_above checkpoint_dir "
-    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size"):gmatch("%S+") do KNOWN[k] = true end
+    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size progress"):gmatch("%S+") do KNOWN[k] = true end
 
 -- {====================================================== profiles
 -- The seeds' training profiles: PROFILES and main() of their training
@@ -303,6 +303,13 @@ function M.train(model, lora, opts)
     end
   end
   local window = {}
+  -- progress = true: a bar on stderr (gptoss.progress); a table: options over its defaults
+  local bar
+  if o.progress then
+    local po = { label = "train", total = steps, unit = "steps", first = first - 1 }
+    if type(o.progress) == "table" then for k, v in pairs(o.progress) do po[k] = v end end
+    bar = require("gptoss.progress").new(po)
+  end
   for step = first, steps do
     local t0 = clock()
     local group = {}
@@ -338,6 +345,8 @@ function M.train(model, lora, opts)
       o.on_log(step, m)
       window = {}
     end
+    -- reported before it is checkpointed: a run resumed after a kill never lacks a reported step
+    if o.on_step then o.on_step(step, info) end
     if o.checkpoint_dir and o.checkpoint_every and (step % o.checkpoint_every == 0 or step == steps) then
       local h = {}
       -- as %.17g text: lua-cjson keeps only 14 digits, and a resumed curve must be exact
@@ -346,8 +355,12 @@ function M.train(model, lora, opts)
       save_checkpoint(o.checkpoint_dir, lora, { step = step, steps = steps, data = #data, epoch = epoch, pos = pos,
                                                 seed = o.seed, history = h }, o.keep)
     end
-    if o.on_step then o.on_step(step, info) end
+    if bar then
+      bar:update(step, { { "loss", string.format("%.4f", info.loss) }, { "lr", string.format("%.2e", lr) },
+                         { "tok/s", string.format("%.0f", info.tokens_per_s) } })
+    end
   end
+  if bar then bar:finish() end
   local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag,
                    skipped = skipped, examples = #data, options = o }
   if o.eval then result.eval_loss, result.eval_perplexity = M.evaluate(model, lora, o.eval, o) end

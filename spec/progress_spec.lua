@@ -1,0 +1,56 @@
+-- gptoss.progress: what a bar writes on a terminal and elsewhere, with a
+-- hand-driven clock; ETAs computed by hand.
+local progress = require "gptoss.progress"
+
+local function sink()
+  local s = { text = "" }
+  function s.write(self, ...) for _, x in ipairs { ... } do self.text = self.text .. x end end
+  function s.flush() end
+  return s
+end
+
+describe("progress", function()
+  it("formats durations", function()
+    assert.are.equal("12s", progress.duration(12.4))
+    assert.are.equal("3m05s", progress.duration(185))
+    assert.are.equal("1h02m", progress.duration(3720))
+    assert.are.equal("?", progress.duration(0 / 0))
+  end)
+
+  it("writes a plain line per interval off a terminal, with the ETA, and a last line at the end", function()
+    local now, out = 0, sink()
+    local bar = progress.new { label = "train", total = 20, unit = "steps", stream = out, tty = false, interval = 10,
+                               clock = function() return now end }
+    now = 2; bar:update(1, { { "loss", "2.5" } })          -- the first update always writes
+    now = 5; bar:update(2)                                 -- within the interval: nothing
+    now = 12; bar:update(5, { { "loss", "2.0" }, { "lr", "1e-4" } })   -- 5 in 12 s: 15 left take 36 s
+    now = 40; bar:update(20)
+    assert.are.equal("train 1/20 steps  loss 2.5  ETA 38s\n" ..
+                     "train 5/20 steps  loss 2.0, lr 1e-4  ETA 36s\n" ..
+                     "train 20/20 steps  in 40s\n", out.text)
+  end)
+
+  it("redraws one line in place on a terminal, with a bar, and ends it with a newline", function()
+    local now, out = 0, sink()
+    local bar = progress.new { label = "bench", total = 4, stream = out, tty = true, clock = function() return now end }
+    bar.width = 60
+    now = 1; bar:update(1)
+    now = 1.05; bar:update(2)                             -- redraws at most 10 times a second
+    now = 2; bar:update(4)
+    bar:finish()
+    local lines = {}
+    for l in out.text:gmatch("\r([^\r]*)") do lines[#lines + 1] = l end
+    assert.are.equal(2, #lines)
+    assert.matches("^bench %[#+%.+%] 1/4  ETA 3s\27%[K$", lines[1])
+    assert.matches("^bench %[#+%] 4/4  in 2s\27%[K\n$", lines[2])
+    assert.is_nil(out.text:find("\n", 1, true) < #out.text and true or nil)
+  end)
+
+  it("says where a bar stopped short", function()
+    local out = sink()
+    local bar = progress.new { label = "trial 3", total = 10, stream = out, tty = false, clock = function() return 0 end }
+    bar:update(4)
+    bar:finish()
+    assert.matches("\ntrial 3 4/10  stopped\n$", out.text)
+  end)
+end)
