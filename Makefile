@@ -5,6 +5,7 @@
 #   make CUDA=0          without the CUDA backend
 #   make test            every spec under Lua 5.4 and LuaJIT
 #   make run             install what is missing, then the main job (examples/chat.lua)
+#   make serve           an OpenAI-compatible API on nginx (MODEL, DEVICE, PORT, ADAPTERS)
 #   make bench           benchmarks (bench/)
 #   make install         the module, the Lua libraries and bin/gptoss (the command line)
 #   make check-memory    the specs' C paths under valgrind and AddressSanitizer + UBSan
@@ -57,7 +58,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so
 endif
 
-.PHONY: all install test test-gpu run bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels
+.PHONY: all install test test-gpu run serve bench-serve bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -190,6 +191,24 @@ fuzz: $(TOKENIZER)
 
 run:
 	tools/run.sh
+
+# the OpenAI-compatible API in nginx + lua-nginx-module (server/nginx.conf.in,
+# lua/gptoss/server): MODEL=dir (default: the generated tiny checkpoint),
+# DEVICE=cuda:0, PORT=8080, ADAPTERS=name=dir,... ; Ctrl-C stops it
+SERVE_MODEL = $(if $(MODEL),$(MODEL),$(BUILD)/models/tiny)
+serve:
+	tools/install_deps.sh
+	tools/fetch_tokenizer.sh tokenizer
+	$(MAKE) -s LUA=luajit all
+	@test -n "$(MODEL)" || test -f $(BUILD)/models/tiny/config.json || \
+	  LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='$(BUILD)/luajit/?.so;;' luajit tools/make_checkpoint.lua \
+	    --preset tiny --seed 1 --out $(BUILD)/models/tiny --tokenizer tokenizer --force
+	GPTOSS_MODEL='$(abspath $(SERVE_MODEL))' GPTOSS_DEVICE='$(DEVICE)' GPTOSS_ADAPTERS='$(ADAPTERS)' \
+	  PORT='$(or $(PORT),8080)' tools/serve.sh
+
+# the HTTP serving benchmark against a running server: make bench-serve SERVE_ARGS="--url http://127.0.0.1:8080"
+bench-serve:
+	luajit bench/serve.lua $(SERVE_ARGS)
 
 # bench/llm.lua needs a GPU (cuda:0) and writes a 13.76 GB checkpoint when
 # none is given; bench/tokenizer.lua runs anywhere

@@ -1,0 +1,488 @@
+--- bench/serve.lua: the OpenAI-compatible server (make serve) measured over
+-- HTTP, as `vllm bench serve` and the seeds' Ollama study measure a server.
+--
+--   luajit bench/serve.lua [--url http://127.0.0.1:8080] [--model ID] [--key KEY]
+--       [--prompt 512] [--output 256] [--requests N] [--concurrency 1,8,32,64]
+--       [--study] [--duration 30] [--pid WORKER_PID] [--inprocess DIR [--device cuda:0] [--threads N]]
+--       [--only serve|study|inprocess] [--json FILE]
+--
+-- serve: at each concurrency, --requests streamed /v1/completions of
+-- --prompt random token ids and exactly --output tokens (the stop tokens are
+-- biased away, as vLLM's ignore_eos does), and vLLM's serving metrics under
+-- their names: request and token throughput, TTFT, TPOT, ITL and E2E latency
+-- (mean, median, P90, P99; ITL between SSE chunks as vLLM times them).
+-- study (--study): the seeds' Ollama study: short, medium and long prompts
+-- (mean and P95 latency, tokens/s, TTFT: the prompt-length impact), four
+-- temperatures, 1/2/4/8 concurrent workers, then CPU, RSS and GPU memory of
+-- the worker sampled each second over a --duration run at concurrency 8.
+-- inprocess (--inprocess DIR): the same serve workload through
+-- gptoss.engine in this process, so the table shows what HTTP costs.
+--
+-- The client is one event loop over non-blocking sockets (LuaJIT's FFI), so
+-- 64 streams are timed from one thread without skew. Prints Markdown.
+local ffi = require "ffi"
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "build/luajit/?.so;" .. package.cpath
+local cjson = require "cjson"
+
+-- {====================================================== options
+local opt = { url = "http://127.0.0.1:8080", prompt = 512, output = 256, concurrency = "1,8,32,64", duration = 30,
+              device = "cuda:0" }
+do
+  local i = 1
+  while i <= #arg do
+    local k = arg[i]:match("^%-%-(.+)$")
+    if not k then error("bench/serve.lua: unexpected argument " .. arg[i]) end
+    if k == "study" then opt.study = true; i = i + 1
+    else opt[k] = arg[i + 1]; i = i + 2 end
+  end
+  for _, k in ipairs { "prompt", "output", "requests", "duration", "pid", "threads" } do opt[k] = tonumber(opt[k]) end
+end
+local host, port = opt.url:match("^http://([^:/]+):?(%d*)")
+port = tonumber(port) or 80
+if host == "localhost" then host = "127.0.0.1" end
+-- }======================================================
+
+-- {====================================================== sockets
+ffi.cdef [[
+typedef struct { uint16_t family; uint16_t port; uint32_t addr; uint8_t zero[8]; } sockaddr_in_t;
+typedef struct { int fd; short events; short revents; } pollfd_t;
+typedef struct { long tv_sec; long tv_nsec; } timespec_t;
+int socket(int, int, int);
+int connect(int, const void *, uint32_t);
+long send(int, const void *, size_t, int);
+long recv(int, void *, size_t, int);
+int poll(pollfd_t *, unsigned long, int);
+int close(int);
+int fcntl(int, int, ...);
+int inet_pton(int, const char *, void *);
+int clock_gettime(int, timespec_t *);
+char *strerror(int);
+]]
+local C = ffi.C
+local AF_INET, SOCK_STREAM, F_SETFL, O_NONBLOCK, POLLIN, POLLOUT = 2, 1, 4, 2048, 1, 4
+local EINPROGRESS, EAGAIN = 115, 11
+
+local ts = ffi.new("timespec_t")
+local function now()
+  C.clock_gettime(1, ts)   -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) + tonumber(ts.tv_nsec) * 1e-9
+end
+
+local addr = ffi.new("sockaddr_in_t")
+addr.family = AF_INET
+addr.port = bit.bor(bit.rshift(port, 8), bit.lshift(bit.band(port, 0xff), 8))
+assert(C.inet_pton(AF_INET, host, ffi.cast("void *", ffi.cast("char *", addr) + 4)) == 1, "bench: bad host " .. host)
+
+local function connect()
+  local fd = C.socket(AF_INET, SOCK_STREAM, 0)
+  assert(fd >= 0, "socket failed")
+  C.fcntl(fd, F_SETFL, ffi.new("int", O_NONBLOCK))
+  local r = C.connect(fd, addr, ffi.sizeof(addr))
+  if r ~= 0 and ffi.errno() ~= EINPROGRESS then error("connect: " .. ffi.string(C.strerror(ffi.errno()))) end
+  return fd
+end
+-- }======================================================
+
+-- {====================================================== streams
+-- One HTTP request: sent when the socket is writable, its response read as
+-- it comes; SSE data events are timestamped on arrival.
+local buf = ffi.new("char[65536]")
+
+local function request_text(path, body)
+  return table.concat {
+    "POST ", path, " HTTP/1.1\r\nHost: ", host, "\r\nContent-Type: application/json\r\nConnection: close\r\n",
+    opt.key and ("Authorization: Bearer " .. opt.key .. "\r\n") or "", "Content-Length: ", #body, "\r\n\r\n", body }
+end
+
+local function new_stream(path, body)
+  return { fd = connect(), out = request_text(path, body), sent = 0, raw = {}, events = {}, t0 = now(), pending = "" }
+end
+
+-- takes SSE events out of the received bytes (chunked encoding removed)
+local function dechunk(s)
+  local out, pos = {}, 1
+  while true do
+    local size_hex, after = s:match("^(%x+)\r\n()", pos)
+    if not size_hex then break end
+    local n = tonumber(size_hex, 16)
+    if n == 0 or #s < after + n + 1 then break end
+    out[#out + 1] = s:sub(after, after + n - 1)
+    pos = after + n + 2
+  end
+  return table.concat(out), s:sub(pos)
+end
+
+local function on_bytes(st, data)
+  local t = now()
+  if not st.head then
+    st.pending = st.pending .. data
+    local hend = st.pending:find("\r\n\r\n", 1, true)
+    if not hend then return end
+    st.head = st.pending:sub(1, hend)
+    st.status = tonumber(st.head:match("^HTTP/%S+ (%d+)"))
+    st.chunked = st.head:lower():find("transfer%-encoding: chunked") ~= nil
+    data, st.pending = st.pending:sub(hend + 4), ""
+    st.body_raw = ""
+  end
+  st.body_raw = st.body_raw .. data
+  if not st.chunked then return end
+  local text
+  text, st.body_raw = dechunk(st.body_raw)
+  st.text = (st.text or "") .. text
+  st.sse = (st.sse or "") .. text
+  while true do
+    local ev, rest = st.sse:match("^(.-)\n\n(.*)$")
+    if not ev then break end
+    st.sse = rest
+    local d = ev:match("data: (.*)")
+    if d then st.events[#st.events + 1] = { t = t, data = d } end
+  end
+end
+
+--- runs the streams to their end; start(i) makes the i-th (nil: no more),
+-- at most `conc` at a time; tick() (optional) is called on every turn of
+-- the loop. Returns them.
+local function run_streams(n, conc, start, tick)
+  local active, done, next_i = {}, {}, 1
+  local fds = ffi.new("pollfd_t[?]", conc)
+  while #done < n do
+    while #active < conc and next_i <= n do
+      local st = start(next_i)
+      if not st then n = next_i - 1; break end
+      active[#active + 1] = st
+      next_i = next_i + 1
+    end
+    if #active == 0 then break end
+    if tick then tick() end
+    for i, st in ipairs(active) do
+      fds[i - 1].fd = st.fd
+      fds[i - 1].events = st.sent < #st.out and POLLOUT or POLLIN
+      fds[i - 1].revents = 0
+    end
+    C.poll(fds, #active, 1000)
+    local keep = {}
+    for i, st in ipairs(active) do
+      local rev = fds[i - 1].revents
+      local finished = false
+      if rev ~= 0 then
+        if st.sent < #st.out then
+          local piece = st.out:sub(st.sent + 1)
+          local w = C.send(st.fd, piece, #piece, 0x4000)   -- MSG_NOSIGNAL
+          if w > 0 then st.sent = st.sent + tonumber(w) elseif ffi.errno() ~= EAGAIN then st.failed = "send"; finished = true end
+        else
+          local r = C.recv(st.fd, buf, 65536, 0)
+          if r > 0 then on_bytes(st, ffi.string(buf, r))
+          elseif r == 0 then finished = true
+          elseif ffi.errno() ~= EAGAIN then st.failed = "recv"; finished = true end
+        end
+      end
+      if finished then
+        st.t_end = now()
+        C.close(st.fd)
+        done[#done + 1] = st
+      else keep[#keep + 1] = st end
+    end
+    active = keep
+  end
+  return done
+end
+-- }======================================================
+
+-- {====================================================== metrics
+local function percentile(sorted, p)
+  if #sorted == 0 then return 0 / 0 end
+  local k = (#sorted - 1) * p / 100 + 1
+  local lo = math.floor(k)
+  local hi = math.min(lo + 1, #sorted)
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (k - lo)
+end
+
+local function stats(values)
+  local s = {}
+  for i, v in ipairs(values) do s[i] = v end
+  table.sort(s)
+  local sum = 0
+  for _, v in ipairs(s) do sum = sum + v end
+  return { mean = #s > 0 and sum / #s or 0 / 0, median = percentile(s, 50), p90 = percentile(s, 90),
+           p95 = percentile(s, 95), p99 = percentile(s, 99), n = #s }
+end
+
+-- vLLM's serving metrics of finished streams (times in ms)
+local function serving_metrics(streams, duration, prompt_len)
+  local ttft, tpot, itl, e2el = {}, {}, {}, {}
+  local completed, failed, out_tokens = 0, 0, 0
+  for _, st in ipairs(streams) do
+    local usage
+    local first, last
+    for _, e in ipairs(st.events) do
+      if e.data ~= "[DONE]" then
+        local ok, j = pcall(cjson.decode, e.data)
+        if ok and j.usage and j.usage ~= cjson.null then usage = j.usage end
+        local has_text = ok and j.choices and j.choices[1] and j.choices[1].text and j.choices[1].text ~= ""
+        if has_text then
+          if not first then first = e.t else itl[#itl + 1] = (e.t - last) * 1000 end
+          last = e.t
+        end
+      end
+    end
+    if st.status == 200 and usage and first then
+      completed = completed + 1
+      local n = usage.completion_tokens
+      out_tokens = out_tokens + n
+      ttft[#ttft + 1] = (first - st.t0) * 1000
+      e2el[#e2el + 1] = (st.t_end - st.t0) * 1000
+      if n > 1 then tpot[#tpot + 1] = ((st.t_end - st.t0) - (first - st.t0)) * 1000 / (n - 1) end
+    else
+      failed = failed + 1
+    end
+  end
+  return {
+    completed = completed, failed = failed, duration_s = duration,
+    request_throughput = completed / duration, output_throughput = out_tokens / duration,
+    total_token_throughput = (out_tokens + completed * prompt_len) / duration,
+    ttft_ms = stats(ttft), tpot_ms = stats(tpot), itl_ms = stats(itl), e2el_ms = stats(e2el), output_tokens = out_tokens,
+  }
+end
+-- }======================================================
+
+-- {====================================================== workloads
+local rng = 12345
+local function rand(n)   -- a small LCG: the same prompts every run
+  rng = (rng * 1103515245 + 12345) % 2147483648
+  return rng % n
+end
+local function prompt_ids(len)
+  local t = {}
+  for i = 1, len do t[i] = 1000 + rand(90000) end   -- ordinary tokens of o200k
+  return t
+end
+
+local NO_STOP = { ["200002"] = -100, ["200012"] = -100, ["200007"] = -100 }
+
+local function completion_body(ids, out, extra)
+  local b = { model = opt.model, prompt = ids, max_tokens = out, stream = true, logit_bias = NO_STOP,
+              stream_options = { include_usage = true }, temperature = 1, seed = rand(1000000) }
+  for k, v in pairs(extra or {}) do b[k] = v end
+  return cjson.encode(b)
+end
+
+local function get_json(path)
+  local st = { fd = connect(), sent = 0, raw = {}, events = {}, t0 = now(), pending = "" }
+  st.out = "GET " .. path .. " HTTP/1.1\r\nHost: " .. host .. "\r\nConnection: close\r\n" ..
+    (opt.key and ("Authorization: Bearer " .. opt.key .. "\r\n") or "") .. "\r\n"
+  local got = run_streams(1, 1, function() return st end)[1]
+  return cjson.decode(got.chunked and got.text or got.body_raw)
+end
+
+-- n streamed completions at concurrency c; the metrics
+local function serve_run(n, c, prompt_len, out, extra)
+  local prompts = {}
+  for i = 1, n do prompts[i] = completion_body(prompt_ids(prompt_len), out, extra) end
+  local t0 = now()
+  local streams = run_streams(n, c, function(i) return new_stream("/v1/completions", prompts[i]) end)
+  return serving_metrics(streams, now() - t0, prompt_len)
+end
+-- }======================================================
+
+-- {====================================================== output
+local function f1(x) return x ~= x and "-" or string.format("%.1f", x) end
+local function f2(x) return x ~= x and "-" or string.format("%.2f", x) end
+
+local function serve_table(title, rows)
+  print("\n#### " .. title .. "\n")
+  print("| concurrency | completed | failed | request_throughput (req/s) | output_throughput (tok/s) | total_token_throughput (tok/s) " ..
+        "| mean_ttft_ms | median_ttft_ms | p90_ttft_ms | p99_ttft_ms | mean_tpot_ms | median_tpot_ms | p90_tpot_ms | p99_tpot_ms " ..
+        "| mean_itl_ms | median_itl_ms | p90_itl_ms | p99_itl_ms | mean_e2el_ms | median_e2el_ms | p90_e2el_ms | p99_e2el_ms |")
+  print("|" .. ("---:|"):rep(22))
+  for _, r in ipairs(rows) do
+    local m = r.m
+    local cells = { r.c, m.completed, m.failed, f2(m.request_throughput), f1(m.output_throughput), f1(m.total_token_throughput) }
+    for _, k in ipairs { "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms" } do
+      for _, p in ipairs { "mean", "median", "p90", "p99" } do cells[#cells + 1] = f1(m[k][p]) end
+    end
+    print("| " .. table.concat(cells, " | ") .. " |")
+  end
+end
+
+local results = { options = opt }
+local function levels()
+  local t = {}
+  for c in opt.concurrency:gmatch("%d+") do t[#t + 1] = tonumber(c) end
+  return t
+end
+-- }======================================================
+
+-- {====================================================== in-process
+-- The serve workload through gptoss.engine, in this process: requests
+-- polled on eng.fd's wake-ups, timed as the HTTP client times chunks.
+local function inprocess()
+  local gptoss = require "gptoss"
+  local model = assert(gptoss.load(opt.inprocess, { device = opt.device, threads = opt.threads }))
+  local eng = gptoss.engine(model, { max_batch = 64 })
+  local pfd = ffi.new("pollfd_t[1]")
+  pfd[0].fd, pfd[0].events = eng.fd, POLLIN
+  local bias = {}
+  for k, v in pairs(NO_STOP) do bias[tonumber(k)] = v end
+  local rows = {}
+  for _, c in ipairs(levels()) do
+    local n = opt.requests or math.max(2 * c, 16)
+    local prompts = {}
+    for i = 1, n do prompts[i] = prompt_ids(opt.prompt) end
+    local active, done, next_i = {}, {}, 1
+    local t0 = now()
+    while #done < n do
+      while #active < c and next_i <= n do
+        local req = assert(eng:submit(prompts[next_i], { max_tokens = opt.output, logit_bias = bias, temperature = 1,
+                                                         seed = rand(1000000) }))
+        active[#active + 1] = { req = req, t0 = now(), events = {}, status = 200 }
+        next_i = next_i + 1
+      end
+      C.poll(pfd, 1, 1000)
+      eng:drain()
+      local keep = {}
+      for _, st in ipairs(active) do
+        local ids, _, fin = st.req:poll()
+        if #ids > 0 then st.events[#st.events + 1] = { t = now(), data = cjson.encode { choices = { { text = "x" } } } } end
+        if fin then
+          local res = st.req:result()
+          st.t_end = now()
+          st.events[#st.events + 1] = { t = st.t_end, data = cjson.encode { usage = res.usage } }
+          st.req:close()
+          done[#done + 1] = st
+        else keep[#keep + 1] = st end
+      end
+      active = keep
+    end
+    rows[#rows + 1] = { c = c, m = serving_metrics(done, now() - t0, opt.prompt) }
+  end
+  eng:close()
+  model:close()
+  return rows
+end
+-- }======================================================
+
+-- {====================================================== the study
+local function proc_sample(pid)
+  local f = io.open("/proc/" .. pid .. "/stat")
+  if not f then return nil end
+  local s = f:read("*a"); f:close()
+  local fields = {}
+  for x in s:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = x end
+  local ticks = tonumber(fields[12]) + tonumber(fields[13])   -- utime + stime (fields 14, 15)
+  local st = io.open("/proc/" .. pid .. "/status"):read("*a")
+  return ticks, tonumber(st:match("VmRSS:%s*(%d+)"))
+end
+
+local function gpu_memory_mib()
+  local h = io.popen("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null")
+  local out = h and h:read("*a") or ""
+  if h then h:close() end
+  return tonumber(out:match("%d+"))
+end
+
+local function study()
+  local out = opt.output
+  local n = opt.requests or 10
+  local sizes = { { "short", math.max(8, math.floor(opt.prompt / 16)) }, { "medium", opt.prompt },
+                  { "long", opt.prompt * 4 } }
+  print("\n#### Prompt-length impact (concurrency 1, " .. n .. " requests each, " .. out .. " tokens out)\n")
+  print("| prompt | tokens | mean latency (s) | P95 latency (s) | tokens/s | mean TTFT (ms) | P95 TTFT (ms) |")
+  print("|---|---:|---:|---:|---:|---:|---:|")
+  results.prompt_length = {}
+  for _, s in ipairs(sizes) do
+    local m = serve_run(n, 1, s[2], out)
+    results.prompt_length[s[1]] = m
+    print(string.format("| %s | %d | %.3f | %.3f | %.1f | %.1f | %.1f |", s[1], s[2], m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000,
+      m.output_throughput, m.ttft_ms.mean, m.ttft_ms.p95))
+  end
+  print("\n#### Temperature impact (medium prompt, concurrency 1)\n")
+  print("| temperature | mean latency (s) | P95 latency (s) | tokens/s | mean TTFT (ms) |")
+  print("|---:|---:|---:|---:|---:|")
+  results.temperature = {}
+  for _, t in ipairs { 0, 0.3, 0.7, 1.0, 1.5 } do
+    local m = serve_run(n, 1, opt.prompt, out, { temperature = t })
+    results.temperature[tostring(t)] = m
+    print(string.format("| %.1f | %.3f | %.3f | %.1f | %.1f |", t, m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000,
+      m.output_throughput, m.ttft_ms.mean))
+  end
+  print("\n#### Concurrent workers (medium prompt, " .. (2 * n) .. " requests each)\n")
+  print("| workers | requests/s | tokens/s | mean latency (s) | P95 latency (s) | mean TTFT (ms) |")
+  print("|---:|---:|---:|---:|---:|---:|")
+  results.workers = {}
+  for _, w in ipairs { 1, 2, 4, 8 } do
+    local m = serve_run(2 * n, w, opt.prompt, out)
+    results.workers[tostring(w)] = m
+    print(string.format("| %d | %.2f | %.1f | %.3f | %.3f | %.1f |", w, m.request_throughput, m.output_throughput,
+      m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000, m.ttft_ms.mean))
+  end
+  -- resources: load at concurrency 8 for --duration seconds, sampled each second
+  local pid = opt.pid
+  if not pid then
+    local h = io.popen("pgrep -n -f 'nginx: worker process'")
+    pid = tonumber(h:read("*a"):match("%d+"))
+    h:close()
+  end
+  if not pid then print("\n(no worker pid: pass --pid for the resource run)"); return end
+  local hz = 100
+  local samples, t_start = {}, now()
+  local last_ticks, last_t = proc_sample(pid), now()
+  local count = 0
+  local function sample()
+    local ticks, rss = proc_sample(pid)
+    local t = now()
+    samples[#samples + 1] = { cpu = (ticks - last_ticks) / hz / (t - last_t) * 100, rss = rss / 1024, gpu = gpu_memory_mib() }
+    last_ticks, last_t = ticks, t
+  end
+  local next_sample = t_start + 1
+  run_streams(1e9, 8, function()
+    if now() - t_start >= opt.duration then return nil end
+    count = count + 1
+    return new_stream("/v1/completions", completion_body(prompt_ids(opt.prompt), out))
+  end, function()
+    if now() >= next_sample then sample(); next_sample = next_sample + 1 end
+  end)
+  results.resources = samples
+  local cpu, rss, gpu = {}, {}, {}
+  for _, s in ipairs(samples) do cpu[#cpu + 1], rss[#rss + 1], gpu[#gpu + 1] = s.cpu, s.rss, s.gpu end
+  local c, r = stats(cpu), stats(rss)
+  local g = #gpu > 0 and stats(gpu) or nil
+  print(string.format("\n#### Resources over %ds at concurrency 8 (worker %d, %d requests)\n", opt.duration, pid, count))
+  print("| measure | mean | max |")
+  print("|---|---:|---:|")
+  print(string.format("| CPU (%% of one core) | %.0f | %.0f |", c.mean, percentile((function() table.sort(cpu) return cpu end)(), 100)))
+  print(string.format("| RSS (MiB) | %.0f | %.0f |", r.mean, percentile((function() table.sort(rss) return rss end)(), 100)))
+  if g then print(string.format("| GPU memory (MiB, whole device) | %.0f | %.0f |", g.mean, percentile((function() table.sort(gpu) return gpu end)(), 100))) end
+end
+-- }======================================================
+
+local function main()
+  local only = opt.only
+  if only ~= "inprocess" then
+    local models = get_json("/v1/models")
+    opt.model = opt.model or models.data[1].id
+  end
+  print(string.format("\n### bench/serve.lua, %s, %s, model %s, prompt %d, output %d\n", os.date("!%Y-%m-%d %H:%M UTC"),
+    only == "inprocess" and ("in-process " .. opt.inprocess) or opt.url, tostring(opt.model), opt.prompt, opt.output))
+  if not only or only == "serve" then
+    local rows = {}
+    for _, c in ipairs(levels()) do
+      rows[#rows + 1] = { c = c, m = serve_run(opt.requests or math.max(2 * c, 16), c, opt.prompt, opt.output) }
+    end
+    results.serve = rows
+    serve_table("HTTP (" .. opt.url .. ", streamed /v1/completions)", rows)
+  end
+  if opt.inprocess and (not only or only == "inprocess") then
+    local rows = inprocess()
+    results.inprocess = rows
+    serve_table("In-process engine (gptoss.engine, same workload)", rows)
+  end
+  if opt.study or only == "study" then study() end
+  if opt.json then
+    local f = assert(io.open(opt.json, "w"))
+    f:write(cjson.encode(results))
+    f:close()
+  end
+end
+
+main()
