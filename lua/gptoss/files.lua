@@ -32,7 +32,8 @@ function M.mkdir_p(path)
     acc = acc and (acc .. "/" .. part) or part
     if not lfs.attributes(acc) then
       local ok, err = lfs.mkdir(acc)
-      if not ok then return nil, acc .. ": " .. tostring(err) end
+      -- another process (a parallel trial) may have made it meanwhile
+      if not ok and not lfs.attributes(acc) then return nil, acc .. ": " .. tostring(err) end
     end
   end
   return true

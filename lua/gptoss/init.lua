@@ -222,7 +222,7 @@ end
 function Run:result()
   return {
     ids = self.ids,
-    text = self.model.tokenizer and table.concat(self.parts) or nil,
+    text = self.decoder and table.concat(self.parts) or nil,   -- the model may be closed by now
     finish_reason = self.finish,
     usage = { prompt_tokens = self.prompt_tokens, completion_tokens = #self.ids,
               total_tokens = self.prompt_tokens + #self.ids },

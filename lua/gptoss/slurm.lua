@@ -72,10 +72,10 @@ function M.run(spec_path, spec, opts)
   end
   local job
   if #todo > 0 then
-    assert(sweep.mkdir_p(dir .. "/slurm"))
+    assert(require("gptoss.files").mkdir_p(dir .. "/slurm"))
     local script = dir .. "/slurm/array.sh"
     local cwd = absolute(".")
-    assert(require("gptoss.checkpoint").write_file(script, M.script {
+    assert(require("gptoss.files").write_file(script, M.script {
       lua = opts.lua or (arg and arg[-1]) or "lua5.4", bin = absolute(opts.bin or (arg and arg[0]) or "gptoss"),
       spec = absolute(spec_path), dir = dir, device = opts.device, cwd = cwd, name = spec.name and ("sweep-" .. spec.name) }))
     local array = M.array_spec(todo) .. (opts.max_parallel and ("%" .. opts.max_parallel) or "")

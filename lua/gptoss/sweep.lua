@@ -48,31 +48,8 @@ local M = {}
 M.PRUNED = setmetatable({}, { __tostring = function() return "gptoss.sweep: trial pruned" end })
 
 -- {====================================================== files
-local ckpt = require "gptoss.checkpoint"
-local write_file = ckpt.write_file
-
-local function mkdir_p(path)
-  local lfs = require "lfs"
-  local cur = path:sub(1, 1) == "/" and "" or "."
-  for part in path:gmatch("[^/]+") do
-    cur = cur .. "/" .. part
-    if not lfs.attributes(cur) then
-      local ok, err = lfs.mkdir(cur)
-      if not ok and not lfs.attributes(cur) then return nil, err end
-    end
-  end
-  return true
-end
-M.mkdir_p = mkdir_p
-
-local function read_file(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local d = f:read("*a")
-  f:close()
-  return d
-end
-M.read_file = read_file
+local files = require "gptoss.files"
+local write_file, read_file, mkdir_p = files.write_file, files.read_file, files.mkdir_p
 
 -- JSON written through a temporary file and a rename, so a kill never leaves half a file
 local function write_json(path, value)

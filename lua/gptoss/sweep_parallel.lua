@@ -28,7 +28,7 @@ function M.run(spec_path, spec, opts)
   local lua = opts.lua or (arg and arg[-1]) or "lua5.4"
   local bin = slurm.absolute(opts.bin or (arg and arg[0]) or "gptoss")
   local spec_abs = slurm.absolute(spec_path)
-  assert(sweep.mkdir_p(dir .. "/parallel"))
+  assert(require("gptoss.files").mkdir_p(dir .. "/parallel"))
   local bar = opts.progress and require("gptoss.progress").new { label = "sweep", total = #trials, unit = "trials", interval = 0 }
   local busy, next_i, ran = {}, 1, {}
   local function start(slot)
@@ -51,7 +51,7 @@ function M.run(spec_path, spec, opts)
       local b = busy[slot]
       if b then
         any = true
-        local code = sweep.read_file(b.status)
+        local code = require("gptoss.files").read_file(b.status)
         if code then
           busy[slot] = nil
           local r = sweep.read_json(sweep.trial_dir(dir, b.index) .. "/result.json")

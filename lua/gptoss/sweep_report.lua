@@ -156,7 +156,7 @@ end
 function M.write(spec, dir, trials, results, best, opts)
   opts = opts or {}
   local metric, goal = spec.metric.name, spec.metric.goal or "minimize"
-  local write_file = require("gptoss.checkpoint").write_file
+  local write_file = require("gptoss.files").write_file
   assert(write_file(dir .. "/trials.csv", M.csv(spec, trials, results)))
   sweep.write_json(dir .. "/best.json", best and { trial = best.index, params = best.params, metrics = best.metrics,
     metric = { name = metric, goal = goal, value = best.metrics[metric] } } or { trial = false })
