@@ -42,7 +42,7 @@ describe("gptoss command line", function()
       { "", 2, "usage: gptoss COMMAND" }, { "frobnicate", 2, "unknown command 'frobnicate'" },
       { "bench", 2, "gptoss bench needs MODEL" }, { "bench " .. tiny .. " --frob", 2, "unknown option --frob" },
       { "bench " .. tiny .. " -o xml", 2, "-o must be md, csv or json" }, { "bench " .. tiny .. " -r x", 2, "-r needs an integer" },
-      { "train " .. tiny, 2, "needs --data" }, { "serve " .. tiny, 2, "issue 19" },
+      { "train " .. tiny, 2, "needs --data" }, { "serve", 2, "MODEL" },
       { "bench " .. tmp .. "/nothing -p 8", 1, "cannot load" }, { "sweep " .. tmp .. "/none.lua", 1, "cannot read" },
     }
     for _, c in ipairs(cases) do
