@@ -147,7 +147,10 @@ sorted_pick_kernel(const float *sorted, const int32_t *idx, int V, const gpu_sam
   __shared__ int found, s_minp;
   gpu_sampling p = *P;
   float mx = sorted[0], invT = 1.f / p.temperature;
-  auto weight = [&](int i) { return __expf((sorted[i] - mx) * invT); };
+  // a +inf logit (a logit_bias of +inf) is certain: the draw is among those
+  // alone, equally likely, as csrc/sampler.c has it (inf - inf would be NaN)
+  bool certain = isinf(mx) && mx > 0.f;
+  auto weight = [&](int i) { return certain ? (sorted[i] == mx ? 1.f : 0.f) : __expf((sorted[i] - mx) * invT); };
   int keep = p.top_k > 0 && p.top_k < V ? p.top_k : V;
   float part = 0.f;
   for (int i = threadIdx.x; i < keep; i += SB) part += weight(i);

@@ -138,6 +138,19 @@ describe("CUDA backend #gpu", function()
     end
   end)
 
+  it("samples a token whose logit_bias is +inf, with and without filters, as the CPU does", function()
+    local id = 1234
+    for _, o in ipairs { { temperature = 1, seed = 1 }, { temperature = 0.8, top_p = 0.9, seed = 2 },
+                         { temperature = 1, top_k = 5, min_p = 0.1, seed = 3 }, { temperature = 0 } } do
+      o.max_tokens = 3
+      o.logit_bias = { [id] = math.huge }
+      for _, m in ipairs { gpu, cpu } do
+        local r = m:generate(prompt, o)
+        assert.are.same({ id, id, id }, r.ids)
+      end
+    end
+  end)
+
   it("traces expert routing like the CPU backend", function()
     local a, b = gpu:trace_experts(prompt), cpu:trace_experts(prompt)
     local same, total = 0, 0
