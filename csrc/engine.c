@@ -503,9 +503,20 @@ static void step(gptoss_engine *e, step_buf *b) {
   }
   if (n == 0) return;
   double t0 = now_s();
-  gptoss_status rc = gptoss_forward(b->ss, n, b->ids, b->counts, GPTOSS_LOGITS_LAST, NULL);
+  gptoss_status rc;
   int ns = 0;
-  if (!rc) {
+  if (prefill == 0) {
+    /* every request decodes one token: gptoss_batch_step, whose one-session
+       case is the backend's fused step (CUDA: the graph-captured decode, as
+       model:generate runs it), and otherwise the same forward and sample */
+    for (int k = 0; k < n; k++) {
+      b->sample_ss[k] = b->ss[k];
+      b->smp[k] = e->active[b->who[k]]->smp;
+      b->sample_who[k] = b->who[k];
+    }
+    ns = n;
+    rc = gptoss_batch_step(b->ss, n, b->ids, b->smp, b->next);
+  } else if (!(rc = gptoss_forward(b->ss, n, b->ids, b->counts, GPTOSS_LOGITS_LAST, NULL))) {
     for (int k = 0; k < n; k++) {
       gptoss_request *r = e->active[b->who[k]];
       if (r->fed < r->n_prompt) {
