@@ -114,6 +114,7 @@ install: all
 	mkdir -p $(INST_LIBDIR)/gptoss $(INST_LUADIR)/gptoss
 	cp $(TARGETS) $(INST_LIBDIR)/gptoss/
 	cp lua/gptoss/*.lua $(INST_LUADIR)/gptoss/
+	mkdir -p $(INST_LUADIR)/gptoss/nvim && cp lua/gptoss/nvim/*.lua $(INST_LUADIR)/gptoss/nvim/
 	if [ -n "$(INST_BINDIR)" ]; then mkdir -p $(INST_BINDIR) && cp bin/gptoss $(INST_BINDIR)/gptoss; fi
 
 # {====================================================== tests

@@ -4,7 +4,7 @@
 # nginx, its Lua module and lua-resty-core serve the API (make serve).
 set -eu
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
-lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl"
+lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl neovim"
 missing=""
 for p in $PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
