@@ -53,9 +53,9 @@ describe("sizes and positions near 2^31", function()
 
   it("refuses gptoss.floats shapes whose counts wrap", function()
     assert.has_error(function() core.floats("", 2147483648, 0) end,
-      "bad argument #2 to 'floats' (rows must be an integer in 0..2^31-1)")
+      "gptoss.floats: rows must be an integer in 0..2147483647 (got 2147483648)")
     assert.has_error(function() core.floats("", 0, 4294967296) end,
-      "bad argument #3 to 'floats' (cols must be an integer in 0..2^31-1)")
+      "gptoss.floats: cols must be an integer in 0..2147483647 (got 4294967296)")
     -- 2^31 x 2^31 x 4 bytes is 2^64: wrapped to 0 it matched the empty string
     assert.has_error(function() core.floats("", 2147483647, 2147483647) end)
     assert.has_error(function() core.floats("", 4294967296, 4294967296) end)
@@ -132,8 +132,8 @@ describe("numbers quoted as given", function()
     local m = assert(gptoss.load(H.micro()))
     local s = m:session()
     assert.has_error(function() m:logits({ 1, 4294967296 }) end, "token ids: element 2 (4294967296) is out of range")
-    assert.has_error(function() s:step(2147483648, gptoss.sampler(1000)) end, "token id 2147483648 is out of range")
-    assert.has_error(function() s:rewind(-2147483649) end, "cannot rewind to position -2147483649")
+    assert.has_error(function() s:step(2147483648, gptoss.sampler(1000)) end, "s:step: id must be an integer in -2147483648..2147483647 (got 2147483648)")
+    assert.has_error(function() s:rewind(-2147483649) end, "s:rewind: pos must be an integer in 0..2147483647 (got -2147483649)")
     assert.has_error(function() gptoss.sampler(1000, { logit_bias = { [1099511627777] = 1 } }) end,
       "logit_bias id 1099511627777 is outside the vocabulary (0..999)")
     m:close()

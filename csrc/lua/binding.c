@@ -91,6 +91,51 @@ lfloats *lg_floats_new(lua_State *L, int rows, int cols) {
 }
 /* }====================================================== */
 
+/* {====================================================== arguments */
+/* the value at idx as the caller wrote it: a float in the fewest digits
+   that read back to it (Lua 5.4's %.14g would round 2^53), else its type */
+static const char *given(lua_State *L, int idx) {
+  int t = lua_type(L, idx);
+  if (t == LUA_TSTRING) return lcompat_quote(L, idx);
+#if LUA_VERSION_NUM >= 503
+  if (t == LUA_TNUMBER && lua_isinteger(L, idx)) return lcompat_quote(L, idx);
+#endif
+  if (t != LUA_TNUMBER) return luaL_typename(L, idx);
+  double n = (double)lua_tonumber(L, idx);
+  char buf[40];
+  snprintf(buf, sizeof buf, "%.15g", n);
+  if (n == n && strtod(buf, NULL) != n) snprintf(buf, sizeof buf, "%.17g", n);
+  lua_pushstring(L, buf);
+  return lua_tostring(L, -1);
+}
+
+lua_Integer lg_check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi) {
+  lua_Integer v = 0;
+  if (lua_type(L, idx) != LUA_TNUMBER || !lcompat_tointeger(L, idx, &v) || v < lo || v > hi) {
+    char range[48];   /* lua_pushfstring has no %lld */
+    snprintf(range, sizeof range, "%lld..%lld", (long long)lo, (long long)hi);
+    luaL_error(L, "%s: %s must be an integer in %s (got %s)", fn, name, range, given(L, idx));
+  }
+  return v;
+}
+
+double lg_check_num(lua_State *L, int idx, const char *fn, const char *name, int finite) {
+  double v = lua_type(L, idx) == LUA_TNUMBER ? (double)lua_tonumber(L, idx) : 0;
+  if (lua_type(L, idx) != LUA_TNUMBER || (finite && !(v - v == 0)))
+    luaL_error(L, "%s: %s must be a %snumber (got %s)", fn, name, finite ? "finite " : "", given(L, idx));
+  return v;
+}
+
+const char *lg_check_str(lua_State *L, int idx, const char *fn, const char *name, size_t *len) {
+  if (lua_type(L, idx) != LUA_TSTRING) luaL_error(L, "%s: %s must be a string (got %s)", fn, name, given(L, idx));
+  return lua_tolstring(L, idx, len);
+}
+
+void lg_check_table(lua_State *L, int idx, const char *fn, const char *name, const char *what) {
+  if (lua_type(L, idx) != LUA_TTABLE) luaL_error(L, "%s: %s must be %s (got %s)", fn, name, what, given(L, idx));
+}
+/* }====================================================== */
+
 /* {====================================================== ids */
 int32_t *lg_ids(lua_State *L, int idx, size_t *n) {
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;

@@ -64,6 +64,13 @@ int lg_fail(lua_State *L);
 int32_t *lg_ids(lua_State *L, int idx, size_t *n);
 void lg_push_ids(lua_State *L, const int32_t *v, size_t n);
 
+/* arguments: each raises "fn: name must be ... (got X)", X the value given
+   quoted exactly (a number or string) or its type name */
+lua_Integer lg_check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi);
+double lg_check_num(lua_State *L, int idx, const char *fn, const char *name, int finite);
+const char *lg_check_str(lua_State *L, int idx, const char *fn, const char *name, size_t *len);
+void lg_check_table(lua_State *L, int idx, const char *fn, const char *name, const char *what);
+
 /* option tables: raise on keys outside `known` (NULL-terminated) */
 void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *known);
 int lg_opt_int(lua_State *L, int idx, const char *key, int dflt);

@@ -25,15 +25,13 @@ static int fl_fields(lua_State *L) {
   return 1;
 }
 
-static int fl_row_index(lua_State *L, lfloats *f, int arg) {
-  lua_Integer r = luaL_checkinteger(L, arg);
-  luaL_argcheck(L, r >= 1 && r <= f->rows, arg, "row out of range");
-  return (int)r - 1;
+static int fl_row_index(lua_State *L, lfloats *f, int arg, const char *fn) {
+  return (int)lg_check_int(L, arg, fn, "row", 1, f->rows) - 1;
 }
 
 static int fl_row(lua_State *L) {
   lfloats *f = checkfloats(L);
-  int r = fl_row_index(L, f, 2);
+  int r = fl_row_index(L, f, 2, "f:row");
   lua_createtable(L, f->cols, 0);
   const float *p = f->v + (size_t)r * f->cols;
   for (int c = 0; c < f->cols; c++) {
@@ -45,7 +43,7 @@ static int fl_row(lua_State *L) {
 
 static int fl_argmax(lua_State *L) {
   lfloats *f = checkfloats(L);
-  int r = f->rows == 1 && lua_isnoneornil(L, 2) ? 0 : fl_row_index(L, f, 2);
+  int r = f->rows == 1 && lua_isnoneornil(L, 2) ? 0 : fl_row_index(L, f, 2, "f:argmax");
   if (f->cols == 0) return luaL_error(L, "argmax: the Floats has no columns");
   const float *p = f->v + (size_t)r * f->cols;
   int best = 0;
@@ -72,9 +70,8 @@ static int fl_bytes(lua_State *L) {
 /* f:get(row, col), both 1-based */
 static int fl_get(lua_State *L) {
   lfloats *f = checkfloats(L);
-  int r = fl_row_index(L, f, 2);
-  lua_Integer c = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, c >= 1 && c <= f->cols, 3, "column out of range");
+  int r = fl_row_index(L, f, 2, "f:get");
+  lua_Integer c = lg_check_int(L, 3, "f:get", "col", 1, f->cols);
   lua_pushnumber(L, f->v[(size_t)r * f->cols + (size_t)(c - 1)]);
   return 1;
 }
@@ -83,9 +80,8 @@ static int fl_get(lua_State *L) {
    like token ids */
 static int fl_nll(lua_State *L) {
   lfloats *f = checkfloats(L);
-  int r = fl_row_index(L, f, 2);
-  lua_Integer id = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, id >= 0 && id < f->cols, 3, "id out of range");
+  int r = fl_row_index(L, f, 2, "f:nll");
+  lua_Integer id = lg_check_int(L, 3, "f:nll", "id", 0, (lua_Integer)f->cols - 1);
   const float *p = f->v + (size_t)r * f->cols;
   double mx = p[0];
   for (int c = 1; c < f->cols; c++) if (p[c] > mx) mx = p[c];
@@ -104,10 +100,9 @@ static int fl_tostring(lua_State *L) {
 /* a Floats from raw float32 bytes (rows x cols) */
 static int l_floats(lua_State *L) {
   size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
-  lua_Integer rows = luaL_checkinteger(L, 2), cols = luaL_checkinteger(L, 3);
-  luaL_argcheck(L, rows >= 0 && rows <= INT32_MAX, 2, "rows must be an integer in 0..2^31-1");
-  luaL_argcheck(L, cols >= 0 && cols <= INT32_MAX, 3, "cols must be an integer in 0..2^31-1");
+  const char *s = lg_check_str(L, 1, "gptoss.floats", "bytes", &n);
+  lua_Integer rows = lg_check_int(L, 2, "gptoss.floats", "rows", 0, INT32_MAX);
+  lua_Integer cols = lg_check_int(L, 3, "gptoss.floats", "cols", 0, INT32_MAX);
   /* rows, cols < 2^31: their product and its bytes fit in 64 bits */
   luaL_argcheck(L, (uint64_t)rows * (uint64_t)cols * sizeof(float) == n, 1,
                 "byte length does not match rows x cols float32 values");

@@ -52,7 +52,7 @@ static const char *const load_keys[] = {"device", "threads", "context", "tokeniz
 
 /* gptoss.load(dir [, opts]) -> Model | nil, message */
 static int l_load(lua_State *L) {
-  const char *dir = luaL_checkstring(L, 1);
+  const char *dir = lg_check_str(L, 1, "gptoss.load", "dir", NULL);
   lg_check_keys(L, 2, "load", load_keys);
   gptoss_model_opts o;
   memset(&o, 0, sizeof o);
@@ -288,9 +288,8 @@ static int session_sample(lua_State *L) {
 /* s:step(id, sampler) -> next id: feed one token, sample the next */
 static int session_step(lua_State *L) {
   lsession *s = checksession(L, 1);
-  lua_Integer id = luaL_checkinteger(L, 2);
+  lua_Integer id = lg_check_int(L, 2, "s:step", "id", INT32_MIN, INT32_MAX);
   lsampler *p = checksampler(L, 3);
-  if (id < INT32_MIN || id > INT32_MAX) return luaL_error(L, "token id %s is out of range", lcompat_quote(L, 2));
   int32_t in = (int32_t)id, next;
   if (gptoss_batch_step(&s->s, 1, &in, &p->s, &next)) return lg_raise(L);
   lua_pushinteger(L, next);
@@ -347,8 +346,7 @@ static int session_set_adapter(lua_State *L) {
 
 static int session_rewind(lua_State *L) {
   lsession *s = checksession(L, 1);
-  lua_Integer p = luaL_checkinteger(L, 2);
-  if (p < 0 || p > INT32_MAX) return luaL_error(L, "cannot rewind to position %s", lcompat_quote(L, 2));
+  lua_Integer p = lg_check_int(L, 2, "s:rewind", "pos", 0, INT32_MAX);
   if (gptoss_session_rewind(s->s, (int)p)) return lg_raise(L);
   lua_settop(L, 1);
   return 1;

@@ -21,7 +21,7 @@ static int l_config_parse(lua_State *L) {
 /* config_load(path) -> table | nil, message */
 static int l_config_load(lua_State *L) {
   gptoss_config c;
-  if (gptoss_config_load(luaL_checkstring(L, 1), &c)) return lg_fail(L);
+  if (gptoss_config_load(lg_check_str(L, 1, "gptoss.config_load", "path", NULL), &c)) return lg_fail(L);
   lg_push_config(L, &c);
   return 1;
 }
@@ -73,7 +73,7 @@ typedef struct lreader { gptoss_st *st; } lreader;
 static lreader *checkreader(lua_State *L) { return lg_open(L, 1, READER_T, "safetensors reader is closed"); }
 
 static int l_safetensors(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = lg_check_str(L, 1, "gptoss.safetensors", "path", NULL);
   lreader *r = lg_box(L, sizeof *r, READER_T);
   if (gptoss_st_open(path, &r->st)) return lg_fail(L);
   return 1;
@@ -100,7 +100,7 @@ static const gptoss_tensor *find_or_raise(lua_State *L, lreader *r) {
 
 static int rd_tensor(lua_State *L) {
   lreader *r = checkreader(L);
-  const gptoss_tensor *t = gptoss_st_find(r->st, luaL_checkstring(L, 2));
+  const gptoss_tensor *t = gptoss_st_find(r->st, lg_check_str(L, 2, "st:tensor", "name", NULL));
   if (!t) return 0;
   lg_push_tensor(L, t);
   return 1;
@@ -177,7 +177,7 @@ static int rd_numbers(lua_State *L) {
 
 static int rd_metadata(lua_State *L) {
   lreader *r = checkreader(L);
-  const char *v = gptoss_st_metadata(r->st, luaL_checkstring(L, 2));
+  const char *v = gptoss_st_metadata(r->st, lg_check_str(L, 2, "st:metadata", "key", NULL));
   if (v) lua_pushstring(L, v); else lua_pushnil(L);
   return 1;
 }
@@ -189,7 +189,7 @@ typedef struct lwriter { gptoss_st_writer *w; } lwriter;
 static lwriter *checkwriter(lua_State *L) { return lg_open(L, 1, WRITER_T, "writer is closed (committed or discarded)"); }
 
 static int l_writer(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = lg_check_str(L, 1, "gptoss.writer", "path", NULL);
   lwriter *w = lg_box(L, sizeof *w, WRITER_T);
   if (gptoss_stw_new(path, &w->w)) return lg_raise(L);
   return 1;
@@ -245,7 +245,7 @@ static int wr_add(lua_State *L) {
 
 static int wr_metadata(lua_State *L) {
   lwriter *w = checkwriter(L);
-  if (gptoss_stw_metadata(w->w, luaL_checkstring(L, 2), luaL_checkstring(L, 3))) return lg_raise(L);
+  if (gptoss_stw_metadata(w->w, lg_check_str(L, 2, "writer:metadata", "key", NULL), lg_check_str(L, 3, "writer:metadata", "value", NULL))) return lg_raise(L);
   lua_settop(L, 1);
   return 1;
 }

@@ -10,7 +10,7 @@ static ltokenizer *checktok(lua_State *L) { return lg_open(L, 1, TOKENIZER_T, "t
 
 /* gptoss.tokenizer(path) -> Tokenizer | nil, message */
 static int l_tokenizer(lua_State *L) {
-  const char *path = luaL_checkstring(L, 1);
+  const char *path = lg_check_str(L, 1, "gptoss.tokenizer", "path", NULL);
   ltokenizer *b = lg_box(L, sizeof *b, TOKENIZER_T);   /* boxed first: no leak if loading fails */
   gptoss_tokenizer *t;
   if (gptoss_tokenizer_load(path, &t)) return lg_fail(L);
@@ -29,7 +29,7 @@ static int tok_gc(lua_State *L) {
 static int tok_encode(lua_State *L) {
   ltokenizer *b = checktok(L);
   size_t len;
-  const char *s = luaL_checklstring(L, 2, &len);
+  const char *s = lg_check_str(L, 2, "tok:encode", "text", &len);
   static const char *const keys[] = {"allowed_special", "bytes", NULL};
   lg_check_keys(L, 3, "encode", keys);
   int flags = 0;
@@ -154,7 +154,7 @@ static int tok_decode_bytes(lua_State *L) {
 
 static int tok_special(lua_State *L) {
   ltokenizer *b = checktok(L);
-  int32_t id = gptoss_special_id(b->t, luaL_checkstring(L, 2));
+  int32_t id = gptoss_special_id(b->t, lg_check_str(L, 2, "tok:special", "name", NULL));
   if (id < 0) lua_pushnil(L); else lua_pushinteger(L, id);
   return 1;
 }
@@ -162,7 +162,7 @@ static int tok_special(lua_State *L) {
 /* tok:name(id): a special's name, or an ordinary token's bytes */
 static int tok_name(lua_State *L) {
   ltokenizer *b = checktok(L);
-  lua_Integer id = luaL_checkinteger(L, 2);
+  lua_Integer id = lg_check_int(L, 2, "tok:name", "id", INT64_MIN, INT64_MAX);
   size_t len;
   const char *p = id >= INT32_MIN && id <= INT32_MAX ? gptoss_token_bytes(b->t, (int32_t)id, &len) : NULL;
   if (!p) luaL_error(L, "token id %s is outside the vocabulary (0..%d)", lcompat_quote(L, 2), gptoss_tokenizer_vocab_size(b->t) - 1);
@@ -172,7 +172,7 @@ static int tok_name(lua_State *L) {
 
 static int tok_is_special(lua_State *L) {
   ltokenizer *b = checktok(L);
-  lua_Integer id = luaL_checkinteger(L, 2);
+  lua_Integer id = lg_check_int(L, 2, "tok:is_special", "id", INT64_MIN, INT64_MAX);
   lua_pushboolean(L, id >= 0 && id <= INT32_MAX && gptoss_is_special(b->t, (int32_t)id));
   return 1;
 }
