@@ -133,6 +133,10 @@ double gptoss_adapter_dropout(const gptoss_adapter *a, uint64_t *seed);
 #pragma GCC visibility pop
 #endif
 
+/* positions a sliding layer of a session keeps (its ring): window +
+   rewind, or the whole context when that is less or no layer slides */
+int gptoss_session_ring(const gptoss_config *c, int context, int rewind);
+
 /* The KV slot of absolute position p in a layer: full layers keep every
    position, sliding layers a ring of `ring` (the session's). The one rule,
    for the host and the CUDA kernels alike. */

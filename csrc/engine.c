@@ -112,12 +112,6 @@ static double now_s(void) {
 }
 
 /* {====================================================== memory estimate */
-static int uses_sliding(const gptoss_config *c) {
-  for (int i = 0; i < c->num_hidden_layers; i++)
-    if (c->layer_sliding[i]) return 1;
-  return 0;
-}
-
 /* KV bytes the engine budgets for a session that reaches `positions`.
    A backend that allocates a session's whole cache when it opens it (CUDA)
    shows it in gptoss_model_memory's kv: the engine measures one session at
@@ -130,8 +124,7 @@ uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions) {
   const gptoss_config *c = &e->m->cfg;
   int ctx = e->o.context;
   if (positions > ctx) positions = ctx;
-  int ring = uses_sliding(c) ? c->sliding_window + e->o.rewind : ctx;
-  if (ring > ctx) ring = ctx;
+  int ring = gptoss_session_ring(c, ctx, e->o.rewind);   /* what its sessions keep */
   uint64_t per = 2ull * (uint64_t)c->num_key_value_heads * (uint64_t)c->head_dim * sizeof(float), total = 0;
   for (int l = 0; l < c->num_hidden_layers; l++)
     total += per * (uint64_t)(c->layer_sliding[l] && ring < positions ? ring : positions);

@@ -27,6 +27,13 @@ static gptoss_status check_usable(const gptoss_session *s, int entry) {
   return gptoss_fail(GPTOSS_ESTATE, LOST_WINDOW);
 }
 
+int gptoss_session_ring(const gptoss_config *c, int context, int rewind) {
+  /* a ring needs room for the window plus one chunk of new tokens; the sum
+     in 64 bits, since both may come near 2^31 */
+  int64_t rw = rewind > 0 ? rewind : 1;
+  return uses_sliding(c) && (int64_t)c->sliding_window + rw < context ? (int)(c->sliding_window + rw) : context;
+}
+
 gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, gptoss_session **out) {
   *out = NULL;
   gptoss_session_opts dflt = {0, DEFAULT_REWIND};
@@ -39,10 +46,7 @@ gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, 
   if (!s) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   s->m = m;
   s->context = ctx;
-  int w = m->cfg.sliding_window;
-  /* a ring needs room for the window plus one chunk of new tokens */
-  int64_t rw = o->rewind > 0 ? o->rewind : 1;
-  s->ring = uses_sliding(&m->cfg) && (int64_t)w + rw < ctx ? (int)(w + rw) : ctx;
+  s->ring = gptoss_session_ring(&m->cfg, ctx, o->rewind);
   s->history = malloc(sizeof(int32_t) * (size_t)ctx);
   s->logits = malloc(sizeof(float) * (size_t)m->cfg.vocab_size);
   if (!s->history || !s->logits) { gptoss_session_free(s); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for a session"); }
