@@ -51,10 +51,10 @@ M.PRUNED = setmetatable({}, { __tostring = function() return "gptoss.sweep: tria
 local files = require "gptoss.files"
 local write_file, read_file, mkdir_p = files.write_file, files.read_file, files.mkdir_p
 
--- JSON written through a temporary file and a rename, so a kill never leaves half a file
+-- JSON written whole or not at all (files.write_file renames a temporary
+-- file into place), so a kill never leaves half a file
 local function write_json(path, value)
-  local ok, err = write_file(path .. ".tmp", json.encode_compact(value) .. "\n")
-  if ok then ok, err = os.rename(path .. ".tmp", path) end
+  local ok, err = write_file(path, json.encode_compact(value) .. "\n")
   if not ok then error("sweep: " .. path .. ": " .. tostring(err), 0) end
 end
 M.write_json = write_json
