@@ -24,6 +24,7 @@ struct gptoss_model {
   float *inv_freq;                   /* head_dim/2 rotary frequencies (YaRN applied) */
   float rope_scale;                  /* YaRN attention scaling, applied to cos and sin */
   int threads;
+  int batch_invariant;               /* gptoss_model_opts.batch_invariant: no fused one-token step */
   const gptoss_backend *be;
   void *bm;                          /* backend state */
 };

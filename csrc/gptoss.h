@@ -244,6 +244,9 @@ typedef struct gptoss_model_opts {
   int context;             /* max tokens per session; 0 = min(max_position_embeddings, 8192) */
   size_t memory_budget;    /* CUDA: bytes the model may hold; 0 = 90% of free memory */
   gptoss_precision precision;   /* CUDA; 0 = GPTOSS_PRECISION_EXACT */
+  int batch_invariant;     /* CUDA: a row's results never depend on what else is in its batch (the
+                              engine's tokens equal a request's tokens alone), at some speed; the CPU
+                              always is */
 } gptoss_model_opts;
 
 gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);

@@ -225,6 +225,7 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
     goto fail;
   }
   m->threads = o->threads ? o->threads : gptoss_cpu_count();
+  m->batch_invariant = o->batch_invariant != 0;
   m->device_index = devidx;
   snprintf(m->device, sizeof m->device, "%s", be == &gptoss_cpu_backend ? "cpu" : dev);
   if (be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);

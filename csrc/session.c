@@ -356,8 +356,9 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
     gptoss_status rc = check_samplers(ss, smp, n);
     if (rc) return rc;
   }
-  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace) {
-    /* one token of one session: the backend's fused step */
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !m->batch_invariant) {
+    /* one token of one session: the backend's fused step (its kernels are
+       not the batched pass's, so a batch-invariant model takes the general pass) */
     gptoss_session *s = ss[0];
     gptoss_status urc = check_usable(s, 0);
     if (urc) return urc;

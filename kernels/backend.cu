@@ -235,6 +235,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
   cm->precision = o->precision;
   cm->split = o->precision != GPTOSS_PRECISION_FAST;
+  cm->invariant = o->batch_invariant != 0;
   d.kv32 = o->precision != GPTOSS_PRECISION_FAST;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));

@@ -31,6 +31,7 @@ struct cuda_model {
   bf16 *xn, *xn_lo, *att16, *att_lo;
   gptoss_precision precision;
   int split;                               // split-bf16 activations in the GEMMs (precision "exact", "mixed")
+  int invariant;                           // batch-invariant (gptoss_model_opts): fixed-order products, splits and MoE kernels
   int32_t *ids, *tok_pos, *tok_sess, *sel, *rows;
   const dsess **sess_arr;
   moe_work mw;

@@ -256,6 +256,9 @@ void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H,
 // residual, residual[r] += that instead
 void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, float *out,
                       int rows, int cols, float *residual, cudaStream_t s);
+// Y[t][r] = W[r] . x_t (x_t = X[t] + X_lo[t]) with each dot product summed
+// in one order whatever T is: a batch-invariant model's products (cols % 8 == 0)
+void launch_gemm_rows(const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int rows, int T, int cols, cudaStream_t s);
 // RMSNorm + router + top-k + softmax in fp32, one block per token: routing
 // is a discrete choice, so no rounded input sits right before it. Writes the
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.

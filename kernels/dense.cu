@@ -86,6 +86,52 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
 }
 // }======================================================
 
+// {====================================================== batch-invariant products
+// cuBLAS picks its kernel (tile, split-K) by the number of rows, so one
+// token's product can round differently in batches of 1 and of 16. Here
+// every dot product is summed in the same order whatever T is: each lane
+// takes the 16-byte chunks lane, lane + 32, ... in turn, then the warp sums
+// its lanes. A warp computes one weight row for ROWS_TOK tokens of the
+// block's group, so the weights are read once per group (from L2 mostly).
+#define ROWS_WARPS 8
+#define ROWS_TOK 4
+
+__global__ void __launch_bounds__(ROWS_WARPS * 32)
+gemm_rows_kernel(const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int rows, int T, int cols) {
+  extern __shared__ __align__(16) float xt[];   // [ROWS_TOK][cols]
+  int t0 = blockIdx.y * ROWS_TOK, nt = T - t0 < ROWS_TOK ? T - t0 : ROWS_TOK;
+  for (int i = threadIdx.x; i < nt * cols; i += blockDim.x) {
+    size_t at = (size_t)t0 * cols + i;
+    xt[i] = __bfloat162float(X[at]) + (X_lo ? __bfloat162float(X_lo[at]) : 0.f);
+  }
+  __syncthreads();
+  int lane = threadIdx.x & 31, r = blockIdx.x * ROWS_WARPS + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const uint4 *w = reinterpret_cast<const uint4 *>(W + (size_t)r * cols);
+  float acc[ROWS_TOK];
+#pragma unroll
+  for (int j = 0; j < ROWS_TOK; j++) acc[j] = 0.f;
+  for (int c = lane; c < cols / 8; c += 32) {
+    uint4 p = __ldg(w + c);
+#pragma unroll
+    for (int j = 0; j < ROWS_TOK; j++)
+      if (j < nt) acc[j] += dot8(p, xt + (size_t)j * cols + 8 * c);
+  }
+#pragma unroll
+  for (int j = 0; j < ROWS_TOK; j++) {
+    float v = warp_sum(acc[j]);
+    if (lane == 0 && j < nt) Y[(size_t)(t0 + j) * rows + r] = v;
+  }
+}
+
+void launch_gemm_rows(const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int rows, int T, int cols, cudaStream_t s) {
+  size_t smem = sizeof(float) * ROWS_TOK * (size_t)cols;
+  if (smem > 48 * 1024) cudaFuncSetAttribute(gemm_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  dim3 grid((rows + ROWS_WARPS - 1) / ROWS_WARPS, (T + ROWS_TOK - 1) / ROWS_TOK);
+  gemm_rows_kernel<<<grid, ROWS_WARPS * 32, smem, s>>>(W, X, X_lo, Y, rows, T, cols);
+}
+// }======================================================
+
 __global__ void __launch_bounds__(1024)
 router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
               bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w) {

@@ -18,6 +18,8 @@
 // small-M MoE path (measured: 8 sessions 372 -> 542 tok/s; at 4 or 8 rows
 // per expert the CUDA-core path lost to the 64-row tensor-core tiles)
 #define MOE_SMALL_ROWS 2
+// a batch-invariant model's attention splits: keys a split (a TILE multiple)
+#define INVARIANT_SPLIT 256
 
 // {====================================================== workspace
 void free_workspace(cuda_model *cm) {
@@ -112,6 +114,11 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
 // X_lo (split bf16) Y += X_lo . W^T in a second product
 static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int out, int T, int in) {
   const float one = 1.f, zero = 0.f;
+  if (cm->invariant) {
+    if (in % 8) return gptoss_fail(GPTOSS_EUNSUP, "batch-invariant products need an input size divisible by 8 (got %d)", in);
+    launch_gemm_rows(W, X, X_lo, Y, out, T, in, cm->stream);
+    return GPTOSS_OK;
+  }
   BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X, CUDA_R_16BF, in, &zero,
                     Y, CUDA_R_32F, out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   if (X_lo)
@@ -187,6 +194,20 @@ struct batch_layer : layer_ops {
     a.T = T; a.layer = l; a.sliding = sliding[l]; a.inv_freq = cm->inv_freq; a.bias = y.qkv_b;
     launch_rope_store(&a, &d, st);
     int span = sliding[l] ? d.window : maxpos + 1;
+    if (cm->invariant) {
+      // a query's splits cover the same keys whatever the batch's longest
+      // position is (splits past its own are empty and add exact zeros); in
+      // groups of tokens whose partials fit the workspace (4096 a head)
+      int nsplit = (span + INVARIANT_SPLIT - 1) / INVARIANT_SPLIT, group = 4096 / nsplit;
+      for (int t0 = 0; t0 < T; t0 += group) {
+        attn_args g = a;
+        g.q = a.q + (size_t)t0 * d.Q; g.tok_pos = a.tok_pos + t0; g.tok_sess = a.tok_sess + t0;
+        g.T = T - t0 < group ? T - t0 : group;
+        launch_attention(&g, &d, y.sinks, nsplit, INVARIANT_SPLIT, cm->part_ml, cm->part_acc, cm->att + (size_t)t0 * d.Q, st);
+      }
+      cuda_prof_mark("fwd rope+attention", st);
+      return GPTOSS_OK;
+    }
     int nsplit = 1, split_len = span;
     if (T <= 64 && T * d.Hkv < 2 * cm->sms) {
       nsplit = (span + 255) / 256;
@@ -230,7 +251,8 @@ struct batch_layer : layer_ops {
     const dlayer &y = cm->layer[l];
     bf16 *xn_lo = this->xn_lo();
     // few rows per expert (batched decode): read each expert once, no padded tiles
-    bool small = T * d.K <= MOE_SMALL_ROWS * d.E;
+    // (a batch-invariant model always: their sums are per row, the tiles' are not)
+    bool small = cm->invariant || T * d.K <= MOE_SMALL_ROWS * d.E;
     const float *delta = NULL;
     if (ls.tok) {
       lora_run(ls, l, 1, &mod_gu, &off0, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, LORA_SET_ROW, 2 * d.I);

@@ -387,9 +387,64 @@ describe("gptoss.engine", function()
   end)
 end)
 
+describe("gptoss.load's batch_invariant", function()
+  it("takes a boolean, reports it, and leaves the CPU's logits as they are (its sums are per row already)", function()
+    assert.has_error(function() gptoss.load(H.tiny(), { batch_invariant = 1 }) end,
+                     "option 'batch_invariant' must be a boolean (got number)")
+    local plain = assert(gptoss.load(H.tiny()))
+    local inv = assert(gptoss.load(H.tiny(), { batch_invariant = true }))
+    assert.is_false(plain.batch_invariant)
+    assert.is_true(inv.batch_invariant)
+    local ids = prompt_of(plain.tokenizer, 5, 30)
+    local a, b = plain:session(), inv:session()
+    a:feed(ids, "last"); b:feed(ids, "last")
+    assert.is_true(a:logits():bytes() == b:logits():bytes())
+    a:close(); b:close(); plain:close(); inv:close()
+  end)
+end)
+
 describe("gptoss.engine on CUDA #gpu", function()
-  it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone (exact precision)", function()
-    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0" }))
+  -- cuBLAS picks its kernels (and split-K) by the number of rows, and the
+  -- attention splits by the batch's longest position: a row's logits then
+  -- depend on what shares its batch. batch_invariant fixes the order of
+  -- every sum; the oracle is the bytes of the same row computed alone.
+  it("computes a row of a batch-invariant model bit for bit as it does alone", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
+    assert.is_true(m.batch_invariant)
+    local tok = m.tokenizer
+    local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
+    local ids = prompt_of(tok, 3, 90)
+    -- alone: one prefill of 90 tokens, then one decode step
+    local a = m:session()
+    a:feed(ids, "last")
+    local prefill = a:logits():bytes()
+    local t1 = a:sample(greedy)
+    local stepped = gptoss.batch_step({ a }, { t1 }, { greedy })
+    local after = a:logits():bytes()
+    -- the same prompt in chunks of 7, 40 and 43 tokens
+    local b = m:session()
+    local unpack = table.unpack or unpack
+    b:feed({ unpack(ids, 1, 7) }, "none")
+    b:feed({ unpack(ids, 8, 47) }, "none")
+    b:feed({ unpack(ids, 48, 90) }, "last")
+    assert.is_true(prefill == b:logits():bytes(), "the prefill's last row, fed in chunks")
+    -- the decode step among 11 other sessions of other lengths and positions
+    local ss, toks, smps = { b }, { t1 }, { greedy }
+    for k = 1, 11 do
+      local o = m:session()
+      o:feed(prompt_of(tok, 50 + k, 5 + 23 * k), "last")
+      ss[#ss + 1], toks[#toks + 1], smps[#smps + 1] = o, o:sample(greedy), greedy
+    end
+    local nxt = gptoss.batch_step(ss, toks, smps)
+    assert.is_true(after == b:logits():bytes(), "the decode row in a batch of 12")
+    assert.are.equal(stepped[1], nxt[1])
+    for _, x in ipairs(ss) do x:close() end
+    a:close()
+    m:close()
+  end)
+
+  it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone (batch-invariant)", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
     local a1 = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn" } })
     local a2 = gptoss.lora(m, { r = 2, alpha = 4, init = "random", seed = 12, targets = { "attn", "experts" } })
     check_mixed_requests(m, m.tokenizer, a1, a2)

@@ -205,6 +205,16 @@ double lg_opt_num(lua_State *L, int idx, const char *key, double dflt) {
   return v;
 }
 
+int lg_opt_bool(lua_State *L, int idx, const char *key, int dflt) {
+  if (lua_isnoneornil(L, idx)) return dflt;
+  lua_getfield(L, idx, key);
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
+  if (lua_type(L, -1) != LUA_TBOOLEAN) luaL_error(L, "option '%s' must be a boolean (got %s)", key, luaL_typename(L, -1));
+  int v = lua_toboolean(L, -1);
+  lua_pop(L, 1);
+  return v;
+}
+
 const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt) {
   if (lua_isnoneornil(L, idx)) return dflt;
   lua_getfield(L, idx, key);

@@ -76,6 +76,7 @@ void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *k
 int lg_opt_int(lua_State *L, int idx, const char *key, int dflt);
 double lg_opt_num(lua_State *L, int idx, const char *key, double dflt);
 const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt);
+int lg_opt_bool(lua_State *L, int idx, const char *key, int dflt);
 
 /* the config as the table of its config.json (config.c writes the text) */
 void lg_push_config(lua_State *L, const gptoss_config *c);

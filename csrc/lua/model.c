@@ -48,7 +48,7 @@ static int model_gc(lua_State *L) {
   return 0;
 }
 
-static const char *const load_keys[] = {"device", "threads", "context", "tokenizer", "memory", "precision", NULL};
+static const char *const load_keys[] = {"device", "threads", "context", "tokenizer", "memory", "precision", "batch_invariant", NULL};
 
 /* gptoss.load(dir [, opts]) -> Model | nil, message */
 static int l_load(lua_State *L) {
@@ -71,6 +71,7 @@ static int l_load(lua_State *L) {
   else if (strcmp(prec, "fast") == 0) o.precision = GPTOSS_PRECISION_FAST;
   else if (strcmp(prec, "mixed") == 0) o.precision = GPTOSS_PRECISION_MIXED;
   else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", prec);
+  o.batch_invariant = lg_opt_bool(L, 2, "batch_invariant", 0);
   if (o.threads < 0) luaL_error(L, "load: threads must be >= 0");
   if (o.context < 0) luaL_error(L, "load: context must be >= 0");
   int want_tok = 1;
@@ -94,6 +95,8 @@ static int l_load(lua_State *L) {
   lua_setfield(L, fields, "config");
   lua_pushstring(L, prec);   /* as named: the CPU computes in fp32 whichever it is */
   lua_setfield(L, fields, "precision");
+  lua_pushboolean(L, o.batch_invariant);
+  lua_setfield(L, fields, "batch_invariant");
   if (want_tok) {
     const char *p = tokpath;
     if (!p) {
