@@ -1,0 +1,36 @@
+#!/bin/bash
+# Device: issue 18's batch invariance checked and measured. Carry
+# .device-kit and .carry (bundle.tar.xz: tokenizer and build/lua5.4/gptoss,
+# made with CUDA on the dev machine). Stages (STAGES, default all):
+#   specs      the #gpu cases of the engine's specs (Lua 5.4)
+#   invariant  bench/invariant.lua on the 20B shape: batch_invariant off and on
+#   serving    bench/serving.lua at 1 and 64 concurrent requests
+set -u
+source .device-kit/env.sh
+[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
+export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
+here="build/lua5.4/?.so"
+export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+STAGES=${STAGES:-specs invariant serving}
+has() { [[ " $STAGES " == *" $1 "* ]]; }
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+if has specs; then
+  t0=$(date +%s)
+  timeout 240 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua > $OUT/gpu_specs.log 2>&1
+  echo "gpu specs rc=$? in $(( $(date +%s) - t0 )) s"
+  grep -aE "successes|Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs.log | head -30
+fi
+if has invariant || has serving; then
+  t0=$(date +%s)
+  [ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
+  echo "20B checkpoint ready in $(( $(date +%s) - t0 )) s"
+fi
+if has invariant; then
+  t0=$(date +%s)
+  timeout 200 lua5.4 bench/invariant.lua /tmp/gptoss-20b cuda:0 > $OUT/invariant.md 2> $OUT/invariant.err
+  echo "invariant rc=$? in $(( $(date +%s) - t0 )) s"; cat $OUT/invariant.md; tail -3 $OUT/invariant.err
+fi
+if has serving; then
+  timeout 200 lua5.4 bench/serving.lua /tmp/gptoss-20b cuda:0 1,64 512 128 > $OUT/serving.md 2> $OUT/serving.err
+  echo "serving rc=$?"; cat $OUT/serving.md; tail -3 $OUT/serving.err
+fi
