@@ -32,4 +32,29 @@ describe("rockspec", function()
     assert.are.equal(0, rc, out)
     assert.matches("^gptoss 0%.1%.0", out)
   end)
+
+  -- what rocks.nvim and lazy.nvim's luarocks support do: a Lua 5.1 tree,
+  -- built against Lua 5.1's headers, then loaded into LuaJIT and Neovim
+  it("installs for Lua 5.1 with luarocks and loads into LuaJIT and a real Neovim", function()
+    local tree = H.tmpdir() .. "/tree51"
+    local out, rc = run("luarocks --lua-version 5.1 --tree " .. tree .. " make --deps-mode none gptoss-scm-1.rockspec")
+    assert.are.equal(0, rc, out)
+    local so = tree .. "/lib/lua/5.1/gptoss/core.so"
+    assert.is_true(io.open(so) ~= nil, "no " .. so)
+    local paths = string.format("package.path = '%s/share/lua/5.1/?.lua;%s/share/lua/5.1/?/init.lua;' .. package.path; " ..
+      "package.cpath = '%s/lib/lua/5.1/?.so'; ", tree, tree, tree)
+    local probe = "local g = require 'gptoss'; local t = assert(g.tokenizer('" .. H.tokenizer_dir .. "')); " ..
+      "local ids = t:encode('hello world'); print(package.cpath .. ' ' .. #ids .. ' ' .. t:decode(ids))"
+    for _, cmd in ipairs {
+      "lua5.1 -e \"" .. paths .. probe .. "\"",
+      "luajit -e \"" .. paths .. probe .. "\"",
+      -- package.cpath is the tree's alone (5.1 has no package.searchpath);
+      -- Neovim's :lua print goes to its messages; io.write reaches stdout headless
+      "nvim --headless -u NONE -c \"lua " .. paths .. probe:gsub("print%((.*)%)$", "io.write(%1, '\\n')") .. "\" -c q",
+    } do
+      out, rc = run("cd /tmp && " .. cmd)
+      assert.are.equal(0, rc, cmd .. "\n" .. out)
+      assert.matches(tree:gsub("%p", "%%%0") .. "/lib/lua/5%.1/%?%.so%s+2%s+hello world", out, 1, false)
+    end
+  end)
 end)

@@ -3,7 +3,7 @@
 # they are missing. Needs root (or sudo). The list is the one in README.md.
 # nginx, its Lua module and lua-resty-core serve the API (make serve).
 set -eu
-PKGS="gcc make pkg-config lua5.4 liblua5.4-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
+PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua5.1 liblua5.1-0-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
 lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl neovim"
 missing=""
 for p in $PKGS; do

@@ -1,6 +1,6 @@
 /*
 ** lcompat.h: the few Lua C API differences between Lua 5.4 and LuaJIT 2.1
-** (a 5.1 API with some 5.2 additions), kept in this one header.
+** (a 5.1 API with some 5.2 additions) and plain Lua 5.1, kept in this one header.
 */
 #ifndef GPTOSS_LCOMPAT_H
 #define GPTOSS_LCOMPAT_H
@@ -17,6 +17,27 @@
 #ifndef luaL_newlib
 #define luaL_newlib(L, f) (lua_createtable(L, 0, sizeof(f) / sizeof((f)[0]) - 1), luaL_setfuncs(L, f, 0))
 #endif
+#endif
+
+/* plain Lua 5.1 (luarocks --lua-version 5.1 builds against its headers;
+   Neovim then loads the module into LuaJIT): LuaJIT 2.1 has these 5.2
+   functions, Lua 5.1 does not, so the module carries its own */
+#if LUA_VERSION_NUM < 502 && !defined(LUA_LJDIR)
+static inline void lcompat_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+  luaL_checkstack(L, nup, "too many upvalues");
+  for (; l->name; l++) {
+    for (int i = 0; i < nup; i++) lua_pushvalue(L, -nup);
+    lua_pushcclosure(L, l->func, nup);
+    lua_setfield(L, -(nup + 2), l->name);
+  }
+  lua_pop(L, nup);
+}
+static inline void lcompat_setmetatable(lua_State *L, const char *tname) {
+  luaL_getmetatable(L, tname);
+  lua_setmetatable(L, -2);
+}
+#define luaL_setfuncs(L, l, n) lcompat_setfuncs(L, l, n)
+#define luaL_setmetatable(L, t) lcompat_setmetatable(L, t)
 #endif
 
 #if LUA_VERSION_NUM < 504
