@@ -247,6 +247,11 @@ typedef struct gptoss_model_opts {
   int batch_invariant;     /* CUDA: a row's results never depend on what else is in its batch (the
                               engine's tokens equal a request's tokens alone), at some speed; the CPU
                               always is */
+  /* called on the loading thread as the weights are read: bytes so far and
+     in all (the CPU maps its checkpoint, so it reports them all at once; CUDA
+     as it uploads). A nonzero return stops the load (GPTOSS_ESTATE) */
+  int (*progress)(void *ud, uint64_t done, uint64_t total);
+  void *progress_ud;
 } gptoss_model_opts;
 
 gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out);
@@ -255,6 +260,24 @@ const gptoss_config *gptoss_model_config(const gptoss_model *m);
 const gptoss_st *gptoss_model_weights(const gptoss_model *m);
 const char *gptoss_model_device(const gptoss_model *m);
 int gptoss_model_context(const gptoss_model *m);
+
+/* Loading off the caller's thread, for event loops (nginx, Neovim): the
+   model, and the tokenizer at `tokenizer` when it is not NULL, load on a
+   thread of the loader's own. The options' strings are copied; their
+   progress callback is the loader's. */
+typedef struct gptoss_loader gptoss_loader;
+gptoss_status gptoss_loader_start(const char *dir, const gptoss_model_opts *o, const char *tokenizer, gptoss_loader **out);
+/* a descriptor that becomes readable once the load has ended */
+int gptoss_loader_fd(const gptoss_loader *l);
+/* bytes of weights read so far and in all (0 until known); 1 once the load has ended */
+int gptoss_loader_progress(const gptoss_loader *l, uint64_t *done, uint64_t *total);
+/* asks the load to stop at its next progress report (it ends GPTOSS_ESTATE "cancelled") */
+void gptoss_loader_cancel(gptoss_loader *l);
+/* waits for the end, then hands over the model and the tokenizer (NULL when
+   none was asked), or fails with the load's own error; once */
+gptoss_status gptoss_loader_take(gptoss_loader *l, gptoss_model **m, gptoss_tokenizer **t);
+/* cancels, waits for the thread and frees whatever was not taken */
+void gptoss_loader_free(gptoss_loader *l);
 
 typedef struct gptoss_memory {
   uint64_t weights, kv, workspace, total, device_free, device_total;

@@ -216,6 +216,9 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   if (rc) goto fail;
   if ((rc = gptoss_st_open(dir, &m->st))) goto fail;
   if ((rc = bind_tensors(m))) goto fail;
+  uint64_t total = 0;
+  for (size_t i = 0; i < gptoss_st_count(m->st); i++) total += gptoss_st_at(m->st, i)->nbytes;
+  if (o->progress && o->progress(o->progress_ud, 0, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "%s: the load was cancelled", dir); goto fail; }
   m->inv_freq = malloc(sizeof(float) * (size_t)(m->cfg.head_dim / 2));
   if (!m->inv_freq) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto fail; }
   rope_tables(&m->cfg, m->inv_freq, &m->rope_scale);
@@ -231,6 +234,7 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   if (be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);
   m->be = be;
   if ((rc = be->model_init(m, o))) goto fail;   /* model_free releases what init had set up */
+  if (o->progress && o->progress(o->progress_ud, total, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "%s: the load was cancelled", dir); goto fail; }
   *out = m;
   return GPTOSS_OK;
 fail:

@@ -161,7 +161,11 @@ struct upload_item { const void *src; size_t n, off; };
 
 // Copies tensors into the arena through two pinned buffers: while one chunk
 // crosses PCIe, the pool copies the next out of the mapped file.
-static gptoss_status upload(cuda_model *cm, const upload_item *items, int n, int threads) {
+// Reports the bytes copied so far to the load's progress callback, whose
+// nonzero answer cancels the load between chunks.
+static gptoss_status upload(cuda_model *cm, const upload_item *items, int n, int threads, const gptoss_model_opts *o) {
+  uint64_t total = 0, copied = 0;
+  for (int i = 0; i < n; i++) total += items[i].n;
   const size_t CHUNK = (size_t)64 << 20;
   char *pinned[2] = {NULL, NULL};
   cudaEvent_t done[2] = {NULL, NULL};
@@ -185,6 +189,8 @@ static gptoss_status upload(cuda_model *cm, const upload_item *items, int n, int
       if (e == cudaSuccess) e = cudaEventRecord(done[cur], cm->stream);
       if (e != cudaSuccess) { rc = cuda_fail(e, "weight upload", __FILE__, __LINE__); break; }
       cur ^= 1;
+      copied += len;
+      if (o->progress && o->progress(o->progress_ud, copied, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "the load was cancelled"); break; }
     }
   }
   if (!rc) { e = cudaStreamSynchronize(cm->stream); if (e != cudaSuccess) rc = cuda_fail(e, "weight upload", __FILE__, __LINE__); }
@@ -293,7 +299,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   }
   e = cudaMalloc((void **)&cm->arena, off);
   if (e != cudaSuccess) { free(items); return cuda_fail(e, "weight arena", __FILE__, __LINE__); }
-  gptoss_status rc = upload(cm, items, nit, m->threads);
+  gptoss_status rc = upload(cm, items, nit, m->threads, o);
   free(items);
   if (rc) return rc;
   CU(cudaMemcpy(cm->arena + rope_off, m->inv_freq, sizeof(float) * (size_t)(d.D / 2), cudaMemcpyHostToDevice));

@@ -219,4 +219,18 @@ function H.session_logits(m, ids, adapter)
   return l
 end
 
+-- poll(2) through a tiny helper built for the running interpreter
+-- (spec/support/fdpoll.c): H.fdpoll().readable(fd, timeout_ms)
+local fdpoll
+function H.fdpoll()
+  if fdpoll then return fdpoll end
+  local so = H.tmpdir() .. "/fdpoll.so"
+  local inc = jit and "/usr/include/luajit-2.1" or "/usr/include/lua5.4"
+  -- (without a preloaded sanitizer, which would report the compiler's own leaks)
+  local ok = os.execute(string.format("env -u LD_PRELOAD cc -shared -fPIC -O1 -I%s -o %s spec/support/fdpoll.c", inc, so))
+  assert(ok == true or ok == 0, "cannot build spec/support/fdpoll.c")
+  fdpoll = assert(package.loadlib(so, "luaopen_fdpoll"))()
+  return fdpoll
+end
+
 return H

@@ -249,6 +249,29 @@ describe("server", function()
       err(broken:post("/v1/chat/completions", chat), 503, nil, "model_unavailable")
       assert.equal(503, broken:get("/health").status)
     end)
+    it("503 model_loading with Retry-After while the model loads, the worker answering meanwhile", function()
+      -- the load runs on a thread of its own (gptoss.load_async): requests
+      -- sent while it runs are answered at once; were the worker's loop
+      -- blocked by the load, every answer would come after it, as 200
+      local loading = X.start({ GPTOSS_MODEL = H.tiny(), GPTOSS_THREADS = "1" }, { wait = false })
+      local seen, health, ready = 0, nil, false
+      for _ = 1, 400 do
+        local r = loading:post("/v1/chat/completions", chat)
+        if r.status == 200 then ready = true; break end
+        err(r, 503, nil, "model_loading")
+        assert.equal("1", r.headers["retry-after"])
+        seen = seen + 1
+        local h = loading:get("/health")
+        if h.status == 503 then health = h.json end
+      end
+      loading:stop()
+      assert.is_true(ready, "the model never became ready")
+      assert.is_true(seen >= 1, "no request was answered while the model loaded")
+      if health then
+        assert.equal("loading", health.status)
+        assert.is_true(health.loaded_bytes <= health.total_bytes)
+      end
+    end)
     it("404 for an unknown URL, 405 for a wrong method", function()
       err(main:get("/v1/nothing", AUTH), 404, nil, "unknown_url")
       err(main:get("/v1/chat/completions", AUTH), 405)

@@ -6,18 +6,7 @@ local H = require "helpers"
 local gptoss = require "gptoss"
 local clock = gptoss.core.clock
 
--- poll(2) through a tiny helper built for the running interpreter
-local fdpoll
-local function get_fdpoll()
-  if fdpoll then return fdpoll end
-  local so = H.tmpdir() .. "/fdpoll.so"
-  local inc = jit and "/usr/include/luajit-2.1" or "/usr/include/lua5.4"
-  -- (without a preloaded sanitizer, which would report the compiler's own leaks)
-  local ok = os.execute(string.format("env -u LD_PRELOAD cc -shared -fPIC -O1 -I%s -o %s spec/support/fdpoll.c", inc, so))
-  assert(ok == true or ok == 0, "cannot build spec/support/fdpoll.c")
-  fdpoll = assert(package.loadlib(so, "luaopen_fdpoll"))()
-  return fdpoll
-end
+local get_fdpoll = H.fdpoll
 
 local WORDS = { "river", "stone", "light", "seven", "orbit", "maple", "quiet", "hollow", "amber", "lantern", "drift",
   "copper", "meadow", "signal", "harbor", "velvet" }

@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "check-memory: installing valgrind"; apt-get install -y -qq valgrind >/dev/null; }
 make -s LUA=lua5.4 CUDA=0 all
 specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lua spec/config_spec.lua spec/tokenizer_spec.lua
-  spec/utf8_spec.lua spec/sampler_spec.lua spec/serving_lifecycle_spec.lua spec/hardening_spec.lua spec/fuzz_corpus_spec.lua"
+  spec/utf8_spec.lua spec/sampler_spec.lua spec/serving_lifecycle_spec.lua spec/hardening_spec.lua spec/fuzz_corpus_spec.lua
+  spec/loader_spec.lua"
 export GPTOSS_TOKENIZER_DIR="$PWD/tokenizer"
 echo "== valgrind"
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \

@@ -22,6 +22,7 @@
 #define ADAPTER_T "gptoss.Adapter"
 #define ENGINE_T "gptoss.Engine"
 #define REQUEST_T "gptoss.Request"
+#define LOADER_T "gptoss.Loader"
 
 /* Registers a type: metatable `name` with meta functions, and a method
    table used by __index (also stored as registry["name.methods"] so Lua
@@ -45,6 +46,11 @@ typedef struct ltokenizer { gptoss_tokenizer *t; } ltokenizer;
 /* the engine object of the open model or adapter at idx */
 gptoss_model *lg_check_model(lua_State *L, int idx);
 gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
+
+/* gptoss.load's arguments (model.c), shared with gptoss.load_async (loader.c) */
+typedef struct lg_load { const char *dir, *precision, *tokenizer; gptoss_model_opts o; } lg_load;
+void lg_load_args(lua_State *L, const char *fn, lg_load *a);
+void lg_push_model(lua_State *L, gptoss_model *m, gptoss_tokenizer *t, const lg_load *a);
 
 /* float array userdata (logits, tensors, LoRA weights) */
 typedef struct lfloats { int rows, cols; float v[]; } lfloats;
@@ -95,6 +101,7 @@ void lg_open_adapter(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
 void lg_open_engine(lua_State *L);
+void lg_open_loader(lua_State *L);
 void lg_open_sys(lua_State *L);      /* isatty, term_columns, getpid */
 /* marks the model at idx as owned by a running engine (NULL: free again);
    while owned, every direct use of it or its sessions raises */

@@ -50,73 +50,86 @@ static int model_gc(lua_State *L) {
 
 static const char *const load_keys[] = {"device", "threads", "context", "tokenizer", "memory", "precision", "batch_invariant", NULL};
 
-/* gptoss.load(dir [, opts]) -> Model | nil, message */
-static int l_load(lua_State *L) {
-  const char *dir = lg_check_str(L, 1, "gptoss.load", "dir", NULL);
+/* gptoss.load's and gptoss.load_async's arguments (fn names them in errors):
+   the options, and the tokenizer to load (NULL: none). Strings stay on the
+   Lua stack, at or above the options */
+void lg_load_args(lua_State *L, const char *fn, lg_load *a) {
+  a->dir = lg_check_str(L, 1, fn, "dir", NULL);
   lg_check_keys(L, 2, "load", load_keys);
-  gptoss_model_opts o;
-  memset(&o, 0, sizeof o);
-  o.device = lg_opt_str(L, 2, "device", "cpu");
-  o.threads = lg_opt_int(L, 2, "threads", 0);
-  o.context = lg_opt_int(L, 2, "context", 0);
+  gptoss_model_opts *o = &a->o;
+  memset(o, 0, sizeof *o);
+  o->device = lg_opt_str(L, 2, "device", "cpu");
+  o->threads = lg_opt_int(L, 2, "threads", 0);
+  o->context = lg_opt_int(L, 2, "context", 0);
   double memory = lg_opt_num(L, 2, "memory", 0);
   /* bytes: a whole number, finite, >= 0 (0: no budget); 2^53 is past any device */
   if (!(memory >= 0 && memory <= 9007199254740992.0 && memory == floor(memory))) {
     lua_getfield(L, 2, "memory");
     luaL_error(L, "load: memory must be a whole number of bytes >= 0 (got %s)", lcompat_quote(L, -1));
   }
-  o.memory_budget = (size_t)memory;
-  const char *prec = lg_opt_str(L, 2, "precision", "exact");
-  if (strcmp(prec, "exact") == 0) o.precision = GPTOSS_PRECISION_EXACT;
-  else if (strcmp(prec, "fast") == 0) o.precision = GPTOSS_PRECISION_FAST;
-  else if (strcmp(prec, "mixed") == 0) o.precision = GPTOSS_PRECISION_MIXED;
-  else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", prec);
-  o.batch_invariant = lg_opt_bool(L, 2, "batch_invariant", 0);
-  if (o.threads < 0) luaL_error(L, "load: threads must be >= 0");
-  if (o.context < 0) luaL_error(L, "load: context must be >= 0");
+  o->memory_budget = (size_t)memory;
+  a->precision = lg_opt_str(L, 2, "precision", "exact");
+  if (strcmp(a->precision, "exact") == 0) o->precision = GPTOSS_PRECISION_EXACT;
+  else if (strcmp(a->precision, "fast") == 0) o->precision = GPTOSS_PRECISION_FAST;
+  else if (strcmp(a->precision, "mixed") == 0) o->precision = GPTOSS_PRECISION_MIXED;
+  else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", a->precision);
+  o->batch_invariant = lg_opt_bool(L, 2, "batch_invariant", 0);
+  if (o->threads < 0) luaL_error(L, "load: threads must be >= 0");
+  if (o->context < 0) luaL_error(L, "load: context must be >= 0");
   int want_tok = 1;
-  const char *tokpath = NULL;
+  a->tokenizer = NULL;
   if (!lua_isnoneornil(L, 2)) {
     lua_getfield(L, 2, "tokenizer");
     if (lua_type(L, -1) == LUA_TBOOLEAN) want_tok = lua_toboolean(L, -1);
-    else if (lua_type(L, -1) == LUA_TSTRING) tokpath = lua_tostring(L, -1);
+    else if (lua_type(L, -1) == LUA_TSTRING) a->tokenizer = lua_tostring(L, -1);
     else if (!lua_isnil(L, -1)) luaL_error(L, "load: tokenizer must be false or a path");
-    lua_pop(L, 1);
+    /* left on the stack: a->tokenizer points into it */
   }
+  if (want_tok && !a->tokenizer) {
+    lua_pushfstring(L, "%s/tokenizer.json", a->dir);
+    /* no tokenizer files: ids only; one that is there but is not a regular
+       file is the loader's to refuse (opening it here could block) */
+    struct stat st;
+    if (stat(lua_tostring(L, -1), &st) == 0) a->tokenizer = lua_tostring(L, -1);
+  }
+}
+
+/* pushes the Model of a loaded engine model (and its tokenizer, or NULL),
+   owning both from here on */
+void lg_push_model(lua_State *L, gptoss_model *m, gptoss_tokenizer *t, const lg_load *a) {
   lmodel *b = lua_newuserdatauv(L, sizeof *b, 1);
-  b->m = NULL;
+  b->m = m;
   b->sessions = NULL;
   b->engine = NULL;
   luaL_setmetatable(L, MODEL_T);
-  if (gptoss_model_load(dir, &o, &b->m)) return lg_fail(L);
+  ltokenizer *tb = NULL;
+  if (t) { tb = lg_box(L, sizeof *tb, TOKENIZER_T); tb->t = t; }
   lua_newtable(L);   /* fields */
   int fields = lua_gettop(L);
-  lg_push_config(L, gptoss_model_config(b->m));
+  if (tb) { lua_pushvalue(L, -2); lua_setfield(L, fields, "tokenizer"); }
+  lg_push_config(L, gptoss_model_config(m));
   lua_setfield(L, fields, "config");
-  lua_pushstring(L, prec);   /* as named: the CPU computes in fp32 whichever it is */
+  lua_pushstring(L, a->precision);   /* as named: the CPU computes in fp32 whichever it is */
   lua_setfield(L, fields, "precision");
-  lua_pushboolean(L, o.batch_invariant);
+  lua_pushboolean(L, a->o.batch_invariant);
   lua_setfield(L, fields, "batch_invariant");
-  if (want_tok) {
-    const char *p = tokpath;
-    if (!p) {
-      lua_pushfstring(L, "%s/tokenizer.json", dir);
-      p = lua_tostring(L, -1);
-      /* no tokenizer files: ids only; one that is there but is not a regular
-         file is the loader's to refuse (opening it here could block) */
-      struct stat st;
-      if (stat(p, &st) != 0) p = NULL;
-    }
-    if (p) {
-      ltokenizer *tb = lg_box(L, sizeof *tb, TOKENIZER_T);
-      gptoss_tokenizer *t;
-      if (gptoss_tokenizer_load(p, &t)) return lg_fail(L);
-      tb->t = t;
-      lua_setfield(L, fields, "tokenizer");
-    }
-    lua_settop(L, fields);
+  lua_setuservalue(L, tb ? -3 : -2);
+  if (tb) lua_pop(L, 1);
+}
+
+/* gptoss.load(dir [, opts]) -> Model | nil, message */
+static int l_load(lua_State *L) {
+  lg_load a;
+  lg_load_args(L, "gptoss.load", &a);
+  gptoss_model *m;
+  gptoss_tokenizer *t = NULL;
+  if (gptoss_model_load(a.dir, &a.o, &m)) return lg_fail(L);
+  if (a.tokenizer && gptoss_tokenizer_load(a.tokenizer, &t)) {
+    lg_fail(L);   /* the message, before freeing could replace it */
+    gptoss_model_free(m);
+    return 2;
   }
-  lua_setuservalue(L, -2);
+  lg_push_model(L, m, t, &a);
   return 1;
 }
 

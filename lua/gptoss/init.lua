@@ -9,6 +9,9 @@ local M = {
   core = core,
   version = core.version,
   load = core.load,
+  -- gptoss.load_async(dir, opts) -> Loader: the same load on a thread of its own;
+  -- ld.fd / ld:progress() (bytes done, total, ended) / ld:wait(s) / ld:result() / ld:cancel()
+  load_async = core.load_async,
   tokenizer = core.tokenizer,
   safetensors = core.safetensors,
   writer = core.writer,

@@ -68,8 +68,21 @@ local function load()
   local gptoss = require "gptoss"
   if not cfg.model then error("GPTOSS_MODEL is not set (a checkpoint directory)", 0) end
   if not gptoss.engine then error("this gptoss has no engine (gptoss.engine, issue 18) to serve from", 0) end
-  local model, err = gptoss.load(cfg.model, { device = cfg.device, context = cfg.context > 0 and cfg.context or nil,
-                                              threads = cfg.threads > 0 and cfg.threads or nil })
+  -- on a thread of its own: the worker keeps answering (503 "model_loading",
+  -- /health with the bytes read so far) while the weights load
+  local ld, lerr = gptoss.load_async(cfg.model, { device = cfg.device, context = cfg.context > 0 and cfg.context or nil,
+                                                  threads = cfg.threads > 0 and cfg.threads or nil })
+  if not ld then error(lerr, 0) end
+  state.loader = ld
+  repeat
+    local done, total, ended = ld:progress()
+    state.progress = { done = done, total = total }
+    if not ended then ngx.sleep(0.01) end
+  until ended or ngx.worker.exiting()
+  if not select(3, ld:progress()) then ld:close(); state.loader = nil; error("the worker is exiting", 0) end
+  local model, err = ld:result()
+  ld:close()
+  state.loader = nil
   if not model then error(err, 0) end
   if not model.tokenizer then error(cfg.model .. ": the checkpoint has no tokenizer.json", 0) end
   local served = { [cfg.name] = { id = cfg.name } }
@@ -345,7 +358,9 @@ end
 local function route(uri, method)
   if uri == "/health" then
     if state.status == "ready" then send_json(200, obj { "status", "ok" }); return 200 end
-    send_json(503, obj { "status", state.status, "error", state.error or NULL })
+    local p = state.status == "loading" and state.progress
+    send_json(503, obj { "status", state.status, "error", state.error or NULL,
+                         "loaded_bytes", p and p.done or NULL, "total_bytes", p and p.total or NULL })
     return 503
   elseif uri == "/metrics" then
     ngx.header["Content-Type"] = "text/plain; version=0.0.4; charset=utf-8"
