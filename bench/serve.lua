@@ -3,18 +3,20 @@
 --
 --   luajit bench/serve.lua [--url http://127.0.0.1:8080] [--model ID] [--key KEY]
 --       [--prompt 512] [--output 256] [--requests N] [--concurrency 1,8,32,64]
---       [--study] [--duration 30] [--pid WORKER_PID] [--inprocess DIR [--device cuda:0] [--threads N]]
---       [--only serve|study|inprocess] [--json FILE]
+--       [--study] [--temperatures 0,0.7,1] [--duration 30] [--pid WORKER_PID]
+--       [--inprocess DIR [--device cuda:0] [--threads N]] [--only serve|study|inprocess] [--json FILE]
 --
 -- serve: at each concurrency, --requests streamed /v1/completions of
 -- --prompt random token ids and exactly --output tokens (the stop tokens are
 -- biased away, as vLLM's ignore_eos does), and vLLM's serving metrics under
 -- their names: request and token throughput, TTFT, TPOT, ITL and E2E latency
 -- (mean, median, P90, P99; ITL between SSE chunks as vLLM times them).
--- study (--study): the seeds' Ollama study: short, medium and long prompts
--- (mean and P95 latency, tokens/s, TTFT: the prompt-length impact), four
--- temperatures, 1/2/4/8 concurrent workers, then CPU, RSS and GPU memory of
--- the worker sampled each second over a --duration run at concurrency 8.
+-- study (--study): the seeds' Ollama study, gptoss.bench_study's plan,
+-- metrics and tables over HTTP (`gptoss bench study` runs it in process):
+-- short, medium and long prompts (mean and P95 latency, tokens/s, TTFT: the
+-- prompt-length impact), temperatures, 1/2/4/8 concurrent workers, then
+-- CPU, RSS and GPU memory of the worker sampled each second over a
+-- --duration run at concurrency 8.
 -- inprocess (--inprocess DIR): the same serve workload through
 -- gptoss.engine in this process, so the table shows what HTTP costs.
 --
@@ -24,6 +26,8 @@ local ffi = require "ffi"
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "build/luajit/?.so;" .. package.cpath
 local cjson = require "cjson"
+local study = require "gptoss.bench_study"
+local report = require "gptoss.bench_study_report"
 
 -- {====================================================== options
 local opt = { url = "http://127.0.0.1:8080", prompt = 512, output = 256, concurrency = "1,8,32,64", duration = 30,
@@ -190,59 +194,29 @@ end
 -- }======================================================
 
 -- {====================================================== metrics
-local function percentile(sorted, p)
-  if #sorted == 0 then return 0 / 0 end
-  local k = (#sorted - 1) * p / 100 + 1
-  local lo = math.floor(k)
-  local hi = math.min(lo + 1, #sorted)
-  return sorted[lo] + (sorted[hi] - sorted[lo]) * (k - lo)
-end
-
-local function stats(values)
-  local s = {}
-  for i, v in ipairs(values) do s[i] = v end
-  table.sort(s)
-  local sum = 0
-  for _, v in ipairs(s) do sum = sum + v end
-  return { mean = #s > 0 and sum / #s or 0 / 0, median = percentile(s, 50), p90 = percentile(s, 90),
-           p95 = percentile(s, 95), p99 = percentile(s, 99), n = #s }
-end
-
--- vLLM's serving metrics of finished streams (times in ms)
-local function serving_metrics(streams, duration, prompt_len)
-  local ttft, tpot, itl, e2el = {}, {}, {}, {}
-  local completed, failed, out_tokens = 0, 0, 0
+-- the finished streams as gptoss.bench_study's records: tokens arrive with
+-- each SSE chunk that carries text; usage (include_usage) counts them
+local function stream_records(streams, prompt_len)
+  local records = {}
   for _, st in ipairs(streams) do
-    local usage
-    local first, last
+    local usage, chunks = nil, {}
     for _, e in ipairs(st.events) do
       if e.data ~= "[DONE]" then
         local ok, j = pcall(cjson.decode, e.data)
         if ok and j.usage and j.usage ~= cjson.null then usage = j.usage end
-        local has_text = ok and j.choices and j.choices[1] and j.choices[1].text and j.choices[1].text ~= ""
-        if has_text then
-          if not first then first = e.t else itl[#itl + 1] = (e.t - last) * 1000 end
-          last = e.t
-        end
+        if ok and j.choices and j.choices[1] and j.choices[1].text and j.choices[1].text ~= "" then chunks[#chunks + 1] = e.t end
       end
     end
-    if st.status == 200 and usage and first then
-      completed = completed + 1
-      local n = usage.completion_tokens
-      out_tokens = out_tokens + n
-      ttft[#ttft + 1] = (first - st.t0) * 1000
-      e2el[#e2el + 1] = (st.t_end - st.t0) * 1000
-      if n > 1 then tpot[#tpot + 1] = ((st.t_end - st.t0) - (first - st.t0)) * 1000 / (n - 1) end
-    else
-      failed = failed + 1
-    end
+    records[#records + 1] = { ok = st.status == 200 and usage ~= nil, t0 = st.t0, t_first = chunks[1], chunks = chunks,
+      t_end = st.t_end, prompt_tokens = usage and usage.prompt_tokens or prompt_len,
+      output_tokens = usage and usage.completion_tokens or 0 }
   end
-  return {
-    completed = completed, failed = failed, duration_s = duration,
-    request_throughput = completed / duration, output_throughput = out_tokens / duration,
-    total_token_throughput = (out_tokens + completed * prompt_len) / duration,
-    ttft_ms = stats(ttft), tpot_ms = stats(tpot), itl_ms = stats(itl), e2el_ms = stats(e2el), output_tokens = out_tokens,
-  }
+  return records
+end
+
+-- vLLM's serving metrics of finished streams (times in ms)
+local function serving_metrics(streams, duration, prompt_len)
+  return study.metrics(stream_records(streams, prompt_len), duration)
 end
 -- }======================================================
 
@@ -299,13 +273,13 @@ local function serve_table(title, rows)
     local m = r.m
     local cells = { r.c, m.completed, m.failed, f2(m.request_throughput), f1(m.output_throughput), f1(m.total_token_throughput) }
     for _, k in ipairs { "ttft_ms", "tpot_ms", "itl_ms", "e2el_ms" } do
-      for _, p in ipairs { "mean", "median", "p90", "p99" } do cells[#cells + 1] = f1(m[k][p]) end
+      for _, p in ipairs { "mean", "median", "p90", "p99" } do cells[#cells + 1] = f1(m[p .. "_" .. k]) end
     end
     print("| " .. table.concat(cells, " | ") .. " |")
   end
 end
 
-local results = { options = opt }
+local results = { options = opt }   -- the study's options replace these when it runs
 local function levels()
   local t = {}
   for c in opt.concurrency:gmatch("%d+") do t[#t + 1] = tonumber(c) end
@@ -314,14 +288,13 @@ end
 -- }======================================================
 
 -- {====================================================== in-process
--- The serve workload through gptoss.engine, in this process: requests
--- polled on eng.fd's wake-ups, timed as the HTTP client times chunks.
+-- The serve workload through gptoss.engine, in this process, through
+-- gptoss.bench_study's loop: requests polled on the engine's wake-ups,
+-- timed as the HTTP client times chunks.
 local function inprocess()
   local gptoss = require "gptoss"
   local model = assert(gptoss.load(opt.inprocess, { device = opt.device, threads = opt.threads }))
   local eng = gptoss.engine(model, { max_batch = 64 })
-  local pfd = ffi.new("pollfd_t[1]")
-  pfd[0].fd, pfd[0].events = eng.fd, POLLIN
   local bias = {}
   for k, v in pairs(NO_STOP) do bias[tonumber(k)] = v end
   local rows = {}
@@ -329,32 +302,9 @@ local function inprocess()
     local n = opt.requests or math.max(2 * c, 16)
     local prompts = {}
     for i = 1, n do prompts[i] = prompt_ids(opt.prompt) end
-    local active, done, next_i = {}, {}, 1
-    local t0 = now()
-    while #done < n do
-      while #active < c and next_i <= n do
-        local req = assert(eng:submit(prompts[next_i], { max_tokens = opt.output, logit_bias = bias, temperature = 1,
-                                                         seed = rand(1000000) }))
-        active[#active + 1] = { req = req, t0 = now(), events = {}, status = 200 }
-        next_i = next_i + 1
-      end
-      C.poll(pfd, 1, 1000)
-      eng:drain()
-      local keep = {}
-      for _, st in ipairs(active) do
-        local ids, _, fin = st.req:poll()
-        if #ids > 0 then st.events[#st.events + 1] = { t = now(), data = cjson.encode { choices = { { text = "x" } } } } end
-        if fin then
-          local res = st.req:result()
-          st.t_end = now()
-          st.events[#st.events + 1] = { t = st.t_end, data = cjson.encode { usage = res.usage } }
-          st.req:close()
-          done[#done + 1] = st
-        else keep[#keep + 1] = st end
-      end
-      active = keep
-    end
-    rows[#rows + 1] = { c = c, m = serving_metrics(done, now() - t0, opt.prompt) }
+    local records, duration = study.engine_phase(eng, prompts, { concurrency = c, max_tokens = opt.output,
+      logit_bias = bias, temperature = 1, seed = rand(1000000) })
+    rows[#rows + 1] = { c = c, m = study.metrics(records, duration) }
   end
   eng:close()
   model:close()
@@ -363,17 +313,6 @@ end
 -- }======================================================
 
 -- {====================================================== the study
-local function proc_sample(pid)
-  local f = io.open("/proc/" .. pid .. "/stat")
-  if not f then return nil end
-  local s = f:read("*a"); f:close()
-  local fields = {}
-  for x in s:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = x end
-  local ticks = tonumber(fields[12]) + tonumber(fields[13])   -- utime + stime (fields 14, 15)
-  local st = io.open("/proc/" .. pid .. "/status"):read("*a")
-  return ticks, tonumber(st:match("VmRSS:%s*(%d+)"))
-end
-
 local function gpu_memory_mib()
   local h = io.popen("nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits 2>/dev/null")
   local out = h and h:read("*a") or ""
@@ -381,78 +320,47 @@ local function gpu_memory_mib()
   return tonumber(out:match("%d+"))
 end
 
-local function study()
-  local out = opt.output
-  local n = opt.requests or 10
-  local sizes = { { "short", math.max(8, math.floor(opt.prompt / 16)) }, { "medium", opt.prompt },
-                  { "long", opt.prompt * 4 } }
-  print("\n#### Prompt-length impact (concurrency 1, " .. n .. " requests each, " .. out .. " tokens out)\n")
-  print("| prompt | tokens | mean latency (s) | P95 latency (s) | tokens/s | mean TTFT (ms) | P95 TTFT (ms) |")
-  print("|---|---:|---:|---:|---:|---:|---:|")
-  results.prompt_length = {}
-  for _, s in ipairs(sizes) do
-    local m = serve_run(n, 1, s[2], out)
-    results.prompt_length[s[1]] = m
-    print(string.format("| %s | %d | %.3f | %.3f | %.1f | %.1f | %.1f |", s[1], s[2], m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000,
-      m.output_throughput, m.ttft_ms.mean, m.ttft_ms.p95))
+local function study_run()
+  local temperatures
+  if opt.temperatures then
+    temperatures = {}
+    for t in opt.temperatures:gmatch("[^,]+") do temperatures[#temperatures + 1] = assert(tonumber(t), "bad --temperatures") end
   end
-  print("\n#### Temperature impact (medium prompt, concurrency 1)\n")
-  print("| temperature | mean latency (s) | P95 latency (s) | tokens/s | mean TTFT (ms) |")
-  print("|---:|---:|---:|---:|---:|")
-  results.temperature = {}
-  for _, t in ipairs { 0, 0.3, 0.7, 1.0, 1.5 } do
-    local m = serve_run(n, 1, opt.prompt, out, { temperature = t })
-    results.temperature[tostring(t)] = m
-    print(string.format("| %.1f | %.3f | %.3f | %.1f | %.1f |", t, m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000,
-      m.output_throughput, m.ttft_ms.mean))
-  end
-  print("\n#### Concurrent workers (medium prompt, " .. (2 * n) .. " requests each)\n")
-  print("| workers | requests/s | tokens/s | mean latency (s) | P95 latency (s) | mean TTFT (ms) |")
-  print("|---:|---:|---:|---:|---:|---:|")
-  results.workers = {}
-  for _, w in ipairs { 1, 2, 4, 8 } do
-    local m = serve_run(2 * n, w, opt.prompt, out)
-    results.workers[tostring(w)] = m
-    print(string.format("| %d | %.2f | %.1f | %.3f | %.3f | %.1f |", w, m.request_throughput, m.output_throughput,
-      m.e2el_ms.mean / 1000, m.e2el_ms.p95 / 1000, m.ttft_ms.mean))
-  end
-  -- resources: load at concurrency 8 for --duration seconds, sampled each second
+  local so = { requests = opt.requests or 10, prompt = opt.prompt, max_tokens = opt.output, temperatures = temperatures }
+  local res = study.study(function(phase)
+    return serve_run(phase.n, phase.concurrency, phase.prompt_len, opt.output, { temperature = phase.temperature })
+  end, so)
+  for k, v in pairs(res) do results[k] = v end
+  so = study.options(so)
+  results.options = {}
+  for k, v in pairs(opt) do results.options[k] = v end
+  for _, k in ipairs { "requests", "prompt", "max_tokens", "temperatures", "concurrency" } do results.options[k] = so[k] end
+  results.info = { source = "HTTP (" .. opt.url .. ", streamed /v1/completions)", model = tostring(opt.model), device = "the server's",
+    date = os.date("!%Y-%m-%d %H:%M UTC"), prompts = "ids", interval = 1 }
+  -- resources: load at concurrency 8 for --duration seconds, the worker sampled each second
   local pid = opt.pid
   if not pid then
     local h = io.popen("pgrep -n -f 'nginx: worker process'")
     pid = tonumber(h:read("*a"):match("%d+"))
     h:close()
   end
-  if not pid then print("\n(no worker pid: pass --pid for the resource run)"); return end
-  local hz = 100
-  local samples, t_start = {}, now()
-  local last_ticks, last_t = proc_sample(pid), now()
   local count = 0
-  local function sample()
-    local ticks, rss = proc_sample(pid)
-    local t = now()
-    samples[#samples + 1] = { cpu = (ticks - last_ticks) / hz / (t - last_t) * 100, rss = rss / 1024, gpu = gpu_memory_mib() }
-    last_ticks, last_t = ticks, t
+  if pid then
+    local sampler = study.sampler { pid = pid, interval = 1, clock = now, extra = function() return { gpu_mib = gpu_memory_mib() } end }
+    local t_start = now()
+    run_streams(1e9, 8, function()
+      if now() - t_start >= opt.duration then return nil end
+      count = count + 1
+      return new_stream("/v1/completions", completion_body(prompt_ids(opt.prompt), opt.output))
+    end, function() sampler:tick("load at concurrency 8") end)
+    results.resources = sampler.samples
+    results.resources_note = string.format("Resources: worker %d over %ds at concurrency 8 (%d requests)%s", pid, opt.duration,
+      count, (sampler.samples[1] or {}).gpu_mib and "; GPU memory: the whole device (nvidia-smi)" or "")
+  else
+    results.resources = {}
+    results.resources_note = "No worker pid: pass --pid for the resource run"
   end
-  local next_sample = t_start + 1
-  run_streams(1e9, 8, function()
-    if now() - t_start >= opt.duration then return nil end
-    count = count + 1
-    return new_stream("/v1/completions", completion_body(prompt_ids(opt.prompt), out))
-  end, function()
-    if now() >= next_sample then sample(); next_sample = next_sample + 1 end
-  end)
-  results.resources = samples
-  local cpu, rss, gpu = {}, {}, {}
-  for _, s in ipairs(samples) do cpu[#cpu + 1], rss[#rss + 1], gpu[#gpu + 1] = s.cpu, s.rss, s.gpu end
-  local c, r = stats(cpu), stats(rss)
-  local g = #gpu > 0 and stats(gpu) or nil
-  print(string.format("\n#### Resources over %ds at concurrency 8 (worker %d, %d requests)\n", opt.duration, pid, count))
-  print("| measure | mean | max |")
-  print("|---|---:|---:|")
-  print(string.format("| CPU (%% of one core) | %.0f | %.0f |", c.mean, percentile((function() table.sort(cpu) return cpu end)(), 100)))
-  print(string.format("| RSS (MiB) | %.0f | %.0f |", r.mean, percentile((function() table.sort(rss) return rss end)(), 100)))
-  if g then print(string.format("| GPU memory (MiB, whole device) | %.0f | %.0f |", g.mean, percentile((function() table.sort(gpu) return gpu end)(), 100))) end
+  print(report.markdown(results))
 end
 -- }======================================================
 
@@ -477,10 +385,10 @@ local function main()
     results.inprocess = rows
     serve_table("In-process engine (gptoss.engine, same workload)", rows)
   end
-  if opt.study or only == "study" then study() end
+  if opt.study or only == "study" then study_run() end
   if opt.json then
     local f = assert(io.open(opt.json, "w"))
-    f:write(cjson.encode(results))
+    f:write(report.json(results))
     f:close()
   end
 end

@@ -38,15 +38,8 @@ local function shell(cmd)
   return out ~= "" and out or nil
 end
 
-local function mean_sd(xs)
-  local n, s = #xs, 0
-  for _, x in ipairs(xs) do s = s + x end
-  local mean = s / n
-  if n < 2 then return mean, 0 end
-  local q = 0
-  for _, x in ipairs(xs) do q = q + (x - mean) ^ 2 end
-  return mean, math.sqrt(q / (n - 1))
-end
+-- mean and sample standard deviation (llama-bench's stddev)
+local mean_sd = require("gptoss.stats").mean_sd
 M.mean_sd = mean_sd
 
 --- the model's facts the tables show

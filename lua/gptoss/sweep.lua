@@ -187,16 +187,9 @@ end
 -- }======================================================
 
 -- {====================================================== pruners
--- numpy's percentile with linear interpolation, over a list of numbers
-local function percentile(values, q)
-  local v = {}
-  for i, x in ipairs(values) do v[i] = x end
-  table.sort(v)
-  local pos = (#v - 1) * q / 100 + 1
-  local lo = math.floor(pos)
-  local hi = math.min(lo + 1, #v)
-  return v[lo] + (v[hi] - v[lo]) * (pos - lo)
-end
+-- np.nanpercentile (linear interpolation), as Optuna's and Ray's pruners
+-- take their cutoffs: a NaN (a diverged trial) is left out
+local percentile = require("gptoss.stats").nanpercentile
 M.percentile = percentile
 
 --- Optuna's MedianPruner (a PercentilePruner at 50): once n_startup_trials
