@@ -5,13 +5,14 @@
 #   specs      the #gpu cases of the engine's specs (Lua 5.4)
 #   invariant  bench/invariant.lua on the 20B shape: batch_invariant off and on
 #   serving    bench/serving.lua at 1 and 64 concurrent requests
+#   study      gptoss bench study (the seeds' study through the engine) on the 20B shape
 set -u
 source .device-kit/env.sh
 [ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
 export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
 here="build/lua5.4/?.so"
 export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
-STAGES=${STAGES:-specs invariant serving}
+STAGES=${STAGES:-specs invariant serving study}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 if has specs; then
@@ -20,7 +21,7 @@ if has specs; then
   echo "gpu specs rc=$? in $(( $(date +%s) - t0 )) s"
   grep -aE "successes|Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs.log | head -30
 fi
-if has invariant || has serving; then
+if has invariant || has serving || has study; then
   t0=$(date +%s)
   [ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
   echo "20B checkpoint ready in $(( $(date +%s) - t0 )) s"
@@ -33,4 +34,10 @@ fi
 if has serving; then
   timeout 200 lua5.4 bench/serving.lua /tmp/gptoss-20b cuda:0 1,64 512 128 > $OUT/serving.md 2> $OUT/serving.err
   echo "serving rc=$?"; cat $OUT/serving.md; tail -3 $OUT/serving.err
+fi
+if has study; then
+  t0=$(date +%s)
+  GPTOSS_PROGRESS=lines timeout ${STUDY_TIMEOUT:-200} lua5.4 bin/gptoss bench study /tmp/gptoss-20b --device cuda:0 --requests 5 \
+    --max-tokens 128 --out $OUT/study > $OUT/study.md 2> $OUT/study.err
+  echo "study rc=$? in $(( $(date +%s) - t0 )) s"; head -40 $OUT/study.md; tail -3 $OUT/study.err
 fi
