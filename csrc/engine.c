@@ -10,7 +10,9 @@
 ** next token by a bounded amount) and one token for every decoding one.
 ** Every request whose feed ended samples with its own sampler, and the new
 ** tokens are published under the mutex, which is held only to copy ids and
-** flags, never across a forward pass.
+** flags, never across a forward pass. A request that asks for log-
+** probabilities gets them from its session's logits after the step, on this
+** thread and outside the mutex; the others pay nothing for them.
 **
 ** Prefix reuse: finished requests leave their session in an LRU cache keyed
 ** by its token history (and adapter). A new request forks the entry with the
@@ -38,6 +40,7 @@
 #define DEFAULT_CHUNK 256
 #define DEFAULT_CACHE 16
 #define DEFAULT_REWIND 512
+#define LP_STRIDE (1 + GPTOSS_MAX_TOP_LOGPROBS)   /* a sampled token's entry in step_buf.lp */
 
 struct gptoss_request {
   gptoss_engine *e;
@@ -47,6 +50,7 @@ struct gptoss_request {
   int n_prompt, max_tokens, priority;
   int32_t *stop;
   int n_stop;
+  int logprobs, top_logprobs;      /* gptoss_request_opts' */
   gptoss_adapter *adapter;
   gptoss_sampler *smp;
   uint64_t kv_bytes, seq;
@@ -59,6 +63,7 @@ struct gptoss_request {
   /* shared, under e->mu */
   int state, finish, cancel;
   int32_t *gen;
+  gptoss_logprob *lp;              /* with logprobs: 1 + top_logprobs entries per gen token, the token's first */
   size_t gen_n, gen_cap, taken;
   int cached_tokens;
   double t_admit, t_first, t_done;
@@ -75,6 +80,9 @@ typedef struct step_buf {
   gptoss_session **ended_s;
   gptoss_request **fresh;          /* admitted this step */
   size_t ids_cap;
+  gptoss_logprob *lp;              /* [max_batch][LP_STRIDE]: the log-probabilities of this step's samples */
+  float *logits;                   /* [vocab], the host copy they are computed from; allocated when first needed */
+  char lp_err[256];                /* why this step's log-probabilities failed (lp[k*LP_STRIDE].id is then -1) */
 } step_buf;
 
 typedef struct cache_entry {
@@ -209,6 +217,7 @@ static void request_release(gptoss_request *r) {
   free(r->prompt);
   free(r->stop);
   free(r->gen);
+  free(r->lp);
   free(r);
 }
 
@@ -238,24 +247,47 @@ static void request_done(gptoss_engine *e, gptoss_request *r, int finish, const 
   fd_signal(e);
 }
 
-static gptoss_status gen_push(gptoss_request *r, int32_t id) {
+/* under mu: appends a sampled id and, when the request records them, its
+   1 + top_logprobs log-probabilities from lp */
+static gptoss_status gen_push(gptoss_request *r, int32_t id, const gptoss_logprob *lp) {
+  size_t per = r->logprobs ? 1 + (size_t)r->top_logprobs : 0;
   if (r->gen_n == r->gen_cap) {
     size_t cap = r->gen_cap ? r->gen_cap * 2 : 64;
     int32_t *g = realloc(r->gen, sizeof(int32_t) * cap);
     if (!g) return GPTOSS_ENOMEM;
     r->gen = g;
+    if (per) {
+      gptoss_logprob *l = realloc(r->lp, sizeof *l * per * cap);
+      if (!l) return GPTOSS_ENOMEM;
+      r->lp = l;
+    }
     r->gen_cap = cap;
   }
+  if (per) memcpy(r->lp + r->gen_n * per, lp, sizeof *lp * per);
   r->gen[r->gen_n++] = id;
   return GPTOSS_OK;
 }
 
 size_t gptoss_request_take(gptoss_request *r, int32_t *ids, size_t cap, gptoss_request_info *info) {
+  return gptoss_request_take_logprobs(r, ids, NULL, cap, info);
+}
+
+size_t gptoss_request_take_logprobs(gptoss_request *r, int32_t *ids, gptoss_token_logprobs *lps, size_t cap,
+                                    gptoss_request_info *info) {
   gptoss_engine *e = r->e;
   pthread_mutex_lock(&e->mu);
   size_t n = r->gen_n - r->taken;
   if (n > cap) n = cap;
   if (n) memcpy(ids, r->gen + r->taken, sizeof(int32_t) * n);
+  if (lps && r->logprobs) {
+    size_t per = 1 + (size_t)r->top_logprobs;
+    for (size_t i = 0; i < n; i++) {
+      const gptoss_logprob *l = r->lp + (r->taken + i) * per;
+      lps[i].token = l[0];
+      lps[i].n_top = r->top_logprobs;
+      memcpy(lps[i].top, l + 1, sizeof *l * (size_t)r->top_logprobs);
+    }
+  }
   r->taken += n;
   if (info) {
     info->state = r->state;
@@ -395,6 +427,27 @@ static gptoss_status request_session(gptoss_engine *e, gptoss_request *r) {
 }
 /* }====================================================== */
 
+/* {====================================================== log-probabilities (engine thread) */
+/* for sample k of this step (whose session still holds the logits it was
+   sampled from: samplers work on copies), into b->lp; -1 as the id and
+   b->lp_err when the logits cannot be had */
+static void step_logprobs(gptoss_engine *e, step_buf *b, int k, gptoss_request *r, int32_t id) {
+  int V = e->m->cfg.vocab_size;
+  gptoss_logprob *out = b->lp + (size_t)k * LP_STRIDE;
+  if (!b->logits && !(b->logits = malloc(sizeof(float) * (size_t)V))) {
+    snprintf(b->lp_err, sizeof b->lp_err, "out of memory for log-probabilities");
+    out[0].id = -1;
+    return;
+  }
+  if (gptoss_session_logits(r->s, b->logits)) {
+    snprintf(b->lp_err, sizeof b->lp_err, "log-probabilities: %s", gptoss_errmsg());
+    out[0].id = -1;
+    return;
+  }
+  gptoss_logprobs(b->logits, V, id, r->top_logprobs, out);
+}
+/* }====================================================== */
+
 /* {====================================================== the engine thread */
 /* under mu: removes active[i]; the request's session is the caller's to free */
 static void active_remove(gptoss_engine *e, int i) {
@@ -529,6 +582,10 @@ static void step(gptoss_engine *e, step_buf *b) {
     for (int k = n - 1; k >= 0; k--) finish_active(e, b->who[k], GPTOSS_FINISH_ERROR, msg);
     return;
   }
+  for (int k = 0; k < ns; k++) {   /* only for the requests that ask: the others pay nothing */
+    gptoss_request *r = e->active[b->sample_who[k]];
+    if (r->logprobs) step_logprobs(e, b, k, r, b->next[k]);
+  }
   /* publish: what each request does next is decided under the lock, the
      sessions of those that ended are cached or freed after it */
   pthread_mutex_lock(&e->mu);
@@ -539,8 +596,10 @@ static void step(gptoss_engine *e, step_buf *b) {
     gptoss_request *r = e->active[b->sample_who[k]];
     int32_t id = b->next[k];
     int finish = 0;
+    const gptoss_logprob *lp = b->lp + (size_t)k * LP_STRIDE;
     if (r->s->pos >= r->s->context) finish = GPTOSS_FINISH_LENGTH;   /* sampled at the context's end: no place for it */
-    else if (gen_push(r, id)) finish = GPTOSS_FINISH_ERROR, snprintf(r->err, sizeof r->err, "out of memory for the output");
+    else if (r->logprobs && lp[0].id < 0) finish = GPTOSS_FINISH_ERROR, snprintf(r->err, sizeof r->err, "%s", b->lp_err);
+    else if (gen_push(r, id, lp)) finish = GPTOSS_FINISH_ERROR, snprintf(r->err, sizeof r->err, "out of memory for the output");
     else {
       e->st.generated_tokens++;
       if (r->t_first == 0) r->t_first = t1;
@@ -629,13 +688,14 @@ static int step_buf_new(step_buf *b, int mb) {
   b->ended = malloc(sizeof *b->ended * (size_t)mb);
   b->ended_s = malloc(sizeof *b->ended_s * (size_t)mb);
   b->fresh = malloc(sizeof *b->fresh * (size_t)mb);
+  b->lp = malloc(sizeof *b->lp * LP_STRIDE * (size_t)mb);
   return b->ss && b->sample_ss && b->smp && b->next && b->counts && b->who && b->sample_who && b->ended && b->ended_s
-         && b->fresh;
+         && b->fresh && b->lp;
 }
 
 static void step_buf_free(step_buf *b) {
   free(b->ss); free(b->sample_ss); free(b->smp); free(b->next); free(b->counts); free(b->who); free(b->sample_who);
-  free(b->ended); free(b->ended_s); free(b->fresh); free(b->ids);
+  free(b->ended); free(b->ended_s); free(b->fresh); free(b->ids); free(b->lp); free(b->logits);
 }
 /* }====================================================== */
 
@@ -757,6 +817,9 @@ gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, 
   else if (n <= 0) rc = gptoss_fail(GPTOSS_EARG, "submit: empty prompt");
   else if (!o || o->max_tokens <= 0) rc = gptoss_fail(GPTOSS_EARG, "submit: max_tokens must be a positive integer");
   else if (o->n_stop < 0) rc = gptoss_fail(GPTOSS_EARG, "submit: negative stop id count");
+  else if (o->top_logprobs < 0 || o->top_logprobs > GPTOSS_MAX_TOP_LOGPROBS)
+    rc = gptoss_fail(GPTOSS_EARG, "submit: top_logprobs must be in 0..%d (got %d)", GPTOSS_MAX_TOP_LOGPROBS, o->top_logprobs);
+  else if (o->top_logprobs && !o->logprobs) rc = gptoss_fail(GPTOSS_EARG, "submit: top_logprobs needs logprobs");
   else if (n > e->o.context)
     rc = gptoss_fail(GPTOSS_ERANGE, "context limit: the prompt's %d tokens exceed the engine's context of %d", n,
                      e->o.context);
@@ -777,6 +840,8 @@ gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, 
   r->n_stop = o->n_stop;
   r->max_tokens = o->max_tokens;
   r->priority = o->priority;
+  r->logprobs = o->logprobs != 0;
+  r->top_logprobs = o->top_logprobs;
   r->adapter = gptoss_adapter_ref(o->adapter);
   int64_t reach = (int64_t)n + o->max_tokens;
   r->kv_bytes = gptoss_engine_kv_bytes(e, reach > e->o.context ? e->o.context : (int)reach);

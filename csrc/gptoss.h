@@ -447,7 +447,26 @@ typedef struct gptoss_request_opts {
   int n_stop;
   gptoss_adapter *adapter; /* referenced while the request lives; NULL = the base model */
   int priority;            /* higher is admitted first; equal ones in order of submission */
+  int logprobs;            /* nonzero: record each sampled token's log-probability (gptoss_request_take_logprobs) */
+  int top_logprobs;        /* 0..GPTOSS_MAX_TOP_LOGPROBS most likely tokens recorded beside it; needs logprobs */
 } gptoss_request_opts;
+
+/* Log-probabilities are the model's own: log_softmax of the raw logits at
+   the position the token was sampled from, before temperature, penalties,
+   logit_bias and truncation change the distribution (vLLM's default,
+   logprobs_mode "raw_logprobs"), so that they do not depend on how a
+   request samples. Computed on the host after the step, only for the
+   requests that ask. */
+#define GPTOSS_MAX_TOP_LOGPROBS 20
+typedef struct gptoss_logprob {
+  int32_t id;
+  float logprob;
+} gptoss_logprob;
+typedef struct gptoss_token_logprobs {
+  gptoss_logprob token;                          /* the sampled one */
+  int n_top;                                     /* the request's top_logprobs */
+  gptoss_logprob top[GPTOSS_MAX_TOP_LOGPROBS];   /* most likely first; equal ones by id */
+} gptoss_token_logprobs;
 
 enum { GPTOSS_REQ_QUEUED, GPTOSS_REQ_RUNNING, GPTOSS_REQ_DONE };
 enum { GPTOSS_FINISH_NONE, GPTOSS_FINISH_STOP, GPTOSS_FINISH_LENGTH, GPTOSS_FINISH_CANCELLED, GPTOSS_FINISH_ERROR };
@@ -498,6 +517,10 @@ gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, 
 /* Copies up to cap ids produced since the last take; info (may be NULL)
    gets the request's state. Never waits for the engine. */
 size_t gptoss_request_take(gptoss_request *r, int32_t *ids, size_t cap, gptoss_request_info *info);
+/* the same, and lps[i] (may be NULL) gets ids[i]'s log-probabilities when
+   the request records them (submitted with logprobs; untouched otherwise) */
+size_t gptoss_request_take_logprobs(gptoss_request *r, int32_t *ids, gptoss_token_logprobs *lps, size_t cap,
+                                    gptoss_request_info *info);
 /* blocks until the request has news or timeout_s passed; 1: news */
 int gptoss_request_wait(gptoss_request *r, double timeout_s);
 void gptoss_request_cancel(gptoss_request *r);   /* its memory is freed at the engine's next step */

@@ -129,6 +129,13 @@ int gptoss_json_walk_skip(gptoss_json_walk *w);              /* skips the value 
 size_t gptoss_json_walk_offset(const gptoss_json_walk *w);
 /* }====================================================== */
 
+/* {====================================================== log-probabilities */
+/* The log_softmax of logits[vocab] (sampler.c): out[0] = {id, its
+   log-probability}, out[1..k] the k most likely tokens (the higher logit
+   first, equal ones by id). */
+void gptoss_logprobs(const float *logits, int vocab, int32_t id, int k, gptoss_logprob *out);
+/* }====================================================== */
+
 /* {====================================================== test hooks */
 /* Not API: the n-th allocation of the CPU backend from now fails (n >= 1;
    0: none does), so that a spec can reach every out-of-memory path.

@@ -1,5 +1,5 @@
 /*
-** sampler.c: turning logits into the next token.
+** sampler.c: turning logits into the next token, and into log-probabilities.
 **
 ** Order of operations: logit bias, penalties over the recent history,
 ** then greedy (temperature 0) or temperature, top-k, softmax, top-p,
@@ -239,3 +239,29 @@ int32_t gptoss_sampler_sample(gptoss_sampler *p, float *logits, const int32_t *h
   }
   return p->order[n - 1];
 }
+
+/* {====================================================== log-probabilities */
+/* What a request's logprobs report (internal.h): the raw distribution's,
+   whatever the sampler does to it. One pass for the maximum, one for the
+   sum (in double, of max-shifted terms), one keeping the k best by
+   insertion, ties to the lower id (one order the specs can reproduce): a
+   logit below the k-th best costs one comparison. */
+void gptoss_logprobs(const float *x, int V, int32_t id, int k, gptoss_logprob *out) {
+  float mx = x[0];
+  for (int i = 1; i < V; i++) if (x[i] > mx) mx = x[i];
+  double sum = 0;
+  for (int i = 0; i < V; i++) sum += expf(x[i] - mx);
+  double lse = (double)mx + log(sum);
+  gptoss_logprob *top = out + 1;
+  int n = 0;
+  for (int i = 0; i < V && k > 0; i++) {
+    if (n == k && !(x[i] > x[top[k - 1].id])) continue;
+    int j = n < k ? n++ : k - 1;
+    for (; j > 0 && x[i] > x[top[j - 1].id]; j--) top[j] = top[j - 1];
+    top[j].id = i;
+  }
+  for (int j = 0; j < n; j++) top[j].logprob = (float)(x[top[j].id] - lse);
+  out[0].id = id;
+  out[0].logprob = (float)(x[id] - lse);
+}
+/* }====================================================== */

@@ -12,7 +12,7 @@
 #include "binding.h"
 
 typedef struct lengine { gptoss_engine *e; int open; } lengine;
-typedef struct lrequest { gptoss_request *r; } lrequest;
+typedef struct lrequest { gptoss_request *r; int logprobs; } lrequest;
 
 static const char *const finish_names[] = {NULL, "stop", "length", "cancelled", "error"};
 static const char *const state_names[] = {"queued", "running", "done"};
@@ -71,9 +71,10 @@ static int engine_gc(lua_State *L) {
   return 0;
 }
 
-static const char *const submit_keys[] = {"max_tokens", "stop_tokens", "adapter", "priority", NULL};
+static const char *const submit_keys[] = {"max_tokens", "stop_tokens", "adapter", "priority", "logprobs", "top_logprobs",
+                                          NULL};
 
-/* eng:submit(ids, sampler, { max_tokens, stop_tokens, adapter, priority })
+/* eng:submit(ids, sampler, { max_tokens, stop_tokens, adapter, priority, logprobs, top_logprobs })
    -> Request | nil, message, "queue_full" | "too_large" | "context_length_exceeded" | "closed".
    The sampler is taken over (closed here). */
 static int engine_submit(lua_State *L) {
@@ -86,6 +87,14 @@ static int engine_submit(lua_State *L) {
   memset(&o, 0, sizeof o);
   o.max_tokens = lg_opt_int(L, 4, "max_tokens", 0);
   o.priority = lg_opt_int(L, 4, "priority", 0);
+  lua_getfield(L, 4, "logprobs");
+  if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
+    return luaL_error(L, "submit: logprobs must be a boolean (got %s)", lcompat_quote(L, -1));
+  o.logprobs = lua_toboolean(L, -1);
+  lua_getfield(L, 4, "top_logprobs");
+  if (!lua_isnil(L, -1))
+    o.top_logprobs = (int)lg_check_int(L, lua_gettop(L), "submit", "top_logprobs", 0, GPTOSS_MAX_TOP_LOGPROBS);
+  if (o.top_logprobs && !o.logprobs) return luaL_error(L, "submit: top_logprobs needs logprobs = true");
   lua_getfield(L, 4, "adapter");
   if (!lua_isnil(L, -1)) o.adapter = lg_check_adapter(L, lua_gettop(L));
   lua_getfield(L, 4, "stop_tokens");
@@ -106,6 +115,7 @@ static int engine_submit(lua_State *L) {
   }
   lrequest *rb = lua_newuserdatauv(L, sizeof *rb, 1);
   rb->r = NULL;
+  rb->logprobs = o.logprobs;
   luaL_setmetatable(L, REQUEST_T);
   gptoss_status rc = gptoss_engine_submit(b->e, ids, (int)n, smp, &o, &rb->r);
   if (rc == GPTOSS_EBUSY || rc == GPTOSS_ENOMEM || rc == GPTOSS_ERANGE || rc == GPTOSS_ESTATE) {
@@ -188,26 +198,53 @@ static lrequest *checkrequest(lua_State *L, int idx) {
   return b;
 }
 
-/* req:take() -> ids produced since the last take, state, finish reason (nil until done) */
+/* { id =, logprob = } */
+static void push_logprob(lua_State *L, const gptoss_logprob *l) {
+  lua_createtable(L, 0, 2);
+  lua_pushinteger(L, l->id);
+  lua_setfield(L, -2, "id");
+  lua_pushnumber(L, l->logprob);
+  lua_setfield(L, -2, "logprob");
+}
+
+/* req:take() -> ids produced since the last take, state, finish reason (nil
+   until done) [, logprobs: per id { id, logprob, top = { {id, logprob}, ... } }
+   when the request was submitted with logprobs] */
 static int request_take(lua_State *L) {
+  enum { CHUNK = 64 };
   lrequest *b = checkrequest(L, 1);
-  int32_t buf[256];
+  int32_t buf[CHUNK];
+  gptoss_token_logprobs lps[CHUNK];
   gptoss_request_info info;
-  size_t got = gptoss_request_take(b->r, buf, 256, &info);
+  size_t got = gptoss_request_take_logprobs(b->r, buf, b->logprobs ? lps : NULL, CHUNK, &info);
   lua_createtable(L, (int)(got + info.left), 0);
+  int ids = lua_gettop(L);
+  if (b->logprobs) lua_createtable(L, (int)(got + info.left), 0);
   lua_Integer at = 0;
   for (;;) {
     for (size_t i = 0; i < got; i++) {
       lua_pushinteger(L, buf[i]);
-      lua_rawseti(L, -2, ++at);
+      lua_rawseti(L, ids, ++at);
+      if (!b->logprobs) continue;
+      push_logprob(L, &lps[i].token);
+      lua_createtable(L, lps[i].n_top, 0);
+      for (int j = 0; j < lps[i].n_top; j++) {
+        push_logprob(L, &lps[i].top[j]);
+        lua_rawseti(L, -2, j + 1);
+      }
+      lua_setfield(L, -2, "top");
+      lua_rawseti(L, ids + 1, at);
     }
-    if (got < 256) break;
-    got = gptoss_request_take(b->r, buf, 256, &info);
+    if (got < CHUNK) break;
+    got = gptoss_request_take_logprobs(b->r, buf, b->logprobs ? lps : NULL, CHUNK, &info);
   }
   lua_pushstring(L, state_names[info.state]);
   if (info.state == GPTOSS_REQ_DONE) lua_pushstring(L, finish_names[info.finish]);
   else lua_pushnil(L);
-  return 3;
+  if (!b->logprobs) return 3;
+  lua_pushvalue(L, ids + 1);   /* the logprobs after the finish reason */
+  lua_remove(L, ids + 1);
+  return 4;
 }
 
 static void push_time(lua_State *L, double v, const char *k) {
@@ -282,4 +319,6 @@ void lg_open_engine(lua_State *L) {
   lg_class(L, REQUEST_T, r_methods, r_meta, NULL);
   lua_pushcfunction(L, l_engine);
   lua_setfield(L, -2, "engine");
+  lua_pushinteger(L, GPTOSS_MAX_TOP_LOGPROBS);
+  lua_setfield(L, -2, "MAX_TOP_LOGPROBS");
 }

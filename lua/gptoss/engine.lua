@@ -24,7 +24,7 @@ function M.of(model) return running[model] end
 
 local ENGINE_KEYS = { max_batch = true, max_queue = true, chunk_tokens = true, memory = true, prefix_cache = true,
   rewind = true, context = true }
-local SUBMIT_EXTRA = { priority = true }
+local SUBMIT_EXTRA = { priority = true, logprobs = true, top_logprobs = true }
 
 -- {====================================================== requests
 local Request = {}
@@ -35,13 +35,17 @@ Request.__index = Request
 -- here (a stop string, on_id returning false) cancels the C request; one
 -- the engine ended (context full, cancelled, an error) is ended here.
 function Request:_pump(on_id)
-  local ids, pieces = {}, {}
-  if self.done then return ids, pieces end
-  local got, _, finish = self.c:take()
+  local ids, pieces, lps = {}, {}, self.logprobs and {} or nil
+  if self.done then return ids, pieces, lps end
+  local got, _, finish, got_lps = self.c:take()
   local run = self.run
-  for _, id in ipairs(got) do
+  for i, id in ipairs(got) do
     local piece, ended = run:accept(id)
     ids[#ids + 1], pieces[#pieces + 1] = id, piece
+    if lps then
+      lps[#lps + 1] = got_lps[i]
+      self.logprobs[#self.logprobs + 1] = got_lps[i]
+    end
     if on_id and on_id(piece, id) == false then
       if not ended then run:stop("cancelled") end
       self.callback_stop, finish = true, nil
@@ -60,16 +64,18 @@ function Request:_pump(on_id)
     self.info = self.c:info()
     if self.info.state ~= "done" then self.c:cancel() end   -- ended here: the engine stops at its next step
   end
-  return ids, pieces
+  return ids, pieces, lps
 end
 
---- req:poll() -> ids, text, done [, error]: what was produced since the
--- last poll; never blocks. text holds only complete UTF-8 (and nothing that
--- may still turn out to start a stop string).
+--- req:poll() -> ids, text, done, error, logprobs: what was produced since
+-- the last poll; never blocks. text holds only complete UTF-8 (and nothing
+-- that may still turn out to start a stop string). logprobs (a request
+-- submitted with logprobs = true) has an entry per id:
+-- { id, logprob, top = { { id, logprob }, ... } } (see Engine:submit).
 function Request:poll()
-  local ids, pieces = self:_pump()
+  local ids, pieces, lps = self:_pump()
   local err = self.done and self.info and self.info.error or nil
-  return ids, table.concat(pieces), self.done, err
+  return ids, table.concat(pieces), self.done, err, lps
 end
 
 --- req:wait([timeout_s]) -> true when poll has news (or the request is
@@ -85,10 +91,11 @@ function Request:cancel()
   self.c:cancel()
 end
 
---- req:result() -> { ids, text, finish_reason, usage, timings }: as
--- model:generate returns it, plus timings (seconds after submit: queued,
--- first_token, finished) and usage.prompt_tokens_details.cached_tokens;
--- blocks until the request is done
+--- req:result() -> { ids, text, finish_reason, usage, timings [, logprobs] }:
+-- as model:generate returns it, plus timings (seconds after submit: queued,
+-- first_token, finished), usage.prompt_tokens_details.cached_tokens and,
+-- when asked for, logprobs (an entry per id, as poll gives them); blocks
+-- until the request is done
 function Request:result()
   while not self.done do
     self.c:wait(1)
@@ -99,6 +106,7 @@ function Request:result()
   res.timings = { queued = info.queued, first_token = info.first_token, finished = info.finished }
   res.usage.prompt_tokens_details = { cached_tokens = info.cached_tokens }
   res.error = info.error
+  res.logprobs = self.logprobs
   return res
 end
 
@@ -144,7 +152,11 @@ end
 
 --- eng:submit(ids, opts) -> Request | nil, message, code. opts: as
 -- model:generate takes them (sampling options and seed, max_tokens, stop,
--- stop_tokens, adapter) plus priority (higher first). code is "queue_full"
+-- stop_tokens, adapter) plus priority (higher first), logprobs (true: each
+-- token's log-probability, log_softmax of the model's raw logits, before
+-- temperature, penalties and logit_bias, as vLLM gives them by default) and
+-- top_logprobs (0..20 most likely tokens at each position beside it, the
+-- most likely first, equal ones by id; needs logprobs). code is "queue_full"
 -- (a server's 429), "too_large" (the request alone exceeds the memory
 -- budget), "context_length_exceeded" (the prompt is longer than the
 -- engine's context) or "closed". Returns at once.
@@ -164,9 +176,9 @@ function Engine:_submit(ids, opts, seed_offset)
   local stops = {}
   for id in pairs(run.stop_ids) do stops[#stops + 1] = id end
   local c, err, code = self.c:submit(ids, smp, { max_tokens = run.max_tokens, stop_tokens = stops,
-    adapter = opts.adapter or nil, priority = opts.priority })
+    adapter = opts.adapter or nil, priority = opts.priority, logprobs = opts.logprobs, top_logprobs = opts.top_logprobs })
   if not c then return nil, err, code end
-  return setmetatable({ c = c, run = run, engine = self, done = false }, Request)
+  return setmetatable({ c = c, run = run, engine = self, done = false, logprobs = opts.logprobs and {} or nil }, Request)
 end
 
 --- eng:generate(ids, opts): model:generate through the engine (blocks the

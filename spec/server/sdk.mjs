@@ -89,6 +89,26 @@ const scenarios = {
       { type: "function_call_output", call_id: call.call_id, output: "{\"temperature\":20}" }] });
     return { r, call, r2 };
   },
+  // logprobs as the SDK reads them: chat (plain, and streamed through its
+  // ChatCompletionStream, which adds the chunks' logprobs up), completions
+  // and responses (include message.output_text.logprobs)
+  async logprobs() {
+    const ask = { model, messages: [{ role: "user", content: "Hi" }], max_tokens: 30, reasoning_effort: "low",
+      logprobs: true, top_logprobs: 3 };
+    const plain = await client.chat.completions.create(ask);
+    const runner = client.chat.completions.stream(ask);
+    let deltas = 0, done = null;
+    runner.on("logprobs.content.delta", ({ content }) => { deltas += content.length; });
+    runner.on("logprobs.content.done", ({ content }) => { done = content; });
+    const streamed = await runner.finalChatCompletion();
+    const completion = await client.completions.create({ model, prompt: "Hello", max_tokens: 3, logprobs: 2,
+      temperature: 0 });
+    const response = await client.responses.create({ model, input: "Hi", reasoning: { effort: "low" },
+      max_output_tokens: 30, include: ["message.output_text.logprobs"], top_logprobs: 3 });
+    const message = response.output.find((i) => i.type === "message");
+    return { plain: plain.choices[0], streamed: streamed.choices[0], deltas, done, completion: completion.choices[0],
+      response: message.content[0], output_text: response.output_text };
+  },
   // /v1/models and one model
   async models() {
     const list = [];

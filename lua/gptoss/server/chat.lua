@@ -5,6 +5,7 @@
 local json = require "gptoss.json"
 local post = require "gptoss.post"
 local R = require "gptoss.server.request"
+local LP = require "gptoss.server.logprobs"
 
 local NULL, arr, obj = json.null, json.array, json.object
 local M = {}
@@ -100,13 +101,24 @@ end
 local ChatChoice = {}
 ChatChoice.__index = ChatChoice
 
+-- logprobs entries of a message's content (self.lp's step or eos): those
+-- of a message to no one outside the analysis channel go with the next
+-- chunk, as its text goes in delta.content
+function ChatChoice:_logprobs(entries, h)
+  if not entries or h.recipient or h.channel == "analysis" then return end
+  for _, x in ipairs(entries) do self.lp_pending[#self.lp_pending + 1] = x end
+end
+
 -- feeds ids to the parser; returns the delta fields they make
--- (content, reasoning_content, tool_calls) or nil
-function ChatChoice:feed(ids)
+-- (content, reasoning_content, tool_calls) or nil. lps: the engine's
+-- logprobs entry for each id, when asked for
+function ChatChoice:feed(ids, lps)
   local p = self.parser
   local content, reasoning, calls = {}, {}, {}
-  for _, id in ipairs(ids) do
+  for i, id in ipairs(ids) do
+    local was_header, before = p.state == "header", #p.messages
     p:process(id)
+    if lps then self:_logprobs(self.lp:step(p, id, lps[i], was_header, before)) end
     if p.state == "content" then
       local recipient = p:current_recipient()
       local open = #p.messages + 1
@@ -137,7 +149,9 @@ end
 -- the whole reply once generation ended
 function ChatChoice:message()
   local p = self.parser
+  local was_header, before = p.state == "header", #p.messages
   p:process_eos()
+  if self.lp then self:_logprobs(self.lp:eos(p, was_header, before)) end
   local msgs = p.messages
   local calls = {}
   for _, c in ipairs(post.tool_calls(msgs)) do
@@ -159,6 +173,19 @@ function ChatChoice:message()
   return m, #calls > 0
 end
 
+-- the logprobs of the reply's content: its messages' entries, of the
+-- messages post.final_text takes the answer from (the final channel's, or
+-- without channels those to no one)
+function ChatChoice:content_logprobs()
+  local msgs, final = self.parser.messages, false
+  local function assistant(m) return m.role == "assistant" or m.role == nil end
+  for _, m in ipairs(msgs) do final = final or assistant(m) and m.channel == "final" end
+  return self.lp:of(msgs, function(m)
+    if final then return assistant(m) and m.channel == "final" end
+    return assistant(m) and m.channel == nil and m.recipient == nil
+  end)
+end
+
 --- chat(body, ctx) -> job. ctx: served (model ids), tokenizer, context,
 -- vocab, limits, new_id
 function M.chat(b, ctx)
@@ -172,35 +199,41 @@ function M.chat(b, ctx)
   local so = R.object(b, "stream_options")
   local include_usage = so and R.boolean(so, "include_usage", "stream_options.include_usage") or false
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
+  local logprobs = LP.chat_params(b, gen)
   local prompt = R.prompt(ctx.tokenizer, { instructions = instructions, tools = tools, messages = msgs, effort = effort,
                                            prefill = prefill })
   gen.max_tokens = R.limit(b, { "max_completion_tokens", "max_tokens" }, #prompt, ctx.context)
   gen.adapter = entry.adapter
   local job = { kind = "chat", model = entry.id, prompt = prompt, gen = gen, n = n, stream = stream,
     include_usage = include_usage, stop = gen.stop, id = ctx.new_id("chatcmpl-"), created = os.time(),
-    new_id = ctx.new_id }
+    new_id = ctx.new_id, view = logprobs and LP.viewer(ctx.tokenizer) }
   function job.choice(index)
     return setmetatable({ job = job, index = index, calls = 0, sent_content = "", sent_reasoning = "",
-                          parser = R.parser(ctx.tokenizer, prefill) }, ChatChoice)
+                          parser = R.parser(ctx.tokenizer, prefill), lp_pending = {},
+                          lp = logprobs and LP.tracker(job.view, ctx.tokenizer) or nil }, ChatChoice)
   end
-  local function choice_chunk(index, delta, reason)
+  -- a chunk of choice c; the content logprobs not sent yet go with it
+  local function choice_chunk(c, delta, reason)
     local d = obj {}
     for _, k in ipairs { "role", "content", "reasoning_content", "tool_calls" } do
       if delta[k] ~= nil then d[k] = delta[k]; table.insert(json.keys(d), k) end
     end
-    return chunk(job, "chat.completion.chunk", { obj { "index", index, "delta", d, "logprobs", NULL,
+    local lp = NULL
+    if #c.lp_pending > 0 then lp, c.lp_pending = LP.chat(c.lp_pending), {} end
+    return chunk(job, "chat.completion.chunk", { obj { "index", c.index, "delta", d, "logprobs", lp,
                                                        "finish_reason", reason or NULL } })
   end
   -- streaming: what to send when generation starts, on new tokens, when a
   -- choice ends, and after every choice ended
   function job.on_start(choices)
     local out = {}
-    for _, c in ipairs(choices) do out[#out + 1] = choice_chunk(c.index, { role = "assistant", content = "" }) end
+    for _, c in ipairs(choices) do out[#out + 1] = choice_chunk(c, { role = "assistant", content = "" }) end
     return out
   end
-  function job.on_tokens(c, ids)
-    local delta = c:feed(ids)
-    if delta then return { choice_chunk(c.index, delta) } end
+  -- (a piece of a character makes no delta: its logprobs wait for one)
+  function job.on_tokens(c, ids, _, lps)
+    local delta = c:feed(ids, lps)
+    if delta then return { choice_chunk(c, delta) } end
   end
   -- what the parser held back (a header cut short by the end, text past a
   -- stop string) goes out with the last chunk, so that a stream adds up to
@@ -212,8 +245,8 @@ function M.chat(b, ctx)
       local full, sent = m[k], k == "content" and c.sent_content or c.sent_reasoning
       if type(full) == "string" and #full > #sent and full:sub(1, #sent) == sent then rest[k] = full:sub(#sent + 1) end
     end
-    if next(rest) then out[1] = choice_chunk(c.index, rest) end
-    out[#out + 1] = choice_chunk(c.index, {}, finish_reason(res, called))
+    if next(rest) then out[1] = choice_chunk(c, rest) end
+    out[#out + 1] = choice_chunk(c, {}, finish_reason(res, called))
     return out
   end
   job.on_end = usage_tail(job, "chat.completion.chunk")
@@ -221,9 +254,10 @@ function M.chat(b, ctx)
   function job.body(choices, totals)
     local list = {}
     for i, c in ipairs(choices) do
-      c:feed(c.result.ids)
+      c:feed(c.result.ids, c.result.logprobs)
       local m, called = c:message()
-      list[i] = obj { "index", c.index, "message", m, "logprobs", NULL, "finish_reason", finish_reason(c.result, called) }
+      list[i] = obj { "index", c.index, "message", m, "logprobs", logprobs and LP.chat(c:content_logprobs()) or NULL,
+                      "finish_reason", finish_reason(c.result, called) }
     end
     return obj { "id", job.id, "object", "chat.completion", "created", job.created, "model", job.model,
                  "choices", arr(list), "usage", usage(#prompt, totals.completion, totals.cached), "system_fingerprint", NULL }
@@ -261,25 +295,41 @@ function M.completions(b, ctx)
   local stream = R.boolean(b, "stream") or false
   local so = R.object(b, "stream_options")
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
+  local logprobs = LP.completion_params(b, gen)
+  local view = logprobs and LP.viewer(ctx.tokenizer)
   gen.max_tokens = R.limit(b, { "max_tokens", param = "prompt" }, #prompt, ctx.context)
   if not R.integer(b, "max_tokens", 1, 2 ^ 31) then gen.max_tokens = math.min(gen.max_tokens, 16) end  -- OpenAI's default
   gen.adapter = entry.adapter
   local job = { kind = "completion", model = entry.id, prompt = prompt, gen = gen, n = n, stream = stream,
     include_usage = so and R.boolean(so, "include_usage", "stream_options.include_usage") or false,
     id = ctx.new_id("cmpl-"), created = os.time() }
-  function job.choice(index) return { index = index, text = {} } end
-  local function choice(index, text, reason)
-    return obj { "text", text, "index", index, "logprobs", NULL, "finish_reason", reason or NULL }
+  -- a streamed choice's logprobs entries wait with text held back (a piece
+  -- of a character, what may start a stop string) for a chunk to carry them
+  function job.choice(index) return { index = index, text = {}, lp_pending = {}, offset = 0 } end
+  local function choice(c, text, reason, entries)
+    local lp = NULL
+    if logprobs then lp, c.offset = LP.legacy(view, entries or {}, c.offset) end
+    return obj { "text", text, "index", c.index, "logprobs", lp, "finish_reason", reason or NULL }
+  end
+  local function pending(c)
+    local e = c.lp_pending
+    c.lp_pending = {}
+    return e
   end
   function job.on_start() return {} end
-  function job.on_tokens(c, _, text)
-    if text ~= "" then return { chunk(job, "text_completion", { choice(c.index, text) }) } end
+  function job.on_tokens(c, _, text, lps)
+    for _, e in ipairs(lps or {}) do c.lp_pending[#c.lp_pending + 1] = e end
+    if text ~= "" then return { chunk(job, "text_completion", { choice(c, text, nil, pending(c)) }) } end
   end
-  function job.on_finish(c, res) return { chunk(job, "text_completion", { choice(c.index, "", finish_reason(res)) }) } end
+  function job.on_finish(c, res)
+    return { chunk(job, "text_completion", { choice(c, "", finish_reason(res), pending(c)) }) }
+  end
   job.on_end = usage_tail(job, "text_completion")
   function job.body(choices, totals)
     local list = {}
-    for i, c in ipairs(choices) do list[i] = choice(c.index, c.result.text or "", finish_reason(c.result)) end
+    for i, c in ipairs(choices) do
+      list[i] = choice(c, c.result.text or "", finish_reason(c.result), c.result.logprobs)
+    end
     return obj { "id", job.id, "object", "text_completion", "created", job.created, "model", job.model,
                  "system_fingerprint", NULL, "choices", arr(list), "usage", usage(#prompt, totals.completion, totals.cached) }
   end

@@ -255,7 +255,7 @@ local function generate(job, endpoint)
     while pending > 0 and alive do
       for _, c in ipairs(choices) do
         if not c.result and alive then
-          local ids, text, done = c.req:poll()
+          local ids, text, done, _, lps = c.req:poll()
           if #ids > 0 then
             ngx.update_time()
             local now = ngx.now()
@@ -263,7 +263,7 @@ local function generate(job, endpoint)
             else for _ = 1, #ids do m.itl:observe((now - c.last) / #ids) end end
             c.last, c.tokens = now, c.tokens + #ids
           end
-          if job.stream and (#ids > 0 or text ~= "") then alive = emit(job.on_tokens(c, ids, text)) end
+          if job.stream and (#ids > 0 or text ~= "") then alive = emit(job.on_tokens(c, ids, text, lps)) end
           if done then
             c.result = c.req:result()
             c.closed = true

@@ -162,9 +162,6 @@ function M.sampling(b, cfg, vocab)
     end
     if #stop > 0 then o.stop = { table.unpack and table.unpack(stop) or unpack(stop) } end
   end
-  if M.boolean(b, "logprobs") or present(b.top_logprobs) and b.top_logprobs ~= 0 then
-    bad(present(b.top_logprobs) and "top_logprobs" or "logprobs", "logprobs are not supported by this server.")
-  end
   return o
 end
 

@@ -6,6 +6,7 @@
 -- events (response.created ... response.completed).
 local json = require "gptoss.json"
 local R = require "gptoss.server.request"
+local LP = require "gptoss.server.logprobs"
 
 local NULL, arr, obj = json.null, json.array, json.object
 local M = {}
@@ -95,6 +96,7 @@ function Choice:open(h)
   self.items[#self.items + 1] = item
   self.item, self.text = item, {}
   local idx = #self.items - 1
+  self.lp_delta, self.lp_item = {}, {}
   self:event("response.output_item.added", { "output_index", idx, "item", item })
   if item.type ~= "function_call" then
     self:event("response.content_part.added", { "item_id", item.id, "output_index", idx, "content_index", 0, "part", part_of(item) })
@@ -109,8 +111,10 @@ function Choice:delta(d)
   elseif item.type == "reasoning" then
     self:event("response.reasoning_text.delta", { "item_id", item.id, "output_index", idx, "content_index", 0, "delta", d })
   else
+    local lps = self.lp_delta
+    self.lp_delta = {}
     self:event("response.output_text.delta", { "item_id", item.id, "output_index", idx, "content_index", 0, "delta", d,
-                                               "logprobs", arr {} })
+                                               "logprobs", arr(lps) })
   end
 end
 
@@ -126,12 +130,13 @@ function Choice:close()
   else
     local part = part_of(item)
     part.text = text
+    if part.logprobs then part.logprobs = arr(self.lp_item) end
     if item.type == "reasoning" then
       self:event("response.reasoning_text.done", { "item_id", item.id, "output_index", idx, "content_index", 0, "text", text })
     else
       item.status = "completed"
       self:event("response.output_text.done", { "item_id", item.id, "output_index", idx, "content_index", 0, "text", text,
-                                                "logprobs", arr {} })
+                                                "logprobs", part.logprobs })
     end
     self:event("response.content_part.done", { "item_id", item.id, "output_index", idx, "content_index", 0, "part", part })
     item.content = arr { part }
@@ -139,27 +144,38 @@ function Choice:close()
   self:event("response.output_item.done", { "output_index", idx, "item", item })
 end
 
+-- logprobs entries (self.lp's) of the open item's text: each delta
+-- carries those since the last one (a piece of a character makes none),
+-- the part all of them
+function Choice:logprobs(entries)
+  if not (entries and self.item and self.item.type == "message") then return end
+  for _, x in ipairs(entries) do self.lp_delta[#self.lp_delta + 1], self.lp_item[#self.lp_item + 1] = x, x end
+end
+
 -- feeds ids to the parser: items open when a message's header completes
--- and close when it ends
-function Choice:feed(ids)
+-- and close when it ends. lps: the engine's logprobs entry for each id,
+-- when asked for
+function Choice:feed(ids, lps)
   local p = self.parser
-  for _, id in ipairs(ids) do
-    local before = #p.messages
+  for i, id in ipairs(ids) do
+    local was_header, before = p.state == "header", #p.messages
     p:process(id)
     if #p.messages > before and self.item then self:close() end
     if p.state == "content" and not self.item then self:open(p.current_header) end
+    if lps then self:logprobs((self.lp:step(p, id, lps[i], was_header, before))) end
     if p.last_content_delta and self.item then self:delta(p.last_content_delta) end
   end
 end
 
 function Choice:finish()
   local p = self.parser
-  local before = #p.messages
+  local was_header, before = p.state == "header", #p.messages
   p:process_eos()
   -- a reply that never opened a message (a header cut short) still answers
   if #p.messages > before and not self.item then
     local m = p.messages[#p.messages]
     self:open(m)
+    if self.lp then self:logprobs((self.lp:eos(p, was_header, before))) end
     if m.content ~= "" then self:delta(m.content) end
   end
   self:close()
@@ -181,12 +197,14 @@ function M.responses(b, ctx)
   end
   local stream = R.boolean(b, "stream") or false
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
+  local logprobs = LP.response_params(b, gen)
   local prompt = R.prompt(ctx.tokenizer, { instructions = instructions, tools = tools, messages = msgs, effort = effort,
                                            prefill = prefill, param = "input" })
   gen.max_tokens = R.limit(b, { "max_output_tokens", param = "input" }, #prompt, ctx.context)
   gen.adapter = entry.adapter
   local job = { kind = "response", model = entry.id, prompt = prompt, gen = gen, n = 1, stream = stream,
-                id = ctx.new_id("resp_"), created = os.time(), new_id = ctx.new_id, sse_events = true }
+                id = ctx.new_id("resp_"), created = os.time(), new_id = ctx.new_id, sse_events = true,
+                view = logprobs and LP.viewer(ctx.tokenizer) }
   local function response(status, items, totals, incomplete)
     local u = NULL
     if totals then
@@ -210,7 +228,8 @@ function M.responses(b, ctx)
   end
   function job.choice(index)
     return setmetatable({ job = job, index = index, seq = 0, items = {}, out = {},
-                          parser = R.parser(ctx.tokenizer, prefill) }, Choice)
+                          parser = R.parser(ctx.tokenizer, prefill),
+                          lp = logprobs and LP.tracker(job.view, ctx.tokenizer) or nil }, Choice)
   end
   local function take(c)
     local out = c.out
@@ -223,8 +242,8 @@ function M.responses(b, ctx)
     c:event("response.in_progress", { "response", response("in_progress") })
     return take(c)
   end
-  function job.on_tokens(c, ids)
-    c:feed(ids)
+  function job.on_tokens(c, ids, _, lps)
+    c:feed(ids, lps)
     return take(c)
   end
   function job.on_finish(c) c:finish(); return take(c) end
@@ -237,7 +256,7 @@ function M.responses(b, ctx)
   end
   function job.body(choices, totals)
     local c = choices[1]
-    c:feed(c.result.ids)
+    c:feed(c.result.ids, c.result.logprobs)
     c:finish()
     local incomplete = c.result.finish_reason == "length"
     return response(incomplete and "incomplete" or "completed", c.items, totals, incomplete)
