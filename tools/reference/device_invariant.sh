@@ -17,7 +17,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 if has specs; then
   t0=$(date +%s)
-  timeout 240 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua > $OUT/gpu_specs.log 2>&1
+  timeout 150 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua spec/logprobs_spec.lua > $OUT/gpu_specs.log 2>&1
   echo "gpu specs rc=$? in $(( $(date +%s) - t0 )) s"
   grep -aE "successes|Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs.log | head -30
 fi
@@ -28,7 +28,7 @@ if has invariant || has serving || has study; then
 fi
 if has invariant; then
   t0=$(date +%s)
-  timeout 200 lua5.4 bench/invariant.lua /tmp/gptoss-20b cuda:0 > $OUT/invariant.md 2> $OUT/invariant.err
+  timeout 150 lua5.4 bench/invariant.lua /tmp/gptoss-20b cuda:0 > $OUT/invariant.md 2> $OUT/invariant.err
   echo "invariant rc=$? in $(( $(date +%s) - t0 )) s"; cat $OUT/invariant.md; tail -3 $OUT/invariant.err
 fi
 if has serving; then
