@@ -131,14 +131,14 @@ describe("numbers quoted as given", function()
   it("reports ids past 2^31 as the caller wrote them", function()
     local m = assert(gptoss.load(H.micro()))
     local s = m:session()
-    assert.has_error(function() m:logits({ 1, 4294967296 }) end, "token ids: element 2 (4294967296) is out of range")
+    assert.has_error(function() m:logits({ 1, 4294967296 }) end, "model:logits: ids[2] must be an integer in -2147483648..2147483647 (got 4294967296)")
     assert.has_error(function() s:step(2147483648, gptoss.sampler(1000)) end, "s:step: id must be an integer in -2147483648..2147483647 (got 2147483648)")
     assert.has_error(function() s:rewind(-2147483649) end, "s:rewind: pos must be an integer in 0..2147483647 (got -2147483649)")
     assert.has_error(function() gptoss.sampler(1000, { logit_bias = { [1099511627777] = 1 } }) end,
-      "logit_bias id 1099511627777 is outside the vocabulary (0..999)")
+      "gptoss.sampler: logit_bias key must be an integer in 0..999 (got 1099511627777)")
     m:close()
     local tok = assert(gptoss.tokenizer(H.tokenizer_dir))
-    assert.has_error(function() tok:name(2147483648) end, "token id 2147483648 is outside the vocabulary (0..201087)")
+    assert.has_error(function() tok:name(2147483648) end, "tok:name: token id 2147483648 is outside the vocabulary (0..201087)")
   end)
 
   it("refuses negative, NaN and infinite memory budgets and max_tokens", function()
@@ -146,12 +146,12 @@ describe("numbers quoted as given", function()
       if v == "nan" then v = 0 / 0 end
       local ok, err = pcall(gptoss.load, H.micro(), { memory = v })
       assert.is_false(ok)
-      assert.matches("load: memory must be a whole number of bytes >= 0 %(got " .. quoted .. "%)$", err)
+      assert.matches("^gptoss%.load: memory must be a whole number in %[0, 9007199254740992%] %(got " .. quoted .. "%)$", err)
     end
     local m = assert(gptoss.load(H.micro()))
     for _, v in ipairs { math.huge, -3, 0 } do
       assert.has_error(function() m:generate({ 1, 2 }, { max_tokens = v }) end,
-        "max_tokens must be an integer in 1..2147483647 (got " .. tostring(v) .. ")")
+        "model:generate: max_tokens must be an integer in 1..2147483647 (got " .. tostring(v) .. ")")
     end
     m:close()
   end)
@@ -185,8 +185,8 @@ describe("sampling and sessions", function()
     local m1, m2 = assert(gptoss.load(H.micro())), assert(gptoss.load(H.micro()))
     local s = m2:session()
     assert.has_error(function() m1:generate({ 1, 2 }, { session = s, max_tokens = 1 }) end,
-      "the session given belongs to another model")
-    assert.has_error(function() m1:stream({ 1, 2 }, { session = s }) end, "the session given belongs to another model")
+      "model:generate: the session given belongs to another model")
+    assert.has_error(function() m1:stream({ 1, 2 }, { session = s }) end, "model:stream: the session given belongs to another model")
     m1:close(); m2:close()
   end)
 
@@ -279,11 +279,11 @@ describe("Lua parsers", function()
 
   it("names the field of a wrong type given to the renderer", function()
     assert.has_error(function() harmony.render_text { messages = { { role = "user", content = 5 } } } end,
-      "harmony: render: messages[1].content must be a string or a table (got number)")
-    assert.has_error(function() harmony.render_text { messages = { 7 } } end, "harmony: render: messages[1] must be a table (got number)")
+      "harmony: render: messages[1].content must be a string or a table (got 5)")
+    assert.has_error(function() harmony.render_text { messages = { 7 } } end, "harmony: render: messages[1] must be a table (got 7)")
     assert.has_error(function() harmony.render_text { messages = { { role = "user", content = "x", channel = {} } } } end,
       "harmony: render: messages[1].channel must be a string (got table)")
-    assert.has_error(function() harmony.render_text(3) end, "harmony: render: a conversation table expected (got number)")
+    assert.has_error(function() harmony.render_text(3) end, "harmony: render: conv must be a conversation table (got 3)")
   end)
 
   it("accepts an undecodable id inside streamed content, as harmony's StreamableParser does", function()
@@ -293,9 +293,55 @@ describe("Lua parsers", function()
     for _, id in ipairs(tok:encode(" world<|end|>", { allowed_special = "all" })) do ids[#ids + 1] = id end
     local msgs = harmony.parse(ids, { tokenizer = tok, strict = true })
     assert.are.equal(1, #msgs)
-    assert.are.equal("Hello", msgs[1].content)   -- what follows the bad id waits on it, as upstream
+    -- what follows the bad id waits on it, and the stop token ends the
+    -- message with one U+FFFD for the queue (openai/harmony src/encoding.rs,
+    -- StreamableParser::process_next: decode_utf8(undecoded_tokens) fails,
+    -- Err(_) => REPLACEMENT)
+    assert.are.equal("Hello\u{FFFD}", msgs[1].content)
     -- outside content an undecodable id is refused by name
     assert.has_error(function() harmony.parse({ 200006, 99999999 }, { tokenizer = tok }) end)
+  end)
+
+  -- openai/harmony's StreamableParser (src/encoding.rs, process_next, v0.0.8):
+  -- in Content, a token that is not a stop token (<|return|>, <|call|>,
+  -- <|end|>: registry.rs's stop_formatting_tokens) is pushed onto
+  -- undecoded_tokens and the whole queue goes through decode_bytes, which
+  -- fails while it holds an id of neither vocabulary; so a special token
+  -- after such an id is queued like any other, never seen as text or as a
+  -- control token, until a stop token ends the message with content_text +
+  -- REPLACEMENT and clears the queue.
+  it("queues special tokens behind an undecoded id, as harmony's StreamableParser does", function()
+    local tok = assert(gptoss.tokenizer(H.tokenizer_dir))
+    local function enc(t) return tok:encode(t, { allowed_special = "all" }) end
+    local function cat(...)
+      local out = {}
+      for _, part in ipairs { ... } do
+        for _, id in ipairs(type(part) == "table" and part or { part }) do out[#out + 1] = id end
+      end
+      return out
+    end
+    -- upstream's own case (src/tests.rs, test_parse_completion_with_invalid_content_token_errors_on_eos)
+    local msgs = harmony.parse(cat(enc("<|start|>assistant<|channel|>analysis<|message|>Practice invalid token handling."),
+                                   4294967295), { tokenizer = tok })
+    assert.are.same({ { role = "assistant", channel = "analysis", content = "Practice invalid token handling.\u{FFFD}" } }, msgs)
+    -- a <|channel|> and a <|start|> after the bad id stay queued: no text, no header
+    for _, mode in ipairs { { strict = true }, { strict = false }, { lenient = true } } do
+      local p = harmony.stream_parser { tokenizer = tok, strict = mode.strict, lenient = mode.lenient }
+      local deltas = {}
+      p.on_delta = function(d) deltas[#deltas + 1] = d end
+      for _, id in ipairs(cat(enc("<|start|>assistant<|message|>Hello"), 99999999, enc("<|channel|>final x<|start|>user"))) do
+        p:process(id)
+      end
+      assert.are.same({ "Hello" }, deltas)
+      assert.are.equal("content", p.state)
+      assert.is_nil(p.last_content_delta)
+      assert.are.equal("Hello", p:current_content())
+      for _, id in ipairs(enc("<|end|><|start|>user<|message|>hi<|end|>")) do p:process(id) end
+      p:process_eos()
+      assert.are.same({ "Hello\u{FFFD}", "hi" }, { p.messages[1].content, p.messages[2].content })
+      assert.are.same({ "assistant", "user" }, { p.messages[1].role, p.messages[2].role })
+      assert.is_nil(p.messages[1].channel)
+    end
   end)
 
   it("reports an invalid UTF-8 training line by number and follows on_error", function()

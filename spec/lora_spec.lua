@@ -102,9 +102,9 @@ describe("LoRA adapters (PEFT format, CPU)", function()
     assert.are.same(with_a, all_a[2].ids)
     local s = m:session()
     assert.has_error(function() m:generate(prompt, { adapter = a, session = s }) end,
-      "generate: give adapter or session, not both (a session carries its own adapter)")
+      "model:generate: give adapter or session, not both (a session carries its own adapter)")
     assert.has_error(function() m:generate_batch({ prompt, prompt }, { adapter = { a } }) end,
-      "generate_batch: adapter lists 1 entries for 2 prompts")
+      "model:generate_batch: adapter lists 1 entries for 2 prompts")
     s:close(); a:close(); b:close()
   end)
 

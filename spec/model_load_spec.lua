@@ -125,10 +125,10 @@ describe("gptoss.load", function()
     local m, err = gptoss.load("/no/such/model")
     assert.is_nil(m)
     assert.matches("/no/such/model: not a directory", err)
-    assert.has_error(function() gptoss.load(H.micro(), { thread = 2 }) end, "load: unknown option 'thread'")
-    assert.has_error(function() gptoss.load(H.micro(), { threads = -1 }) end, "load: threads must be >= 0")
+    assert.has_error(function() gptoss.load(H.micro(), { thread = 2 }) end, "gptoss.load: unknown option 'thread'")
+    assert.has_error(function() gptoss.load(H.micro(), { threads = -1 }) end, "gptoss.load: threads must be an integer in 0..2147483647 (got -1)")
     assert.has_error(function() gptoss.load(H.micro(), { precision = "bf16" }) end,
-      "load: precision must be \"exact\", \"mixed\" or \"fast\" (got 'bf16')")
+      "gptoss.load: precision must be \"exact\", \"mixed\" or \"fast\" (got bf16)")
     -- the precisions choose the CUDA backend's products; the CPU's stay fp32 whichever is named
     for _, p in ipairs { "exact", "mixed", "fast" } do
       local m = assert(gptoss.load(H.micro(), { precision = p }))

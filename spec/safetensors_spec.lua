@@ -146,11 +146,12 @@ describe("safetensors writer", function()
 
   it("rejects bad arguments", function()
     local w = gptoss.writer(H.tmpdir() .. "/x.safetensors")
-    assert.has_error(function() w:add("a", "Q7", { 1 }, "x") end, "unknown dtype 'Q7'")
+    assert.has_error(function() w:add("a", "Q7", { 1 }, "x") end, "writer:add: unknown dtype 'Q7'")
     assert.has_error(function() w:add("a", "U8", { 2 }, "x") end)
     w:add("a", "U8", { 1 }, "x")
     assert.has_error(function() w:add("a", "U8", { 1 }, "y") end)
-    assert.has_error(function() w:add("b", "F32", { 2 }, { fill = "gauss" }) end, "writer:add: unknown fill 'gauss'")
+    assert.has_error(function() w:add("b", "F32", { 2 }, { fill = "gauss" }) end,
+      "writer:add: fill must be \"normal\", \"uniform\" or \"const\" (got gauss)")
     w:close()
   end)
 

@@ -136,22 +136,23 @@ describe("sampler", function()
   end)
 
   it("rejects invalid options with a message naming the option", function()
+    local V = #LOGITS
     local bad = {
-      { { temperature = -0.5 }, "temperature must be a finite number >= 0" },
-      { { top_p = 0 }, "top_p must be in %(0, 1%]" },
-      { { top_p = 1.5 }, "top_p must be in %(0, 1%]" },
-      { { min_p = 2 }, "min_p must be in %[0, 1%]" },
-      { { top_k = -1 }, "top_k must be >= 0" },
-      { { repetition_penalty = 0 }, "repetition_penalty must be > 0" },
-      { { temp = 1 }, "sampler: unknown option 'temp'" },
-      { { logit_bias = { [10] = 1 } }, "logit_bias id 10 is outside the vocabulary" },
-      { { seed = -3 }, "seed must be a non%-negative integer" },
-      { { top_k = 1.5 }, "option 'top_k' must be an integer" },
+      { { temperature = -0.5 }, "temperature must be a finite number >= 0 (got -0.5)" },
+      { { top_p = 0 }, "top_p must be a number in (0, 1] (got 0)" },
+      { { top_p = 1.5 }, "top_p must be a number in (0, 1] (got 1.5)" },
+      { { min_p = 2 }, "min_p must be a number in [0, 1] (got 2)" },
+      { { top_k = -1 }, "top_k must be an integer in 0..2147483647 (got -1)" },
+      { { repetition_penalty = 0 }, "repetition_penalty must be a finite number > 0 (got 0)" },
+      { { temp = 1 }, "unknown option 'temp'" },
+      { { logit_bias = { [10] = 1 } }, "logit_bias key must be an integer in 0.." .. (V - 1) .. " (got 10)" },
+      { { seed = -3 }, "seed must be an integer in 0..9007199254740992 (got -3)" },
+      { { top_k = 1.5 }, "top_k must be an integer in 0..2147483647 (got 1.5)" },
     }
     for _, b in ipairs(bad) do
-      local ok, err = pcall(gptoss.sampler, #LOGITS, b[1])
+      local ok, err = pcall(gptoss.sampler, V, b[1])
       assert.is_false(ok)
-      assert.matches(b[2], err)
+      assert.are.equal("gptoss.sampler: " .. b[2], err)
     end
   end)
 end)

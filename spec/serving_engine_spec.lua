@@ -379,7 +379,7 @@ end)
 describe("gptoss.load's batch_invariant", function()
   it("takes a boolean, reports it, and leaves the CPU's logits as they are (its sums are per row already)", function()
     assert.has_error(function() gptoss.load(H.tiny(), { batch_invariant = 1 }) end,
-                     "option 'batch_invariant' must be a boolean (got number)")
+                     "gptoss.load: batch_invariant must be a boolean (got 1)")
     local plain = assert(gptoss.load(H.tiny()))
     local inv = assert(gptoss.load(H.tiny(), { batch_invariant = true }))
     assert.is_false(plain.batch_invariant)

@@ -89,8 +89,8 @@ describe("tokenizer", function()
     assert.are.same(cat(200006, "user", 200008, "hi", 200007), tok:encode(s, { allowed_special = "all" }))
     assert.are.same(cat(s), tok:encode(s))
     assert.has_error(function() tok:encode(s, { allowed_special = { "<|nope|>" } }) end,
-      "encode: allowed_special[1] is not a special token name")
-    assert.has_error(function() tok:encode(s, { allowed_specials = "all" }) end, "encode: unknown option 'allowed_specials'")
+      "tok:encode: allowed_special[1] must be a special token name (got <|nope|>)")
+    assert.has_error(function() tok:encode(s, { allowed_specials = "all" }) end, "tok:encode: unknown option 'allowed_specials'")
   end)
 
   it("rejects invalid UTF-8 with its byte offset, and encodes it in bytes mode", function()
@@ -104,9 +104,9 @@ describe("tokenizer", function()
 
   it("raises on ids outside the vocabulary", function()
     assert.has_error(function() tok:decode({ 1, 201088 }) end,
-      "decode: token id 201088 at index 2 is outside the vocabulary (0..201087)")
+      "tok:decode: token id 201088 at index 2 is outside the vocabulary (0..201087)")
     assert.has_error(function() tok:decode({ -1 }) end)
-    assert.has_error(function() tok:decode({ 1.5 }) end, "token ids: element 1 is number, not an integer")
+    assert.has_error(function() tok:decode({ 1.5 }) end, "tok:decode: ids[1] must be an integer in -2147483648..2147483647 (got 1.5)")
     assert.has_error(function() tok:name(99999999) end)
   end)
 

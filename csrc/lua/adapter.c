@@ -2,6 +2,7 @@
 ** adapter.c: the gptoss.Adapter type (a LoRA adapter in PEFT format)
 ** and its use by sessions.
 */
+#include <math.h>
 #include <string.h>
 #include "binding.h"
 
@@ -12,7 +13,7 @@ static ladapter *push_adapter(lua_State *L) { return lg_box(L, sizeof(ladapter),
 
 /* gptoss.core.adapter_load(dir) -> Adapter | nil, message */
 static int l_adapter_load(lua_State *L) {
-  const char *dir = luaL_checkstring(L, 1);
+  const char *dir = lg_check_str(L, 1, "gptoss.adapter.load", "dir", NULL);
   ladapter *b = push_adapter(L);
   if (gptoss_adapter_load(dir, &b->a)) return lg_fail(L);
   return 1;
@@ -20,8 +21,8 @@ static int l_adapter_load(lua_State *L) {
 
 /* a:save(dir) -> true | nil, message */
 static int adapter_save(lua_State *L) {
-  gptoss_adapter *a = lg_check_adapter(L, 1);
-  if (gptoss_adapter_save(a, luaL_checkstring(L, 2))) return lg_fail(L);
+  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:save", "self");
+  if (gptoss_adapter_save(a, lg_check_str(L, 2, "lora:save", "dir", NULL))) return lg_fail(L);
   lua_pushboolean(L, 1);
   return 1;
 }
@@ -29,22 +30,23 @@ static int adapter_save(lua_State *L) {
 /* the Lua names of the modules, in gptoss_lora_module order */
 static const char *const module_names[] = {"q", "k", "v", "o", "gate_up", "down", NULL};
 
-/* the LoRA named by (layer, module) at arguments li, li + 1, or NULL; *m gets the module */
-static gptoss_lora *arg_module(lua_State *L, gptoss_adapter *a, int li, int *m) {
-  lua_Integer l = luaL_checkinteger(L, li);
-  *m = luaL_checkoption(L, li + 1, NULL, module_names);
-  return l < 0 || l >= GPTOSS_MAX_LAYERS ? NULL : (gptoss_lora *)gptoss_adapter_module(a, (int)l, (gptoss_lora_module)*m);
+/* the LoRA named by (layer, module) at arguments li, li + 1 of fn, or NULL
+   (none there); *l and *m get the layer and module */
+static gptoss_lora *arg_module(lua_State *L, gptoss_adapter *a, int li, const char *fn, int *l, int *m) {
+  *l = (int)lg_check_int(L, li, fn, "layer", 0, GPTOSS_MAX_LAYERS - 1);
+  *m = lg_check_choice(L, li + 1, fn, "module", module_names);
+  return (gptoss_lora *)gptoss_adapter_module(a, *l, (gptoss_lora_module)*m);
 }
 
 /* a:module(layer, "q"|"k"|"v"|"o"|"gate_up"|"down") -> { r, experts, scale, A = Floats [rk x in],
    B = Floats [out x rk], gA, gB (once trained) } | nil */
 static int adapter_module(lua_State *L) {
-  int m;
-  gptoss_adapter *a = lg_check_adapter(L, 1);
-  const gptoss_lora *x = arg_module(L, a, 2, &m);
+  int l, m;
+  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:module", "self");
+  const gptoss_lora *x = arg_module(L, a, 2, "lora:module", &l, &m);
   if (!x) { lua_pushnil(L); return 1; }
   float *gA, *gB;
-  gptoss_adapter_grads(a, (int)lua_tointeger(L, 2), (gptoss_lora_module)m, &gA, &gB);
+  gptoss_adapter_grads(a, l, (gptoss_lora_module)m, &gA, &gB);
   lua_createtable(L, 0, 8);
   lua_pushinteger(L, x->r); lua_setfield(L, -2, "r");
   lua_pushinteger(L, x->experts); lua_setfield(L, -2, "experts");
@@ -70,31 +72,30 @@ static int adapter_module(lua_State *L) {
    {"attn", "experts"} (default: attn), layers = {0-based},
    init = "peft"|"random", seed, dropout }) -> Adapter; bad options raise */
 static int l_lora_new(lua_State *L) {
-  gptoss_model *m = lg_check_model(L, 1);
+  const char *fn = "gptoss.lora";
+  gptoss_model *m = lg_check_model(L, 1, fn, "model");
   static const char *const keys[] = {"r", "alpha", "rslora", "targets", "layers", "init", "seed", "dropout", NULL};
-  lg_check_keys(L, 2, "lora", keys);
+  static const char *const inits[] = {"peft", "random", NULL};
+  lg_check_keys(L, 2, fn, keys);
   gptoss_lora_opts o;
   memset(&o, 0, sizeof o);
-  o.r = lg_opt_int(L, 2, "r", 8);
-  o.alpha = lg_opt_num(L, 2, "alpha", 2.0 * o.r);
-  o.dropout = lg_opt_num(L, 2, "dropout", 0);
-  o.seed = (uint64_t)lg_opt_num(L, 2, "seed", 0);
-  const char *init = lg_opt_str(L, 2, "init", "peft");
-  if (strcmp(init, "peft") == 0) o.init = 0;
-  else if (strcmp(init, "random") == 0) o.init = 1;
-  else return luaL_error(L, "lora: init must be \"peft\" or \"random\" (got '%s')", init);
+  o.r = (int)lg_opt_int(L, 2, fn, "r", 1, GPTOSS_LORA_MAX_RANK, 8);
+  o.alpha = lg_opt_range(L, 2, fn, "alpha", 0, HUGE_VAL, LG_GT, 2.0 * o.r);
+  o.dropout = lg_opt_range(L, 2, fn, "dropout", 0, 1, LG_LT, 0);
+  o.seed = (uint64_t)lg_opt_int(L, 2, fn, "seed", 0, (lua_Integer)1 << 53, 0);
+  o.init = lg_opt_choice(L, 2, fn, "init", inits, 0);
+  o.rslora = lg_opt_bool(L, 2, fn, "rslora", 0);
   int nl = gptoss_model_config(m)->num_hidden_layers;
   unsigned char *layers = NULL;
+  o.modules = 15;   /* attention */
   if (lua_istable(L, 2)) {
-    lua_getfield(L, 2, "rslora");
-    o.rslora = lua_toboolean(L, -1);
     lua_getfield(L, 2, "targets");
-    if (lua_isnil(L, -1)) o.modules = 15;
-    else {
-      luaL_argcheck(L, lua_istable(L, -1), 2, "lora: targets must be a list of \"q\", \"k\", \"v\", \"o\"");
+    if (!lua_isnil(L, -1)) {
+      lg_check_table(L, -1, fn, "targets", "a list of module names");
+      o.modules = 0;
       for (int i = 1; i <= (int)lua_rawlen(L, -1); i++) {
         lua_rawgeti(L, -1, i);
-        const char *t = lua_tostring(L, -1);
+        const char *t = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
         const char *const *names = module_names;
         if (t && strcmp(t, "attn") == 0) { o.modules |= 15u; lua_pop(L, 1); continue; }
         if (t && strcmp(t, "experts") == 0) { o.modules |= 48u; lua_pop(L, 1); continue; }
@@ -102,28 +103,27 @@ static int l_lora_new(lua_State *L) {
         while (k < 6 && !(t && (strcmp(t, names[k]) == 0 ||
                                 (strncmp(t, names[k], strlen(names[k])) == 0 && strcmp(t + strlen(names[k]), "_proj") == 0))))
           k++;
-        if (k == 6) return luaL_error(L, "lora: unknown target '%s' (q, k, v, o, gate_up, down, attn, experts)", t ? t : "?");
+        if (k == 6) {
+          lua_pushfstring(L, "targets[%d]", i);
+          lg_arg_error(L, -2, fn, lua_tostring(L, -1), "q, k, v, o, gate_up, down (or their _proj names), attn or experts");
+        }
         o.modules |= 1u << k;
         lua_pop(L, 1);
       }
     }
     lua_getfield(L, 2, "layers");
     if (!lua_isnil(L, -1)) {
-      luaL_argcheck(L, lua_istable(L, -1), 2, "lora: layers must be a list of 0-based layer indices");
+      lg_check_table(L, -1, fn, "layers", "a list of 0-based layer indices");
       layers = lua_newuserdatauv(L, (size_t)nl, 0);
       memset(layers, 0, (size_t)nl);
       for (int i = 1; i <= (int)lua_rawlen(L, -2); i++) {
         lua_rawgeti(L, -2, i);
-        lua_Number v = lua_tonumber(L, -1);
-        if (!lua_isnumber(L, -1) || v != (lua_Number)(int)v || v < 0 || v >= nl)
-          return luaL_error(L, "lora: layers[%d] is not a layer index in 0..%d", i, nl - 1);
-        lua_Integer l = (lua_Integer)v;
-        layers[l] = 1;
-        lua_pop(L, 1);
+        lua_pushfstring(L, "layers[%d]", i);
+        layers[lg_check_int(L, -2, fn, lua_tostring(L, -1), 0, nl - 1)] = 1;
+        lua_pop(L, 2);
       }
     }
-  } else
-    o.modules = 15;
+  }
   o.layers = layers;
   ladapter *b = push_adapter(L);
   if (gptoss_adapter_new(m, &o, &b->a)) return lg_raise(L);
@@ -132,19 +132,25 @@ static int l_lora_new(lua_State *L) {
 
 /* gptoss.core.lora_backward(model, adapter, ids [, mask]) -> loss sum, count */
 static int l_lora_backward(lua_State *L) {
+  const char *fn = "model:lora_backward";
   lua_settop(L, 4);                      /* the mask stays at 4 whatever lg_ids pushes */
-  gptoss_model *m = lg_check_model(L, 1);
-  gptoss_adapter *a = lg_check_adapter(L, 2);
+  gptoss_model *m = lg_check_model(L, 1, fn, "self");
+  gptoss_adapter *a = lg_check_adapter(L, 2, fn, "adapter");
   size_t n;
-  int32_t *ids = lg_ids(L, 3, &n);
+  int32_t *ids = lg_ids(L, 3, fn, "ids", &n);
   uint8_t *mask = lua_newuserdatauv(L, n ? n : 1, 0);
   if (lua_isnil(L, 4)) memset(mask, 1, n);
   else {
-    luaL_checktype(L, 4, LUA_TTABLE);
-    if (lua_rawlen(L, 4) != n) return luaL_error(L, "lora_backward: mask has %d entries for %d ids", (int)lua_rawlen(L, 4), (int)n);
+    lg_check_table(L, 4, fn, "mask", "a list of booleans, one per id");
+    if (lua_rawlen(L, 4) != n) return luaL_error(L, "%s: mask has %d entries for %d ids", fn, (int)lua_rawlen(L, 4), (int)n);
     for (size_t i = 0; i < n; i++) {
       lua_rawgeti(L, 4, (lua_Integer)i + 1);
-      mask[i] = lua_isnumber(L, -1) ? lua_tonumber(L, -1) != 0 : lua_toboolean(L, -1);
+      if (lua_type(L, -1) == LUA_TNUMBER) mask[i] = lua_tonumber(L, -1) != 0;   /* 0 / 1, as tensors hold masks */
+      else {
+        lua_pushfstring(L, "mask[%d]", (int)i + 1);
+        mask[i] = (uint8_t)lg_check_bool(L, -2, fn, lua_tostring(L, -1));
+        lua_pop(L, 1);
+      }
       lua_pop(L, 1);
     }
   }
@@ -158,23 +164,26 @@ static int l_lora_backward(lua_State *L) {
 
 /* a:save_state(path) / a:load_state(path) -> true | nil, message */
 static int adapter_save_state(lua_State *L) {
-  if (gptoss_adapter_save_state(lg_check_adapter(L, 1), luaL_checkstring(L, 2))) return lg_fail(L);
+  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:save_state", "self");
+  if (gptoss_adapter_save_state(a, lg_check_str(L, 2, "lora:save_state", "path", NULL))) return lg_fail(L);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 static int adapter_load_state(lua_State *L) {
-  if (gptoss_adapter_load_state(lg_check_adapter(L, 1), luaL_checkstring(L, 2))) return lg_fail(L);
+  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:load_state", "self");
+  if (gptoss_adapter_load_state(a, lg_check_str(L, 2, "lora:load_state", "path", NULL))) return lg_fail(L);
   lua_pushboolean(L, 1);
   return 1;
 }
 
 /* gptoss.core.lora_merge(model, adapter, out_dir [, threads]) -> out_dir | nil, message */
 static int l_lora_merge(lua_State *L) {
-  gptoss_model *m = lg_check_model(L, 1);
-  gptoss_adapter *a = lg_check_adapter(L, 2);
-  const char *out = luaL_checkstring(L, 3);
-  int threads = (int)luaL_optinteger(L, 4, 0);
+  const char *fn = "model:merge";
+  gptoss_model *m = lg_check_model(L, 1, fn, "self");
+  gptoss_adapter *a = lg_check_adapter(L, 2, fn, "adapter");
+  const char *out = lg_check_str(L, 3, fn, "out_dir", NULL);
+  int threads = lua_isnoneornil(L, 4) ? 0 : (int)lg_check_int(L, 4, fn, "threads", 0, INT32_MAX);
   if (gptoss_adapter_merge(m, a, out, threads)) return lg_fail(L);
   lua_pushvalue(L, 3);
   return 1;
@@ -182,48 +191,52 @@ static int l_lora_merge(lua_State *L) {
 
 /* a:set(layer, module, "A"|"B", row, col, value) -> a: one weight (1-based row and col) */
 static int adapter_set(lua_State *L) {
-  int m;
-  gptoss_lora *x = arg_module(L, lg_check_adapter(L, 1), 2, &m);
-  const char *w = luaL_checkstring(L, 4);
-  lua_Integer i = luaL_checkinteger(L, 5), j = luaL_checkinteger(L, 6);
-  float v = (float)luaL_checknumber(L, 7);
-  if (!x) return luaL_error(L, "set: the adapter has no LoRA on layer %d %s", (int)lua_tointeger(L, 2), module_names[m]);
-  int isA = strcmp(w, "A") == 0;
-  if (!isA && strcmp(w, "B") != 0) return luaL_error(L, "set: which must be \"A\" or \"B\"");
+  const char *fn = "lora:set";
+  static const char *const which[] = {"A", "B", NULL};
+  int l, m;
+  gptoss_adapter *a = lg_check_adapter(L, 1, fn, "self");
+  gptoss_lora *x = arg_module(L, a, 2, fn, &l, &m);
+  int isA = lg_check_choice(L, 4, fn, "which", which) == 0;
+  if (!x) return luaL_error(L, "%s: the adapter has no LoRA on layer %d %s", fn, l, module_names[m]);
   int rows = isA ? x->rk : x->out, cols = isA ? x->in : x->rk;
-  if (i < 1 || i > rows || j < 1 || j > cols) return luaL_error(L, "set: (%d, %d) is outside %dx%d", (int)i, (int)j, rows, cols);
+  lua_Integer i = lg_check_int(L, 5, fn, "row", 1, rows), j = lg_check_int(L, 6, fn, "col", 1, cols);
+  float v = (float)lg_check_num(L, 7, fn, "value", 1);
   (isA ? x->A : x->B)[(size_t)(i - 1) * cols + (size_t)(j - 1)] = v;
-  gptoss_adapter_touch(lg_check_adapter(L, 1));
+  gptoss_adapter_touch(a);
   lua_settop(L, 1);
   return 1;
 }
 
 /* a:copy_from(b) -> a: b's LoRA weights into a (same layout) */
 static int adapter_copy_from(lua_State *L) {
-  if (gptoss_adapter_copy_weights(lg_check_adapter(L, 1), lg_check_adapter(L, 2))) return lg_raise(L);
+  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:copy_from", "self");
+  if (gptoss_adapter_copy_weights(a, lg_check_adapter(L, 2, "lora:copy_from", "other"))) return lg_raise(L);
   lua_settop(L, 1);
   return 1;
 }
 
 static int adapter_zero_grad(lua_State *L) {
-  gptoss_adapter_zero_grad(lg_check_adapter(L, 1));
+  gptoss_adapter_zero_grad(lg_check_adapter(L, 1, "lora:zero_grad", "self"));
   lua_settop(L, 1);
   return 1;
 }
 
 /* a:step{ lr, betas = {b1, b2}, eps, weight_decay, max_grad_norm, grad_scale } -> gradient norm */
 static int adapter_step(lua_State *L) {
-  gptoss_adapter *a = lg_check_adapter(L, 1);
+  const char *fn = "lora:step";
+  gptoss_adapter *a = lg_check_adapter(L, 1, fn, "self");
   static const char *const keys[] = {"lr", "betas", "eps", "weight_decay", "max_grad_norm", "grad_scale", NULL};
-  lg_check_keys(L, 2, "step", keys);
-  gptoss_adamw o = {lg_opt_num(L, 2, "lr", 2e-4), 0.9, 0.999, lg_opt_num(L, 2, "eps", 1e-8), lg_opt_num(L, 2, "weight_decay", 0.01),
-                    lg_opt_num(L, 2, "max_grad_norm", 0), lg_opt_num(L, 2, "grad_scale", 1)};
+  lg_check_keys(L, 2, fn, keys);
+  double inf = HUGE_VAL;   /* the ranges gptoss_adapter_step holds them to, checked here to name them */
+  gptoss_adamw o = {lg_opt_range(L, 2, fn, "lr", 0, inf, 0, 2e-4), 0.9, 0.999, lg_opt_range(L, 2, fn, "eps", 0, inf, LG_GT, 1e-8),
+                    lg_opt_range(L, 2, fn, "weight_decay", 0, inf, 0, 0.01), lg_opt_range(L, 2, fn, "max_grad_norm", 0, inf, 0, 0),
+                    lg_opt_range(L, 2, fn, "grad_scale", 0, inf, LG_GT, 1)};
   if (lua_istable(L, 2)) {
     lua_getfield(L, 2, "betas");
     if (!lua_isnil(L, -1)) {
-      luaL_argcheck(L, lua_istable(L, -1), 2, "step: betas must be { beta1, beta2 }");
-      lua_rawgeti(L, -1, 1); o.beta1 = luaL_checknumber(L, -1);
-      lua_rawgeti(L, -2, 2); o.beta2 = luaL_checknumber(L, -1);
+      lg_check_table(L, -1, fn, "betas", "{ beta1, beta2 }");
+      lua_rawgeti(L, -1, 1); o.beta1 = lg_check_range(L, -1, fn, "betas[1]", 0, 1, LG_LT);
+      lua_rawgeti(L, -2, 2); o.beta2 = lg_check_range(L, -1, fn, "betas[2]", 0, 1, LG_LT);
     }
   }
   double norm = 0;

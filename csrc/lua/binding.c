@@ -3,6 +3,7 @@
 ** engine errors to Lua, classes and boxes, ids, options, and the values
 ** more than one type pushes (configs, tensor lists, Floats).
 */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <cjson/cJSON.h>
@@ -71,11 +72,13 @@ void *lg_open(lua_State *L, int idx, const char *tname, const char *closed) {
 }
 
 /* a pointer to a box is a pointer to its first member (C11 6.7.2.1) */
-gptoss_model *lg_check_model(lua_State *L, int idx) {
+gptoss_model *lg_check_model(lua_State *L, int idx, const char *fn, const char *name) {
+  lg_check_udata(L, idx, fn, name, MODEL_T);
   return *(gptoss_model **)lg_open(L, idx, MODEL_T, "model is closed");
 }
 
-gptoss_adapter *lg_check_adapter(lua_State *L, int idx) {
+gptoss_adapter *lg_check_adapter(lua_State *L, int idx, const char *fn, const char *name) {
+  lg_check_udata(L, idx, fn, name, ADAPTER_T);
   return *(gptoss_adapter **)lg_open(L, idx, ADAPTER_T, "adapter is closed");
 }
 
@@ -92,63 +95,138 @@ lfloats *lg_floats_new(lua_State *L, int rows, int cols) {
 /* }====================================================== */
 
 /* {====================================================== arguments */
-/* the value at idx as the caller wrote it: a float in the fewest digits
-   that read back to it (Lua 5.4's %.14g would round 2^53), else its type */
+/* a number in the fewest digits that read back to it (Lua 5.4's %.14g
+   would round 2^53) */
+static void fmt_num(char *buf, size_t size, double n) {
+  snprintf(buf, size, "%.15g", n);
+  if (n == n && strtod(buf, NULL) != n) snprintf(buf, size, "%.17g", n);
+}
+
+/* the value at idx as the caller wrote it: a number or string exactly, a
+   typed userdata by its type's name, anything else by its type */
 static const char *given(lua_State *L, int idx) {
   int t = lua_type(L, idx);
   if (t == LUA_TSTRING) return lcompat_quote(L, idx);
 #if LUA_VERSION_NUM >= 503
   if (t == LUA_TNUMBER && lua_isinteger(L, idx)) return lcompat_quote(L, idx);
 #endif
+  if (t == LUA_TUSERDATA && luaL_getmetafield(L, idx, "__name")) {
+    if (lua_type(L, -1) == LUA_TSTRING) return lua_tostring(L, -1);
+    lua_pop(L, 1);
+  }
   if (t != LUA_TNUMBER) return luaL_typename(L, idx);
-  double n = (double)lua_tonumber(L, idx);
   char buf[40];
-  snprintf(buf, sizeof buf, "%.15g", n);
-  if (n == n && strtod(buf, NULL) != n) snprintf(buf, sizeof buf, "%.17g", n);
+  fmt_num(buf, sizeof buf, (double)lua_tonumber(L, idx));
   lua_pushstring(L, buf);
   return lua_tostring(L, -1);
 }
 
-lua_Integer lg_check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi) {
+int lg_arg_error(lua_State *L, int idx, const char *fn, const char *name, const char *what) {
+  return luaL_error(L, "%s: %s must be %s (got %s)", fn, name, what, given(L, lua_absindex(L, idx)));
+}
+
+static lua_Integer check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi) {
   lua_Integer v = 0;
   if (lua_type(L, idx) != LUA_TNUMBER || !lcompat_tointeger(L, idx, &v) || v < lo || v > hi) {
-    char range[48];   /* lua_pushfstring has no %lld */
-    snprintf(range, sizeof range, "%lld..%lld", (long long)lo, (long long)hi);
-    luaL_error(L, "%s: %s must be an integer in %s (got %s)", fn, name, range, given(L, idx));
+    char what[64];   /* lua_pushfstring has no %lld */
+    snprintf(what, sizeof what, "an integer in %lld..%lld", (long long)lo, (long long)hi);
+    lg_arg_error(L, idx, fn, name, what);
   }
   return v;
 }
 
+lua_Integer lg_check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi) {
+  return check_int(L, lua_absindex(L, idx), fn, name, lo, hi);
+}
+
 double lg_check_num(lua_State *L, int idx, const char *fn, const char *name, int finite) {
-  double v = lua_type(L, idx) == LUA_TNUMBER ? (double)lua_tonumber(L, idx) : 0;
-  if (lua_type(L, idx) != LUA_TNUMBER || (finite && !(v - v == 0)))
-    luaL_error(L, "%s: %s must be a %snumber (got %s)", fn, name, finite ? "finite " : "", given(L, idx));
+  return lg_check_range(L, idx, fn, name, -HUGE_VAL, HUGE_VAL, finite ? 0 : LG_INF);
+}
+
+/* what lg_check_range wants, in words: "a finite number >= 0", "a number in (0, 1]" */
+static void range_words(char *out, size_t size, double lo, double hi, int flags) {
+  char a[40], b[40];
+  fmt_num(a, sizeof a, lo);
+  fmt_num(b, sizeof b, hi);
+  const char *kind = flags & LG_WHOLE ? "whole number" : "number";
+  const char *finite = !(flags & LG_INF) && (lo == -HUGE_VAL || hi == HUGE_VAL) ? "finite " : "";
+  if (lo > -HUGE_VAL && hi < HUGE_VAL)
+    snprintf(out, size, "a %s in %c%s, %s%c", kind, flags & LG_GT ? '(' : '[', a, b, flags & LG_LT ? ')' : ']');
+  else if (lo > -HUGE_VAL) snprintf(out, size, "a %s%s %s %s", finite, kind, flags & LG_GT ? ">" : ">=", a);
+  else if (hi < HUGE_VAL) snprintf(out, size, "a %s%s %s %s", finite, kind, flags & LG_LT ? "<" : "<=", b);
+  else if (*finite) snprintf(out, size, "a finite %s", kind);
+  else snprintf(out, size, "a %s, not NaN", kind);
+}
+
+double lg_check_range(lua_State *L, int idx, const char *fn, const char *name, double lo, double hi, int flags) {
+  idx = lua_absindex(L, idx);
+  double v = lua_type(L, idx) == LUA_TNUMBER ? (double)lua_tonumber(L, idx) : NAN;
+  int ok = (flags & LG_GT ? v > lo : v >= lo) && (flags & LG_LT ? v < hi : v <= hi)   /* NaN fails both */
+           && ((flags & LG_INF) || v - v == 0) && (!(flags & LG_WHOLE) || v == floor(v));
+  if (!ok) {
+    char what[128];
+    range_words(what, sizeof what, lo, hi, flags);
+    lg_arg_error(L, idx, fn, name, what);
+  }
   return v;
 }
 
 const char *lg_check_str(lua_State *L, int idx, const char *fn, const char *name, size_t *len) {
-  if (lua_type(L, idx) != LUA_TSTRING) luaL_error(L, "%s: %s must be a string (got %s)", fn, name, given(L, idx));
+  if (lua_type(L, idx) != LUA_TSTRING) lg_arg_error(L, lua_absindex(L, idx), fn, name, "a string");
   return lua_tolstring(L, idx, len);
 }
 
 void lg_check_table(lua_State *L, int idx, const char *fn, const char *name, const char *what) {
-  if (lua_type(L, idx) != LUA_TTABLE) luaL_error(L, "%s: %s must be %s (got %s)", fn, name, what, given(L, idx));
+  if (lua_type(L, idx) != LUA_TTABLE) lg_arg_error(L, lua_absindex(L, idx), fn, name, what);
+}
+
+int lg_check_bool(lua_State *L, int idx, const char *fn, const char *name) {
+  if (lua_type(L, idx) != LUA_TBOOLEAN) lg_arg_error(L, lua_absindex(L, idx), fn, name, "a boolean");
+  return lua_toboolean(L, idx);
+}
+
+int lg_check_choice(lua_State *L, int idx, const char *fn, const char *name, const char *const *names) {
+  idx = lua_absindex(L, idx);
+  if (lua_type(L, idx) == LUA_TSTRING)
+    for (int i = 0; names[i]; i++) if (strcmp(names[i], lua_tostring(L, idx)) == 0) return i;
+  luaL_Buffer B;   /* "a", "b" or "c" */
+  luaL_buffinit(L, &B);
+  for (int i = 0; names[i]; i++) {
+    if (i) luaL_addstring(&B, names[i + 1] ? ", " : " or ");
+    luaL_addchar(&B, '"');
+    luaL_addstring(&B, names[i]);
+    luaL_addchar(&B, '"');
+  }
+  luaL_pushresult(&B);
+  lg_arg_error(L, idx, fn, name, lua_tostring(L, -1));
+  return -1;
+}
+
+void *lg_check_udata(lua_State *L, int idx, const char *fn, const char *name, const char *tname) {
+  idx = lua_absindex(L, idx);
+  void *p = luaL_testudata(L, idx, tname);
+  if (!p) {
+    lua_pushfstring(L, "a %s", tname);
+    lg_arg_error(L, idx, fn, name, lua_tostring(L, -1));
+  }
+  return p;
 }
 /* }====================================================== */
 
 /* {====================================================== ids */
-int32_t *lg_ids(lua_State *L, int idx, size_t *n) {
-  idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
-  luaL_checktype(L, idx, LUA_TTABLE);
+int32_t *lg_ids(lua_State *L, int idx, const char *fn, const char *name, size_t *n) {
+  idx = lua_absindex(L, idx);
+  lg_check_table(L, idx, fn, name, "a table of token ids");
   size_t len = lua_rawlen(L, idx);
   int32_t *v = lua_newuserdatauv(L, sizeof(int32_t) * (len ? len : 1), 0);
   for (size_t i = 0; i < len; i++) {
     lua_rawgeti(L, idx, (lua_Integer)(i + 1));
     lua_Integer x = 0;
-    if (!lcompat_tointeger(L, -1, &x))
-      luaL_error(L, "token ids: element %d is %s, not an integer", (int)(i + 1), luaL_typename(L, -1));
-    if (x < INT32_MIN || x > INT32_MAX)
-      luaL_error(L, "token ids: element %d (%s) is out of range", (int)(i + 1), lcompat_quote(L, -1));
+    if (lua_type(L, -1) != LUA_TNUMBER || !lcompat_tointeger(L, -1, &x) || x < INT32_MIN || x > INT32_MAX) {
+      int at = lua_gettop(L);
+      lua_pushfstring(L, "%s[%d]", name, (int)(i + 1));
+      check_int(L, at, fn, lua_tostring(L, -1), INT32_MIN, INT32_MAX);
+    }
     v[i] = (int32_t)x;
     lua_pop(L, 1);
   }
@@ -166,9 +244,10 @@ void lg_push_ids(lua_State *L, const int32_t *v, size_t n) {
 /* }====================================================== */
 
 /* {====================================================== options */
-void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *known) {
+void lg_check_keys(lua_State *L, int idx, const char *fn, const char *const *known) {
   if (lua_isnoneornil(L, idx)) return;
-  luaL_checktype(L, idx, LUA_TTABLE);
+  idx = lua_absindex(L, idx);
+  lg_check_table(L, idx, fn, "opts", "a table");
   lua_pushnil(L);
   while (lua_next(L, idx)) {
     lua_pop(L, 1);
@@ -177,52 +256,57 @@ void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *k
       const char *k = lua_tostring(L, -1);
       for (const char *const *p = known; *p && !ok; p++) ok = strcmp(*p, k) == 0;
     }
-    if (!ok) {
-      const char *k = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : luaL_typename(L, -1);
-      luaL_error(L, "%s: unknown option '%s'", what, k);
-    }
+    if (!ok) luaL_error(L, "%s: unknown option '%s'", fn, given(L, lua_gettop(L)));
   }
 }
 
-int lg_opt_int(lua_State *L, int idx, const char *key, int dflt) {
-  if (lua_isnoneornil(L, idx)) return dflt;
+/* pushes opts[key] and returns its index, or 0 (nothing pushed) when the
+   options or the field are nil */
+static int opt_field(lua_State *L, int idx, const char *key) {
+  if (lua_isnoneornil(L, idx)) return 0;
   lua_getfield(L, idx, key);
-  if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  lua_Integer v = 0;
-  if (!lcompat_tointeger(L, -1, &v) || v < INT32_MIN || v > INT32_MAX)
-    luaL_error(L, "option '%s' must be an integer in -2^31..2^31-1 (got %s)", key, lcompat_quote(L, -1));
-  lua_pop(L, 1);
-  return (int)v;
+  if (lua_isnil(L, -1)) { lua_pop(L, 1); return 0; }
+  return lua_gettop(L);
 }
 
-double lg_opt_num(lua_State *L, int idx, const char *key, double dflt) {
-  if (lua_isnoneornil(L, idx)) return dflt;
-  lua_getfield(L, idx, key);
-  if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TNUMBER) luaL_error(L, "option '%s' must be a number (got %s)", key, luaL_typename(L, -1));
-  double v = lua_tonumber(L, -1);
+lua_Integer lg_opt_int(lua_State *L, int idx, const char *fn, const char *key, lua_Integer lo, lua_Integer hi, lua_Integer dflt) {
+  int at = opt_field(L, idx, key);
+  if (!at) return dflt;
+  lua_Integer v = check_int(L, at, fn, key, lo, hi);
   lua_pop(L, 1);
   return v;
 }
 
-int lg_opt_bool(lua_State *L, int idx, const char *key, int dflt) {
-  if (lua_isnoneornil(L, idx)) return dflt;
-  lua_getfield(L, idx, key);
-  if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TBOOLEAN) luaL_error(L, "option '%s' must be a boolean (got %s)", key, luaL_typename(L, -1));
-  int v = lua_toboolean(L, -1);
+double lg_opt_range(lua_State *L, int idx, const char *fn, const char *key, double lo, double hi, int flags, double dflt) {
+  int at = opt_field(L, idx, key);
+  if (!at) return dflt;
+  double v = lg_check_range(L, at, fn, key, lo, hi, flags);
   lua_pop(L, 1);
   return v;
 }
 
-const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt) {
-  if (lua_isnoneornil(L, idx)) return dflt;
-  lua_getfield(L, idx, key);
-  if (lua_isnil(L, -1)) { lua_pop(L, 1); return dflt; }
-  if (lua_type(L, -1) != LUA_TSTRING) luaL_error(L, "option '%s' must be a string (got %s)", key, luaL_typename(L, -1));
-  const char *s = lua_tostring(L, -1);
+int lg_opt_bool(lua_State *L, int idx, const char *fn, const char *key, int dflt) {
+  int at = opt_field(L, idx, key);
+  if (!at) return dflt;
+  int v = lg_check_bool(L, at, fn, key);
+  lua_pop(L, 1);
+  return v;
+}
+
+const char *lg_opt_str(lua_State *L, int idx, const char *fn, const char *key, const char *dflt) {
+  int at = opt_field(L, idx, key);
+  if (!at) return dflt;
+  const char *s = lg_check_str(L, at, fn, key, NULL);
   lua_pop(L, 1);   /* the string stays referenced by the options table */
   return s;
+}
+
+int lg_opt_choice(lua_State *L, int idx, const char *fn, const char *key, const char *const *names, int dflt) {
+  int at = opt_field(L, idx, key);
+  if (!at) return dflt;
+  int v = lg_check_choice(L, at, fn, key, names);
+  lua_pop(L, 1);
+  return v;
 }
 /* }====================================================== */
 

@@ -43,9 +43,10 @@ void *lg_open(lua_State *L, int idx, const char *tname, const char *closed);
 
 /* the boxes more than one file opens or makes */
 typedef struct ltokenizer { gptoss_tokenizer *t; } ltokenizer;
-/* the engine object of the open model or adapter at idx */
-gptoss_model *lg_check_model(lua_State *L, int idx);
-gptoss_adapter *lg_check_adapter(lua_State *L, int idx);
+/* the engine object of the open model or adapter at idx, argument `name`
+   of fn (a wrong type raises as lg_check_udata does) */
+gptoss_model *lg_check_model(lua_State *L, int idx, const char *fn, const char *name);
+gptoss_adapter *lg_check_adapter(lua_State *L, int idx, const char *fn, const char *name);
 
 /* gptoss.load's arguments (model.c), shared with gptoss.load_async (loader.c) */
 typedef struct lg_load { const char *dir, *precision, *tokenizer; gptoss_model_opts o; } lg_load;
@@ -65,24 +66,45 @@ int lg_fail(lua_State *L);
 /* }====================================================== */
 
 /* {====================================================== values */
-/* token ids from a Lua array at idx, into a buffer owned by a userdata
-   pushed on the stack (so a later error cannot leak it) */
-int32_t *lg_ids(lua_State *L, int idx, size_t *n);
-void lg_push_ids(lua_State *L, const int32_t *v, size_t n);
-
-/* arguments: each raises "fn: name must be ... (got X)", X the value given
-   quoted exactly (a number or string) or its type name */
+/* Arguments: each raises "fn: name must be ... (got X)", fn the function as
+   the user calls it (s:rewind, gptoss.load), X the value given quoted
+   exactly (a number or string), a typed userdata's type name, or the type */
 lua_Integer lg_check_int(lua_State *L, int idx, const char *fn, const char *name, lua_Integer lo, lua_Integer hi);
 double lg_check_num(lua_State *L, int idx, const char *fn, const char *name, int finite);
+/* a number in lo..hi, an infinite bound leaving that side open; NaN never
+   passes, nor an infinity unless LG_INF */
+enum { LG_GT = 1,      /* lo itself is outside */
+       LG_LT = 2,      /* hi itself is outside */
+       LG_INF = 4,     /* an infinite value within the bounds passes */
+       LG_WHOLE = 8 }; /* only integral values pass (stays a double: bytes past 2^63) */
+double lg_check_range(lua_State *L, int idx, const char *fn, const char *name, double lo, double hi, int flags);
 const char *lg_check_str(lua_State *L, int idx, const char *fn, const char *name, size_t *len);
 void lg_check_table(lua_State *L, int idx, const char *fn, const char *name, const char *what);
+int lg_check_bool(lua_State *L, int idx, const char *fn, const char *name);
+/* a string among names (NULL-terminated); its index */
+int lg_check_choice(lua_State *L, int idx, const char *fn, const char *name, const char *const *names);
+/* raises "fn: name must be what (got X)" for the value at idx */
+int lg_arg_error(lua_State *L, int idx, const char *fn, const char *name, const char *what);
+/* the most bytes a memory budget names: 2^53, past any device, exact in a double */
+#define LG_MAX_BYTES 9007199254740992.0
+/* a userdata of type tname (open or closed) */
+void *lg_check_udata(lua_State *L, int idx, const char *fn, const char *name, const char *tname);
 
-/* option tables: raise on keys outside `known` (NULL-terminated) */
-void lg_check_keys(lua_State *L, int idx, const char *what, const char *const *known);
-int lg_opt_int(lua_State *L, int idx, const char *key, int dflt);
-double lg_opt_num(lua_State *L, int idx, const char *key, double dflt);
-const char *lg_opt_str(lua_State *L, int idx, const char *key, const char *dflt);
-int lg_opt_bool(lua_State *L, int idx, const char *key, int dflt);
+/* token ids from a Lua array at idx, each an int32, into a buffer owned by a
+   userdata pushed on the stack (so a later error cannot leak it) */
+int32_t *lg_ids(lua_State *L, int idx, const char *fn, const char *name, size_t *n);
+void lg_push_ids(lua_State *L, const int32_t *v, size_t n);
+
+/* Option tables: opts at idx is nil or a table whose keys are all in known
+   (NULL-terminated), else "fn: unknown option 'k'". Each lg_opt_ gives
+   opts[key], checked as its lg_check_ function does with key as the name,
+   or dflt when opts or the field is nil. */
+void lg_check_keys(lua_State *L, int idx, const char *fn, const char *const *known);
+lua_Integer lg_opt_int(lua_State *L, int idx, const char *fn, const char *key, lua_Integer lo, lua_Integer hi, lua_Integer dflt);
+double lg_opt_range(lua_State *L, int idx, const char *fn, const char *key, double lo, double hi, int flags, double dflt);
+const char *lg_opt_str(lua_State *L, int idx, const char *fn, const char *key, const char *dflt);
+int lg_opt_bool(lua_State *L, int idx, const char *fn, const char *key, int dflt);
+int lg_opt_choice(lua_State *L, int idx, const char *fn, const char *key, const char *const *names, int dflt);
 
 /* the config as the table of its config.json (config.c writes the text) */
 void lg_push_config(lua_State *L, const gptoss_config *c);

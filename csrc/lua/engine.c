@@ -8,6 +8,7 @@
 ** the engine gives the model back; the C objects are reference counted, so
 ** any order of close and collection is safe.
 */
+#include <math.h>
 #include <string.h>
 #include "binding.h"
 
@@ -23,20 +24,19 @@ static const char *const engine_keys[] = {"max_batch", "max_queue", "chunk_token
 
 /* core.engine(model [, opts]) -> Engine */
 static int l_engine(lua_State *L) {
-  gptoss_model *m = lg_check_model(L, 1);
-  lg_check_keys(L, 2, "engine", engine_keys);
+  const char *fn = "gptoss.engine";
+  gptoss_model *m = lg_check_model(L, 1, fn, "model");
+  lg_check_keys(L, 2, fn, engine_keys);
   gptoss_engine_opts o;
   memset(&o, 0, sizeof o);
-  o.max_batch = lg_opt_int(L, 2, "max_batch", 0);
-  o.max_queue = lg_opt_int(L, 2, "max_queue", 0);
-  o.chunk_tokens = lg_opt_int(L, 2, "chunk_tokens", 0);
-  o.rewind = lg_opt_int(L, 2, "rewind", 0);
-  o.context = lg_opt_int(L, 2, "context", 0);
-  double mem = lg_opt_num(L, 2, "memory", 0);
-  int cache = lg_opt_int(L, 2, "prefix_cache", 16);
-  if (o.max_batch < 0 || o.max_queue < 0 || o.chunk_tokens < 0 || o.rewind < 0 || o.context < 0 || mem < 0 || cache < 0)
-    return luaL_error(L, "engine: max_batch, max_queue, chunk_tokens, memory, prefix_cache, context and rewind must be >= 0");
-  o.kv_budget = (uint64_t)mem;
+  /* 0: the engine's default */
+  o.max_batch = (int)lg_opt_int(L, 2, fn, "max_batch", 0, INT32_MAX, 0);
+  o.max_queue = (int)lg_opt_int(L, 2, fn, "max_queue", 0, INT32_MAX, 0);
+  o.chunk_tokens = (int)lg_opt_int(L, 2, fn, "chunk_tokens", 0, INT32_MAX, 0);
+  o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, 0);
+  o.context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
+  o.kv_budget = (uint64_t)lg_opt_range(L, 2, fn, "memory", 0, LG_MAX_BYTES, LG_WHOLE, 0);
+  int cache = (int)lg_opt_int(L, 2, fn, "prefix_cache", 0, INT32_MAX, 16);
   o.prefix_cache = cache ? cache : -1;
   lengine *b = lua_newuserdatauv(L, sizeof *b, 1);
   b->e = NULL;
@@ -78,30 +78,27 @@ static const char *const submit_keys[] = {"max_tokens", "stop_tokens", "adapter"
    -> Request | nil, message, "queue_full" | "too_large" | "context_length_exceeded" | "closed".
    The sampler is taken over (closed here). */
 static int engine_submit(lua_State *L) {
+  const char *fn = "eng:submit";
   lengine *b = lg_udata(L, 1, ENGINE_T);
   size_t n;
-  int32_t *ids = lg_ids(L, 2, &n);
-  luaL_checktype(L, 4, LUA_TTABLE);
-  lg_check_keys(L, 4, "submit", submit_keys);
+  int32_t *ids = lg_ids(L, 2, fn, "ids", &n);
+  lg_check_udata(L, 3, fn, "sampler", SAMPLER_T);
+  lg_check_table(L, 4, fn, "opts", "a table");
+  lg_check_keys(L, 4, fn, submit_keys);
   gptoss_request_opts o;
   memset(&o, 0, sizeof o);
-  o.max_tokens = lg_opt_int(L, 4, "max_tokens", 0);
-  o.priority = lg_opt_int(L, 4, "priority", 0);
-  lua_getfield(L, 4, "logprobs");
-  if (!lua_isnil(L, -1) && !lua_isboolean(L, -1))
-    return luaL_error(L, "submit: logprobs must be a boolean (got %s)", lcompat_quote(L, -1));
-  o.logprobs = lua_toboolean(L, -1);
-  lua_getfield(L, 4, "top_logprobs");
-  if (!lua_isnil(L, -1))
-    o.top_logprobs = (int)lg_check_int(L, lua_gettop(L), "submit", "top_logprobs", 0, GPTOSS_MAX_TOP_LOGPROBS);
-  if (o.top_logprobs && !o.logprobs) return luaL_error(L, "submit: top_logprobs needs logprobs = true");
+  o.max_tokens = (int)lg_opt_int(L, 4, fn, "max_tokens", 1, INT32_MAX, 0);
+  o.priority = (int)lg_opt_int(L, 4, fn, "priority", INT32_MIN, INT32_MAX, 0);
+  o.logprobs = lg_opt_bool(L, 4, fn, "logprobs", 0);
+  o.top_logprobs = (int)lg_opt_int(L, 4, fn, "top_logprobs", 0, GPTOSS_MAX_TOP_LOGPROBS, 0);
+  if (o.top_logprobs && !o.logprobs) return luaL_error(L, "%s: top_logprobs needs logprobs = true", fn);
   lua_getfield(L, 4, "adapter");
-  if (!lua_isnil(L, -1)) o.adapter = lg_check_adapter(L, lua_gettop(L));
+  if (!lua_isnil(L, -1)) o.adapter = lg_check_adapter(L, lua_gettop(L), fn, "adapter");
   lua_getfield(L, 4, "stop_tokens");
   int32_t *stops = NULL;
   if (!lua_isnil(L, -1)) {
     size_t ns;
-    stops = lg_ids(L, lua_gettop(L), &ns);
+    stops = lg_ids(L, lua_gettop(L), fn, "stop_tokens", &ns);
     o.stop_ids = stops;
     o.n_stop = (int)ns;
   }
@@ -144,7 +141,7 @@ static int engine_drain(lua_State *L) {
 /* eng:wait([timeout_s]) -> true when some request has news (drains eng.fd) */
 static int engine_wait(lua_State *L) {
   lengine *b = lg_udata(L, 1, ENGINE_T);
-  double t = luaL_optnumber(L, 2, 1e9);
+  double t = lua_isnoneornil(L, 2) ? 1e9 : lg_check_range(L, 2, "eng:wait", "timeout", 0, HUGE_VAL, LG_INF);
   lua_pushboolean(L, b->e && gptoss_engine_wait(b->e, t));
   return 1;
 }
@@ -279,7 +276,7 @@ static int request_info(lua_State *L) {
 /* req:wait([timeout_s]) -> true when the request has news */
 static int request_wait(lua_State *L) {
   lrequest *b = checkrequest(L, 1);
-  double t = luaL_optnumber(L, 2, 1e9);
+  double t = lua_isnoneornil(L, 2) ? 1e9 : lg_check_range(L, 2, "req:wait", "timeout", 0, HUGE_VAL, LG_INF);
   lua_pushboolean(L, gptoss_request_wait(b->r, t));
   return 1;
 }

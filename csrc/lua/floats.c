@@ -104,8 +104,8 @@ static int l_floats(lua_State *L) {
   lua_Integer rows = lg_check_int(L, 2, "gptoss.floats", "rows", 0, INT32_MAX);
   lua_Integer cols = lg_check_int(L, 3, "gptoss.floats", "cols", 0, INT32_MAX);
   /* rows, cols < 2^31: their product and its bytes fit in 64 bits */
-  luaL_argcheck(L, (uint64_t)rows * (uint64_t)cols * sizeof(float) == n, 1,
-                "byte length does not match rows x cols float32 values");
+  if ((uint64_t)rows * (uint64_t)cols * sizeof(float) != n)
+    return luaL_error(L, "gptoss.floats: bytes must hold rows x cols = %d x %d float32 values (4 bytes each)", (int)rows, (int)cols);
   lfloats *f = lg_floats_new(L, (int)rows, (int)cols);
   memcpy(f->v, s, n);
   return 1;

@@ -24,7 +24,7 @@ static int l_cpu_count(lua_State *L) {
    API (csrc/internal.h): the n-th allocation of the CPU backend from now
    fails, 0 none; what comes back is 0 once the armed failure happened */
 static int l_test_fail_alloc(lua_State *L) {
-  lua_pushinteger(L, gptoss_test_fail_alloc((int)luaL_checkinteger(L, 1)));
+  lua_pushinteger(L, gptoss_test_fail_alloc((int)lg_check_int(L, 1, "core.test_fail_alloc", "n", 0, INT32_MAX)));
   return 1;
 }
 

@@ -14,6 +14,7 @@
 #define lua_rawlen(L, i) lua_objlen(L, i)
 #define lua_getuservalue(L, i) lua_getfenv(L, i)
 #define lua_setuservalue(L, i) lua_setfenv(L, i)
+#define lua_absindex(L, i) ((i) > 0 || (i) <= LUA_REGISTRYINDEX ? (i) : lua_gettop(L) + (i) + 1)
 #ifndef luaL_newlib
 #define luaL_newlib(L, f) (lua_createtable(L, 0, sizeof(f) / sizeof((f)[0]) - 1), luaL_setfuncs(L, f, 0))
 #endif

@@ -4,13 +4,14 @@
 ** polls ld:progress()) and takes the model with ld:result() once the load
 ** has ended; nothing here blocks except result() and wait().
 */
+#include <math.h>
 #include <poll.h>
 #include <string.h>
 #include "binding.h"
 
 typedef struct lloader {
   gptoss_loader *l;
-  lg_load a;           /* the options as given; its strings point into the uservalue */
+  lg_load a;           /* the options as given (for the Model's fields) */
   int taken;
 } lloader;
 
@@ -23,16 +24,8 @@ static int l_load_async(lua_State *L) {
   lg_load a;
   lg_load_args(L, "gptoss.load_async", &a);
   lloader *b = lg_box(L, sizeof *b, LOADER_T);
-  /* the strings a points at must live as long as the box: keep them in its
-     uservalue (the loader copies what its thread reads; precision is read
-     when the model is wrapped) */
-  lua_createtable(L, 0, 2);
-  lua_pushstring(L, a.precision);
-  a.precision = lua_tostring(L, -1);
-  lua_setfield(L, -2, "precision");
-  lua_setuservalue(L, -2);
-  b->a = a;
-  b->a.dir = b->a.tokenizer = b->a.o.device = NULL;   /* copied by the loader; not kept */
+  b->a = a;   /* precision is static; the loader copies the strings its thread reads */
+  b->a.dir = b->a.tokenizer = b->a.o.device = NULL;
   if (gptoss_loader_start(a.dir, &a.o, a.tokenizer, &b->l)) return lg_fail(L);
   return 1;
 }
@@ -50,9 +43,7 @@ static int loader_progress(lua_State *L) {
 /* ld:wait([timeout_s]) -> true once the load has ended, false at the timeout */
 static int loader_wait(lua_State *L) {
   lloader *b = checkloader(L, 1);
-  double timeout = lua_isnoneornil(L, 2) ? -1 : lg_check_num(L, 2, "ld:wait", "timeout_s", 0);
-  if (timeout != timeout || (timeout < 0 && !lua_isnoneornil(L, 2)))
-    return luaL_error(L, "ld:wait: timeout_s must be a number >= 0 (got %s)", lcompat_quote(L, 2));
+  double timeout = lua_isnoneornil(L, 2) ? -1 : lg_check_range(L, 2, "ld:wait", "timeout", 0, HUGE_VAL, LG_INF);
   double ms = timeout < 0 ? -1 : timeout * 1e3 > 2e9 ? 2e9 : timeout * 1e3;
   while (!gptoss_loader_progress(b->l, NULL, NULL)) {
     struct pollfd p = { gptoss_loader_fd(b->l), POLLIN, 0 };

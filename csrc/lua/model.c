@@ -55,34 +55,27 @@ static const char *const load_keys[] = {"device", "threads", "context", "tokeniz
    Lua stack, at or above the options */
 void lg_load_args(lua_State *L, const char *fn, lg_load *a) {
   a->dir = lg_check_str(L, 1, fn, "dir", NULL);
-  lg_check_keys(L, 2, "load", load_keys);
+  lg_check_keys(L, 2, fn, load_keys);
   gptoss_model_opts *o = &a->o;
   memset(o, 0, sizeof *o);
-  o->device = lg_opt_str(L, 2, "device", "cpu");
-  o->threads = lg_opt_int(L, 2, "threads", 0);
-  o->context = lg_opt_int(L, 2, "context", 0);
-  double memory = lg_opt_num(L, 2, "memory", 0);
-  /* bytes: a whole number, finite, >= 0 (0: no budget); 2^53 is past any device */
-  if (!(memory >= 0 && memory <= 9007199254740992.0 && memory == floor(memory))) {
-    lua_getfield(L, 2, "memory");
-    luaL_error(L, "load: memory must be a whole number of bytes >= 0 (got %s)", lcompat_quote(L, -1));
-  }
-  o->memory_budget = (size_t)memory;
-  a->precision = lg_opt_str(L, 2, "precision", "exact");
-  if (strcmp(a->precision, "exact") == 0) o->precision = GPTOSS_PRECISION_EXACT;
-  else if (strcmp(a->precision, "fast") == 0) o->precision = GPTOSS_PRECISION_FAST;
-  else if (strcmp(a->precision, "mixed") == 0) o->precision = GPTOSS_PRECISION_MIXED;
-  else luaL_error(L, "load: precision must be \"exact\", \"mixed\" or \"fast\" (got '%s')", a->precision);
-  o->batch_invariant = lg_opt_bool(L, 2, "batch_invariant", 0);
-  if (o->threads < 0) luaL_error(L, "load: threads must be >= 0");
-  if (o->context < 0) luaL_error(L, "load: context must be >= 0");
+  o->device = lg_opt_str(L, 2, fn, "device", "cpu");
+  o->threads = (int)lg_opt_int(L, 2, fn, "threads", 0, INT32_MAX, 0);
+  o->context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
+  /* bytes (0: no budget); 2^53 is past any device */
+  o->memory_budget = (size_t)lg_opt_range(L, 2, fn, "memory", 0, LG_MAX_BYTES, LG_WHOLE, 0);
+  static const char *const precisions[] = {"exact", "mixed", "fast", NULL};
+  static const gptoss_precision precision_of[] = {GPTOSS_PRECISION_EXACT, GPTOSS_PRECISION_MIXED, GPTOSS_PRECISION_FAST};
+  int prec = lg_opt_choice(L, 2, fn, "precision", precisions, 0);
+  o->precision = precision_of[prec];
+  a->precision = precisions[prec];   /* static: outlives the call */
+  o->batch_invariant = lg_opt_bool(L, 2, fn, "batch_invariant", 0);
   int want_tok = 1;
   a->tokenizer = NULL;
   if (!lua_isnoneornil(L, 2)) {
     lua_getfield(L, 2, "tokenizer");
     if (lua_type(L, -1) == LUA_TBOOLEAN) want_tok = lua_toboolean(L, -1);
     else if (lua_type(L, -1) == LUA_TSTRING) a->tokenizer = lua_tostring(L, -1);
-    else if (!lua_isnil(L, -1)) luaL_error(L, "load: tokenizer must be false or a path");
+    else if (!lua_isnil(L, -1)) lg_arg_error(L, -1, fn, "tokenizer", "false or a path");
     /* left on the stack: a->tokenizer points into it */
   }
   if (want_tok && !a->tokenizer) {
@@ -186,8 +179,8 @@ static lsession *push_session(lua_State *L, int model_idx, lmodel *owner, gptoss
 
 /* the session at idx uses the adapter at aidx (nil: none); the Lua
    adapter object is kept in the session's environment for tostring/fields */
-static void session_use_adapter(lua_State *L, int idx, gptoss_session *s, int aidx) {
-  gptoss_adapter *a = lua_isnil(L, aidx) ? NULL : lg_check_adapter(L, aidx);
+static void session_use_adapter(lua_State *L, int idx, gptoss_session *s, int aidx, const char *fn) {
+  gptoss_adapter *a = lua_isnil(L, aidx) ? NULL : lg_check_adapter(L, aidx, fn, "adapter");
   if (gptoss_session_set_adapter(s, a)) lg_raise(L);
   lua_getuservalue(L, idx);
   lua_pushvalue(L, aidx);
@@ -198,21 +191,22 @@ static void session_use_adapter(lua_State *L, int idx, gptoss_session *s, int ai
 /* model:session([{ context = n, rewind = n, adapter = Adapter }]) */
 static int model_session(lua_State *L) {
   lmodel *b = checkmodel(L, 1);
+  const char *fn = "model:session";
   static const char *const keys[] = {"context", "rewind", "adapter", NULL};
-  lg_check_keys(L, 2, "session", keys);
+  lg_check_keys(L, 2, fn, keys);
   gptoss_session_opts o;
-  o.context = lg_opt_int(L, 2, "context", 0);
-  o.rewind = lg_opt_int(L, 2, "rewind", 512);
+  o.context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
+  o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, 512);
   int aidx = 0;
   if (lua_istable(L, 2)) {
     lua_getfield(L, 2, "adapter");
     aidx = lua_gettop(L);
-    if (!lua_isnil(L, aidx)) lg_check_adapter(L, aidx);
+    if (!lua_isnil(L, aidx)) lg_check_adapter(L, aidx, fn, "adapter");
   }
   gptoss_session *s;
   if (gptoss_session_new(b->m, &o, &s)) return lg_raise(L);
   push_session(L, 1, b, s);
-  if (aidx && !lua_isnil(L, aidx)) session_use_adapter(L, lua_gettop(L), s, aidx);
+  if (aidx && !lua_isnil(L, aidx)) session_use_adapter(L, lua_gettop(L), s, aidx, fn);
   return 1;
 }
 
@@ -220,11 +214,11 @@ static int model_session(lua_State *L) {
 static int model_logits(lua_State *L) {
   lmodel *b = checkmodel(L, 1);
   size_t n;
-  int32_t *ids = lg_ids(L, 2, &n);
-  if (n == 0) return luaL_error(L, "logits: empty input");
+  int32_t *ids = lg_ids(L, 2, "model:logits", "ids", &n);
+  if (n == 0) return luaL_error(L, "model:logits: ids is empty");
   int V = gptoss_model_config(b->m)->vocab_size;
   if ((int)n > gptoss_model_context(b->m))
-    return luaL_error(L, "logits: %d tokens exceed the model's context of %d", (int)n, gptoss_model_context(b->m));
+    return luaL_error(L, "model:logits: %d tokens exceed the model's context of %d", (int)n, gptoss_model_context(b->m));
   lfloats *f = lg_floats_new(L, (int)n, V);
   gptoss_session_opts o = {0, 512};
   gptoss_session *s;
@@ -262,12 +256,9 @@ static int session_gc(lua_State *L) {
 }
 
 static gptoss_logits_mode want_mode(lua_State *L, int idx) {
-  const char *w = luaL_optstring(L, idx, "last");
-  if (strcmp(w, "last") == 0) return GPTOSS_LOGITS_LAST;
-  if (strcmp(w, "all") == 0) return GPTOSS_LOGITS_ALL;
-  if (strcmp(w, "none") == 0) return GPTOSS_LOGITS_NONE;
-  luaL_error(L, "feed: logits must be \"last\", \"all\" or \"none\" (got '%s')", w);
-  return GPTOSS_LOGITS_NONE;
+  static const char *const names[] = {"last", "all", "none", NULL};
+  static const gptoss_logits_mode modes[] = {GPTOSS_LOGITS_LAST, GPTOSS_LOGITS_ALL, GPTOSS_LOGITS_NONE};
+  return lua_isnoneornil(L, idx) ? GPTOSS_LOGITS_LAST : modes[lg_check_choice(L, idx, "s:feed", "logits", names)];
 }
 
 /* s:feed(ids [, "last"|"all"|"none"]) -> Floats | nothing */
@@ -275,7 +266,7 @@ static int session_feed(lua_State *L) {
   lsession *s = checksession(L, 1);
   gptoss_logits_mode mode = want_mode(L, 3);   /* before lg_ids pushes its copy above argument 3 */
   size_t n;
-  int32_t *ids = lg_ids(L, 2, &n);
+  int32_t *ids = lg_ids(L, 2, "s:feed", "ids", &n);
   int V = gptoss_model_config(s->owner->m)->vocab_size;
   float *out = NULL;
   if (mode != GPTOSS_LOGITS_NONE && n > 0) {
@@ -292,9 +283,15 @@ static lsampler *checksampler(lua_State *L, int idx) {
   return p;
 }
 
+/* the open sampler given as argument `name` of fn */
+static lsampler *argsampler(lua_State *L, int idx, const char *fn, const char *name) {
+  lg_check_udata(L, idx, fn, name, SAMPLER_T);
+  return checksampler(L, idx);
+}
+
 static int session_sample(lua_State *L) {
   lsession *s = checksession(L, 1);
-  lsampler *p = checksampler(L, 2);
+  lsampler *p = argsampler(L, 2, "s:sample", "sampler");
   int32_t id;
   if (gptoss_session_sample(s->s, p->s, &id)) return lg_raise(L);
   lua_pushinteger(L, id);
@@ -305,7 +302,7 @@ static int session_sample(lua_State *L) {
 static int session_step(lua_State *L) {
   lsession *s = checksession(L, 1);
   lua_Integer id = lg_check_int(L, 2, "s:step", "id", INT32_MIN, INT32_MAX);
-  lsampler *p = checksampler(L, 3);
+  lsampler *p = argsampler(L, 3, "s:step", "sampler");
   int32_t in = (int32_t)id, next;
   if (gptoss_batch_step(&s->s, 1, &in, &p->s, &next)) return lg_raise(L);
   lua_pushinteger(L, next);
@@ -355,7 +352,8 @@ static int session_fork(lua_State *L) {
 static int session_set_adapter(lua_State *L) {
   lsession *s = checksession(L, 1);
   if (lua_isnoneornil(L, 2)) { lua_settop(L, 1); lua_pushnil(L); }
-  session_use_adapter(L, 1, s->s, 2);
+  else if (!luaL_testudata(L, 2, ADAPTER_T)) lg_arg_error(L, 2, "s:set_adapter", "adapter", "a gptoss.Adapter or nil");
+  session_use_adapter(L, 1, s->s, 2, "s:set_adapter");
   lua_settop(L, 1);
   return 1;
 }
@@ -370,7 +368,7 @@ static int session_rewind(lua_State *L) {
 
 static int session_trace(lua_State *L) {
   lsession *s = checksession(L, 1);
-  gptoss_session_trace(s->s, lua_isnone(L, 2) ? 1 : lua_toboolean(L, 2));
+  gptoss_session_trace(s->s, lua_isnone(L, 2) ? 1 : !lua_isnil(L, 2) && lg_check_bool(L, 2, "s:trace", "on"));
   lua_settop(L, 1);
   return 1;
 }
@@ -430,52 +428,48 @@ static const char *const sampler_keys[] = {
   "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
   "frequency_penalty", "penalty_window", "seed", "logit_bias", NULL};
 
-/* gptoss.sampler(vocab, opts) -> Sampler; bad options raise */
+/* gptoss.sampler(vocab, opts [, fn]) -> Sampler; bad options raise, named
+   as fn's (gptoss's own functions pass theirs: model:generate, ...) */
 static int l_sampler(lua_State *L) {
-  lua_Integer vocab = luaL_checkinteger(L, 1);
-  luaL_argcheck(L, vocab > 0 && vocab <= INT32_MAX, 1, "vocabulary size must be positive");
-  lg_check_keys(L, 2, "sampler", sampler_keys);
+  const char *fn = lua_isnoneornil(L, 3) ? "gptoss.sampler" : lg_check_str(L, 3, "gptoss.sampler", "fn", NULL);
+  lua_Integer vocab = lg_check_int(L, 1, fn, "vocab", 1, INT32_MAX);
+  lg_check_keys(L, 2, fn, sampler_keys);
   gptoss_sampling s;
   gptoss_sampling_default(&s);
-  s.temperature = (float)lg_opt_num(L, 2, "temperature", s.temperature);
-  s.top_k = lg_opt_int(L, 2, "top_k", 0);
-  s.top_p = (float)lg_opt_num(L, 2, "top_p", 1.0);
-  s.min_p = (float)lg_opt_num(L, 2, "min_p", 0);
-  s.repetition_penalty = (float)lg_opt_num(L, 2, "repetition_penalty", 1.0);
-  s.presence_penalty = (float)lg_opt_num(L, 2, "presence_penalty", 0);
-  s.frequency_penalty = (float)lg_opt_num(L, 2, "frequency_penalty", 0);
-  s.penalty_window = lg_opt_int(L, 2, "penalty_window", s.penalty_window);
-  double seed = lg_opt_num(L, 2, "seed", 0);
-  if (seed < 0 || seed != (double)(uint64_t)seed) luaL_error(L, "sampler: seed must be a non-negative integer");
-  s.seed = (uint64_t)seed;
-  int32_t *ids = NULL;
-  float *vals = NULL;
+  /* the ranges gptoss_sampling_check holds them to, checked here to name fn */
+  s.temperature = (float)lg_opt_range(L, 2, fn, "temperature", 0, HUGE_VAL, 0, s.temperature);
+  s.top_k = (int)lg_opt_int(L, 2, fn, "top_k", 0, INT32_MAX, 0);
+  s.top_p = (float)lg_opt_range(L, 2, fn, "top_p", 0, 1, LG_GT, 1.0);
+  s.min_p = (float)lg_opt_range(L, 2, fn, "min_p", 0, 1, 0, 0);
+  s.repetition_penalty = (float)lg_opt_range(L, 2, fn, "repetition_penalty", 0, HUGE_VAL, LG_GT, 1.0);
+  s.presence_penalty = (float)lg_opt_range(L, 2, fn, "presence_penalty", -HUGE_VAL, HUGE_VAL, 0, 0);
+  s.frequency_penalty = (float)lg_opt_range(L, 2, fn, "frequency_penalty", -HUGE_VAL, HUGE_VAL, 0, 0);
+  s.penalty_window = (int)lg_opt_int(L, 2, fn, "penalty_window", 0, INT32_MAX, s.penalty_window);
+  /* 2^53: the largest seed LuaJIT's numbers hold exactly, so one range on both VMs */
+  s.seed = (uint64_t)lg_opt_int(L, 2, fn, "seed", 0, (lua_Integer)1 << 53, 0);
   if (!lua_isnoneornil(L, 2)) {
     lua_getfield(L, 2, "logit_bias");
-    if (lua_istable(L, -1)) {
+    int bias = lua_gettop(L);
+    if (!lua_isnil(L, bias)) {
+      lg_check_table(L, bias, fn, "logit_bias", "a table of token id = bias");
       int n = 0;
       lua_pushnil(L);
-      while (lua_next(L, -2)) { n++; lua_pop(L, 1); }
-      ids = lua_newuserdatauv(L, sizeof(int32_t) * (size_t)(n ? n : 1), 0);
-      vals = lua_newuserdatauv(L, sizeof(float) * (size_t)(n ? n : 1), 0);
+      while (lua_next(L, bias)) { n++; lua_pop(L, 1); }
+      int32_t *ids = lua_newuserdatauv(L, sizeof(int32_t) * (size_t)(n ? n : 1), 0);
+      float *vals = lua_newuserdatauv(L, sizeof(float) * (size_t)(n ? n : 1), 0);
       int i = 0;
       lua_pushnil(L);
-      while (lua_next(L, -4)) {
-        lua_Integer id = 0;
-        if (!lcompat_tointeger(L, -2, &id) || lua_type(L, -1) != LUA_TNUMBER)
-          luaL_error(L, "sampler: logit_bias maps integer token ids to numbers");
-        if (id < 0 || id >= vocab)
-          luaL_error(L, "logit_bias id %s is outside the vocabulary (0..%d)", lcompat_quote(L, -2), (int)vocab - 1);
-        ids[i] = (int32_t)id;
-        vals[i] = (float)lua_tonumber(L, -1);
+      while (lua_next(L, bias)) {
+        ids[i] = (int32_t)lg_check_int(L, -2, fn, "logit_bias key", 0, vocab - 1);
+        lua_pushfstring(L, "logit_bias[%d]", (int)ids[i]);
+        /* +-inf force or forbid a token; NaN has no meaning */
+        vals[i] = (float)lg_check_range(L, -2, fn, lua_tostring(L, -1), -HUGE_VAL, HUGE_VAL, LG_INF);
         i++;
-        lua_pop(L, 1);
+        lua_pop(L, 2);
       }
       s.n_bias = n;
       s.bias_ids = ids;
       s.bias_values = vals;
-    } else if (!lua_isnil(L, -1)) {
-      luaL_error(L, "sampler: logit_bias must be a table");
     }
   }
   lsampler *p = lua_newuserdatauv(L, sizeof *p, 0);
@@ -495,13 +489,13 @@ static int sampler_gc(lua_State *L) {
 
 /* sampler:sample(floats [, row [, history]]) -> id: sampling on given logits */
 static int sampler_sample(lua_State *L) {
+  const char *fn = "sampler:sample";
   lsampler *p = checksampler(L, 1);
-  lfloats *f = lg_udata(L, 2, FLOATS_T);
-  lua_Integer row = luaL_optinteger(L, 3, 1);
-  luaL_argcheck(L, row >= 1 && row <= f->rows, 3, "row out of range");
-  if (f->cols != p->vocab) return luaL_error(L, "sampler is for %d logits, got %d", p->vocab, f->cols);
+  lfloats *f = lg_check_udata(L, 2, fn, "logits", FLOATS_T);
+  lua_Integer row = lua_isnoneornil(L, 3) ? 1 : lg_check_int(L, 3, fn, "row", 1, f->rows);
+  if (f->cols != p->vocab) return luaL_error(L, "%s: the sampler is for %d logits, the Floats has %d columns", fn, p->vocab, f->cols);
   size_t nh = 0;
-  int32_t *hist = lua_isnoneornil(L, 4) ? NULL : lg_ids(L, 4, &nh);
+  int32_t *hist = lua_isnoneornil(L, 4) ? NULL : lg_ids(L, 4, fn, "history", &nh);
   float *scratch = lua_newuserdatauv(L, sizeof(float) * (size_t)f->cols, 0);
   memcpy(scratch, f->v + (size_t)(row - 1) * f->cols, sizeof(float) * (size_t)f->cols);
   lua_pushinteger(L, gptoss_sampler_sample(p->s, scratch, hist, nh));
@@ -518,23 +512,28 @@ gptoss_sampler *lg_take_sampler(lua_State *L, int idx) {
 
 /* gptoss.batch_step(sessions, ids, samplers) -> next ids */
 static int l_batch_step(lua_State *L) {
-  luaL_checktype(L, 1, LUA_TTABLE);
+  const char *fn = "gptoss.batch_step";
+  lg_check_table(L, 1, fn, "sessions", "a list of gptoss.Session");
   size_t n;
-  int32_t *ids = lg_ids(L, 2, &n);
-  luaL_checktype(L, 3, LUA_TTABLE);
+  int32_t *ids = lg_ids(L, 2, fn, "ids", &n);
+  lg_check_table(L, 3, fn, "samplers", "a list of gptoss.Sampler");
   if (lua_rawlen(L, 1) != n || lua_rawlen(L, 3) != n)
-    return luaL_error(L, "batch_step: sessions, ids and samplers must have the same length");
-  if (n == 0) return luaL_error(L, "batch_step: empty batch");
+    return luaL_error(L, "%s: sessions, ids and samplers must have the same length (%d, %d and %d)", fn,
+                      (int)lua_rawlen(L, 1), (int)n, (int)lua_rawlen(L, 3));
+  if (n == 0) return luaL_error(L, "%s: empty batch", fn);
   gptoss_session **ss = lua_newuserdatauv(L, sizeof *ss * n, 0);
   gptoss_sampler **sp = lua_newuserdatauv(L, sizeof *sp * n, 0);
   int32_t *next = lua_newuserdatauv(L, sizeof(int32_t) * n, 0);
   for (size_t i = 0; i < n; i++) {
     lua_rawgeti(L, 1, (lua_Integer)(i + 1));
-    ss[i] = checksession(L, lua_gettop(L))->s;
-    lua_pop(L, 1);
+    lua_pushfstring(L, "sessions[%d]", (int)(i + 1));
+    lg_check_udata(L, -2, fn, lua_tostring(L, -1), SESSION_T);
+    ss[i] = checksession(L, -2)->s;
+    lua_pop(L, 2);
     lua_rawgeti(L, 3, (lua_Integer)(i + 1));
-    sp[i] = checksampler(L, lua_gettop(L))->s;
-    lua_pop(L, 1);
+    lua_pushfstring(L, "samplers[%d]", (int)(i + 1));
+    sp[i] = argsampler(L, -2, fn, lua_tostring(L, -1))->s;
+    lua_pop(L, 2);
   }
   if (gptoss_batch_step(ss, (int)n, ids, sp, next)) return lg_raise(L);
   lg_push_ids(L, next, n);

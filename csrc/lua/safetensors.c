@@ -2,6 +2,7 @@
 ** safetensors.c: gptoss.SafeTensors (reader), gptoss.Writer, and the
 ** config and tensor-table functions the checkpoint generator is built on.
 */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "binding.h"
@@ -10,8 +11,8 @@
 /* config_parse(json [, where]) -> table | nil, message */
 static int l_config_parse(lua_State *L) {
   size_t len;
-  const char *s = luaL_checklstring(L, 1, &len);
-  const char *where = luaL_optstring(L, 2, "config.json");
+  const char *s = lg_check_str(L, 1, "core.config_parse", "json", &len);
+  const char *where = lua_isnoneornil(L, 2) ? "config.json" : lg_check_str(L, 2, "core.config_parse", "where", NULL);
   gptoss_config c;
   if (gptoss_config_parse(s, len, where, &c)) return lg_fail(L);
   lg_push_config(L, &c);
@@ -26,16 +27,16 @@ static int l_config_load(lua_State *L) {
   return 1;
 }
 
-static void parse_or_raise(lua_State *L, int idx, gptoss_config *c) {
+static void parse_or_raise(lua_State *L, int idx, gptoss_config *c, const char *fn) {
   size_t len;
-  const char *s = luaL_checklstring(L, idx, &len);
+  const char *s = lg_check_str(L, idx, fn, "json", &len);
   if (gptoss_config_parse(s, len, "config", c)) lg_raise(L);
 }
 
 /* config_json(json) -> the canonical Hugging Face config.json text */
 static int l_config_json(lua_State *L) {
   gptoss_config c;
-  parse_or_raise(L, 1, &c);
+  parse_or_raise(L, 1, &c, "core.config_json");
   char *s = gptoss_config_to_json(&c);
   if (!s) return luaL_error(L, "out of memory");
   lua_pushstring(L, s);
@@ -46,7 +47,7 @@ static int l_config_json(lua_State *L) {
 /* tensor_specs(json) -> { {name=, dtype=, shape={...}, bytes=, layer=}, ... } */
 static int l_tensor_specs(lua_State *L) {
   gptoss_config c;
-  parse_or_raise(L, 1, &c);
+  parse_or_raise(L, 1, &c, "core.tensor_specs");
   gptoss_tensor_spec *v;
   size_t n;
   if (gptoss_tensor_specs(&c, &v, &n)) return lg_raise(L);
@@ -91,10 +92,10 @@ static int rd_tensors(lua_State *L) {
   return 1;
 }
 
-static const gptoss_tensor *find_or_raise(lua_State *L, lreader *r) {
-  const char *name = luaL_checkstring(L, 2);
+static const gptoss_tensor *find_or_raise(lua_State *L, lreader *r, const char *fn) {
+  const char *name = lg_check_str(L, 2, fn, "name", NULL);
   const gptoss_tensor *t = gptoss_st_find(r->st, name);
-  if (!t) luaL_error(L, "no tensor named '%s'", name);
+  if (!t) luaL_error(L, "%s: no tensor named '%s'", fn, name);
   return t;
 }
 
@@ -107,7 +108,7 @@ static int rd_tensor(lua_State *L) {
 }
 
 static int rd_read(lua_State *L) {
-  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L), "st:read");
   lua_pushlstring(L, t->data, t->nbytes);
   return 1;
 }
@@ -115,7 +116,7 @@ static int rd_read(lua_State *L) {
 /* r:floats(name) -> Floats (F32, BF16 or F16 converted), 2-D as rows x cols,
    any other rank as 1 x n */
 static int rd_floats(lua_State *L) {
-  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L), "st:floats");
   size_t n = 1;
   for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
   int rows = t->ndim == 2 ? (int)t->shape[0] : 1, cols = t->ndim == 2 ? (int)t->shape[1] : (int)n;
@@ -151,7 +152,7 @@ static int rd_floats(lua_State *L) {
 /* r:numbers(name) -> flat Lua array of every element, any numeric dtype
    (integers exactly, F64 in full precision) */
 static int rd_numbers(lua_State *L) {
-  const gptoss_tensor *t = find_or_raise(L, checkreader(L));
+  const gptoss_tensor *t = find_or_raise(L, checkreader(L), "st:numbers");
   size_t n = 1;
   for (int d = 0; d < t->ndim; d++) n *= (size_t)t->shape[d];
   lua_createtable(L, (int)n, 0);
@@ -204,21 +205,21 @@ static int wr_gc(lua_State *L) {
 
 /* w:add(name, dtype, shape, data_string | { fill = "normal"|"uniform"|"const", ... }) */
 static int wr_add(lua_State *L) {
+  const char *fn = "writer:add";
   lwriter *w = checkwriter(L);
-  const char *name = luaL_checkstring(L, 2);
-  const char *dtn = luaL_checkstring(L, 3);
+  const char *name = lg_check_str(L, 2, fn, "name", NULL);
+  const char *dtn = lg_check_str(L, 3, fn, "dtype", NULL);
   int dt = gptoss_dtype_from_name(dtn);
-  if (dt < 0) return luaL_error(L, "unknown dtype '%s'", dtn);
-  luaL_checktype(L, 4, LUA_TTABLE);
+  if (dt < 0) return luaL_error(L, "%s: unknown dtype '%s'", fn, dtn);
+  lg_check_table(L, 4, fn, "shape", "a list of dimensions");
   int nd = (int)lua_rawlen(L, 4);
-  if (nd > GPTOSS_MAX_DIMS) return luaL_error(L, "at most %d dimensions", GPTOSS_MAX_DIMS);
+  if (nd > GPTOSS_MAX_DIMS) return luaL_error(L, "%s: at most %d dimensions (got %d)", fn, GPTOSS_MAX_DIMS, nd);
   int64_t shape[GPTOSS_MAX_DIMS];
   for (int d = 0; d < nd; d++) {
     lua_rawgeti(L, 4, d + 1);
-    lua_Integer v;
-    if (!lcompat_tointeger(L, -1, &v) || v < 0) return luaL_error(L, "shape[%d] must be a non-negative integer", d + 1);
-    shape[d] = (int64_t)v;
-    lua_pop(L, 1);
+    lua_pushfstring(L, "shape[%d]", d + 1);
+    shape[d] = (int64_t)lg_check_int(L, -2, fn, lua_tostring(L, -1), 0, INT64_MAX);
+    lua_pop(L, 2);
   }
   gptoss_fill f;
   memset(&f, 0, sizeof f);
@@ -227,16 +228,18 @@ static int wr_add(lua_State *L) {
     f.data = lua_tolstring(L, 5, &f.nbytes);
   } else if (lua_istable(L, 5)) {
     static const char *const keys[] = {"fill", "mean", "std", "min", "max", "value", "seed", NULL};
-    lg_check_keys(L, 5, "writer:add", keys);
-    const char *k = lg_opt_str(L, 5, "fill", NULL);
-    if (!k) return luaL_error(L, "writer:add: fill table needs fill = \"normal\", \"uniform\" or \"const\"");
-    if (strcmp(k, "normal") == 0) { f.kind = GPTOSS_FILL_NORMAL; f.a = lg_opt_num(L, 5, "mean", 0); f.b = lg_opt_num(L, 5, "std", 1); }
-    else if (strcmp(k, "uniform") == 0) { f.kind = GPTOSS_FILL_UNIFORM; f.a = lg_opt_num(L, 5, "min", 0); f.b = lg_opt_num(L, 5, "max", 1); }
-    else if (strcmp(k, "const") == 0) { f.kind = GPTOSS_FILL_CONST; f.a = lg_opt_num(L, 5, "value", 0); }
-    else return luaL_error(L, "writer:add: unknown fill '%s'", k);
-    f.seed = (uint64_t)lg_opt_num(L, 5, "seed", 0);
+    static const char *const fills[] = {"normal", "uniform", "const", NULL};
+    lg_check_keys(L, 5, fn, keys);
+    lua_getfield(L, 5, "fill");
+    int k = lg_check_choice(L, -1, fn, "fill", fills);
+    lua_pop(L, 1);
+    double inf = HUGE_VAL;
+    if (k == 0) { f.kind = GPTOSS_FILL_NORMAL; f.a = lg_opt_range(L, 5, fn, "mean", -inf, inf, 0, 0); f.b = lg_opt_range(L, 5, fn, "std", 0, inf, 0, 1); }
+    else if (k == 1) { f.kind = GPTOSS_FILL_UNIFORM; f.a = lg_opt_range(L, 5, fn, "min", -inf, inf, 0, 0); f.b = lg_opt_range(L, 5, fn, "max", -inf, inf, 0, 1); }
+    else { f.kind = GPTOSS_FILL_CONST; f.a = lg_opt_range(L, 5, fn, "value", -inf, inf, LG_INF, 0); }
+    f.seed = (uint64_t)lg_opt_int(L, 5, fn, "seed", 0, (lua_Integer)1 << 53, 0);
   } else {
-    return luaL_argerror(L, 5, "data string or fill table expected");
+    return lg_arg_error(L, 5, fn, "data", "a string of bytes or a fill table");
   }
   if (gptoss_stw_add(w->w, name, (gptoss_dtype)dt, nd, shape, &f)) return lg_raise(L);
   lua_settop(L, 1);
@@ -259,7 +262,7 @@ static int wr_bytes(lua_State *L) {
 /* w:commit([threads]) -> true | nil, message; the writer is closed after */
 static int wr_commit(lua_State *L) {
   lwriter *w = checkwriter(L);
-  int threads = (int)luaL_optinteger(L, 2, gptoss_cpu_count());
+  int threads = lua_isnoneornil(L, 2) ? gptoss_cpu_count() : (int)lg_check_int(L, 2, "writer:commit", "threads", 0, INT32_MAX);
   gptoss_status rc = gptoss_stw_commit(w->w, threads);
   gptoss_stw_free(w->w);
   w->w = NULL;

@@ -9,14 +9,14 @@
 
 /* core.isatty(fd): whether fd (0 stdin, 1 stdout, 2 stderr) is a terminal */
 static int l_isatty(lua_State *L) {
-  lua_Integer fd = luaL_checkinteger(L, 1);
+  lua_Integer fd = lg_check_int(L, 1, "core.isatty", "fd", INT64_MIN, INT64_MAX);
   lua_pushboolean(L, fd >= 0 && fd <= 0x7fffffff && isatty((int)fd));
   return 1;
 }
 
 /* core.term_columns(fd): the terminal's width, or nil when fd is not one */
 static int l_term_columns(lua_State *L) {
-  lua_Integer fd = luaL_checkinteger(L, 1);
+  lua_Integer fd = lg_check_int(L, 1, "core.term_columns", "fd", INT64_MIN, INT64_MAX);
   struct winsize ws;
   if (fd < 0 || fd > 0x7fffffff || ioctl((int)fd, TIOCGWINSZ, &ws) != 0 || ws.ws_col == 0) return 0;
   lua_pushinteger(L, ws.ws_col);

@@ -31,32 +31,32 @@ static int tok_encode(lua_State *L) {
   size_t len;
   const char *s = lg_check_str(L, 2, "tok:encode", "text", &len);
   static const char *const keys[] = {"allowed_special", "bytes", NULL};
-  lg_check_keys(L, 3, "encode", keys);
-  int flags = 0;
+  const char *fn = "tok:encode";
+  lg_check_keys(L, 3, fn, keys);
+  int flags = lg_opt_bool(L, 3, fn, "bytes", 0) ? GPTOSS_ENC_BYTES : 0;
   const char **allowed = NULL;
   if (!lua_isnoneornil(L, 3)) {
-    lua_getfield(L, 3, "bytes");
-    if (lua_toboolean(L, -1)) flags |= GPTOSS_ENC_BYTES;
-    lua_pop(L, 1);
     lua_getfield(L, 3, "allowed_special");
     if (lua_type(L, -1) == LUA_TSTRING) {
-      if (strcmp(lua_tostring(L, -1), "all") != 0) luaL_error(L, "encode: allowed_special must be \"all\" or a list of names");
+      if (strcmp(lua_tostring(L, -1), "all") != 0) lg_arg_error(L, -1, fn, "allowed_special", "\"all\" or a list of special token names");
       flags |= GPTOSS_ENC_SPECIAL;
     } else if (lua_istable(L, -1)) {
       size_t n = lua_rawlen(L, -1);
       allowed = lua_newuserdatauv(L, sizeof(char *) * (n + 1), 0);
       for (size_t i = 0; i < n; i++) {
         lua_rawgeti(L, -2, (lua_Integer)(i + 1));
-        const char *nm = lua_tostring(L, -1);
-        if (!nm || gptoss_special_id(b->t, nm) < 0)
-          luaL_error(L, "encode: allowed_special[%d] is not a special token name", (int)(i + 1));
+        const char *nm = lua_type(L, -1) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+        if (!nm || gptoss_special_id(b->t, nm) < 0) {
+          lua_pushfstring(L, "allowed_special[%d]", (int)(i + 1));
+          lg_arg_error(L, -2, fn, lua_tostring(L, -1), "a special token name");
+        }
         allowed[i] = nm;   /* kept alive by the options table */
         lua_pop(L, 1);
       }
       allowed[n] = NULL;
       flags |= GPTOSS_ENC_SPECIAL;
     } else if (!lua_isnil(L, -1)) {
-      luaL_error(L, "encode: allowed_special must be \"all\" or a list of names");
+      lg_arg_error(L, -1, fn, "allowed_special", "\"all\" or a list of special token names");
     }
   }
   gptoss_ids ids = {0};
@@ -68,15 +68,15 @@ static int tok_encode(lua_State *L) {
 }
 
 /* concatenated bytes of ids (specials as their names) into a buffer */
-static void push_bytes(lua_State *L, gptoss_tokenizer *t, int idx) {
+static void push_bytes(lua_State *L, gptoss_tokenizer *t, int idx, const char *fn) {
   size_t n;
-  int32_t *ids = lg_ids(L, idx, &n);
+  int32_t *ids = lg_ids(L, idx, fn, "ids", &n);
   luaL_Buffer B;
   luaL_buffinit(L, &B);
   for (size_t i = 0; i < n; i++) {
     size_t len;
     const char *p = gptoss_token_bytes(t, ids[i], &len);
-    if (!p) luaL_error(L, "decode: token id %d at index %d is outside the vocabulary (0..%d)", (int)ids[i], (int)(i + 1),
+    if (!p) luaL_error(L, "%s: token id %d at index %d is outside the vocabulary (0..%d)", fn, (int)ids[i], (int)(i + 1),
                        gptoss_tokenizer_vocab_size(t) - 1);
     luaL_addlstring(&B, p, len);
   }
@@ -108,7 +108,7 @@ static void push_clean(lua_State *L, const char *s, size_t n) {
 /* core.utf8_clean(s): s with each ill-formed subpart replaced by U+FFFD */
 static int l_utf8_clean(lua_State *L) {
   size_t n;
-  const char *s = luaL_checklstring(L, 1, &n);
+  const char *s = lg_check_str(L, 1, "core.utf8_clean", "s", &n);
   push_clean(L, s, n);
   return 1;
 }
@@ -118,7 +118,7 @@ static int l_utf8_clean(lua_State *L) {
    or when more bytes could still complete it */
 static int l_utf8_check(lua_State *L) {
   size_t n;
-  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  const unsigned char *s = (const unsigned char *)lg_check_str(L, 1, "core.utf8_check", "s", &n);
   size_t ok = gptoss_utf8_valid(s, n);
   lua_pushinteger(L, (lua_Integer)ok);
   int incomplete = 1;
@@ -131,7 +131,7 @@ static int l_utf8_check(lua_State *L) {
    s (0..3), which a streaming decoder holds back */
 static int l_utf8_tail(lua_State *L) {
   size_t n;
-  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  const unsigned char *s = (const unsigned char *)lg_check_str(L, 1, "core.utf8_tail", "s", &n);
   lua_pushinteger(L, (lua_Integer)gptoss_utf8_tail(s, n));
   return 1;
 }
@@ -139,7 +139,7 @@ static int l_utf8_tail(lua_State *L) {
 
 static int tok_decode(lua_State *L) {
   ltokenizer *b = checktok(L);
-  push_bytes(L, b->t, 2);
+  push_bytes(L, b->t, 2, "tok:decode");
   size_t n;
   const char *s = lua_tolstring(L, -1, &n);
   push_clean(L, s, n);
@@ -148,7 +148,7 @@ static int tok_decode(lua_State *L) {
 
 static int tok_decode_bytes(lua_State *L) {
   ltokenizer *b = checktok(L);
-  push_bytes(L, b->t, 2);
+  push_bytes(L, b->t, 2, "tok:decode_bytes");
   return 1;
 }
 
@@ -165,7 +165,7 @@ static int tok_name(lua_State *L) {
   lua_Integer id = lg_check_int(L, 2, "tok:name", "id", INT64_MIN, INT64_MAX);
   size_t len;
   const char *p = id >= INT32_MIN && id <= INT32_MAX ? gptoss_token_bytes(b->t, (int32_t)id, &len) : NULL;
-  if (!p) luaL_error(L, "token id %s is outside the vocabulary (0..%d)", lcompat_quote(L, 2), gptoss_tokenizer_vocab_size(b->t) - 1);
+  if (!p) luaL_error(L, "tok:name: token id %s is outside the vocabulary (0..%d)", lcompat_quote(L, 2), gptoss_tokenizer_vocab_size(b->t) - 1);
   lua_pushlstring(L, p, len);
   return 1;
 }

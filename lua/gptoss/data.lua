@@ -17,16 +17,18 @@
 local cjson = require "cjson"
 local harmony = require "gptoss.harmony"
 
+local check = require "gptoss.check"
+
 local M = {}
 
 --- the loss mask of harmony token ids: true for the tokens of the messages
 -- loss_on selects, from the role name after <|start|> through the message's
 -- <|end|>, <|return|> or <|call|>
 function M.mask(ids, tok, loss_on)
+  check.ids(ids, "data.mask", "ids")
+  check.udata(tok, "data.mask", "tok", "gptoss.Tokenizer")
   loss_on = loss_on or "assistant"
-  if loss_on ~= "assistant" and loss_on ~= "final" and loss_on ~= "all" then
-    error("data: loss_on must be \"assistant\", \"final\" or \"all\" (got '" .. tostring(loss_on) .. "')", 2)
-  end
+  check.choice(loss_on, "data.mask", "loss_on", { "assistant", "final", "all" })
   local mask = {}
   if loss_on == "all" then                     -- the first token is never predicted
     for i = 1, #ids do mask[i] = i > 1 end
@@ -102,10 +104,13 @@ end
 --- examples from a JSONL file (see above); returns examples, skipped, or
 -- nil and a message when the file cannot be read
 function M.read_jsonl(path, tok, opts)
-  opts = opts or {}
-  if not tok then error("data: a tokenizer is needed to render examples", 2) end
-  local on_error = opts.on_error or "skip"
-  if on_error ~= "skip" and on_error ~= "reject" then error("data: on_error must be \"skip\" or \"reject\"", 2) end
+  local fn = "data.read_jsonl"
+  check.str(path, fn, "path")
+  if not tok then error(fn .. ": a tokenizer is needed to render examples", 2) end
+  check.udata(tok, fn, "tok", "gptoss.Tokenizer")
+  -- (opts may be gptoss.train's, with keys of its own: only these are read)
+  opts = opts == nil and {} or check.table(opts, fn, "opts")
+  local on_error = check.choice(opts.on_error or "skip", fn, "on_error", { "skip", "reject" })
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
   local examples, skipped, n = {}, {}, 0

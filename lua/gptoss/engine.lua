@@ -22,8 +22,6 @@ local running = setmetatable({}, { __mode = "kv" })
 --- the engine that owns model now, or nil
 function M.of(model) return running[model] end
 
-local ENGINE_KEYS = { max_batch = true, max_queue = true, chunk_tokens = true, memory = true, prefix_cache = true,
-  rewind = true, context = true }
 local SUBMIT_EXTRA = { priority = true, logprobs = true, top_logprobs = true }
 
 -- {====================================================== requests
@@ -140,11 +138,7 @@ end
 -- 16; 0 turns it off), rewind (how far a cached session may be rewound past
 -- the sliding window, 512).
 function M.new(model, opts)
-  if opts ~= nil and type(opts) ~= "table" then error("engine: options must be a table", 2) end
-  for k in pairs(opts or {}) do
-    if not ENGINE_KEYS[k] then error("engine: unknown option '" .. tostring(k) .. "'", 2) end
-  end
-  local c = core.engine(model, opts)
+  local c = core.engine(model, opts)   -- checks them, named as gptoss.engine's
   local eng = setmetatable({ c = c, model = model }, Engine)
   running[model] = eng
   return eng
@@ -161,18 +155,20 @@ end
 -- budget), "context_length_exceeded" (the prompt is longer than the
 -- engine's context) or "closed". Returns at once.
 function Engine:submit(ids, opts)
-  opts = G.check_options(opts, "submit", SUBMIT_EXTRA)
-  G.check_ids(ids, "submit")
-  if opts.session then error("submit: session is not an option here", 2) end
-  if opts.on_token ~= nil then error("submit: on_token is not an option here (poll the request)", 2) end
-  return self:_submit(ids, opts, 0)
+  local fn = "eng:submit"
+  opts = G.check_options(opts, fn, SUBMIT_EXTRA)
+  G.check_ids(ids, fn)
+  if opts.session ~= nil then error(fn .. ": session is not an option here", 2) end
+  if opts.on_token ~= nil then error(fn .. ": on_token is not an option here (poll the request)", 2) end
+  return self:_submit(ids, opts, 0, fn)
 end
 
-function Engine:_submit(ids, opts, seed_offset)
+-- (ids and opts checked; fn names the caller in messages)
+function Engine:_submit(ids, opts, seed_offset, fn)
   if self.c.closed then return nil, "engine is closed", "closed" end
   local model = self.model
-  local run = G.new_run(model, opts, #ids)
-  local smp = G.sampler_for(model, opts, seed_offset)
+  local run = G.new_run(model, opts, #ids, fn)
+  local smp = G.sampler_for(model, opts, seed_offset, fn)
   local stops = {}
   for id in pairs(run.stop_ids) do stops[#stops + 1] = id end
   local c, err, code = self.c:submit(ids, smp, { max_tokens = run.max_tokens, stop_tokens = stops,
@@ -185,11 +181,16 @@ end
 -- caller; on_token(piece, id) is called as the tokens arrive, and returning
 -- false from it stops the generation)
 function Engine:generate(ids, opts)
-  opts = G.check_options(opts, "generate", SUBMIT_EXTRA)
-  G.check_ids(ids, "generate")
+  return self:_generate(ids, opts, "eng:generate")
+end
+
+function Engine:_generate(ids, opts, fn)
+  opts = G.check_options(opts, fn, SUBMIT_EXTRA, nil, 4)
+  G.check_ids(ids, fn, 4)
+  if opts.session ~= nil then error(fn .. ": session is not an option here", 3) end
   local cb = opts.on_token
-  local req, err = self:_submit(ids, opts, 0)
-  if not req then error("generate: " .. err, 2) end
+  local req, err = self:_submit(ids, opts, 0, fn)
+  if not req then error(fn .. ": " .. err, 3) end
   local cb_err
   local on_id = cb and function(piece, id)
     local ok, r = pcall(cb, piece, id)
@@ -204,7 +205,7 @@ function Engine:generate(ids, opts)
   req.c:close()
   if cb_err then error(cb_err, 0) end
   if req.callback_stop then res.finish_reason = "callback" end
-  if res.finish_reason == "error" then error("generate: " .. tostring(res.error), 2) end
+  if res.finish_reason == "error" then error(fn .. ": " .. tostring(res.error), 3) end
   return res
 end
 
@@ -233,10 +234,11 @@ Engine.__gc = Engine.close   -- Lua 5.4 (LuaJIT: the C object closes itself when
 
 --- generate_batch(model, prompts, opts): model:generate_batch through the
 -- model's running engine, or one started for this call
-function M.generate_batch(model, prompts, opts)
+function M.generate_batch(model, prompts, opts, fn)
+  fn = fn or "engine.generate_batch"
   local adapter_of
-  opts, adapter_of = G.check_batch(prompts, opts)
-  if opts.on_token ~= nil then error("generate_batch: on_token is not an option here", 3) end
+  opts, adapter_of = G.check_batch(prompts, opts, fn, 4)
+  if opts.on_token ~= nil then error(fn .. ": on_token is not an option here", 3) end
   local eng, own = running[model], false
   if not eng then
     eng, own = M.new(model, { max_batch = math.min(#prompts, 256), max_queue = #prompts }), true
@@ -247,8 +249,8 @@ function M.generate_batch(model, prompts, opts)
       local o = {}
       for k, v in pairs(opts) do o[k] = v end
       o.adapter = adapter_of(i)
-      local req, msg = eng:_submit(ids, o, i - 1)
-      if not req then error("generate_batch: " .. msg, 0) end
+      local req, msg = eng:_submit(ids, o, i - 1, fn)
+      if not req then error(fn .. ": " .. msg, 0) end
       reqs[i] = req
     end
   end)
@@ -257,7 +259,7 @@ function M.generate_batch(model, prompts, opts)
     ok, err = pcall(function()
       for i, req in ipairs(reqs) do
         out[i] = req:result()
-        if out[i].finish_reason == "error" then error("generate_batch: " .. tostring(out[i].error), 0) end
+        if out[i].finish_reason == "error" then error(fn .. ": " .. tostring(out[i].error), 0) end
         out[i].timings, out[i].error = nil, nil
         out[i].usage.prompt_tokens_details = nil
       end

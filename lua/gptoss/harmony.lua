@@ -27,6 +27,7 @@
 local lpeg = require "lpeg"
 local core = require "gptoss.core"
 local json = require "gptoss.json"
+local check = require "gptoss.check"
 
 local P, S, C, Ct, Cs = lpeg.P, lpeg.S, lpeg.C, lpeg.Ct, lpeg.Cs
 
@@ -252,7 +253,12 @@ ts = function(schema, indent)
   end
   return "any"
 end
-M.schema_to_typescript = function(schema) return ts(as_schema(schema), "") end
+M.schema_to_typescript = function(schema)
+  if type(schema) ~= "table" and type(schema) ~= "string" then
+    check.fail("harmony: schema_to_typescript", "schema", "a table or JSON text", schema)
+  end
+  return ts(as_schema(schema), "")
+end
 -- }======================================================
 
 -- {====================================================== system and developer text (harmony)
@@ -810,21 +816,105 @@ end
 
 -- {====================================================== render API
 -- each field's type, checked before rendering so that a wrong one is named
--- rather than met as "attempt to index a number value" deep inside
+-- rather than met as "attempt to index a number value" deep inside; raised
+-- without a position, which check_conv's callers add (the user's line)
+local function bad(what, v, types)
+  error("harmony: render: " .. what .. " must be " .. types .. " (got " .. check.given(v) .. ")", 0)
+end
+
 local function want(v, types, what)
   if v == nil or v == json.null then return end
   local t = type(v)
   for ty in types:gmatch("%a+") do if t == ty then return end end
-  fail("render: " .. what .. " must be a " .. types:gsub(",", " or a ") .. " (got " .. t .. ")", 4)
+  bad(what, v, "a " .. types:gsub(",", " or a "))
+end
+
+-- a table's entries as (key, value, "at[key]"), a list's in order
+local function entries(t, at)
+  local out = {}
+  if is_list(t) then
+    for i, v in ipairs(t) do out[#out + 1] = { i, v, at .. "[" .. i .. "]" } end
+  else
+    for k, v in pairs(t) do out[#out + 1] = { k, v, at .. "[" .. check.given(k) .. "]" } end
+  end
+  return out
+end
+
+local function check_tool(t, at)
+  want(t, "table", at)
+  local fn = t["function"] or t
+  want(fn, "table", at .. ".function")
+  want(fn.name, "string", at .. ".name")
+  want(fn.description, "string", at .. ".description")
+  want(fn.parameters, "table,string", at .. ".parameters")
+end
+
+-- a system message's content table (harmony's SystemContent)
+local function check_system(sys, at)
+  for _, k in ipairs { "identity", "model_identity", "knowledge_cutoff", "cutoff", "date", "conversation_start_date",
+                       "reasoning", "reasoning_effort" } do
+    want(sys[k], "string,boolean", at .. "." .. k)
+  end
+  for _, k in ipairs { "channels", "required_channels" } do
+    want(sys[k], "table,boolean", at .. "." .. k)
+    if type(sys[k]) == "table" then
+      for _, e in ipairs(entries(sys[k], at .. "." .. k)) do want(e[2], "string", e[3]) end
+    end
+  end
+  want(sys.channel_required, "boolean", at .. ".channel_required")
+  for _, k in ipairs { "tools", "builtin_tools" } do
+    want(sys[k], "table,boolean", at .. "." .. k)
+    if type(sys[k]) == "table" then
+      for _, e in ipairs(entries(sys[k], at .. "." .. k)) do
+        local ns = e[2]
+        want(ns, "string,table", e[3])
+        if type(ns) == "table" then
+          want(ns.name, "string", e[3] .. ".name")
+          want(ns.description, "string", e[3] .. ".description")
+          want(ns.tools, "table", e[3] .. ".tools")
+          for j, t in ipairs(type(ns.tools) == "table" and ns.tools or {}) do check_tool(t, e[3] .. ".tools[" .. j .. "]") end
+        end
+      end
+    end
+  end
+end
+
+-- a developer message's content table (harmony's DeveloperContent)
+local function check_developer(dev, at)
+  want(dev.instructions, "string", at .. ".instructions")
+  for _, k in ipairs { "tools", "function_tools" } do
+    want(dev[k], "table", at .. "." .. k)
+    if type(dev[k]) == "table" then
+      for _, e in ipairs(entries(dev[k], at .. "." .. k)) do
+        -- a map's values hold { description, parameters } under the tool's name
+        if is_list(dev[k]) then check_tool(e[2], e[3])
+        else
+          want(e[2], "table", e[3])
+          want(e[2].description, "string", e[3] .. ".description")
+          want(e[2].parameters, "table,string", e[3] .. ".parameters")
+        end
+      end
+    end
+  end
+  want(dev.response_formats, "table", at .. ".response_formats")
+  for i, rf in ipairs(type(dev.response_formats) == "table" and dev.response_formats or {}) do
+    local rat = at .. ".response_formats[" .. i .. "]"
+    want(rf, "table", rat)
+    if type(rf.name) ~= "string" then bad(rat .. ".name", rf.name, "a string") end
+    want(rf.description, "string", rat .. ".description")
+    want(rf.schema, "table,string", rat .. ".schema")
+  end
 end
 
 local function check_message_types(m, i)
   local at = "messages[" .. i .. "]"
-  if type(m) ~= "table" then fail("render: " .. at .. " must be a table (got " .. type(m) .. ")", 4) end
+  if type(m) ~= "table" then bad(at, m, "a table") end
   for _, k in ipairs { "role", "name", "channel", "recipient", "content_type", "thinking", "tool_call_id" } do
     want(m[k], "string", at .. "." .. k)
   end
   want(m.content, "string,table", at .. ".content")
+  if m.role == "system" and type(m.content) == "table" then check_system(m.content, at .. ".content")
+  elseif m.role == "developer" and type(m.content) == "table" then check_developer(m.content, at .. ".content") end
   want(m.tool_calls, "table", at .. ".tool_calls")
   if type(m.tool_calls) == "table" then
     for j, tc in ipairs(m.tool_calls) do
@@ -832,29 +922,47 @@ local function check_message_types(m, i)
       want(tc, "table", tat)
       local fn = tc["function"] or tc
       want(fn, "table", tat .. ".function")
-      if type(fn.name) ~= "string" then fail("render: " .. tat .. " needs a function name (a string)", 4) end
+      if type(fn.name) ~= "string" then bad(tat .. ".function.name", fn.name, "a string") end
       want(fn.arguments, "string,table", tat .. ".arguments")
     end
   end
 end
 
-local function check_conv(conv)
-  if type(conv) ~= "table" then fail("render: a conversation table expected (got " .. type(conv) .. ")", 3) end
-  check_keys(conv, CONV_KEYS, "render")
-  if conv.messages ~= nil and type(conv.messages) ~= "table" then fail("render: messages must be a list", 3) end
+local function check_fields(conv)
+  if type(conv) ~= "table" then bad("conv", conv, "a conversation table") end
+  for k in pairs(conv) do
+    if not CONV_KEYS[k] then error("harmony: render: unknown field '" .. tostring(k) .. "'", 0) end
+  end
+  if conv.messages ~= nil and type(conv.messages) ~= "table" then bad("messages", conv.messages, "a list") end
   for i, m in ipairs(conv.messages or {}) do check_message_types(m, i) end
-  want(conv.system, "string,table,boolean", "system")
-  want(conv.developer, "string,table,boolean", "developer")
+  local fl = conv.flavour or "harmony"
+  if fl ~= "harmony" and fl ~= "hf" then error("harmony: render: flavour must be harmony or hf (got '" .. tostring(fl) .. "')", 0) end
+  -- the hf template reads system and developer fields: no text of their own there
+  want(conv.system, fl == "hf" and "table,boolean" or "string,table,boolean", "system")
+  want(conv.developer, fl == "hf" and "table" or "string,table,boolean", "developer")
+  if type(conv.system) == "table" then check_system(conv.system, "system") end
+  if type(conv.developer) == "table" then check_developer(conv.developer, "developer") end
   want(conv.mode, "string", "mode")
   want(conv.next_role, "string", "next_role")
-  local fl = conv.flavour or "harmony"
-  if fl ~= "harmony" and fl ~= "hf" then fail("render: flavour must be harmony or hf (got '" .. tostring(fl) .. "')", 3) end
+  want(conv.keep_analysis, "boolean", "keep_analysis")
+  want(conv.prefill, "table", "prefill")
+  if type(conv.prefill) == "table" then
+    for _, k in ipairs { "channel", "recipient", "content_type", "content" } do want(conv.prefill[k], "string", "prefill." .. k) end
+  end
+  return fl
+end
+
+-- the conversation checked (its flavour returned), raised at level as the
+-- render function's own error
+local function check_conv(conv, level)
+  local ok, fl = pcall(check_fields, conv)
+  if not ok then error(fl, level + 1) end
   return fl
 end
 
 --- render_text(conv): the rendered text, control tokens written literally
 function M.render_text(conv)
-  if check_conv(conv) == "hf" then return hf_text(conv) end
+  if check_conv(conv, 2) == "hf" then return hf_text(conv) end
   local out = {}
   for _, p in ipairs(harmony_pieces(conv)) do
     if type(p) ~= "table" then out[#out + 1] = p elseif p.special then out[#out + 1] = p.special end
@@ -867,9 +975,10 @@ end
 -- renderer does (so special-token strings in user text stay text). The hf
 -- flavour tokenizes the template's text as transformers does.
 function M.render(conv, tok)
-  local fl = check_conv(conv)
+  local fl = check_conv(conv, 2)
   tok = tok or conv.tokenizer
   if not tok then fail("render: token ids need a tokenizer (render(conv, tokenizer) or conv.tokenizer)", 2) end
+  check.udata(tok, "harmony: render", "tokenizer", "gptoss.Tokenizer")
   if fl == "hf" then return tok:encode(hf_text(conv), { allowed_special = "all" }) end
   local ids, where = {}, nil
   for _, p in ipairs(harmony_pieces(conv)) do
@@ -901,7 +1010,10 @@ local units_of = Ct(((special_name / function(s) return { s = s } end) +
   (C((P(1) - special_name) ^ 1) / function(b) return { b = b } end)) ^ 0)
 
 --- units(text): the text split into control tokens and text runs
-function M.units(text) return units_of:match(text) end
+function M.units(text)
+  check.str(text, "harmony: units", "text")
+  return units_of:match(text)
+end
 
 -- the header grammar: [text] <|channel|> CHANNEL [rest], CHANNEL up to
 -- whitespace or '<'
@@ -969,14 +1081,22 @@ Parser.__index = Parser
 --   tokenizer = tok, on_message = f(msg), on_delta = f(delta, parser) }
 -- strict = false is harmony's non-strict mode; lenient goes further and
 -- recovers text outside messages, truncated headers and missing <|end|>s.
+local PARSER_KEYS = { role = true, strict = true, lenient = true, tokenizer = true, on_message = true, on_delta = true }
+
+-- the stream parser's options, checked as fn's
+local function check_parser_options(opts, fn, known, level)
+  opts = check.options(opts, fn, known, level + 1)
+  if opts.role ~= nil then check.choice(opts.role, fn, "role", { "system", "developer", "user", "assistant", "tool" }, level + 1) end
+  if opts.strict ~= nil then check.bool(opts.strict, fn, "strict", level + 1) end
+  if opts.lenient ~= nil then check.bool(opts.lenient, fn, "lenient", level + 1) end
+  if opts.tokenizer ~= nil then check.udata(opts.tokenizer, fn, "tokenizer", "gptoss.Tokenizer", level + 1) end
+  if opts.on_message ~= nil then check.func(opts.on_message, fn, "on_message", level + 1) end
+  if opts.on_delta ~= nil then check.func(opts.on_delta, fn, "on_delta", level + 1) end
+  return opts
+end
+
 function M.stream_parser(opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if not ({ role = true, strict = true, lenient = true, tokenizer = true, on_message = true, on_delta = true })[k] then
-      fail("stream_parser: unknown option '" .. tostring(k) .. "'", 2)
-    end
-  end
-  if opts.role ~= nil and not M.ROLES[opts.role] then fail("stream_parser: unknown role '" .. tostring(opts.role) .. "'", 2) end
+  opts = check_parser_options(opts, "harmony: stream_parser", PARSER_KEYS, 2)
   local lenient = opts.lenient == true
   local p = setmetatable({
     tok = opts.tokenizer, strict = opts.strict ~= false and not lenient, lenient = lenient,
@@ -1024,7 +1144,9 @@ function Parser:_content_bytes(b)
 end
 
 function Parser:_end_content()
-  local text = self:_content_text() .. core.utf8_clean(self.undecoded)
+  -- as harmony: the content, one U+FFFD for ids that never decoded, then
+  -- the bytes of a sequence left unfinished
+  local text = self:_content_text() .. (self.undecoded_ids and REPLACEMENT or "") .. core.utf8_clean(self.undecoded)
   local m = self:_finish_message(self.current_header, text)
   self.state, self.current_header, self.content, self.undecoded = "start", nil, {}, ""
   self.undecoded_ids = nil
@@ -1036,6 +1158,9 @@ local function unit_text(u) return u.s or u.b end
 
 --- p:process_unit({ s = "<|...|>" } | { b = bytes })
 function Parser:process_unit(u)
+  if type(u) ~= "table" or (type(u.s) == "string") == (type(u.b) == "string") then
+    check.fail("harmony: process_unit", "u", '{ s = "<|name|>" } or { b = bytes }', u)
+  end
   local st = self.state
   if st == "start" then
     if u.s == "<|start|>" then self.state, self.header = "header", {}
@@ -1087,15 +1212,19 @@ function Parser:process_unit(u)
   return self
 end
 
---- p:process(id): one token id (needs the tokenizer)
+--- p:process(id): one token id (needs the tokenizer); ids are harmony's
+-- ranks, 0..2^32-1
 function Parser:process(id)
   local tok = self.tok
   if not tok then fail("stream_parser: process(id) needs a tokenizer; use process_text or process_unit", 2) end
-  if tok:is_special(id) then return self:process_unit { s = tok:name(id) } end
-  if self.state == "content" then
-    -- as harmony's StreamableParser: content ids that do not decode wait
-    -- (with those after them) for ids that make them decode; none comes for
-    -- an id past the vocabulary, so its bytes never reach the content
+  check.int(id, "harmony: process", "id", 0, 4294967295)
+  local special = tok:is_special(id) and tok:name(id)
+  if self.state == "content" and not (special and M.STOP[special]) and (self.undecoded_ids or not special) then
+    -- As harmony's StreamableParser (src/encoding.rs, process_next): in a
+    -- message's content every id but a stop token joins the ids not yet
+    -- decoded, a special token too, and the queue is decoded whole. An id
+    -- that never decodes (past the vocabulary) holds back all that follows
+    -- it until a stop token ends the message, with one U+FFFD for the queue.
     local pending = self.undecoded_ids or {}
     pending[#pending + 1] = id
     local ok, b = pcall(tok.decode_bytes, tok, pending)
@@ -1103,6 +1232,7 @@ function Parser:process(id)
     self.undecoded_ids = nil
     return self:process_unit { b = b }
   end
+  if special then return self:process_unit { s = special } end
   local ok, b = pcall(tok.decode_bytes, tok, { id })
   if not ok then fail("invalid token for decoding: " .. tostring(id), 2) end
   return self:process_unit { b = b }
@@ -1110,6 +1240,7 @@ end
 
 --- p:process_text(text): a chunk of text whose control tokens are written out
 function Parser:process_text(text)
+  check.str(text, "harmony: process_text", "text")
   for _, u in ipairs(M.units(text)) do self:process_unit(u) end
   return self
 end
@@ -1151,15 +1282,16 @@ function Parser:current_content_type() return self.state == "content" and self.c
 -- or nil when it starts with <|start|>), strict, lenient.
 -- Strict and non-strict errors raise; lenient mode never does.
 function M.parse(completion, opts)
-  opts = opts or {}
+  opts = check_parser_options(opts, "harmony: parse", { role = true, strict = true, lenient = true, tokenizer = true }, 2)
+  if type(completion) ~= "string" and type(completion) ~= "table" then
+    check.fail("harmony: parse", "completion", "token ids or text", completion)
+  end
   local popts = { role = opts.role, strict = opts.strict, lenient = opts.lenient, tokenizer = opts.tokenizer }
   local p = M.stream_parser(popts)
   local function run()
     if type(completion) == "string" then p:process_text(completion)
     elseif type(completion) == "table" then
       for _, id in ipairs(completion) do p:process(id) end
-    else
-      fail("parse: token ids or text expected", 3)
     end
     p:process_eos()
   end

@@ -4,6 +4,7 @@
 -- forward pass; this module adds what is easier to write in Lua on top:
 -- the streaming decoder, generation loops, chat, loss and perplexity.
 local core = require "gptoss.core"
+local C = require "gptoss.check"
 
 local M = {
   core = core,
@@ -27,8 +28,10 @@ local M = {
 -- rsLoRA, dropout, targets and seed fill in what opts leaves out
 function M.lora(model, opts)
   if type(opts) == "table" and opts.profile ~= nil then
+    -- what the profile's defaults are computed from (the rest core.lora_new checks)
+    if opts.r ~= nil then C.int(opts.r, "gptoss.lora", "r", 1, 1024) end
     local ok, res = pcall(require("gptoss.train").lora_options, opts.profile, opts)
-    if not ok then error("lora: " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
+    if not ok then error("gptoss.lora: " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
     opts = res
   end
   return core.lora_new(model, opts)
@@ -51,6 +54,7 @@ end
 
 --- tensor_specs(config): the tensors a checkpoint of this config holds.
 function M.tensor_specs(cfg)
+  C.table(cfg, "gptoss.tensor_specs", "config")
   return core.tensor_specs(require("cjson").encode(cfg))
 end
 
@@ -59,9 +63,12 @@ end
 -- the text that is complete so far (holding back a split UTF-8 sequence),
 -- d:flush() what remains (an unfinished sequence becomes U+FFFD).
 function Tokenizer:decoder(opts)
-  local tok, pending, raw = self, "", opts and opts.bytes
+  opts = C.options(opts, "tok:decoder", { bytes = true })
+  if opts.bytes ~= nil then C.bool(opts.bytes, "tok:decoder", "bytes") end
+  local tok, pending, raw = self, "", opts.bytes
   local d = {}
   function d.feed(_, id)
+    C.int(id, "d:feed", "id", -2147483648, 2147483647)
     local b = tok:decode_bytes({ id })
     if raw then return b end
     local s = pending .. b
@@ -104,22 +111,44 @@ local function fresh_seed()
   return (os.time() * 1000 + math.floor(os.clock() * 1e6) + seed_counter * 7919) % 2 ^ 52
 end
 
-local function check_options(opts, what, extra)
-  if opts == nil then return {} end
-  if type(opts) ~= "table" then error(what .. ": options must be a table", 3) end
-  for k in pairs(opts) do
-    if not (SAMPLER_KEYS[k] or GEN_KEYS[k] or (extra and extra[k])) then
-      error(what .. ": unknown option '" .. tostring(k) .. "'", 3)
+-- fn's options, checked: the keys, and the values Lua reads itself (the
+-- sampler's are checked by core.sampler, which names fn too); extra: the
+-- further keys fn takes; batch: adapter may be a list, one per prompt
+local function check_options(opts, fn, extra, batch, level)
+  level = level or 3
+  opts = C.options(opts, fn, setmetatable({}, { __index = function(_, k)
+    return SAMPLER_KEYS[k] or GEN_KEYS[k] or (extra and extra[k])
+  end }), level)
+  if opts.max_tokens ~= nil then C.int(opts.max_tokens, fn, "max_tokens", 1, 2147483647, level) end
+  if opts.seed ~= nil then C.int(opts.seed, fn, "seed", 0, 2 ^ 53, level) end
+  local stop = opts.stop
+  if type(stop) == "table" then
+    for i = 1, #stop do
+      if type(stop[i]) ~= "string" or stop[i] == "" then C.fail(fn, "stop[" .. i .. "]", "a non-empty string", stop[i], level) end
     end
+  elseif stop ~= nil and (type(stop) ~= "string" or stop == "") then
+    C.fail(fn, "stop", "a non-empty string or a list of them", stop, level)
   end
+  if opts.stop_tokens ~= nil then C.ids(opts.stop_tokens, fn, "stop_tokens", level) end
+  if opts.on_token ~= nil then C.func(opts.on_token, fn, "on_token", level) end
+  if opts.session ~= nil then C.udata(opts.session, fn, "session", "gptoss.Session", level) end
+  local ad = opts.adapter
+  if batch and type(ad) == "table" then
+    for i = 1, #ad do
+      if ad[i] ~= false then C.udata(ad[i], fn, "adapter[" .. i .. "]", "gptoss.Adapter", level) end
+    end
+  elseif ad ~= nil and ad ~= false then
+    C.udata(ad, fn, "adapter", "gptoss.Adapter", level)
+  end
+  if opts.priority ~= nil then C.int(opts.priority, fn, "priority", -2147483648, 2147483647, level) end
   return opts
 end
 
-local function sampler_for(model, opts, seed_offset)
+local function sampler_for(model, opts, seed_offset, fn)
   local s = {}
   for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
   s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
-  return core.sampler(model.config.vocab_size, s)
+  return core.sampler(model.config.vocab_size, s, fn)
 end
 
 --- the default stop tokens: <|return|> and <|call|>
@@ -131,9 +160,10 @@ local function default_stops(model)
   return ids
 end
 
-local function check_ids(ids, what)
-  if type(ids) ~= "table" then error(what .. ": token ids (a table of integers) expected", 3) end
-  if #ids == 0 then error(what .. ": empty prompt", 3) end
+local function check_ids(ids, fn, level)
+  level = level or 3
+  C.ids(ids, fn, "ids", level)
+  if #ids == 0 then C.fail(fn, "ids", "a non-empty table of token ids", ids, level) end
 end
 
 -- One generation in progress: turns sampled ids into text pieces and
@@ -142,26 +172,17 @@ end
 local Run = {}
 Run.__index = Run
 
-local function new_run(model, opts, prompt_len)
+-- (opts checked by check_options; fn names the caller in messages)
+local function new_run(model, opts, prompt_len, fn)
   local r = setmetatable({ model = model, ids = {}, parts = {}, pending = "",
     max_tokens = opts.max_tokens or 256, prompt_tokens = prompt_len }, Run)
-  local mt = r.max_tokens
-  if type(mt) ~= "number" or not (mt >= 1 and mt <= 2147483647) or mt ~= math.floor(mt) then
-    error("max_tokens must be an integer in 1..2147483647 (got " .. tostring(mt) .. ")", 4)
-  end
   r.stop_ids = {}
-  for _, id in ipairs(opts.stop_tokens or default_stops(model)) do
-    if type(id) ~= "number" then error("stop_tokens must be token ids", 4) end
-    r.stop_ids[id] = true
-  end
+  for _, id in ipairs(opts.stop_tokens or default_stops(model)) do r.stop_ids[id] = true end
   local stop = opts.stop
   if type(stop) == "string" then stop = { stop } end
   r.stops = {}
-  for _, s in ipairs(stop or {}) do
-    if type(s) ~= "string" or s == "" then error("stop must be a non-empty string or a list of them", 4) end
-    r.stops[#r.stops + 1] = s
-  end
-  if #r.stops > 0 and not model.tokenizer then error("stop strings need a tokenizer", 4) end
+  for _, s in ipairs(stop or {}) do r.stops[#r.stops + 1] = s end
+  if #r.stops > 0 and not model.tokenizer then error(fn .. ": stop strings need a tokenizer, and the model has none", 4) end
   r.decoder = model.tokenizer and model.tokenizer:decoder()
   return r
 end
@@ -251,15 +272,20 @@ end
 
 -- generate_batch's arguments, checked; returns the options and a function
 -- giving prompt i's adapter
-local function check_batch(prompts, opts)
-  opts = check_options(opts, "generate_batch")
-  if opts.session then error("generate_batch: session is not an option here", 3) end
-  if type(prompts) ~= "table" or #prompts == 0 then error("generate_batch: a non-empty list of prompts expected", 3) end
+local function check_batch(prompts, opts, fn, level)
+  level = level or 3
+  opts = check_options(opts, fn, nil, true, level + 1)
+  if opts.session ~= nil then error(fn .. ": session is not an option here", level) end
+  C.table(prompts, fn, "prompts", "a non-empty list of token id tables", level)
+  if #prompts == 0 then C.fail(fn, "prompts", "a non-empty list of token id tables", prompts, level) end
   local adapters = opts.adapter
   if type(adapters) == "table" and #adapters ~= #prompts then
-    error(string.format("generate_batch: adapter lists %d entries for %d prompts", #adapters, #prompts), 3)
+    error(string.format("%s: adapter lists %d entries for %d prompts", fn, #adapters, #prompts), level)
   end
-  for _, ids in ipairs(prompts) do check_ids(ids, "generate_batch") end
+  for i, ids in ipairs(prompts) do
+    C.ids(ids, fn, "prompts[" .. i .. "]", level)
+    if #ids == 0 then C.fail(fn, "prompts[" .. i .. "]", "a non-empty table of token ids", ids, level) end
+  end
   return opts, function(i)
     if type(adapters) == "table" then return adapters[i] or nil end
     return adapters
@@ -283,16 +309,20 @@ end
 -- stream early and frees its session (Lua 5.4's for loop does that itself on
 -- break, through the fourth, to-be-closed value).
 function Model:stream(ids, opts)
-  opts = check_options(opts, "stream")
-  check_ids(ids, "stream")
+  return self:_stream(ids, opts, "model:stream")
+end
+
+function Model:_stream(ids, opts, fn)
+  opts = check_options(opts, fn, nil, nil, 4)
+  check_ids(ids, fn, 4)
   if opts.session and opts.adapter then
-    error("stream: give adapter or session, not both (a session carries its own adapter)", 2)
+    error(fn .. ": give adapter or session, not both (a session carries its own adapter)", 3)
   end
   if opts.session ~= nil and opts.session.model ~= self then
-    error("the session given belongs to another model", 2)
+    error(fn .. ": the session given belongs to another model", 3)
   end
-  local run = new_run(self, opts, #ids)
-  local smp = sampler_for(self, opts)
+  local run = new_run(self, opts, #ids, fn)
+  local smp = sampler_for(self, opts, 0, fn)
   local info = {}
   local sess, own, prev
   local done = false
@@ -340,16 +370,16 @@ end
 -- adapter (a LoRA adapter for this call's fresh session; several can serve
 -- calls at once).
 function Model:generate(ids, opts)
-  opts = check_options(opts, "generate")
-  check_ids(ids, "generate")
-  if opts.session and opts.adapter then
-    error("generate: give adapter or session, not both (a session carries its own adapter)", 2)
-  end
+  return self:_generate(ids, opts, "model:generate")
+end
+
+function Model:_generate(ids, opts, fn)
+  opts = check_options(opts, fn, nil, nil, 4)
+  check_ids(ids, fn, 4)
   local cb = opts.on_token
-  if cb ~= nil and type(cb) ~= "function" then error("generate: on_token must be a function", 2) end
   local eng = not opts.session and engine_of(self)
-  if eng then return eng:generate(ids, opts) end   -- the engine owns the model: through it
-  local it, info = self:stream(ids, opts)
+  if eng then return eng:_generate(ids, opts, fn) end   -- the engine owns the model: through it
+  local it, info = self:_stream(ids, opts, fn)
   for piece, id in it do
     if cb then
       local ok, r = pcall(cb, piece, id)
@@ -371,18 +401,20 @@ end
 -- seed + i - 1. adapter: one adapter for every prompt, or a list with an
 -- adapter (or false) per prompt.
 function Model:generate_batch(prompts, opts)
-  return require("gptoss.engine").generate_batch(self, prompts, opts)
+  return require("gptoss.engine").generate_batch(self, prompts, opts, "model:generate_batch")
 end
 
 --- the same without the engine: sessions fed one after the other, then
 -- decoded together with gptoss.batch_step (what bench/ compares against)
 function Model:generate_batch_sessions(prompts, opts)
+  local fn = "model:generate_batch_sessions"
   local adapter_of
-  opts, adapter_of = check_batch(prompts, opts)
+  opts, adapter_of = check_batch(prompts, opts, fn)
+  if opts.on_token ~= nil then error(fn .. ": on_token is not an option here", 2) end
   local runs, sessions, samplers, last = {}, {}, {}, {}
   for i, ids in ipairs(prompts) do
-    runs[i] = new_run(self, opts, #ids)
-    samplers[i] = sampler_for(self, opts, i - 1)
+    runs[i] = new_run(self, opts, #ids, fn)
+    samplers[i] = sampler_for(self, opts, i - 1, fn)
   end
   local ok, err = pcall(function()
     local active = {}
@@ -421,8 +453,12 @@ end
 
 --- model:loss(ids): mean next-token cross-entropy over the sequence (nats)
 function Model:loss(ids)
-  check_ids(ids, "loss")
-  if #ids < 2 then error("loss: at least two tokens are needed", 2) end
+  return self:_loss(ids, "model:loss")
+end
+
+function Model:_loss(ids, fn)
+  C.ids(ids, fn, "ids", 3)
+  if #ids < 2 then C.fail(fn, "ids", "a table of at least two token ids", ids, 3) end
   local lg = self:logits(ids)
   local s = 0
   for t = 1, #ids - 1 do s = s + lg:nll(t, ids[t + 1]) end
@@ -431,17 +467,20 @@ end
 
 --- model:perplexity(text_or_ids): exp(loss)
 function Model:perplexity(x)
+  local fn = "model:perplexity"
   if type(x) == "string" then
-    if not self.tokenizer then error("perplexity: text needs a tokenizer", 2) end
+    if not self.tokenizer then error(fn .. ": text needs a tokenizer, and the model has none", 2) end
     x = self.tokenizer:encode(x)
+  elseif type(x) ~= "table" then
+    C.fail(fn, "x", "a string or a table of token ids", x)
   end
-  return math.exp(self:loss(x))
+  return math.exp(self:_loss(x, fn))
 end
 
 --- model:trace_experts(ids) -> trace[layer][token] = { experts = {...}, weights = {...} }
 -- (layers and tokens 1-based; expert numbers as in the checkpoint, 0-based)
 function Model:trace_experts(ids)
-  check_ids(ids, "trace_experts")
+  check_ids(ids, "model:trace_experts")
   local s = self:session()
   s:trace(true)
   local ok, err = pcall(s.feed, s, ids, "none")
@@ -473,12 +512,22 @@ local CHAT_KEYS = { system = true, developer = true, instructions = true, tools 
 -- { channel = "final" }), flavour, keep_analysis; on_delta(delta, channel)
 -- for streamed content; and every generate option.
 function M.chat(model, messages, opts)
+  local fn = "gptoss.chat"
   local harmony = require "gptoss.harmony"
   local post = require "gptoss.post"
-  opts = check_options(opts, "chat", CHAT_KEYS)
-  if type(messages) ~= "table" then error("chat: a list of messages expected", 2) end
+  C.udata(model, fn, "model", "gptoss.Model")
+  C.table(messages, fn, "messages", "a list of messages")
+  opts = check_options(opts, fn, CHAT_KEYS)
+  if opts.on_delta ~= nil then C.func(opts.on_delta, fn, "on_delta") end
+  local pf = opts.prefill
+  if pf ~= nil then
+    C.table(pf, fn, "prefill", "a table { channel, recipient, content_type }")
+    for _, k in ipairs { "channel", "recipient", "content_type", "content" } do
+      if pf[k] ~= nil then C.str(pf[k], fn, "prefill." .. k) end
+    end
+  end
   local tok = model.tokenizer
-  if not tok then error("chat: the model has no tokenizer", 2) end
+  if not tok then error(fn .. ": the model has no tokenizer", 2) end
   local system = opts.system
   if system == nil then
     system = { reasoning = opts.reasoning, date = opts.date, identity = opts.identity, tools = opts.builtin_tools }
@@ -487,12 +536,13 @@ function M.chat(model, messages, opts)
   if developer == nil and (opts.instructions or opts.tools) then
     developer = { instructions = opts.instructions, tools = opts.tools }
   end
-  local prompt = harmony.render({ system = system, developer = developer, messages = messages, mode = "completion",
-    prefill = opts.prefill, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
+  -- the renderer checks the conversation's fields and names them; raised here as chat's
+  local ok, prompt = pcall(harmony.render, { system = system, developer = developer, messages = messages,
+    mode = "completion", prefill = pf, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
+  if not ok then error(fn .. ": " .. tostring(prompt):gsub("^.-:%d+: ", ""):gsub("^harmony: render: ", ""), 2) end
   local parser = harmony.stream_parser { role = "assistant", lenient = true, tokenizer = tok }
-  if opts.prefill then
+  if pf then
     -- the prompt already opened the header: replay it to the parser
-    local pf = opts.prefill
     if pf.recipient then parser:process_unit { b = " to=" .. pf.recipient } end
     if pf.channel then parser:process_unit { s = "<|channel|>" }; parser:process_unit { b = pf.channel } end
     if pf.content_type then parser:process_unit { b = " " .. pf.content_type } end
@@ -506,7 +556,7 @@ function M.chat(model, messages, opts)
     if on_delta and parser.last_content_delta then on_delta(parser.last_content_delta, parser:current_channel()) end
     if on_token then return on_token(piece, id) end
   end
-  local r = model:generate(prompt, gen)
+  local r = model:_generate(prompt, gen, fn)
   parser:process_eos()
   local msgs = parser.messages
   return {

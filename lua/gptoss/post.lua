@@ -7,15 +7,17 @@ local lpeg = require "lpeg"
 local harmony = require "gptoss.harmony"
 local json = require "gptoss.json"
 
+local check = require "gptoss.check"
+
 local P, C, Cs = lpeg.P, lpeg.C, lpeg.Cs
 
 local M = {}
 
 -- Text to messages. A completion may start inside an assistant header
 -- ("<|channel|>final<|message|>..."), at a <|start|>, or be plain text.
-local function messages_of(x)
+local function messages_of(x, fn)
   if type(x) == "table" then return x end
-  if type(x) ~= "string" then error("post: messages or text expected", 3) end
+  if type(x) ~= "string" then check.fail(fn or "post.messages", "x", "messages or text", x, 3) end
   local first_start = x:find("<|start|>", 1, true)
   local first_message = x:find("<|message|>", 1, true)
   local role
@@ -41,7 +43,7 @@ local function is_assistant(m) return m.role == "assistant" or m.role == nil end
 --- final_text(messages | text): the answer, from the final channel (or, for
 -- a reply without channels, its plain text); nil when there is none
 function M.final_text(x)
-  local msgs = messages_of(x)
+  local msgs = messages_of(x, "post.final_text")
   local f = join(msgs, function(m) return is_assistant(m) and m.channel == "final" end, "")
   if f then return f end
   return join(msgs, function(m) return is_assistant(m) and m.channel == nil and m.recipient == nil end, "")
@@ -49,7 +51,7 @@ end
 
 --- analysis_text(messages | text): the chain of thought, nil when there is none
 function M.analysis_text(x)
-  return join(messages_of(x), function(m) return is_assistant(m) and m.channel == "analysis" and m.recipient == nil end, "\n")
+  return join(messages_of(x, "post.analysis_text"), function(m) return is_assistant(m) and m.channel == "analysis" and m.recipient == nil end, "\n")
 end
 
 --- tool_calls(messages | text): { { recipient, name, namespace, channel,
@@ -58,7 +60,7 @@ end
 -- with arguments nil.
 function M.tool_calls(x)
   local out = {}
-  for _, m in ipairs(messages_of(x)) do
+  for _, m in ipairs(messages_of(x, "post.tool_calls")) do
     if is_assistant(m) and m.recipient and m.recipient ~= "all" then
       local ns, name = m.recipient:match("^([^.]+)%.(.+)$")
       local call = { recipient = m.recipient, namespace = ns, name = name or m.recipient, channel = m.channel,
@@ -92,7 +94,7 @@ function M.strip_reasoning(x)
     for _, m in ipairs(x) do if m.channel ~= "analysis" then out[#out + 1] = m end end
     return out
   end
-  if type(x) ~= "string" then error("post: messages or text expected", 2) end
+  if type(x) ~= "string" then check.fail("post.strip_reasoning", "x", "messages or text", x) end
   return strip:match(x)
 end
 
@@ -106,7 +108,7 @@ local flattened = P"analysis" * C((P(1) - P"assistantfinal") ^ 0) * P"assistantf
 --- clean_response(text): the user-visible answer from a raw string that may
 -- or may not hold channel markup (or its flattened, tokens-dropped form)
 function M.clean_response(text)
-  if type(text) ~= "string" then error("post.clean_response: text expected", 2) end
+  check.str(text, "post.clean_response", "text")
   local trimmed = text:match("^%s*(.-)%s*$")
   if has_markup:match(text) then
     local msgs = messages_of(text)

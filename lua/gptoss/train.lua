@@ -19,6 +19,8 @@
 -- "conservative" fills in the seeds' settings (M.profiles); any option given
 -- beside it wins. gptoss.lora(model, { profile = ... }) makes the adapter
 -- the same profile asks for.
+local C = require "gptoss.check"
+
 local M = {}
 
 local KNOWN = {}
@@ -115,7 +117,7 @@ function M.lr_at(s, n, opts)
   elseif opts.schedule == "linear" then return base * math.max(0, 1 - frac)
   elseif opts.schedule == "cosine" then return base * 0.5 * (1 + math.cos(math.pi * frac))
   end
-  error("train: schedule must be \"linear\", \"cosine\" or \"constant\" (got " .. tostring(opts.schedule) .. ")", 3)
+  C.choice(opts.schedule, "train.lr_at", "schedule", { "linear", "cosine", "constant" }, 2)
 end
 
 --- the loss monitor's verdict on a loss, as the seeds' workflow reads it
@@ -128,29 +130,29 @@ function M.flag(loss, opts)
   return "training"
 end
 
-local function prepare(model, data, max_len, what, opts)
-  if type(data) ~= "table" then error("train: " .. what .. " must be a list of examples", 3) end
+local function prepare(model, data, max_len, what, opts, fn)
+  C.table(data, fn, what, "a list of examples", 3)
   local D = require "gptoss.data"
   local out = {}
   for i, ex in ipairs(data) do
     local ids, mask = ex.ids, ex.mask
     if ids == nil and (ex.text or ex.messages) then   -- rendered and masked as gptoss.data does for JSONL
-      if not model.tokenizer then error(string.format("train: %s[%d] needs a tokenizer, and the model has none", what, i), 3) end
+      if not model.tokenizer then error(string.format("%s: %s[%d] needs a tokenizer, and the model has none", fn, what, i), 3) end
       local e, why = D.example(ex, model.tokenizer, { flavour = opts and opts.flavour, loss_on = opts and opts.loss_on,
                                                        max_len = max_len })
-      if not e then error(string.format("train: %s[%d]: %s", what, i, why), 3) end
+      if not e then error(string.format("%s: %s[%d]: %s", fn, what, i, why), 3) end
       ids, mask = e.ids, e.mask
     end
     if type(ids) ~= "table" or #ids < 2 then
-      error(string.format("train: %s[%d] needs ids (at least 2) or text", what, i), 3)
+      error(string.format("%s: %s[%d] needs ids (at least 2) or text", fn, what, i), 3)
     end
     if mask and #mask ~= #ids then
-      error(string.format("train: %s[%d] has %d mask entries for %d ids", what, i, #mask, #ids), 3)
+      error(string.format("%s: %s[%d] has %d mask entries for %d ids", fn, what, i, #mask, #ids), 3)
     end
     ids, mask = D.truncate(ids, mask, max_len)
     out[#out + 1] = { ids = ids, mask = mask, index = i }
   end
-  if #out == 0 then error("train: " .. what .. " is empty", 3) end
+  if #out == 0 then error(fn .. ": " .. what .. " is empty", 3) end
   return out
 end
 
@@ -226,7 +228,11 @@ end
 
 --- mean loss and perplexity of the adapter on examples (no gradients)
 function M.evaluate(model, lora, data, opts)
-  local ex = prepare(model, data, opts and opts.max_len, "eval", opts)
+  local fn = "train.evaluate"
+  C.udata(model, fn, "model", "gptoss.Model")
+  C.udata(lora, fn, "lora", "gptoss.Adapter")
+  if opts ~= nil then C.table(opts, fn, "opts") end
+  local ex = prepare(model, data, opts and opts.max_len, "eval", opts, fn)
   local total, count = 0, 0
   for _, e in ipairs(ex) do
     local s = model:session { adapter = lora }
@@ -236,33 +242,62 @@ function M.evaluate(model, lora, data, opts)
       if not e.mask or e.mask[t + 1] then total = total + lg:nll(t, e.ids[t + 1]); count = count + 1 end
     end
   end
-  if count == 0 then error("train: the eval examples have no target tokens", 2) end
+  if count == 0 then error(fn .. ": the eval examples have no target tokens", 2) end
   return total / count, math.exp(total / count)
 end
 
-function M.train(model, lora, opts)
-  opts = opts or {}
-  for k in pairs(opts) do
-    if not KNOWN[k] then error("train: unknown option '" .. tostring(k) .. "'", 2) end
+-- gptoss.train's options, defaults and profile filled in, checked
+local function check_train(o, fn, level)
+  local big = 2147483647
+  for _, k in ipairs { "steps", "batch", "grad_accum", "dataset_size", "log_every", "checkpoint_every", "eval_every", "keep" } do
+    if o[k] ~= nil then C.int(o[k], fn, k, 1, big, level) end
   end
+  if o.warmup ~= nil then C.int(o.warmup, fn, "warmup", 0, big, level) end
+  if o.max_len ~= nil then C.int(o.max_len, fn, "max_len", 2, big, level) end
+  C.int(o.seed, fn, "seed", 0, 2 ^ 53, level)
+  C.num(o.epochs, fn, "epochs", 0, nil, { gt = true }, level)
+  C.num(o.lr, fn, "lr", 0, nil, nil, level)
+  C.num(o.weight_decay, fn, "weight_decay", 0, nil, nil, level)
+  C.num(o.max_grad_norm, fn, "max_grad_norm", 0, nil, nil, level)
+  C.num(o.eps, fn, "eps", 0, nil, { gt = true }, level)
+  C.table(o.betas, fn, "betas", "{ beta1, beta2 }", level)
+  C.num(o.betas[1], fn, "betas[1]", 0, 1, { lt = true }, level)
+  C.num(o.betas[2], fn, "betas[2]", 0, 1, { lt = true }, level)
+  for _, k in ipairs { "target_loss", "overfit_below", "underfit_above" } do C.num(o[k], fn, k, nil, nil, nil, level) end
+  C.choice(o.schedule, fn, "schedule", { "linear", "cosine", "constant" }, level)
+  C.bool(o.group_by_length, fn, "group_by_length", level)
+  C.bool(o.resume, fn, "resume", level)
+  if type(o.data) ~= "string" then C.table(o.data, fn, "data", "a list of examples or a JSONL path", level) end
+  if o.eval ~= nil then C.table(o.eval, fn, "eval", "a list of examples", level) end
+  if o.on_step ~= nil then C.func(o.on_step, fn, "on_step", level) end
+  if o.on_log ~= nil then C.func(o.on_log, fn, "on_log", level) end
+  if o.checkpoint_dir ~= nil then C.str(o.checkpoint_dir, fn, "checkpoint_dir", level) end
+  if o.loss_on ~= nil then C.choice(o.loss_on, fn, "loss_on", { "assistant", "final", "all" }, level) end
+  if o.flavour ~= nil then C.choice(o.flavour, fn, "flavour", { "harmony", "hf" }, level) end
+  if o.on_error ~= nil then C.choice(o.on_error, fn, "on_error", { "skip", "reject" }, level) end
+  if o.progress ~= nil and type(o.progress) ~= "boolean" then C.table(o.progress, fn, "progress", "a boolean or a table", level) end
+end
+
+function M.train(model, lora, opts)
+  local fn = "gptoss.train"
+  C.udata(model, fn, "model", "gptoss.Model")
+  C.udata(lora, fn, "lora", "gptoss.Adapter")
+  opts = C.options(opts, fn, KNOWN)
   if opts.profile ~= nil then
-    local ok, res = pcall(M.options, opts.profile, lora and lora.r, opts)
-    if not ok then error("train: " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
+    -- what the profile's defaults are computed from
+    if opts.batch ~= nil then C.int(opts.batch, fn, "batch", 1, 2147483647) end
+    local ok, res = pcall(M.options, opts.profile, lora.r, opts)
+    if not ok then error(fn .. ": " .. tostring(res):gsub("^.-:%d+: ", ""), 2) end
     opts = res
   end
   local o = {}
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
-  for _, k in ipairs { "steps", "batch", "grad_accum", "dataset_size", "log_every", "checkpoint_every", "eval_every" } do
-    local v = o[k]
-    if v ~= nil and (type(v) ~= "number" or v < 1 or v ~= math.floor(v)) then
-      error("train: " .. k .. " must be a positive integer (got " .. tostring(v) .. ")", 2)
-    end
-  end
+  check_train(o, fn, 3)
   local skipped
   if type(o.data) == "string" then          -- a JSONL file
     local ex, err = require("gptoss.data").read_jsonl(o.data, model.tokenizer, o)
-    if not ex then error("train: " .. err, 2) end
+    if not ex then error(fn .. ": " .. err, 2) end
     o.data, skipped = ex, err
   end
   if o.dataset_size and type(o.data) == "table" and #o.data > o.dataset_size then   -- the first N, as train[:N]
@@ -270,7 +305,7 @@ function M.train(model, lora, opts)
     for i = 1, o.dataset_size do head[i] = o.data[i] end
     o.data = head
   end
-  local data = prepare(model, o.data, o.max_len, "data", o)
+  local data = prepare(model, o.data, o.max_len, "data", o, fn)
   local per_step = o.batch * o.grad_accum
   local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
   local clock = require("gptoss.core").clock
@@ -282,7 +317,7 @@ function M.train(model, lora, opts)
   end
   local history, t_start, first = {}, clock(), 1
   if o.resume then
-    if not o.checkpoint_dir then error("train: resume needs checkpoint_dir", 2) end
+    if not o.checkpoint_dir then error(fn .. ": resume needs checkpoint_dir", 2) end
     local path, state = M.latest(o.checkpoint_dir)
     if path then
       local saved = assert(require("gptoss").adapter.load(path))
