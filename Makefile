@@ -31,7 +31,7 @@ BUILD := build
 OUT := $(BUILD)/$(LUA_ABI)/gptoss
 PKG_CFLAGS := $(shell pkg-config --cflags libpcre2-8 libcjson 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs libpcre2-8 libcjson 2>/dev/null || echo -lpcre2-8 -lcjson)
-WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter
+WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wno-unused-parameter -Werror=implicit-function-declaration
 # -fno-math-errno: nothing reads errno after a math call, and it lets sqrt
 # vectorise; GCC's -O2 cost model leaves loops with conversions (AdamW's)
 # scalar, so ask for its -O3 one where the compiler has it

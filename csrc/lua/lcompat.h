@@ -37,7 +37,16 @@ static inline void lcompat_setmetatable(lua_State *L, const char *tname) {
   luaL_getmetatable(L, tname);
   lua_setmetatable(L, -2);
 }
+static inline void *lcompat_testudata(lua_State *L, int ud, const char *tname) {
+  void *p = lua_touserdata(L, ud);
+  if (!p || !lua_getmetatable(L, ud)) return NULL;
+  luaL_getmetatable(L, tname);
+  int same = lua_rawequal(L, -1, -2);
+  lua_pop(L, 2);
+  return same ? p : NULL;
+}
 #define luaL_setfuncs(L, l, n) lcompat_setfuncs(L, l, n)
+#define luaL_testudata(L, i, t) lcompat_testudata(L, i, t)
 #define luaL_setmetatable(L, t) lcompat_setmetatable(L, t)
 #endif
 
