@@ -96,7 +96,8 @@ Model.merge = core.lora_merge
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,
   penalty_window = true, seed = true, logit_bias = true }
-local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true }
+local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true,
+  json_schema = true, grammar = true, json = true, json_options = true }
 
 local seed_counter = 0
 local function fresh_seed()
@@ -115,13 +116,6 @@ local function check_options(opts, what, extra)
   return opts
 end
 
-local function sampler_for(model, opts, seed_offset)
-  local s = {}
-  for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
-  s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
-  return core.sampler(model.config.vocab_size, s)
-end
-
 --- the default stop tokens: <|return|> and <|call|>
 local function default_stops(model)
   local t, V, ids = model.tokenizer, model.config.vocab_size, {}
@@ -129,6 +123,21 @@ local function default_stops(model)
   local b = t and t:special("<|call|>") or 200012
   for _, id in ipairs { a, b } do if id < V then ids[#ids + 1] = id end end
   return ids
+end
+
+-- a sampler for opts; under json_schema, grammar or json it obeys the
+-- grammar, whose end allows the stop tokens (gptoss.constraint)
+local function sampler_for(model, opts, seed_offset, what)
+  local s = {}
+  for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
+  s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
+  local m
+  if opts.json_schema ~= nil or opts.grammar ~= nil or opts.json ~= nil or opts.json_options ~= nil then
+    m = require("gptoss.constraint").matcher(model, opts, opts.stop_tokens or default_stops(model), what or "generate")
+  end
+  local smp = core.sampler(model.config.vocab_size, s)
+  if m then smp:constrain(m) end
+  return smp
 end
 
 local function check_ids(ids, what)
@@ -292,7 +301,7 @@ function Model:stream(ids, opts)
     error("the session given belongs to another model", 2)
   end
   local run = new_run(self, opts, #ids)
-  local smp = sampler_for(self, opts)
+  local smp = sampler_for(self, opts, 0, "stream")
   local info = {}
   local sess, own, prev
   local done = false
@@ -347,6 +356,7 @@ function Model:generate(ids, opts)
   end
   local cb = opts.on_token
   if cb ~= nil and type(cb) ~= "function" then error("generate: on_token must be a function", 2) end
+  require("gptoss.constraint").check(opts, "generate")   -- a bad constraint raises here, named for generate
   local eng = not opts.session and engine_of(self)
   if eng then return eng:generate(ids, opts) end   -- the engine owns the model: through it
   local it, info = self:stream(ids, opts)
@@ -382,7 +392,7 @@ function Model:generate_batch_sessions(prompts, opts)
   local runs, sessions, samplers, last = {}, {}, {}, {}
   for i, ids in ipairs(prompts) do
     runs[i] = new_run(self, opts, #ids)
-    samplers[i] = sampler_for(self, opts, i - 1)
+    samplers[i] = sampler_for(self, opts, i - 1, "generate_batch")
   end
   local ok, err = pcall(function()
     local active = {}
@@ -487,12 +497,17 @@ function M.chat(model, messages, opts)
   if developer == nil and (opts.instructions or opts.tools) then
     developer = { instructions = opts.instructions, tools = opts.tools }
   end
+  -- a constrained reply is the final channel's message: the turn opens on it
+  -- (the analysis channel is skipped; see README, constrained decoding)
+  local constrained = opts.json_schema ~= nil or opts.grammar ~= nil or opts.json
+  local prefill = opts.prefill
+  if constrained and prefill == nil then prefill = { channel = "final" } end
   local prompt = harmony.render({ system = system, developer = developer, messages = messages, mode = "completion",
-    prefill = opts.prefill, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
+    prefill = prefill, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
   local parser = harmony.stream_parser { role = "assistant", lenient = true, tokenizer = tok }
-  if opts.prefill then
+  if prefill then
     -- the prompt already opened the header: replay it to the parser
-    local pf = opts.prefill
+    local pf = prefill
     if pf.recipient then parser:process_unit { b = " to=" .. pf.recipient } end
     if pf.channel then parser:process_unit { s = "<|channel|>" }; parser:process_unit { b = pf.channel } end
     if pf.content_type then parser:process_unit { b = " " .. pf.content_type } end
