@@ -151,6 +151,9 @@ static inline GPTOSS_HD int gptoss_kv_slot(int sliding, int ring, int p) { retur
 #if defined(__GNUC__)
 #pragma GCC visibility push(default)
 #endif
+/* samples sessions' last logits: the backend's sampler, or on the host for
+   samplers under a grammar (session.c) */
+gptoss_status gptoss_sample_sessions(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out);
 gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, const int *counts,
                              gptoss_logits_mode mode, float *out);
 #if defined(__GNUC__)

@@ -573,7 +573,7 @@ static void step(gptoss_engine *e, step_buf *b) {
       b->smp[ns] = r->smp;
       b->sample_who[ns++] = b->who[k];
     }
-    if (ns) rc = e->m->be->sample(b->sample_ss, ns, b->smp, b->next);
+    if (ns) rc = gptoss_sample_sessions(b->sample_ss, ns, b->smp, b->next);
   }
   double t1 = now_s();
   if (rc) {

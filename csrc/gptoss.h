@@ -196,6 +196,42 @@ int32_t gptoss_special_id(const gptoss_tokenizer *t, const char *name);  /* -1 i
 int gptoss_is_special(const gptoss_tokenizer *t, int32_t id);
 /* }====================================================== */
 
+/* {====================================================== constrained decoding */
+/* A grammar in llama.cpp's GBNF (gbnf.c), compiled once and shared: matchers
+   hold references (the _free functions drop one). Bad text fails with
+   GPTOSS_EARG and a message naming the line, column and rule. */
+typedef struct gptoss_grammar gptoss_grammar;
+gptoss_status gptoss_grammar_parse(const char *text, size_t len, const char *root, gptoss_grammar **out);
+gptoss_grammar *gptoss_grammar_ref(gptoss_grammar *g);
+void gptoss_grammar_free(gptoss_grammar *g);
+
+/* A vocabulary's token bytes as a trie, built once per tokenizer (ids
+   0..vocab-1; special tokens are left out: a grammar never produces them). */
+typedef struct gptoss_vocab gptoss_vocab;
+gptoss_status gptoss_vocab_new(const gptoss_tokenizer *t, int vocab, gptoss_vocab **out);
+gptoss_vocab *gptoss_vocab_ref(gptoss_vocab *v);
+void gptoss_vocab_free(gptoss_vocab *v);
+int gptoss_vocab_size(const gptoss_vocab *v);
+
+/* Where one output stands in a grammar (grammar.c). end_ids are the tokens
+   (stop tokens) allowed once the grammar is complete; accepting one ends
+   the output. */
+typedef struct gptoss_matcher gptoss_matcher;
+gptoss_status gptoss_matcher_new(gptoss_grammar *g, gptoss_vocab *v, const int32_t *end_ids, int n_end,
+                                 gptoss_matcher **out);
+void gptoss_matcher_free(gptoss_matcher *m);
+/* bits[(vocab + 31) / 32]: bit id set when the grammar allows token id next */
+gptoss_status gptoss_matcher_mask(gptoss_matcher *m, uint32_t *bits);
+/* sets the logits of the tokens the grammar forbids to -inf */
+gptoss_status gptoss_matcher_apply(gptoss_matcher *m, float *logits);
+int gptoss_matcher_allows(const gptoss_matcher *m, int32_t id);   /* by the last apply */
+/* advances by a token (GPTOSS_EARG, state unchanged, when it is forbidden) or by raw bytes */
+gptoss_status gptoss_matcher_accept(gptoss_matcher *m, int32_t id);
+gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *m, const char *b, size_t n);
+int gptoss_matcher_accepting(const gptoss_matcher *m);   /* the grammar may end here */
+int gptoss_matcher_ended(const gptoss_matcher *m);       /* an end id was accepted */
+/* }====================================================== */
+
 /* {====================================================== sampling */
 typedef struct gptoss_sampling {
   float temperature;        /* 0 = greedy */
@@ -222,6 +258,12 @@ int gptoss_sampler_vocab(const gptoss_sampler *s);   /* the vocabulary size it w
    logits array is used as scratch. */
 int32_t gptoss_sampler_sample(gptoss_sampler *s, float *logits,
                               const int32_t *history, size_t n_history);
+/* Constrains every later sample to what m allows (after bias and penalties,
+   so no bias brings back a forbidden token) and advances m by each sampled
+   id. The sampler owns m from here on; a backend that samples on its device
+   hands constrained samplers to the host. */
+void gptoss_sampler_constrain(gptoss_sampler *s, gptoss_matcher *m);
+gptoss_matcher *gptoss_sampler_matcher(const gptoss_sampler *s);   /* NULL when free */
 /* }====================================================== */
 
 /* {====================================================== model and sessions */

@@ -19,6 +19,7 @@ struct gptoss_sampler {
   float *bias_values;
   int32_t *order;        /* candidate ids */
   int32_t *counts;       /* per-id counts in the penalty window, zero between calls */
+  gptoss_matcher *gm;    /* a grammar's constraint, or NULL */
 };
 
 void gptoss_sampling_default(gptoss_sampling *s) {
@@ -102,8 +103,16 @@ void gptoss_sampler_free(gptoss_sampler *p) {
   free(p->counts);
   free(p->bias_ids);
   free(p->bias_values);
+  gptoss_matcher_free(p->gm);
   free(p);
 }
+
+void gptoss_sampler_constrain(gptoss_sampler *p, gptoss_matcher *m) {
+  gptoss_matcher_free(p->gm);
+  p->gm = m;
+}
+
+gptoss_matcher *gptoss_sampler_matcher(const gptoss_sampler *p) { return p->gm; }
 
 static void penalise(gptoss_sampler *p, float *logits, const int32_t *hist, size_t n) {
   const gptoss_sampling *c = &p->cfg;
@@ -162,11 +171,34 @@ static int sort_by_prob(int32_t *order, int n, const float *v) {
   return 0;
 }
 
+/* The grammar's mask over biased, penalised logits. When the bias leaves
+   every allowed token at -inf, they become equally likely: the output must
+   still go on in the grammar. A mask that cannot be computed (memory, a
+   grammar too ambiguous) leaves only the end ids: the output stops. */
+static void constrain(gptoss_sampler *p, float *logits) {
+  int V = p->vocab, live = 0;
+  (void)gptoss_matcher_apply(p->gm, logits);   /* failing, it leaves the end ids */
+  for (int i = 0; i < V && !live; i++) live = logits[i] > -INFINITY && !isnan(logits[i]);
+  if (!live)
+    for (int i = 0; i < V; i++) logits[i] = gptoss_matcher_allows(p->gm, i) ? 0.0f : -INFINITY;
+}
+
+static int32_t sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist);
+
 int32_t gptoss_sampler_sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist) {
+  if (!p->gm) return sample(p, logits, hist, nhist);
+  int32_t id = sample(p, logits, hist, nhist);
+  /* the mask allowed it: this only fails when the mask failed too */
+  (void)gptoss_matcher_accept(p->gm, id);
+  return id;
+}
+
+static int32_t sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist) {
   const gptoss_sampling *c = &p->cfg;
   int V = p->vocab;
   for (int i = 0; i < c->n_bias; i++) logits[c->bias_ids[i]] += c->bias_values[i];
   penalise(p, logits, hist, nhist);
+  if (p->gm) constrain(p, logits);
   if (c->temperature == 0) {
     int best = 0;
     for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;

@@ -341,12 +341,39 @@ static gptoss_status check_samplers(gptoss_session *const *ss, gptoss_sampler *c
   return GPTOSS_OK;
 }
 
+/* The backend samples, except for samplers under a grammar: their masks are
+   computed on the host, so those sessions' logits come to the host and the
+   sampler runs there (on the CPU backend that is what sample does anyway). */
+gptoss_status gptoss_sample_sessions(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out) {
+  const gptoss_backend *be = ss[0]->m->be;
+  int constrained = 0;
+  for (int i = 0; i < n; i++) constrained += gptoss_sampler_matcher(smp[i]) != NULL;
+  if (constrained == 0 || be == &gptoss_cpu_backend) return be->sample(ss, n, smp, out);
+  int V = ss[0]->m->cfg.vocab_size;
+  float *host = malloc(sizeof(float) * (size_t)V);
+  gptoss_session **fs = malloc(sizeof *fs * (size_t)n);
+  gptoss_sampler **fp = malloc(sizeof *fp * (size_t)n);
+  int32_t *fo = malloc(sizeof *fo * (size_t)n);
+  int *who = malloc(sizeof *who * (size_t)n);
+  gptoss_status rc = host && fs && fp && fo && who ? GPTOSS_OK : gptoss_fail(GPTOSS_ENOMEM, "out of memory for sampling");
+  int nf = 0;
+  for (int i = 0; i < n && !rc; i++) {
+    if (!gptoss_sampler_matcher(smp[i])) { fs[nf] = ss[i]; fp[nf] = smp[i]; who[nf++] = i; continue; }
+    if (!(rc = gptoss_session_logits(ss[i], host)))
+      out[i] = gptoss_sampler_sample(smp[i], host, ss[i]->history, (size_t)ss[i]->pos);
+  }
+  if (!rc && nf) rc = be->sample(fs, nf, fp, fo);
+  for (int k = 0; k < nf && !rc; k++) out[who[k]] = fo[k];
+  free(host); free(fs); free(fp); free(fo); free(who);
+  return rc;
+}
+
 gptoss_status gptoss_session_sample(gptoss_session *s, gptoss_sampler *smp, int32_t *id) {
   gptoss_status rc = check_samplers(&s, &smp, 1);
   if (!rc) rc = check_usable(s, 0);
   if (rc) return rc;
   if (!s->has_logits) return gptoss_fail(GPTOSS_ESTATE, "nothing to sample from: feed tokens with logits first");
-  return s->m->be->sample(&s, 1, &smp, id);
+  return gptoss_sample_sessions(&s, 1, &smp, id);
 }
 
 gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, gptoss_sampler **smp, int32_t *next) {
@@ -356,7 +383,7 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
     gptoss_status rc = check_samplers(ss, smp, n);
     if (rc) return rc;
   }
-  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !m->batch_invariant) {
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !m->batch_invariant && !gptoss_sampler_matcher(smp[0])) {
     /* one token of one session: the backend's fused step (its kernels are
        not the batched pass's, so a batch-invariant model takes the general pass) */
     gptoss_session *s = ss[0];
@@ -377,5 +404,5 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
   gptoss_status rc = gptoss_forward(ss, n, ids, counts, GPTOSS_LOGITS_LAST, NULL);
   free(counts);
   if (rc || !smp || !next) return rc;
-  return m->be->sample(ss, n, smp, next);
+  return gptoss_sample_sessions(ss, n, smp, next);
 }

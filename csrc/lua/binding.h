@@ -128,6 +128,9 @@ void lg_open_sys(lua_State *L);      /* isatty, term_columns, getpid */
 /* marks the model at idx as owned by a running engine (NULL: free again);
    while owned, every direct use of it or its sessions raises */
 void lg_model_own(lua_State *L, int idx, gptoss_engine *e);
+void lg_open_grammar(lua_State *L);   /* grammar, vocab, matcher */
+/* the matcher at idx, taken over by the caller (the Lua object is closed) */
+gptoss_matcher *lg_take_matcher(lua_State *L, int idx);
 /* the sampler at idx, taken over by the caller (the Lua object is closed) */
 gptoss_sampler *lg_take_sampler(lua_State *L, int idx);
 /* }====================================================== */

@@ -42,6 +42,7 @@ int luaopen_gptoss_core(lua_State *L) {
   lg_open_engine(L);
   lg_open_loader(L);
   lg_open_sys(L);
+  lg_open_grammar(L);
   /* core.methods.Model etc.: Lua libraries add methods written in Lua here */
   static const char *const types[] = {MODEL_T, SESSION_T, TOKENIZER_T, SAMPLER_T, FLOATS_T, WRITER_T, READER_T, ADAPTER_T, NULL};
   lua_newtable(L);

@@ -502,6 +502,15 @@ static int sampler_sample(lua_State *L) {
   return 1;
 }
 
+/* sampler:constrain(matcher): every later sample obeys the matcher's grammar
+   (the matcher is taken over) */
+static int sampler_constrain(lua_State *L) {
+  lsampler *p = checksampler(L, 1);
+  gptoss_sampler_constrain(p->s, lg_take_matcher(L, 2));
+  lua_settop(L, 1);
+  return 1;
+}
+
 gptoss_sampler *lg_take_sampler(lua_State *L, int idx) {
   lsampler *p = checksampler(L, idx);
   gptoss_sampler *s = p->s;
@@ -563,7 +572,7 @@ void lg_open_model(lua_State *L) {
 #endif
     {NULL, NULL}};
   lg_class(L, SESSION_T, s_methods, s_meta, session_fields);
-  static const luaL_Reg p_methods[] = {{"sample", sampler_sample}, {"close", sampler_gc}, {NULL, NULL}};
+  static const luaL_Reg p_methods[] = {{"sample", sampler_sample}, {"constrain", sampler_constrain}, {"close", sampler_gc}, {NULL, NULL}};
   static const luaL_Reg p_meta[] = {
     {"__gc", sampler_gc},
 #if LUA_VERSION_NUM >= 504

@@ -103,7 +103,8 @@ Model.merge = core.lora_merge
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,
   penalty_window = true, seed = true, logit_bias = true }
-local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true }
+local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true,
+  json_schema = true, grammar = true, json = true, json_options = true }
 
 local seed_counter = 0
 local function fresh_seed()
@@ -144,13 +145,6 @@ local function check_options(opts, fn, extra, batch, level)
   return opts
 end
 
-local function sampler_for(model, opts, seed_offset, fn)
-  local s = {}
-  for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
-  s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
-  return core.sampler(model.config.vocab_size, s, fn)
-end
-
 --- the default stop tokens: <|return|> and <|call|>
 local function default_stops(model)
   local t, V, ids = model.tokenizer, model.config.vocab_size, {}
@@ -158,6 +152,21 @@ local function default_stops(model)
   local b = t and t:special("<|call|>") or 200012
   for _, id in ipairs { a, b } do if id < V then ids[#ids + 1] = id end end
   return ids
+end
+
+-- a sampler for opts; under json_schema, grammar or json it obeys the
+-- grammar, whose end allows the stop tokens (gptoss.constraint)
+local function sampler_for(model, opts, seed_offset, fn)
+  local s = {}
+  for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
+  s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
+  local m
+  if opts.json_schema ~= nil or opts.grammar ~= nil or opts.json ~= nil or opts.json_options ~= nil then
+    m = require("gptoss.constraint").matcher(model, opts, opts.stop_tokens or default_stops(model), fn)
+  end
+  local smp = core.sampler(model.config.vocab_size, s, fn)
+  if m then smp:constrain(m) end
+  return smp
 end
 
 local function check_ids(ids, fn, level)
@@ -377,6 +386,7 @@ function Model:_generate(ids, opts, fn)
   opts = check_options(opts, fn, nil, nil, 4)
   check_ids(ids, fn, 4)
   local cb = opts.on_token
+  require("gptoss.constraint").check(opts, fn)   -- a bad constraint raises here, named for the caller
   local eng = not opts.session and engine_of(self)
   if eng then return eng:_generate(ids, opts, fn) end   -- the engine owns the model: through it
   local it, info = self:_stream(ids, opts, fn)
@@ -536,6 +546,10 @@ function M.chat(model, messages, opts)
   if developer == nil and (opts.instructions or opts.tools) then
     developer = { instructions = opts.instructions, tools = opts.tools }
   end
+  -- a constrained reply is the final channel's message: the turn opens on it
+  -- (the analysis channel is skipped; see README, constrained decoding)
+  local constrained = opts.json_schema ~= nil or opts.grammar ~= nil or opts.json
+  if constrained and pf == nil then pf = { channel = "final" } end
   -- the renderer checks the conversation's fields and names them; raised here as chat's
   local ok, prompt = pcall(harmony.render, { system = system, developer = developer, messages = messages,
     mode = "completion", prefill = pf, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)

@@ -1,0 +1,492 @@
+/*
+** grammar.c: which tokens a grammar allows next, over a whole vocabulary.
+**
+** A matcher's state is llama.cpp's: the set of pushdown stacks of grammar
+** positions (grammar.h) that the bytes so far leave open, each stack's top
+** a byte set. Unlike llama.cpp, states are interned and their transitions
+** memoised, byte by byte, as they are first needed: the matcher is a lazy
+** DFA over the pushdown configurations it has met. A token mask is then one
+** walk over the vocabulary's byte trie (built once per tokenizer, flat in
+** depth-first order), one table lookup per trie node, skipping a whole
+** subtree at its first rejected byte. Masks of states met before come from
+** a small cache: inside a JSON string, say, every step asks the same one.
+*/
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "grammar.h"
+
+#define MAX_STATES 20000       /* interned states before the memo starts over */
+#define MAX_STACKS 4096        /* stacks in one state: beyond, the grammar is too ambiguous */
+#define MASK_CACHE 8           /* masks kept, by state */
+
+/* {====================================================== vocabulary trie */
+struct gptoss_vocab {
+  atomic_int refs;
+  int V;                       /* ids 0..V-1 */
+  uint32_t n;                  /* trie nodes, depth-first */
+  uint8_t *byte;
+  uint16_t *depth;             /* 0 for a first byte */
+  uint32_t *skip;              /* the node after this one's subtree */
+  int32_t *tok;                /* a token ending here, or -1 */
+  int32_t *dup;                /* [V]: the next token with the same bytes, or -1 */
+  uint32_t *off;               /* [V + 1]: token bytes in text (specials: none) */
+  char *text;
+  int max_depth;
+};
+
+typedef struct tokref { const char *b; uint32_t len; int32_t id; } tokref;
+
+static int cmp_tok(const void *x, const void *y) {
+  const tokref *a = x, *b = y;
+  uint32_t n = a->len < b->len ? a->len : b->len;
+  int c = memcmp(a->b, b->b, n);
+  if (c) return c;
+  if (a->len != b->len) return a->len < b->len ? -1 : 1;
+  return a->id < b->id ? -1 : a->id > b->id;
+}
+
+void gptoss_vocab_free(gptoss_vocab *v) {
+  if (!v || atomic_fetch_sub(&v->refs, 1) > 1) return;
+  free(v->byte); free(v->depth); free(v->skip); free(v->tok); free(v->dup); free(v->off); free(v->text);
+  free(v);
+}
+
+gptoss_vocab *gptoss_vocab_ref(gptoss_vocab *v) {
+  atomic_fetch_add(&v->refs, 1);
+  return v;
+}
+
+int gptoss_vocab_size(const gptoss_vocab *v) { return v->V; }
+
+gptoss_status gptoss_vocab_new(const gptoss_tokenizer *t, int V, gptoss_vocab **out) {
+  *out = NULL;
+  if (V <= 0) return gptoss_fail(GPTOSS_EARG, "vocab: size must be > 0 (got %d)", V);
+  gptoss_vocab *v = calloc(1, sizeof *v);
+  tokref *refs = malloc(sizeof *refs * (size_t)V);
+  if (!v || !refs) goto oom;
+  atomic_init(&v->refs, 1);
+  v->V = V;
+  v->dup = malloc(sizeof(int32_t) * (size_t)V);
+  v->off = malloc(sizeof(uint32_t) * ((size_t)V + 1));
+  if (!v->dup || !v->off) goto oom;
+  size_t total = 0, nodes = 0;
+  int n = 0;
+  for (int32_t id = 0; id < V; id++) {
+    size_t len = 0;
+    const char *b = gptoss_is_special(t, id) ? NULL : gptoss_token_bytes(t, id, &len);
+    v->dup[id] = -1;
+    if (!b || len == 0 || len > 65535) continue;
+    refs[n].b = b; refs[n].len = (uint32_t)len; refs[n++].id = id;
+    total += len;
+  }
+  if (!(v->text = malloc(total ? total : 1))) goto oom;
+  total = 0;
+  for (int32_t id = 0, k = 0; id < V; id++) {   /* refs are in id order still */
+    v->off[id] = (uint32_t)total;
+    if (k < n && refs[k].id == id) { memcpy(v->text + total, refs[k].b, refs[k].len); total += refs[k].len; k++; }
+  }
+  v->off[V] = (uint32_t)total;
+  qsort(refs, (size_t)n, sizeof *refs, cmp_tok);
+  for (int i = 0; i < n; i++) {   /* new nodes: the bytes past the common prefix with the previous token */
+    uint32_t l = 0;
+    if (i) while (l < refs[i].len && l < refs[i - 1].len && refs[i].b[l] == refs[i - 1].b[l]) l++;
+    nodes += refs[i].len - l;
+  }
+  v->byte = malloc(nodes ? nodes : 1);
+  v->depth = malloc(sizeof(uint16_t) * (nodes ? nodes : 1));
+  v->skip = malloc(sizeof(uint32_t) * (nodes ? nodes : 1));
+  v->tok = malloc(sizeof(int32_t) * (nodes ? nodes : 1));
+  uint32_t *open = malloc(sizeof(uint32_t) * 65536);
+  if (!v->byte || !v->depth || !v->skip || !v->tok || !open) { free(open); goto oom; }
+  uint32_t depth_open = 0;
+  for (int i = 0; i < n; i++) {
+    uint32_t l = 0;
+    if (i) while (l < refs[i].len && l < refs[i - 1].len && refs[i].b[l] == refs[i - 1].b[l]) l++;
+    while (depth_open > l) v->skip[open[--depth_open]] = v->n;   /* close what this token leaves */
+    for (uint32_t d = l; d < refs[i].len; d++) {
+      uint32_t k = v->n++;
+      v->byte[k] = (uint8_t)refs[i].b[d];
+      v->depth[k] = (uint16_t)d;
+      v->tok[k] = -1;
+      open[depth_open++] = k;
+    }
+    uint32_t at = open[refs[i].len - 1];
+    if (v->tok[at] < 0) v->tok[at] = refs[i].id;
+    else { int32_t *p = &v->tok[at]; while (v->dup[*p] >= 0) p = &v->dup[*p]; v->dup[*p] = refs[i].id; }
+    if ((int)refs[i].len > v->max_depth) v->max_depth = (int)refs[i].len;
+  }
+  while (depth_open) v->skip[open[--depth_open]] = v->n;
+  free(open);
+  free(refs);
+  *out = v;
+  return GPTOSS_OK;
+oom:
+  free(refs);
+  gptoss_vocab_free(v);
+  return gptoss_fail(GPTOSS_ENOMEM, "vocab: out of memory");
+}
+/* }====================================================== */
+
+/* {====================================================== states */
+/* A state is its stacks, each [len, position...] bottom to top, in a
+   canonical order, stored once in the pool. State 0 is the dead one. */
+typedef struct dstate {
+  uint32_t off, words;         /* in pool */
+  uint64_t hash;
+  int32_t *next;               /* [256] successor per byte, -1 = not yet known; NULL until asked */
+  int accepting;               /* holds an empty stack: the grammar may end here */
+} dstate;
+
+typedef struct wvec { uint32_t *v; size_t n, cap; } wvec;
+
+struct gptoss_matcher {
+  gptoss_grammar *g;
+  gptoss_vocab *voc;
+  int32_t *end_ids;
+  int n_end;
+  dstate *st;
+  uint32_t n_st, cap_st;
+  wvec pool;
+  uint32_t *ht;                /* open addressing: state id + 1, 0 = empty */
+  uint32_t ht_cap;
+  uint32_t cur;
+  int ended;                   /* an end id was accepted */
+  wvec out, tmp;               /* scratch of a transition: stacks found, one stack being expanded */
+  uint32_t *order;             /* scratch: offsets of the stacks in out */
+  uint32_t *walk;              /* [max_depth + 1]: the state at each trie depth */
+  uint32_t *bits;              /* [words]: apply's mask */
+  struct { uint32_t state; uint32_t *bits; } cache[MASK_CACHE];
+  int fail;                    /* a transition failed (memory, ambiguity): gptoss_errmsg says */
+};
+
+static int wpush(wvec *w, uint32_t x) {
+  if (w->n == w->cap) {
+    size_t c = w->cap ? w->cap * 2 : 256;
+    uint32_t *n = realloc(w->v, sizeof(uint32_t) * c);
+    if (!n) return -1;
+    w->v = n; w->cap = c;
+  }
+  w->v[w->n++] = x;
+  return 0;
+}
+
+/* Expands the stack in tmp[base..] (its top last) until every stack's top
+   is a byte set, appending each to out. Left recursion is refused when the
+   grammar is parsed, so this ends. */
+static int expand(gptoss_matcher *M, size_t base) {
+  const gelem *e = M->g->e;
+  size_t len = M->tmp.n - base;
+  if (len == 0 || e[M->tmp.v[M->tmp.n - 1]].type == GE_SET) {
+    if (wpush(&M->out, (uint32_t)len)) return -1;
+    for (size_t i = 0; i < len; i++) if (wpush(&M->out, M->tmp.v[base + i])) return -1;
+    return 0;
+  }
+  uint32_t top = M->tmp.v[M->tmp.n - 1];
+  uint32_t rule = e[top].v;
+  /* the copy without the reference, its continuation pushed when there is one */
+  for (uint32_t a = M->g->rule_at[rule];;) {
+    size_t mark = M->tmp.n;
+    for (size_t i = 0; i + 1 < len; i++) if (wpush(&M->tmp, M->tmp.v[base + i])) return -1;
+    if (!gelem_ends(&e[top + 1]) && wpush(&M->tmp, top + 1)) return -1;
+    if (!gelem_ends(&e[a]) && wpush(&M->tmp, a)) return -1;
+    if (expand(M, mark)) return -1;
+    M->tmp.n = mark;
+    while (!gelem_ends(&e[a])) a++;
+    if (e[a].type == GE_END) break;
+    a++;
+  }
+  return 0;
+}
+
+static int cmp_stacks(const uint32_t *a, const uint32_t *b) {
+  if (a[0] != b[0]) return a[0] < b[0] ? -1 : 1;
+  for (uint32_t i = 1; i <= a[0]; i++) if (a[i] != b[i]) return a[i] < b[i] ? -1 : 1;
+  return 0;
+}
+
+static int grow_states(gptoss_matcher *M) {
+  if (M->n_st == M->cap_st) {
+    uint32_t c = M->cap_st ? M->cap_st * 2 : 64;
+    dstate *n = realloc(M->st, sizeof *n * c);
+    if (!n) return -1;
+    M->st = n; M->cap_st = c;
+  }
+  if ((M->n_st + 1) * 2 > M->ht_cap) {
+    uint32_t c = M->ht_cap ? M->ht_cap * 2 : 256;
+    uint32_t *h = calloc(c, sizeof *h);
+    if (!h) return -1;
+    for (uint32_t i = 0; i < M->n_st; i++) {
+      uint32_t k = (uint32_t)M->st[i].hash & (c - 1);
+      while (h[k]) k = (k + 1) & (c - 1);
+      h[k] = i + 1;
+    }
+    free(M->ht);
+    M->ht = h; M->ht_cap = c;
+  }
+  return 0;
+}
+
+/* the id of the state made of the stacks in out: sorted, deduplicated, interned */
+static int64_t intern(gptoss_matcher *M) {
+  uint32_t n = 0;
+  for (size_t i = 0; i < M->out.n; i += M->out.v[i] + 1) {
+    if (n == MAX_STACKS) { gptoss_fail(GPTOSS_EUNSUP, "grammar: too ambiguous (more than %d parses at once)", MAX_STACKS); return -1; }
+    M->order[n++] = (uint32_t)i;
+  }
+  const uint32_t *w = M->out.v;
+  for (uint32_t i = 1; i < n; i++) {   /* insertion sort: a state holds few stacks */
+    uint32_t x = M->order[i], j = i;
+    while (j > 0 && cmp_stacks(w + M->order[j - 1], w + x) > 0) { M->order[j] = M->order[j - 1]; j--; }
+    M->order[j] = x;
+  }
+  size_t at = M->pool.n;
+  int accepting = 0;
+  for (uint32_t i = 0; i < n; i++) {
+    const uint32_t *s = w + M->order[i];
+    if (i && cmp_stacks(w + M->order[i - 1], s) == 0) continue;
+    accepting |= s[0] == 0;
+    for (uint32_t k = 0; k <= s[0]; k++) if (wpush(&M->pool, s[k])) goto oom;
+  }
+  uint32_t words = (uint32_t)(M->pool.n - at);
+  if (words == 0) return 0;   /* no stack survives: dead */
+  uint64_t h = gptoss_fnv1a(M->pool.v + at, sizeof(uint32_t) * words);
+  for (uint32_t k = (uint32_t)h & (M->ht_cap - 1); M->ht[k]; k = (k + 1) & (M->ht_cap - 1)) {
+    dstate *d = &M->st[M->ht[k] - 1];
+    if (d->hash == h && d->words == words && memcmp(M->pool.v + d->off, M->pool.v + at, sizeof(uint32_t) * words) == 0) {
+      M->pool.n = at;
+      return M->ht[k] - 1;
+    }
+  }
+  if (grow_states(M)) goto oom;
+  dstate *d = &M->st[M->n_st];
+  d->off = (uint32_t)at; d->words = words; d->hash = h; d->next = NULL; d->accepting = accepting;
+  uint32_t k = (uint32_t)h & (M->ht_cap - 1);
+  while (M->ht[k]) k = (k + 1) & (M->ht_cap - 1);
+  M->ht[k] = M->n_st + 1;
+  return M->n_st++;
+oom:
+  gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  return -1;
+}
+
+/* the state after byte b in state s, computed (the memo missed) */
+static int64_t transition(gptoss_matcher *M, uint32_t s, unsigned b) {
+  const gelem *e = M->g->e;
+  M->out.n = 0;
+  for (uint32_t i = 0; i < M->st[s].words;) {
+    const uint32_t *stk = M->pool.v + M->st[s].off + i;
+    uint32_t len = stk[0];
+    i += len + 1;
+    if (len == 0) continue;
+    uint32_t top = stk[len];
+    if (!gset_has(&M->g->sets[e[top].v], b)) continue;
+    M->tmp.n = 0;
+    for (uint32_t k = 1; k < len; k++) if (wpush(&M->tmp, stk[k])) goto oom;
+    if (!gelem_ends(&e[top + 1]) && wpush(&M->tmp, top + 1)) goto oom;
+    if (expand(M, 0)) goto oom;   /* (only out and tmp grow: stk stays valid) */
+  }
+  return intern(M);
+oom:
+  gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  return -1;
+}
+
+static inline int64_t step(gptoss_matcher *M, uint32_t s, unsigned b) {
+  int32_t *row = M->st[s].next;
+  if (!row) {
+    if (!(row = malloc(sizeof(int32_t) * 256))) { gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); return -1; }
+    for (int i = 0; i < 256; i++) row[i] = s == 0 ? 0 : -1;
+    M->st[s].next = row;
+  }
+  if (row[b] >= 0) return row[b];
+  int64_t t = transition(M, s, b);
+  if (t >= 0) M->st[s].next[b] = (int32_t)t;   /* st may have moved: index again */
+  return t;
+}
+/* }====================================================== */
+
+/* {====================================================== matcher */
+static void forget(gptoss_matcher *M) {
+  for (uint32_t i = 0; i < M->n_st; i++) free(M->st[i].next);
+  M->n_st = 0;
+  M->pool.n = 0;
+  if (M->ht) memset(M->ht, 0, sizeof(uint32_t) * M->ht_cap);
+  for (int i = 0; i < MASK_CACHE; i++) M->cache[i].state = UINT32_MAX;
+}
+
+/* state 0 (dead), then the start: the root rule expanded */
+static gptoss_status start_states(gptoss_matcher *M) {
+  M->out.n = 0;
+  if (grow_states(M)) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  M->st[0] = (dstate){0, 0, 0, NULL, 0};
+  M->n_st = 1;
+  M->tmp.n = 0;
+  M->order = realloc(M->order, sizeof(uint32_t) * MAX_STACKS);
+  if (!M->order || wpush(&M->tmp, M->g->start) || expand(M, 0)) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  int64_t s = intern(M);
+  if (s < 0) return gptoss_errcode();
+  M->cur = (uint32_t)s;
+  return GPTOSS_OK;
+}
+
+void gptoss_matcher_free(gptoss_matcher *M) {
+  if (!M) return;
+  forget(M);
+  for (int i = 0; i < MASK_CACHE; i++) free(M->cache[i].bits);
+  free(M->st); free(M->pool.v); free(M->ht); free(M->out.v); free(M->tmp.v); free(M->order);
+  free(M->walk); free(M->bits); free(M->end_ids);
+  gptoss_grammar_free(M->g);
+  gptoss_vocab_free(M->voc);
+  free(M);
+}
+
+gptoss_status gptoss_matcher_new(gptoss_grammar *g, gptoss_vocab *voc, const int32_t *end_ids, int n_end,
+                                 gptoss_matcher **out) {
+  *out = NULL;
+  gptoss_matcher *M = calloc(1, sizeof *M);
+  if (!M) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  M->g = gptoss_grammar_ref(g);
+  M->voc = gptoss_vocab_ref(voc);
+  for (int i = 0; i < MASK_CACHE; i++) M->cache[i].state = UINT32_MAX;
+  M->end_ids = malloc(sizeof(int32_t) * (size_t)(n_end > 0 ? n_end : 1));
+  M->walk = malloc(sizeof(uint32_t) * (size_t)(voc->max_depth + 1));
+  M->bits = malloc(sizeof(uint32_t) * (size_t)((voc->V + 31) / 32));
+  if (!M->end_ids || !M->walk || !M->bits) { gptoss_matcher_free(M); return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); }
+  for (int i = 0; i < n_end; i++) {
+    if (end_ids[i] < 0 || end_ids[i] >= voc->V) {
+      gptoss_matcher_free(M);
+      return gptoss_fail(GPTOSS_EARG, "matcher: end id %d is outside the vocabulary (0..%d)", (int)end_ids[i], voc->V - 1);
+    }
+    M->end_ids[i] = end_ids[i];
+  }
+  M->n_end = n_end;
+  gptoss_status rc = start_states(M);
+  if (rc) { gptoss_matcher_free(M); return rc; }
+  *out = M;
+  return GPTOSS_OK;
+}
+
+/* the memo grew too large: start over from the current state's stacks */
+static gptoss_status compact(gptoss_matcher *M) {
+  if (M->n_st < MAX_STATES) return GPTOSS_OK;
+  const dstate *d = &M->st[M->cur];
+  wvec keep = {0};
+  for (uint32_t i = 0; i < d->words; i++)
+    if (wpush(&keep, M->pool.v[d->off + i])) { free(keep.v); return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); }
+  forget(M);
+  M->st[0] = (dstate){0, 0, 0, NULL, 0};
+  M->n_st = 1;
+  wvec swap = M->out;
+  M->out = keep;
+  int64_t s = intern(M);
+  free(M->out.v);
+  M->out = swap;
+  if (s < 0) return gptoss_errcode();
+  M->cur = (uint32_t)s;
+  return GPTOSS_OK;
+}
+
+static int is_end(const gptoss_matcher *M, int32_t id) {
+  for (int i = 0; i < M->n_end; i++) if (M->end_ids[i] == id) return 1;
+  return 0;
+}
+
+int gptoss_matcher_accepting(const gptoss_matcher *M) { return M->ended || M->st[M->cur].accepting; }
+int gptoss_matcher_ended(const gptoss_matcher *M) { return M->ended; }
+
+gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *M, const char *b, size_t n) {
+  gptoss_status rc = compact(M);
+  if (rc) return rc;
+  if (M->ended) return gptoss_fail(GPTOSS_ESTATE, "matcher: the output has ended");
+  uint32_t s = M->cur;
+  for (size_t i = 0; i < n; i++) {
+    int64_t t = step(M, s, (unsigned char)b[i]);
+    if (t < 0) return gptoss_errcode();
+    if (t == 0) return gptoss_fail(GPTOSS_EARG, "matcher: the grammar forbids byte %u at offset %zu", (unsigned char)b[i], i);
+    s = (uint32_t)t;
+  }
+  M->cur = s;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_matcher_accept(gptoss_matcher *M, int32_t id) {
+  if (id < 0 || id >= M->voc->V) return gptoss_fail(GPTOSS_EARG, "matcher: token id %d is outside the vocabulary", (int)id);
+  if (M->ended) return gptoss_fail(GPTOSS_ESTATE, "matcher: the output has ended");
+  if (is_end(M, id)) {
+    if (!M->st[M->cur].accepting) return gptoss_fail(GPTOSS_EARG, "matcher: token %d ends the output before the grammar allows", (int)id);
+    M->ended = 1;
+    return GPTOSS_OK;
+  }
+  uint32_t len = M->voc->off[id + 1] - M->voc->off[id];
+  if (len == 0) return gptoss_fail(GPTOSS_EARG, "matcher: the grammar forbids token %d (a special token)", (int)id);
+  uint32_t keep = M->cur;
+  gptoss_status rc = gptoss_matcher_accept_bytes(M, M->voc->text + M->voc->off[id], len);
+  if (rc == GPTOSS_EARG) { M->cur = keep; return gptoss_fail(GPTOSS_EARG, "matcher: the grammar forbids token %d here", (int)id); }
+  return rc;
+}
+
+/* the trie walk: bit id set for every token whose bytes all lead to live states */
+static gptoss_status walk(gptoss_matcher *M, uint32_t *bits) {
+  const gptoss_vocab *v = M->voc;
+  memset(bits, 0, sizeof(uint32_t) * (size_t)((v->V + 31) / 32));
+  uint32_t *at = M->walk;
+  at[0] = M->cur;
+  for (uint32_t i = 0; i < v->n;) {
+    int64_t t = step(M, at[v->depth[i]], v->byte[i]);
+    if (t <= 0) {
+      if (t < 0) return gptoss_errcode();
+      i = v->skip[i];
+      continue;
+    }
+    at[v->depth[i] + 1] = (uint32_t)t;
+    for (int32_t id = v->tok[i]; id >= 0; id = v->dup[id]) bits[id >> 5] |= 1u << (id & 31);
+    i++;
+  }
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
+  size_t words = (size_t)((M->voc->V + 31) / 32);
+  gptoss_status rc = compact(M);
+  if (rc) return rc;
+  if (M->ended) memset(bits, 0, sizeof(uint32_t) * words);
+  else {
+    int slot = (int)(M->cur % MASK_CACHE);
+    if (M->cache[slot].state == M->cur) memcpy(bits, M->cache[slot].bits, sizeof(uint32_t) * words);
+    else {
+      if ((rc = walk(M, bits))) return rc;
+      if (!M->cache[slot].bits) M->cache[slot].bits = malloc(sizeof(uint32_t) * words);
+      if (M->cache[slot].bits) {
+        memcpy(M->cache[slot].bits, bits, sizeof(uint32_t) * words);
+        M->cache[slot].state = M->cur;
+      }
+    }
+  }
+  if (M->ended || M->st[M->cur].accepting)
+    for (int i = 0; i < M->n_end; i++) bits[M->end_ids[i] >> 5] |= 1u << (M->end_ids[i] & 31);
+  return GPTOSS_OK;
+}
+
+/* Failing, it allows the end ids alone (and says why): the output stops. */
+gptoss_status gptoss_matcher_apply(gptoss_matcher *M, float *logits) {
+  int V = M->voc->V;
+  gptoss_status rc = gptoss_matcher_mask(M, M->bits);
+  if (rc) {
+    memset(M->bits, 0, sizeof(uint32_t) * (size_t)((V + 31) / 32));
+    for (int i = 0; i < M->n_end; i++) M->bits[M->end_ids[i] >> 5] |= 1u << (M->end_ids[i] & 31);
+  }
+  for (int w = 0; w * 32 < V; w++) {
+    uint32_t x = M->bits[w];
+    if (x == UINT32_MAX) continue;
+    int hi = V - w * 32 < 32 ? V - w * 32 : 32;
+    for (int k = 0; k < hi; k++) if (!((x >> k) & 1)) logits[w * 32 + k] = -INFINITY;
+  }
+  return rc;
+}
+
+/* whether the last mask (apply's) allowed id */
+int gptoss_matcher_allows(const gptoss_matcher *M, int32_t id) {
+  return id >= 0 && id < M->voc->V && ((M->bits[id >> 5] >> (id & 31)) & 1);
+}
+/* }====================================================== */
