@@ -17,7 +17,7 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 if has specs; then
   t0=$(date +%s)
-  timeout 150 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua spec/logprobs_spec.lua > $OUT/gpu_specs.log 2>&1
+  timeout 150 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua spec/logprobs_spec.lua spec/loader_spec.lua > $OUT/gpu_specs.log 2>&1
   echo "gpu specs rc=$? in $(( $(date +%s) - t0 )) s"
   grep -aE "successes|Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs.log | head -30
 fi
