@@ -156,7 +156,7 @@ FUZZ_SECONDS ?= 120
 FUZZ_MAX_LEN ?= 2048
 FUZZ_SRC := $(ENGINE:%=csrc/%.c)
 FUZZ_CC := clang -O1 -g -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined -std=gnu11 $(PKG_CFLAGS)
-FUZZ_C := safetensors config adapter tokjson
+FUZZ_C := safetensors config adapter tokjson gbnf
 FUZZ_LUA := json harmony_text harmony_tokens jsonl
 FUZZ_TARGETS ?= tokenizer $(FUZZ_C) $(FUZZ_LUA)
 FUZZ_ENV = GPTOSS_TOKENIZER_DIR=tokenizer UBSAN_OPTIONS=print_stacktrace=1

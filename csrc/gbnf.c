@@ -23,6 +23,7 @@
 
 #define MAX_REPEAT 10000       /* {m,n}: bounds beyond are refused */
 #define MAX_RULES (1u << 24)
+#define MAX_NESTING 200       /* ( ... ) and classes being built: bounds the parser's recursion */
 
 typedef struct evec { gelem *v; uint32_t n, cap; } evec;
 
@@ -44,7 +45,12 @@ typedef struct parser {
   uint32_t synth;              /* counter naming synthetic rules */
   jmp_buf fail;
   gptoss_status code;
-  void *scratch;               /* freed when parsing fails */
+  void *scratch, *scratch2;    /* freed when parsing fails */
+  /* element lists being filled before a rule owns them (bodies of rules and
+     groups, a class's sequences): here, not in locals, so that a failure
+     (longjmp) frees them; their count is the nesting depth */
+  evec open[MAX_NESTING];
+  int n_open;
   gptoss_grammar *g;           /* the result, being assembled */
   const char *root;            /* the start rule's name */
   uint8_t *marks;              /* nullable rules and the left-recursion search's marks */
@@ -89,6 +95,16 @@ static void grow(parser *P, void **v, uint32_t *cap, uint32_t need, size_t size)
   *v = n;
   *cap = c;
 }
+
+static evec *open_vec(parser *P, const char *at) {
+  if (P->n_open == MAX_NESTING) fail_at(P, at, "nesting deeper than %d", MAX_NESTING);
+  evec *v = &P->open[P->n_open++];
+  memset(v, 0, sizeof *v);
+  return v;
+}
+
+/* the innermost open list, handed to its owner */
+static evec close_vec(parser *P) { return P->open[--P->n_open]; }
 
 static void push(parser *P, evec *v, unsigned type, uint32_t x) {
   grow(P, (void **)&v->v, &v->cap, v->n + 1, sizeof(gelem));
@@ -219,7 +235,7 @@ typedef struct crange { uint32_t lo, hi; } crange;
 
 typedef struct cclass {
   gbyteset ascii;
-  evec alts;                   /* non-ASCII sequences, each ended by GE_ALT */
+  evec *alts;                  /* non-ASCII sequences, each ended by GE_ALT (an open list) */
 } cclass;
 
 static void set_range(gbyteset *s, unsigned lo, unsigned hi) {
@@ -249,9 +265,9 @@ static void utf8_ranges(parser *P, cclass *c, uint32_t lo, uint32_t hi) {
   for (int i = 0; i < n; i++) {
     gbyteset s = {{0}};
     set_range(&s, a[i], b[i]);
-    push(P, &c->alts, GE_SET, add_set(P, &s));
+    push(P, c->alts, GE_SET, add_set(P, &s));
   }
-  push(P, &c->alts, GE_ALT, 0);
+  push(P, c->alts, GE_ALT, 0);
 }
 
 static int cmp_range(const void *x, const void *y) {
@@ -261,7 +277,7 @@ static int cmp_range(const void *x, const void *y) {
 
 /* the code points of ranges (negated when asked), as elements appended to out */
 static void emit_class(parser *P, evec *out, crange *r, int n, int negate) {
-  qsort(r, (size_t)n, sizeof *r, cmp_range);
+  if (n) qsort(r, (size_t)n, sizeof *r, cmp_range);   /* [^] has none: r is NULL */
   int k = 0;
   for (int i = 0; i < n; i++) {   /* merge overlapping and adjacent */
     if (k && r[i].lo <= r[k - 1].hi + 1) { if (r[i].hi > r[k - 1].hi) r[k - 1].hi = r[i].hi; }
@@ -269,7 +285,7 @@ static void emit_class(parser *P, evec *out, crange *r, int n, int negate) {
   }
   crange *pos = r;
   if (negate) {   /* the complement, over all code points */
-    if (!(pos = malloc(sizeof *pos * (size_t)(k + 1)))) nomem(P);
+    if (!(pos = P->scratch2 = malloc(sizeof *pos * (size_t)(k + 1)))) nomem(P);
     uint32_t next = 0;
     int m = 0;
     for (int i = 0; i < k; i++) {
@@ -281,25 +297,27 @@ static void emit_class(parser *P, evec *out, crange *r, int n, int negate) {
   }
   cclass c;
   memset(&c, 0, sizeof c);
+  c.alts = open_vec(P, P->p);
   for (int i = 0; i < k; i++) {   /* surrogates are no characters */
     uint32_t lo = pos[i].lo, hi = pos[i].hi;
     if (lo < 0xD800) utf8_ranges(P, &c, lo, hi < 0xD7FF ? hi : 0xD7FF);
     if (hi > 0xDFFF) utf8_ranges(P, &c, lo > 0xE000 ? lo : 0xE000, hi);
   }
-  if (negate) free(pos);
+  if (negate) { free(pos); P->scratch2 = NULL; }
   int has_ascii = 0;
   for (int i = 0; i < 4; i++) has_ascii |= c.ascii.w[i] != 0;
-  if (!c.alts.n) {
+  if (!c.alts->n) {
     if (!has_ascii) fail_at(P, P->p, "empty character class");
     push(P, out, GE_SET, add_set(P, &c.ascii));
+    free(close_vec(P).v);
     return;
   }
   uint32_t id = synth_rule(P);
   evec *body = &P->rules[id].body;
   if (has_ascii) { push(P, body, GE_SET, add_set(P, &c.ascii)); push(P, body, GE_ALT, 0); }
-  append(P, body, c.alts.v, c.alts.n);
+  append(P, body, c.alts->v, c.alts->n);
   body->v[body->n - 1].type = GE_END;
-  free(c.alts.v);
+  free(close_vec(P).v);
   push(P, out, GE_REF, id);
 }
 
@@ -436,11 +454,10 @@ static void parse_sequence(parser *P, evec *out, int nested) {
     } else if (c == '(') {
       P->p++;
       uint32_t id = synth_rule(P);
-      evec body = {0};
-      parse_alternates(P, &body, 1);
-      P->rules[id].body = body;
+      parse_alternates(P, open_vec(P, at), 1);
       skip_space(P, 1);
       if (P->p >= P->end || *P->p != ')') fail_at(P, at, "unclosed '('");
+      P->rules[id].body = close_vec(P);   /* (id's entry may have moved: rules grow) */
       P->p++;
       push(P, out, GE_REF, id);
     } else if (is_word((unsigned char)c)) {
@@ -488,9 +505,8 @@ static void parse_rules(parser *P) {
     if (P->end - P->p < 3 || memcmp(P->p, "::=", 3) != 0) fail_at(P, P->p, "'::=' expected after the rule's name");
     P->p += 3;
     skip_space(P, 1);
-    evec body = {0};
-    parse_alternates(P, &body, 0);
-    P->rules[id].body = body;   /* (id's entry may have moved: rules grow) */
+    parse_alternates(P, open_vec(P, s), 0);
+    P->rules[id].body = close_vec(P);   /* (id's entry may have moved: rules grow) */
     if (P->p < P->end && *P->p == ')') fail_at(P, P->p, "unmatched ')'");
     P->rule = NULL;
     skip_space(P, 1);
@@ -611,6 +627,8 @@ gptoss_status gptoss_grammar_parse(const char *text, size_t len, const char *roo
   if (setjmp(P.fail)) {   /* what is allocated lives in P: locals may not survive longjmp */
     free(P.marks);
     free(P.scratch);
+    free(P.scratch2);
+    for (int i = 0; i < P.n_open; i++) free(P.open[i].v);
     gptoss_grammar_free(P.g);
     free_parser(&P);
     return P.code;

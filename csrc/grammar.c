@@ -19,6 +19,11 @@
 #define MAX_STATES 20000       /* interned states before the memo starts over */
 #define MAX_STACKS 4096        /* stacks in one state: beyond, the grammar is too ambiguous */
 #define MASK_CACHE 8           /* masks kept, by state */
+/* stack steps one mask may take: an ambiguous grammar ("x?{63}") keeps
+   thousands of parses alive at once, and a walk over the vocabulary's trie
+   multiplies them; past this it is refused (about 0.1 s of work) rather
+   than holding a request's step for seconds */
+#define MASK_BUDGET 10000000ull
 
 /* {====================================================== vocabulary trie */
 struct gptoss_vocab {
@@ -158,6 +163,7 @@ struct gptoss_matcher {
   uint32_t *bits;              /* [words]: apply's mask */
   struct { uint32_t state; uint32_t *bits; } cache[MASK_CACHE];
   int fail;                    /* a transition failed (memory, ambiguity): gptoss_errmsg says */
+  uint64_t work;               /* stack steps of the mask being computed (MASK_BUDGET) */
 };
 
 static int wpush(wvec *w, uint32_t x) {
@@ -205,6 +211,12 @@ static int cmp_stacks(const uint32_t *a, const uint32_t *b) {
   return 0;
 }
 
+/* qsort's comparator over offsets into the stacks being interned */
+static _Thread_local const uint32_t *sort_base;
+static int cmp_at(const void *x, const void *y) {
+  return cmp_stacks(sort_base + *(const uint32_t *)x, sort_base + *(const uint32_t *)y);
+}
+
 static int grow_states(gptoss_matcher *M) {
   if (M->n_st == M->cap_st) {
     uint32_t c = M->cap_st ? M->cap_st * 2 : 64;
@@ -235,7 +247,8 @@ static int64_t intern(gptoss_matcher *M) {
     M->order[n++] = (uint32_t)i;
   }
   const uint32_t *w = M->out.v;
-  for (uint32_t i = 1; i < n; i++) {   /* insertion sort: a state holds few stacks */
+  if (n > 16) { sort_base = w; qsort(M->order, n, sizeof *M->order, cmp_at); }
+  else for (uint32_t i = 1; i < n; i++) {   /* insertion sort: a state mostly holds few stacks */
     uint32_t x = M->order[i], j = i;
     while (j > 0 && cmp_stacks(w + M->order[j - 1], w + x) > 0) { M->order[j] = M->order[j - 1]; j--; }
     M->order[j] = x;
@@ -274,6 +287,11 @@ oom:
 static int64_t transition(gptoss_matcher *M, uint32_t s, unsigned b) {
   const gelem *e = M->g->e;
   M->out.n = 0;
+  M->work += M->st[s].words;
+  if (M->work > MASK_BUDGET) {
+    gptoss_fail(GPTOSS_EUNSUP, "grammar: too ambiguous (a mask took more than %llu parse steps)", MASK_BUDGET);
+    return -1;
+  }
   for (uint32_t i = 0; i < M->st[s].words;) {
     const uint32_t *stk = M->pool.v + M->st[s].off + i;
     uint32_t len = stk[0];
@@ -396,6 +414,7 @@ int gptoss_matcher_accepting(const gptoss_matcher *M) { return M->ended || M->st
 int gptoss_matcher_ended(const gptoss_matcher *M) { return M->ended; }
 
 gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *M, const char *b, size_t n) {
+  M->work = 0;
   gptoss_status rc = compact(M);
   if (rc) return rc;
   if (M->ended) return gptoss_fail(GPTOSS_ESTATE, "matcher: the output has ended");
@@ -432,6 +451,7 @@ static gptoss_status walk(gptoss_matcher *M, uint32_t *bits) {
   memset(bits, 0, sizeof(uint32_t) * (size_t)((v->V + 31) / 32));
   uint32_t *at = M->walk;
   at[0] = M->cur;
+  M->work = 0;
   for (uint32_t i = 0; i < v->n;) {
     int64_t t = step(M, at[v->depth[i]], v->byte[i]);
     if (t <= 0) {

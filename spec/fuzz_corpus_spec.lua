@@ -35,6 +35,8 @@ end
 
 local dir = H.tmpdir()
 
+local vocab   -- the real vocabulary's trie, built once for gbnf
+
 local replay = {
   -- first byte < 128: a .safetensors file; else an index next to shard a.st
   safetensors = function(path, data)
@@ -80,10 +82,35 @@ local replay = {
       if ok2 then assert(pcall(t.decode_bytes, t, ids)) end
     end
   end,
+  -- GBNF text [FF FE bytes]: compiled or refused naming a position; a
+  -- grammar that compiles gets a matcher over the real vocabulary whose
+  -- masks and byte steps succeed or refuse (too ambiguous, bytes not allowed)
+  gbnf = function(path, data)
+    local cut = data:find("\255\254", 1, true)
+    local text, feed = data, nil
+    if cut then text, feed = data:sub(1, cut - 1), data:sub(cut + 2) end
+    local ok, g = pcall(core.grammar, text)
+    if not ok then
+      assert.matches("^grammar: ", tostring(g):gsub("^.-:%d+: ", ""), nil, path)
+      return
+    end
+    vocab = vocab or core.vocab(assert(gptoss.tokenizer(H.tokenizer_dir .. "/tokenizer.json")), 201088)
+    local m = core.matcher(g, vocab, { 200002 })
+    local refused = "^[^\n]*grammar: too ambiguous"
+    local mok, merr = pcall(m.mask, m)
+    if not mok then assert.matches(refused, tostring(merr):gsub("^.-:%d+: ", ""), nil, path) end
+    if feed then
+      local fok, ferr = pcall(m.accept_bytes, m, feed)
+      assert(fok, path .. ": accept_bytes raised " .. tostring(ferr))
+      mok, merr = pcall(m.mask, m)
+      if not mok then assert.matches(refused, tostring(merr):gsub("^.-:%d+: ", ""), nil, path) end
+    end
+    m:close()
+  end,
 }
 
 describe("fuzz corpora", function()
-  for _, target in ipairs { "safetensors", "config", "adapter", "tokjson", "json", "harmony_text", "harmony_tokens", "jsonl" } do
+  for _, target in ipairs { "safetensors", "config", "adapter", "tokjson", "json", "harmony_text", "harmony_tokens", "jsonl", "gbnf" } do
     it("replays " .. target .. "'s corpus and crashes", function()
       local list = inputs(target)
       assert.is_true(#list >= 2, target .. " has " .. #list .. " inputs")
