@@ -27,7 +27,29 @@ struct gptoss_model {
   int batch_invariant;               /* gptoss_model_opts.batch_invariant: no fused one-token step */
   const gptoss_backend *be;
   void *bm;                          /* backend state */
+  /* a bf16 checkpoint's experts (quantize.c): its mapped matrices, and the
+     MXFP4 blocks and scales quantized from them at load, which the layer
+     table points at; NULL for an MXFP4 checkpoint */
+  const gptoss_tensor *(*experts_bf16)[2];   /* [layer][0: gate_up, 1: down], [E][in][out] */
+  struct gptoss_qexperts *experts_q;         /* [layer] */
+  uint8_t *experts_q_data;           /* the blocks' and scales' bytes; NULL once a device holds them */
+  size_t experts_q_bytes;
 };
+
+/* quantize.c: the MXFP4 tensors of one layer made from bf16 experts */
+typedef struct gptoss_qexperts {
+  gptoss_tensor t[4];                /* gate_up blocks, scales, down blocks, scales */
+  char name[4][96];
+} gptoss_qexperts;
+
+/* Quantizes every layer's bf16 experts (m->experts_bf16) to MXFP4 in memory
+   the model owns, over threads, and points the layer table at them. After
+   each layer it calls o->progress with the experts' bytes read so far out
+   of total (0 unless report_bytes), stopping when it says so. Refuses a
+   non-finite weight, naming its tensor and place. */
+gptoss_status gptoss_experts_quantize(gptoss_model *m, int threads, const gptoss_model_opts *o, uint64_t total, int report_bytes);
+/* frees the quantized bytes (the layer table's expert tensors then hold NULL data) */
+void gptoss_experts_drop(gptoss_model *m);
 
 #define LAYER_T(m, l, role) ((m)->layer[l][(role) - GPTOSS_T_LAYER_FIRST])
 

@@ -97,8 +97,6 @@ gptoss_status gptoss_config_check(const gptoss_config *c, const char *w) {
       return gptoss_fail(GPTOSS_EFORMAT, "%s: eos_token_id %d is outside the vocabulary (%d)", w, c->eos_token_ids[i], c->vocab_size);
   if (c->pad_token_id >= c->vocab_size)
     return gptoss_fail(GPTOSS_EFORMAT, "%s: pad_token_id %d is outside the vocabulary (%d)", w, c->pad_token_id, c->vocab_size);
-  if (!c->experts_mxfp4)
-    return gptoss_fail(GPTOSS_EUNSUP, "%s: only MXFP4 experts are supported (quantization_config.quant_method \"mxfp4\")", w);
   return GPTOSS_OK;
 }
 
@@ -280,7 +278,8 @@ char *gptoss_config_to_json(const gptoss_config *c) {
   put(&b, "  \"num_hidden_layers\": %d,\n  \"num_key_value_heads\": %d,\n", c->num_hidden_layers, c->num_key_value_heads);
   put(&b, "  \"num_local_experts\": %d,\n  \"output_router_logits\": false,\n", c->num_local_experts);
   if (c->pad_token_id >= 0) put(&b, "  \"pad_token_id\": %d,\n", c->pad_token_id);
-  put(&b, "  \"quantization_config\": {\n    \"modules_to_not_convert\": [\n      \"model.layers.*.self_attn\",\n"
+  if (c->experts_mxfp4)
+    put(&b, "  \"quantization_config\": {\n    \"modules_to_not_convert\": [\n      \"model.layers.*.self_attn\",\n"
           "      \"model.layers.*.mlp.router\",\n      \"model.embed_tokens\",\n      \"lm_head\"\n    ],\n"
           "    \"quant_method\": \"mxfp4\"\n  },\n");
   put(&b, "  \"rms_norm_eps\": ");

@@ -128,7 +128,9 @@ typedef struct gptoss_config {
   int eos_token_ids[GPTOSS_MAX_EOS], n_eos;
   int pad_token_id, bos_token_id;      /* -1 when absent */
   int tie_word_embeddings;
-  int experts_mxfp4;                   /* quantization_config.quant_method == "mxfp4" */
+  int experts_mxfp4;                   /* the experts' layout: 1: MXFP4 _blocks and _scales (what
+                                          quantization_config mxfp4 announces), 0: bf16 gate_up_proj and
+                                          down_proj; a loaded model's is the layout its tensors have */
   unsigned char layer_sliding[GPTOSS_MAX_LAYERS];
 } gptoss_config;
 
@@ -165,7 +167,11 @@ typedef struct gptoss_tensor_spec {
 } gptoss_tensor_spec;
 
 /* The tensors a gpt-oss checkpoint of this config holds, in Hugging Face
-   names and layout, in state-dict order (layers, then embed, norm, lm_head). */
+   names and layout, in state-dict order (layers, then embed, norm, lm_head).
+   Experts as c->experts_mxfp4 says: MXFP4 blocks [E][out][in/32][16] and
+   scales [E][out][in/32] (roles GU/DN_BLOCKS and _SCALES), or bf16 matrices
+   [E][in][out] as transformers holds unquantized gpt-oss, used as x @ W
+   (roles GU_BLOCKS and DN_BLOCKS, no scales). */
 gptoss_status gptoss_tensor_specs(const gptoss_config *c, gptoss_tensor_spec **out, size_t *n);
 uint64_t gptoss_tensor_spec_bytes(const gptoss_tensor_spec *s);
 /* }====================================================== */
@@ -302,6 +308,12 @@ const gptoss_config *gptoss_model_config(const gptoss_model *m);
 const gptoss_st *gptoss_model_weights(const gptoss_model *m);
 const char *gptoss_model_device(const gptoss_model *m);
 int gptoss_model_context(const gptoss_model *m);
+/* The MXFP4 experts layer `layer` runs (which: 0 gate_up, 1 down) in the
+   checkpoint's layout: the mapped bytes of an MXFP4 checkpoint, or what the
+   load quantized a bf16 checkpoint's experts to (quantize.c). Fails when
+   the host holds none (a CUDA model keeps quantized experts on the device). */
+gptoss_status gptoss_model_mxfp4(const gptoss_model *m, int layer, int which, const gptoss_tensor **blocks,
+                                 const gptoss_tensor **scales);
 
 /* Loading off the caller's thread, for event loops (nginx, Neovim): the
    model, and the tokenizer at `tokenizer` when it is not NULL, load on a

@@ -45,11 +45,13 @@ static uint16_t *merged(const gptoss_tensor *t, const gptoss_lora *x) {
 
 /* An expert matrix with its LoRA merged, laid out as transformers holds
    unquantized gpt-oss experts: bf16 [E][in][out] (used as x @ W), from the
-   MXFP4 blocks [E][out][in/32][16] and scales [E][out][in/32]. MXFP4 cannot
-   hold a LoRA's delta (requantizing would round most of it away), so a
-   merge with expert LoRAs writes every expert matrix this way. */
+   MXFP4 blocks [E][out][in/32][16] and scales [E][out][in/32], or from the
+   bf16 matrix a bf16 checkpoint held (not from what its load quantized).
+   MXFP4 cannot hold a LoRA's delta (requantizing would round most of it
+   away), so a merge with expert LoRAs writes every expert matrix this way. */
 typedef struct expert_job {
   const uint8_t *blocks, *scales;
+  const uint16_t *bf16;          /* instead of blocks and scales: [E][in][out] */
   const gptoss_lora *x;          /* NULL: the experts of a layer without this LoRA */
   int E, out, in;
   uint16_t *w;
@@ -64,7 +66,9 @@ static void merge_experts_part(void *ctx, int tid, int nth) {
   for (int e = tid; e < j->E; e += nth)
     for (int o = 0; o < j->out; o++) {
       size_t r = (size_t)e * j->out + o;
-      gptoss_mxfp4_row(row, j->blocks + r * G * 16, j->scales + r * G, j->in);
+      if (j->bf16)
+        for (int i = 0; i < j->in; i++) row[i] = gptoss_bf16_to_f32(j->bf16[((size_t)e * j->in + i) * j->out + o]);
+      else gptoss_mxfp4_row(row, j->blocks + r * G * 16, j->scales + r * G, j->in);
       if (j->x) {
         lora_delta_row(j->x, e, o, d);
         for (int i = 0; i < j->in; i++) row[i] += d[i];
@@ -75,9 +79,11 @@ static void merge_experts_part(void *ctx, int tid, int nth) {
   free(d);
 }
 
+/* blocks and scales, or bf16 alone (scales NULL) */
 static uint16_t *merged_experts(const gptoss_tensor *blocks, const gptoss_tensor *scales, const gptoss_lora *x, int E, int out,
                                 int in, int threads) {
-  expert_job j = {blocks->data, scales->data, x, E, out, in, malloc(sizeof(uint16_t) * (size_t)E * in * out), 0};
+  expert_job j = {scales ? blocks->data : NULL, scales ? scales->data : NULL, scales ? NULL : blocks->data, x, E, out, in,
+                  malloc(sizeof(uint16_t) * (size_t)E * in * out), 0};
   if (!j.w) return NULL;
   int nth = threads < 1 ? 1 : threads > E ? E : threads;
   gptoss_pool *pool = nth > 1 ? gptoss_pool_new(nth) : NULL;
@@ -162,7 +168,9 @@ gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *
         for (int k = 0; k < GPTOSS_LORA_ATTN_MODULES && !x; k++)
           if (LAYER_T(m, l, role[k]) == t) x = gptoss_adapter_module(a, l, k);
         if (!bf16_experts) continue;
-        if (LAYER_T(m, l, GPTOSS_T_GU_BLOCKS) == t) expert = 0;
+        if (m->experts_bf16 && m->experts_bf16[l][0] == t) expert = 0;
+        else if (m->experts_bf16 && m->experts_bf16[l][1] == t) expert = 1;
+        else if (LAYER_T(m, l, GPTOSS_T_GU_BLOCKS) == t) expert = 0;
         else if (LAYER_T(m, l, GPTOSS_T_DN_BLOCKS) == t) expert = 1;
         else if (LAYER_T(m, l, GPTOSS_T_GU_SCALES) == t || LAYER_T(m, l, GPTOSS_T_DN_SCALES) == t) expert = 2;
         if (expert >= 0) el = l;
@@ -172,12 +180,12 @@ gptoss_status gptoss_adapter_merge(const gptoss_model *m, const gptoss_adapter *
         const gptoss_config *c = &m->cfg;
         int E = c->num_local_experts, H = c->hidden_size, I = c->intermediate_size;
         int out = expert == 0 ? 2 * I : H, in = expert == 0 ? H : I;
-        const gptoss_tensor *sc = LAYER_T(m, el, expert == 0 ? GPTOSS_T_GU_SCALES : GPTOSS_T_DN_SCALES);
+        const gptoss_tensor *sc = m->experts_bf16 ? NULL : LAYER_T(m, el, expert == 0 ? GPTOSS_T_GU_SCALES : GPTOSS_T_DN_SCALES);
         uint16_t *mw = merged_experts(t, sc, gptoss_adapter_module(a, el, expert == 0 ? GPTOSS_LORA_GU : GPTOSS_LORA_DN), E, out, in,
                                       threads);
         if (!mw) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory merging %s", t->name); break; }
         char name[160];
-        snprintf(name, sizeof name, "%.*s", (int)(strlen(t->name) - 7), t->name);   /* without "_blocks" */
+        snprintf(name, sizeof name, "%.*s", (int)(strlen(t->name) - (sc ? 7 : 0)), t->name);   /* without "_blocks" */
         int64_t shape[3] = {E, in, out};
         gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, mw, sizeof(uint16_t) * (size_t)E * in * out};
         rc = gptoss_stw_add(w, name, GPTOSS_BF16, 3, shape, &f);

@@ -46,11 +46,19 @@ gptoss_status gptoss_tensor_specs(const gptoss_config *c, gptoss_tensor_spec **o
     S("post_attention_layernorm.weight", GPTOSS_BF16, GPTOSS_T_MLP_NORM, 1, H, 0, 0, 0);
     S("mlp.router.weight", GPTOSS_BF16, GPTOSS_T_ROUTER_W, 2, E, H, 0, 0);
     S("mlp.router.bias", GPTOSS_BF16, GPTOSS_T_ROUTER_B, 1, E, 0, 0, 0);
-    S("mlp.experts.gate_up_proj_blocks", GPTOSS_U8, GPTOSS_T_GU_BLOCKS, 4, E, 2 * I, H / 32, 16);
-    S("mlp.experts.gate_up_proj_scales", GPTOSS_U8, GPTOSS_T_GU_SCALES, 3, E, 2 * I, H / 32, 0);
+    if (c->experts_mxfp4) {
+      S("mlp.experts.gate_up_proj_blocks", GPTOSS_U8, GPTOSS_T_GU_BLOCKS, 4, E, 2 * I, H / 32, 16);
+      S("mlp.experts.gate_up_proj_scales", GPTOSS_U8, GPTOSS_T_GU_SCALES, 3, E, 2 * I, H / 32, 0);
+    } else {
+      S("mlp.experts.gate_up_proj", GPTOSS_BF16, GPTOSS_T_GU_BLOCKS, 3, E, H, 2 * I, 0);
+    }
     S("mlp.experts.gate_up_proj_bias", GPTOSS_BF16, GPTOSS_T_GU_BIAS, 2, E, 2 * I, 0, 0);
-    S("mlp.experts.down_proj_blocks", GPTOSS_U8, GPTOSS_T_DN_BLOCKS, 4, E, H, I / 32, 16);
-    S("mlp.experts.down_proj_scales", GPTOSS_U8, GPTOSS_T_DN_SCALES, 3, E, H, I / 32, 0);
+    if (c->experts_mxfp4) {
+      S("mlp.experts.down_proj_blocks", GPTOSS_U8, GPTOSS_T_DN_BLOCKS, 4, E, H, I / 32, 16);
+      S("mlp.experts.down_proj_scales", GPTOSS_U8, GPTOSS_T_DN_SCALES, 3, E, H, I / 32, 0);
+    } else {
+      S("mlp.experts.down_proj", GPTOSS_BF16, GPTOSS_T_DN_BLOCKS, 3, E, I, H, 0);
+    }
     S("mlp.experts.down_proj_bias", GPTOSS_BF16, GPTOSS_T_DN_BIAS, 2, E, H, 0, 0);
 #undef S
   }
@@ -102,13 +110,44 @@ static void rope_tables(const gptoss_config *c, float *inv_freq, float *scale) {
 /* }====================================================== */
 
 /* {====================================================== loading */
+/* The experts' layout, from the tensors present (a config without
+   quantization_config may hold either; a bf16 export may keep a stale
+   one): MXFP4 blocks and scales, or bf16 matrices, the same in every layer.
+   With neither present, the config's word stands and binding names the
+   first missing tensor. */
+static gptoss_status experts_layout(gptoss_model *m) {
+  static const char *const mx[] = {"gate_up_proj_blocks", "gate_up_proj_scales", "down_proj_blocks", "down_proj_scales"};
+  static const char *const bf[] = {"gate_up_proj", "down_proj"};
+  char nm[96], first_mx[96] = "", first_bf[96] = "";
+  for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
+    for (int k = 0; k < 4 && !*first_mx; k++) {
+      snprintf(nm, sizeof nm, "model.layers.%d.mlp.experts.%s", l, mx[k]);
+      if (gptoss_st_find(m->st, nm)) memcpy(first_mx, nm, sizeof nm);
+    }
+    for (int k = 0; k < 2 && !*first_bf; k++) {
+      snprintf(nm, sizeof nm, "model.layers.%d.mlp.experts.%s", l, bf[k]);
+      if (gptoss_st_find(m->st, nm)) memcpy(first_bf, nm, sizeof nm);
+    }
+  }
+  if (*first_mx && *first_bf)
+    return gptoss_fail(GPTOSS_EFORMAT, "%s: the experts mix two layouts: '%s' is MXFP4 but '%s' is a bf16 matrix (a checkpoint "
+                       "holds every layer's experts as _blocks and _scales, or every layer's as bf16 gate_up_proj and down_proj)",
+                       m->dir, first_mx, first_bf);
+  if (*first_mx) m->cfg.experts_mxfp4 = 1;
+  else if (*first_bf) m->cfg.experts_mxfp4 = 0;
+  return GPTOSS_OK;
+}
+
 static gptoss_status bind_tensors(gptoss_model *m) {
+  gptoss_status rc = experts_layout(m);
+  if (rc) return rc;
   gptoss_tensor_spec *specs;
   size_t n;
-  gptoss_status rc = gptoss_tensor_specs(&m->cfg, &specs, &n);
-  if (rc) return rc;
-  m->layer = calloc((size_t)m->cfg.num_hidden_layers, sizeof *m->layer);
-  if (!m->layer) { free(specs); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  if ((rc = gptoss_tensor_specs(&m->cfg, &specs, &n))) return rc;
+  int L = m->cfg.num_hidden_layers;
+  m->layer = calloc((size_t)L, sizeof *m->layer);
+  if (!m->cfg.experts_mxfp4) m->experts_bf16 = calloc((size_t)L, sizeof *m->experts_bf16);
+  if (!m->layer || (!m->cfg.experts_mxfp4 && !m->experts_bf16)) { free(specs); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
   for (size_t i = 0; i < n && !rc; i++) {
     const gptoss_tensor_spec *s = &specs[i];
     const gptoss_tensor *t = gptoss_st_find(m->st, s->name);
@@ -116,18 +155,28 @@ static gptoss_status bind_tensors(gptoss_model *m) {
     int k = snprintf(want, sizeof want, "%s [", gptoss_dtype_name(s->dtype));
     for (int d = 0; d < s->ndim; d++) k += snprintf(want + k, sizeof want - (size_t)k, "%s%lld", d ? ", " : "", (long long)s->shape[d]);
     snprintf(want + k, sizeof want - (size_t)k, "]");
-    if (!t) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: missing tensor '%s' (expected %s)", m->dir, s->name, want); break; }
+    int expert = s->role == GPTOSS_T_GU_BLOCKS || s->role == GPTOSS_T_GU_SCALES || s->role == GPTOSS_T_DN_BLOCKS ||
+                 s->role == GPTOSS_T_DN_SCALES;
+    if (!t) {
+      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: missing tensor '%s' (expected %s%s)", m->dir, s->name, want,
+                       !expert ? "" : m->cfg.experts_mxfp4 ? "; MXFP4 experts are _blocks and _scales of gate_up_proj and down_proj"
+                                                           : "; bf16 experts are gate_up_proj [E, hidden, 2*intermediate] and "
+                                                             "down_proj [E, intermediate, hidden]");
+      break;
+    }
     int same = t->ndim == s->ndim;
     for (int d = 0; same && d < s->ndim; d++) same = t->shape[d] == s->shape[d];
     if (t->dtype != s->dtype || !same) {
       k = snprintf(got, sizeof got, "%s [", gptoss_dtype_name(t->dtype));
       for (int d = 0; d < t->ndim; d++) k += snprintf(got + k, sizeof got - (size_t)k, "%s%lld", d ? ", " : "", (long long)t->shape[d]);
       snprintf(got + k, sizeof got - (size_t)k, "]");
-      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor '%s' is %s but the config needs %s",
-                       t->file, s->name, got, want);
+      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor '%s' is %s but the config needs %s%s",
+                       t->file, s->name, got, want,
+                       expert && !m->cfg.experts_mxfp4 ? " (bf16 experts are [E, in, out] as transformers holds them, used as x @ W)" : "");
       break;
     }
-    if (s->layer >= 0) m->layer[s->layer][s->role - GPTOSS_T_LAYER_FIRST] = t;
+    if (expert && !m->cfg.experts_mxfp4) m->experts_bf16[s->layer][s->role == GPTOSS_T_DN_BLOCKS] = t;
+    else if (s->layer >= 0) m->layer[s->layer][s->role - GPTOSS_T_LAYER_FIRST] = t;
     else if (s->role == GPTOSS_T_EMBED) m->embed = t;
     else if (s->role == GPTOSS_T_NORM) m->norm = t;
     else m->lm_head = t;
@@ -219,6 +268,7 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   uint64_t total = 0;
   for (size_t i = 0; i < gptoss_st_count(m->st); i++) total += gptoss_st_at(m->st, i)->nbytes;
   if (o->progress && o->progress(o->progress_ud, 0, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "%s: the load was cancelled", dir); goto fail; }
+  m->threads = o->threads ? o->threads : gptoss_cpu_count();
   m->inv_freq = malloc(sizeof(float) * (size_t)(m->cfg.head_dim / 2));
   if (!m->inv_freq) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto fail; }
   rope_tables(&m->cfg, m->inv_freq, &m->rope_scale);
@@ -227,13 +277,18 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
     rc = gptoss_fail(GPTOSS_ERANGE, "context %d exceeds the model's max_position_embeddings %d", m->context, m->cfg.max_position_embeddings);
     goto fail;
   }
-  m->threads = o->threads ? o->threads : gptoss_cpu_count();
+  /* the CPU's load is the quantization (it reports bytes read as it goes); a
+     device backend reports its upload from 0 after it, so here only cancels */
+  if (m->experts_bf16 && (rc = gptoss_experts_quantize(m, m->threads, o, total, be == &gptoss_cpu_backend))) goto fail;
   m->batch_invariant = o->batch_invariant != 0;
   m->device_index = devidx;
   snprintf(m->device, sizeof m->device, "%s", be == &gptoss_cpu_backend ? "cpu" : dev);
   if (be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);
   m->be = be;
   if ((rc = be->model_init(m, o))) goto fail;   /* model_free releases what init had set up */
+  /* a device backend holds its own copy of the quantized experts (read
+     only at upload); a merge reads the bf16 matrices, so the host's go */
+  if (be != &gptoss_cpu_backend) gptoss_experts_drop(m);
   if (o->progress && o->progress(o->progress_ud, total, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "%s: the load was cancelled", dir); goto fail; }
   *out = m;
   return GPTOSS_OK;
@@ -246,6 +301,9 @@ void gptoss_model_free(gptoss_model *m) {
   if (!m) return;
   if (m->be && m->bm) m->be->model_free(m);
   gptoss_st_free(m->st);
+  gptoss_experts_drop(m);
+  free(m->experts_q);
+  free(m->experts_bf16);
   free(m->layer);
   free(m->inv_freq);
   free(m->dir);
@@ -256,6 +314,18 @@ const gptoss_config *gptoss_model_config(const gptoss_model *m) { return &m->cfg
 const gptoss_st *gptoss_model_weights(const gptoss_model *m) { return m->st; }
 const char *gptoss_model_device(const gptoss_model *m) { return m->device; }
 int gptoss_model_context(const gptoss_model *m) { return m->context; }
+
+gptoss_status gptoss_model_mxfp4(const gptoss_model *m, int layer, int which, const gptoss_tensor **blocks,
+                                 const gptoss_tensor **scales) {
+  if (layer < 0 || layer >= m->cfg.num_hidden_layers)
+    return gptoss_fail(GPTOSS_EARG, "layer %d is outside the model's 0..%d", layer, m->cfg.num_hidden_layers - 1);
+  if (which != 0 && which != 1) return gptoss_fail(GPTOSS_EARG, "which must be 0 (gate_up) or 1 (down), got %d", which);
+  *blocks = LAYER_T(m, layer, which ? GPTOSS_T_DN_BLOCKS : GPTOSS_T_GU_BLOCKS);
+  *scales = LAYER_T(m, layer, which ? GPTOSS_T_DN_SCALES : GPTOSS_T_GU_SCALES);
+  if (!(*blocks)->data)
+    return gptoss_fail(GPTOSS_EUNSUP, "%s keeps the experts it quantized on the device only", m->device);
+  return GPTOSS_OK;
+}
 
 void gptoss_model_memory(const gptoss_model *m, gptoss_memory *out) {
   memset(out, 0, sizeof *out);

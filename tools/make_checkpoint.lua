@@ -5,9 +5,13 @@
 --       [--hidden N] [--intermediate N] [--layers N] [--heads N] [--kv-heads N]
 --       [--head-dim N] [--experts N] [--top-k N] [--vocab N] [--window N]
 --       [--shard-size BYTES] [--threads N] [--tokenizer DIR | --no-tokenizer]
---       [--force] [--dry-run]
+--       [--expert-dtype mxfp4|bf16|bf16-generic] [--force] [--dry-run]
 --
 -- --dry-run prints the tensor table and shard plan without writing.
+-- --expert-dtype bf16 writes the experts as transformers holds unquantized
+-- gpt-oss (bf16 gate_up_proj and down_proj, no quantization_config) with the
+-- values of the MXFP4 checkpoint of the same seed; bf16-generic with random
+-- bf16 values instead.
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 local checkpoint = require "gptoss.checkpoint"
 
@@ -47,6 +51,9 @@ while i <= #arg do
   elseif a == "--threads" then opts.threads = integer(a)
   elseif a == "--tokenizer" then opts.tokenizer = value(a)
   elseif a == "--no-tokenizer" then opts.tokenizer = false
+  elseif a == "--expert-dtype" then
+    opts.expert_dtype = value(a)
+    if not checkpoint.expert_dtypes[opts.expert_dtype] then usage("--expert-dtype is mxfp4, bf16 or bf16-generic") end
   elseif a == "--force" then opts.force = true
   elseif a == "--dry-run" then dry = true
   elseif flags[a] then opts.overrides[flags[a]] = integer(a)
@@ -57,6 +64,7 @@ if not checkpoint.presets[opts.preset] then usage("unknown preset '" .. opts.pre
 
 local ok, cfg = pcall(checkpoint.config, opts.preset, opts.overrides)
 if not ok then usage(cfg) end
+cfg = checkpoint.with_experts(cfg, opts.expert_dtype)
 local size = opts.shard_size or checkpoint.shard_size[opts.preset]
 local pok, plan = pcall(checkpoint.plan, cfg, size)
 if not pok then usage(plan) end

@@ -166,8 +166,10 @@ static gptoss_status cpu_sample(gptoss_session **ss, int n, gptoss_sampler **smp
 }
 
 static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
-  (void)m;
-  out->weights = 0;   /* mapped from the page cache, not allocated */
+  /* the checkpoint is mapped from the page cache, not allocated; what the
+     model allocates is the MXFP4 it quantized a bf16 checkpoint's experts to */
+  out->weights = m->experts_q_data ? m->experts_q_bytes : 0;
+  out->total = out->weights;
 }
 
 const gptoss_backend gptoss_cpu_backend = {

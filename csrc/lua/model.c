@@ -146,6 +146,23 @@ static int model_tensors(lua_State *L) {
   return 1;
 }
 
+/* model:mxfp4(layer, "gate_up" | "down") -> blocks, scales: the bytes of
+   the MXFP4 experts the model runs, in the checkpoint's layout (a bf16
+   checkpoint's as the load quantized them); for inspecting the quantizer */
+static int model_mxfp4(lua_State *L) {
+  const char *fn = "model:mxfp4";
+  lmodel *b = checkmodel(L, 1);
+  int layers = gptoss_model_config(b->m)->num_hidden_layers;
+  int layer = (int)lg_check_int(L, 2, fn, "layer", 0, layers - 1);
+  static const char *const which[] = {"gate_up", "down", NULL};
+  int w = lg_check_choice(L, 3, fn, "which", which);
+  const gptoss_tensor *blocks, *scales;
+  if (gptoss_model_mxfp4(b->m, layer, w, &blocks, &scales)) return lg_fail(L);
+  lua_pushlstring(L, blocks->data, blocks->nbytes);
+  lua_pushlstring(L, scales->data, scales->nbytes);
+  return 2;
+}
+
 static int model_memory(lua_State *L) {
   lmodel *b = checkmodel(L, 1);
   gptoss_memory mem;
@@ -551,7 +568,7 @@ static int l_batch_step(lua_State *L) {
 
 void lg_open_model(lua_State *L) {
   static const luaL_Reg m_methods[] = {
-    {"close", model_gc}, {"tensors", model_tensors}, {"memory", model_memory},
+    {"close", model_gc}, {"tensors", model_tensors}, {"memory", model_memory}, {"mxfp4", model_mxfp4},
     {"session", model_session}, {"logits", model_logits}, {NULL, NULL}};
   static const luaL_Reg m_meta[] = {
     {"__gc", model_gc}, {"__tostring", model_tostring},

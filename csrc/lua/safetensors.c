@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "binding.h"
+#include "mxfp4.h"
 
 /* {====================================================== config */
 /* config_parse(json [, where]) -> table | nil, message */
@@ -64,6 +65,32 @@ static int l_tensor_specs(lua_State *L) {
     lua_rawseti(L, -2, (lua_Integer)(i + 1));
   }
   free(v);
+  return 1;
+}
+/* mxfp4_bf16(blocks, scales, E, out, in) -> the bf16 bytes [E][in][out]
+   of MXFP4 experts [E][out][in/32][16] and [E][out][in/32]: the layout
+   transformers holds unquantized gpt-oss in (for writing bf16 checkpoints) */
+static int l_mxfp4_bf16(lua_State *L) {
+  const char *fn = "core.mxfp4_bf16";
+  size_t nb, ns;
+  const char *blocks = lg_check_str(L, 1, fn, "blocks", &nb), *scales = lg_check_str(L, 2, fn, "scales", &ns);
+  int E = (int)lg_check_int(L, 3, fn, "E", 1, INT32_MAX), out = (int)lg_check_int(L, 4, fn, "out", 1, INT32_MAX);
+  int in = (int)lg_check_int(L, 5, fn, "in", 32, INT32_MAX);
+  size_t n = (size_t)E * out * in;
+  if (in % 32 || ns != n / 32 || nb != n / 2)
+    return luaL_error(L, "%s: %d x %d x %d values need %d-wide rows and %zu bytes of blocks, %zu of scales (got %zu, %zu)", fn, E,
+                      out, in, in, n / 2, n / 32, nb, ns);
+  float *row = malloc(sizeof(float) * (size_t)in);
+  uint16_t *w = malloc(sizeof(uint16_t) * n);
+  if (!row || !w) { free(row); free(w); return luaL_error(L, "out of memory"); }
+  for (size_t r = 0; r < (size_t)E * out; r++) {
+    gptoss_mxfp4_row(row, (const uint8_t *)blocks + r * (size_t)in / 2, (const uint8_t *)scales + r * (size_t)in / 32, in);
+    size_t e = r / (size_t)out, o = r % (size_t)out;
+    for (int i = 0; i < in; i++) w[(e * in + i) * out + o] = gptoss_f32_to_bf16(row[i]);
+  }
+  free(row);
+  lua_pushlstring(L, (const char *)w, sizeof(uint16_t) * n);
+  free(w);
   return 1;
 }
 /* }====================================================== */
@@ -296,6 +323,6 @@ void lg_open_safetensors(lua_State *L) {
   static const luaL_Reg funcs[] = {
     {"safetensors", l_safetensors}, {"writer", l_writer}, {"config_parse", l_config_parse},
     {"config_load", l_config_load}, {"config_json", l_config_json}, {"tensor_specs", l_tensor_specs},
-    {NULL, NULL}};
+    {"mxfp4_bf16", l_mxfp4_bf16}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
 }

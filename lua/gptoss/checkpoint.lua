@@ -1,6 +1,11 @@
 --- gptoss.checkpoint: writes gpt-oss checkpoints of any shape in the exact
 -- Hugging Face layout (config.json, sharded safetensors with an index, MXFP4
--- expert blocks and scales, tokenizer files), from a seed.
+-- expert blocks and scales, tokenizer files), from a seed. The experts can
+-- go out in bf16 instead, as transformers holds unquantized gpt-oss
+-- (gate_up_proj [E][hidden][2*inter], down_proj [E][inter][hidden], no
+-- quantization_config): "bf16" writes the MXFP4 twin's values exactly (so
+-- quantizing them gives the twin back), "bf16-generic" random bf16 values
+-- off the FP4 grid, everything else the same.
 --
 -- Random values are chosen to keep activations finite through any depth:
 -- linear weights ~ N(0, 1/fan_in), norm weights ~ N(1, 0.05), MXFP4 scales
@@ -57,7 +62,10 @@ local function fan_in_std(spec) return 1 / math.sqrt(spec.shape[#spec.shape]) en
 --- The fill (distribution) of each tensor of a config.
 function M.fill(spec, cfg, seed)
   local n = spec.name
-  if n:match("layernorm%.weight$") or n == "model.norm.weight" then
+  if n:match("experts%.gate_up_proj$") or n:match("experts%.down_proj$") then
+    -- bf16 experts [E][in][out]: the output std near 2, as the MXFP4 scales aim
+    return { fill = "normal", mean = 0, std = 2 / math.sqrt(spec.shape[2]), seed = seed }
+  elseif n:match("layernorm%.weight$") or n == "model.norm.weight" then
     return { fill = "normal", mean = 1, std = 0.05, seed = seed }
   elseif n:match("_blocks$") then
     return { fill = "uniform", min = 0, max = 255, seed = seed }
@@ -95,6 +103,42 @@ function M.config(preset, overrides)
     c.pad_token_id = c.vocab_size - 2
   end
   return c
+end
+
+M.expert_dtypes = { mxfp4 = true, bf16 = true, ["bf16-generic"] = true }
+
+--- cfg for experts of expert_dtype ("mxfp4", "bf16", "bf16-generic"): a
+-- copy without quantization_config unless mxfp4, which the tensor plan
+-- (core.tensor_specs) and the written config.json follow.
+function M.with_experts(cfg, expert_dtype)
+  expert_dtype = expert_dtype or "mxfp4"
+  if not M.expert_dtypes[expert_dtype] then
+    error("unknown expert dtype '" .. tostring(expert_dtype) .. "' (mxfp4, bf16, bf16-generic)", 2)
+  end
+  if expert_dtype == "mxfp4" then return cfg end
+  local c = {}
+  for k, v in pairs(cfg) do c[k] = v end
+  c.quantization_config = nil
+  return c
+end
+
+-- The values of bf16 expert spec s that are its MXFP4 twin's (the blocks and
+-- scales the mxfp4 checkpoint of this seed holds), dequantized into the bf16
+-- layout: generated into a scratch file by the same fills, then converted.
+local function twin_values(s, cfg, seed, scratch, threads)
+  local E, inn, out = s.shape[1], s.shape[2], s.shape[3]
+  local base = s.name
+  local blocks = { name = base .. "_blocks", dtype = "U8", shape = { E, out, inn / 32, 16 } }
+  local scales = { name = base .. "_scales", dtype = "U8", shape = { E, out, inn / 32 } }
+  local w = core.writer(scratch)
+  for _, t in ipairs { blocks, scales } do w:add(t.name, t.dtype, t.shape, M.fill(t, cfg, seed)) end
+  local ok, err = w:commit(threads)
+  if not ok then return nil, err end
+  local r = assert(core.safetensors(scratch))
+  local values = core.mxfp4_bf16(r:read(blocks.name), r:read(scales.name), E, out, inn)
+  r:close()
+  os.remove(scratch)
+  return values
 end
 
 --- The plan without writing anything: tensors, bytes and shards.
@@ -148,13 +192,16 @@ local GENERATION_CONFIG = [[{
 --- Writes a checkpoint. opts: preset (default "tiny") or config (a table),
 -- seed, out (directory), shard_size, threads, tokenizer (a directory holding
 -- tokenizer.json, or false), force (replace an existing out), on_shard
--- (called as on_shard(i, n, bytes) after shard i of n is written).
+-- (called as on_shard(i, n, bytes) after shard i of n is written),
+-- expert_dtype ("mxfp4", the default; "bf16": the mxfp4 checkpoint's expert
+-- values in bf16; "bf16-generic": random bf16 experts).
 -- Everything is written under "<out>.partial" and renamed into place last.
 -- Returns the plan, or nil and a message.
 function M.write(opts)
   assert(type(opts) == "table" and opts.out, "checkpoint.write: opts.out is required")
   local preset = opts.preset or "tiny"
-  local cfg = opts.config or M.config(preset, opts.overrides)
+  local expert_dtype = opts.expert_dtype or "mxfp4"
+  local cfg = M.with_experts(opts.config or M.config(preset, opts.overrides), expert_dtype)
   local plan = M.plan(cfg, opts.shard_size or M.shard_size[preset] or 5000000000)
   local lfs = require "lfs"
   local out = opts.out
@@ -170,7 +217,15 @@ function M.write(opts)
   for i, sh in ipairs(plan.shards) do
     local w = core.writer(tmp .. "/" .. sh.file)
     w:metadata("format", "pt")
-    for _, s in ipairs(sh.tensors) do w:add(s.name, s.dtype, s.shape, M.fill(s, cfg, seed)) end
+    for _, s in ipairs(sh.tensors) do
+      local fill = M.fill(s, cfg, seed)
+      if expert_dtype == "bf16" and s.dtype == "BF16" and s.name:match("experts%.[%a_]+_proj$") then
+        local err
+        fill, err = twin_values(s, cfg, seed, tmp .. "/twin.safetensors", opts.threads)
+        if not fill then w:close(); return fail(err) end
+      end
+      w:add(s.name, s.dtype, s.shape, fill)
+    end
     local cok, cerr = w:commit(opts.threads)
     if not cok then return fail(cerr) end
     if opts.on_shard then opts.on_shard(i, #plan.shards, sh.bytes) end

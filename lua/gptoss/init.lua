@@ -96,8 +96,8 @@ Model.lora_backward = core.lora_backward
 --- model:merge(adapter, out_dir) -> out_dir | nil, message: a new checkpoint
 -- with the adapter merged into the bf16 projections (load it with
 -- gptoss.load); with expert LoRAs the experts go out merged in bf16, as
--- transformers holds unquantized gpt-oss (for transformers, vLLM: gptoss
--- runs MXFP4 experts only)
+-- transformers holds unquantized gpt-oss (gptoss.load quantizes them back
+-- to MXFP4)
 Model.merge = core.lora_merge
 
 local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = true,
