@@ -651,7 +651,8 @@ static void *engine_main(void *arg) {
     int nfresh;
     admit(e, fresh, &nfresh);
     if (e->nactive == 0) {   /* nothing admitted: the queue is empty (a request alone always fits) */
-      pthread_cond_wait(&e->work, &e->mu);
+      /* reap_cancelled let go of mu: a stop signalled then is seen here, not waited past */
+      if (!e->stopping) pthread_cond_wait(&e->work, &e->mu);
       continue;
     }
     pthread_mutex_unlock(&e->mu);

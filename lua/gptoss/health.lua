@@ -22,7 +22,19 @@ function M.check()
   else err("model directory not found: " .. cfg.model) end
   info("device: " .. tostring(cfg.device))
   local st = nv._state
-  if st.engine then
+  local names = {}
+  for name in pairs(cfg.adapters or {}) do names[#names + 1] = name end
+  table.sort(names)
+  for _, name in ipairs(names) do
+    local dir = cfg.adapters[name]
+    local note = st.adapters[vim.fn.fnamemodify(dir, ":p")] and " (loaded)" or ""
+    if vim.fn.filereadable(dir .. "/adapter_config.json") == 1 then ok("adapter " .. name .. ": " .. dir .. note)
+    else err("adapter " .. name .. ": " .. dir .. " has no adapter_config.json") end
+  end
+  info("adapter of new chats: " .. (cfg.adapter or "none"))
+  if st.loader then
+    info("engine: loading the model")
+  elseif st.engine then
     local s = st.engine:stats()
     info(string.format("engine: %s, KV memory in use %d of %d bytes", st.status, s.kv_in_use or 0, s.kv_budget or 0))
   else

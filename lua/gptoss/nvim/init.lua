@@ -1,96 +1,32 @@
---- gptoss.nvim: the model runs inside Neovim; generation runs on the
--- engine's thread and the editor wakes on the engine's fd, so the main
--- loop never waits on the model. Buffers are touched only in vim.schedule.
+--- gptoss.nvim: the model runs inside Neovim. This file holds setup, the
+-- commands and the Lua functions users call; job.lua runs the requests,
+-- chat.lua, ask.lua and rewrite.lua are the three ways to use them, ui.lua
+-- draws. Nothing here loads the model: it loads on first use.
+local config = require "gptoss.nvim.config"
+local job = require "gptoss.nvim.job"
+local api = vim.api
+
 local M = {}
-local uv = vim.uv or vim.loop
 
--- the LuaJIT build of the binding, found from this file's own path
-do
-  local here = debug.getinfo(1, "S").source:sub(2)
-  local root = vim.fn.fnamemodify(here, ":h:h:h:h")
-  local so = root .. "/build/luajit/?.so"
-  if not package.cpath:find(so, 1, true) then package.cpath = so .. ";" .. package.cpath end
-  M.root = root
-end
+M.root = job.root
+M.config = config.values
+M._state = job.state
 
-M.config = { model = nil, device = "cpu", adapter = nil, reasoning = "low", max_tokens = 512, keymaps = true,
-  threads = nil, prefill = nil }
+local function chat() return require "gptoss.nvim.chat" end
+local function rewrite() return require "gptoss.nvim.rewrite" end
 
-local state = { model = nil, engine = nil, poll = nil, chats = {}, active = {}, status = "idle", tps = 0 }
-M._state = state
-
---- setup{ model = dir, device = "cpu"|"cuda:0", adapter, reasoning, max_tokens, keymaps }
+--- setup{ model = dir, device, threads, adapters = { name = dir }, adapter,
+-- reasoning, max_tokens, sampling, prefill, keymaps }
 function M.setup(opts)
-  for k, v in pairs(opts or {}) do
-    if M.config[k] == nil and k ~= "model" and k ~= "adapter" and k ~= "threads" and k ~= "prefill" then
-      error("gptoss.nvim: unknown option '" .. tostring(k) .. "'", 2)
-    end
-    M.config[k] = v
-  end
-  if M.config.keymaps then
-    vim.keymap.set("n", "<leader>gs", "<cmd>GptossStop<cr>", { desc = "gptoss: stop" })
-  end
+  config.apply(opts)
+  require("gptoss.nvim.ui").define_highlights()
+  local stop = config.key("stop")
+  if stop then vim.keymap.set("n", stop, "<cmd>GptossStop<cr>", { desc = "gptoss: stop" }) end
 end
 
--- wakes on the engine's fd: every request with news is polled
-local function on_news()
-  state.engine:drain()
-  for req, h in pairs(state.active) do
-    local ids, text, done, err = req:poll()
-    if #ids > 0 or text ~= "" or done then h(ids, text, done, err) end
-    if done then state.active[req] = nil end
-  end
-  if next(state.active) == nil then state.status = "idle" end
-  local s = state.engine:stats()
-  state.tps = s.tokens_per_s or 0
-end
+local function notify_error(err) vim.notify(tostring(err):gsub("^gptoss%.nvim: ", "gptoss: "), vim.log.levels.ERROR) end
 
---- the engine, loading the model on first use. gptoss.load is blocking C:
--- the load itself holds the editor briefly (milliseconds for a small
--- model, about a second for 20B); generation never does.
-function M.engine()
-  if state.engine then return state.engine end
-  local cfg = M.config
-  if not cfg.model then error("gptoss.nvim: setup{ model = dir } first", 0) end
-  state.status = "loading"
-  vim.api.nvim_echo({ { "gptoss: loading " .. cfg.model .. " ..." } }, false, {})
-  local gptoss = require "gptoss"
-  local m, err = gptoss.load(cfg.model, { device = cfg.device, threads = cfg.threads })
-  if not m then state.status = "error"; error("gptoss.nvim: " .. tostring(err), 0) end
-  state.model = m
-  state.engine = gptoss.engine(m)
-  state.poll = uv.new_poll(state.engine.fd)
-  state.poll:start("r", function() vim.schedule(on_news) end)
-  state.status = "idle"
-  return state.engine
-end
-
---- submits ids; handler(ids, text, done, err) runs in the main loop
-function M.submit(ids, opts, handler)
-  local eng = M.engine()
-  local req, err = eng:submit(ids, opts)
-  if not req then return nil, err end
-  state.active[req] = handler
-  state.status = "generating"
-  return req
-end
-
---- stops every request in flight (each ends at the engine's next step)
-function M.stop()
-  for req in pairs(state.active) do req:cancel() end
-end
-function M.stop_command() M.stop() end
-
---- statusline: "gptoss: <state> [N tok/s]"
-function M.statusline()
-  if state.status == "generating" then return string.format("gptoss: generating %.1f tok/s", state.tps) end
-  return "gptoss: " .. state.status
-end
-
--- {====================================================== chat
-local Chat = {}
-Chat.__index = Chat
-
+-- k=v words into a table; the last other word is the file
 local function parse_args(fargs)
   local o = {}
   for _, a in ipairs(fargs or {}) do
@@ -100,139 +36,145 @@ local function parse_args(fargs)
   return o
 end
 
---- opens a chat buffer (markdown); opts: reasoning, adapter, file (a saved chat)
-function M.open_chat(opts)
-  opts = opts or {}
-  local buf = vim.api.nvim_create_buf(true, false)
-  vim.api.nvim_buf_set_option(buf, "filetype", "markdown")
-  vim.api.nvim_buf_set_option(buf, "buftype", "nofile")
-  local chat = setmetatable({ buf = buf, messages = {}, reasoning = opts.reasoning or M.config.reasoning,
-    adapter = opts.adapter or M.config.adapter, analysis = {} }, Chat)
-  state.chats[buf] = chat
-  if opts.file then chat:load(opts.file) end
-  vim.api.nvim_set_current_buf(buf)
-  chat:render_history()
-  return chat
+--- loads the model off the main loop; on_ready(err) runs once it is loaded
+M.load = job.load
+--- the engine, loading the model on first use (waiting for it: the
+-- commands use M.load instead)
+M.engine = job.engine
+--- submits ids to the engine; handler(ids, text, done, err) runs in the main loop
+M.submit = job.submit
+--- statusline: "gptoss: idle", "gptoss: loading", "gptoss: generating N tok/s"
+M.statusline = job.statusline
+--- stops every request in flight (each ends at the engine's next step)
+function M.stop() job.stop() end
+
+--- the chat of buf (the current buffer by default), or nil
+function M.chat_of(buf) return chat().of(buf) end
+--- opens a chat buffer; opts: reasoning, adapter, file
+function M.open_chat(opts) return chat().open(opts) end
+-- buf as a buffer number (nil and 0: the current one), the key of what works for it
+local function buffer(buf)
+  if buf == nil or buf == 0 then return api.nvim_get_current_buf() end
+  return buf
 end
 
-function M.chat_command(a)
-  local o = parse_args(a and a.fargs)
-  local chat = state.chats[vim.api.nvim_get_current_buf()]
-  if chat and not o.file then
-    if o.reasoning then chat.reasoning = o.reasoning end
-    if o.adapter then chat.adapter = o.adapter end
-    return chat:send_from_buffer()
-  end
-  return M.open_chat(o)
-end
+--- asks about lines line1..line2 of buf (line1 nil: the question alone)
+function M.ask(question, buf, line1, line2) return require("gptoss.nvim.ask").ask(question, buffer(buf), line1, line2) end
+--- rewrites lines line1..line2 of buf as instructed; a preview to accept or reject
+function M.rewrite(instruction, buf, line1, line2) return rewrite().rewrite(instruction, buffer(buf), line1, line2) end
+function M.accept(rw) return rewrite().accept(rw) end
+function M.reject(rw) return rewrite().reject(rw) end
 
---- the chat of buf (the current buffer by default)
-function M.chat_of(buf) return state.chats[buf or vim.api.nvim_get_current_buf()] end
-
-function Chat:render_history()
-  local lines = {}
-  for _, m in ipairs(self.messages) do
-    lines[#lines + 1] = "## " .. m.role
-    for l in (m.content .. "\n"):gmatch("(.-)\n") do lines[#lines + 1] = l end
-  end
-  lines[#lines + 1] = "## user"
-  lines[#lines + 1] = ""
-  vim.api.nvim_buf_set_lines(self.buf, 0, -1, false, lines)
-  self.user_line = #lines - 1   -- 0-based first line of the user's next message
-end
-
--- the text after the last "## user" heading
-function Chat:send_from_buffer()
-  local lines = vim.api.nvim_buf_get_lines(self.buf, self.user_line or 0, -1, false)
-  local text = table.concat(lines, "\n"):gsub("^%s+", ""):gsub("%s+$", "")
-  if text == "" then return nil, "empty message" end
-  return self:send(text)
-end
-
--- appends text at the end of the buffer (it may hold newlines)
-local function append(buf, text)
-  if text == "" or not vim.api.nvim_buf_is_valid(buf) then return end
-  local last = vim.api.nvim_buf_line_count(buf)
-  local tail = vim.api.nvim_buf_get_lines(buf, last - 1, last, false)[1]
-  local parts = vim.split(tail .. text, "\n", { plain = true })
-  vim.api.nvim_buf_set_lines(buf, last - 1, last, false, parts)
-end
-
---- sends a user message; the reply streams into the buffer. A request in
--- flight on this chat is superseded (cancelled).
-function Chat:send(text, on_done)
-  if self.req then
-    -- superseded: its user message goes, and its reply is dropped
-    self:stop()
-    table.remove(self.messages, self.req_message)
-    self.req = nil
-  end
-  local harmony = require "gptoss.harmony"
-  self.messages[#self.messages + 1] = { role = "user", content = text }
-  M.engine()
-  local tok = state.model.tokenizer
-  local prefill = M.config.prefill
-  local prompt = harmony.render({ system = { reasoning = self.reasoning }, messages = self.messages,
-    mode = "completion", prefill = prefill }, tok)
-  local parser = harmony.stream_parser { role = "assistant", lenient = true, tokenizer = tok }
-  if prefill and prefill.channel then   -- the prompt opened the header: replay it to the parser
-    parser:process_unit { s = "<|channel|>" }; parser:process_unit { b = prefill.channel }
-    parser:process_unit { s = "<|message|>" }
-  end
-  local buf = self.buf
-  append(buf, "\n\n## assistant\n")
-  local reply, analysis, pieces = {}, {}, 0
-  local req, err
-  req, err = M.submit(prompt, { max_tokens = M.config.max_tokens, adapter = self.adapter }, function(ids, _, done, e)
-    if self.req ~= req then return end   -- superseded
-    for _, id in ipairs(ids) do
-      parser:process(id)
-      local d = parser.last_content_delta
-      if d and d ~= "" then
-        if parser:current_channel() == "analysis" then analysis[#analysis + 1] = d
-        else reply[#reply + 1] = d; append(buf, d) end
-      end
-    end
-    pieces = pieces + 1
-    if done then
-      parser:process_eos()
-      local final = table.concat(reply)
-      self.messages[#self.messages + 1] = { role = "assistant", content = final }
-      self.analysis[#self.messages] = table.concat(analysis)
-      self.last = { text = final, analysis = self.analysis[#self.messages], pieces = pieces, error = e,
-        result = req:result() }
-      self.req = nil
-      append(buf, "\n\n## user\n")
-      self.user_line = vim.api.nvim_buf_line_count(buf) - 1
-      if on_done then on_done(self.last) end
-    end
+-- {====================================================== commands
+-- runs fn once the model is loaded (loading it off the main loop)
+local function when_loaded(fn)
+  job.load(function(err)
+    if err then return notify_error(err) end
+    local ok, ferr = pcall(fn)
+    if not ok then notify_error(ferr) end
   end)
-  if not req then error("gptoss.nvim: " .. tostring(err), 0) end
-  self.req, self.req_message = req, #self.messages
-  return req
 end
 
---- cancels this chat's request (it ends at the engine's next step)
-function Chat:stop()
-  if self.req then self.req:cancel() end
+local function checked(o)
+  if o.reasoning and not config.REASONING[o.reasoning] then
+    error("gptoss.nvim: reasoning must be low, medium or high (got '" .. o.reasoning .. "')", 0)
+  end
+  if o.adapter then
+    if o.adapter == "none" then o.adapter = false else
+      local ok, err = job.adapter(o.adapter)
+      if not ok then error("gptoss.nvim: " .. err, 0) end
+    end
+  end
+  return o
 end
 
---- saves the messages as JSON
-function Chat:save(path)
-  local json = require "gptoss.json"
-  local f = assert(io.open(path, "wb"))
-  f:write(json.encode_compact({ messages = self.messages, reasoning = self.reasoning, adapter = self.adapter }))
-  f:close()
+-- :GptossChat [reasoning=R] [adapter=A] [file]
+function M.chat_command(a)
+  local ok, err = pcall(function()
+    local o = checked(parse_args(a and a.fargs))
+    local c = chat().of()
+    if c and not o.file then
+      if o.reasoning then c.reasoning = o.reasoning end
+      if o.adapter ~= nil then c.adapter = o.adapter or nil end
+      return when_loaded(function()
+        local sent, why = c:send_from_buffer()
+        if not sent and why and not (o.reasoning or o.adapter ~= nil) then vim.notify("gptoss: " .. why) end
+      end)
+    end
+    if o.adapter == false then o.adapter = nil end
+    chat().open(o)
+  end)
+  if not ok then notify_error(err) end
 end
 
-function Chat:load(path)
-  local json = require "gptoss.json"
-  local f = assert(io.open(path, "rb"))
-  local t = json.decode(f:read("*a"))
-  f:close()
-  self.messages = t.messages or {}
-  self.reasoning = t.reasoning or self.reasoning
-  self.adapter = t.adapter or self.adapter
+function M.stop_command() job.stop() end
+
+-- the lines a command's range names (nil for no range)
+local function range_of(a)
+  if a.range and a.range > 0 then return a.line1, a.line2 end
+end
+
+-- :[range]GptossAsk {question}
+function M.ask_command(a)
+  local line1, line2 = range_of(a)
+  local buf = api.nvim_get_current_buf()
+  when_loaded(function() M.ask(a.args, buf, line1, line2) end)
+end
+
+-- :[range]GptossRewrite {instruction} (the current line without a range)
+function M.rewrite_command(a)
+  local buf = api.nvim_get_current_buf()
+  when_loaded(function() M.rewrite(a.args, buf, a.line1, a.line2) end)
+end
+
+function M.accept_command()
+  local ok, err = M.accept()
+  if not ok then notify_error(err) end
+end
+
+function M.reject_command()
+  local ok, err = M.reject()
+  if not ok then notify_error(err) end
+end
+
+-- :GptossSave {file}: the current chat as JSON (:GptossChat {file} reopens it)
+function M.save_command(a)
+  local c = chat().of()
+  if not c then return notify_error("gptoss: not a chat buffer") end
+  local ok, err = c:save(vim.fn.expand(a.args))
+  if not ok then notify_error("gptoss: " .. tostring(err)) end
+end
+
+--- :GptossAdapter [name|none]: in a chat buffer, that chat's adapter;
+-- elsewhere the adapter of new chats, asks and rewrites. Without a name it
+-- says which is in use.
+function M.adapter_command(a)
+  local name = a and a.args ~= "" and a.args or nil
+  local c = chat().of()
+  if not name then
+    local cur = (c and c.adapter) or (not c and config.values.adapter) or "none"
+    vim.notify("gptoss: adapter " .. cur .. (c and " (this chat)" or ""))
+    return
+  end
+  local ok, err = pcall(function()
+    if name ~= "none" then
+      local loaded, why = job.adapter(name)
+      if not loaded then error("gptoss.nvim: " .. why, 0) end
+    else
+      name = nil
+    end
+    if c then c.adapter = name else config.values.adapter = name end
+  end)
+  if not ok then notify_error(err) end
+end
+
+--- completion of :GptossAdapter: setup's adapter names and none
+function M.complete_adapter(lead)
+  local out = {}
+  for n in pairs(config.values.adapters or {}) do if n:sub(1, #lead) == lead then out[#out + 1] = n end end
+  table.sort(out)
+  if ("none"):sub(1, #lead) == lead then out[#out + 1] = "none" end
+  return out
 end
 -- }======================================================
 
