@@ -196,6 +196,7 @@ end
 -- {====================================================== metrics
 -- the finished streams as gptoss.bench_study's records: tokens arrive with
 -- each SSE chunk that carries text; usage (include_usage) counts them
+local failures = {}   -- reason -> count, over the whole run
 local function stream_records(streams, prompt_len)
   local records = {}
   for _, st in ipairs(streams) do
@@ -207,7 +208,15 @@ local function stream_records(streams, prompt_len)
         if ok and j.choices and j.choices[1] and j.choices[1].text and j.choices[1].text ~= "" then chunks[#chunks + 1] = e.t end
       end
     end
-    records[#records + 1] = { ok = st.status == 200 and usage ~= nil, t0 = st.t0, t_first = chunks[1], chunks = chunks,
+    local ok = st.status == 200 and usage ~= nil
+    if not ok then
+      -- why, once per distinct reason, on stderr: a status and the error's message, or the socket call that failed
+      local why = st.failed and ("socket " .. st.failed) or string.format("HTTP %s: %s", tostring(st.status),
+        tostring((st.text or st.body_raw or ""):sub(1, 300)):gsub("%s+", " "))
+      failures[why] = (failures[why] or 0) + 1
+      if failures[why] == 1 then io.stderr:write("bench/serve.lua: a request failed: ", why, "\n") end
+    end
+    records[#records + 1] = { ok = ok, t0 = st.t0, t_first = chunks[1], chunks = chunks,
       t_end = st.t_end, prompt_tokens = usage and usage.prompt_tokens or prompt_len,
       output_tokens = usage and usage.completion_tokens or 0 }
   end
@@ -378,6 +387,7 @@ local function main()
       rows[#rows + 1] = { c = c, m = serve_run(opt.requests or math.max(2 * c, 16), c, opt.prompt, opt.output) }
     end
     results.serve = rows
+    if next(failures) then results.failures = failures end
     serve_table("HTTP (" .. opt.url .. ", streamed /v1/completions)", rows)
   end
   if opt.inprocess and (not only or only == "inprocess") then

@@ -432,6 +432,37 @@ describe("gptoss.engine on CUDA #gpu", function()
     m:close()
   end)
 
+  it("computes a row with an adapter bit for bit as it does alone, among rows of other adapters", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
+    local tok = m.tokenizer
+    local a1 = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn" } })
+    local a2 = gptoss.lora(m, { r = 2, alpha = 4, init = "random", seed = 12, targets = { "attn", "experts" } })
+    local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
+    local ids = prompt_of(tok, 1, 39)
+    local a = m:session { adapter = a1 }
+    a:feed(ids, "last")
+    local prefill = a:logits():bytes()
+    local t1 = a:sample(greedy)
+    gptoss.batch_step({ a }, { t1 }, { greedy })
+    local after = a:logits():bytes()
+    local b = m:session { adapter = a1 }
+    local unpack = table.unpack or unpack
+    b:feed({ unpack(ids, 1, 24) }, "none")
+    b:feed({ unpack(ids, 25, 39) }, "last")
+    assert.is_true(prefill == b:logits():bytes(), "the prefill's last row, fed in chunks")
+    local ss, toks, smps = { b }, { t1 }, { greedy }
+    for k = 1, 7 do
+      local o = m:session { adapter = k % 3 == 0 and a1 or k % 3 == 1 and a2 or nil }
+      o:feed(prompt_of(tok, 60 + k, 5 + 11 * k), "last")
+      ss[#ss + 1], toks[#toks + 1], smps[#smps + 1] = o, o:sample(greedy), greedy
+    end
+    gptoss.batch_step(ss, toks, smps)
+    assert.is_true(after == b:logits():bytes(), "the decode row among rows of other adapters")
+    for _, x in ipairs(ss) do x:close() end
+    a:close(); a1:close(); a2:close()
+    m:close()
+  end)
+
   it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone (batch-invariant)", function()
     local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
     local a1 = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn" } })

@@ -4,7 +4,7 @@
 --   lua5.4 tools/reference/engine_diag.lua DIR
 package.path = "lua/?.lua;lua/?/init.lua;spec/?.lua;" .. package.path
 local gptoss = require "gptoss"
-local m = assert(gptoss.load(arg[1], { device = arg[2] or "cuda:0" }))
+local m = assert(gptoss.load(arg[1], { device = arg[2] or "cuda:0", batch_invariant = os.getenv("INVARIANT") == "1" }))
 local a1 = gptoss.lora(m, { r = 4, alpha = 8, init = "random", seed = 11, targets = { "attn" } })
 local tok = m.tokenizer
 -- request 1's prompt (serving_engine_spec's prompt_of(tok, 1, 39))
