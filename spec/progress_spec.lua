@@ -46,6 +46,29 @@ describe("progress", function()
     assert.is_nil(out.text:find("\n", 1, true) < #out.text and true or nil)
   end)
 
+  it("loads a checkpoint with a bar of the megabytes read, as the safetensors headers count them", function()
+    local H = require "helpers"
+    local gptoss = require "gptoss"
+    local dir = H.tiny()
+    local bytes = 0
+    for _, f in ipairs(H.files(dir)) do
+      if f:match("%.safetensors$") then
+        local st = assert(gptoss.safetensors(dir .. "/" .. f))
+        for _, t in ipairs(st:tensors()) do bytes = bytes + t.bytes end
+        st:close()
+      end
+    end
+    local mb = math.floor(bytes / 1e6 + 0.5)
+    local out = sink()
+    local m = assert(progress.load(dir, { threads = 1 }, { stream = out, tty = false }))
+    assert.equal(201088, m.config.vocab_size)
+    assert.matches("^load " .. dir:gsub("%p", "%%%0") .. " " .. mb .. "/" .. mb .. " MB  in %d+s\n$", out.text)
+    m:close()
+    local none, err = progress.load(dir .. "/missing", nil, { stream = out, tty = false })
+    assert.is_nil(none)
+    assert.matches("not a directory", err)
+  end)
+
   it("says where a bar stopped short", function()
     local out = sink()
     local bar = progress.new { label = "trial 3", total = 10, stream = out, tty = false, clock = function() return 0 end }

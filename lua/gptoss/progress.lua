@@ -141,6 +141,33 @@ function Bar:finish(fields)
   self.stream:flush()
 end
 
+--- gptoss.load with a bar of the weights' megabytes read (gptoss.load_async
+-- does the load; CUDA counts as it uploads, the CPU maps its checkpoint
+-- and counts it at once): the Model, or nil and the loader's message.
+-- opts: gptoss.load's; bar: progress.new's options (label "load DIR")
+function M.load(dir, opts, bar_opts)
+  local gptoss = require "gptoss"
+  local ld, err = gptoss.load_async(dir, opts)
+  if not ld then return nil, err end
+  local o = { label = "load " .. tostring(dir), unit = "MB", interval = 5 }
+  for k, v in pairs(bar_opts or {}) do o[k] = v end
+  local bar
+  repeat
+    local ended = ld:wait(0.1)
+    local done, total = ld:progress()
+    if total > 0 then
+      local mb = function(b) return math.floor(b / 1e6 + 0.5) end
+      bar = bar or M.new(setmetatable({ total = mb(total) }, { __index = o }))
+      bar.total = mb(total)   -- (the backend's count may name another total than the checkpoint's)
+      if mb(done) ~= bar.done or not bar.last_shown then bar:update(mb(done)); bar.last_shown = true end
+    end
+  until ended
+  local m, lerr = ld:result()
+  ld:close()
+  if bar then bar:finish() end
+  return m, lerr
+end
+
 --- a message on its own line, clearing a bar drawn on a terminal first
 function Bar:print(msg)
   if self.tty and self.drawn then self.stream:write("\r\27[K") end

@@ -78,7 +78,7 @@ local function model_for(spec, device)
   if not models[key] then
     local o = { device = device }
     for k, v in pairs(spec.load or {}) do o[k] = v end
-    local m, err = gptoss.load(spec.model, o)
+    local m, err = require("gptoss.progress").load(spec.model, o)
     if not m then error("sweep: " .. err, 0) end
     models[key] = m
   end
