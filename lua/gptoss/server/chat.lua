@@ -188,6 +188,37 @@ end
 
 --- chat(body, ctx) -> job. ctx: served (model ids), tokenizer, context,
 -- vocab, limits, new_id
+-- response_format (OpenAI's Structured Outputs): json_object constrains the
+-- reply to any JSON value, json_schema to its schema (gptoss.constraint
+-- compiles it to a grammar masking each step's tokens); the reply then
+-- opens on the final channel, its analysis skipped. true when constrained
+local FORMATS = { text = true, json_object = true, json_schema = true }
+local function response_format(b, gen)
+  local rf = R.object(b, "response_format")
+  if not rf then return false end
+  local t = R.one_of(rf, "type", FORMATS, "response_format.type")
+  if t == nil then R.fail(400, "Missing required parameter: 'response_format.type'.", "response_format.type") end
+  if t == "text" then return false end
+  local param = "response_format"
+  if t == "json_object" then gen.json = true
+  else
+    param = "response_format.json_schema"
+    local js = R.object(rf, "json_schema", param)
+    if not js then R.fail(400, "Missing required parameter: 'response_format.json_schema'.", param) end
+    R.string(js, "name", param .. ".name")
+    R.boolean(js, "strict", param .. ".strict")
+    param = param .. ".schema"
+    local schema = R.object(js, "schema", param)
+    gen.json_schema = schema and json.encode_compact(schema) or "{}"
+  end
+  local ok, err = pcall(require("gptoss.constraint").check, gen, "response_format")
+  if not ok then
+    R.fail(400, "Invalid schema for response_format: " .. tostring(err):gsub("^.-:%d+: ", ""):gsub("^response_format: ", "") .. ".",
+           param)
+  end
+  return true
+end
+
 function M.chat(b, ctx)
   local entry = R.model(b, ctx.served)
   local msgs, instructions = messages(b)
@@ -200,6 +231,7 @@ function M.chat(b, ctx)
   local include_usage = so and R.boolean(so, "include_usage", "stream_options.include_usage") or false
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
   local logprobs = LP.chat_params(b, gen)
+  if response_format(b, gen) and not prefill then prefill = { channel = "final" } end
   local prompt = R.prompt(ctx.tokenizer, { instructions = instructions, tools = tools, messages = msgs, effort = effort,
                                            prefill = prefill })
   gen.max_tokens = R.limit(b, { "max_completion_tokens", "max_tokens" }, #prompt, ctx.context)
