@@ -34,7 +34,7 @@ if has serve || has study; then
   pid=$(pgrep -P "$(cat /tmp/serve/nginx.pid)" | head -1)
   if has serve; then
     t0=$(date +%s)
-    timeout 170 $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --concurrency ${SERVE_CONC:-1,8,32,64} \
+    timeout ${SERVE_TIMEOUT:-170} $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --concurrency ${SERVE_CONC:-1,8,32,64} \
       --only serve --json $OUT/serve.json > $OUT/serve.md 2> $OUT/serve.err
     echo "serve rc=$? in $(( $(date +%s) - t0 )) s"; cat $OUT/serve.md; tail -3 $OUT/serve.err
   fi
