@@ -6,6 +6,7 @@
 -- gptoss_matcher_mask (the bitmask; applying it to logits is not counted).
 --   luajit bench/grammar.lua [tokenizer_dir] [steps_per_schema]
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "build/" .. (jit and "luajit" or "lua5.4") .. "/?.so;" .. package.cpath
 local core = require "gptoss.core"
 local schema = require "gptoss.schema"
 
