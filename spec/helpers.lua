@@ -219,6 +219,21 @@ function H.session_logits(m, ids, adapter)
   return l
 end
 
+--- the bytes of a checkpoint's tensors, summed from its safetensors headers
+-- (gptoss.safetensors: the reader, not the loader)
+function H.tensor_bytes(dir)
+  local gptoss = require "gptoss"
+  local total = 0
+  for _, f in ipairs(H.files(dir)) do
+    if f:match("%.safetensors$") then
+      local st = assert(gptoss.safetensors(dir .. "/" .. f))
+      for _, t in ipairs(st:tensors()) do total = total + t.bytes end
+      st:close()
+    end
+  end
+  return total
+end
+
 -- poll(2) through a tiny helper built for the running interpreter
 -- (spec/support/fdpoll.c): H.fdpoll().readable(fd, timeout_ms)
 local fdpoll

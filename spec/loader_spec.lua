@@ -6,17 +6,7 @@
 local H = require "helpers"
 local gptoss = require "gptoss"
 
-local function tensor_bytes(dir)
-  local total = 0
-  for _, f in ipairs(H.files(dir)) do
-    if f:match("%.safetensors$") then
-      local st = assert(gptoss.safetensors(dir .. "/" .. f))
-      for _, t in ipairs(st:tensors()) do total = total + t.bytes end
-      st:close()
-    end
-  end
-  return total
-end
+local tensor_bytes = H.tensor_bytes
 
 describe("gptoss.load_async", function()
   local ids = { 12, 345, 6789, 1011, 50 }

@@ -48,16 +48,8 @@ describe("progress", function()
 
   it("loads a checkpoint with a bar of the megabytes read, as the safetensors headers count them", function()
     local H = require "helpers"
-    local gptoss = require "gptoss"
     local dir = H.tiny()
-    local bytes = 0
-    for _, f in ipairs(H.files(dir)) do
-      if f:match("%.safetensors$") then
-        local st = assert(gptoss.safetensors(dir .. "/" .. f))
-        for _, t in ipairs(st:tensors()) do bytes = bytes + t.bytes end
-        st:close()
-      end
-    end
+    local bytes = H.tensor_bytes(dir)
     local mb = math.floor(bytes / 1e6 + 0.5)
     local out = sink()
     local m = assert(progress.load(dir, { threads = 1 }, { stream = out, tty = false }))

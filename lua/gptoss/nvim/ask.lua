@@ -23,14 +23,7 @@ function M.ask(question, buf, line1, line2)
   local ask = { float = f, messages = messages, source = buf }
   M.last = ask
   ui.status(f, "gptoss: thinking...")
-  local started = false
-  local j, err = job.chat(messages, { adapter = config.values.adapter, buf = buf },
-    function(d, channel, recipient)
-      if recipient or (channel ~= "final" and channel ~= nil) or not api.nvim_buf_is_valid(f.buf) then return end
-      if not started then started = true; ui.status(f, nil) end
-      ui.append(f.buf, d)
-      ui.fit(f)
-    end,
+  local j, err = job.chat(messages, { adapter = config.values.adapter, buf = buf }, ui.final_into(f),
     function(res)
       ask.last = res
       if not api.nvim_buf_is_valid(f.buf) then return end

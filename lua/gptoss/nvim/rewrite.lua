@@ -79,14 +79,8 @@ function M.rewrite(instruction, buf, line1, line2)
     tick = api.nvim_buf_get_changedtick(buf) }
   pending[buf], M.last = rw, rw
   ui.status(f, "gptoss: rewriting...")
-  local started = false
   local j, err = job.chat(messages, { adapter = config.values.adapter, instructions = M.INSTRUCTIONS, buf = buf },
-    function(d, channel, recipient)
-      if recipient or (channel ~= "final" and channel ~= nil) or not api.nvim_buf_is_valid(f.buf) then return end
-      if not started then started = true; ui.status(f, nil) end
-      ui.append(f.buf, d)
-      ui.fit(f)
-    end,
+    ui.final_into(f),
     function(res)
       rw.last = res
       if rw.closed then return end

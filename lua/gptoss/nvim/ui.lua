@@ -83,6 +83,18 @@ function M.status(f, text)
   end
 end
 
+--- an on_delta (gptoss.chat's) streaming the final channel's text into the
+-- float f, its status hint cleared at the first piece
+function M.final_into(f)
+  local started = false
+  return function(d, channel, recipient)
+    if recipient or (channel ~= "final" and channel ~= nil) or not api.nvim_buf_is_valid(f.buf) then return end
+    if not started then started = true; M.status(f, nil) end
+    M.append(f.buf, d)
+    M.fit(f)
+  end
+end
+
 --- what a reply's end says when it is not the model's own: cut at
 -- max_tokens, cancelled, an error; nil for a reply that ended itself
 function M.finish_note(res)
