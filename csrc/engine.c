@@ -21,18 +21,12 @@
 ** allowance, which sliding layers need to go back over a reply; the KV they
 ** hold is budgeted with it.
 */
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/eventfd.h>
-#endif
 #include "backend.h"
 
 #define DEFAULT_MAX_BATCH 64
@@ -155,58 +149,14 @@ static gptoss_status measure_session(gptoss_engine *e) {
 /* }====================================================== */
 
 /* {====================================================== wake-up descriptor */
-static gptoss_status fd_open(gptoss_engine *e) {
-#ifdef __linux__
-  int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (fd < 0) return gptoss_fail(GPTOSS_EIO, "eventfd: %s", strerror(errno));
-  e->fd[0] = e->fd[1] = fd;
-#else
-  if (pipe(e->fd) != 0) return gptoss_fail(GPTOSS_EIO, "pipe: %s", strerror(errno));
-  for (int i = 0; i < 2; i++) {
-    fcntl(e->fd[i], F_SETFL, fcntl(e->fd[i], F_GETFL) | O_NONBLOCK);
-    fcntl(e->fd[i], F_SETFD, FD_CLOEXEC);
-  }
-#endif
-  return GPTOSS_OK;
-}
-
-static void fd_close(gptoss_engine *e) {
-  if (e->fd[0] >= 0) close(e->fd[0]);
-  if (e->fd[1] >= 0 && e->fd[1] != e->fd[0]) close(e->fd[1]);
-  e->fd[0] = e->fd[1] = -1;
-}
-
-/* a full pipe or a saturated counter is already readable: nothing to do */
-static void fd_signal(gptoss_engine *e) {
-#ifdef __linux__
-  uint64_t one = 1;
-  ssize_t w = write(e->fd[1], &one, sizeof one);
-#else
-  char one = 1;
-  ssize_t w = write(e->fd[1], &one, 1);
-#endif
-  (void)w;
-}
+static gptoss_status fd_open(gptoss_engine *e) { return gptoss_wake_open(e->fd); }
+static void fd_close(gptoss_engine *e) { gptoss_wake_close(e->fd); }
+static void fd_signal(gptoss_engine *e) { gptoss_wake_signal(e->fd); }
 
 int gptoss_engine_fd(const gptoss_engine *e) { return e->fd[0]; }
-
-int gptoss_engine_drain(gptoss_engine *e) {
-  char buf[64];
-  int any = 0;
-  ssize_t n;
-  while ((n = read(e->fd[0], buf, sizeof buf)) > 0) {
-    any = 1;
-#ifdef __linux__
-    break;   /* one read resets an eventfd */
-#endif
-  }
-  return any;
-}
+int gptoss_engine_drain(gptoss_engine *e) { return gptoss_wake_drain(e->fd); }
 int gptoss_engine_wait(gptoss_engine *e, double timeout_s) {
-  struct pollfd p = { e->fd[0], POLLIN, 0 };
-  double ms = timeout_s * 1e3;
-  int rc = poll(&p, 1, ms < 0 ? 0 : ms > 2e9 ? 2000000000 : (int)ms);
-  return rc > 0 && gptoss_engine_drain(e);
+  return gptoss_wake_poll(e->fd, timeout_s) && gptoss_engine_drain(e);
 }
 /* }====================================================== */
 

@@ -18,6 +18,13 @@ gptoss_status gptoss_fail(gptoss_status code, const char *fmt, ...)
   __attribute__((format(printf, 2, 3)))
 #endif
   ;
+/* wake.c: fd[0] turns readable when signalled (an eventfd, or a pipe's
+   ends); event loops watch it, drain resets it */
+gptoss_status gptoss_wake_open(int fd[2]);
+void gptoss_wake_close(int fd[2]);
+void gptoss_wake_signal(const int fd[2]);
+int gptoss_wake_drain(const int fd[2]);                  /* 1 if it was signalled */
+int gptoss_wake_poll(const int fd[2], double timeout_s); /* 1 once readable */
 gptoss_pool *gptoss_pool_new(int nthreads);
 void gptoss_pool_free(gptoss_pool *p);
 void gptoss_pool_run(gptoss_pool *p, void (*fn)(void *ctx, int tid, int nth), void *ctx);

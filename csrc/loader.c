@@ -9,18 +9,12 @@
 ** lock. Errors are per-thread (error.c), so the thread keeps its message
 ** and take() raises it again on the caller's thread.
 */
-#include <errno.h>
-#include <fcntl.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#ifdef __linux__
-#include <sys/eventfd.h>
-#endif
 #include "internal.h"
 
 struct gptoss_loader {
@@ -63,22 +57,14 @@ static void *load_main(void *arg) {
   if (rc) snprintf(l->msg, sizeof l->msg, "%s", gptoss_errmsg());
   atomic_store(&l->ended, 1);
   pthread_mutex_unlock(&l->mu);
-#ifdef __linux__
-  uint64_t one = 1;
-  ssize_t w = write(l->fd[1], &one, sizeof one);
-#else
-  char one = 1;
-  ssize_t w = write(l->fd[1], &one, 1);
-#endif
-  (void)w;
+  gptoss_wake_signal(l->fd);   /* never drained: it stays readable */
   return NULL;
 }
 /* }====================================================== */
 
 /* {====================================================== the caller's side */
 static void loader_release(gptoss_loader *l) {
-  if (l->fd[0] >= 0) close(l->fd[0]);
-  if (l->fd[1] >= 0 && l->fd[1] != l->fd[0]) close(l->fd[1]);
+  gptoss_wake_close(l->fd);
   free(l->dir);
   free(l->device);
   free(l->tokenizer);
@@ -102,13 +88,8 @@ gptoss_status gptoss_loader_start(const char *dir, const gptoss_model_opts *o, c
   l->opts.device = l->device;
   l->opts.progress = on_progress;
   l->opts.progress_ud = l;
-#ifdef __linux__
-  l->fd[0] = l->fd[1] = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  if (l->fd[0] < 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "eventfd: %s", strerror(errno)); loader_release(l); return rc; }
-#else
-  if (pipe(l->fd) != 0) { gptoss_status rc = gptoss_fail(GPTOSS_EIO, "pipe: %s", strerror(errno)); loader_release(l); return rc; }
-  for (int i = 0; i < 2; i++) fcntl(l->fd[i], F_SETFD, FD_CLOEXEC);
-#endif
+  gptoss_status wrc = gptoss_wake_open(l->fd);
+  if (wrc) { loader_release(l); return wrc; }
   pthread_mutex_init(&l->mu, NULL);
   int e = pthread_create(&l->thread, NULL, load_main, l);
   if (e) {
@@ -133,10 +114,7 @@ void gptoss_loader_cancel(gptoss_loader *l) { atomic_store(&l->cancel, 1); }
 gptoss_status gptoss_loader_take(gptoss_loader *l, gptoss_model **m, gptoss_tokenizer **t) {
   if (m) *m = NULL;
   if (t) *t = NULL;
-  while (!atomic_load(&l->ended)) {
-    struct pollfd p = { l->fd[0], POLLIN, 0 };
-    poll(&p, 1, 100);   /* the descriptor is never drained here: it stays readable */
-  }
+  while (!atomic_load(&l->ended)) gptoss_wake_poll(l->fd, 0.1);
   pthread_mutex_lock(&l->mu);
   gptoss_status rc = l->rc;
   if (l->taken) rc = gptoss_fail(GPTOSS_ESTATE, "the loaded model was already taken");
