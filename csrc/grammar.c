@@ -21,9 +21,9 @@
 #define MASK_CACHE 8           /* masks kept, by state */
 /* stack steps one mask may take: an ambiguous grammar ("x?{63}") keeps
    thousands of parses alive at once, and a walk over the vocabulary's trie
-   multiplies them; past this it is refused (about 0.1 s of work) rather
+   multiplies them; past this it is refused (under 0.1 s of work) rather
    than holding a request's step for seconds */
-#define MASK_BUDGET 10000000ull
+#define MASK_BUDGET 3000000ull
 
 /* {====================================================== vocabulary trie */
 struct gptoss_vocab {
