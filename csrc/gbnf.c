@@ -150,8 +150,10 @@ static uint32_t rule_id(parser *P, const char *name, size_t len, const char *at)
 
 /* a new rule of the parser's making, named after the rule it serves */
 static uint32_t synth_rule(parser *P) {
+  /* the count first: a long rule name cut short by the buffer can never
+     make two synthetic rules one (that lost a body once) */
   char name[96];
-  snprintf(name, sizeof name, "%s~%u", P->rule ? P->rule : "", ++P->synth);
+  snprintf(name, sizeof name, "~%u~%s", ++P->synth, P->rule ? P->rule : "");
   uint32_t id = rule_id(P, name, strlen(name), P->p);
   P->rules[id].defined = 1;
   return id;
