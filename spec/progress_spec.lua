@@ -61,6 +61,24 @@ describe("progress", function()
     assert.matches("not a directory", err)
   end)
 
+  it("refuses bad options, naming them", function()
+    for _, case in ipairs {
+      { { totl = 3 }, "progress.new: unknown option 'totl'" },
+      { { total = -1 }, "progress.new: total must be a finite number >= 0 (got -1)" },
+      { { total = 0 / 0 }, "progress.new: total must be a finite number >= 0 (got " },
+      { { label = 5 }, "progress.new: label must be a string (got 5)" },
+      { { tty = "yes" }, "progress.new: tty must be a boolean (got yes)" },
+      { { interval = -2 }, "progress.new: interval must be a finite number >= 0 (got -2)" },
+      { { clock = 1 }, "progress.new: clock must be a function (got 1)" },
+      { { stream = "stderr" }, "progress.new: stream must be a file or a table with write and flush (got stderr)" },
+      { 7, "progress.new: opts must be a table (got 7)" },
+    } do
+      local ok, err = pcall(progress.new, case[1])
+      assert.is_false(ok)
+      assert.is_truthy(tostring(err):find(case[2], 1, true), tostring(err))
+    end
+  end)
+
   it("says where a bar stopped short", function()
     local out = sink()
     local bar = progress.new { label = "trial 3", total = 10, stream = out, tty = false, clock = function() return 0 end }

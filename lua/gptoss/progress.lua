@@ -39,8 +39,23 @@ end
 -- stream (default io.stderr), tty (default: whether the stream is
 -- stderr and stderr a terminal), interval (seconds between plain lines),
 -- clock (a function giving seconds; default gptoss.core.clock)
+local NEW_KEYS = { label = true, total = true, unit = true, stream = true, tty = true, interval = true, clock = true,
+  first = true }
+
 function M.new(opts)
-  opts = opts or {}
+  local C = require "gptoss.check"
+  local fn = "progress.new"
+  opts = C.options(opts, fn, NEW_KEYS)
+  if opts.label ~= nil then C.str(opts.label, fn, "label") end
+  if opts.total ~= nil then C.num(opts.total, fn, "total", 0) end
+  if opts.unit ~= nil then C.str(opts.unit, fn, "unit") end
+  if opts.tty ~= nil then C.bool(opts.tty, fn, "tty") end
+  if opts.interval ~= nil then C.num(opts.interval, fn, "interval", 0) end
+  if opts.clock ~= nil then C.func(opts.clock, fn, "clock") end
+  if opts.first ~= nil then C.num(opts.first, fn, "first", 0) end
+  if opts.stream ~= nil and not (type(opts.stream) == "table" or io.type(opts.stream) == "file") then
+    C.fail(fn, "stream", "a file or a table with write and flush", opts.stream)
+  end
   local mode = os.getenv("GPTOSS_PROGRESS")
   local stream = opts.stream or io.stderr
   local tty = opts.tty
@@ -150,7 +165,7 @@ function M.load(dir, opts, bar_opts)
   local ld, err = gptoss.load_async(dir, opts)
   if not ld then return nil, err end
   local o = { label = "load " .. tostring(dir), unit = "MB", interval = 5 }
-  for k, v in pairs(bar_opts or {}) do o[k] = v end
+  for k, v in pairs(require("gptoss.check").options(bar_opts, "progress.load", NEW_KEYS)) do o[k] = v end
   local bar
   repeat
     local ended = ld:wait(0.1)
