@@ -5,17 +5,11 @@
 -- gptoss.chat in a plain Lua process.
 local uv = vim.uv or vim.loop
 local api = vim.api
-local json = require "gptoss.json"
 local out_dir = os.getenv("GPTOSS_NVIM_OUT")
+local json = require "gptoss.json"
+local D = dofile("spec/support/nvim_harness.lua")
+local res, steps, finish, when = D.res, D.steps, D.finish, D.when
 local cases = json.decode(assert(io.open(os.getenv("GPTOSS_NVIM_IN"), "rb")):read("*a"))
-local res = {}
-local function finish(err)
-  res.error = err
-  local f = io.open(out_dir .. "/result.json", "wb")
-  f:write(json.encode_compact(res))
-  f:close()
-  vim.cmd("qall!")
-end
 
 local nv = require "gptoss.nvim"
 nv.setup { model = os.getenv("GPTOSS_NVIM_MODEL"), device = "cpu", threads = 1, max_tokens = cases.max_tokens,
@@ -23,24 +17,7 @@ nv.setup { model = os.getenv("GPTOSS_NVIM_MODEL"), device = "cpu", threads = 1, 
   adapters = { attn = cases.adapter_dir } }
 local ask_mod, rewrite_mod = require "gptoss.nvim.ask", require "gptoss.nvim.rewrite"
 
--- the editor loop's worst delay, measured by a 10 ms repeating timer
-local worst, last = 0, nil
-local timer = uv.new_timer()
-timer:start(10, 10, function()
-  local now = uv.hrtime()
-  if last then worst = math.max(worst, (now - last) / 1e6 - 10) end
-  last = now
-end)
--- from now on (a block right after the reset counts too: from `last`)
-local function reset_worst() last, worst = uv.hrtime(), 0 end
-
--- then_fn runs in the main loop once cond() holds (checked every 5 ms)
-local function when(cond, then_fn)
-  local t = uv.new_timer()
-  t:start(5, 5, vim.schedule_wrap(function()
-    if t:is_active() and cond() then t:stop(); t:close(); then_fn() end
-  end))
-end
+local function reset_worst() D.reset_worst(true) end
 
 local function lines(buf) return api.nvim_buf_get_lines(buf, 0, -1, false) end
 
@@ -53,13 +30,6 @@ local function source(case)
   return buf
 end
 
-local steps = {}
-local function run(i)
-  local s = steps[i]
-  if not s then return finish(nil) end
-  local ok, err = pcall(s, function() vim.schedule(function() run(i + 1) end) end)
-  if not ok then finish(tostring(err)) end
-end
 
 -- ask, before the model is loaded: the command loads it off the main loop,
 -- then the answer streams into a float
@@ -71,7 +41,7 @@ steps[#steps + 1] = function(next_step)
   res.load = { status = nv.statusline(), engine_after_command = nv._state.engine ~= nil }
   local a
   when(function() return ask_mod.last ~= nil end, function()
-    res.load.worst_delay_ms = worst
+    res.load.worst_delay_ms = D.worst()
     a = ask_mod.last
     reset_worst()
   end)
@@ -84,7 +54,7 @@ steps[#steps + 1] = function(next_step)
     watch:stop()
     local cfg = api.nvim_win_get_config(a.float.win)
     res.ask = { text = table.concat(lines(a.float.buf), "\n"), messages = a.messages, pieces = a.last.pieces,
-      finish = a.last.finish_reason, generated = #a.last.result.ids, worst_delay_ms = worst,
+      finish = a.last.finish_reason, generated = #a.last.result.ids, worst_delay_ms = D.worst(),
       float = cfg.relative ~= "", source_unchanged = vim.deep_equal(lines(buf), case.lines),
       sizes_growing = #sizes > 1 and sizes[#sizes] > sizes[1] }
     vim.cmd("close")   -- the float: its buffer goes with it
@@ -125,7 +95,7 @@ local function rewrite_case(case, decide)
     local rw = rewrite_mod.last
     when(function() return rw.last ~= nil end, function()
       local r = { preview = lines(rw.float.buf), preview_ft = vim.bo[rw.float.buf].filetype, messages = rw.messages,
-        new = rw.new, finish = rw.last.finish_reason, pieces = rw.last.pieces, worst_delay_ms = worst,
+        new = rw.new, finish = rw.last.finish_reason, pieces = rw.last.pieces, worst_delay_ms = D.worst(),
         before_decision = lines(buf) }
       decide(r, rw, buf)
       r.preview_closed = not api.nvim_buf_is_valid(rw.float.buf)
@@ -258,4 +228,4 @@ steps[#steps + 1] = function(next_step)
   next_step()
 end
 
-vim.schedule(function() run(1) end)
+D.start()

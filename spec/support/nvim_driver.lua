@@ -3,50 +3,19 @@
 local out_dir, model = os.getenv("GPTOSS_NVIM_OUT"), os.getenv("GPTOSS_NVIM_MODEL")
 local uv = vim.uv or vim.loop
 local json = require "gptoss.json"
-local res = { steps = {} }
-local function finish(err)
-  res.error = err
-  local f = io.open(out_dir .. "/result.json", "wb")
-  f:write(json.encode_compact(res))
-  f:close()
-  vim.cmd("qall!")
-end
+local D = dofile("spec/support/nvim_harness.lua")
+local res, steps, finish, when = D.res, D.steps, D.finish, D.when
 
 local nv = require "gptoss.nvim"
 nv.setup { model = model, device = "cpu", threads = 1, max_tokens = 48, keymaps = false,
   prefill = { channel = "final" } }   -- the tiny model's noise never opens a message itself
-
--- the editor loop's worst delay, measured by a 10 ms repeating timer
-local worst, last = 0, nil
-local timer = uv.new_timer()
-timer:start(10, 10, function()
-  local now = uv.hrtime()
-  if last then worst = math.max(worst, (now - last) / 1e6 - 10) end
-  last = now
-end)
-
--- then_fn runs in the main loop once cond() holds (checked every 5 ms)
-local function when(cond, then_fn)
-  local t = uv.new_timer()
-  t:start(5, 5, vim.schedule_wrap(function()
-    if t:is_active() and cond() then t:stop(); t:close(); then_fn() end
-  end))
-end
-
-local steps = {}
-local function run(i)
-  local s = steps[i]
-  if not s then return finish(nil) end
-  local ok, err = pcall(s, function() vim.schedule(function() run(i + 1) end) end)
-  if not ok then finish(tostring(err)) end
-end
 
 -- chat: streams and finishes, the buffer grows while the request runs
 steps[#steps + 1] = function(next_step)
   vim.cmd("GptossChat")
   local chat = nv.chat_of()
   nv.engine()
-  last, worst = nil, 0
+  D.reset_worst()
   local sizes = {}
   vim.api.nvim_buf_set_lines(chat.buf, chat.user_line, -1, false, { "hello there" })
   vim.cmd("GptossChat")
@@ -61,7 +30,7 @@ steps[#steps + 1] = function(next_step)
     res.chat = { pieces = l.pieces, final = l.text, result_text = l.result.text, finish = l.result.finish_reason,
       generated = #l.result.ids, sizes_growing = sizes[1] ~= nil and sizes[#sizes] > sizes[1],
       buffer = table.concat(vim.api.nvim_buf_get_lines(chat.buf, 0, -1, false), "\n"),
-      messages = #chat.messages, worst_delay_ms = worst, statusline = nv.statusline() }
+      messages = #chat.messages, worst_delay_ms = D.worst(), statusline = nv.statusline() }
     next_step()
   end)
 end
@@ -119,4 +88,4 @@ steps[#steps + 1] = function(next_step)
   next_step()
 end
 
-vim.schedule(function() run(1) end)
+D.start()
