@@ -78,12 +78,7 @@ local jgrammar = P{ "root",
   array = "[" * ws_j * (V"value" * ("," * ws_j * V"value")^0)^-1 * "]" * ws_j,
 }
 
-local function body(model, r)
-  local ids = {}
-  for i, id in ipairs(r.ids) do ids[i] = id end
-  if r.finish_reason == "stop" then ids[#ids] = nil end
-  return model.tokenizer:decode_bytes(ids)
-end
+local body = H.reply_bytes
 
 describe("GBNF grammars", function()
   local model, voc

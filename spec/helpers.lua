@@ -219,6 +219,14 @@ function H.session_logits(m, ids, adapter)
   return l
 end
 
+--- a generation's bytes without its stop token (r: generate's result)
+function H.reply_bytes(model, r)
+  local ids = {}
+  for i, id in ipairs(r.ids) do ids[i] = id end
+  if r.finish_reason == "stop" then ids[#ids] = nil end
+  return model.tokenizer:decode_bytes(ids)
+end
+
 --- the bytes of a checkpoint's tensors, summed from its safetensors headers
 -- (gptoss.safetensors: the reader, not the loader)
 function H.tensor_bytes(dir)

@@ -48,13 +48,7 @@ local function ajv(cases)
   return json.decode(out)
 end
 
--- the text of a result without its stop token
-local function body(model, r)
-  local ids = {}
-  for i, id in ipairs(r.ids) do ids[i] = id end
-  if r.finish_reason == "stop" then ids[#ids] = nil end
-  return model.tokenizer:decode_bytes(ids)
-end
+local body = H.reply_bytes
 
 -- JSON text with its strings taken out
 local function outside_strings(text)
