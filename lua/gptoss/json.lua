@@ -57,6 +57,8 @@ local function utf8char(cp)
     0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
 end
 
+M.utf8char = utf8char   -- a code point's UTF-8 bytes (schema_pattern.lua too)
+
 local ws = S(" \t\r\n") ^ 0
 local hex = R("09", "af", "AF")
 local escapes = { ['"'] = '"', ["\\"] = "\\", ["/"] = "/", b = "\b", f = "\f", n = "\n", r = "\r", t = "\t" }

@@ -20,15 +20,7 @@ local function refuse(what) error("pattern: " .. what .. " is not supported", 0)
 -- code point -> the GBNF literal of its JSON-escaped form
 local ESC = { [8] = "\\b", [9] = "\\t", [10] = "\\n", [12] = "\\f", [13] = "\\r", [34] = '\\"', [92] = "\\\\" }
 
-local function utf8(cp)
-  if cp < 0x80 then return string.char(cp) end
-  if cp < 0x800 then return string.char(0xC0 + math.floor(cp / 64), 0x80 + cp % 64) end
-  if cp < 0x10000 then
-    return string.char(0xE0 + math.floor(cp / 4096), 0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
-  end
-  return string.char(0xF0 + math.floor(cp / 262144), 0x80 + math.floor(cp / 4096) % 64,
-    0x80 + math.floor(cp / 64) % 64, 0x80 + cp % 64)
-end
+local utf8 = require("gptoss.json").utf8char   -- a code point's UTF-8 bytes
 
 local function json_form(cp)
   if ESC[cp] then return ESC[cp] end
