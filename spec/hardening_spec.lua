@@ -398,3 +398,13 @@ describe("the tokenizer on long runs", function()
     assert.are.equal(math.ceil(#s / 128), #ids)
   end)
 end)
+
+describe("gptoss.json's \\u escapes", function()
+  -- Python's json reads these as the comments say (json.loads)
+  it("joins a surrogate pair only after a high surrogate, as Python's json does", function()
+    local J = require "gptoss.json"
+    assert.equal("\u{20AC}\u{1F600}", J.decode([["\u20ac\ud83d\ude00"]]))   -- '€😀'
+    assert.equal("\u{1F600}A", J.decode([["\ud83d\ude00\u0041"]]))         -- '😀A'
+    assert.equal("\u{E9}\u{E8}", J.decode([["\u00e9\u00e8"]]))              -- 'éè'
+  end)
+end)

@@ -74,7 +74,10 @@ local function unicode_escape(hi, lo)
   return utf8char(a)
 end
 local uesc = P"\\u" * C(hex * hex * hex * hex)
-local escape = (uesc * uesc) / unicode_escape + uesc / unicode_escape + P"\\" * C(S'"\\/bfnrt') / escapes
+-- only a high surrogate takes the next escape with it: "\u20ac\ud83d\ude00"
+-- is three escapes, the last two one code point (as Python's json reads it)
+local uhigh = P"\\u" * C(S"dD" * S"89abAB" * hex * hex)
+local escape = (uhigh * uesc) / unicode_escape + uesc / unicode_escape + P"\\" * C(S'"\\/bfnrt') / escapes
 local str = P'"' * Cf(Cc"" * (C((P(1) - S'"\\' - R"\0\31") ^ 1) + escape) ^ 0, function(a, b) return a .. b end) * P'"'
 -- a number past the doubles (1e400) is refused, as serde_json does, rather
 -- than read as infinity, which no JSON text can hold
