@@ -39,10 +39,10 @@ VECT := $(shell $(CC) -fvect-cost-model=dynamic -E -x c /dev/null >/dev/null 2>&
 ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
-ENGINE := error dtype pool files json utf8 safetensors config model quantize session sampler gbnf grammar tokenizer mxfp4 adapter peft optim merge engine loader wake \
+ENGINE := error dtype pool files json utf8 safetensors config model quantize session sampler gbnf grammar tokenizer mxfp4 adapter peft optim merge engine engine_train loader wake \
   cpu/alloc cpu/matmul cpu/norm cpu/attention cpu/moe cpu/lora cpu/pointwise cpu/layer cpu/forward cpu/train
 # the Lua binding, in csrc/lua/ (the engine in csrc/ knows no Lua)
-BINDING := gptoss binding floats tokenizer safetensors model adapter engine loader sys grammar
+BINDING := gptoss binding floats tokenizer safetensors model adapter engine train_job loader sys grammar
 ENGINE_OBJ := $(ENGINE:%=$(BUILD)/engine/%.o)
 BINDING_OBJ := $(BINDING:%=$(BUILD)/$(LUA_ABI)/obj/%.o)
 HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h csrc/lua/*.h)

@@ -21,97 +21,11 @@
 ** allowance, which sliding layers need to go back over a reply; the KV they
 ** hold is budgeted with it.
 */
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include <unistd.h>
-#include "backend.h"
-
-#define DEFAULT_MAX_BATCH 64
-#define DEFAULT_MAX_QUEUE 1024
-#define DEFAULT_CHUNK 256
-#define DEFAULT_CACHE 16
-#define DEFAULT_REWIND 512
-#define LP_STRIDE (1 + GPTOSS_MAX_TOP_LOGPROBS)   /* a sampled token's entry in step_buf.lp */
-
-struct gptoss_request {
-  gptoss_engine *e;
-  int refs;                        /* the caller's and, until it is done, the engine's; under e->mu */
-  /* fixed at submit */
-  int32_t *prompt;
-  int n_prompt, max_tokens, priority;
-  int32_t *stop;
-  int n_stop;
-  int logprobs, top_logprobs;      /* gptoss_request_opts' */
-  gptoss_adapter *adapter;
-  gptoss_sampler *smp;
-  uint64_t kv_bytes, seq;
-  double t_submit;
-  /* the engine thread's alone */
-  gptoss_session *s;
-  int fed;                         /* prompt tokens in the session */
-  int32_t last;                    /* sampled, to be fed next step */
-  int ending;                      /* the finish this step decided */
-  /* shared, under e->mu */
-  int state, finish, cancel;
-  int32_t *gen;
-  gptoss_logprob *lp;              /* with logprobs: 1 + top_logprobs entries per gen token, the token's first */
-  size_t gen_n, gen_cap, taken;
-  int cached_tokens;
-  double t_admit, t_first, t_done;
-  char err[256];
-};
-
-/* the engine thread's scratch, sized for max_batch when the engine starts */
-typedef struct step_buf {
-  gptoss_session **ss, **sample_ss;
-  gptoss_sampler **smp;
-  int32_t *ids, *next;
-  int *counts, *who, *sample_who;
-  gptoss_request **ended;
-  gptoss_session **ended_s;
-  gptoss_request **fresh;          /* admitted this step */
-  size_t ids_cap;
-  gptoss_logprob *lp;              /* [max_batch][LP_STRIDE]: the log-probabilities of this step's samples */
-  float *logits;                   /* [vocab], the host copy they are computed from; allocated when first needed */
-  char lp_err[256];                /* why this step's log-probabilities failed (lp[k*LP_STRIDE].id is then -1) */
-} step_buf;
-
-typedef struct cache_entry {
-  gptoss_session *s;
-  gptoss_adapter *adapter;         /* compared by identity and version, never dereferenced for more */
-  uint64_t version, used, bytes;
-} cache_entry;
-
-struct gptoss_engine {
-  gptoss_model *m;
-  gptoss_engine_opts o;
-  pthread_mutex_t mu;
-  pthread_cond_t work, news;
-  pthread_t thread;
-  int running, stopping, refs;
-  int fd[2];                       /* eventfd in both, or a pipe's read and write ends */
-  /* under mu */
-  gptoss_request **queue, **active;
-  int nq, nactive;
-  uint64_t seq, kv_active, kv_cached;
-  gptoss_engine_stats st;
-  double t_start;
-  uint64_t session_bytes;          /* KV a session takes when opened (backends that allocate up front), else 0 */
-  /* the engine thread's alone */
-  step_buf b;
-  cache_entry *cache;
-  int ncache;
-  uint64_t tick;
-};
-
-static double now_s(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
+#include "engine_impl.h"
 
 /* {====================================================== memory estimate */
 /* KV bytes the engine budgets for a session that reaches `positions`.
@@ -171,7 +85,6 @@ static void request_release(gptoss_request *r) {
   free(r);
 }
 
-static void engine_release(gptoss_engine *e);
 
 /* drops a reference; the caller holds e->mu, which this releases */
 static void request_unref_unlock(gptoss_request *r) {
@@ -188,7 +101,7 @@ static void request_unref_unlock(gptoss_request *r) {
 static void request_done(gptoss_engine *e, gptoss_request *r, int finish, const char *err) {
   r->state = GPTOSS_REQ_DONE;
   r->finish = finish;
-  r->t_done = now_s();
+  r->t_done = engine_now();
   if (err) snprintf(r->err, sizeof r->err, "%s", err);
   if (finish == GPTOSS_FINISH_CANCELLED) e->st.cancelled++;
   else if (finish == GPTOSS_FINISH_ERROR) e->st.failed++;
@@ -449,7 +362,7 @@ static void admit(gptoss_engine *e, gptoss_request **fresh, int *nfresh) {
     }
     if (e->nactive < e->o.max_batch && e->kv_active + r->kv_bytes <= e->o.kv_budget && kept == 0) {
       r->state = GPTOSS_REQ_RUNNING;
-      r->t_admit = now_s();
+      r->t_admit = engine_now();
       e->kv_active += r->kv_bytes;
       e->active[e->nactive++] = r;
       fresh[(*nfresh)++] = r;
@@ -498,7 +411,7 @@ static void step(gptoss_engine *e, step_buf *b) {
     n++;
   }
   if (n == 0) return;
-  double t0 = now_s();
+  double t0 = engine_now();
   gptoss_status rc;
   int ns = 0;
   if (prefill == 0) {
@@ -525,7 +438,7 @@ static void step(gptoss_engine *e, step_buf *b) {
     }
     if (ns) rc = gptoss_sample_sessions(b->sample_ss, ns, b->smp, b->next);
   }
-  double t1 = now_s();
+  double t1 = engine_now();
   if (rc) {
     char msg[256];
     snprintf(msg, sizeof msg, "%s", gptoss_errmsg());
@@ -601,6 +514,12 @@ static void *engine_main(void *arg) {
     int nfresh;
     admit(e, fresh, &nfresh);
     if (e->nactive == 0) {   /* nothing admitted: the queue is empty (a request alone always fits) */
+      if (engine_train_pending(e)) {   /* idle: training runs freely, an example at a time */
+        pthread_mutex_unlock(&e->mu);
+        engine_train_between(e, 1, 0);
+        pthread_mutex_lock(&e->mu);
+        continue;
+      }
       /* reap_cancelled let go of mu: a stop signalled then is seen here, not waited past */
       if (!e->stopping) pthread_cond_wait(&e->work, &e->mu);
       continue;
@@ -620,7 +539,9 @@ static void *engine_main(void *arg) {
       pthread_cond_broadcast(&e->news);   /* admitted: their queued time is known */
       pthread_mutex_unlock(&e->mu);
     }
+    double t0 = engine_now();
     step(e, &e->b);
+    engine_train_between(e, 0, engine_now() - t0);
     pthread_mutex_lock(&e->mu);
   }
   pthread_mutex_unlock(&e->mu);
@@ -701,7 +622,7 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   pthread_cond_init(&e->news, &ca);
   pthread_condattr_destroy(&ca);
   e->st.kv_budget = d.kv_budget;
-  e->t_start = now_s();
+  e->t_start = engine_now();
   if (!rc && pthread_create(&e->thread, NULL, engine_main, e) != 0)
     rc = gptoss_fail(GPTOSS_ENOMEM, "engine: cannot start its thread");
   if (rc) { engine_release(e); return rc; }
@@ -710,7 +631,7 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   return GPTOSS_OK;
 }
 
-static void engine_release(gptoss_engine *e) {
+void engine_release(gptoss_engine *e) {
   fd_close(e);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->work);
@@ -733,6 +654,7 @@ void gptoss_engine_stop(gptoss_engine *e) {
   /* the thread is gone: what it owned is this thread's now */
   while (e->nactive) finish_active(e, e->nactive - 1, GPTOSS_FINISH_CANCELLED, NULL);
   while (e->ncache) cache_drop(e, e->ncache - 1);
+  engine_train_stop(e);
   pthread_mutex_lock(&e->mu);
   for (int i = 0; i < e->nq; i++) {
     gptoss_request *r = e->queue[i];
@@ -798,7 +720,7 @@ gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, 
   r->kv_bytes = gptoss_engine_kv_bytes(e, reach > e->o.context ? e->o.context : (int)reach);
   r->e = e;
   r->refs = 2;
-  r->t_submit = now_s();
+  r->t_submit = engine_now();
   pthread_mutex_lock(&e->mu);
   if (!e->running || e->stopping) rc = gptoss_fail(GPTOSS_ESTATE, "engine is closed");
   else if (r->kv_bytes > e->o.kv_budget)
@@ -838,8 +760,9 @@ void gptoss_engine_stats_get(gptoss_engine *e, gptoss_engine_stats *out) {
   out->max_batch = e->o.max_batch;
   out->max_queue = e->o.max_queue;
   out->chunk_tokens = e->o.chunk_tokens;
-  out->uptime_s = now_s() - e->t_start;
+  out->uptime_s = engine_now() - e->t_start;
   out->tokens_per_s = out->busy_s > 0 ? (double)out->generated_tokens / out->busy_s : 0;
+  out->train_pending = engine_train_count(e);
   pthread_mutex_unlock(&e->mu);
 }
 /* }====================================================== */

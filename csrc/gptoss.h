@@ -433,6 +433,10 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
    *count; adds d(loss)/d(LoRA weights) into the adapter's gradients. */
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count);
+/* The same loss without gradients (a forward pass in a session of its own;
+   a = NULL: the base model), as evaluation needs it. */
+gptoss_status gptoss_lora_loss(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                               double *loss, int *count);
 void gptoss_adapter_zero_grad(gptoss_adapter *a);
 /* the gradients summed so far for one module, shaped like its A and B;
    both NULL before the first backward or where the adapter has no LoRA */
@@ -542,6 +546,11 @@ typedef struct gptoss_engine_stats {
   uint64_t prompt_tokens, prefill_tokens;     /* submitted, and computed (the rest came from the cache) */
   uint64_t prefix_hits, prefix_tokens, generated_tokens, steps;
   double busy_s, uptime_s, tokens_per_s;      /* tokens_per_s: generated per second of forward passes */
+  /* training jobs: submitted, waiting or running, examples run, tokens
+     fed, seconds of training passes */
+  uint64_t train_jobs, train_examples, train_tokens;
+  int train_pending;
+  double train_s;
 } gptoss_engine_stats;
 
 gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gptoss_engine **out);
@@ -579,6 +588,47 @@ size_t gptoss_request_take_logprobs(gptoss_request *r, int32_t *ids, gptoss_toke
 int gptoss_request_wait(gptoss_request *r, double timeout_s);
 void gptoss_request_cancel(gptoss_request *r);   /* its memory is freed at the engine's next step */
 void gptoss_request_free(gptoss_request *r);     /* cancels it unless done; drops the caller's reference */
+
+/* Training between serving steps (engine_train.c). A job is a list of
+   examples the engine thread runs one at a time, each a LoRA backward pass
+   (or, with loss_only, the loss alone), between its serving steps: an
+   example is the unit, so a request waits at most one example's pass for
+   its next token. While requests are active, training takes at most
+   `share` of the engine's time (0: only while no request is active); with
+   none active it runs freely. Jobs run in order of submission, the first
+   job's share governing. An adapter being trained must not also serve
+   requests (their tokens would mix its versions): serve a copy
+   (gptoss_adapter_copy_weights) and swap versions at request boundaries. */
+typedef struct gptoss_train_job gptoss_train_job;
+typedef struct gptoss_train_example {
+  const int32_t *ids;
+  const uint8_t *mask;     /* NULL: every position t >= 1 counts */
+  int n;                   /* >= 2 */
+} gptoss_train_example;
+typedef struct gptoss_train_job_opts {
+  int loss_only;           /* evaluate: gptoss_lora_loss per example, no gradients */
+  int zero_grad;           /* zero the adapter's gradients before the first example */
+  int step;                /* after the last example, gptoss_adapter_step with `adamw` */
+  gptoss_adamw adamw;
+  double share;            /* 0..1, see above */
+} gptoss_train_job_opts;
+typedef struct gptoss_train_job_info {
+  int state, finish;       /* GPTOSS_REQ_*, GPTOSS_FINISH_* (STOP once every example ran) */
+  int examples, done;      /* in the job, and run so far */
+  double loss;             /* summed over the examples run */
+  int64_t count, tokens;   /* target positions, and tokens fed */
+  double grad_norm;        /* the step's, once done (with step) */
+  double queued_s, train_s;   /* seconds waiting before its first example; seconds of passes */
+  char error[256];
+} gptoss_train_job_info;
+/* The examples are copied; the adapter is referenced while the job lives.
+   GPTOSS_ESTATE: the engine is stopped. */
+gptoss_status gptoss_engine_train(gptoss_engine *e, gptoss_adapter *a, const gptoss_train_example *ex, int n,
+                                  const gptoss_train_job_opts *o, gptoss_train_job **out);
+void gptoss_train_job_info_get(gptoss_train_job *j, gptoss_train_job_info *out);
+int gptoss_train_job_wait(gptoss_train_job *j, double timeout_s);   /* 1: done */
+void gptoss_train_job_cancel(gptoss_train_job *j);   /* before its next example; the gradients so far stay */
+void gptoss_train_job_free(gptoss_train_job *j);     /* cancels it unless done; drops the caller's reference */
 /* }====================================================== */
 
 /* {====================================================== misc */

@@ -23,6 +23,7 @@
 #define ENGINE_T "gptoss.Engine"
 #define REQUEST_T "gptoss.Request"
 #define LOADER_T "gptoss.Loader"
+#define TRAIN_JOB_T "gptoss.TrainJob"
 
 /* Registers a type: metatable `name` with meta functions, and a method
    table used by __index (also stored as registry["name.methods"] so Lua
@@ -123,6 +124,9 @@ void lg_open_adapter(lua_State *L);
 
 __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
 void lg_open_engine(lua_State *L);
+void lg_open_train_job(lua_State *L);   /* after lg_open_engine: adds eng:train_job */
+/* the running engine at idx (engine.c), raising when closed */
+gptoss_engine *lg_check_engine(lua_State *L, int idx, const char *fn, const char *name);
 void lg_open_loader(lua_State *L);
 void lg_open_sys(lua_State *L);      /* isatty, term_columns, getpid */
 /* marks the model at idx as owned by a running engine (NULL: free again);

@@ -52,6 +52,12 @@ static int l_engine(lua_State *L) {
   return 1;
 }
 
+gptoss_engine *lg_check_engine(lua_State *L, int idx, const char *fn, const char *name) {
+  lengine *b = lg_check_udata(L, idx, fn, name, ENGINE_T);
+  if (!b->open) luaL_error(L, "%s: the engine is closed", fn);
+  return b->e;
+}
+
 static int engine_close(lua_State *L) {
   lengine *b = lg_udata(L, 1, ENGINE_T);
   if (!b->open) return 0;
@@ -159,6 +165,7 @@ static int engine_stats(lua_State *L) {
   I(submitted); I(completed); I(cancelled); I(failed);
   I(prompt_tokens); I(prefill_tokens); I(prefix_hits); I(prefix_tokens); I(generated_tokens); I(steps);
   N(busy_s); N(uptime_s); N(tokens_per_s);
+  I(train_jobs); I(train_pending); I(train_examples); I(train_tokens); N(train_s);
 #undef I
 #undef N
   lua_pushnumber(L, (lua_Number)(s.kv_active + s.kv_cached));

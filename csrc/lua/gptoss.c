@@ -40,6 +40,7 @@ int luaopen_gptoss_core(lua_State *L) {
   lg_open_model(L);
   lg_open_adapter(L);
   lg_open_engine(L);
+  lg_open_train_job(L);
   lg_open_loader(L);
   lg_open_sys(L);
   lg_open_grammar(L);

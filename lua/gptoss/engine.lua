@@ -209,6 +209,122 @@ function Engine:_generate(ids, opts, fn)
   return res
 end
 
+-- {====================================================== training
+--- eng:train(lora, opts) -> Training: gptoss.train's loop (every option of
+-- it: data, steps, lr, eval, checkpoint_dir, resume, on_step, ...) run
+-- between the engine's serving steps, on the model the engine serves.
+-- share (0..1, default 0.3): the part of the engine's time training may
+-- take while requests are active; "idle" (or 0): only while none is.
+-- Training alone runs as fast as gptoss.train. Bad options raise here; the
+-- loop then advances as it is polled (a Task):
+--   t:poll() -> done, result | nil, message      (never blocks: event loops)
+--   t:wait([timeout_s]) -> done                  (blocks, for scripts)
+--   t:result() -> result | nil, message          (waits for the end)
+--   t:cancel()                                   (ends it before its next example)
+--   t.step, t.steps, t.last (the last step's info), t.done
+-- The adapter being trained must not serve requests meanwhile (their tokens
+-- would mix versions): serve a copy, as gptoss.learn does.
+local Task = {}
+Task.__index = Task
+
+local TRAIN_EXTRA = { share = true }
+
+-- "lua/gptoss/x.lua:12: msg" -> "msg": errors raised inside the coroutine
+-- carry the loop's position, not the caller's
+local function bare(msg) return (tostring(msg):gsub("^[^\n]-%.lua:%d+: ", "")) end
+
+function Task:_resume()
+  if self.cancelled then   -- the job under way ended on its own: nothing more starts
+    self.done, self.error, self.job = true, "train: cancelled", nil
+    return
+  end
+  local ok, job = coroutine.resume(self.co, self)
+  if not ok then
+    self.done, self.error, self.job = true, bare(job), nil
+  elseif coroutine.status(self.co) == "dead" then
+    self.done, self.result_, self.job = true, job, nil
+  else
+    self.job = job
+  end
+end
+
+function Task:poll()
+  while not self.done and self.job:wait(0) do self:_resume() end
+  if not self.done then return false end
+  if self.error then return true, nil, self.error end
+  return true, self.result_
+end
+
+function Task:wait(timeout)
+  local clock = require("gptoss.core").clock
+  local until_ = timeout and clock() + timeout
+  while not self.done do
+    local left = until_ and until_ - clock() or 1
+    if left <= 0 then break end
+    if self.job:wait(math.min(left, 1)) then self:_resume() end
+  end
+  return self.done
+end
+
+function Task:result()
+  self:wait()
+  if self.error then return nil, self.error end
+  return self.result_
+end
+
+function Task:cancel()
+  self.cancelled = true
+  if self.job then self.job:cancel() end
+end
+
+--- (for gptoss.learn) body(task) in a coroutine whose engine jobs yield
+-- it; run up to its first job now: a Task as eng:train returns
+function Engine:_task(body, fields)
+  local t = setmetatable(fields or {}, Task)
+  t.engine, t.done = self, false
+  t.co = coroutine.create(body)
+  t:_resume()
+  return t
+end
+
+--- (for gptoss.learn) the passes of gptoss.train's loop as jobs of this
+-- engine, for lora, at share
+function Engine:_compute(lora, share)
+  return require("gptoss.train")._engine_compute(self.c, self.model, lora, share)
+end
+
+--- (for gptoss.learn) eng:train's share option, checked: 0..1 or "idle"
+function M.check_share(v, fn, level)
+  if v == nil then return 0.3 end
+  if v == "idle" then return 0 end
+  return require("gptoss.check").num(v, fn, "share", 0, 1, nil, level + 1)
+end
+
+function Engine:train(lora, opts)
+  local fn = "eng:train"
+  local C = require "gptoss.check"
+  C.udata(lora, fn, "lora", "gptoss.Adapter")
+  if opts ~= nil then C.table(opts, fn, "opts") end
+  if self.c.closed then error(fn .. ": the engine is closed", 2) end
+  local o = {}
+  for k, v in pairs(opts or {}) do if not TRAIN_EXTRA[k] then o[k] = v end end
+  local share = M.check_share(opts and opts.share, fn, 2)
+  local on_step = o.on_step
+  local compute = self:_compute(lora, share)
+  local t = self:_task(function(task)
+    o.on_step = function(step, info)
+      task.step, task.last = step, info
+      if on_step then return on_step(step, info) end
+    end
+    return require("gptoss.train")._run(self.model, lora, o, compute, fn)
+  end, { lora = lora, share = share, step = 0 })
+  -- the options are checked and the data prepared before the first job: a
+  -- mistake in them raises here, as gptoss.train's would
+  if t.error then error(t.error, 2) end
+  return t
+end
+-- }======================================================
+
 --- eng:drain() -> true when eng.fd was signalled: reads it empty. An event
 -- loop that wakes on eng.fd calls this, then polls its requests.
 function Engine:drain() return self.c:drain() end

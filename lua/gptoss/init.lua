@@ -44,6 +44,10 @@ function M.engine(model, opts) return require("gptoss.engine").new(model, opts) 
 --- gptoss.train(model, lora, opts): the LoRA training loop (gptoss.train)
 function M.train(model, lora, opts) return require("gptoss.train").train(model, lora, opts) end
 
+--- gptoss.learn.open(dir, opts): continuous learning through a serving
+-- engine: logged conversations, rounds, versions (gptoss.learn)
+M.learn = setmetatable({}, { __index = function(_, k) return require("gptoss.learn")[k] end })
+
 local Tokenizer = core.methods.Tokenizer
 
 --- config(path): the parsed config.json of a model directory (or file),

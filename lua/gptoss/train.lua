@@ -278,8 +278,90 @@ local function check_train(o, fn, level)
   if o.progress ~= nil and type(o.progress) ~= "boolean" then C.table(o.progress, fn, "progress", "a boolean or a table", level) end
 end
 
+-- {====================================================== how a step's passes run
+-- Directly on the model (gptoss.train), or as jobs of the engine that owns
+-- it (eng:train: gptoss.engine drives this loop in a coroutine, and each
+-- job yields it until the engine has run the job between serving steps).
+-- step(group, adamw, n) -> loss sum, target count, tokens, gradient norm;
+-- evaluate(examples) -> mean loss, perplexity.
+
+-- the positions a pass counts: t >= 2 where the mask allows (0 / false: not)
+local function targets(e)
+  local n = 0
+  for t = 2, #e.ids do
+    local m = e.mask and e.mask[t]
+    if not e.mask or (m and m ~= 0) then n = n + 1 end
+  end
+  return n
+end
+
+local function direct(model, lora, o)
+  local c = {}
+  function c.step(group, w, n)
+    lora:zero_grad()
+    local loss, count, tokens = 0, 0, 0
+    for _, e in ipairs(group) do
+      local l, k = model:lora_backward(lora, e.ids, e.mask)
+      loss, count, tokens = loss + l, count + k, tokens + #e.ids
+    end
+    if count == 0 then error(string.format("train: step %d's examples have no target tokens", n), 0) end
+    w.grad_scale = 1 / count
+    return loss, count, tokens, lora:step(w)
+  end
+  function c.evaluate(data) return M.evaluate(model, lora, data, o) end
+  function c.memory() return model:memory() end
+  return c
+end
+
+-- waits for an engine job by yielding the coroutine that runs the loop
+local function await(job, what)
+  while not job:wait(0) do coroutine.yield(job) end
+  local info = job:info()
+  job:close()
+  if info.finish_reason == "cancelled" then error("train: cancelled", 0) end
+  if info.finish_reason ~= "stop" then error(string.format("train: %s: %s", what, tostring(info.error)), 0) end
+  return info
+end
+
+--- (for gptoss.engine) the passes as jobs of the running engine `eng`
+-- (its C object), taking `share` of its time while it serves
+function M._engine_compute(eng, model, lora, share)
+  local c = {}
+  local function submit(ex, opts)
+    local list = {}
+    for i, e in ipairs(ex) do list[i] = { ids = e.ids, mask = e.mask } end
+    opts.share = share
+    local job, err = eng:train_job(lora, list, opts)
+    if not job then error("train: " .. err, 0) end
+    return job
+  end
+  function c.step(group, w, n)
+    local count, tokens = 0, 0
+    for _, e in ipairs(group) do count, tokens = count + targets(e), tokens + #e.ids end
+    if count == 0 then error(string.format("train: step %d's examples have no target tokens", n), 0) end
+    local info = await(submit(group, { zero_grad = true, step = { lr = w.lr, beta1 = w.betas[1], beta2 = w.betas[2],
+      eps = w.eps, weight_decay = w.weight_decay, max_grad_norm = w.max_grad_norm, grad_scale = 1 / count } }),
+      "step " .. n)
+    return info.loss, info.count, tokens, info.grad_norm
+  end
+  function c.evaluate(data, o)
+    local ex = prepare(model, data, o and o.max_len, "eval", o, "eng:train")
+    local info = await(submit(ex, { loss_only = true }), "evaluation")
+    if info.count == 0 then error("train.evaluate: the eval examples have no target tokens", 0) end
+    return info.loss / info.count, math.exp(info.loss / info.count)
+  end
+  -- the model is the engine thread's: its memory is not read from here
+  function c.memory() return nil end
+  return c
+end
+-- }======================================================
+
 function M.train(model, lora, opts)
-  local fn = "gptoss.train"
+  return M._run(model, lora, opts, nil, "gptoss.train")
+end
+
+-- the loop; compute: how its passes run (nil: directly)
+function M._run(model, lora, opts, compute, fn)
   C.udata(model, fn, "model", "gptoss.Model")
   C.udata(lora, fn, "lora", "gptoss.Adapter")
   opts = C.options(opts, fn, KNOWN)
@@ -306,6 +388,7 @@ function M.train(model, lora, opts)
     o.data = head
   end
   local data = prepare(model, o.data, o.max_len, "data", o, fn)
+  if not compute then compute = direct(model, lora, o) end
   local per_step = o.batch * o.grad_accum
   local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
   local clock = require("gptoss.core").clock
@@ -350,22 +433,15 @@ function M.train(model, lora, opts)
     local group = {}
     for i = 1, per_step do group[i] = next_example() end
     if o.group_by_length then table.sort(group, function(a, b) return #a.ids < #b.ids end) end
-    lora:zero_grad()
-    local loss, count, tokens = 0, 0, 0
-    for _, e in ipairs(group) do
-      local l, n = model:lora_backward(lora, e.ids, e.mask)
-      loss, count, tokens = loss + l, count + n, tokens + #e.ids
-    end
-    if count == 0 then error(string.format("train: step %d's examples have no target tokens", step), 2) end
     local lr = M.lr_at(step, steps, o)
-    local gn = lora:step { lr = lr, betas = o.betas, eps = o.eps, weight_decay = o.weight_decay,
-                           max_grad_norm = o.max_grad_norm, grad_scale = 1 / count }
+    local loss, count, tokens, gn = compute.step(group, { lr = lr, betas = o.betas, eps = o.eps,
+      weight_decay = o.weight_decay, max_grad_norm = o.max_grad_norm }, step)
     local dt = clock() - t0
     local info = { step = step, loss = loss / count, lr = lr, grad_norm = gn, tokens = tokens,
-                   tokens_per_s = tokens / dt, elapsed = clock() - t_start, memory = model:memory() }
+                   tokens_per_s = tokens / dt, elapsed = clock() - t_start, memory = compute.memory() }
     info.flag = M.flag(info.loss, o)
     if o.eval and o.eval_every and step % o.eval_every == 0 then
-      info.eval_loss, info.eval_perplexity = M.evaluate(model, lora, o.eval, o)
+      info.eval_loss, info.eval_perplexity = compute.evaluate(o.eval, o)
     end
     history[step] = info
     window[#window + 1] = info
@@ -398,7 +474,7 @@ function M.train(model, lora, opts)
   if bar then bar:finish() end
   local result = { history = history, steps = steps, final_loss = history[steps].loss, flag = history[steps].flag,
                    skipped = skipped, examples = #data, options = o }
-  if o.eval then result.eval_loss, result.eval_perplexity = M.evaluate(model, lora, o.eval, o) end
+  if o.eval then result.eval_loss, result.eval_perplexity = compute.evaluate(o.eval, o) end
   return result
 end
 
