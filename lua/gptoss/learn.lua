@@ -45,8 +45,19 @@ end
 
 local function version_dir(self, name, v) return string.format("%s/adapters/%s/v%04d", self.dir, name, v) end
 
--- the log's records by id, feedback lines folded into the conversation they name
+-- the log's records by id, feedback lines folded into the conversation they
+-- name; parsed again only when the file has grown (the policy asks often)
+local parse_log
 local function read_log(self)
+  local size = require("lfs").attributes(self.dir .. "/log.jsonl", "size")
+  local c = self.log_cache
+  if c and c.size == size then return c.recs, c.order end
+  local recs, order = parse_log(self)
+  self.log_cache = { size = size, recs = recs, order = order }
+  return recs, order
+end
+
+function parse_log(self)
   local recs, order = {}, {}
   local f = io.open(self.dir .. "/log.jsonl", "rb")
   if not f then return recs, order end
@@ -165,9 +176,10 @@ local function check_feedback(rec, fn, level)
   if rec.correction ~= nil then C.str(rec.correction, fn, "correction", level) end
 end
 
---- L:log{ messages, rating, correction, tags, adapter } -> id. messages as
--- the chat API takes them, the last assistant message the model's reply;
--- correction: the reply it should have given
+--- L:log{ messages, rating, correction, tags, adapter, meta } -> id.
+-- messages as the chat API takes them, the last assistant message the
+-- model's reply; correction: the reply it should have given; meta: any
+-- JSON-able table kept with it (the server keeps the completion's id there)
 function Learner:log(rec)
   local fn = "learn:log"
   C.table(rec, fn, "record", "a table", 2)
@@ -175,11 +187,22 @@ function Learner:log(rec)
   check_feedback(rec, fn, 2)
   if rec.tags ~= nil then C.table(rec.tags, fn, "tags", "a list of strings", 2) end
   if rec.adapter ~= nil then C.str(rec.adapter, fn, "adapter", 2) end
+  if rec.meta ~= nil then C.table(rec.meta, fn, "meta", "a table", 2) end
   local id = self.state.next_id
   self.state.next_id = id + 1
   append_log(self, { id = id, time = self.clock(), messages = rec.messages, rating = rec.rating,
-                     correction = rec.correction, tags = rec.tags, adapter = rec.adapter })
+                     correction = rec.correction, tags = rec.tags, adapter = rec.adapter, meta = rec.meta })
   return id
+end
+
+--- L:find(key, value) -> the id of the last logged conversation whose
+-- meta[key] is value, or nil
+function Learner:find(key, value)
+  local recs, order = read_log(self)
+  for i = #order, 1, -1 do
+    local r = recs[order[i]]
+    if type(r.meta) == "table" and r.meta[key] == value then return r.id end
+  end
 end
 
 --- L:feedback(id, { rating, correction }): for a logged conversation, later

@@ -292,7 +292,8 @@ function M.chat(b, ctx)
                       "finish_reason", finish_reason(c.result, called) }
     end
     return obj { "id", job.id, "object", "chat.completion", "created", job.created, "model", job.model,
-                 "choices", arr(list), "usage", usage(#prompt, totals.completion, totals.cached), "system_fingerprint", NULL }
+                 "choices", arr(list), "usage", usage(#prompt, totals.completion, totals.cached),
+                 "system_fingerprint", entry.fingerprint or NULL }
   end
   return job
 end

@@ -16,7 +16,8 @@
 -- GPTOSS_THREADS, GPTOSS_ADAPTERS (name=dir,...), GPTOSS_MODEL_NAME (the base
 -- model's id; default the directory's name), GPTOSS_API_KEY (bearer token
 -- required on /v1/), GPTOSS_MAX_BATCH, GPTOSS_MAX_QUEUE, GPTOSS_POLL_MS,
--- GPTOSS_MAX_DEPTH (JSON nesting), GPTOSS_MAX_N.
+-- GPTOSS_MAX_DEPTH (JSON nesting), GPTOSS_MAX_N; GPTOSS_LEARN_DIR and its
+-- fellows turn on continuous learning (gptoss.server.learn).
 local json = require "gptoss.json"
 local R = require "gptoss.server.request"
 local metrics = require "gptoss.server.metrics"
@@ -51,10 +52,12 @@ local function settings()
     if not name then error("GPTOSS_ADAPTERS: '" .. spec .. "' is not name=dir", 0) end
     adapters[#adapters + 1] = { name = name, dir = dir }
   end
+  local name = env("GPTOSS_MODEL_NAME", model and model:gsub("/+$", ""):match("[^/]+$") or "gpt-oss")
   return {
+    learn = require("gptoss.server.learn").settings(env, env_int, name),
     model = model, device = env("GPTOSS_DEVICE"), context = env_int("GPTOSS_CONTEXT", 0),
     threads = env_int("GPTOSS_THREADS", 0), adapters = adapters, api_key = env("GPTOSS_API_KEY"),
-    name = env("GPTOSS_MODEL_NAME", model and model:gsub("/+$", ""):match("[^/]+$") or "gpt-oss"),
+    name = name,
     max_batch = env_int("GPTOSS_MAX_BATCH", 64), max_queue = env_int("GPTOSS_MAX_QUEUE", 256),
     poll_s = env_int("GPTOSS_POLL_MS", 2) / 1000, pump = env("GPTOSS_PUMP", "1") ~= "0",
     limits = { max_depth = env_int("GPTOSS_MAX_DEPTH", 64), max_n = env_int("GPTOSS_MAX_N", 8), max_stop = 4 },
@@ -99,6 +102,7 @@ local function load()
     state.waiting = {}
     ngx.timer.at(0, M.pump)
   end
+  if cfg.learn then require("gptoss.server.learn").start(state, cfg.learn) end
   state.ctx = { served = served, tokenizer = model.tokenizer, context = model.context, vocab = model.config.vocab_size,
                 limits = cfg.limits, new_id = M.new_id }
 end
@@ -303,6 +307,7 @@ local function generate(job, endpoint)
       send_json(200, job.body(choices, totals))
     end
     finish()
+    job.finished = choices
     return 200
   end
   -- whatever fails there (a reply that cannot be shaped, a lost engine)
@@ -378,7 +383,21 @@ local function route(uri, method)
     if method ~= "POST" then R.fail(405, string.format("Method %s is not allowed on %s; use POST.", method, uri), nil, "method_not_allowed") end
     ready()
     local body = read_body()
-    return generate(gen(body, state.ctx), uri)
+    local learned = state.learner and type(body.model) == "string" and state.served[body.model]
+    if learned and learned.learned then require("gptoss.server.learn").refresh(state, learned) end
+    local job = gen(body, state.ctx)
+    local status = generate(job, uri)
+    if status == 200 and learned and learned.learned and job.kind == "chat" and job.finished then
+      local ok, err = pcall(require("gptoss.server.learn").log, state, body, job, job.finished)
+      if not ok then ngx.log(ngx.ERR, "gptoss: learn: logging ", job.id, ": ", tostring(err)) end
+    end
+    return status
+  end
+  if uri == "/v1/feedback" then
+    if method ~= "POST" then R.fail(405, string.format("Method %s is not allowed on %s; use POST.", method, uri), nil, "method_not_allowed") end
+    ready()
+    send_json(200, require("gptoss.server.learn").feedback(state, read_body()))
+    return 200
   end
   if uri == "/v1/models" or uri:match("^/v1/models/") then
     if method ~= "GET" then R.fail(405, string.format("Method %s is not allowed on %s; use GET.", method, uri), nil, "method_not_allowed") end
@@ -402,7 +421,7 @@ end
 function M.handle()
   local m = state.metrics
   local uri, method = ngx.var.uri, ngx.req.get_method()
-  local endpoint = (GENERATE[uri] or uri == "/v1/models" or uri == "/health" or uri == "/metrics") and uri
+  local endpoint = (GENERATE[uri] or uri == "/v1/models" or uri == "/health" or uri == "/metrics" or uri == "/v1/feedback") and uri
     or (uri:match("^/v1/models/") and "/v1/models/{id}") or "other"
   m.in_flight = m.in_flight + 1
   local ok, res = pcall(route, uri, method)
