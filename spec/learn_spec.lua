@@ -166,6 +166,38 @@ describe("gptoss.learn", function()
     eng2:close()
   end)
 
+  it("trains on a second engine (another copy of the model) while the first serves untouched", function()
+    local m = tiny()
+    local m2 = gptoss.load(H.tiny(), { threads = 1 })
+    local serving, training = gptoss.engine(m), gptoss.engine(m2)
+    local L = open(dir, serving, { train_engine = training, every = 100 })
+    for i = 1, 6 do L:log { messages = convo(i), rating = 5 } end
+    local cid = L:log { messages = convo(7, "red."), rating = 1 }
+    L:feedback(cid, { correction = "blue." })
+    -- requests on the serving engine meanwhile give their tokens alone
+    local GEN = { max_tokens = 16, temperature = 0.9, seed = 3, stop_tokens = {} }
+    local req = assert(serving:submit(prompt(2), GEN))
+    local task = assert(L:round("default"))
+    local res = assert(task:result())
+    local got = req:result().ids
+    local sst, tst = serving:stats(), training:stats()
+    serving:close(); training:close()
+    local want = m:generate(prompt(2), GEN).ids
+    assert.same(want, got)
+    assert.equal(0, sst.train_examples)            -- the serving engine trained nothing
+    assert.is_true(tst.train_examples > 0)         -- the second one did
+    assert.is_true(res.accepted)
+    local v1 = assert(gptoss.adapter.load(dir .. "/adapters/default/v0001"))
+    assert.near(require("gptoss.train").evaluate(m, v1, select(2, L:examples("default"))), res.eval_after, 1e-9)
+    m2:close()
+    -- a model of another shape cannot train for this one
+    local e1 = gptoss.engine(m)
+    local ok, err = pcall(open, dir, e1, { train_engine = { model = { config = { num_hidden_layers = 99 } } } })
+    e1:close()
+    assert.is_false(ok)
+    assert.matches("train_engine's model differs from engine's %(num_hidden_layers 99, not %d+%)", err)
+  end)
+
   it("runs the pipeline end to end from a scripted log while serving", function()
     local m = tiny()
     local eng = gptoss.engine(m)

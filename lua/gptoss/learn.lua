@@ -26,7 +26,7 @@ local Learner = {}
 Learner.__index = Learner
 
 local OPEN_KEYS = {}
-for k in ("engine lora train share every interval on_correction min_rating replay max_examples holdout_every eval "
+for k in ("engine train_engine lora train share every interval on_correction min_rating replay max_examples holdout_every eval "
     .. "min_improvement seed default specialists classify clock"):gmatch("%S+") do OPEN_KEYS[k] = true end
 
 -- {====================================================== files
@@ -109,7 +109,9 @@ local function check_messages(msgs, fn, level)
 end
 
 --- open(dir, opts) -> Learner. opts: engine (the gptoss.engine that serves
--- and trains, required), lora (gptoss.lora's options for a first version:
+-- and trains, required), train_engine (an engine of a second copy of the
+-- model, e.g. on another GPU: rounds train there, and only the finished
+-- versions reach the serving engine), lora (gptoss.lora's options for a first version:
 -- { r = 8, alpha = 16, seed = 0 }), train (gptoss.train's options for each
 -- round: { epochs = 1, lr = 2e-4 }), share (eng:train's, 0.3), every (new
 -- examples that make a round due: 32), interval (seconds after the last
@@ -127,6 +129,15 @@ function M.open(dir, opts)
   opts = C.options(opts, fn, OPEN_KEYS)
   if opts.engine == nil then error(fn .. ": engine is required (the gptoss.engine that serves)", 2) end
   C.table(opts.engine, fn, "engine", "a gptoss.engine", 2)
+  if opts.train_engine ~= nil then
+    C.table(opts.train_engine, fn, "train_engine", "a gptoss.engine", 2)
+    local a, b = opts.engine.model.config, opts.train_engine.model.config
+    for _, k in ipairs { "num_hidden_layers", "hidden_size", "num_local_experts", "intermediate_size", "vocab_size" } do
+      if a[k] ~= b[k] then
+        error(string.format("%s: train_engine's model differs from engine's (%s %s, not %s)", fn, k, tostring(b[k]), tostring(a[k])), 2)
+      end
+    end
+  end
   if opts.lora ~= nil then C.table(opts.lora, fn, "lora", "gptoss.lora's options", 2) end
   if opts.train ~= nil then C.table(opts.train, fn, "train", "gptoss.train's options", 2) end
   for _, k in ipairs { "every", "max_examples", "holdout_every" } do
@@ -155,6 +166,7 @@ function M.open(dir, opts)
   if not ok then return nil, err end
   local self = setmetatable({
     dir = dir, engine = opts.engine, model = opts.engine.model, share = share, names = names,
+    train_engine = opts.train_engine or opts.engine,
     lora_opts = opts.lora or { r = 8, alpha = 16, seed = 0 },
     train_opts = opts.train or { epochs = 1, lr = 2e-4 },
     every = opts.every or 32, interval = opts.interval, on_correction = opts.on_correction ~= false,
@@ -422,19 +434,23 @@ function Learner:round(name)
   for _, e in ipairs(new) do if e.seen > upto then upto = e.seen end end
   local gptoss = require "gptoss"
   local current = self:adapter(name)
-  local trainee = gptoss.lora(self.model, self.lora_opts)
+  -- trained where rounds train (the serving engine, or train_engine), and
+  -- published as files the serving side loads: no adapter object is shared
+  local teng = self.train_engine
+  local trainee = gptoss.lora(teng.model, self.lora_opts)
   if current then trainee:copy_from(current) end
   local opts = {}
   for k, v in pairs(self.train_opts) do opts[k] = v end
   opts.data, opts.seed = set, self.seed + a.rounds
-  local compute = self.engine:_compute(trainee, self.share)
+  -- on an engine of its own, training need not leave room for serving
+  local compute = teng:_compute(trainee, teng == self.engine and self.share or 1)
   local used = {}
   for i, e in ipairs(set) do used[i] = { id = e.id, kind = e.kind } end
-  local task = self.engine:_task(function()
+  local task = teng:_task(function()
     -- a fresh LoRA is the base model, a copy the version served: either way
     -- the loss to beat
     local before = compute.evaluate(eval, opts)
-    local res = require("gptoss.train")._run(self.model, trainee, opts, compute, "learn:round")
+    local res = require("gptoss.train")._run(teng.model, trainee, opts, compute, "learn:round")
     local after = compute.evaluate(eval, opts)
     local out = { name = name, eval_before = before, eval_after = after, examples = used, history = res.history,
                   accepted = after < before - self.min_improvement }
