@@ -39,7 +39,17 @@ end
 
 --- gptoss.engine(model, opts) -> Engine: continuous batching on a thread of
 -- its own, non-blocking from any event loop (gptoss.engine)
-function M.engine(model, opts) return require("gptoss.engine").new(model, opts) end
+-- gptoss.engine(dir, { devices = { "cuda:0", "cuda:1" }, ... }): a model
+-- loaded on each device and requests placed among them (gptoss.replicas)
+function M.engine(model, opts)
+  if type(model) == "string" then
+    if type(opts) ~= "table" or opts.devices == nil then
+      error("gptoss.engine: a checkpoint directory needs opts.devices (else pass a loaded model)", 2)
+    end
+    return require("gptoss.replicas").new(model, opts)
+  end
+  return require("gptoss.engine").new(model, opts)
+end
 
 --- gptoss.train(model, lora, opts): the LoRA training loop (gptoss.train)
 function M.train(model, lora, opts) return require("gptoss.train").train(model, lora, opts) end
