@@ -26,6 +26,23 @@ describe("server learning", function()
   end)
   teardown(function() if srv then srv:stop() end end)
 
+  it("serves from replicas on several devices (GPTOSS_DEVICE=cpu,cpu) the replies one device gives", function()
+    local rep = X.start { GPTOSS_MODEL = H.tiny(), GPTOSS_THREADS = "1", GPTOSS_DEVICE = "cpu,cpu" }
+    local ok, err = pcall(function()
+      for i = 1, 4 do
+        local body = { model = "tiny", max_tokens = 6, seed = i, temperature = 0.9,
+                       messages = { { role = "user", content = "Say something " .. i } } }
+        local a, b = rep:post("/v1/chat/completions", body), srv:post("/v1/chat/completions", body)
+        assert.equal(200, a.status, a.body)
+        assert.equal(b.json.choices[1].message.content, a.json.choices[1].message.content)
+      end
+      local m = rep:get("/metrics").body
+      assert.equal(24, X.metric(m, "gptoss:generation_tokens_total"))
+    end)
+    rep:stop()
+    assert(ok, err)
+  end)
+
   local function chat(i, extra)
     local body = { model = "tiny-learned", max_tokens = 4, seed = i,
                    messages = { { role = "user", content = "What colour is item " .. i .. "?" } } }

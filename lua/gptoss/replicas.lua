@@ -48,23 +48,42 @@ function M.new(dir, opts)
     if not KNOWN[k] then eopts[k] = v elseif k ~= "devices" and k ~= "affinity_slack" then lopts[k] = v end
   end
   local gptoss = require "gptoss"
-  local self = setmetatable({ replicas = {}, fds = {}, turn = 0, slack = opts.affinity_slack or 4 }, Replicas)
+  local models = {}
   for i, d in ipairs(opts.devices) do
     local lo = { device = d }
     for k, v in pairs(lopts) do lo[k] = v end
     local model, err = gptoss.load(dir, lo)
     if not model then
-      self:close()
+      for _, m in ipairs(models) do m:close() end
       return nil, string.format("%s on %s: %s", dir, d, tostring(err))
     end
+    models[i] = model
+  end
+  return M.of_models(models, eopts, opts.affinity_slack)
+end
+
+--- of_models(models, engine_opts[, slack]): replicas over models already
+-- loaded (the server loads them off its event loop); they are closed with it
+function M.of_models(models, eopts, slack)
+  local self = setmetatable({ replicas = {}, fds = {}, turn = 0, slack = slack or 4 }, Replicas)
+  for i, model in ipairs(models) do
     local ok, eng = pcall(require("gptoss.engine").new, model, eopts)
-    if not ok then self:close(); model:close(); error(eng, 0) end
-    self.replicas[i] = { device = d, model = model, engine = eng, prompts = {}, seen = 0 }
+    if not ok then
+      self:close()
+      for j = i, #models do models[j]:close() end
+      error(eng, 0)
+    end
+    self.replicas[i] = { device = model.device, model = model, engine = eng, prompts = {}, seen = 0 }
     self.fds[i] = eng.fd
   end
   self.model = self.replicas[1].model
   return self
 end
+
+-- training (eng:train, gptoss.learn) runs on the first replica
+function Replicas:train(lora, opts) return self.replicas[1].engine:train(lora, opts) end
+function Replicas:_compute(lora, share) return self.replicas[1].engine:_compute(lora, share) end
+function Replicas:_task(body, fields) return self.replicas[1].engine:_task(body, fields) end
 
 -- how many whole blocks of hashes a replica remembers a prompt beginning with
 local function affinity(r, hs)

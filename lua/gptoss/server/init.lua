@@ -72,21 +72,30 @@ local function load()
   if not cfg.model then error("GPTOSS_MODEL is not set (a checkpoint directory)", 0) end
   if not gptoss.engine then error("this gptoss has no engine (gptoss.engine, issue 18) to serve from", 0) end
   -- on a thread of its own: the worker keeps answering (503 "model_loading",
-  -- /health with the bytes read so far) while the weights load
-  local ld, lerr = gptoss.load_async(cfg.model, { device = cfg.device, context = cfg.context > 0 and cfg.context or nil,
-                                                  threads = cfg.threads > 0 and cfg.threads or nil })
-  if not ld then error(lerr, 0) end
-  state.loader = ld
-  repeat
-    local done, total, ended = ld:progress()
-    state.progress = { done = done, total = total }
-    if not ended then ngx.sleep(0.01) end
-  until ended or ngx.worker.exiting()
-  if not select(3, ld:progress()) then ld:close(); state.loader = nil; error("the worker is exiting", 0) end
-  local model, err = ld:result()
-  ld:close()
-  state.loader = nil
-  if not model then error(err, 0) end
+  -- /health with the bytes read so far) while the weights load; a copy per
+  -- device when GPTOSS_DEVICE lists several (replicas)
+  local devices = {}
+  for d in (cfg.device or "cpu"):gmatch("[^,%s]+") do devices[#devices + 1] = d end
+  local models = {}
+  local function close_all() for _, x in ipairs(models) do x:close() end end
+  for i, device in ipairs(devices) do
+    local ld, lerr = gptoss.load_async(cfg.model, { device = device, context = cfg.context > 0 and cfg.context or nil,
+                                                    threads = cfg.threads > 0 and cfg.threads or nil })
+    if not ld then close_all(); error(lerr, 0) end
+    state.loader = ld
+    repeat
+      local done, total, ended = ld:progress()
+      state.progress = { done = done, total = total, device = i, devices = #devices }
+      if not ended then ngx.sleep(0.01) end
+    until ended or ngx.worker.exiting()
+    if not select(3, ld:progress()) then ld:close(); state.loader = nil; close_all(); error("the worker is exiting", 0) end
+    local m, err = ld:result()
+    ld:close()
+    state.loader = nil
+    if not m then close_all(); error(#devices > 1 and device .. ": " .. tostring(err) or err, 0) end
+    models[i] = m
+  end
+  local model = models[1]
   if not model.tokenizer then error(cfg.model .. ": the checkpoint has no tokenizer.json", 0) end
   local served = { [cfg.name] = { id = cfg.name } }
   local order = { served[cfg.name] }
@@ -97,7 +106,9 @@ local function load()
     order[#order + 1] = served[a.name]
   end
   state.model, state.served, state.order, state.created = model, served, order, os.time()
-  state.engine = gptoss.engine(model, { max_batch = cfg.max_batch, max_queue = cfg.max_queue })
+  local eopts = { max_batch = cfg.max_batch, max_queue = cfg.max_queue }
+  if #models > 1 then state.engine = require("gptoss.replicas").of_models(models, eopts)
+  else state.engine = gptoss.engine(model, eopts) end
   if state.engine.drain and cfg.pump then
     state.waiting = {}
     ngx.timer.at(0, M.pump)
