@@ -125,7 +125,7 @@ void lg_open_adapter(lua_State *L);
 __attribute__((visibility("default"))) int luaopen_gptoss_core(lua_State *L);
 void lg_open_engine(lua_State *L);
 void lg_open_train_job(lua_State *L);   /* after lg_open_engine: adds eng:train_job */
-/* the running engine at idx (engine.c), raising when closed */
+/* the engine at idx (engine.c), NULL once closed */
 gptoss_engine *lg_check_engine(lua_State *L, int idx, const char *fn, const char *name);
 void lg_open_loader(lua_State *L);
 void lg_open_sys(lua_State *L);      /* isatty, term_columns, getpid */

@@ -47,6 +47,12 @@ static int engine_train_job(lua_State *L) {
   lg_check_keys(L, 4, fn, job_keys);
   gptoss_train_job_opts o;
   memset(&o, 0, sizeof o);
+  if (!e) {   /* as eng:submit answers */
+    lua_pushnil(L);
+    lua_pushstring(L, "engine is closed");
+    lua_pushstring(L, "closed");
+    return 3;
+  }
   o.loss_only = lg_opt_bool(L, 4, fn, "loss_only", 0);
   o.zero_grad = lg_opt_bool(L, 4, fn, "zero_grad", 0);
   o.share = lg_opt_range(L, 4, fn, "share", 0, 1, 0, 0);
