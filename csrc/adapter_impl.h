@@ -16,6 +16,11 @@ extern const char *const gptoss_lora_names[GPTOSS_LORA_MODULES];
 typedef struct lora_train {
   float *gA, *gB;               /* gradients, NULL until the first backward */
   float *mA, *mB, *vA, *vB;     /* AdamW's moments, NULL until the first step */
+  /* the 8-bit AdamW's moments instead (optim8.c), in the state file's
+     order: A's exp_avg, A's exp_avg_sq, B's exp_avg, B's exp_avg_sq; each
+     a code per weight and an absmax per block of GPTOSS_Q8_BLOCK */
+  uint8_t *q8[4];
+  float *absmax8[4];
 } lora_train;
 
 struct gptoss_adapter {
@@ -26,6 +31,7 @@ struct gptoss_adapter {
   double alpha;
   int r, rslora;
   int steps;                    /* AdamW steps taken */
+  gptoss_optim optim;           /* what the moments are kept for: the first step's (or a loaded state's) choice */
   int tp[2], ntp;               /* target_parameters in listed order (expert modules) */
   double dropout;               /* training only */
   uint64_t seed;
@@ -50,5 +56,20 @@ gptoss_status gptoss_lora_check_scale(const char *where, double alpha, int r, in
 cJSON *gptoss_peft_new_config(const gptoss_model *m, const gptoss_lora_opts *o);
 /* optim.c: stops the update's thread and frees the optimizer's state */
 void gptoss_optim_free(gptoss_adapter *a);
+
+/* optim8.c: AdamW with 8-bit moments, as bitsandbytes' AdamW8bit. Its
+   step's constants, in float as bitsandbytes' kernel takes them: */
+typedef struct adamw8_step {
+  float beta1, beta2, gs;       /* gs: grad_scale times the clipping coefficient */
+  float step_size;              /* -lr sqrt(1 - beta2^t) / (1 - beta1^t) */
+  float eps;                    /* eps sqrt(1 - beta2^t) */
+  float decay;                  /* 1 - lr weight_decay; 1 when weight_decay is 0 */
+} adamw8_step;
+void gptoss_adamw8_prepare(adamw8_step *c, const gptoss_adamw *o, float gs, int step);
+/* weights p[lo, lo + n) of module t's A (w 0) or B (w 1), lo a multiple of GPTOSS_Q8_BLOCK */
+void gptoss_adamw8_span(float *p, const float *g, lora_train *t, int w, size_t lo, size_t n, const adamw8_step *c);
+/* the 8-bit moments of a module with nA weights in A and nB in B (zeros: codes 0, absmax 0) */
+gptoss_status gptoss_adamw8_alloc(lora_train *t, size_t nA, size_t nB);
+size_t gptoss_q8_blocks(size_t n);
 
 #endif

@@ -449,15 +449,35 @@ void gptoss_adapter_grads(const gptoss_adapter *a, int layer, gptoss_lora_module
    callers see the finished step; a CUDA backward overlaps it. */
 typedef struct gptoss_adamw {
   double lr, beta1, beta2, eps, weight_decay, max_grad_norm, grad_scale;
+  /* 1: the moments in 8 bits, as bitsandbytes' AdamW8bit (its blockwise
+     optim_bits=8); the adapter's first step chooses for all later ones */
+  int bits8;
 } gptoss_adamw;
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm);
 int gptoss_adapter_steps(const gptoss_adapter *a);   /* optimizer steps taken */
+/* what the adapter's optimizer state is kept for (NONE before its first
+   step or a loaded state); *bytes (when not NULL): that state's size */
+typedef enum gptoss_optim { GPTOSS_OPTIM_NONE, GPTOSS_OPTIM_ADAMW, GPTOSS_OPTIM_ADAMW_8BIT } gptoss_optim;
+gptoss_optim gptoss_adapter_optim(const gptoss_adapter *a, size_t *bytes);
+/* The 8-bit moments: bitsandbytes' dynamic map (create_dynamic_map: 256
+   ascending float32 values; signed for exp_avg, unsigned for exp_avg_sq)
+   and its blockwise quantization: per block of GPTOSS_Q8_BLOCK values an
+   absmax (absmax[ceil(n / GPTOSS_Q8_BLOCK)]) and per value the code whose
+   map value is nearest x / absmax (a block of zeros: codes 0). */
+#define GPTOSS_Q8_BLOCK 256
+const float *gptoss_dynamic_map(int is_signed);
+void gptoss_quantize_blockwise(const float *x, size_t n, int is_signed, uint8_t *codes, float *absmax);
 /* Whoever writes A or B other than through this API calls touch: a backend
    that keeps a device copy of the weights then knows to copy them again. */
 void gptoss_adapter_touch(gptoss_adapter *a);
 /* The optimizer state (AdamW moments and step count) in one safetensors
    file, written atomically: with the adapter's own files it makes a
-   checkpoint that a resumed run continues exactly. */
+   checkpoint that a resumed run continues exactly. Per module
+   layers.L.<module>.lora_A / lora_B .exp_avg and .exp_avg_sq: F32 like
+   the weight, or for the 8-bit AdamW U8 codes like the weight with
+   <name>.absmax F32 [blocks] beside them, the maps as qmap1 (signed) and
+   qmap2 (unsigned) and metadata optim = "adamw_8bit". Loading a state of
+   the other kind than the adapter's moments fails. */
 gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path);
 /* Writes out_dir: the model's checkpoint with the adapter merged into its
    projections, W' = bf16(W + scale B A), every other tensor and file copied.

@@ -149,6 +149,7 @@ typedef struct step_job {
   double *partial;              /* [chunks] */
   float gs;                     /* grad_scale times the clipping coefficient */
   double bc1, bc2;
+  adamw8_step c8;               /* the 8-bit AdamW's constants (o.bits8) */
 } step_job;
 
 /* The update (pass 1) is memory-bound: 185M weights, each with its
@@ -206,7 +207,10 @@ static void step_chunks(void *ctx, int tid, int nth) {
         if ((int)(chunk % (size_t)nth) != tid) continue;
         size_t len = lo + STEP_CHUNK < n[w] ? STEP_CHUNK : n[w] - lo;
         if (j->pass == 0) j->partial[chunk] = sum_squares(g[w] + lo, len, (float)o->grad_scale);
-        else {
+        else if (o->bits8) {   /* chunks are whole blocks of 256: STEP_CHUNK is a multiple */
+          gptoss_adamw8_span(p[w] + lo, g[w] + lo, t, w, lo, len, &j->c8);
+          if (j->zero) memset(g[w] + lo, 0, sizeof(float) * len);
+        } else {
           adamw_span(p[w] + lo, g[w] + lo, mm[w] + lo, vv[w] + lo, len, j->gs, (float)(1 - o->lr * o->weight_decay),
                      o->beta1, o->beta2, o->lr / j->bc1, j->bc2, o->eps);
           if (j->zero) memset(g[w] + lo, 0, sizeof(float) * len);   /* still in cache */
@@ -276,22 +280,47 @@ void gptoss_optim_free(gptoss_adapter *a) {
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     lora_train *t = &a->train[i];
     free(t->gA); free(t->gB); free(t->mA); free(t->mB); free(t->vA); free(t->vB);
+    for (int k = 0; k < 4; k++) { free(t->q8[k]); free(t->absmax8[k]); }
   }
   free(a->train);
   free(a->gsq); free(a->gsq_ok); free(a->chunk0);
+}
+
+static const char *optim_name(gptoss_optim k) { return k == GPTOSS_OPTIM_ADAMW_8BIT ? "adamw_8bit" : "adamw"; }
+
+gptoss_optim gptoss_adapter_optim(const gptoss_adapter *a, size_t *bytes) {
+  size_t sum = 0;
+  for (int i = 0; bytes && i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
+    const gptoss_lora *x = &a->mod[i];
+    const lora_train *t = &a->train[i];
+    size_t nA = (size_t)x->rk * x->in, nB = (size_t)x->out * x->rk;
+    if (t->mA) sum += 2 * sizeof(float) * (nA + nB);
+    if (t->q8[0]) sum += 2 * (nA + nB) + 2 * sizeof(float) * (gptoss_q8_blocks(nA) + gptoss_q8_blocks(nB));
+  }
+  if (bytes) *bytes = sum;
+  return a->optim;
 }
 
 gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, double *grad_norm) {
   if (!(o->lr >= 0) || !(o->beta1 >= 0 && o->beta1 < 1) || !(o->beta2 >= 0 && o->beta2 < 1) || !(o->eps > 0) || o->weight_decay < 0)
     return gptoss_fail(GPTOSS_EARG, "adamw: lr >= 0, betas in [0, 1), eps > 0 and weight_decay >= 0");
   gptoss_adapter_wait(a, -1);
+  gptoss_optim kind = o->bits8 ? GPTOSS_OPTIM_ADAMW_8BIT : GPTOSS_OPTIM_ADAMW;
+  if (a->optim != GPTOSS_OPTIM_NONE && a->optim != kind)
+    return gptoss_fail(GPTOSS_ESTATE, "adamw: the adapter's optimizer state is %s (its first step or a loaded state chose it), "
+                       "so it cannot step with %s", optim_name(a->optim), optim_name(kind));
   size_t chunks = 0, total = 0;
   for (int i = 0; i < a->nlayers * GPTOSS_LORA_MODULES; i++) {
     gptoss_lora *x = &a->mod[i];
     lora_train *t = &a->train[i];
     if (!x->r) continue;
     if (!t->gA) return gptoss_fail(GPTOSS_ESTATE, "adamw: no gradients yet (run a backward pass first)");
-    if (!t->mA) {
+    if (o->bits8 && !t->q8[0]) {
+      a->optim = kind;
+      gptoss_status rc = gptoss_adamw8_alloc(t, (size_t)x->rk * x->in, (size_t)x->out * x->rk);
+      if (rc) return rc;
+    } else if (!o->bits8 && !t->mA) {
+      a->optim = kind;
       t->mA = calloc((size_t)x->rk * x->in, sizeof(float)); t->vA = calloc((size_t)x->rk * x->in, sizeof(float));
       t->mB = calloc((size_t)x->out * x->rk, sizeof(float)); t->vB = calloc((size_t)x->out * x->rk, sizeof(float));
       if (!t->mA || !t->vA || !t->mB || !t->vB) return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the optimizer state");
@@ -344,6 +373,7 @@ gptoss_status gptoss_adapter_step(gptoss_adapter *a, const gptoss_adamw *o, doub
   j->gs = (float)(o->grad_scale * clip);
   j->bc1 = 1 - pow(o->beta1, a->steps);
   j->bc2 = 1 - pow(o->beta2, a->steps);
+  if (o->bits8) gptoss_adamw8_prepare(&j->c8, o, j->gs, a->steps);
   if (grad_norm) *grad_norm = norm;
   u->done = 0;
   u->zero = 0;
@@ -404,33 +434,53 @@ void gptoss_adapter_zero_grad(gptoss_adapter *a) {
 
 /* {====================================================== optimizer state */
 /* moment k of module (l, i) in the state file: 0, 1 lora_A's exp_avg and
-   exp_avg_sq, 2, 3 lora_B's; where the adapter keeps it, its name and shape */
-static float **moment(const gptoss_adapter *a, int l, int i, int k, char *name, size_t n, int64_t shape[2]) {
+   exp_avg_sq, 2, 3 lora_B's; its name and shape (its weight's) */
+static void moment_name(const gptoss_adapter *a, int l, int i, int k, char *name, size_t n, int64_t shape[2]) {
   static const char *const what[4] = {"lora_A.exp_avg", "lora_A.exp_avg_sq", "lora_B.exp_avg", "lora_B.exp_avg_sq"};
   const gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + i];
-  lora_train *t = &a->train[l * GPTOSS_LORA_MODULES + i];
   snprintf(name, n, "layers.%d.%s.%s", l, gptoss_lora_names[i], what[k]);
   shape[0] = k < 2 ? x->rk : x->out;
   shape[1] = k < 2 ? x->in : x->rk;
-  return k == 0 ? &t->mA : k == 1 ? &t->vA : k == 2 ? &t->mB : &t->vB;
 }
+
+static float **moment(lora_train *t, int k) { return k == 0 ? &t->mA : k == 1 ? &t->vA : k == 2 ? &t->mB : &t->vB; }
+
+/* the 8-bit AdamW's maps, qmap1 for exp_avg and qmap2 for exp_avg_sq (as
+   bitsandbytes names them in its state) */
+static const char *const qmap_names[2] = {"qmap1", "qmap2"};
 
 gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *path) {
   gptoss_adapter_wait(a, -1);
+  int q8 = a->optim == GPTOSS_OPTIM_ADAMW_8BIT;
   gptoss_st_writer *w = NULL;
   gptoss_status rc = gptoss_stw_new(path, &w);
   char steps[32];
   snprintf(steps, sizeof steps, "%d", a->steps);
   if (!rc) rc = gptoss_stw_metadata(w, "steps", steps);
+  if (!rc && q8) rc = gptoss_stw_metadata(w, "optim", "adamw_8bit");
+  for (int s = 0; s < 2 && q8 && !rc; s++) {
+    int64_t n = 256;
+    gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, gptoss_dynamic_map(s == 0), sizeof(float) * 256};
+    rc = gptoss_stw_add(w, qmap_names[s], GPTOSS_F32, 1, &n, &f);
+  }
   for (int l = 0; l < a->nlayers && !rc; l++)
     for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
-      if (!gptoss_adapter_slot(a, l, i) || !a->train[l * GPTOSS_LORA_MODULES + i].mA) continue;
+      lora_train *t = &a->train[l * GPTOSS_LORA_MODULES + i];
+      if (!gptoss_adapter_slot(a, l, i) || !(q8 ? t->q8[0] != NULL : t->mA != NULL)) continue;
       for (int k = 0; k < 4 && !rc; k++) {
         char name[128];
         int64_t shape[2];
-        float *buf = *moment(a, l, i, k, name, sizeof name, shape);
-        gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, buf, sizeof(float) * (size_t)(shape[0] * shape[1])};
-        rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, shape, &f);
+        moment_name(a, l, i, k, name, sizeof name, shape);
+        size_t n = (size_t)(shape[0] * shape[1]);
+        const void *data = q8 ? (const void *)t->q8[k] : (const void *)*moment(t, k);
+        gptoss_fill f = {GPTOSS_FILL_DATA, 0, 0, 0, data, (q8 ? 1 : sizeof(float)) * n};
+        rc = gptoss_stw_add(w, name, q8 ? GPTOSS_U8 : GPTOSS_F32, 2, shape, &f);
+        if (rc || !q8) continue;
+        int64_t blocks = (int64_t)gptoss_q8_blocks(n);
+        gptoss_fill fa = {GPTOSS_FILL_DATA, 0, 0, 0, t->absmax8[k], sizeof(float) * (size_t)blocks};
+        size_t len = strlen(name);
+        snprintf(name + len, sizeof name - len, ".absmax");
+        rc = gptoss_stw_add(w, name, GPTOSS_F32, 1, &blocks, &fa);
       }
     }
   if (!rc) rc = gptoss_stw_commit(w, 1);
@@ -438,37 +488,83 @@ gptoss_status gptoss_adapter_save_state(const gptoss_adapter *a, const char *pat
   return rc;
 }
 
+/* the file's tensor `name` when it is dtype [d0] or [d0, d1] (ndim 1, 2);
+   NULL when missing (*rc stays) or else (*rc set) */
+static const gptoss_tensor *state_tensor(gptoss_st *st, const char *path, const char *name, gptoss_dtype dtype, int ndim,
+                                         int64_t d0, int64_t d1, gptoss_status *rc) {
+  const gptoss_tensor *t = gptoss_st_find(st, name);
+  if (t && (t->dtype != dtype || t->ndim != ndim || t->shape[0] != d0 || (ndim == 2 && t->shape[1] != d1))) {
+    const char *dt = dtype == GPTOSS_U8 ? "U8" : "F32";
+    if (ndim == 1) *rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be %s [%lld]", path, name, dt, (long long)d0);
+    else *rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be %s [%lld, %lld]", path, name, dt, (long long)d0, (long long)d1);
+    return NULL;
+  }
+  return t;
+}
+
 gptoss_status gptoss_adapter_load_state(gptoss_adapter *a, const char *path) {
   gptoss_adapter_wait(a, -1);
   gptoss_st *st = NULL;
   gptoss_status rc = gptoss_st_open(path, &st);
   if (rc) return rc;
-  const char *steps = gptoss_st_metadata(st, "steps");
+  const char *steps = gptoss_st_metadata(st, "steps"), *optim = gptoss_st_metadata(st, "optim");
   char *end = NULL;
   long n = steps ? strtol(steps, &end, 10) : -1;
-  if (!steps || *end || n < 0) { gptoss_st_free(st); return gptoss_fail(GPTOSS_EFORMAT, "%s: metadata field steps missing or invalid", path); }
+  if (!steps || *end || n < 0) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: metadata field steps missing or invalid", path);
+  /* no optim field: a state of the fp32 AdamW, as files before the 8-bit one */
+  gptoss_optim kind = !optim || strcmp(optim, "adamw") == 0 ? GPTOSS_OPTIM_ADAMW
+                      : strcmp(optim, "adamw_8bit") == 0  ? GPTOSS_OPTIM_ADAMW_8BIT
+                                                          : GPTOSS_OPTIM_NONE;
+  int q8 = kind == GPTOSS_OPTIM_ADAMW_8BIT;
+  if (!rc && kind == GPTOSS_OPTIM_NONE)
+    rc = gptoss_fail(GPTOSS_EFORMAT, "%s: metadata field optim is \"%s\" (adamw or adamw_8bit)", path, optim);
+  /* the codes mean something only through the maps they were made with */
+  for (int s = 0; s < 2 && q8 && !rc; s++) {
+    const gptoss_tensor *t = state_tensor(st, path, qmap_names[s], GPTOSS_F32, 1, 256, 0, &rc);
+    if (!rc && !t) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, qmap_names[s]);
+    else if (!rc && memcmp(t->data, gptoss_dynamic_map(s == 0), sizeof(float) * 256) != 0)
+      rc = gptoss_fail(GPTOSS_EFORMAT, "%s: %s is not bitsandbytes' %s dynamic map", path, qmap_names[s], s == 0 ? "signed" : "unsigned");
+  }
   /* check everything first, so a bad file leaves the adapter as it was */
+  int loaded = 0;
   for (int pass = 0; pass < 2 && !rc; pass++)
     for (int l = 0; l < a->nlayers && !rc; l++)
       for (int i = 0; i < GPTOSS_LORA_MODULES && !rc; i++) {
         if (!gptoss_adapter_slot(a, l, i)) continue;
+        lora_train *tr = &a->train[l * GPTOSS_LORA_MODULES + i];
+        const gptoss_lora *x = &a->mod[l * GPTOSS_LORA_MODULES + i];
         for (int k = 0; k < 4 && !rc; k++) {
           char name[128];
           int64_t shape[2];
-          float **dst = moment(a, l, i, k, name, sizeof name, shape);
-          const gptoss_tensor *t = gptoss_st_find(st, name);
-          int64_t r0 = shape[0], r1 = shape[1];
-          if (!t) { if (n > 0) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, name); continue; }
-          if (t->dtype != GPTOSS_F32 || t->ndim != 2 || t->shape[0] != r0 || t->shape[1] != r1) {
-            rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s must be F32 [%lld, %lld]", path, name, (long long)r0, (long long)r1);
+          moment_name(a, l, i, k, name, sizeof name, shape);
+          if (gptoss_st_find(st, name) && a->optim != GPTOSS_OPTIM_NONE && a->optim != kind) {   /* (a file without moments fits any) */
+            rc = gptoss_fail(GPTOSS_ESTATE, "%s: the file holds %s optimizer state, but the adapter's moments are %s's", path,
+                             optim_name(kind), optim_name(a->optim));
             continue;
           }
-          if (pass == 0) continue;
-          if (!*dst && !(*dst = malloc(t->nbytes))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); continue; }
-          memcpy(*dst, t->data, t->nbytes);
+          const gptoss_tensor *t = state_tensor(st, path, name, q8 ? GPTOSS_U8 : GPTOSS_F32, 2, shape[0], shape[1], &rc), *ta = NULL;
+          if (!t) { if (!rc && n > 0) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, name); continue; }
+          if (q8) {
+            size_t len = strlen(name);
+            snprintf(name + len, sizeof name - len, ".absmax");
+            ta = state_tensor(st, path, name, GPTOSS_F32, 1, (int64_t)gptoss_q8_blocks((size_t)(shape[0] * shape[1])), 0, &rc);
+            if (!rc && !ta) rc = gptoss_fail(GPTOSS_EFORMAT, "%s: tensor %s missing", path, name);
+          }
+          if (rc || pass == 0) continue;
+          if (q8) {
+            if ((rc = gptoss_adamw8_alloc(tr, (size_t)x->rk * x->in, (size_t)x->out * x->rk))) continue;
+            memcpy(tr->q8[k], t->data, t->nbytes);
+            memcpy(tr->absmax8[k], ta->data, ta->nbytes);
+          } else {
+            float **dst = moment(tr, k);
+            if (!*dst && !(*dst = malloc(t->nbytes))) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); continue; }
+            memcpy(*dst, t->data, t->nbytes);
+          }
+          loaded = 1;
         }
       }
   if (!rc) a->steps = (int)n;
+  if (loaded) a->optim = kind;
   gptoss_st_free(st);
   return rc;
 }

@@ -177,6 +177,38 @@ static int adapter_load_state(lua_State *L) {
   return 1;
 }
 
+/* gptoss.core.dynamic_map(signed) -> the 256 values of bitsandbytes'
+   dynamic map (the 8-bit AdamW's codes), ascending */
+static int l_dynamic_map(lua_State *L) {
+  const float *map = gptoss_dynamic_map(lg_check_bool(L, 1, "gptoss.core.dynamic_map", "signed"));
+  lua_createtable(L, 256, 0);
+  for (int i = 0; i < 256; i++) { lua_pushnumber(L, map[i]); lua_rawseti(L, -2, i + 1); }
+  return 1;
+}
+
+/* gptoss.core.quantize_blockwise(values, signed) -> codes (0..255), absmax
+   (one per 256 values): the 8-bit AdamW's quantization of a list */
+static int l_quantize_blockwise(lua_State *L) {
+  const char *fn = "gptoss.core.quantize_blockwise";
+  lg_check_table(L, 1, fn, "values", "a list of numbers");
+  int is_signed = lg_check_bool(L, 2, fn, "signed");
+  size_t n = lua_rawlen(L, 1), blocks = (n + GPTOSS_Q8_BLOCK - 1) / GPTOSS_Q8_BLOCK;
+  float *x = lua_newuserdatauv(L, sizeof(float) * (n + blocks) + n + 1, 0), *absmax = x + n;
+  uint8_t *codes = (uint8_t *)(absmax + blocks);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (lua_Integer)i + 1);
+    lua_pushfstring(L, "values[%d]", (int)i + 1);
+    x[i] = (float)lg_check_num(L, -2, fn, lua_tostring(L, -1), 1);
+    lua_pop(L, 2);
+  }
+  gptoss_quantize_blockwise(x, n, is_signed, codes, absmax);
+  lua_createtable(L, (int)n, 0);
+  for (size_t i = 0; i < n; i++) { lua_pushinteger(L, codes[i]); lua_rawseti(L, -2, (lua_Integer)i + 1); }
+  lua_createtable(L, (int)blocks, 0);
+  for (size_t b = 0; b < blocks; b++) { lua_pushnumber(L, absmax[b]); lua_rawseti(L, -2, (lua_Integer)b + 1); }
+  return 2;
+}
+
 /* gptoss.core.lora_merge(model, adapter, out_dir [, threads]) -> out_dir | nil, message */
 static int l_lora_merge(lua_State *L) {
   const char *fn = "model:merge";
@@ -221,16 +253,20 @@ static int adapter_zero_grad(lua_State *L) {
   return 1;
 }
 
-/* a:step{ lr, betas = {b1, b2}, eps, weight_decay, max_grad_norm, grad_scale } -> gradient norm */
+/* the optimizers, in gptoss_optim order after NONE */
+static const char *const optim_names[] = {"adamw", "adamw_8bit", NULL};
+
+/* a:step{ lr, betas = {b1, b2}, eps, weight_decay, max_grad_norm, grad_scale,
+   optim = "adamw" | "adamw_8bit" } -> gradient norm */
 static int adapter_step(lua_State *L) {
   const char *fn = "lora:step";
   gptoss_adapter *a = lg_check_adapter(L, 1, fn, "self");
-  static const char *const keys[] = {"lr", "betas", "eps", "weight_decay", "max_grad_norm", "grad_scale", NULL};
+  static const char *const keys[] = {"lr", "betas", "eps", "weight_decay", "max_grad_norm", "grad_scale", "optim", NULL};
   lg_check_keys(L, 2, fn, keys);
   double inf = HUGE_VAL;   /* the ranges gptoss_adapter_step holds them to, checked here to name them */
   gptoss_adamw o = {lg_opt_range(L, 2, fn, "lr", 0, inf, 0, 2e-4), 0.9, 0.999, lg_opt_range(L, 2, fn, "eps", 0, inf, LG_GT, 1e-8),
                     lg_opt_range(L, 2, fn, "weight_decay", 0, inf, 0, 0.01), lg_opt_range(L, 2, fn, "max_grad_norm", 0, inf, 0, 0),
-                    lg_opt_range(L, 2, fn, "grad_scale", 0, inf, LG_GT, 1)};
+                    lg_opt_range(L, 2, fn, "grad_scale", 0, inf, LG_GT, 1), lg_opt_choice(L, 2, fn, "optim", optim_names, 0)};
   if (lua_istable(L, 2)) {
     lua_getfield(L, 2, "betas");
     if (!lua_isnil(L, -1)) {
@@ -268,7 +304,15 @@ static int adapter_fields(lua_State *L) {
   else if (strcmp(k, "modules") == 0) lua_pushinteger(L, d.modules);
   else if (strcmp(k, "params") == 0) lua_pushinteger(L, (lua_Integer)d.params);
   else if (strcmp(k, "steps") == 0) lua_pushinteger(L, gptoss_adapter_steps(b->a));
-  else return 0;
+  else if (strcmp(k, "optim") == 0) {   /* nil until a step or a loaded state chooses */
+    gptoss_optim o = gptoss_adapter_optim(b->a, NULL);
+    if (o == GPTOSS_OPTIM_NONE) return 0;
+    lua_pushstring(L, optim_names[o - 1]);
+  } else if (strcmp(k, "optimizer_bytes") == 0) {
+    size_t bytes;
+    gptoss_adapter_optim(b->a, &bytes);
+    lua_pushinteger(L, (lua_Integer)bytes);
+  } else return 0;
   return 1;
 }
 
@@ -294,6 +338,7 @@ void lg_open_adapter(lua_State *L) {
     {NULL, NULL}};
   lg_class(L, ADAPTER_T, methods, meta, adapter_fields);
   static const luaL_Reg funcs[] = {{"adapter_load", l_adapter_load}, {"lora_new", l_lora_new},
-                                   {"lora_backward", l_lora_backward}, {"lora_merge", l_lora_merge}, {NULL, NULL}};
+                                   {"lora_backward", l_lora_backward}, {"lora_merge", l_lora_merge},
+                                   {"dynamic_map", l_dynamic_map}, {"quantize_blockwise", l_quantize_blockwise}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
 }

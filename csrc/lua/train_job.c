@@ -15,7 +15,9 @@ static const char *const state_names[] = {"queued", "running", "done"};
 
 /* {====================================================== submit */
 static const char *const job_keys[] = {"loss_only", "zero_grad", "step", "share", NULL};
-static const char *const step_keys[] = {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", "grad_scale", NULL};
+static const char *const step_keys[] = {"lr", "beta1", "beta2", "eps", "weight_decay", "max_grad_norm", "grad_scale", "optim",
+                                        NULL};
+static const char *const optim_names[] = {"adamw", "adamw_8bit", NULL};   /* as lora:step's */
 
 /* example i's mask (nil: all) into a buffer the caller owns */
 static void read_mask(lua_State *L, int idx, const char *fn, int i, uint8_t *mask, size_t n) {
@@ -36,7 +38,7 @@ static void read_mask(lua_State *L, int idx, const char *fn, int i, uint8_t *mas
 }
 
 /* eng:train_job(lora, examples, { loss_only, zero_grad, share, step = { lr, beta1, beta2, eps, weight_decay,
-   max_grad_norm, grad_scale } }) -> TrainJob | nil, message, "closed".
+   max_grad_norm, grad_scale, optim = "adamw" | "adamw_8bit" } }) -> TrainJob | nil, message, "closed".
    examples: a list of { ids = {...}, mask = {...} | nil } */
 static int engine_train_job(lua_State *L) {
   const char *fn = "eng:train_job";
@@ -71,6 +73,7 @@ static int engine_train_job(lua_State *L) {
       o.adamw.weight_decay = lg_opt_range(L, s, fn, "weight_decay", 0, inf, 0, 0.01);
       o.adamw.max_grad_norm = lg_opt_range(L, s, fn, "max_grad_norm", 0, inf, 0, 0);
       o.adamw.grad_scale = lg_opt_range(L, s, fn, "grad_scale", 0, inf, LG_GT, 1);
+      o.adamw.bits8 = lg_opt_choice(L, s, fn, "optim", optim_names, 0) == 1;
     }
     lua_settop(L, 4);
   }

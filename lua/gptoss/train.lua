@@ -14,6 +14,9 @@
 -- rendered and masked by gptoss.data. Each optimizer step
 -- takes batch * grad_accum examples, in an order drawn from `seed`, and
 -- averages the loss over all their target tokens, as transformers does.
+-- optim = "adamw" (fp32 moments, the default) or "adamw_8bit" (8-bit
+-- moments, as bitsandbytes' AdamW8bit; "adamw_torch" and "adamw_bnb_8bit",
+-- transformers' names, also do).
 --
 -- profile = "quick_test" | "standard" | "full" | "max_quality" |
 -- "conservative" fills in the seeds' settings (M.profiles); any option given
@@ -26,7 +29,12 @@ local M = {}
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
     .. "group_by_length eval eval_every on_step on_log log_every target_loss overfit_below underfit_above checkpoint_dir "
-    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size progress"):gmatch("%S+") do KNOWN[k] = true end
+    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size progress optim"):gmatch("%S+") do KNOWN[k] = true end
+
+-- optim: AdamW with fp32 moments, or with 8-bit ones as bitsandbytes'
+-- AdamW8bit (csrc/optim8.c); transformers' names for them are accepted too
+local OPTIMS = { "adamw", "adamw_8bit", "adamw_torch", "adamw_bnb_8bit" }
+local OPTIM_ALIAS = { adamw_torch = "adamw", adamw_bnb_8bit = "adamw_8bit" }
 
 -- {====================================================== profiles
 -- The seeds' training profiles: PROFILES and main() of their training
@@ -91,6 +99,7 @@ function M.options(name, r, over)
   if o.weight_decay == nil then o.weight_decay = 0.01 end
   if o.max_len == nil then o.max_len = r >= 16 and 2048 or 1024 end
   if o.seed == nil then o.seed = 3407 end
+  if o.optim == nil then o.optim = "adamw_8bit" end   -- their SFTConfig's optim
   if o.keep == nil then o.keep = 3 end
   if o.target_loss == nil then o.target_loss = 0.5 end
   return o
@@ -99,7 +108,7 @@ end
 
 local DEFAULTS = {
   steps = nil, epochs = 1, batch = 1, grad_accum = 1, lr = 2e-4, schedule = "linear", warmup = 0,
-  weight_decay = 0.01, max_grad_norm = 1.0, betas = { 0.9, 0.999 }, eps = 1e-8, max_len = nil, seed = 0,
+  weight_decay = 0.01, max_grad_norm = 1.0, betas = { 0.9, 0.999 }, eps = 1e-8, max_len = nil, seed = 0, optim = "adamw",
   group_by_length = true, eval = nil, eval_every = nil, on_step = nil,
   target_loss = 0.5, overfit_below = 0.3, underfit_above = 1.0,
   checkpoint_dir = nil, checkpoint_every = nil, keep = 2, resume = false,
@@ -265,6 +274,7 @@ local function check_train(o, fn, level)
   C.num(o.betas[2], fn, "betas[2]", 0, 1, { lt = true }, level)
   for _, k in ipairs { "target_loss", "overfit_below", "underfit_above" } do C.num(o[k], fn, k, nil, nil, nil, level) end
   C.choice(o.schedule, fn, "schedule", { "linear", "cosine", "constant" }, level)
+  C.choice(o.optim, fn, "optim", OPTIMS, level)
   C.bool(o.group_by_length, fn, "group_by_length", level)
   C.bool(o.resume, fn, "resume", level)
   if type(o.data) ~= "string" then C.table(o.data, fn, "data", "a list of examples or a JSONL path", level) end
@@ -340,7 +350,8 @@ function M._engine_compute(eng, model, lora, share)
     for _, e in ipairs(group) do count, tokens = count + targets(e), tokens + #e.ids end
     if count == 0 then error(string.format("train: step %d's examples have no target tokens", n), 0) end
     local info = await(submit(group, { zero_grad = true, step = { lr = w.lr, beta1 = w.betas[1], beta2 = w.betas[2],
-      eps = w.eps, weight_decay = w.weight_decay, max_grad_norm = w.max_grad_norm, grad_scale = 1 / count } }),
+      eps = w.eps, weight_decay = w.weight_decay, max_grad_norm = w.max_grad_norm, grad_scale = 1 / count,
+      optim = w.optim } }),
       "step " .. n)
     return info.loss, info.count, tokens, info.grad_norm
   end
@@ -376,6 +387,7 @@ function M._run(model, lora, opts, compute, fn)
   for k, v in pairs(DEFAULTS) do o[k] = v end
   for k, v in pairs(opts) do o[k] = v end
   check_train(o, fn, 3)
+  o.optim = OPTIM_ALIAS[o.optim] or o.optim
   local skipped
   if type(o.data) == "string" then          -- a JSONL file
     local ex, err = require("gptoss.data").read_jsonl(o.data, model.tokenizer, o)
@@ -408,6 +420,9 @@ function M._run(model, lora, opts, compute, fn)
       saved:close()
       local ok, err = lora:load_state(path .. "/optimizer.safetensors")
       if not ok then error("train: resume: " .. err, 2) end
+      if lora.optim and lora.optim ~= o.optim then
+        error(string.format("train: resume: the checkpoint's optimizer state is %s's, and this run's optim is %s", lora.optim, o.optim), 2)
+      end
       if state.steps ~= steps or state.data ~= #data then
         error(string.format("train: resume: the checkpoint is of a run of %d steps over %d examples, not %d over %d",
           state.steps, state.data, steps, #data), 2)
@@ -435,7 +450,7 @@ function M._run(model, lora, opts, compute, fn)
     if o.group_by_length then table.sort(group, function(a, b) return #a.ids < #b.ids end) end
     local lr = M.lr_at(step, steps, o)
     local loss, count, tokens, gn = compute.step(group, { lr = lr, betas = o.betas, eps = o.eps,
-      weight_decay = o.weight_decay, max_grad_norm = o.max_grad_norm }, step)
+      weight_decay = o.weight_decay, max_grad_norm = o.max_grad_norm, optim = o.optim }, step)
     local dt = clock() - t0
     local info = { step = step, loss = loss / count, lr = lr, grad_norm = gn, tokens = tokens,
                    tokens_per_s = tokens / dt, elapsed = clock() - t_start, memory = compute.memory() }
