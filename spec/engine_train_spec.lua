@@ -191,3 +191,26 @@ describe("eng:train", function()
     assert.is_string(err)
   end)
 end)
+
+describe("eng:train on CUDA #gpu", function()
+  it("trains between serving steps while a request gives its tokens alone", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0" }))
+    local GEN = { max_tokens = 40, temperature = 0.8, seed = 4, stop_tokens = {} }
+    local want = m:generate(prompt(4, 20), GEN).ids
+    local direct = gptoss.lora(m, { r = 4, alpha = 8, seed = 5 })
+    local ref = gptoss.train(m, direct, opts { eval = nil, eval_every = nil })
+    local eng = gptoss.engine(m)
+    local lora = gptoss.lora(m, { r = 4, alpha = 8, seed = 5 })
+    local t = eng:train(lora, opts { share = 0.5, eval = nil, eval_every = nil })
+    local req = assert(eng:submit(prompt(4, 20), GEN))
+    local got = req:result().ids
+    local res = assert(t:result())
+    eng:close()
+    assert.same(want, got)
+    for s = 1, 4 do
+      assert.is_true(math.abs(res.history[s].loss - ref.history[s].loss) <= 1e-4 * math.abs(ref.history[s].loss),
+        string.format("step %d: %.9g against %.9g", s, res.history[s].loss, ref.history[s].loss))
+    end
+    m:close()
+  end)
+end)
