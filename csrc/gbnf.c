@@ -31,6 +31,7 @@ typedef struct prule {
   char *name;
   evec body;
   int defined;
+  int repeats;                 /* one link of a repetition's chain (x*, x{m,n}) */
   const char *used_at;         /* first reference, for "undefined rule" */
 } prule;
 
@@ -370,6 +371,7 @@ static gelem as_one(parser *P, evec *out, uint32_t from) {
 /* R ::= x R | empty (x*), or R ::= x | empty (x?) */
 static gelem repeat_rule(parser *P, gelem x, int star) {
   uint32_t id = synth_rule(P);
+  P->rules[id].repeats = 1;
   evec *body = &P->rules[id].body;
   push(P, body, x.type, x.v);
   if (star) push(P, body, GE_REF, id);
@@ -421,6 +423,7 @@ static void postfix(parser *P, evec *out, uint32_t from) {
   gelem opt = repeat_rule(P, x, 0);
   for (int i = lo + 1; i < hi; i++) {
     uint32_t id = synth_rule(P);
+    P->rules[id].repeats = 1;
     evec *body = &P->rules[id].body;
     push(P, body, x.type, x.v);
     push(P, body, opt.type, opt.v);
@@ -564,12 +567,33 @@ void gptoss_grammar_free(gptoss_grammar *g) {
   free(g->e);
   free(g->rule_at);
   free(g->sets);
+  free(g->rule_of);
+  free(g->rule_kind);
   free(g);
 }
 
 gptoss_grammar *gptoss_grammar_ref(gptoss_grammar *g) {
   atomic_fetch_add(&g->refs, 1);
   return g;
+}
+
+/* Bytes every set holds or lacks together are one class: the matcher's
+   tables are per class, not per byte (a JSON grammar has 6 to 60). */
+static void byte_classes(gptoss_grammar *g) {
+  memset(g->cls, 0, sizeof g->cls);
+  g->n_cls = 1;
+  for (uint32_t s = 0; s < g->n_sets && g->n_cls < 256; s++) {
+    int16_t split[512];   /* (old class, in the set) -> new class */
+    uint32_t n = 0;
+    for (int i = 0; i < 512; i++) split[i] = -1;
+    for (unsigned b = 0; b < 256; b++) {
+      int key = g->cls[b] * 2 + gset_has(&g->sets[s], b);
+      if (split[key] < 0) split[key] = (int16_t)n++;
+      g->cls[b] = (uint8_t)split[key];
+    }
+    g->n_cls = n;
+  }
+  for (int b = 255; b >= 0; b--) g->cls_byte[g->cls[b]] = (uint8_t)b;
 }
 
 /* everything after the parse: checks, then the rules laid end to end */
@@ -589,18 +613,26 @@ static gptoss_grammar *assemble(parser *P, const char *root) {
   for (uint32_t i = 0; i < P->n_rules; i++) total += P->rules[i].body.n;
   g->e = malloc(sizeof(gelem) * total);
   g->rule_at = malloc(sizeof(uint32_t) * P->n_rules);
-  if (!g->e || !g->rule_at) nomem(P);
+  g->rule_of = malloc(sizeof(uint32_t) * total);
+  g->rule_kind = malloc(P->n_rules + 1);
+  if (!g->e || !g->rule_at || !g->rule_of || !g->rule_kind) nomem(P);
   g->n_rules = P->n_rules;
   for (uint32_t i = 0; i < P->n_rules; i++) {
     g->rule_at[i] = g->n_e;
+    /* synth_rule's names start so, a user's cannot */
+    g->rule_kind[i] = P->rules[i].name[0] != '~' ? GR_NAMED : P->rules[i].repeats ? GR_REPEAT : GR_MADE;
     memcpy(g->e + g->n_e, P->rules[i].body.v, sizeof(gelem) * P->rules[i].body.n);
+    for (uint32_t k = 0; k < P->rules[i].body.n; k++) g->rule_of[g->n_e + k] = i;
     g->n_e += P->rules[i].body.n;
   }
+  g->rule_kind[P->n_rules] = GR_NAMED;
+  g->rule_of[g->n_e] = g->rule_of[g->n_e + 1] = P->n_rules;
   g->start = g->n_e;
   g->e[g->n_e].type = GE_REF; g->e[g->n_e++].v = root_id;
   g->e[g->n_e].type = GE_END; g->e[g->n_e++].v = 0;
   g->sets = P->sets; g->n_sets = P->n_sets;
   P->sets = NULL;
+  byte_classes(g);
   uint8_t *marks = P->marks = calloc(2, g->n_rules);
   if (!marks) nomem(P);
   find_nullable(g, marks);

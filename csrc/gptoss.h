@@ -234,6 +234,8 @@ int gptoss_matcher_allows(const gptoss_matcher *m, int32_t id);   /* by the last
 /* advances by a token (GPTOSS_EARG, state unchanged, when it is forbidden) or by raw bytes */
 gptoss_status gptoss_matcher_accept(gptoss_matcher *m, int32_t id);
 gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *m, const char *b, size_t n);
+/* *ok = 1 when the grammar allows bytes b next (the state is left as it is) */
+gptoss_status gptoss_matcher_would_accept(gptoss_matcher *m, const char *b, size_t n, int *ok);
 int gptoss_matcher_accepting(const gptoss_matcher *m);   /* the grammar may end here */
 int gptoss_matcher_ended(const gptoss_matcher *m);       /* an end id was accepted */
 /* }====================================================== */

@@ -1,24 +1,22 @@
 /*
-** grammar.c: which tokens a grammar allows next, over a whole vocabulary.
+** grammar.c: a grammar's state over bytes, and the vocabulary's trie.
 **
 ** A matcher's state is llama.cpp's: the set of pushdown stacks of grammar
 ** positions (grammar.h) that the bytes so far leave open, each stack's top
 ** a byte set. Unlike llama.cpp, states are interned and their transitions
-** memoised, byte by byte, as they are first needed: the matcher is a lazy
-** DFA over the pushdown configurations it has met. A token mask is then one
-** walk over the vocabulary's byte trie (built once per tokenizer, flat in
-** depth-first order), one table lookup per trie node, skipping a whole
-** subtree at its first rejected byte. Masks of states met before come from
-** a small cache: inside a JSON string, say, every step asks the same one.
+** memoised as they are first needed: the matcher is a lazy DFA over the
+** pushdown configurations it has met. A transition found for one byte is
+** recorded for every byte that the state's stack tops cannot tell apart
+** from it, so a state inside a string, say, computes a handful of
+** successors, not one per byte. The vocabulary's trie is built once per
+** tokenizer, flat in depth-first order; masks over it are grammar_mask.c's.
 */
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include "grammar.h"
 
 #define MAX_STATES 20000       /* interned states before the memo starts over */
 #define MAX_STACKS 4096        /* stacks in one state: beyond, the grammar is too ambiguous */
-#define MASK_CACHE 8           /* masks kept, by state */
 /* stack steps one mask may take: an ambiguous grammar ("x?{63}") keeps
    thousands of parses alive at once, and a walk over the vocabulary's trie
    multiplies them; past this it is refused (under 0.1 s of work) rather
@@ -26,20 +24,6 @@
 #define MASK_BUDGET 3000000ull
 
 /* {====================================================== vocabulary trie */
-struct gptoss_vocab {
-  atomic_int refs;
-  int V;                       /* ids 0..V-1 */
-  uint32_t n;                  /* trie nodes, depth-first */
-  uint8_t *byte;
-  uint16_t *depth;             /* 0 for a first byte */
-  uint32_t *skip;              /* the node after this one's subtree */
-  int32_t *tok;                /* a token ending here, or -1 */
-  int32_t *dup;                /* [V]: the next token with the same bytes, or -1 */
-  uint32_t *off;               /* [V + 1]: token bytes in text (specials: none) */
-  char *text;
-  int max_depth;
-};
-
 typedef struct tokref { const char *b; uint32_t len; int32_t id; } tokref;
 
 static int cmp_tok(const void *x, const void *y) {
@@ -54,6 +38,7 @@ static int cmp_tok(const void *x, const void *y) {
 void gptoss_vocab_free(gptoss_vocab *v) {
   if (!v || atomic_fetch_sub(&v->refs, 1) > 1) return;
   free(v->byte); free(v->depth); free(v->skip); free(v->tok); free(v->dup); free(v->off); free(v->text);
+  gm_cache_free(v->cache);
   free(v);
 }
 
@@ -74,7 +59,8 @@ gptoss_status gptoss_vocab_new(const gptoss_tokenizer *t, int V, gptoss_vocab **
   v->V = V;
   v->dup = malloc(sizeof(int32_t) * (size_t)V);
   v->off = malloc(sizeof(uint32_t) * ((size_t)V + 1));
-  if (!v->dup || !v->off) goto oom;
+  v->cache = gm_cache_new();
+  if (!v->dup || !v->off || !v->cache) goto oom;
   size_t total = 0, nodes = 0;
   int n = 0;
   for (int32_t id = 0; id < V; id++) {
@@ -101,9 +87,10 @@ gptoss_status gptoss_vocab_new(const gptoss_tokenizer *t, int V, gptoss_vocab **
   v->byte = malloc(nodes ? nodes : 1);
   v->depth = malloc(sizeof(uint16_t) * (nodes ? nodes : 1));
   v->skip = malloc(sizeof(uint32_t) * (nodes ? nodes : 1));
-  v->tok = malloc(sizeof(int32_t) * (nodes ? nodes : 1));
+  v->tok = malloc(sizeof(uint32_t) * (nodes ? nodes : 1));
   uint32_t *open = malloc(sizeof(uint32_t) * 65536);
   if (!v->byte || !v->depth || !v->skip || !v->tok || !open) { free(open); goto oom; }
+  v->pad = (uint32_t)((V + 31) / 32) * 32;
   uint32_t depth_open = 0;
   for (int i = 0; i < n; i++) {
     uint32_t l = 0;
@@ -113,12 +100,17 @@ gptoss_status gptoss_vocab_new(const gptoss_tokenizer *t, int V, gptoss_vocab **
       uint32_t k = v->n++;
       v->byte[k] = (uint8_t)refs[i].b[d];
       v->depth[k] = (uint16_t)d;
-      v->tok[k] = -1;
+      v->tok[k] = v->pad;
       open[depth_open++] = k;
     }
     uint32_t at = open[refs[i].len - 1];
-    if (v->tok[at] < 0) v->tok[at] = refs[i].id;
-    else { int32_t *p = &v->tok[at]; while (v->dup[*p] >= 0) p = &v->dup[*p]; v->dup[*p] = refs[i].id; }
+    if (v->tok[at] == v->pad) v->tok[at] = (uint32_t)refs[i].id;
+    else {   /* the ids of equal bytes come in order: the first stays, the rest follow on dup */
+      int32_t *p = &v->dup[v->tok[at] & 0x7fffffffu];
+      while (*p >= 0) p = &v->dup[*p];
+      *p = refs[i].id;
+      v->tok[at] |= 0x80000000u;
+    }
     if ((int)refs[i].len > v->max_depth) v->max_depth = (int)refs[i].len;
   }
   while (depth_open) v->skip[open[--depth_open]] = v->n;
@@ -134,39 +126,7 @@ oom:
 /* }====================================================== */
 
 /* {====================================================== states */
-/* A state is its stacks, each [len, position...] bottom to top, in a
-   canonical order, stored once in the pool. State 0 is the dead one. */
-typedef struct dstate {
-  uint32_t off, words;         /* in pool */
-  uint64_t hash;
-  int32_t *next;               /* [256] successor per byte, -1 = not yet known; NULL until asked */
-  int accepting;               /* holds an empty stack: the grammar may end here */
-} dstate;
-
-typedef struct wvec { uint32_t *v; size_t n, cap; } wvec;
-
-struct gptoss_matcher {
-  gptoss_grammar *g;
-  gptoss_vocab *voc;
-  int32_t *end_ids;
-  int n_end;
-  dstate *st;
-  uint32_t n_st, cap_st;
-  wvec pool;
-  uint32_t *ht;                /* open addressing: state id + 1, 0 = empty */
-  uint32_t ht_cap;
-  uint32_t cur;
-  int ended;                   /* an end id was accepted */
-  wvec out, tmp;               /* scratch of a transition: stacks found, one stack being expanded */
-  uint32_t *order;             /* scratch: offsets of the stacks in out */
-  uint32_t *walk;              /* [max_depth + 1]: the state at each trie depth */
-  uint32_t *bits;              /* [words]: apply's mask */
-  struct { uint32_t state; uint32_t *bits; } cache[MASK_CACHE];
-  int fail;                    /* a transition failed (memory, ambiguity): gptoss_errmsg says */
-  uint64_t work;               /* stack steps of the mask being computed (MASK_BUDGET) */
-};
-
-static int wpush(wvec *w, uint32_t x) {
+int gm_push(wvec *w, uint32_t x) {
   if (w->n == w->cap) {
     size_t c = w->cap ? w->cap * 2 : 256;
     uint32_t *n = realloc(w->v, sizeof(uint32_t) * c);
@@ -180,12 +140,12 @@ static int wpush(wvec *w, uint32_t x) {
 /* Expands the stack in tmp[base..] (its top last) until every stack's top
    is a byte set, appending each to out. Left recursion is refused when the
    grammar is parsed, so this ends. */
-static int expand(gptoss_matcher *M, size_t base) {
+int gm_expand(gptoss_matcher *M, size_t base) {
   const gelem *e = M->g->e;
   size_t len = M->tmp.n - base;
   if (len == 0 || e[M->tmp.v[M->tmp.n - 1]].type == GE_SET) {
-    if (wpush(&M->out, (uint32_t)len)) return -1;
-    for (size_t i = 0; i < len; i++) if (wpush(&M->out, M->tmp.v[base + i])) return -1;
+    if (gm_push(&M->out, (uint32_t)len)) return -1;
+    for (size_t i = 0; i < len; i++) if (gm_push(&M->out, M->tmp.v[base + i])) return -1;
     return 0;
   }
   uint32_t top = M->tmp.v[M->tmp.n - 1];
@@ -193,10 +153,10 @@ static int expand(gptoss_matcher *M, size_t base) {
   /* the copy without the reference, its continuation pushed when there is one */
   for (uint32_t a = M->g->rule_at[rule];;) {
     size_t mark = M->tmp.n;
-    for (size_t i = 0; i + 1 < len; i++) if (wpush(&M->tmp, M->tmp.v[base + i])) return -1;
-    if (!gelem_ends(&e[top + 1]) && wpush(&M->tmp, top + 1)) return -1;
-    if (!gelem_ends(&e[a]) && wpush(&M->tmp, a)) return -1;
-    if (expand(M, mark)) return -1;
+    for (size_t i = 0; i + 1 < len; i++) if (gm_push(&M->tmp, M->tmp.v[base + i])) return -1;
+    if (!gelem_ends(&e[top + 1]) && gm_push(&M->tmp, top + 1)) return -1;
+    if (!gelem_ends(&e[a]) && gm_push(&M->tmp, a)) return -1;
+    if (gm_expand(M, mark)) return -1;
     M->tmp.n = mark;
     while (!gelem_ends(&e[a])) a++;
     if (e[a].type == GE_END) break;
@@ -221,8 +181,12 @@ static int grow_states(gptoss_matcher *M) {
   if (M->n_st == M->cap_st) {
     uint32_t c = M->cap_st ? M->cap_st * 2 : 64;
     dstate *n = realloc(M->st, sizeof *n * c);
-    if (!n) return -1;
-    M->st = n; M->cap_st = c;
+    if (n) M->st = n;
+    int32_t *next = n ? realloc(M->next, sizeof *next * c * M->n_cls) : NULL;
+    if (next) M->next = next;
+    uint8_t *acc = next ? realloc(M->accepting, c) : NULL;
+    if (!acc) return -1;
+    M->accepting = acc; M->cap_st = c;
   }
   if ((M->n_st + 1) * 2 > M->ht_cap) {
     uint32_t c = M->ht_cap ? M->ht_cap * 2 : 256;
@@ -240,7 +204,7 @@ static int grow_states(gptoss_matcher *M) {
 }
 
 /* the id of the state made of the stacks in out: sorted, deduplicated, interned */
-static int64_t intern(gptoss_matcher *M) {
+int64_t gm_intern(gptoss_matcher *M) {
   uint32_t n = 0;
   for (size_t i = 0; i < M->out.n; i += M->out.v[i] + 1) {
     if (n == MAX_STACKS) { gptoss_fail(GPTOSS_EUNSUP, "grammar: too ambiguous (more than %d parses at once)", MAX_STACKS); return -1; }
@@ -259,7 +223,7 @@ static int64_t intern(gptoss_matcher *M) {
     const uint32_t *s = w + M->order[i];
     if (i && cmp_stacks(w + M->order[i - 1], s) == 0) continue;
     accepting |= s[0] == 0;
-    for (uint32_t k = 0; k <= s[0]; k++) if (wpush(&M->pool, s[k])) goto oom;
+    for (uint32_t k = 0; k <= s[0]; k++) if (gm_push(&M->pool, s[k])) goto oom;
   }
   uint32_t words = (uint32_t)(M->pool.n - at);
   if (words == 0) return 0;   /* no stack survives: dead */
@@ -273,7 +237,9 @@ static int64_t intern(gptoss_matcher *M) {
   }
   if (grow_states(M)) goto oom;
   dstate *d = &M->st[M->n_st];
-  d->off = (uint32_t)at; d->words = words; d->hash = h; d->next = NULL; d->accepting = accepting;
+  d->off = (uint32_t)at; d->words = words; d->hash = h;
+  memset(M->next + (size_t)M->n_st * M->n_cls, 0xff, sizeof(int32_t) * M->n_cls);   /* -1: not known */
+  M->accepting[M->n_st] = (uint8_t)accepting;
   uint32_t k = (uint32_t)h & (M->ht_cap - 1);
   while (M->ht[k]) k = (k + 1) & (M->ht_cap - 1);
   M->ht[k] = M->n_st + 1;
@@ -300,33 +266,57 @@ static int64_t transition(gptoss_matcher *M, uint32_t s, unsigned b) {
     uint32_t top = stk[len];
     if (!gset_has(&M->g->sets[e[top].v], b)) continue;
     M->tmp.n = 0;
-    for (uint32_t k = 1; k < len; k++) if (wpush(&M->tmp, stk[k])) goto oom;
-    if (!gelem_ends(&e[top + 1]) && wpush(&M->tmp, top + 1)) goto oom;
-    if (expand(M, 0)) goto oom;   /* (only out and tmp grow: stk stays valid) */
+    for (uint32_t k = 1; k < len; k++) if (gm_push(&M->tmp, stk[k])) goto oom;
+    if (!gelem_ends(&e[top + 1]) && gm_push(&M->tmp, top + 1)) goto oom;
+    if (gm_expand(M, 0)) goto oom;   /* (only out and tmp grow: stk stays valid) */
   }
-  return intern(M);
+  return gm_intern(M);
 oom:
   gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
   return -1;
 }
 
-static inline int64_t step(gptoss_matcher *M, uint32_t s, unsigned b) {
-  int32_t *row = M->st[s].next;
-  if (!row) {
-    if (!(row = malloc(sizeof(int32_t) * 256))) { gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); return -1; }
-    for (int i = 0; i < 256; i++) row[i] = s == 0 ? 0 : -1;
-    M->st[s].next = row;
+/* The state after byte b in state s, the memo having missed. A byte
+   stands for its class (grammar.h): every set holds all of it or none.
+   Which of s's stacks go on is all a transition depends on, so with
+   classes set the successor is recorded for every class that each stack
+   top's set holds or lacks as it holds or lacks b (masks ask for most of
+   a state's classes; accepting a token asks for a few, and keeps to the
+   plain transition, which is also what the mask specs check against). */
+int64_t gm_step_miss(gptoss_matcher *M, uint32_t s, unsigned b, int classes) {
+  const gptoss_grammar *g = M->g;
+  size_t row = (size_t)s * M->n_cls;
+  if (M->next[row + g->cls[b]] >= 0) return M->next[row + g->cls[b]];
+  if (!classes) {
+    int64_t t = transition(M, s, b);
+    if (t >= 0) M->next[row + g->cls[b]] = (int32_t)t;   /* (next may have moved: index again) */
+    return t;
   }
-  if (row[b] >= 0) return row[b];
+  gbyteset same;
+  memset(&same, 0xff, sizeof same);
+  for (uint32_t i = 0; i < M->st[s].words;) {
+    const uint32_t *stk = M->pool.v + M->st[s].off + i;
+    i += stk[0] + 1;
+    if (stk[0] == 0) continue;
+    const gbyteset *set = &g->sets[g->e[stk[stk[0]]].v];
+    uint32_t flip = gset_has(set, b) ? 0 : UINT32_MAX;
+    for (int w = 0; w < 8; w++) same.w[w] &= set->w[w] ^ flip;
+  }
   int64_t t = transition(M, s, b);
-  if (t >= 0) M->st[s].next[b] = (int32_t)t;   /* st may have moved: index again */
+  if (t < 0) return t;
+  for (uint32_t c = 0; c < M->n_cls; c++)
+    if (gset_has(&same, g->cls_byte[c])) M->next[row + c] = (int32_t)t;
   return t;
 }
 /* }====================================================== */
 
 /* {====================================================== matcher */
+static inline int64_t step_byte(gptoss_matcher *M, uint32_t s, unsigned b) {
+  int32_t t = M->next[(size_t)s * M->n_cls + M->g->cls[b]];
+  return t >= 0 ? t : gm_step_miss(M, s, b, 0);
+}
+
 static void forget(gptoss_matcher *M) {
-  for (uint32_t i = 0; i < M->n_st; i++) free(M->st[i].next);
   M->n_st = 0;
   M->pool.n = 0;
   if (M->ht) memset(M->ht, 0, sizeof(uint32_t) * M->ht_cap);
@@ -337,12 +327,14 @@ static void forget(gptoss_matcher *M) {
 static gptoss_status start_states(gptoss_matcher *M) {
   M->out.n = 0;
   if (grow_states(M)) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
-  M->st[0] = (dstate){0, 0, 0, NULL, 0};
+  M->st[0] = (dstate){0, 0, 0};
+  memset(M->next, 0, sizeof(int32_t) * M->n_cls);   /* the dead state stays dead */
+  M->accepting[0] = 0;
   M->n_st = 1;
   M->tmp.n = 0;
   M->order = realloc(M->order, sizeof(uint32_t) * MAX_STACKS);
-  if (!M->order || wpush(&M->tmp, M->g->start) || expand(M, 0)) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
-  int64_t s = intern(M);
+  if (!M->order || gm_push(&M->tmp, M->g->start) || gm_expand(M, 0)) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+  int64_t s = gm_intern(M);
   if (s < 0) return gptoss_errcode();
   M->cur = (uint32_t)s;
   return GPTOSS_OK;
@@ -352,8 +344,10 @@ void gptoss_matcher_free(gptoss_matcher *M) {
   if (!M) return;
   forget(M);
   for (int i = 0; i < MASK_CACHE; i++) free(M->cache[i].bits);
-  free(M->st); free(M->pool.v); free(M->ht); free(M->out.v); free(M->tmp.v); free(M->order);
+  free(M->st); free(M->next); free(M->accepting); free(M->pool.v); free(M->ht); free(M->out.v); free(M->tmp.v); free(M->order);
   free(M->walk); free(M->bits); free(M->end_ids);
+  gm_scratch_free(M->ms);
+  gm_local_free(M->ls);
   gptoss_grammar_free(M->g);
   gptoss_vocab_free(M->voc);
   free(M);
@@ -365,6 +359,7 @@ gptoss_status gptoss_matcher_new(gptoss_grammar *g, gptoss_vocab *voc, const int
   gptoss_matcher *M = calloc(1, sizeof *M);
   if (!M) return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
   M->g = gptoss_grammar_ref(g);
+  M->n_cls = g->n_cls;
   M->voc = gptoss_vocab_ref(voc);
   for (int i = 0; i < MASK_CACHE; i++) M->cache[i].state = UINT32_MAX;
   M->end_ids = malloc(sizeof(int32_t) * (size_t)(n_end > 0 ? n_end : 1));
@@ -386,18 +381,20 @@ gptoss_status gptoss_matcher_new(gptoss_grammar *g, gptoss_vocab *voc, const int
 }
 
 /* the memo grew too large: start over from the current state's stacks */
-static gptoss_status compact(gptoss_matcher *M) {
+gptoss_status gm_compact(gptoss_matcher *M) {
   if (M->n_st < MAX_STATES) return GPTOSS_OK;
   const dstate *d = &M->st[M->cur];
   wvec keep = {0};
   for (uint32_t i = 0; i < d->words; i++)
-    if (wpush(&keep, M->pool.v[d->off + i])) { free(keep.v); return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); }
+    if (gm_push(&keep, M->pool.v[d->off + i])) { free(keep.v); return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory"); }
   forget(M);
-  M->st[0] = (dstate){0, 0, 0, NULL, 0};
+  M->st[0] = (dstate){0, 0, 0};
+  memset(M->next, 0, sizeof(int32_t) * M->n_cls);   /* the dead state stays dead */
+  M->accepting[0] = 0;
   M->n_st = 1;
   wvec swap = M->out;
   M->out = keep;
-  int64_t s = intern(M);
+  int64_t s = gm_intern(M);
   free(M->out.v);
   M->out = swap;
   if (s < 0) return gptoss_errcode();
@@ -410,17 +407,17 @@ static int is_end(const gptoss_matcher *M, int32_t id) {
   return 0;
 }
 
-int gptoss_matcher_accepting(const gptoss_matcher *M) { return M->ended || M->st[M->cur].accepting; }
+int gptoss_matcher_accepting(const gptoss_matcher *M) { return M->ended || M->accepting[M->cur]; }
 int gptoss_matcher_ended(const gptoss_matcher *M) { return M->ended; }
 
 gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *M, const char *b, size_t n) {
   M->work = 0;
-  gptoss_status rc = compact(M);
+  gptoss_status rc = gm_compact(M);
   if (rc) return rc;
   if (M->ended) return gptoss_fail(GPTOSS_ESTATE, "matcher: the output has ended");
   uint32_t s = M->cur;
   for (size_t i = 0; i < n; i++) {
-    int64_t t = step(M, s, (unsigned char)b[i]);
+    int64_t t = step_byte(M, s, (unsigned char)b[i]);
     if (t < 0) return gptoss_errcode();
     if (t == 0) return gptoss_fail(GPTOSS_EARG, "matcher: the grammar forbids byte %u at offset %zu", (unsigned char)b[i], i);
     s = (uint32_t)t;
@@ -429,11 +426,27 @@ gptoss_status gptoss_matcher_accept_bytes(gptoss_matcher *M, const char *b, size
   return GPTOSS_OK;
 }
 
+gptoss_status gptoss_matcher_would_accept(gptoss_matcher *M, const char *b, size_t n, int *ok) {
+  *ok = 0;
+  M->work = 0;
+  gptoss_status rc = gm_compact(M);
+  if (rc) return rc;
+  if (M->ended) return GPTOSS_OK;
+  uint32_t s = M->cur;
+  for (size_t i = 0; i < n; i++) {
+    int64_t t = step_byte(M, s, (unsigned char)b[i]);
+    if (t <= 0) return t < 0 ? gptoss_errcode() : GPTOSS_OK;
+    s = (uint32_t)t;
+  }
+  *ok = 1;
+  return GPTOSS_OK;
+}
+
 gptoss_status gptoss_matcher_accept(gptoss_matcher *M, int32_t id) {
   if (id < 0 || id >= M->voc->V) return gptoss_fail(GPTOSS_EARG, "matcher: token id %d is outside the vocabulary", (int)id);
   if (M->ended) return gptoss_fail(GPTOSS_ESTATE, "matcher: the output has ended");
   if (is_end(M, id)) {
-    if (!M->st[M->cur].accepting) return gptoss_fail(GPTOSS_EARG, "matcher: token %d ends the output before the grammar allows", (int)id);
+    if (!M->accepting[M->cur]) return gptoss_fail(GPTOSS_EARG, "matcher: token %d ends the output before the grammar allows", (int)id);
     M->ended = 1;
     return GPTOSS_OK;
   }
@@ -445,68 +458,4 @@ gptoss_status gptoss_matcher_accept(gptoss_matcher *M, int32_t id) {
   return rc;
 }
 
-/* the trie walk: bit id set for every token whose bytes all lead to live states */
-static gptoss_status walk(gptoss_matcher *M, uint32_t *bits) {
-  const gptoss_vocab *v = M->voc;
-  memset(bits, 0, sizeof(uint32_t) * (size_t)((v->V + 31) / 32));
-  uint32_t *at = M->walk;
-  at[0] = M->cur;
-  M->work = 0;
-  for (uint32_t i = 0; i < v->n;) {
-    int64_t t = step(M, at[v->depth[i]], v->byte[i]);
-    if (t <= 0) {
-      if (t < 0) return gptoss_errcode();
-      i = v->skip[i];
-      continue;
-    }
-    at[v->depth[i] + 1] = (uint32_t)t;
-    for (int32_t id = v->tok[i]; id >= 0; id = v->dup[id]) bits[id >> 5] |= 1u << (id & 31);
-    i++;
-  }
-  return GPTOSS_OK;
-}
-
-gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
-  size_t words = (size_t)((M->voc->V + 31) / 32);
-  gptoss_status rc = compact(M);
-  if (rc) return rc;
-  if (M->ended) memset(bits, 0, sizeof(uint32_t) * words);
-  else {
-    int slot = (int)(M->cur % MASK_CACHE);
-    if (M->cache[slot].state == M->cur) memcpy(bits, M->cache[slot].bits, sizeof(uint32_t) * words);
-    else {
-      if ((rc = walk(M, bits))) return rc;
-      if (!M->cache[slot].bits) M->cache[slot].bits = malloc(sizeof(uint32_t) * words);
-      if (M->cache[slot].bits) {
-        memcpy(M->cache[slot].bits, bits, sizeof(uint32_t) * words);
-        M->cache[slot].state = M->cur;
-      }
-    }
-  }
-  if (M->ended || M->st[M->cur].accepting)
-    for (int i = 0; i < M->n_end; i++) bits[M->end_ids[i] >> 5] |= 1u << (M->end_ids[i] & 31);
-  return GPTOSS_OK;
-}
-
-/* Failing, it allows the end ids alone (and says why): the output stops. */
-gptoss_status gptoss_matcher_apply(gptoss_matcher *M, float *logits) {
-  int V = M->voc->V;
-  gptoss_status rc = gptoss_matcher_mask(M, M->bits);
-  if (rc) {
-    memset(M->bits, 0, sizeof(uint32_t) * (size_t)((V + 31) / 32));
-    for (int i = 0; i < M->n_end; i++) M->bits[M->end_ids[i] >> 5] |= 1u << (M->end_ids[i] & 31);
-  }
-  for (int w = 0; w * 32 < V; w++) {
-    uint32_t x = M->bits[w];
-    if (x == UINT32_MAX) continue;
-    int hi = V - w * 32 < 32 ? V - w * 32 : 32;
-    for (int k = 0; k < hi; k++) if (!((x >> k) & 1)) logits[w * 32 + k] = -INFINITY;
-  }
-  return rc;
-}
-
-/* whether the last mask (apply's) allowed id */
-int gptoss_matcher_allows(const gptoss_matcher *M, int32_t id) {
-  return id >= 0 && id < M->voc->V && ((M->bits[id >> 5] >> (id & 31)) & 1);
-}
 /* }====================================================== */

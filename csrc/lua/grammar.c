@@ -6,6 +6,7 @@
 **   gptoss.matcher(grammar, vocab [, end_ids]) -> Matcher
 **   m:mask() -> allowed count, seconds   m:allows(id)   m:allowed() -> ids
 **   m:accept(id) -> true | nil, msg      m:accept_bytes(s) -> true | nil, msg
+**   m:would_accept(s) -> whether bytes s may come next (nothing accepted)
 **   m:accepting()  m:ended()  m:close()
 **   sampler:constrain(matcher)           (model.c: the matcher is taken over)
 */
@@ -92,7 +93,11 @@ static int matcher_mask(lua_State *L) {
   if (gptoss_matcher_mask(b->m, b->bits)) return lg_raise(L);
   double dt = now_s() - t0;
   lua_Integer n = 0;
-  for (int w = 0; w < (b->V + 31) / 32; w++) n += __builtin_popcount(b->bits[w]);
+  for (int w = 0; w < (b->V + 31) / 32; w++) {   /* (no popcnt instruction assumed: GCC's call is slower) */
+    uint32_t x = b->bits[w] - ((b->bits[w] >> 1) & 0x55555555u);
+    x = (x & 0x33333333u) + ((x >> 2) & 0x33333333u);
+    n += (((x + (x >> 4)) & 0x0f0f0f0fu) * 0x01010101u) >> 24;
+  }
   lua_pushinteger(L, n);
   lua_pushnumber(L, dt);
   return 2;
@@ -133,6 +138,17 @@ static int matcher_accept_bytes(lua_State *L) {
   return 1;
 }
 
+/* m:would_accept(bytes) -> true | false (| nil, msg when the grammar is too ambiguous) */
+static int matcher_would_accept(lua_State *L) {
+  lmatcher *b = checkm(L);
+  size_t n;
+  const char *s = lg_check_str(L, 2, "m:would_accept", "bytes", &n);
+  int ok;
+  if (gptoss_matcher_would_accept(b->m, s, n, &ok)) return lg_fail(L);
+  lua_pushboolean(L, ok);
+  return 1;
+}
+
 static int matcher_accepting(lua_State *L) { lua_pushboolean(L, gptoss_matcher_accepting(checkm(L)->m)); return 1; }
 static int matcher_ended(lua_State *L) { lua_pushboolean(L, gptoss_matcher_ended(checkm(L)->m)); return 1; }
 
@@ -154,7 +170,8 @@ void lg_open_grammar(lua_State *L) {
   lg_class(L, VOCAB_T, none, v_meta, NULL);
   static const luaL_Reg m_methods[] = {
     {"mask", matcher_mask}, {"allows", matcher_allows}, {"allowed", matcher_allowed}, {"accept", matcher_accept},
-    {"accept_bytes", matcher_accept_bytes}, {"accepting", matcher_accepting}, {"ended", matcher_ended},
+    {"accept_bytes", matcher_accept_bytes}, {"would_accept", matcher_would_accept},
+    {"accepting", matcher_accepting}, {"ended", matcher_ended},
     {"close", matcher_gc}, {NULL, NULL}};
   static const luaL_Reg m_meta[] = {{"__gc", matcher_gc}, {NULL, NULL}};
   lg_class(L, MATCHER_T, m_methods, m_meta, NULL);
