@@ -274,6 +274,58 @@ void gptoss_sampler_constrain(gptoss_sampler *s, gptoss_matcher *m);
 gptoss_matcher *gptoss_sampler_matcher(const gptoss_sampler *s);   /* NULL when free */
 /* }====================================================== */
 
+/* {====================================================== harmony-aware constraints */
+/* Arms (arm.c): a grammar for the body of one kind of harmony message, so
+   that a reply's analysis stays free while a call to a tool follows the
+   tool's schema and the final answer the response's. The sampler reads the
+   headers in the history it samples from (the prompt's too, so a header the
+   prompt ends in counts as one the model wrote): when the history ends in
+   the <|message|> that closes a header (the tokens after the last <|start|>,
+   or from the history's start), the first arm whose channel or recipient
+   the header names (as harmony's parser reads it) starts a fresh matcher;
+   it masks every token up to and including one of its end ids, and the
+   next header is read afresh (a reply may call several tools in turn).
+   With no arm active, sampling is free.
+
+   gptoss_headers holds what reading a header takes: every token's bytes
+   (special tokens: their names, as the parser joins them) and the ids of
+   <|start|>, <|message|> and the stop tokens, copied from a tokenizer so
+   that a sampler on an engine's thread outlives it. Built once per
+   tokenizer and shared (the _free function drops one reference). */
+typedef struct gptoss_headers gptoss_headers;
+gptoss_status gptoss_headers_new(const gptoss_tokenizer *t, int vocab, gptoss_headers **out);
+gptoss_headers *gptoss_headers_ref(gptoss_headers *h);
+void gptoss_headers_free(gptoss_headers *h);
+
+/* A header as harmony's parser reads it (harmony.lua's parse_header, lenient):
+   role NULL for one after <|start|> (its first word names the role), else
+   the role the message is known to have. Returns 1 and the channel and
+   recipient (NULL when it names none; they point into out->buf), or 0 when
+   the parser refuses it or it is longer than GPTOSS_HEADER_MAX bytes. */
+#define GPTOSS_HEADER_MAX 1024
+typedef struct gptoss_header {
+  const char *channel, *recipient;
+  size_t channel_len, recipient_len;
+  char buf[2 * GPTOSS_HEADER_MAX];
+} gptoss_header;
+int gptoss_headers_read(const gptoss_headers *h, const int32_t *ids, size_t n, const char *role, gptoss_header *out);
+
+typedef struct gptoss_arm {
+  const char *channel;      /* the message's channel ("final"), or NULL: any */
+  const char *recipient;    /* its recipient ("functions.get_weather"), or NULL: any; one of the two is needed */
+  gptoss_grammar *grammar;  /* referenced by the sampler */
+  const int32_t *end_ids;   /* what may end the message once the grammar is complete (>= 1 of them) */
+  int n_end;
+} gptoss_arm;
+/* Adds an arm (tried in the order added); h and v are referenced, and must
+   be for the sampler's vocabulary, h the same for every arm. GPTOSS_EARG on
+   a sampler under a matcher (gptoss_sampler_constrain drops the arms). */
+gptoss_status gptoss_sampler_arm(gptoss_sampler *s, gptoss_headers *h, gptoss_vocab *v, const gptoss_arm *arm);
+int gptoss_sampler_armed(const gptoss_sampler *s);   /* the arm part-way through a message (0-based), -1: none */
+/* a matcher or arms: the sampler must see the history and run on the host */
+int gptoss_sampler_constrained(const gptoss_sampler *s);
+/* }====================================================== */
+
 /* {====================================================== model and sessions */
 typedef struct gptoss_model gptoss_model;
 typedef struct gptoss_session gptoss_session;

@@ -3,12 +3,15 @@
 **
 ** Order of operations: logit bias, penalties over the recent history,
 ** then greedy (temperature 0) or temperature, top-k, softmax, top-p,
-** min-p, and one draw from a seeded xoshiro256** stream.
+** min-p, and one draw from a seeded xoshiro256** stream. A grammar's mask
+** (a matcher over the whole output, or the arm of the harmony message
+** being written: arm.c) comes after bias and penalties.
 */
 #include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include "arm.h"
 #include "backend.h"
 
 struct gptoss_sampler {
@@ -19,7 +22,8 @@ struct gptoss_sampler {
   float *bias_values;
   int32_t *order;        /* candidate ids */
   int32_t *counts;       /* per-id counts in the penalty window, zero between calls */
-  gptoss_matcher *gm;    /* a grammar's constraint, or NULL */
+  gptoss_matcher *gm;    /* a grammar's constraint over the whole output, or NULL */
+  gptoss_arms *arms;     /* grammars for kinds of harmony message, or NULL */
 };
 
 void gptoss_sampling_default(gptoss_sampling *s) {
@@ -104,15 +108,27 @@ void gptoss_sampler_free(gptoss_sampler *p) {
   free(p->bias_ids);
   free(p->bias_values);
   gptoss_matcher_free(p->gm);
+  gptoss_arms_free(p->arms);
   free(p);
 }
 
 void gptoss_sampler_constrain(gptoss_sampler *p, gptoss_matcher *m) {
   gptoss_matcher_free(p->gm);
   p->gm = m;
+  gptoss_arms_free(p->arms);
+  p->arms = NULL;
 }
 
 gptoss_matcher *gptoss_sampler_matcher(const gptoss_sampler *p) { return p->gm; }
+
+gptoss_status gptoss_sampler_arm(gptoss_sampler *p, gptoss_headers *h, gptoss_vocab *v, const gptoss_arm *arm) {
+  if (p->gm) return gptoss_fail(GPTOSS_EARG, "arm: the sampler is under a matcher for its whole output");
+  return gptoss_arms_add(&p->arms, h, v, arm, p->vocab);
+}
+
+int gptoss_sampler_armed(const gptoss_sampler *p) { return p->arms ? gptoss_arms_active(p->arms) : -1; }
+
+int gptoss_sampler_constrained(const gptoss_sampler *p) { return p->gm != NULL || p->arms != NULL; }
 
 static void penalise(gptoss_sampler *p, float *logits, const int32_t *hist, size_t n) {
   const gptoss_sampling *c = &p->cfg;
@@ -171,34 +187,43 @@ static int sort_by_prob(int32_t *order, int n, const float *v) {
   return 0;
 }
 
+static int is_end(const gptoss_arm_mask *mask, int32_t id) {
+  for (int i = 0; i < mask->n_end; i++) if (mask->ends[i] == id) return 1;
+  return 0;
+}
+
 /* The grammar's mask over biased, penalised logits. When the bias leaves
    every allowed token at -inf, they become equally likely: the output must
    still go on in the grammar. A mask that cannot be computed (memory, a
    grammar too ambiguous) leaves only the end ids: the output stops. */
-static void constrain(gptoss_sampler *p, float *logits) {
+static void constrain(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits) {
   int V = p->vocab, live = 0;
-  (void)gptoss_matcher_apply(p->gm, logits);   /* failing, it leaves the end ids */
+  gptoss_matcher *m = mask->m;
+  if (m) (void)gptoss_matcher_apply(m, logits);   /* failing, it leaves the end ids */
+  else for (int i = 0; i < V; i++) if (!is_end(mask, i)) logits[i] = -INFINITY;
   for (int i = 0; i < V && !live; i++) live = logits[i] > -INFINITY && !isnan(logits[i]);
   if (!live)
-    for (int i = 0; i < V; i++) logits[i] = gptoss_matcher_allows(p->gm, i) ? 0.0f : -INFINITY;
+    for (int i = 0; i < V; i++) logits[i] = (m ? gptoss_matcher_allows(m, i) : is_end(mask, i)) ? 0.0f : -INFINITY;
 }
 
-static int32_t sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist);
+static int32_t sample(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits, const int32_t *hist, size_t nhist);
 
 int32_t gptoss_sampler_sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist) {
-  if (!p->gm) return sample(p, logits, hist, nhist);
-  int32_t id = sample(p, logits, hist, nhist);
+  gptoss_arm_mask mask = { p->gm, NULL, 0 };
+  if (!p->gm && p->arms) gptoss_arms_begin(p->arms, hist, nhist, &mask);
+  int32_t id = sample(p, &mask, logits, hist, nhist);
   /* the mask allowed it: this only fails when the mask failed too */
-  (void)gptoss_matcher_accept(p->gm, id);
+  if (p->gm) (void)gptoss_matcher_accept(p->gm, id);
+  else if (p->arms) gptoss_arms_end(p->arms, id);
   return id;
 }
 
-static int32_t sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist) {
+static int32_t sample(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits, const int32_t *hist, size_t nhist) {
   const gptoss_sampling *c = &p->cfg;
   int V = p->vocab;
   for (int i = 0; i < c->n_bias; i++) logits[c->bias_ids[i]] += c->bias_values[i];
   penalise(p, logits, hist, nhist);
-  if (p->gm) constrain(p, logits);
+  if (mask->m || mask->n_end) constrain(p, mask, logits);
   if (c->temperature == 0) {
     int best = 0;
     for (int i = 1; i < V; i++) if (logits[i] > logits[best]) best = i;

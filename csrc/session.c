@@ -341,13 +341,14 @@ static gptoss_status check_samplers(gptoss_session *const *ss, gptoss_sampler *c
   return GPTOSS_OK;
 }
 
-/* The backend samples, except for samplers under a grammar: their masks are
-   computed on the host, so those sessions' logits come to the host and the
-   sampler runs there (on the CPU backend that is what sample does anyway). */
+/* The backend samples, except for samplers under a grammar (a matcher, or
+   arms that read the history's harmony headers): their masks are computed
+   on the host, so those sessions' logits come to the host and the sampler
+   runs there (on the CPU backend that is what sample does anyway). */
 gptoss_status gptoss_sample_sessions(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out) {
   const gptoss_backend *be = ss[0]->m->be;
   int constrained = 0;
-  for (int i = 0; i < n; i++) constrained += gptoss_sampler_matcher(smp[i]) != NULL;
+  for (int i = 0; i < n; i++) constrained += gptoss_sampler_constrained(smp[i]);
   if (constrained == 0 || be == &gptoss_cpu_backend) return be->sample(ss, n, smp, out);
   int V = ss[0]->m->cfg.vocab_size;
   float *host = malloc(sizeof(float) * (size_t)V);
@@ -358,7 +359,7 @@ gptoss_status gptoss_sample_sessions(gptoss_session **ss, int n, gptoss_sampler 
   gptoss_status rc = host && fs && fp && fo && who ? GPTOSS_OK : gptoss_fail(GPTOSS_ENOMEM, "out of memory for sampling");
   int nf = 0;
   for (int i = 0; i < n && !rc; i++) {
-    if (!gptoss_sampler_matcher(smp[i])) { fs[nf] = ss[i]; fp[nf] = smp[i]; who[nf++] = i; continue; }
+    if (!gptoss_sampler_constrained(smp[i])) { fs[nf] = ss[i]; fp[nf] = smp[i]; who[nf++] = i; continue; }
     if (!(rc = gptoss_session_logits(ss[i], host)))
       out[i] = gptoss_sampler_sample(smp[i], host, ss[i]->history, (size_t)ss[i]->pos);
   }
@@ -383,7 +384,7 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
     gptoss_status rc = check_samplers(ss, smp, n);
     if (rc) return rc;
   }
-  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !m->batch_invariant && !gptoss_sampler_matcher(smp[0])) {
+  if (n == 1 && smp && next && m->be->decode && !ss[0]->trace && !m->batch_invariant && !gptoss_sampler_constrained(smp[0])) {
     /* one token of one session: the backend's fused step (its kernels are
        not the batched pass's, so a batch-invariant model takes the general pass) */
     gptoss_session *s = ss[0];

@@ -127,8 +127,10 @@ describe("json_schema constraints", function()
     local it, info = model:stream(prompt, { json_schema = s, seed = 9, max_tokens = 400, json_options = LIMITS })
     for _ in it do end
     cases[#cases + 1] = { schema = s, text = body(model, info) }
+    -- the reply pinned to the final channel: left free, the random model
+    -- never opens it (spec/constraint_harmony_spec.lua covers that path)
     local c = gptoss.chat(model, { { role = "user", content = "Weather in Paris?" } },
-      { json_schema = s, seed = 5, max_tokens = 400, json_options = LIMITS })
+      { json_schema = s, seed = 5, max_tokens = 400, json_options = LIMITS, prefill = { channel = "final" } })
     assert.are.equal("stop", c.finish_reason)
     cases[#cases + 1] = { schema = s, text = c.final }
     local batch = model:generate_batch({ prompt, prompt }, { json_schema = s, seed = 11, max_tokens = 400, json_options = LIMITS })

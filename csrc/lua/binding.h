@@ -135,6 +135,8 @@ void lg_model_own(lua_State *L, int idx, gptoss_engine *e);
 void lg_open_grammar(lua_State *L);   /* grammar, vocab, matcher */
 /* the matcher at idx, taken over by the caller (the Lua object is closed) */
 gptoss_matcher *lg_take_matcher(lua_State *L, int idx);
+/* adds the arm described by the table at idx to s (raising on bad fields) */
+int lg_sampler_arm(lua_State *L, gptoss_sampler *s, int idx);
 /* the sampler at idx, taken over by the caller (the Lua object is closed) */
 gptoss_sampler *lg_take_sampler(lua_State *L, int idx);
 /* }====================================================== */

@@ -9,6 +9,9 @@
 **   m:would_accept(s) -> whether bytes s may come next (nothing accepted)
 **   m:accepting()  m:ended()  m:close()
 **   sampler:constrain(matcher)           (model.c: the matcher is taken over)
+**   gptoss.headers(tokenizer, vocab_size) -> Headers   (harmony headers, for arms; gptoss.constraint caches it)
+**   h:read(ids [, role]) -> { channel, recipient } | nil   (as harmony's parser reads a header)
+**   sampler:arm{ headers, grammar, vocab, end_ids, channel, recipient }   sampler:armed() -> index | nil
 */
 #include <stdlib.h>
 #include <string.h>
@@ -18,10 +21,12 @@
 #define GRAMMAR_T "gptoss.Grammar"
 #define VOCAB_T "gptoss.Vocab"
 #define MATCHER_T "gptoss.Matcher"
+#define HEADERS_T "gptoss.Headers"
 
 typedef struct lgrammar { gptoss_grammar *g; } lgrammar;
 typedef struct lvocab { gptoss_vocab *v; } lvocab;
 typedef struct lmatcher { gptoss_matcher *m; uint32_t *bits; int V; } lmatcher;
+typedef struct lheaders { gptoss_headers *h; } lheaders;
 
 static int l_grammar(lua_State *L) {
   size_t len;
@@ -161,6 +166,69 @@ gptoss_matcher *lg_take_matcher(lua_State *L, int idx) {
   return m;
 }
 
+/* {====================================================== harmony headers and arms */
+static int l_headers(lua_State *L) {
+  ltokenizer *t = lg_open(L, 1, TOKENIZER_T, "headers: the tokenizer is closed");
+  int V = (int)lg_check_int(L, 2, "gptoss.core.headers", "vocab_size", 1, 1 << 30);
+  lheaders *b = lg_box(L, sizeof *b, HEADERS_T);
+  if (gptoss_headers_new(t->t, V, &b->h)) return lg_raise(L);
+  return 1;
+}
+
+static int headers_gc(lua_State *L) {
+  lheaders *b = lg_udata(L, 1, HEADERS_T);
+  gptoss_headers_free(b->h);
+  b->h = NULL;
+  return 0;
+}
+
+static int headers_read(lua_State *L) {
+  lheaders *b = lg_open(L, 1, HEADERS_T, "headers are closed");
+  const char *role = lua_isnoneornil(L, 3) ? NULL : lg_check_str(L, 3, "h:read", "role", NULL);   /* before lg_ids pushes */
+  size_t n;
+  int32_t *ids = lg_ids(L, 2, "h:read", "ids", &n);
+  gptoss_header *r = lua_newuserdatauv(L, sizeof *r, 0);
+  if (!gptoss_headers_read(b->h, ids, n, role, r)) { lua_pushnil(L); return 1; }
+  lua_createtable(L, 0, 2);
+  if (r->channel) { lua_pushlstring(L, r->channel, r->channel_len); lua_setfield(L, -2, "channel"); }
+  if (r->recipient) { lua_pushlstring(L, r->recipient, r->recipient_len); lua_setfield(L, -2, "recipient"); }
+  return 1;
+}
+
+/* the box of type tname in field k of the table at idx (pushed) */
+static void *field_box(lua_State *L, int idx, const char *fn, const char *k, const char *tname) {
+  lua_getfield(L, idx, k);
+  lg_check_udata(L, -1, fn, k, tname);
+  lua_pushfstring(L, "%s: %s is closed", fn, k);
+  void *b = lg_open(L, -2, tname, lua_tostring(L, -1));
+  lua_pop(L, 1);
+  return b;
+}
+
+/* a string field of the table at idx, or NULL (pushed) */
+static const char *field_str(lua_State *L, int idx, const char *fn, const char *k) {
+  lua_getfield(L, idx, k);
+  return lua_isnil(L, -1) ? NULL : lg_check_str(L, -1, fn, k, NULL);
+}
+
+int lg_sampler_arm(lua_State *L, gptoss_sampler *s, int idx) {
+  static const char *const keys[] = { "headers", "grammar", "vocab", "end_ids", "channel", "recipient", NULL };
+  const char *fn = "sampler:arm";
+  idx = lua_absindex(L, idx);
+  lg_check_table(L, idx, fn, "arm", "a table { headers, grammar, vocab, end_ids, channel, recipient }");
+  lg_check_keys(L, idx, fn, keys);
+  lheaders *h = field_box(L, idx, fn, "headers", HEADERS_T);
+  lgrammar *g = field_box(L, idx, fn, "grammar", GRAMMAR_T);
+  lvocab *v = field_box(L, idx, fn, "vocab", VOCAB_T);
+  lua_getfield(L, idx, "end_ids");
+  size_t n;
+  int32_t *ends = lg_ids(L, -1, fn, "end_ids", &n);
+  gptoss_arm a = { field_str(L, idx, fn, "channel"), field_str(L, idx, fn, "recipient"), g->g, ends, (int)n };
+  if (gptoss_sampler_arm(s, h->h, v->v, &a)) return lg_raise(L);
+  return 0;
+}
+/* }====================================================== */
+
 void lg_open_grammar(lua_State *L) {
   static const luaL_Reg none[] = {{NULL, NULL}};
   static const luaL_Reg g_meta[] = {{"__gc", grammar_gc}, {NULL, NULL}};
@@ -175,6 +243,10 @@ void lg_open_grammar(lua_State *L) {
     {"close", matcher_gc}, {NULL, NULL}};
   static const luaL_Reg m_meta[] = {{"__gc", matcher_gc}, {NULL, NULL}};
   lg_class(L, MATCHER_T, m_methods, m_meta, NULL);
-  static const luaL_Reg funcs[] = {{"grammar", l_grammar}, {"vocab", l_vocab}, {"matcher", l_matcher}, {NULL, NULL}};
+  static const luaL_Reg h_methods[] = {{"read", headers_read}, {"close", headers_gc}, {NULL, NULL}};
+  static const luaL_Reg h_meta[] = {{"__gc", headers_gc}, {NULL, NULL}};
+  lg_class(L, HEADERS_T, h_methods, h_meta, NULL);
+  static const luaL_Reg funcs[] = {{"grammar", l_grammar}, {"vocab", l_vocab}, {"matcher", l_matcher},
+    {"headers", l_headers}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
 }

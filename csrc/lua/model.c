@@ -528,6 +528,24 @@ static int sampler_constrain(lua_State *L) {
   return 1;
 }
 
+/* sampler:arm{ headers, grammar, vocab, end_ids, channel, recipient }: a
+   grammar for the body of the harmony messages whose header names that
+   channel or recipient (grammar.c's binding checks the fields) */
+static int sampler_arm(lua_State *L) {
+  lsampler *p = checksampler(L, 1);
+  lg_sampler_arm(L, p->s, 2);
+  lua_settop(L, 1);
+  return 1;
+}
+
+/* sampler:armed() -> the arm part-way through a message (1-based), or nil */
+static int sampler_armed(lua_State *L) {
+  int a = gptoss_sampler_armed(checksampler(L, 1)->s);
+  if (a < 0) lua_pushnil(L);
+  else lua_pushinteger(L, a + 1);
+  return 1;
+}
+
 gptoss_sampler *lg_take_sampler(lua_State *L, int idx) {
   lsampler *p = checksampler(L, idx);
   gptoss_sampler *s = p->s;
@@ -589,7 +607,8 @@ void lg_open_model(lua_State *L) {
 #endif
     {NULL, NULL}};
   lg_class(L, SESSION_T, s_methods, s_meta, session_fields);
-  static const luaL_Reg p_methods[] = {{"sample", sampler_sample}, {"constrain", sampler_constrain}, {"close", sampler_gc}, {NULL, NULL}};
+  static const luaL_Reg p_methods[] = {{"sample", sampler_sample}, {"constrain", sampler_constrain}, {"arm", sampler_arm},
+    {"armed", sampler_armed}, {"close", sampler_gc}, {NULL, NULL}};
   static const luaL_Reg p_meta[] = {
     {"__gc", sampler_gc},
 #if LUA_VERSION_NUM >= 504

@@ -319,6 +319,8 @@ local function function_tools(tools)
   return out
 end
 
+M.function_tools = function_tools
+
 -- system tools: names ("browser", "python") or namespace tables, rendered in
 -- name order as harmony keeps them in a BTreeMap
 local function builtin_namespaces(tools)

@@ -118,7 +118,7 @@ local SAMPLER_KEYS = { temperature = true, top_k = true, top_p = true, min_p = t
   repetition_penalty = true, presence_penalty = true, frequency_penalty = true,
   penalty_window = true, seed = true, logit_bias = true }
 local GEN_KEYS = { max_tokens = true, stop = true, stop_tokens = true, on_token = true, session = true, adapter = true,
-  json_schema = true, grammar = true, json = true, json_options = true }
+  json_schema = true, grammar = true, json = true, json_options = true, arms = true }
 
 local seed_counter = 0
 local function fresh_seed()
@@ -169,17 +169,26 @@ local function default_stops(model)
 end
 
 -- a sampler for opts; under json_schema, grammar or json it obeys the
--- grammar, whose end allows the stop tokens (gptoss.constraint)
+-- grammar, whose end allows the stop tokens; under arms, each arm's grammar
+-- in the harmony messages it names (gptoss.constraint)
 local function sampler_for(model, opts, seed_offset, fn)
   local s = {}
   for k in pairs(SAMPLER_KEYS) do s[k] = opts[k] end
   s.seed = s.seed and (s.seed + (seed_offset or 0)) or fresh_seed()
-  local m
-  if opts.json_schema ~= nil or opts.grammar ~= nil or opts.json ~= nil or opts.json_options ~= nil then
-    m = require("gptoss.constraint").matcher(model, opts, opts.stop_tokens or default_stops(model), fn)
+  local constraint = require "gptoss.constraint"
+  local m, arms
+  if opts.arms ~= nil then arms = constraint.arms(model, opts, fn)
+  elseif opts.json_schema ~= nil or opts.grammar ~= nil or opts.json ~= nil or opts.json_options ~= nil then
+    m = constraint.matcher(model, opts, opts.stop_tokens or default_stops(model), fn)
   end
   local smp = core.sampler(model.config.vocab_size, s, fn)
   if m then smp:constrain(m) end
+  if arms then
+    local h, voc = constraint.headers(model), constraint.vocab(model)
+    for _, a in ipairs(arms) do
+      smp:arm { headers = h, grammar = a.grammar, vocab = voc, end_ids = a.end_ids, channel = a.channel, recipient = a.recipient }
+    end
+  end
   return smp
 end
 
@@ -391,7 +400,8 @@ end
 -- max_tokens, stop (strings), stop_tokens (ids; default <|return|>, <|call|>),
 -- on_token(piece, id) (return false to stop), session (continue one),
 -- adapter (a LoRA adapter for this call's fresh session; several can serve
--- calls at once).
+-- calls at once); json_schema, grammar or json (the whole output held to
+-- it) or arms (a grammar per kind of harmony message: gptoss.constraint).
 function Model:generate(ids, opts)
   return self:_generate(ids, opts, "model:generate")
 end
@@ -534,7 +544,11 @@ local CHAT_KEYS = { system = true, developer = true, instructions = true, tools 
 -- reasoning, date, identity, builtin_tools (or a whole system table);
 -- instructions and tools (or a whole developer table); prefill (e.g.
 -- { channel = "final" }), flavour, keep_analysis; on_delta(delta, channel)
--- for streamed content; and every generate option.
+-- for streamed content; and every generate option. A call to a declared
+-- function tool is held to its parameters schema, and json_schema, grammar
+-- or json hold the final channel's message, the analysis left free
+-- (gptoss.constraint.chat_arms); prefill = { channel = "final" } skips the
+-- analysis, the whole reply then the constrained answer.
 function M.chat(model, messages, opts)
   local fn = "gptoss.chat"
   local harmony = require "gptoss.harmony"
@@ -560,10 +574,6 @@ function M.chat(model, messages, opts)
   if developer == nil and (opts.instructions or opts.tools) then
     developer = { instructions = opts.instructions, tools = opts.tools }
   end
-  -- a constrained reply is the final channel's message: the turn opens on it
-  -- (the analysis channel is skipped; see README, constrained decoding)
-  local constrained = opts.json_schema ~= nil or opts.grammar ~= nil or opts.json
-  if constrained and pf == nil then pf = { channel = "final" } end
   -- the renderer checks the conversation's fields and names them; raised here as chat's
   local ok, prompt = pcall(harmony.render, { system = system, developer = developer, messages = messages,
     mode = "completion", prefill = pf, flavour = opts.flavour, keep_analysis = opts.keep_analysis }, tok)
@@ -577,8 +587,12 @@ function M.chat(model, messages, opts)
     parser:process_unit { s = "<|message|>" }
   end
   local on_delta, on_token = opts.on_delta, opts.on_token
+  local constraint = require "gptoss.constraint"
   local gen = {}
-  for k, v in pairs(opts) do if not CHAT_KEYS[k] then gen[k] = v end end
+  for k, v in pairs(opts) do if not CHAT_KEYS[k] and not constraint.KEYS[k] then gen[k] = v end end
+  -- what the renderer took as the function tools (it checked them above)
+  local dev_tools = type(developer) == "table" and (developer.tools or developer.function_tools) or nil
+  gen.arms = constraint.chat_arms(opts, harmony.function_tools(dev_tools), fn)
   gen.on_token = function(piece, id)
     parser:process(id)
     if on_delta and parser.last_content_delta then on_delta(parser.last_content_delta, parser:current_channel()) end

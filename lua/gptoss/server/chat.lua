@@ -189,9 +189,10 @@ end
 --- chat(body, ctx) -> job. ctx: served (model ids), tokenizer, context,
 -- vocab, limits, new_id
 -- response_format (OpenAI's Structured Outputs): json_object constrains the
--- reply to any JSON value, json_schema to its schema (gptoss.constraint
--- compiles it to a grammar masking each step's tokens); the reply then
--- opens on the final channel, its analysis skipped. true when constrained
+-- final channel's message to any JSON value, json_schema to its schema
+-- (gptoss.constraint compiles it to a grammar masking each step's tokens;
+-- R.arms applies it to that message alone, the analysis left free). true
+-- when constrained
 local FORMATS = { text = true, json_object = true, json_schema = true }
 local function response_format(b, gen)
   local rf = R.object(b, "response_format")
@@ -231,7 +232,8 @@ function M.chat(b, ctx)
   local include_usage = so and R.boolean(so, "include_usage", "stream_options.include_usage") or false
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
   local logprobs = LP.chat_params(b, gen)
-  if response_format(b, gen) and not prefill then prefill = { channel = "final" } end
+  response_format(b, gen)
+  R.arms(gen, tools)
   local prompt = R.prompt(ctx.tokenizer, { instructions = instructions, tools = tools, messages = msgs, effort = effort,
                                            prefill = prefill })
   gen.max_tokens = R.limit(b, { "max_completion_tokens", "max_tokens" }, #prompt, ctx.context)

@@ -245,6 +245,16 @@ end
 
 M.EFFORTS = { low = true, medium = true, high = true }
 
+--- arms(gen, tools): what the reply is held to, its analysis left free
+-- (gptoss.constraint.chat_arms): a call to a declared function tool to the
+-- tool's parameters schema (one that gptoss.schema cannot express leaves
+-- that tool's calls free), and under gen.json or gen.json_schema
+-- (response_format, checked already) the final channel's message
+function M.arms(gen, tools)
+  gen.arms = require("gptoss.constraint").chat_arms(gen, tools, "response_format")
+  gen.json, gen.json_schema = nil, nil
+end
+
 --- prompt(tok, spec) -> ids: the harmony rendering of a conversation.
 -- spec: instructions, tools, messages (harmony.render's OpenAI-style
 -- messages), effort, prefill

@@ -198,6 +198,7 @@ function M.responses(b, ctx)
   local stream = R.boolean(b, "stream") or false
   local gen = R.sampling(b, ctx.limits, ctx.vocab)
   local logprobs = LP.response_params(b, gen)
+  R.arms(gen, tools)
   local prompt = R.prompt(ctx.tokenizer, { instructions = instructions, tools = tools, messages = msgs, effort = effort,
                                            prefill = prefill, param = "input" })
   gen.max_tokens = R.limit(b, { "max_output_tokens", param = "input" }, #prompt, ctx.context)
