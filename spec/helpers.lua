@@ -10,6 +10,22 @@ H.lua = jit and "luajit" or "lua5.4"
 
 H.tokenizer_dir = os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer"
 
+-- removes the specs' temporary tree when the interpreter closes (busted
+-- exits through os.exit(code, true), which runs finalizers), so that a run
+-- leaves nothing in /tmp; GPTOSS_SPEC_KEEP=1 keeps it for a look
+local function remove_at_exit(path)
+  if os.getenv("GPTOSS_SPEC_KEEP") == "1" then return end
+  -- rm(1), not lfs: LuaJIT cannot make lfs.dir's finalized iterators while it closes
+  local function gone() os.execute("rm -rf '" .. path:gsub("'", "'\\''") .. "'") end
+  if newproxy then   -- Lua 5.1 / LuaJIT: only userdata have finalizers
+    local p = newproxy(true)
+    getmetatable(p).__gc = gone
+    H._tmp_sentinel = p
+  else
+    H._tmp_sentinel = setmetatable({}, { __gc = gone })
+  end
+end
+
 local tmp_root
 function H.tmpdir()
   if not tmp_root then
@@ -17,6 +33,7 @@ function H.tmpdir()
     os.remove(n)
     tmp_root = n .. "-gptoss-spec"
     assert(lfs.mkdir(tmp_root))
+    remove_at_exit(tmp_root)
   end
   H.counter = (H.counter or 0) + 1
   local d = string.format("%s/%d", tmp_root, H.counter)
