@@ -5,8 +5,9 @@
 -- and a keyword the grammar cannot express is an error naming it and its
 -- JSON pointer, never silently dropped. Covered: type (and lists of types),
 -- properties, required, additionalProperties, enum, const, anyOf, oneOf
--- (as alternatives: an instance matching two of them is the schema's
--- fault), allOf (merged), items, prefixItems (and draft 4's items list with
+-- (as alternatives, so only alternatives provably disjoint: by type, by
+-- const / enum, or by a required property's const / enum), allOf (merged
+-- with the keywords beside it), items, prefixItems (and draft 4's items list with
 -- additionalItems), minItems, maxItems, minLength, maxLength, pattern (a
 -- regular subset: gptoss.schema_pattern), minimum / maximum /
 -- exclusiveMinimum / exclusiveMaximum on integers, $ref into the document
@@ -406,14 +407,23 @@ function Conv:integer_rule(s, path)
   return M.int_range(lo, hi) .. " space"
 end
 
-function Conv:merge_all(list, path)
-  local out = {}
+-- allOf's schemas merged into one, with base (the schema holding the allOf,
+-- whose own keywords hold too)
+function Conv:merge_all(list, path, base)
+  local out, parts, seen_required = {}, {}, {}
+  if base then parts[1] = { base, path, true } end
   for i, sub in ipairs(list) do
     local p = { unpack(path) }
     p[#p + 1] = "allOf"; p[#p + 1] = i - 1
-    if sub["$ref"] then sub = self:deref(sub["$ref"], p) end
-    if type(sub) ~= "table" then fail(p, "allOf needs schemas (objects)") end
-    if sub.allOf then sub = self:merge_all(sub.allOf, p) end
+    parts[#parts + 1] = { sub, p }
+  end
+  for _, part in ipairs(parts) do
+    local sub, p, is_base = part[1], part[2], part[3]
+    if type(sub) == "table" and sub["$ref"] then sub = self:deref(sub["$ref"], p) end
+    if sub == true then sub = {} end   -- admits everything: adds nothing to the merge
+    if sub == false then fail(p, "schema false admits nothing") end
+    if type(sub) ~= "table" then fail(p, "allOf needs schemas (objects or booleans)") end
+    if sub.allOf and not is_base then sub = self:merge_all(sub.allOf, p, sub) end
     for k, v in pairs(sub) do
       if k == "properties" then
         out.properties = out.properties or {}
@@ -425,7 +435,9 @@ function Conv:merge_all(list, path)
         end
       elseif k == "required" then
         out.required = out.required or {}
-        for _, r in ipairs(v) do out.required[#out.required + 1] = r end
+        for _, r in ipairs(v) do
+          if not seen_required[r] then seen_required[r] = true; out.required[#out.required + 1] = r end
+        end
       elseif k == "additionalProperties" and v == false then
         out.closed = out.closed or {}
         local names = {}
@@ -451,6 +463,84 @@ function Conv:merge_all(list, path)
     out.closed = nil
   end
   return out
+end
+
+-- the JSON types a schema admits, as a set (nil: any), read from type,
+-- const or enum alone; integer is a number too
+local function json_type(v)
+  if v == json.null then return "null" end
+  if type(v) == "table" then   -- json.decode marks arrays and objects; a Lua table by its shape
+    local mt = getmetatable(v)
+    return mt and mt.__jsontype or (v[1] ~= nil and "array" or "object")
+  end
+  if type(v) == "number" then return v == math.floor(v) and "integer" or "number" end
+  return type(v)
+end
+local function type_set(s)
+  local set = {}
+  local values = s.enum or (s.const ~= nil and { s.const }) or nil
+  if values then for _, v in ipairs(values) do set[json_type(v)] = true end
+  elseif type(s.type) == "string" then set[s.type] = true
+  elseif type(s.type) == "table" then for _, t in ipairs(s.type) do set[t] = true end
+  else return nil end
+  if set.integer then set.number = true end
+  if set.number then set.integer = true end
+  return set
+end
+-- const / enum values as a set of JSON texts (nil: not fixed)
+local function value_set(s)
+  if type(s) ~= "table" then return nil end
+  local values = s.enum or (s.const ~= nil and { s.const }) or nil
+  if not values then return nil end
+  local set = {}
+  for _, v in ipairs(values) do set[json.encode_compact(v)] = true end
+  return set
+end
+local function meet(a, b)
+  for k in pairs(a) do if b[k] then return true end end
+  return false
+end
+local function has(list, x)
+  for _, v in ipairs(list or {}) do if v == x then return true end end
+  return false
+end
+
+-- oneOf is generated as alternatives, so no instance may match two of them:
+-- only alternatives provably disjoint are accepted (by type, by const / enum
+-- values, or by a required property whose const / enum values differ)
+function Conv:check_disjoint(alts, path)
+  local function resolved(s, i)
+    if type(s) == "table" and s["$ref"] then
+      local p = { unpack(path) }
+      p[#p + 1] = i - 1
+      return self:deref(s["$ref"], p)
+    end
+    return s
+  end
+  local function disjoint(a, b)
+    if type(a) ~= "table" or type(b) ~= "table" then return false end
+    local ta, tb = type_set(a), type_set(b)
+    if ta and tb and not meet(ta, tb) then return true end
+    local va, vb = value_set(a), value_set(b)
+    if va and vb and not meet(va, vb) then return true end
+    if type(a.properties) == "table" and type(b.properties) == "table" then
+      for name, pa in pairs(a.properties) do
+        local pva, pvb = value_set(pa), value_set(b.properties[name])
+        if pva and pvb and not meet(pva, pvb) and has(a.required, name) and has(b.required, name) then return true end
+      end
+    end
+    return false
+  end
+  for i = 1, #alts do
+    for j = i + 1, #alts do
+      if not disjoint(resolved(alts[i], i), resolved(alts[j], j)) then
+        local p = { unpack(path) }
+        p[#p + 1] = j - 1
+        fail(p, string.format("oneOf alternatives %d and %d may both match (an instance matching two is invalid;"
+          .. " anyOf admits it)", i - 1, j - 1))
+      end
+    end
+  end
 end
 
 function Conv:deref(ref, path)
@@ -486,7 +576,7 @@ function Conv:visit(s, path)
     if #others > 0 then fail(at(others[1]), "'" .. others[1] .. "' beside $ref is not supported") end
     return self:resolve(s["$ref"], at("$ref"))
   end
-  if s.allOf then return self:visit(self:merge_all(s.allOf, path), path) end
+  if s.allOf then return self:visit(self:merge_all(s.allOf, path, s), path) end
   if s.const ~= nil or s.enum ~= nil then
     local values = s.enum or { s.const }
     if s.enum and s.const ~= nil then fail(at("const"), "const beside enum is not supported") end
@@ -500,6 +590,7 @@ function Conv:visit(s, path)
   if alts then
     if s.anyOf and s.oneOf then fail(at("oneOf"), "oneOf beside anyOf is not supported") end
     local kw = s.anyOf and "anyOf" or "oneOf"
+    if kw == "oneOf" then self:check_disjoint(alts, at("oneOf")) end
     local out = {}
     for i, sub in ipairs(alts) do out[i] = self:sub(sub, at(kw, i - 1), kw .. (i - 1)) end
     return "(" .. table.concat(out, " | ") .. ")"
