@@ -7,11 +7,7 @@
 #   serving    bench/serving.lua at 1 and 64 concurrent requests
 #   study      gptoss bench study (the seeds' study through the engine) on the 20B shape
 set -u
-source .device-kit/env.sh
-[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
-export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
-here="build/lua5.4/?.so"
-export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+source tools/reference/device_env.sh
 STAGES=${STAGES:-specs invariant serving study}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt

@@ -4,11 +4,7 @@
 # HTTP benchmark at 8 streams with its failures' reasons beside the engine
 # in process; then issue 21's 20B sweep with what time is left.
 set -u
-source .device-kit/env.sh
-[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
-export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
-here="build/lua5.4/?.so"
-export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+source tools/reference/device_env.sh
 T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/device.txt
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)

@@ -4,11 +4,7 @@
 # issue 25's serving-with-training benchmark on the 20B shape (bench/learn.lua);
 # the HTTP benchmark at 8 streams with its failures' reasons.
 set -u
-source .device-kit/env.sh
-[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
-export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
-here="build/lua5.4/?.so"
-export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+source tools/reference/device_env.sh
 T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/device.txt
 git log -1 --format=%h 2>/dev/null | tee $OUT/commit.txt

@@ -3,11 +3,7 @@
 # and the serving engine, then issue 25's serving-with-training benchmark on
 # the 20B shape at 8 streams.
 set -u
-source .device-kit/env.sh
-[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
-export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
-here="build/lua5.4/?.so"
-export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+source tools/reference/device_env.sh
 T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/device.txt
 timeout ${SPECS_S:-70} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/engine_train_spec.lua spec/serving_engine_spec.lua > $OUT/gpu_specs.log 2>&1

@@ -1,0 +1,9 @@
+# Sourced by the device scripts (tools/reference/device_*.sh): the kit's Lua
+# and busted (.device-kit), the bundle of CUDA builds and the tokenizer
+# (.carry/bundle.tar.xz, made on the dev machine), and the paths the Lua 5.4
+# build is found by. Sets $here, the build's cpath pattern.
+source .device-kit/env.sh
+[ -f .carry/bundle.tar.xz ] && tar -xJf .carry/bundle.tar.xz
+export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
+here="build/lua5.4/?.so"
+export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
