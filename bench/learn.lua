@@ -4,7 +4,7 @@
 -- trains a LoRA at SHARE of the engine's time; then (c) training alone for
 -- the same time. Reported: output tokens/s, P50/P99 inter-token latency
 -- (each token's arrival as a client polling after every engine step sees
--- it) and training tokens/s (fed tokens of finished backward passes).
+-- it; numpy's percentiles) and training tokens/s (fed tokens of finished backward passes).
 --
 --   lua5.4 bench/learn.lua [DIR] [DEVICE] [CONCURRENCY] [SHARE] [DURATION]
 --
@@ -27,13 +27,8 @@ local PROMPT, OUTPUT = tonumber(os.getenv("PROMPT") or 512), tonumber(os.getenv(
 local TRAIN_LEN = tonumber(os.getenv("TRAIN_LEN") or 1024)
 
 local m = assert(gptoss.load(dir, { device = device, context = math.max(PROMPT + OUTPUT, TRAIN_LEN) }))
-local function pct(t, p)
-  if #t == 0 then return 0 end
-  local s = {}
-  for i, v in ipairs(t) do s[i] = v end
-  table.sort(s)
-  return s[math.max(1, math.min(#s, math.ceil(p / 100 * #s)))]
-end
+-- numpy's percentile, as vLLM's benchmarks report them
+local function pct(t, p) return #t > 0 and require("gptoss.stats").percentile(t, p) or 0 end
 
 local data = {}
 for k = 1, 64 do data[k] = { ids = W.ids(TRAIN_LEN, 900 + k) } end
