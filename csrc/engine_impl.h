@@ -88,7 +88,7 @@ struct gptoss_engine {
      engine thread's (seconds of training the share allows before the next
      serving step) */
   gptoss_train_job *jobs, *jobs_tail;
-  double train_credit;
+  double train_credit, train_last_s;   /* the credit; what the last example took */
 };
 
 static inline double engine_now(void) {

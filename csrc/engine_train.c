@@ -8,9 +8,9 @@
 ** the first job between two serving steps, so a request's next token waits
 ** at most one example's pass. While requests are active, training earns
 ** credit as the engine serves: share/(1 - share) seconds per second of
-** serving steps, and an example runs only while the credit is positive
-** (then pays for itself), so over time training takes `share` of the
-** engine's time and serving the rest. With no request active the share does
+** serving steps, and an example runs only once the credit covers what the
+** last one took (then pays for itself), so training takes `share` of the
+** engine's time and serving the rest, at any moment and not only on average. With no request active the share does
 ** not apply: training runs back to back, and a request that arrives waits
 ** at most the example under way.
 **
@@ -23,7 +23,8 @@
 #include "engine_impl.h"
 
 #define LOSS_CHUNK 32          /* positions whose logits one feed returns while computing a loss */
-#define CREDIT_CAP 1.0         /* seconds of training credit kept at most: no bursts after a long serve */
+#define CREDIT_CAP 1.0         /* seconds of training credit kept at most (or the last example's time, when
+                                  longer): no bursts after a long serve */
 
 struct gptoss_train_job {
   gptoss_engine *e;
@@ -300,10 +301,13 @@ void engine_train_between(gptoss_engine *e, int idle, double step_s) {
   double share = j->o.share;
   if (!idle) {
     if (share <= 0) { pthread_mutex_unlock(&e->mu); return; }
-    /* share 1: an example after every serving step */
-    e->train_credit += share >= 1 ? CREDIT_CAP : step_s * share / (1 - share);
-    if (e->train_credit > CREDIT_CAP) e->train_credit = CREDIT_CAP;
-    if (e->train_credit <= 0) { pthread_mutex_unlock(&e->mu); return; }
+    /* an example waits until the credit covers what the last one took, so
+       that training never runs ahead of its share, even at first (share 1:
+       an example after every serving step) */
+    double cap = e->train_last_s > CREDIT_CAP ? e->train_last_s : CREDIT_CAP;
+    e->train_credit += share >= 1 ? cap : step_s * share / (1 - share);
+    if (e->train_credit > cap) e->train_credit = cap;
+    if (e->train_credit < e->train_last_s || e->train_credit <= 0) { pthread_mutex_unlock(&e->mu); return; }
   }
   int k = j->info.done;
   if (j->info.state == GPTOSS_REQ_QUEUED) {
@@ -313,7 +317,9 @@ void engine_train_between(gptoss_engine *e, int idle, double step_s) {
   pthread_mutex_unlock(&e->mu);
   double t0 = engine_now();
   run_example(e, j, k);
-  if (!idle) e->train_credit -= engine_now() - t0;
+  double took = engine_now() - t0;
+  e->train_last_s = took;
+  if (!idle) e->train_credit -= took;
 }
 
 void engine_train_stop(gptoss_engine *e) {
