@@ -18,46 +18,17 @@ local schema = require "gptoss.schema"
 local V = 201088
 local END = 200002   -- <|return|>
 
--- llama.cpp's example grammars as spec/grammar_spec.lua writes them out,
--- and its whole-vocabulary checks
-local GBNF = {
-  [[
-root  ::= (expr "=" ws term "\n")+
-expr  ::= term ([-+*/] term)*
-term  ::= ident | num | "(" ws expr ")" ws
-ident ::= [a-z] [a-z0-9_]{0,3} ws
-num   ::= [0-9]{1,4} ws
-ws    ::= [ \t\n]{0,2}
-]],
-  [[
-root ::= item+
-item ::= "- " [^\r\n\x0b\x0c\x85\u2028\u2029]+ "\n"
-]],
-  [[
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-object ::=
-  "{" ws (
-            string ":" ws value
-    ("," ws string ":" ws value)*
-  )? "}" ws
-array  ::=
-  "[" ws (
-            value
-    ("," ws value)*
-  )? "]" ws
-string ::=
-  "\"" (
-    [^"\\\x7F\x00-\x1F] |
-    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
-  )* "\"" ws
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
-ws ::= | " " | "\n" [ \t]{0,20}
-]],
+-- llama.cpp's example grammars (spec/fixtures/grammar/, as
+-- spec/grammar_spec.lua reads them) and its whole-vocabulary checks
+local GBNF = {}
+for _, name in ipairs { "arithmetic", "list", "json" } do
+  GBNF[#GBNF + 1] = H.read("spec/fixtures/grammar/" .. name .. ".gbnf")
+end
+for _, text in ipairs {
   'root ::= [0-9]+ "!"',
   'root ::= "ab" | "abc" "d"*',
   'root ::= [a-c]{2,3} "."',
-}
+} do GBNF[#GBNF + 1] = text end
 
 local function schema_grammars()
   local out = {}

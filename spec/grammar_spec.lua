@@ -8,49 +8,11 @@ local gptoss = require "gptoss"
 local lpeg = require "lpeg"
 local P, R, S, V = lpeg.P, lpeg.R, lpeg.S, lpeg.V
 
-local ARITHMETIC = [[
-root  ::= (expr "=" ws term "\n")+
-expr  ::= term ([-+*/] term)*
-term  ::= ident | num | "(" ws expr ")" ws
-ident ::= [a-z] [a-z0-9_]{0,3} ws
-num   ::= [0-9]{1,4} ws
-ws    ::= [ \t\n]{0,2}
-]]
-
-local LIST = [[
-root ::= item+
-
-# Excludes various line break characters
-item ::= "- " [^\r\n\x0b\x0c\x85\u2028\u2029]+ "\n"
-]]
-
-local JSON = [[
-root   ::= object
-value  ::= object | array | string | number | ("true" | "false" | "null") ws
-
-object ::=
-  "{" ws (
-            string ":" ws value
-    ("," ws string ":" ws value)*
-  )? "}" ws
-
-array  ::=
-  "[" ws (
-            value
-    ("," ws value)*
-  )? "]" ws
-
-string ::=
-  "\"" (
-    [^"\\\x7F\x00-\x1F] |
-    "\\" (["\\bfnrt] | "u" [0-9a-fA-F]{4}) # escapes
-  )* "\"" ws
-
-number ::= ("-"? ([0-9] | [1-9] [0-9]{0,15})) ("." [0-9]+)? ([eE] [-+]? [0-9] [1-9]{0,15})? ws
-
-# Optional space: by convention, applied in this grammar after literal chars when allowed
-ws ::= | " " | "\n" [ \t]{0,20}
-]]
+-- llama.cpp's example grammars (grammars/arithmetic.gbnf, list.gbnf,
+-- json.gbnf), in spec/fixtures/grammar/
+local ARITHMETIC = H.read("spec/fixtures/grammar/arithmetic.gbnf")
+local LIST = H.read("spec/fixtures/grammar/list.gbnf")
+local JSON = H.read("spec/fixtures/grammar/json.gbnf")
 
 -- (arithmetic's ws, ident and num are bounded here, unbounded in
 -- llama.cpp's: the random model would otherwise never end a line)
