@@ -11,7 +11,10 @@
 -- additionalItems), minItems, maxItems, minLength, maxLength, pattern (a
 -- regular subset: gptoss.schema_pattern), minimum / maximum /
 -- exclusiveMinimum / exclusiveMaximum on integers, $ref into the document
--- ($defs, definitions, "#"), format date, time, date-time, uuid, email;
+-- ($defs, definitions, "#"), minProperties / maxProperties (the grammar
+-- counts: additional properties a minimum needs get keys of distinct
+-- lengths, so they cannot collapse into one), format date, time, date-time,
+-- uuid, email, ipv4, hostname, uri, uri-reference (subsets of ajv-formats');
 -- annotations (title, description, default, examples, $schema, $id,
 -- $comment, deprecated, readOnly, writeOnly) are ignored.
 --
@@ -31,10 +34,14 @@ local ANNOTATIONS = { title = true, description = true, default = true, examples
 
 local KNOWN = { type = true, properties = true, required = true, additionalProperties = true, enum = true,
   const = true, anyOf = true, oneOf = true, allOf = true, items = true, prefixItems = true, additionalItems = true,
-  minItems = true, maxItems = true, minLength = true, maxLength = true, pattern = true, minimum = true,
-  maximum = true, exclusiveMinimum = true, exclusiveMaximum = true, ["$ref"] = true, format = true }
+  minItems = true, maxItems = true, minProperties = true, maxProperties = true, minLength = true, maxLength = true,
+  pattern = true, minimum = true, maximum = true, exclusiveMinimum = true, exclusiveMaximum = true, ["$ref"] = true, format = true }
 
-local FORMATS = { date = true, time = true, ["date-time"] = true, uuid = true, email = true }
+-- each format's rule: a subset of what ajv-formats (full mode) accepts, so
+-- every string generated validates there
+local FORMATS = { date = "date-part", time = "time-part", ["date-time"] = "date-time-part", uuid = "uuid-part",
+  email = "email-part", ipv4 = "ipv4-part", hostname = "hostname-part", uri = "uri-part",
+  ["uri-reference"] = "uri-reference-part" }
 
 local CHAR = [=[[^"\\\x7F\x00-\x1F] | "\\" (["\\/bfnrt] | "u" ([0-9a-cA-CefEF] [0-9a-fA-F]{3} | [dD] [0-7] [0-9a-fA-F]{2}))]=]
 
@@ -50,12 +57,31 @@ local PRIMITIVES = {
   ["date-part"] = '[0-9]{4} "-" ( ("0" [13578] | "1" [02]) "-" ("0" [1-9] | [12] [0-9] | "3" [01])'
     .. ' | ("0" [469] | "11") "-" ("0" [1-9] | [12] [0-9] | "30") | "02" "-" ("0" [1-9] | "1" [0-9] | "2" [0-8]) )',
   ["time-part"] = '([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9] ":" [0-5] [0-9] ("." [0-9]{1,6})? ("Z" | [+-] ([01] [0-9] | "2" [0-3]) ":" [0-5] [0-9])',
+  ["date-time-part"] = 'date-part "T" time-part',
   ["uuid-part"] = '[0-9a-f]{8} "-" [0-9a-f]{4} "-" [0-9a-f]{4} "-" [0-9a-f]{4} "-" [0-9a-f]{12}',
   ["email-part"] = '[a-z0-9]{1,16} ("." [a-z0-9]{1,16})? "@" [a-z0-9]{1,16} ("." [a-z]{2,8}){1,2}',
+  -- 0-255 without leading zeros, as ajv-formats' ipv4
+  ["ipv4-octet"] = '"25" [0-5] | "2" [0-4] [0-9] | "1" [0-9]{2} | [1-9]? [0-9]',
+  ["ipv4-part"] = 'ipv4-octet "." ipv4-octet "." ipv4-octet "." ipv4-octet',
+  -- RFC 1123 labels (letters, digits, inner hyphens; up to 16 of the 63
+  -- characters, 4 labels: far below the 253 in all)
+  ["hostname-label"] = '[a-z0-9] ([a-z0-9-]{0,14} [a-z0-9])?',
+  ["hostname-part"] = 'hostname-label ("." hostname-label){0,3}',
+  -- scheme "://" host, port, path, query, fragment of RFC 3986's unreserved
+  -- characters and percent escapes: inside ajv-formats' uri and uri-reference
+  ["uri-char"] = '[a-z0-9._~-] | "%" [0-9A-F]{2}',
+  ["uri-tail"] = '("/" uri-char{0,12}){0,3} ("?" (uri-char | [=&]){0,16})? ("#" uri-char{0,16})?',
+  ["uri-part"] = '[a-z] [a-z0-9+.-]{0,7} "://" hostname-part (":" [0-9]{1,5})? uri-tail',
+  -- a uri, or a reference relative to one: an absolute path, or a fragment
+  ["uri-reference-part"] = 'uri-part | "/" uri-char{1,12} uri-tail | "#" uri-char{0,16}',
 }
 -- what each primitive uses
 local DEPS = { boolean = { "space" }, null = { "space" }, integer = { "integral-part", "space" },
-  number = { "integral-part", "decimal-part", "space" }, value = { "object", "array", "string", "number", "boolean", "null" } }
+  number = { "integral-part", "decimal-part", "space" },
+  ["ipv4-part"] = { "ipv4-octet" }, ["hostname-part"] = { "hostname-label" },
+  ["uri-tail"] = { "uri-char" }, ["uri-part"] = { "hostname-part", "uri-tail" },
+  ["uri-reference-part"] = { "uri-part", "uri-char", "uri-tail" },
+  ["date-time-part"] = { "date-part", "time-part" }, value = { "object", "array", "string", "number", "boolean", "null" } }
 
 local function pointer(path)
   local out = {}
@@ -202,8 +228,10 @@ function Conv:kv(name, schema, path)
   return lit(json.encode_compact(name)) .. ' space ":" space ' .. self:sub(schema, path, "p-" .. name)
 end
 
--- an object: properties (name -> schema), the required ones, additional (false | true | schema)
-function Conv:object_rule(props, required, additional, path)
+-- an object: properties (name -> schema), the required ones, additional
+-- (false | true | schema), count (nil, or { lo, hi }: minProperties,
+-- maxProperties, hi nil when unbounded)
+function Conv:object_rule(props, required, additional, path, count)
   self:prim("space")
   local req, opt = {}, {}
   local is_req = {}
@@ -225,17 +253,29 @@ function Conv:object_rule(props, required, additional, path)
       req[#req + 1] = self:kv(r, additional == true and {} or additional, path)
     end
   end
-  local extra
+  local extra, names, val
   if additional ~= false then
     local ap = { unpack(path) }
     ap[#ap + 1] = "additionalProperties"
-    local names = keys_of(props)
+    names = keys_of(props)
     for _, r in ipairs(required) do if props[r] == nil then names[#names + 1] = r end end
     local key = self:rule("key-" .. #self.order, self:other_key(names))
-    local val = self:sub(additional == true and {} or additional, ap, "additional")
+    val = self:sub(additional == true and {} or additional, ap, "additional")
     extra = self:rule("kv-" .. #self.order, key .. ' ":" space ' .. val)
   end
   local mp = self.opts.max_properties
+  if count then
+    -- the j-th additional property a minimum needs: a key longer than any
+    -- declared name (so none of them), of its own length (so no two alike:
+    -- JSON.parse keeps one of equal keys, and the count would fall short)
+    local longest = 0
+    for _, n in ipairs(names or {}) do longest = math.max(longest, #n) end
+    local function needed(j)
+      self:rule("key-char", '[^"\\\\\\x7F\\x00-\\x1F]')
+      return self:rule("kv-needed-" .. j, '"\\"" key-char{' .. (longest + j) .. '} "\\"" space ":" space ' .. val)
+    end
+    return '"{" space ' .. self:counted_members(req, opt, extra, needed, count[1], count[2], mp, path) .. ' "}" space'
+  end
   local rep = mp and "{0," .. mp .. "}" or "*"
   local function tail(list, from)
     local t = {}
@@ -258,6 +298,61 @@ function Conv:object_rule(props, required, additional, path)
     body = #alts > 0 and "(" .. table.concat(alts, " | ") .. ")?" or ""
   end
   return '"{" space ' .. body .. ' "}" space'
+end
+
+-- an object's members when their count must lie in [lo, hi] (hi nil:
+-- unbounded): the required ones, each optional one present or not, then
+-- additional ones (extra; needed(j): the j-th of those the minimum needs,
+-- mp: at most this many others). A rule per (next optional, members so far):
+-- at most (#opt + 1) * (#req + #opt + 1) of them, whatever lo and hi; with
+-- no hi, counts past max(lo, 1) are all alike.
+function Conv:counted_members(req, opt, extra, needed, lo, hi, mp, path)
+  if hi and #req > hi then fail(path, "maxProperties is below the number of required properties") end
+  local function cap(c) return hi and c or math.min(c, math.max(lo, 1)) end
+  local function sep(c) return c > 0 and '"," space ' or "" end
+  local memo = {}
+  local function state(i, c)   -- a GBNF expression, or false where no count in [lo, hi] can be reached
+    local key = i .. ":" .. c
+    if memo[key] ~= nil then return memo[key] end
+    local out = false
+    if i > #opt then   -- the additional ones
+      local need = math.max(0, lo - c)
+      local top = 0
+      if extra then
+        top = math.max(need, mp or math.huge)
+        if hi then top = math.min(top, hi - c) end
+      end
+      if top >= need then
+        local parts = {}
+        for j = 1, need do parts[#parts + 1] = sep(c + j - 1) .. needed(j) end
+        local more = top - need
+        local rep = more == math.huge and "*" or "{0," .. more .. "}"
+        if more > 0 then
+          if c + need > 0 then parts[#parts + 1] = '("," space ' .. extra .. ")" .. rep
+          else
+            rep = more == math.huge and "*" or "{0," .. (more - 1) .. "}"
+            parts[#parts + 1] = "(" .. extra .. ' ("," space ' .. extra .. ")" .. rep .. ")?"
+          end
+        end
+        out = #parts > 0 and table.concat(parts, " ") or '""'
+      end
+    else
+      local alts = {}
+      local present = (not hi or c < hi) and state(i + 1, cap(c + 1))
+      if present then alts[#alts + 1] = sep(c) .. opt[i] .. " " .. present end
+      local absent = state(i + 1, c)
+      if absent then alts[#alts + 1] = absent end
+      if #alts > 0 then out = self:rule("members", "(" .. table.concat(alts, " | ") .. ")") end
+    end
+    memo[key] = out
+    return out
+  end
+  local rest = state(1, cap(#req))
+  if not rest then fail(path, "minProperties is above what the object can hold") end
+  local seq = {}
+  for i, kv in ipairs(req) do seq[i] = (i > 1 and '"," space ' or "") .. kv end
+  seq[#seq + 1] = rest
+  return table.concat(seq, " ")
 end
 
 -- a key: any JSON string but the given names (an additional property must not
@@ -361,12 +456,8 @@ function Conv:string_rule(s, path)
       fail(p, "unsupported format '" .. tostring(s.format) .. "'")
     end
     if s.pattern or s.minLength or s.maxLength then fail(path, "format with pattern, minLength or maxLength is not supported") end
-    local part = ({ date = "date-part", time = "time-part", ["date-time"] = "date-time-part", uuid = "uuid-part",
-      email = "email-part" })[s.format]
-    if part == "date-time-part" then
-      self:prim("date-part"); self:prim("time-part")
-      self:rule(part, 'date-part "T" time-part')
-    else self:prim(part) end
+    local part = FORMATS[s.format]
+    self:prim(part)
     return '"\\"" ' .. part .. ' "\\"" space'
   end
   if s.pattern then
@@ -607,7 +698,8 @@ function Conv:visit(s, path)
     return "(" .. table.concat(out, " | ") .. ")"
   end
   if t == nil then   -- inferred from the keywords, as llama.cpp does
-    if s.properties or s.required or s.additionalProperties ~= nil then t = "object"
+    if s.properties or s.required or s.additionalProperties ~= nil or s.minProperties or s.maxProperties then
+      t = "object"
     elseif s.items ~= nil or s.prefixItems or s.minItems or s.maxItems then t = "array"
     elseif s.minLength or s.maxLength or s.pattern or s.format then t = "string"
     elseif s.minimum or s.maximum or s.exclusiveMinimum or s.exclusiveMaximum then t = "integer"
@@ -626,7 +718,16 @@ function Conv:visit(s, path)
   if t == "object" then
     local ap = s.additionalProperties
     if ap == nil then ap = true end
-    return self:object_rule(s.properties or {}, s.required or {}, ap, path)
+    local count
+    if s.minProperties ~= nil or s.maxProperties ~= nil then
+      for _, k in ipairs { "minProperties", "maxProperties" } do
+        local v = s[k]
+        if v ~= nil and not (is_int(v) and v >= 0) then fail(at(k), k .. " must be an integer >= 0") end
+      end
+      count = { s.minProperties or 0, s.maxProperties }
+      if count[2] and count[1] > count[2] then fail(at("minProperties"), "minProperties is above maxProperties") end
+    end
+    return self:object_rule(s.properties or {}, s.required or {}, ap, path, count)
   elseif t == "array" then
     local prefix, items = s.prefixItems or {}, s.items
     if type(items) == "table" and #items > 0 and not s.prefixItems then   -- draft 4 tuple
