@@ -10,25 +10,9 @@ local json = require "gptoss.json"
 local schema = require "gptoss.schema"
 local unpack = table.unpack or unpack
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  local ok = p:close()
-  return out, ok
-end
+local sh = require("support.npm").sh
 
-local ROOT = (function()
-  local p = io.popen("pwd")
-  local d = p:read("*l")
-  p:close()
-  return d
-end)()
-
-local function install_ajv()
-  if H.exists("node_modules/ajv/package.json") and H.exists("node_modules/ajv-formats/package.json") then return end
-  local out, ok = sh("npm install --no-save --no-package-lock --no-audit --no-fund --prefix '" .. ROOT .. "' ajv@8 ajv-formats@3")
-  assert(ok, "npm install ajv: " .. out)
-end
+local function install_ajv() assert(require("support.npm").install()) end
 
 -- ajv's verdicts on texts against one schema (JSON text)
 local function ajv(schema_text, texts)

@@ -8,25 +8,9 @@ local gptoss = require "gptoss"
 local json = require "gptoss.json"
 local schema = require "gptoss.schema"
 
-local ROOT = (function()
-  local p = io.popen("pwd")
-  local d = p:read("*l")
-  p:close()
-  return d
-end)()
+local sh = require("support.npm").sh
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  local ok = p:close()
-  return out, ok
-end
-
-local function install_ajv()
-  if H.exists("node_modules/ajv/package.json") and H.exists("node_modules/ajv-formats/package.json") then return end
-  local out, ok = sh("npm install --no-save --no-package-lock --no-audit --no-fund --prefix '" .. ROOT .. "' ajv@8 ajv-formats@3")
-  assert(ok, "npm install ajv: " .. out)
-end
+local function install_ajv() assert(require("support.npm").install()) end
 
 -- the schemas, one JSON text per line: schemas.txt (bench/grammar.lua's
 -- too), then schemas_more.txt; and how many came from schemas.txt
@@ -42,15 +26,7 @@ local function schemas()
 end
 
 -- validates { {schema = text, text = text}, ... } with ajv; returns per-case results
-local function ajv(cases)
-  local parts = {}
-  for i, c in ipairs(cases) do parts[i] = '{"schema":' .. c.schema .. ',"text":' .. json.encode_compact(c.text) .. "}" end
-  local file = H.tmpdir() .. "/cases.json"
-  H.write(file, "[" .. table.concat(parts, ",") .. "]")
-  local out, ok = sh("node spec/support/ajv_validate.cjs '" .. file .. "'")
-  assert(ok, "ajv_validate: " .. out)
-  return json.decode(out)
-end
+local ajv = require("support.ajv").validate
 
 local body = H.reply_bytes
 

@@ -19,19 +19,7 @@ local lfs = require "lfs"
 local DRAFTS = { "draft7", "draft6", "draft4" }
 local LIMITS = { max_string = 6, max_items = 3, max_properties = 2 }
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  local ok = p:close()
-  return out, ok
-end
-
-local ROOT = (function()
-  local p = io.popen("pwd")
-  local d = p:read("*l")
-  p:close()
-  return d
-end)()
+local sh = require("support.npm").sh
 
 --- the suite's tests/ folder, or nil, why
 local function suite_dir()
@@ -52,18 +40,7 @@ local function suite_dir()
     .. " tools/install_deps.sh) nor downloadable: " .. out:gsub("%s+$", "")
 end
 
-local function install_ajv()
-  for _, m in ipairs { "ajv", "ajv-formats", "ajv-draft-04" } do
-    if not H.exists("node_modules/" .. m .. "/package.json") then
-      -- all three at once: npm prunes what a --no-save install does not name
-      local out, ok = sh("npm install --no-save --no-package-lock --no-audit --no-fund --prefix '" .. ROOT
-        .. "' ajv@8 ajv-formats@3 ajv-draft-04@1")
-      if not ok then return nil, "npm install ajv: " .. out end
-      return true
-    end
-  end
-  return true
-end
+local function install_ajv() return require("support.npm").install() end
 
 -- the .json files under dir, sorted, recursively (optional/ and optional/format/ too)
 local function json_files(dir, out)

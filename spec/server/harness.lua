@@ -44,12 +44,7 @@ function X.missing()
 end
 
 --- installs the SDK into the repository's (git-ignored) node_modules
-function X.sdk()
-  if H.exists("node_modules/openai/package.json") then return true end
-  local out, ok = sh("npm install --no-save --no-package-lock --no-audit --no-fund --prefix " .. q(X.root) .. " openai@6")
-  assert(ok, "npm install openai: " .. out)
-  return true
-end
+function X.sdk() return assert(require("support.npm").install()) end
 
 -- {====================================================== instances
 local Instance = {}

@@ -6,21 +6,9 @@ local json = require "gptoss.json"
 
 local A = {}
 
-local function sh(cmd)
-  local p = io.popen(cmd .. " 2>&1")
-  local out = p:read("*a")
-  local ok = p:close()
-  return out, ok
-end
+local sh = require("support.npm").sh
 
-function A.install()
-  if H.exists("node_modules/ajv/package.json") and H.exists("node_modules/ajv-formats/package.json") then return end
-  local p = io.popen("pwd")
-  local root = p:read("*l")
-  p:close()
-  local out, ok = sh("npm install --no-save --no-package-lock --no-audit --no-fund --prefix '" .. root .. "' ajv@8 ajv-formats@3")
-  assert(ok, "npm install ajv: " .. out)
-end
+function A.install() assert(require("support.npm").install()) end
 
 --- validate({ { schema = JSON text, text = JSON text to check }, ... }) -> { { ok, error }, ... }
 function A.validate(cases)
