@@ -20,27 +20,22 @@ local vocabs = setmetatable({}, { __mode = "k" })   -- tokenizer -> { [vocab_siz
 local headers = setmetatable({}, { __mode = "k" })  -- tokenizer -> { [vocab_size] = Headers }
 local grammars = setmetatable({}, { __mode = "v" }) -- GBNF text -> Grammar
 
---- the vocabulary trie of a model's tokenizer, built once
-function M.vocab(model)
+-- what make(tok, V) builds once per tokenizer and vocabulary size, kept in cache
+local function per_tokenizer(cache, make, model)
   local tok = model.tokenizer
   if not tok then return nil end
   local V = model.config.vocab_size
-  local per = vocabs[tok] or {}
-  vocabs[tok] = per
-  per[V] = per[V] or core.vocab(tok, V)
+  local per = cache[tok] or {}
+  cache[tok] = per
+  per[V] = per[V] or make(tok, V)
   return per[V]
 end
 
+--- the vocabulary trie of a model's tokenizer, built once
+function M.vocab(model) return per_tokenizer(vocabs, core.vocab, model) end
+
 --- the harmony header reader of a model's tokenizer, built once
-function M.headers(model)
-  local tok = model.tokenizer
-  if not tok then return nil end
-  local V = model.config.vocab_size
-  local per = headers[tok] or {}
-  headers[tok] = per
-  per[V] = per[V] or core.headers(tok, V)
-  return per[V]
-end
+function M.headers(model) return per_tokenizer(headers, core.headers, model) end
 
 --- gbnf(opts, what) -> GBNF text or nil when opts ask for no constraint;
 -- raises "<what>: ..." naming the option at fault

@@ -6,12 +6,7 @@ local H = require "helpers"
 
 local X = {}
 
-X.root = (function()
-  local p = io.popen("pwd")
-  local d = p:read("*l")
-  p:close()
-  return d
-end)()
+X.root = require("support.npm").root
 
 -- runs a shell command: its output (stdout and stderr) and whether it
 -- exited 0 (read from the shell, as LuaJIT's close does not give it)
