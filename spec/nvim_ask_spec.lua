@@ -7,7 +7,7 @@ local H = require "spec.helpers"
 local json = require "gptoss.json"
 local gptoss = require "gptoss"
 
-local function have_nvim() return os.execute("command -v nvim >/dev/null 2>&1") == true or os.execute("command -v nvim >/dev/null 2>&1") == 0 end
+local nvims = require("support.nvims").list()
 local have_luajit_build = io.open("build/luajit/gptoss/core.so", "rb")
 if have_luajit_build then have_luajit_build:close() end
 
@@ -24,6 +24,7 @@ local CASES = {
   reject = { name = "reject", filetype = "python", line1 = 1, line2 = 2, instruction = "Rename x to count",
     lines = { "x = 0", "x += 1", "print(x)" } },
   chat = { user = "hello there" },
+  big = { nlines = 6000, line1 = 3001, line2 = 3012, question = "Which variable is largest?" },
   extract = { "a\nb\n\n", "Here:\n```lua\nx = 1\ny = 2\n```\nthanks", "```\ny\n", "one", "```\n```\nz",
     "p\n```\nq\n```\n```\nr\n```" },
 }
@@ -56,8 +57,10 @@ local function lines_of(text)
   return out
 end
 
-describe("gptoss ask, rewrite and adapters in Neovim", function()
-  if not have_nvim() then pending("nvim is not installed (tools/install_deps.sh installs it)"); return end
+-- on Debian 12's Neovim (0.7.2) and a current one (0.10+): support/nvims.lua
+for _, nv in ipairs(nvims) do
+describe("gptoss ask, rewrite and adapters in Neovim " .. (nv.version or "(missing)"), function()
+  if nv.missing then it("has this Neovim", function() error(nv.missing) end); return end
   if not have_luajit_build then pending("build/luajit/gptoss/core.so is not built (make LUA=luajit)"); return end
 
   local res, model, adapter
@@ -71,8 +74,8 @@ describe("gptoss ask, rewrite and adapters in Neovim", function()
     local out = H.tmpdir()
     H.write(out .. "/cases.json", json.encode_compact(CASES))
     local cmd = string.format("cd %q && GPTOSS_TOKENIZER_DIR=%q GPTOSS_NVIM_OUT=%q GPTOSS_NVIM_IN=%q GPTOSS_NVIM_MODEL=%q "
-      .. "timeout 120 nvim --headless --clean --cmd 'set rtp^=.' -c 'luafile spec/support/nvim_ask_driver.lua' >%q 2>&1",
-      os.getenv("PWD"), os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer", out, out .. "/cases.json", H.tiny(), out .. "/log")
+      .. "timeout 120 %q --headless --clean --cmd 'set rtp^=.' -c 'luafile spec/support/nvim_ask_driver.lua' >%q 2>&1",
+      os.getenv("PWD"), os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer", out, out .. "/cases.json", H.tiny(), nv.cmd, out .. "/log")
     os.execute(cmd)
     local text = H.read(out .. "/result.json")
     assert(text, "the driver wrote no result: " .. tostring(H.read(out .. "/log")))
@@ -120,6 +123,30 @@ describe("gptoss ask, rewrite and adapters in Neovim", function()
     assert.is_true(s.second_running)
     assert.equals("again", s.second_message)   -- no range: the question alone
     assert.equals("cancelled", s.second)       -- :GptossStop
+  end)
+
+  it("asks about a range of a 6,000-line file: the range alone is sent, the same context again is a prefix hit", function()
+    local c, b = CASES.big, res.big
+    assert.equals(c.nlines, b.buffer_lines)
+    local range = {}
+    for i = c.line1, c.line2 do range[#range + 1] = string.format("local v%d = %d  -- line %d", i, i * 7, i) end
+    local msg = { { role = "user", content = quoted(c.question, range, "lua") } }
+    local first, second = b.asks[1], b.asks[2]
+    assert.same(msg, first.messages)
+    assert.same(msg, second.messages)
+    -- the prompt's length from gptoss.chat's own rendering in this process
+    local want = oracle(msg)
+    assert.equals(want.final, first.text)
+    assert.equals(want.final, second.text)
+    local n = #want.prompt_ids
+    assert.equals(n, first.prompt_tokens)
+    assert.equals(n, second.prompt_tokens)
+    -- the second reuses all of the first's prompt but the last token, which
+    -- is fed again for its logits
+    assert.equals(1, second.prefix_hits)
+    assert.is_true(second.prefix_tokens >= n - 1 and second.prefix_tokens < n, second.prefix_tokens .. " of " .. n .. " prompt tokens reused")
+    assert.is_true(first.cmd_ms < 50 and second.cmd_ms < 50, "the commands took " .. first.cmd_ms .. " and " .. second.cmd_ms .. " ms")
+    assert.is_true(b.worst_delay_ms < 50, "worst delay " .. b.worst_delay_ms .. " ms")
   end)
 
   it(":GptossRewrite previews the diff and applies gptoss.chat's rewrite as one undo step", function()
@@ -227,3 +254,4 @@ describe("gptoss ask, rewrite and adapters in Neovim", function()
     assert.equals(r.streaming.samples, r.streaming.closed)
   end)
 end)
+end

@@ -3,20 +3,22 @@
 local H = require "spec.helpers"
 local json = require "gptoss.json"
 
-local function have_nvim() return os.execute("command -v nvim >/dev/null 2>&1") == true or os.execute("command -v nvim >/dev/null 2>&1") == 0 end
+local nvims = require("support.nvims").list()
 local have_luajit_build = io.open("build/luajit/gptoss/core.so", "rb")
 if have_luajit_build then have_luajit_build:close() end
 
-describe("gptoss in Neovim", function()
-  if not have_nvim() then pending("nvim is not installed (tools/install_deps.sh installs it)"); return end
+-- on Debian 12's Neovim (0.7.2) and a current one (0.10+): support/nvims.lua
+for _, nv in ipairs(nvims) do
+describe("gptoss in Neovim " .. (nv.version or "(missing)"), function()
+  if nv.missing then it("has this Neovim", function() error(nv.missing) end); return end
   if not have_luajit_build then pending("build/luajit/gptoss/core.so is not built (make LUA=luajit)"); return end
 
   local res
   setup(function()
     local out = H.tmpdir()
     local cmd = string.format("cd %q && GPTOSS_TOKENIZER_DIR=%q GPTOSS_NVIM_OUT=%q GPTOSS_NVIM_MODEL=%q "
-      .. "timeout 120 nvim --headless --clean --cmd 'set rtp^=.' -c 'luafile spec/support/nvim_driver.lua' >%q 2>&1",
-      os.getenv("PWD"), os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer", out, H.tiny(), out .. "/log")
+      .. "timeout 120 %q --headless --clean --cmd 'set rtp^=.' -c 'luafile spec/support/nvim_driver.lua' >%q 2>&1",
+      os.getenv("PWD"), os.getenv("GPTOSS_TOKENIZER_DIR") or "tokenizer", out, H.tiny(), nv.cmd, out .. "/log")
     os.execute(cmd)
     local text = H.read(out .. "/result.json")
     assert(text, "the driver wrote no result: " .. tostring(H.read(out .. "/log")))
@@ -76,3 +78,4 @@ describe("gptoss in Neovim", function()
     assert.is_truthy(res.help_stop:find("*:GptossStop*", 1, true))
   end)
 end)
+end

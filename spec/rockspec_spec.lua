@@ -45,13 +45,19 @@ describe("rockspec", function()
       "package.cpath = '%s/lib/lua/5.1/?.so'; ", tree, tree, tree)
     local probe = "local g = require 'gptoss'; local t = assert(g.tokenizer('" .. H.tokenizer_dir .. "')); " ..
       "local ids = t:encode('hello world'); print(package.cpath .. ' ' .. #ids .. ' ' .. t:decode(ids))"
-    for _, cmd in ipairs {
+    local cmds = {
       "lua5.1 -e \"" .. paths .. probe .. "\"",
       "luajit -e \"" .. paths .. probe .. "\"",
-      -- package.cpath is the tree's alone (5.1 has no package.searchpath);
-      -- Neovim's :lua print goes to its messages; io.write reaches stdout headless
-      "nvim --headless -u NONE -c \"lua " .. paths .. probe:gsub("print%((.*)%)$", "io.write(%1, '\\n')") .. "\" -c q",
-    } do
+    }
+    -- Debian 12's Neovim and a current one (support/nvims.lua). package.cpath
+    -- is the tree's alone (5.1 has no package.searchpath); Neovim's :lua
+    -- print goes to its messages; io.write reaches stdout headless
+    for _, nv in ipairs(require("support.nvims").list()) do
+      assert(not nv.missing, nv.missing)
+      cmds[#cmds + 1] = nv.cmd .. " --headless -u NONE -c \"lua " .. paths
+        .. probe:gsub("print%((.*)%)$", "io.write(%1, '\\n')") .. "\" -c q"
+    end
+    for _, cmd in ipairs(cmds) do
       out, rc = run("cd /tmp && " .. cmd)
       assert.are.equal(0, rc, cmd .. "\n" .. out)
       assert.matches(tree:gsub("%p", "%%%0") .. "/lib/lua/5%.1/%?%.so%s+2%s+hello world", out, 1, false)

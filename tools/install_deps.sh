@@ -5,7 +5,7 @@
 # json-schema-test-suite: the official JSON Schema Test Suite (spec/schema_suite_spec.lua).
 set -eu
 PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua5.1 liblua5.1-0-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
-lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl neovim \
+lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl neovim patchelf \
 json-schema-test-suite"
 missing=""
 for p in $PKGS; do

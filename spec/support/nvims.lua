@@ -1,0 +1,35 @@
+--- The Neovims the plugin's specs drive, oldest first: Debian 12's (the
+-- `nvim` on PATH, 0.7.2, `vim.loop`) and a current release (Debian 13's
+-- 0.10.4, `vim.uv`, fetched by tools/fetch_nvim.sh into build/nvim-current
+-- the first time a spec asks). Each entry: { cmd = path, version = "0.10.4" },
+-- or { missing = why } for one that could not be had, which the specs
+-- report as a failure, not a pending: CI has Debian's mirrors.
+local N = {}
+
+local function sh(cmd)
+  local p = io.popen(cmd .. " 2>&1")
+  local out = p:read("*a")
+  local ok = p:close()
+  return out, ok == true or ok == 0
+end
+
+local function version(cmd)
+  local out, ok = sh(cmd .. " --version")
+  return ok and out:match("^NVIM v(%d+%.%d+%.%d+)") or nil
+end
+
+local list
+function N.list()
+  if list then return list end
+  list = {}
+  local v = version("nvim")
+  list[1] = v and { cmd = "nvim", version = v } or { missing = "nvim is not installed (tools/install_deps.sh installs it)" }
+  local out, ok = sh("tools/fetch_nvim.sh build/nvim-current")
+  local cmd = ok and out:match("([^\n]+)\n?$")
+  v = cmd and version(cmd)
+  if v and cmd:sub(1, 1) ~= "/" then cmd = os.getenv("PWD") .. "/" .. cmd end
+  list[2] = v and { cmd = cmd, version = v } or { missing = "tools/fetch_nvim.sh: " .. out }
+  return list
+end
+
+return N
