@@ -1,7 +1,8 @@
 #!/bin/sh
 # Fetches a current Neovim (0.10+) beside Debian 12's 0.7.2, so that the
 # Neovim specs run on both: Debian's own `neovim` package of its current
-# stable release (13, trixie; 0.10.4) and its dependency closure, fetched by
+# stable release (13, trixie; 0.10.4), or of another SUITE (sid: 0.12.4 in
+# December 2026), and its dependency closure, fetched by
 # package name with a private apt state (the system's sources and packages
 # are untouched) and unpacked into DIR (default build/nvim-current). trixie's
 # glibc comes with it: the binary is pointed at the loader and libraries
