@@ -353,4 +353,6 @@ void gptoss_arms_end(gptoss_arms *A, int32_t id) {
 }
 
 int gptoss_arms_active(const gptoss_arms *A) { return A->active; }
+
+gptoss_matcher *gptoss_arms_matcher(const gptoss_arms *A) { return A->active >= 0 ? A->m : NULL; }
 /* }====================================================== */

@@ -25,5 +25,7 @@ void gptoss_arms_begin(gptoss_arms *A, const int32_t *hist, size_t n, gptoss_arm
 /* after it: the sampled id */
 void gptoss_arms_end(gptoss_arms *A, int32_t id);
 int gptoss_arms_active(const gptoss_arms *A);
+/* the matcher of the arm under way, or NULL (for computing its next mask ahead) */
+gptoss_matcher *gptoss_arms_matcher(const gptoss_arms *A);
 
 #endif

@@ -411,6 +411,15 @@ static void step(gptoss_engine *e, step_buf *b) {
     n++;
   }
   if (n == 0) return;
+  /* the constrained requests that draw after this pass: their masks are
+     computed meanwhile (engine_masks.c) */
+  int nm = 0;
+  for (int k = 0; k < n; k++) {
+    gptoss_request *r = e->active[b->who[k]];
+    if (r->fed + (r->fed < r->n_prompt ? b->counts[k] : 0) >= r->n_prompt && gptoss_sampler_constrained(r->smp))
+      b->masked[nm++] = r->smp;
+  }
+  engine_masks_post(&e->masks, b->masked, nm);
   double t0 = engine_now();
   gptoss_status rc;
   int ns = 0;
@@ -439,6 +448,9 @@ static void step(gptoss_engine *e, step_buf *b) {
     if (ns) rc = gptoss_sample_sessions(b->sample_ss, ns, b->smp, b->next);
   }
   double t1 = engine_now();
+  uint64_t masks = 0;
+  double masks_s = 0;
+  if (nm) engine_masks_wait(&e->masks, &masks, &masks_s);
   if (rc) {
     char msg[256];
     snprintf(msg, sizeof msg, "%s", gptoss_errmsg());
@@ -454,6 +466,8 @@ static void step(gptoss_engine *e, step_buf *b) {
   pthread_mutex_lock(&e->mu);
   e->st.steps++;
   e->st.busy_s += t1 - t0;
+  e->st.masks_ahead += masks;
+  e->st.masks_ahead_s += masks_s;
   e->st.prefill_tokens += (uint64_t)prefill;
   for (int k = 0; k < ns; k++) {
     gptoss_request *r = e->active[b->sample_who[k]];
@@ -553,6 +567,7 @@ static int step_buf_new(step_buf *b, int mb) {
   b->ss = malloc(sizeof *b->ss * (size_t)mb);
   b->sample_ss = malloc(sizeof *b->sample_ss * (size_t)mb);
   b->smp = malloc(sizeof *b->smp * (size_t)mb);
+  b->masked = malloc(sizeof *b->masked * (size_t)mb);
   b->next = malloc(sizeof *b->next * (size_t)mb);
   b->counts = malloc(sizeof *b->counts * (size_t)mb);
   b->who = malloc(sizeof *b->who * (size_t)mb);
@@ -561,12 +576,12 @@ static int step_buf_new(step_buf *b, int mb) {
   b->ended_s = malloc(sizeof *b->ended_s * (size_t)mb);
   b->fresh = malloc(sizeof *b->fresh * (size_t)mb);
   b->lp = malloc(sizeof *b->lp * LP_STRIDE * (size_t)mb);
-  return b->ss && b->sample_ss && b->smp && b->next && b->counts && b->who && b->sample_who && b->ended && b->ended_s
+  return b->ss && b->sample_ss && b->smp && b->masked && b->next && b->counts && b->who && b->sample_who && b->ended && b->ended_s
          && b->fresh && b->lp;
 }
 
 static void step_buf_free(step_buf *b) {
-  free(b->ss); free(b->sample_ss); free(b->smp); free(b->next); free(b->counts); free(b->who); free(b->sample_who);
+  free(b->ss); free(b->sample_ss); free(b->smp); free(b->masked); free(b->next); free(b->counts); free(b->who); free(b->sample_who);
   free(b->ended); free(b->ended_s); free(b->fresh); free(b->ids); free(b->lp); free(b->logits);
 }
 /* }====================================================== */
@@ -623,6 +638,8 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   pthread_condattr_destroy(&ca);
   e->st.kv_budget = d.kv_budget;
   e->t_start = engine_now();
+  if (!rc && !engine_masks_start(&e->masks, d.max_batch))
+    rc = gptoss_fail(GPTOSS_ENOMEM, "engine: cannot start its mask thread");
   if (!rc && pthread_create(&e->thread, NULL, engine_main, e) != 0)
     rc = gptoss_fail(GPTOSS_ENOMEM, "engine: cannot start its thread");
   if (rc) { engine_release(e); return rc; }
@@ -632,6 +649,7 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
 }
 
 void engine_release(gptoss_engine *e) {
+  engine_masks_stop(&e->masks);   /* a start that failed part-way; stopped already otherwise */
   fd_close(e);
   pthread_mutex_destroy(&e->mu);
   pthread_cond_destroy(&e->work);
@@ -651,6 +669,7 @@ void gptoss_engine_stop(gptoss_engine *e) {
   pthread_mutex_unlock(&e->mu);
   pthread_join(e->thread, NULL);
   e->running = 0;
+  engine_masks_stop(&e->masks);
   /* the thread is gone: what it owned is this thread's now */
   while (e->nactive) finish_active(e, e->nactive - 1, GPTOSS_FINISH_CANCELLED, NULL);
   while (e->ncache) cache_drop(e, e->ncache - 1);

@@ -46,7 +46,7 @@ struct gptoss_request {
 /* the engine thread's scratch, sized for max_batch when the engine starts */
 typedef struct step_buf {
   gptoss_session **ss, **sample_ss;
-  gptoss_sampler **smp;
+  gptoss_sampler **smp, **masked;   /* masked: the constrained ones whose masks are computed ahead */
   int32_t *ids, *next;
   int *counts, *who, *sample_who;
   gptoss_request **ended;
@@ -63,6 +63,20 @@ typedef struct cache_entry {
   gptoss_adapter *adapter;         /* compared by identity and version, never dereferenced for more */
   uint64_t version, used, bytes;
 } cache_entry;
+
+/* the thread computing the next step's grammar masks during the forward
+   pass (engine_masks.c); the engine thread posts a batch and waits for it */
+typedef struct engine_masks {
+  pthread_t thread;
+  pthread_mutex_t mu;
+  pthread_cond_t go, done;
+  gptoss_sampler **smp;            /* [max_batch]: the batch posted, and each one's draws then */
+  uint64_t *draws;
+  int n, started, stopping;
+  uint64_t posted, taken;          /* batches posted, and done */
+  uint64_t prepared;               /* masks computed since the last wait, and their seconds */
+  double busy_s;
+} engine_masks;
 
 struct gptoss_engine {
   gptoss_model *m;
@@ -88,7 +102,7 @@ struct gptoss_engine {
      engine thread's (seconds of training the share allows before the next
      serving step) */
   gptoss_train_job *jobs, *jobs_tail;
-  double train_credit, train_last_s;   /* the credit; what the last example took */
+  double train_credit, train_last_s;   /* the credit; what the last example took */  engine_masks masks;
 };
 
 static inline double engine_now(void) {
@@ -104,6 +118,13 @@ static inline double engine_now(void) {
 int engine_train_pending(const gptoss_engine *e);
 int engine_train_count(const gptoss_engine *e);   /* jobs waiting or running; under mu */
 void engine_train_between(gptoss_engine *e, int idle, double step_s);
+/* engine_masks.c: start (0: it could not) and stop the worker; post the
+   samplers that draw after the next forward pass; wait for that batch,
+   adding the masks computed and their seconds */
+int engine_masks_start(engine_masks *w, int max_batch);
+void engine_masks_stop(engine_masks *w);
+void engine_masks_post(engine_masks *w, gptoss_sampler *const *smp, int n);
+void engine_masks_wait(engine_masks *w, uint64_t *prepared, double *busy_s);
 /* frees what the engine holds once its last reference is gone (engine.c) */
 void engine_release(gptoss_engine *e);
 /* at stop, with the thread gone: every job left ends cancelled */

@@ -228,6 +228,9 @@ gptoss_status gptoss_matcher_new(gptoss_grammar *g, gptoss_vocab *v, const int32
 void gptoss_matcher_free(gptoss_matcher *m);
 /* bits[(vocab + 31) / 32]: bit id set when the grammar allows token id next */
 gptoss_status gptoss_matcher_mask(gptoss_matcher *m, uint32_t *bits);
+/* computes the current state's mask ahead (into the matcher's cache of
+   masks by state), for the next mask or apply to copy */
+gptoss_status gptoss_matcher_prepare(gptoss_matcher *m);
 /* sets the logits of the tokens the grammar forbids to -inf */
 gptoss_status gptoss_matcher_apply(gptoss_matcher *m, float *logits);
 int gptoss_matcher_allows(const gptoss_matcher *m, int32_t id);   /* by the last apply */
@@ -324,6 +327,14 @@ gptoss_status gptoss_sampler_arm(gptoss_sampler *s, gptoss_headers *h, gptoss_vo
 int gptoss_sampler_armed(const gptoss_sampler *s);   /* the arm part-way through a message (0-based), -1: none */
 /* a matcher or arms: the sampler must see the history and run on the host */
 int gptoss_sampler_constrained(const gptoss_sampler *s);
+/* For computing a constrained sampler's next mask ahead, on another thread
+   while the logits are computed (the engine does). gptoss_sampler_draws:
+   samples drawn so far; gptoss_sampler_prepare computes the mask the next
+   draw will take (its grammar's, or its active arm's), unless a draw
+   happened since `draws` (then there is nothing to do): 1 when it did.
+   The two threads are ordered by the sampler's lock. */
+uint64_t gptoss_sampler_draws(gptoss_sampler *s);
+int gptoss_sampler_prepare(gptoss_sampler *s, uint64_t draws);
 /* }====================================================== */
 
 /* {====================================================== model and sessions */
@@ -625,6 +636,10 @@ typedef struct gptoss_engine_stats {
   uint64_t train_jobs, train_examples, train_tokens;
   int train_pending;
   double train_s;
+  /* grammar masks computed ahead, while the forward pass ran (engine_masks.c),
+     and the seconds spent on them */
+  uint64_t masks_ahead;
+  double masks_ahead_s;
 } gptoss_engine_stats;
 
 gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gptoss_engine **out);

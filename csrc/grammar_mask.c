@@ -282,21 +282,36 @@ static gptoss_status compute(gptoss_matcher *M, uint32_t *bits) {
   return rc;
 }
 
-gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
-  size_t words = (size_t)((M->voc->V + 31) / 32);
+/* the current state's mask, in its slot of the matcher's cache (computed
+   there when missing: walks need the slot's pad word) */
+static gptoss_status cached(gptoss_matcher *M, const uint32_t **bits) {
   gptoss_status rc = gm_compact(M);
   if (rc) return rc;
+  int slot = (int)(M->cur % MASK_CACHE);
+  if (M->cache[slot].state != M->cur) {
+    M->cache[slot].state = UINT32_MAX;
+    if (!M->cache[slot].bits && !(M->cache[slot].bits = malloc(sizeof(uint32_t) * gvocab_words(M->voc))))
+      return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
+    if ((rc = compute(M, M->cache[slot].bits))) return rc;
+    M->cache[slot].state = M->cur;
+  }
+  *bits = M->cache[slot].bits;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_matcher_prepare(gptoss_matcher *M) {
+  const uint32_t *bits;
+  return M->ended ? GPTOSS_OK : cached(M, &bits);
+}
+
+gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
+  size_t words = (size_t)((M->voc->V + 31) / 32);
   if (M->ended) memset(bits, 0, sizeof(uint32_t) * words);
   else {
-    int slot = (int)(M->cur % MASK_CACHE);
-    if (M->cache[slot].state != M->cur) {   /* computed into the slot: walks need its pad word */
-      M->cache[slot].state = UINT32_MAX;
-      if (!M->cache[slot].bits && !(M->cache[slot].bits = malloc(sizeof(uint32_t) * gvocab_words(M->voc))))
-        return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
-      if ((rc = compute(M, M->cache[slot].bits))) return rc;
-      M->cache[slot].state = M->cur;
-    }
-    memcpy(bits, M->cache[slot].bits, sizeof(uint32_t) * words);
+    const uint32_t *have;
+    gptoss_status rc = cached(M, &have);
+    if (rc) return rc;
+    memcpy(bits, have, sizeof(uint32_t) * words);
   }
   if (M->ended || M->accepting[M->cur])
     for (int i = 0; i < M->n_end; i++) bits[M->end_ids[i] >> 5] |= 1u << (M->end_ids[i] & 31);

@@ -9,6 +9,7 @@
 */
 #include <float.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 #include "arm.h"
@@ -24,6 +25,11 @@ struct gptoss_sampler {
   int32_t *counts;       /* per-id counts in the penalty window, zero between calls */
   gptoss_matcher *gm;    /* a grammar's constraint over the whole output, or NULL */
   gptoss_arms *arms;     /* grammars for kinds of harmony message, or NULL */
+  /* a sample and a mask computed ahead on another thread (the engine's)
+     take turns; draws counts the samples, so that a mask computed ahead is
+     not for a state already passed */
+  pthread_mutex_t mu;
+  uint64_t draws;
 };
 
 void gptoss_sampling_default(gptoss_sampling *s) {
@@ -73,6 +79,7 @@ gptoss_status gptoss_sampler_new(const gptoss_sampling *s, int vocab, gptoss_sam
   if (!p) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   p->cfg = *s;
   p->vocab = vocab;
+  if (pthread_mutex_init(&p->mu, NULL)) { free(p); return gptoss_fail(GPTOSS_ENOMEM, "sampler: cannot make its lock"); }
   p->order = malloc(sizeof(int32_t) * (size_t)vocab);
   p->counts = calloc((size_t)vocab, sizeof(int32_t));
   if (s->n_bias) {
@@ -109,6 +116,7 @@ void gptoss_sampler_free(gptoss_sampler *p) {
   free(p->bias_values);
   gptoss_matcher_free(p->gm);
   gptoss_arms_free(p->arms);
+  pthread_mutex_destroy(&p->mu);
   free(p);
 }
 
@@ -209,13 +217,34 @@ static void constrain(gptoss_sampler *p, const gptoss_arm_mask *mask, float *log
 static int32_t sample(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits, const int32_t *hist, size_t nhist);
 
 int32_t gptoss_sampler_sample(gptoss_sampler *p, float *logits, const int32_t *hist, size_t nhist) {
+  pthread_mutex_lock(&p->mu);
   gptoss_arm_mask mask = { p->gm, NULL, 0 };
   if (!p->gm && p->arms) gptoss_arms_begin(p->arms, hist, nhist, &mask);
   int32_t id = sample(p, &mask, logits, hist, nhist);
   /* the mask allowed it: this only fails when the mask failed too */
   if (p->gm) (void)gptoss_matcher_accept(p->gm, id);
   else if (p->arms) gptoss_arms_end(p->arms, id);
+  p->draws++;
+  pthread_mutex_unlock(&p->mu);
   return id;
+}
+
+uint64_t gptoss_sampler_draws(gptoss_sampler *p) {
+  pthread_mutex_lock(&p->mu);
+  uint64_t n = p->draws;
+  pthread_mutex_unlock(&p->mu);
+  return n;
+}
+
+/* The next draw's matcher: the grammar's, or the arm's under way (an arm
+   that the next token's header opens is found by that draw). A failure is
+   left for the draw to meet and report on its own thread. */
+int gptoss_sampler_prepare(gptoss_sampler *p, uint64_t draws) {
+  pthread_mutex_lock(&p->mu);
+  gptoss_matcher *m = p->draws != draws ? NULL : p->gm ? p->gm : p->arms ? gptoss_arms_matcher(p->arms) : NULL;
+  int done = m && !gptoss_matcher_ended(m) && gptoss_matcher_prepare(m) == GPTOSS_OK;
+  pthread_mutex_unlock(&p->mu);
+  return done;
 }
 
 static int32_t sample(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits, const int32_t *hist, size_t nhist) {

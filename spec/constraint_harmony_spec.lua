@@ -359,5 +359,37 @@ describe("harmony-aware constraints", function()
     assert.same(chats[1], gptoss.chat(model, ASK, { tools = TOOLS, seed = 1, max_tokens = 60,
       prefill = call_prefill("get_weather") }).ids)
   end)
+
+  it("through the engine: the next masks are computed while the forward pass runs, and the tokens stay model:generate's", function()
+    -- arms (a tool call's arguments) and a grammar over the whole output, mixed in one batch
+    local prompt = harmony.render({ developer = { tools = TOOLS }, messages = ASK, mode = "completion",
+      prefill = call_prefill("get_weather") }, tok)
+    local arms = constraint.chat_arms({}, TOOLS, "spec")
+    local plain = tok:encode("Answer in JSON:")
+    local schema = '{"type":"object","properties":{"n":{"type":"integer"},"s":{"type":"string"}},"required":["n","s"]}'
+    local function opts(k)
+      if k % 2 == 1 then return prompt, { arms = arms, seed = k, max_tokens = 40 } end
+      return plain, { json_schema = schema, json_options = { max_string = 8 }, seed = k, max_tokens = 40 }
+    end
+    local alone = {}
+    for k = 1, 6 do
+      local ids, o = opts(k)
+      alone[k] = model:generate(ids, o).ids
+    end
+    local eng = gptoss.engine(model, { max_batch = 6 })
+    finally(function() eng:close() end)
+    local reqs, drawn = {}, 0
+    for k = 1, 6 do reqs[k] = assert(eng:submit(opts(k))) end
+    for k = 1, 6 do
+      local got = reqs[k]:result().ids
+      assert.same(alone[k], got)
+      drawn = drawn + #got
+    end
+    local st = eng:stats()
+    -- every draw after a request's first has its grammar's state known a
+    -- step ahead; some are computed by the draw itself when it comes first
+    assert.is_true(st.masks_ahead > 0 and st.masks_ahead <= drawn, st.masks_ahead .. " of " .. drawn)
+    assert.is_true(st.masks_ahead_s > 0)
+  end)
   -- }======================================================
 end)

@@ -165,6 +165,7 @@ static int engine_stats(lua_State *L) {
   I(prompt_tokens); I(prefill_tokens); I(prefix_hits); I(prefix_tokens); I(generated_tokens); I(steps);
   N(busy_s); N(uptime_s); N(tokens_per_s);
   I(train_jobs); I(train_pending); I(train_examples); I(train_tokens); N(train_s);
+  I(masks_ahead); N(masks_ahead_s);
 #undef I
 #undef N
   lua_pushnumber(L, (lua_Number)(s.kv_active + s.kv_cached));
