@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device, one round for the numbers issues 25 and 21 still lack (2026-12-07):
 # serving with training on the 20B shape (bench/learn.lua at 8 and 32
-# streams), then the LoRA sweep (bench/sweep/lr_rank_20b.lua) and the
+# streams), issue 23's constrained decoding (bench/constrained.lua) and
+# masks on the device's CPU (bench/grammar.lua), then the LoRA sweep (bench/sweep/lr_rank_20b.lua) and the
 # benchmark suite (gptoss bench, llama-bench's tests; then the in-process
 # study while time is left). Each stage gets what is left of ROUND_S.
 # Carry .device-kit and .carry (bundle.tar.xz).
@@ -14,6 +15,11 @@ lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --t
 echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 BENCH_JSON=$OUT/learn.json timeout ${LEARN_T:-150} lua5.4 bench/learn.lua /tmp/gptoss-20b cuda:0 8,32 0.3 ${LEARN_S:-10} > $OUT/learn.md 2> $OUT/learn.err
 echo "learn rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/learn.md; tail -5 $OUT/learn.err
+# issue 23: a constraint's cost to decoding on the GPU, and the masks on this CPU
+BENCH_JSON=$OUT/constrained.json timeout 60 lua5.4 bench/constrained.lua /tmp/gptoss-20b cuda:0 1,8 3 > $OUT/constrained.md 2> $OUT/constrained.err
+echo "constrained rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/constrained.md; tail -3 $OUT/constrained.err
+timeout 60 lua5.4 bench/grammar.lua tokenizer 40 > $OUT/grammar_cpu.txt 2>&1
+echo "grammar rc=$?"; cat $OUT/grammar_cpu.txt; lscpu | grep "Model name" >> $OUT/grammar_cpu.txt
 t=$(( $(left) - 150 )); [ $t -gt 240 ] && t=240
 if [ $t -gt 60 ]; then
   GPTOSS_PROGRESS=lines timeout $t lua5.4 bin/gptoss sweep bench/sweep/lr_rank_20b.lua --dir /tmp/lr_rank_20b --no-plots \
