@@ -112,12 +112,17 @@ struct gptoss_backend {
   gptoss_status (*decode)(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
   /* optional: copies the last position's logits to the host; NULL = s->logits holds them */
   gptoss_status (*logits)(const gptoss_session *s, float *out);
-  /* optional: LoRA training (gptoss_lora_backward's contract); NULL = refused */
+  /* optional: LoRA training (gptoss_lora_backward's contract); NULL = refused.
+     seg0: NULL, or [n] the offset where each token's example begins (packed
+     examples: a token attends from there on, at position t - seg0[t]) */
   gptoss_status (*lora_backward)(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
-                                 double *loss, int *count);
+                                 const int32_t *seg0, double *loss, int *count);
 };
 
 extern const gptoss_backend gptoss_cpu_backend;
+
+/* packed examples' starts, as gptoss_lora_backward_packed takes them: fn names the caller in the error (optim.c) */
+gptoss_status gptoss_check_starts(const char *fn, const int32_t *starts, int ns, int n);
 
 #if defined(__GNUC__)
 #pragma GCC visibility push(default)

@@ -37,6 +37,7 @@ struct gptoss_train_job {
   gptoss_train_example *ex;    /* ids and masks in one allocation each */
   int32_t *ids;
   uint8_t *masks;
+  int32_t *starts;             /* the packed examples' starts, in one allocation too */
   double t_submit;
   /* under e->mu */
   int cancel;
@@ -100,6 +101,7 @@ static void job_release(gptoss_train_job *j) {
   free(j->ex);
   free(j->ids);
   free(j->masks);
+  free(j->starts);
   free(j);
 }
 
@@ -141,7 +143,7 @@ gptoss_status gptoss_engine_train(gptoss_engine *e, gptoss_adapter *a, const gpt
     return gptoss_fail(GPTOSS_EARG, "train job: loss_only takes neither step nor zero_grad");
   gptoss_status rc = gptoss_adapter_check(a, m);
   if (rc) return rc;
-  size_t total = 0;
+  size_t total = 0, total_starts = 0;
   for (int i = 0; i < n; i++) {
     if (!ex[i].ids || ex[i].n < 2)
       return gptoss_fail(GPTOSS_EARG, "train job: example %d needs at least 2 tokens (got %d)", i + 1, ex[i].n);
@@ -152,15 +154,20 @@ gptoss_status gptoss_engine_train(gptoss_engine *e, gptoss_adapter *a, const gpt
       if (ex[i].ids[t] < 0 || ex[i].ids[t] >= m->cfg.vocab_size)
         return gptoss_fail(GPTOSS_ERANGE, "train job: example %d: token id %d at position %d is outside the vocabulary (%d)",
                            i + 1, (int)ex[i].ids[t], t + 1, m->cfg.vocab_size);
+    char what[64];
+    snprintf(what, sizeof what, "train job: example %d", i + 1);
+    if ((rc = gptoss_check_starts(what, ex[i].starts, ex[i].ns, ex[i].n))) return rc;
     total += (size_t)ex[i].n;
+    total_starts += (size_t)ex[i].ns;
   }
   gptoss_train_job *j = calloc(1, sizeof *j);
   if (!j) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   j->ex = malloc(sizeof *j->ex * (size_t)n);
   j->ids = malloc(sizeof(int32_t) * total);
   j->masks = malloc(total);
-  if (!j->ex || !j->ids || !j->masks) { job_release(j); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-  size_t at = 0;
+  j->starts = malloc(sizeof(int32_t) * (total_starts ? total_starts : 1));
+  if (!j->ex || !j->ids || !j->masks || !j->starts) { job_release(j); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  size_t at = 0, at_starts = 0;
   for (int i = 0; i < n; i++) {
     memcpy(j->ids + at, ex[i].ids, sizeof(int32_t) * (size_t)ex[i].n);
     /* the backward pass takes a mask always */
@@ -169,7 +176,11 @@ gptoss_status gptoss_engine_train(gptoss_engine *e, gptoss_adapter *a, const gpt
     j->ex[i].ids = j->ids + at;
     j->ex[i].mask = j->masks + at;
     j->ex[i].n = ex[i].n;
+    if (ex[i].ns) memcpy(j->starts + at_starts, ex[i].starts, sizeof(int32_t) * (size_t)ex[i].ns);
+    j->ex[i].starts = ex[i].ns ? j->starts + at_starts : NULL;
+    j->ex[i].ns = ex[i].ns;
     at += (size_t)ex[i].n;
+    at_starts += (size_t)ex[i].ns;
   }
   j->a = gptoss_adapter_ref(a);
   j->o = d;
@@ -255,7 +266,7 @@ static void run_example(gptoss_engine *e, gptoss_train_job *j, int k) {
   gptoss_status rc = GPTOSS_OK;
   if (k == 0 && j->o.zero_grad) gptoss_adapter_zero_grad(j->a);
   if (j->o.loss_only) rc = gptoss_lora_loss(e->m, j->a, x->ids, x->mask, x->n, &loss, &count);
-  else rc = gptoss_lora_backward(e->m, j->a, x->ids, x->mask, x->n, &loss, &count);
+  else rc = gptoss_lora_backward_packed(e->m, j->a, x->ids, x->mask, x->n, x->starts, x->ns, &loss, &count);
   int last = k + 1 == j->n;
   if (!rc && last && j->o.step) {
     gptoss_adamw w = j->o.adamw;

@@ -498,6 +498,14 @@ gptoss_status gptoss_adapter_new(const gptoss_model *m, const gptoss_lora_opts *
    *count; adds d(loss)/d(LoRA weights) into the adapter's gradients. */
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count);
+/* The same over several examples packed into one sequence: starts[0..ns)
+   are the 0-based offsets where they begin (0 first, increasing). Each
+   token attends to its own example's tokens alone and takes its RoPE
+   position from its example's start, and an example's first token is no
+   target, so the loss and gradients are those of the examples one by one
+   (TRL's packing with position ids restarting per example). ns = 0: one. */
+gptoss_status gptoss_lora_backward_packed(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                          const int32_t *starts, int ns, double *loss, int *count);
 /* The same loss without gradients (a forward pass in a session of its own;
    a = NULL: the base model), as evaluation needs it. */
 gptoss_status gptoss_lora_loss(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
@@ -693,6 +701,8 @@ typedef struct gptoss_train_example {
   const int32_t *ids;
   const uint8_t *mask;     /* NULL: every position t >= 1 counts */
   int n;                   /* >= 2 */
+  const int32_t *starts;   /* packed examples: as gptoss_lora_backward_packed takes them (ns = 0: one) */
+  int ns;
 } gptoss_train_example;
 typedef struct gptoss_train_job_opts {
   int loss_only;           /* evaluate: gptoss_lora_loss per example, no gradients */

@@ -108,18 +108,63 @@ void gptoss_adapter_add_grads(gptoss_adapter *a, int layer, const float *src, gp
 
 gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                    double *loss, int *count) {
+  return gptoss_lora_backward_packed(m, a, ids, mask, n, NULL, 0, loss, count);
+}
+
+/* packed examples: each token's example start, and the mask without the
+   examples' first tokens (as targets they would be predicted from the
+   example before) */
+gptoss_status gptoss_check_starts(const char *fn, const int32_t *starts, int ns, int n) {
+  if (ns < 0) return gptoss_fail(GPTOSS_EARG, "%s: the number of example starts must be >= 0 (got %d)", fn, ns);
+  if (ns == 0) return GPTOSS_OK;
+  if (!starts) return gptoss_fail(GPTOSS_EARG, "%s: %d example starts given as NULL", fn, ns);
+  if (starts[0] != 0) return gptoss_fail(GPTOSS_EARG, "%s: the first example must start at offset 0 (got %d)", fn, starts[0]);
+  for (int k = 1; k < ns; k++)
+    if (starts[k] <= starts[k - 1] || starts[k] >= n)
+      return gptoss_fail(GPTOSS_EARG, "%s: example start %d (offset %d) must come after the one before (%d) and inside "
+                         "the %d tokens", fn, k + 1, starts[k], starts[k - 1], n);
+  return GPTOSS_OK;
+}
+
+static gptoss_status unpack(const int32_t *starts, int ns, const uint8_t *mask, int n, int32_t **seg0, uint8_t **mask2) {
+  *seg0 = NULL;
+  *mask2 = NULL;
+  gptoss_status rc = gptoss_check_starts("lora backward", starts, ns, n);
+  if (rc || ns == 0) return rc;
+  int32_t *s = malloc(sizeof(int32_t) * (size_t)n);
+  uint8_t *mk = malloc((size_t)n);
+  if (!s || !mk) { free(s); free(mk); return gptoss_fail(GPTOSS_ENOMEM, "out of memory for packed examples"); }
+  for (int k = 0, t = 0; k < ns; k++) {
+    int end = k + 1 < ns ? starts[k + 1] : n;
+    for (; t < end; t++) {
+      s[t] = starts[k];
+      mk[t] = t == starts[k] ? 0 : mask ? mask[t] : 1;
+    }
+  }
+  *seg0 = s;
+  *mask2 = mk;
+  return GPTOSS_OK;
+}
+
+gptoss_status gptoss_lora_backward_packed(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                                          const int32_t *starts, int ns, double *loss, int *count) {
   if (!m->be->lora_backward) return gptoss_fail(GPTOSS_EUNSUP, "LoRA training is not supported on %s", m->device);
   if (n < 2) return gptoss_fail(GPTOSS_EARG, "lora backward: a sequence needs at least 2 tokens (got %d)", n);
   for (int i = 0; i < n; i++)
     if (ids[i] < 0 || ids[i] >= m->cfg.vocab_size)
       return gptoss_fail(GPTOSS_ERANGE, "lora backward: token id %d at position %d is outside the vocabulary (%d)", ids[i], i + 1,
                          m->cfg.vocab_size);
-  gptoss_status rc = gptoss_adapter_check(a, m);
+  int32_t *seg0;
+  uint8_t *mask2;
+  gptoss_status rc = unpack(starts, ns, mask, n, &seg0, &mask2);
+  if (!rc) rc = gptoss_adapter_check(a, m);
   if (!rc) rc = grads_alloc(a);
   if (!rc) {
     grads_stale(a);
-    rc = m->be->lora_backward(m, a, ids, mask, n, loss, count);
+    rc = m->be->lora_backward(m, a, ids, seg0 ? mask2 : mask, n, seg0, loss, count);
   }
+  free(seg0);
+  free(mask2);
   return rc;
 }
 

@@ -439,7 +439,8 @@ static gptoss_status cuda_logits(const gptoss_session *s, float *out) {
 }
 
 static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
-                                double *loss, int *count) {
+                                const int32_t *seg0, double *loss, int *count) {
+  if (seg0) return gptoss_fail(GPTOSS_EUNSUP, "packed examples (several in one sequence) are trained on the CPU only so far");
   cuda_model *cm = model_of(m);
   TRY(cuda_device_usable(cm->dev));
   CU(cudaSetDevice(cm->dev));

@@ -69,13 +69,15 @@ static void attention_worker(void *ctx, int tid, int nth) {
       kc = cs->k[l]; vc = cs->v[l];
       ring = sliding ? s->ring : 0;
     }
-    int pos = p->pos[t];
-    int j0 = sliding && pos - W + 1 > 0 ? pos - W + 1 : 0;
-    int n = pos - j0 + 1;
+    /* keys j0..last: rows of the session's cache, or of the sequence in
+       training, where a packed example's tokens see its own alone */
+    int pos = p->pos[t], last = p->train ? t : pos, first = p->seg0 ? p->seg0[t] : 0;
+    int j0 = sliding && last - W + 1 > first ? last - W + 1 : first;
+    int n = last - j0 + 1;
     const float *qh = a->q + (size_t)t * (size_t)(Hq * D) + (size_t)h * (size_t)D;
     float mx = gptoss_bf16_to_f32(sinks[h]);
     float sink = mx;
-    for (int i = j0; i <= pos; i++) {
+    for (int i = j0; i <= last; i++) {
       const float *kr = kc + (size_t)gptoss_kv_slot(ring > 0, ring, i) * (size_t)kd + (size_t)kvh * (size_t)D;
       float v = cpu_dot(qh, kr, D) * scale;
       sc[i - j0] = v;
@@ -85,7 +87,7 @@ static void attention_worker(void *ctx, int tid, int nth) {
     for (int i = 0; i < n; i++) { sc[i] = expf(sc[i] - mx); den += sc[i]; }
     float *o = a->att + (size_t)t * (size_t)(Hq * D) + (size_t)h * (size_t)D;
     memset(o, 0, sizeof(float) * (size_t)D);
-    for (int i = j0; i <= pos; i++) {
+    for (int i = j0; i <= last; i++) {
       const float *vr = vc + (size_t)gptoss_kv_slot(ring > 0, ring, i) * (size_t)kd + (size_t)kvh * (size_t)D;
       float w = sc[i - j0] / den;
       for (int d = 0; d < D; d++) o[d] += w * vr[d];
@@ -100,7 +102,8 @@ void cpu_attention(const cpu_pass *p, cpu_acts *a, int l) {
 }
 
 /* with P = softmax(s), s = q.k * scale: dv += P dout, ds = P (dout.v - dout.o),
-   dq += ds k * scale, dk += ds q * scale; training's positions 0..T-1 */
+   dq += ds k * scale, dk += ds q * scale; training's rows 0..T-1 (a packed
+   example's from its start) */
 void cpu_attention_backward(const cpu_pass *p, const cpu_acts *a, int l, const float *datt,
                             float *dq, float *dk, float *dv) {
   const gptoss_config *c = &p->m->cfg;
@@ -110,7 +113,7 @@ void cpu_attention_backward(const cpu_pass *p, const cpu_acts *a, int l, const f
   float scale = 1.0f / sqrtf((float)D);
   for (int t = 0; t < T; t++)
     for (int h = 0; h < Hq; h++) {
-      int j0 = sliding && t - W + 1 > 0 ? t - W + 1 : 0, kvh = h / G;
+      int first = p->seg0 ? p->seg0[t] : 0, j0 = sliding && t - W + 1 > first ? t - W + 1 : first, kvh = h / G;
       const float *qh = a->q + (size_t)t * Q + (size_t)h * D, *o = a->att + (size_t)t * Q + (size_t)h * D;
       const float *dout = datt + (size_t)t * Q + (size_t)h * D;
       float lse = a->lse[(size_t)t * Hq + h], dd = cpu_dot(dout, o, D);

@@ -69,6 +69,7 @@ typedef struct cpu_pass {
   const cpu_model *cm;
   int T;
   const int32_t *pos;            /* [T] absolute position of each token */
+  const int32_t *seg0;           /* training, packed examples: [T] the row where each token's example begins; else NULL */
   gptoss_session **sess;         /* [T] each token's session (cache, adapter, trace); NULL when training */
   const int *trace_row;          /* [T] the token's index within its session's feed */
   int lora;                      /* some token has an adapter */
@@ -183,6 +184,7 @@ const float *cpu_dropout(const cpu_pass *p, cpu_acts *a, int l, int mod, int t, 
 /* LoRA training: loss of one sequence and the gradients of the adapter's
    weights (train.c, the backend's lora_backward) */
 gptoss_status cpu_lora_train(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
+                             const int32_t *seg0,
                              double *loss, int *count);
 
 #endif

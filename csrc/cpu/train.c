@@ -2,7 +2,8 @@
 ** train.c: LoRA training's pass on the CPU, fp32: the reference that PEFT
 ** + transformers' autograd is checked against.
 **
-** One sequence at a time, positions 0..n-1, no cache, through the layer of
+** One sequence at a time, positions 0..n-1 (packed examples: each from 0,
+** attending within itself), no cache, through the layer of
 ** layer.c in training mode. The forward keeps only each layer's input
 ** (activation checkpointing per layer); the backward runs that layer
 ** forward again, keeping its intermediates, then walks back through it.
@@ -14,7 +15,7 @@
 #include "cpu.h"
 
 gptoss_status cpu_lora_train(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
-                             double *loss, int *count) {
+                             const int32_t *seg0, double *loss, int *count) {
   const gptoss_config *cfg = &m->cfg;
   cpu_model *cm = m->bm;
   int T = n, H = cfg->hidden_size, L = cfg->num_hidden_layers, V = cfg->vocab_size;
@@ -24,7 +25,7 @@ gptoss_status cpu_lora_train(gptoss_model *m, gptoss_adapter *a, const int32_t *
   float *inv = cpu_alloc(sizeof(float) * (size_t)T), *lg = cpu_alloc(sizeof(float) * (size_t)V * T);
   uint64_t dseed;
   float drop = (float)gptoss_adapter_dropout(a, &dseed);
-  cpu_pass p = { .m = m, .cm = cm, .T = T, .pos = pos, .lora = 1, .train = 1, .adapter = a, .drop = drop,
+  cpu_pass p = { .m = m, .cm = cm, .T = T, .pos = pos, .seg0 = seg0, .lora = 1, .train = 1, .adapter = a, .drop = drop,
                  .drop_key = gptoss_mix64(dseed ^ ((uint64_t)gptoss_adapter_steps(a) << 32)) };
   cpu_acts acts = {0};
   cpu_grads g = {0};
@@ -33,7 +34,7 @@ gptoss_status cpu_lora_train(gptoss_model *m, gptoss_adapter *a, const int32_t *
     rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for the backward pass of %d tokens", n);
     goto done;
   }
-  for (int t = 0; t < T; t++) pos[t] = t;
+  for (int t = 0; t < T; t++) pos[t] = seg0 ? t - seg0[t] : t;   /* packed: each example from 0 */
   cpu_embed(&p, xs, ids);
   for (int l = 0; l < L; l++) cpu_layer_forward(&p, &acts, l, xs + (size_t)l * T * H, xs + (size_t)(l + 1) * T * H);
   /* loss: position t predicts ids[t + 1] where mask[t + 1] */

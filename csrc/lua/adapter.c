@@ -130,10 +130,11 @@ static int l_lora_new(lua_State *L) {
   return 1;
 }
 
-/* gptoss.core.lora_backward(model, adapter, ids [, mask]) -> loss sum, count */
+/* gptoss.core.lora_backward(model, adapter, ids [, mask [, starts]]) -> loss sum, count;
+   starts: packed examples' first positions (gptoss_lora_backward_packed) */
 static int l_lora_backward(lua_State *L) {
   const char *fn = "model:lora_backward";
-  lua_settop(L, 4);                      /* the mask stays at 4 whatever lg_ids pushes */
+  lua_settop(L, 5);                      /* the mask stays at 4 whatever lg_ids pushes */
   gptoss_model *m = lg_check_model(L, 1, fn, "self");
   gptoss_adapter *a = lg_check_adapter(L, 2, fn, "adapter");
   size_t n;
@@ -154,9 +155,12 @@ static int l_lora_backward(lua_State *L) {
       lua_pop(L, 1);
     }
   }
+  int32_t *starts = NULL;
+  int ns = 0;
+  if (!lua_isnil(L, 5)) starts = lg_starts(L, 5, fn, "starts", n, &ns);
   double loss = 0;
   int count = 0;
-  if (gptoss_lora_backward(m, a, ids, mask, (int)n, &loss, &count)) return lg_raise(L);
+  if (gptoss_lora_backward_packed(m, a, ids, mask, (int)n, starts, ns, &loss, &count)) return lg_raise(L);
   lua_pushnumber(L, loss);
   lua_pushinteger(L, count);
   return 2;

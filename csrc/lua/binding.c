@@ -234,6 +234,22 @@ int32_t *lg_ids(lua_State *L, int idx, const char *fn, const char *name, size_t 
   return v;
 }
 
+int32_t *lg_starts(lua_State *L, int idx, const char *fn, const char *name, size_t n, int *ns) {
+  idx = lua_absindex(L, idx);
+  size_t len;
+  int32_t *v = lg_ids(L, idx, fn, name, &len);
+  if (len == 0) luaL_error(L, "%s: %s is empty (the first example starts at 1)", fn, name);
+  for (size_t k = 0; k < len; k++) {
+    if (k == 0 && v[0] != 1) luaL_error(L, "%s: %s[1] must be 1, where the first example starts (got %d)", fn, name, (int)v[0]);
+    if (k > 0 && (v[k] <= v[k - 1] || (size_t)v[k] > n))
+      luaL_error(L, "%s: %s[%d] (%d) must be after %s[%d] (%d) and at most the %d ids", fn, name, (int)k + 1, (int)v[k], name,
+                 (int)k, (int)v[k - 1], (int)n);
+  }
+  for (size_t k = 0; k < len; k++) v[k]--;
+  *ns = (int)len;
+  return v;
+}
+
 void lg_push_ids(lua_State *L, const int32_t *v, size_t n) {
   lua_createtable(L, (int)n, 0);
   for (size_t i = 0; i < n; i++) {

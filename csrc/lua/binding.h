@@ -94,6 +94,9 @@ void *lg_check_udata(lua_State *L, int idx, const char *fn, const char *name, co
 /* token ids from a Lua array at idx, each an int32, into a buffer owned by a
    userdata pushed on the stack (so a later error cannot leak it) */
 int32_t *lg_ids(lua_State *L, int idx, const char *fn, const char *name, size_t *n);
+/* packed examples' starts: a list of 1-based positions in n ids, the first
+   1, increasing; pushes a buffer of them 0-based (*ns of them) */
+int32_t *lg_starts(lua_State *L, int idx, const char *fn, const char *name, size_t n, int *ns);
 void lg_push_ids(lua_State *L, const int32_t *v, size_t n);
 
 /* Option tables: opts at idx is nil or a table whose keys are all in known

@@ -95,6 +95,14 @@ static int engine_train_job(lua_State *L) {
     if (len < 2) return luaL_error(L, "%s: %s needs at least 2 ids (got %d)", fn, name, (int)len);
     ex[i].n = (int)len;
     ex[i].mask = NULL;
+    ex[i].starts = NULL;
+    ex[i].ns = 0;
+    lua_getfield(L, x, "starts");
+    if (!lua_isnil(L, -1)) {
+      snprintf(name, sizeof name, "examples[%d].starts", i + 1);
+      ex[i].starts = lg_starts(L, -1, fn, name, len, &ex[i].ns);
+      lua_replace(L, lua_gettop(L) - 1);   /* the buffer in the starts table's place */
+    } else lua_pop(L, 1);
     lua_getfield(L, x, "mask");
     if (!lua_isnil(L, -1)) {
       uint8_t *mask = lua_newuserdatauv(L, len, 0);

@@ -14,6 +14,13 @@
 -- rendered and masked by gptoss.data. Each optimizer step
 -- takes batch * grad_accum examples, in an order drawn from `seed`, and
 -- averages the loss over all their target tokens, as transformers does.
+-- packing = true packs several examples into each sequence of at most
+-- max_len tokens (TRL's packing, its default "bfd" strategy: longest first,
+-- each into the fullest sequence it fits, never split), each token
+-- attending within its own example from position 0 (TRL's position ids
+-- restarting per example): a step then takes batch * grad_accum packed
+-- sequences, and its loss and gradients are those of their examples one by
+-- one. It needs max_len, and trains on the CPU only so far.
 -- optim = "adamw" (fp32 moments, the default) or "adamw_8bit" (8-bit
 -- moments, as bitsandbytes' AdamW8bit; "adamw_torch" and "adamw_bnb_8bit",
 -- transformers' names, also do).
@@ -29,7 +36,7 @@ local M = {}
 local KNOWN = {}
 for k in ("data steps epochs batch grad_accum lr schedule warmup weight_decay max_grad_norm betas eps max_len seed "
     .. "group_by_length eval eval_every on_step on_log log_every target_loss overfit_below underfit_above checkpoint_dir "
-    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size progress optim"):gmatch("%S+") do KNOWN[k] = true end
+    .. "checkpoint_every keep resume loss_on flavour on_error profile dataset_size progress optim packing"):gmatch("%S+") do KNOWN[k] = true end
 
 -- optim: AdamW with fp32 moments, or with 8-bit ones as bitsandbytes'
 -- AdamW8bit (csrc/optim8.c); transformers' names for them are accepted too
@@ -165,6 +172,45 @@ local function prepare(model, data, max_len, what, opts, fn)
   return out
 end
 
+-- packing: best-fit decreasing (TRL's "bfd"): the examples longest first
+-- (the earlier first among equals), each into the sequence with the least
+-- room left that still holds it, else a new one; the sequences in the
+-- order they were opened, their examples in the order they went in. An
+-- example's first token is never a target: it would be predicted from the
+-- example before it.
+function M.pack(data, max_len)
+  local order = {}
+  for i = 1, #data do order[i] = i end
+  table.sort(order, function(a, b)
+    if #data[a].ids ~= #data[b].ids then return #data[a].ids > #data[b].ids end
+    return a < b
+  end)
+  local packs = {}
+  for _, i in ipairs(order) do
+    local n, best = #data[i].ids, nil
+    for _, p in ipairs(packs) do
+      if p.room >= n and (not best or p.room < best.room) then best = p end
+    end
+    if not best then best = { room = max_len, members = {} }; packs[#packs + 1] = best end
+    best.room = best.room - n
+    best.members[#best.members + 1] = data[i]
+  end
+  local out = {}
+  for k, p in ipairs(packs) do
+    local ids, mask, starts = {}, {}, {}
+    for _, e in ipairs(p.members) do
+      starts[#starts + 1] = #ids + 1
+      for t, id in ipairs(e.ids) do
+        ids[#ids + 1] = id
+        local m = e.mask and e.mask[t]
+        mask[#mask + 1] = t > 1 and (not e.mask or (m and m ~= 0)) and true or false
+      end
+    end
+    out[k] = { ids = ids, mask = mask, starts = starts, index = k, examples = #p.members }
+  end
+  return out
+end
+
 -- a permutation of 1..n from a seed (xorshift-free LCG: reproducible in
 -- Lua 5.1, 5.4 and LuaJIT alike)
 local function shuffle(n, seed)
@@ -276,6 +322,8 @@ local function check_train(o, fn, level)
   C.choice(o.schedule, fn, "schedule", { "linear", "cosine", "constant" }, level)
   C.choice(o.optim, fn, "optim", OPTIMS, level)
   C.bool(o.group_by_length, fn, "group_by_length", level)
+  if o.packing ~= nil then C.bool(o.packing, fn, "packing", level) end
+  if o.packing and not o.max_len then error(fn .. ": packing needs max_len (the length of the packed sequences)", level + 1) end
   C.bool(o.resume, fn, "resume", level)
   if type(o.data) ~= "string" then C.table(o.data, fn, "data", "a list of examples or a JSONL path", level) end
   if o.eval ~= nil then C.table(o.eval, fn, "eval", "a list of examples", level) end
@@ -311,7 +359,7 @@ local function direct(model, lora, o)
     lora:zero_grad()
     local loss, count, tokens = 0, 0, 0
     for _, e in ipairs(group) do
-      local l, k = model:lora_backward(lora, e.ids, e.mask)
+      local l, k = model:lora_backward(lora, e.ids, e.mask, e.starts)
       loss, count, tokens = loss + l, count + k, tokens + #e.ids
     end
     if count == 0 then error(string.format("train: step %d's examples have no target tokens", n), 0) end
@@ -339,7 +387,7 @@ function M._engine_compute(eng, model, lora, share)
   local c = {}
   local function submit(ex, opts)
     local list = {}
-    for i, e in ipairs(ex) do list[i] = { ids = e.ids, mask = e.mask } end
+    for i, e in ipairs(ex) do list[i] = { ids = e.ids, mask = e.mask, starts = e.starts } end
     opts.share = share
     local job, err = eng:train_job(lora, list, opts)
     if not job then error("train: " .. err, 0) end
@@ -400,6 +448,7 @@ function M._run(model, lora, opts, compute, fn)
     o.data = head
   end
   local data = prepare(model, o.data, o.max_len, "data", o, fn)
+  if o.packing then data = M.pack(data, o.max_len) end
   if not compute then compute = direct(model, lora, o) end
   local per_step = o.batch * o.grad_accum
   local steps = o.steps or math.max(1, math.floor(#data * o.epochs / per_step))
