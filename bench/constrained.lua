@@ -75,14 +75,5 @@ for _, C in ipairs(levels) do
   end
   eng:close()
 end
-print(string.format("constrained decoding through the engine (%s, %s; prompt 256, output up to %d, median of %d rounds)",
-  dir, device, OUT, ROUNDS))
-print("")
-print("| streams | constraint | out tok/s | masks computed ahead | their ms | forward ms |")
-print("|---|---|---|---|---|---|")
-for _, r in ipairs(rows) do print(r) end
-if os.getenv("BENCH_JSON") then
-  local f = assert(io.open(os.getenv("BENCH_JSON"), "w"))
-  f:write(require("cjson").encode(json))
-  f:close()
-end
+W.report(string.format("constrained decoding through the engine (%s, %s; prompt 256, output up to %d, median of %d rounds)",
+  dir, device, OUT, ROUNDS), { "streams", "constraint", "out tok/s", "masks computed ahead", "their ms", "forward ms" }, rows, json)

@@ -97,14 +97,7 @@ for _, C in ipairs(levels) do
     alone.p50, both.p50, alone.p99, both.p99, both.train_tok_s, train_alone)
   json[#json + 1] = { concurrency = C, share = SHARE, alone = alone, with_training = both, train_alone_tok_s = train_alone }
 end
-print(string.format("serving with training at share %.2f (prompt %d, output %d, training sequences %d tokens, %d s per phase, %s)",
-  SHARE, PROMPT, OUTPUT, TRAIN_LEN, DURATION, device))
-print("")
-print("| streams | out tok/s alone | out tok/s training | ITL p50 alone (ms) | ITL p50 training | ITL p99 alone | ITL p99 training | train tok/s serving | train tok/s alone |")
-print("|---|---|---|---|---|---|---|---|---|")
-for _, r in ipairs(rows) do print(r) end
-if os.getenv("BENCH_JSON") then
-  local f = assert(io.open(os.getenv("BENCH_JSON"), "w"))
-  f:write(require("cjson").encode(json))
-  f:close()
-end
+W.report(string.format("serving with training at share %.2f (prompt %d, output %d, training sequences %d tokens, %d s per phase, %s)",
+  SHARE, PROMPT, OUTPUT, TRAIN_LEN, DURATION, device),
+  { "streams", "out tok/s alone", "out tok/s training", "ITL p50 alone (ms)", "ITL p50 training", "ITL p99 alone",
+    "ITL p99 training", "train tok/s serving", "train tok/s alone" }, rows, json)

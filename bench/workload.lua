@@ -23,4 +23,20 @@ function M.sessions(m, n, sampler)
   return ss, last, smp
 end
 
+--- prints a benchmark's Markdown (a title line, then the table: header
+-- cells and rows of preformatted "| ... |" lines) and, when BENCH_JSON
+-- names a file, writes json there
+function M.report(title, header, rows, json)
+  print(title)
+  print("")
+  print("| " .. table.concat(header, " | ") .. " |")
+  print(string.rep("|---", #header) .. "|")
+  for _, r in ipairs(rows) do print(r) end
+  if os.getenv("BENCH_JSON") then
+    local f = assert(io.open(os.getenv("BENCH_JSON"), "w"))
+    f:write(require("cjson").encode(json))
+    f:close()
+  end
+end
+
 return M

@@ -10,35 +10,22 @@ local train = require "gptoss.train"
 
 local MODS = { "q", "k", "v", "o", "gate_up", "down" }
 
-local function ids_of(n, seed)
-  local out, x = {}, seed
-  for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 150000 end
-  return out
-end
+local ids_of = require("gptoss.bench").ids
 
-local function grads(a)
+-- every module's A and B (or, with "g", their gradients), flattened
+local function tensors(a, g)
   local out = {}
   for l = 0, 3 do
     for _, p in ipairs(MODS) do
       local x = a:module(l, p)
-      out[#out + 1] = H.flat(x.gA)
-      out[#out + 1] = H.flat(x.gB)
+      out[#out + 1] = H.flat(x[(g or "") .. "A"])
+      out[#out + 1] = H.flat(x[(g or "") .. "B"])
     end
   end
   return out
 end
-
-local function weights(a)
-  local out = {}
-  for l = 0, 3 do
-    for _, p in ipairs(MODS) do
-      local x = a:module(l, p)
-      out[#out + 1] = H.flat(x.A)
-      out[#out + 1] = H.flat(x.B)
-    end
-  end
-  return out
-end
+local function grads(a) return tensors(a, "g") end
+local function weights(a) return tensors(a) end
 
 local function worst_rel(a, b)
   local w = 0

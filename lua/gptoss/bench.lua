@@ -22,12 +22,13 @@ local gptoss = require "gptoss"
 
 local M = {}
 
--- n ordinary token ids from a seed (an LCG, the same in every Lua)
-local function ids(n, seed)
+--- M.ids(n, seed): n ordinary token ids from a seed (an LCG, the same in every Lua)
+function M.ids(n, seed)
   local out, x = {}, seed
   for i = 1, n do x = (x * 1103515245 + 12345) % 2147483648; out[i] = 1000 + x % 100000 end
   return out
 end
+local ids = M.ids
 
 local function shell(cmd)
   local h = io.popen(cmd .. " 2>/dev/null")
