@@ -170,14 +170,7 @@ size_t gptoss_request_take_logprobs(gptoss_request *r, int32_t *ids, gptoss_toke
 
 int gptoss_request_wait(gptoss_request *r, double timeout_s) {
   gptoss_engine *e = r->e;
-  struct timespec until;
-  clock_gettime(CLOCK_MONOTONIC, &until);
-  if (timeout_s < 0) timeout_s = 0;
-  if (timeout_s > 1e9) timeout_s = 1e9;
-  double whole = (double)(time_t)timeout_s;
-  until.tv_sec += (time_t)whole;
-  until.tv_nsec += (long)((timeout_s - whole) * 1e9);
-  if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+  struct timespec until = engine_deadline(timeout_s);
   pthread_mutex_lock(&e->mu);
   int rc = 0;
   while (r->gen_n == r->taken && r->state != GPTOSS_REQ_DONE && rc == 0)

@@ -111,6 +111,19 @@ static inline double engine_now(void) {
   return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* timeout_s from now on CLOCK_MONOTONIC (e->news's clock), for waits on news */
+static inline struct timespec engine_deadline(double timeout_s) {
+  struct timespec until;
+  clock_gettime(CLOCK_MONOTONIC, &until);
+  if (!(timeout_s > 0)) timeout_s = 0;
+  if (timeout_s > 1e9) timeout_s = 1e9;
+  double whole = (double)(time_t)timeout_s;
+  until.tv_sec += (time_t)whole;
+  until.tv_nsec += (long)((timeout_s - whole) * 1e9);
+  if (until.tv_nsec >= 1000000000L) { until.tv_sec++; until.tv_nsec -= 1000000000L; }
+  return until;
+}
+
 /* engine_train.c, on the engine thread: whether a job waits (under mu),
    and one unit of it run between serving steps (mu not held). idle: no
    request is active, so the share does not apply; step_s: the serving

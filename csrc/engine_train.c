@@ -216,18 +216,10 @@ void gptoss_train_job_info_get(gptoss_train_job *j, gptoss_train_job_info *out) 
 
 int gptoss_train_job_wait(gptoss_train_job *j, double timeout_s) {
   gptoss_engine *e = j->e;
-  double until = engine_now() + (timeout_s > 0 ? timeout_s : 0);
+  struct timespec until = engine_deadline(timeout_s);
   pthread_mutex_lock(&e->mu);
-  while (j->info.state != GPTOSS_REQ_DONE) {
-    double left = until - engine_now();
-    if (left <= 0) break;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    double t = (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9 + left;
-    ts.tv_sec = (time_t)t;
-    ts.tv_nsec = (long)((t - (double)ts.tv_sec) * 1e9);
-    pthread_cond_timedwait(&e->news, &e->mu, &ts);
-  }
+  int rc = 0;
+  while (j->info.state != GPTOSS_REQ_DONE && rc == 0) rc = pthread_cond_timedwait(&e->news, &e->mu, &until);
   int done = j->info.state == GPTOSS_REQ_DONE;
   pthread_mutex_unlock(&e->mu);
   return done;

@@ -38,6 +38,30 @@ describe("gptoss.engine over devices", function()
     eng:close()
   end)
 
+  it("eng:wait blocks on every replica's descriptor at once, for the news of any", function()
+    local eng = assert(gptoss.engine(H.tiny(), { devices = { "cpu", "cpu" }, threads = 1 }))
+    local clock = gptoss.core.clock
+    eng:wait(0)   -- drained
+    local t0 = clock()
+    assert.is_false(eng:wait(0.2))   -- nothing runs: the whole timeout, and no news
+    assert.is_true(clock() - t0 >= 0.19)
+    -- a request on the second replica alone: its news ends the wait
+    local first = assert(eng:submit(prompt(1, 9), { max_tokens = 2 }))
+    local r = assert(eng:submit(prompt(2, 9), { max_tokens = 40, stop_tokens = {} }))
+    assert.are_not.equal(first.replica, r.replica)
+    first:result()
+    eng:wait(0)
+    t0 = clock()
+    assert.is_true(eng:wait(5))
+    assert.is_true(clock() - t0 < 2)
+    r:result()
+    -- the descriptors, as an event loop would watch them
+    local ready = gptoss.core.wait_fds(eng.fds, 0)
+    assert.is_table(ready)
+    assert.has_error(function() gptoss.core.wait_fds({ -1 }, 0) end)
+    eng:close()
+  end)
+
   it("sends a prompt to the replica holding its prefix, and its cache skips it", function()
     local eng = assert(gptoss.engine(H.tiny(), { devices = { "cpu", "cpu" }, threads = 1 }))
     -- two long conversations, one on each replica

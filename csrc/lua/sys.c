@@ -1,8 +1,12 @@
 /*
 ** lua_sys.c: the few facts about the process and its terminal that Lua
 ** cannot get by itself, for progress bars and the command line:
-** core.isatty(fd), core.term_columns(fd), core.getpid().
+** core.isatty(fd), core.term_columns(fd), core.getpid(), and
+** core.wait_fds(fds, timeout) for a script that waits on several engines.
 */
+#include <errno.h>
+#include <poll.h>
+#include <stdlib.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include "binding.h"
@@ -28,9 +32,36 @@ static int l_getpid(lua_State *L) {
   return 1;
 }
 
+/* core.wait_fds(fds, timeout_s) -> a list of the 1-based indices of the
+   descriptors readable within timeout_s (empty when none became so):
+   poll(2) over them all, for scripts without an event loop of their own */
+static int l_wait_fds(lua_State *L) {
+  const char *fn = "core.wait_fds";
+  lg_check_table(L, 1, fn, "fds", "a list of file descriptors");
+  double timeout = lg_check_num(L, 2, fn, "timeout", 1);
+  size_t n = lua_rawlen(L, 1);
+  struct pollfd *p = lua_newuserdatauv(L, sizeof *p * (n ? n : 1), 0);
+  for (size_t i = 0; i < n; i++) {
+    lua_rawgeti(L, 1, (lua_Integer)i + 1);
+    lua_pushfstring(L, "fds[%d]", (int)i + 1);
+    p[i].fd = (int)lg_check_int(L, -2, fn, lua_tostring(L, -1), 0, 0x7fffffff);
+    p[i].events = POLLIN;
+    p[i].revents = 0;
+    lua_pop(L, 2);
+  }
+  int ms = timeout <= 0 ? 0 : timeout > 2e6 ? 2000000000 : (int)(timeout * 1000 + 0.999);
+  int rc;
+  do rc = poll(p, (nfds_t)n, ms); while (rc < 0 && errno == EINTR);
+  lua_createtable(L, rc > 0 ? rc : 0, 0);
+  int k = 0;
+  for (size_t i = 0; rc > 0 && i < n; i++)
+    if (p[i].revents) { lua_pushinteger(L, (lua_Integer)i + 1); lua_rawseti(L, -2, ++k); }
+  return 1;
+}
+
 /* adds the functions to the module table on top of the stack */
 void lg_open_sys(lua_State *L) {
   static const luaL_Reg funcs[] = {
-    {"isatty", l_isatty}, {"term_columns", l_term_columns}, {"getpid", l_getpid}, {NULL, NULL}};
+    {"isatty", l_isatty}, {"term_columns", l_term_columns}, {"getpid", l_getpid}, {"wait_fds", l_wait_fds}, {NULL, NULL}};
   luaL_setfuncs(L, funcs, 0);
 }

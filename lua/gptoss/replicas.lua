@@ -154,15 +154,10 @@ end
 
 --- eng:wait([timeout_s]) -> true when some replica has news
 function Replicas:wait(timeout)
-  local clock = require("gptoss.core").clock
-  local until_ = clock() + (timeout or 1e9)
-  -- every replica is asked in turn for a short while: news on any ends it
-  repeat
-    for _, r in ipairs(self.replicas) do
-      if r.engine:wait(#self.replicas == 1 and math.max(0, until_ - clock()) or 0.002) then return true end
-    end
-  until clock() >= until_
-  return false
+  -- one poll(2) over every replica's descriptor; those with news are drained
+  local ready = require("gptoss.core").wait_fds(self.fds, timeout or 1e9)
+  for _, i in ipairs(ready) do self.replicas[i].engine:wait(0) end
+  return #ready > 0
 end
 
 local SUM = { "queued", "active", "submitted", "completed", "cancelled", "failed", "prompt_tokens", "prefill_tokens",
