@@ -157,6 +157,9 @@ gptoss_status gptoss_engine_train(gptoss_engine *e, gptoss_adapter *a, const gpt
     char what[64];
     snprintf(what, sizeof what, "train job: example %d", i + 1);
     if ((rc = gptoss_check_starts(what, ex[i].starts, ex[i].ns, ex[i].n))) return rc;
+    if (d.loss_only && ex[i].ns)
+      return gptoss_fail(GPTOSS_EARG, "train job: example %d: packed examples (starts) are for training; loss_only scores "
+                         "one sequence an example", i + 1);
     total += (size_t)ex[i].n;
     total_starts += (size_t)ex[i].ns;
   }

@@ -229,8 +229,9 @@ void gptoss_matcher_free(gptoss_matcher *m);
 /* bits[(vocab + 31) / 32]: bit id set when the grammar allows token id next */
 gptoss_status gptoss_matcher_mask(gptoss_matcher *m, uint32_t *bits);
 /* computes the current state's mask ahead (into the matcher's cache of
-   masks by state), for the next mask or apply to copy */
-gptoss_status gptoss_matcher_prepare(gptoss_matcher *m);
+   masks by state), for the next mask or apply to copy; *computed: 0 when
+   it was there already */
+gptoss_status gptoss_matcher_prepare(gptoss_matcher *m, int *computed);
 /* sets the logits of the tokens the grammar forbids to -inf */
 gptoss_status gptoss_matcher_apply(gptoss_matcher *m, float *logits);
 int gptoss_matcher_allows(const gptoss_matcher *m, int32_t id);   /* by the last apply */
@@ -331,7 +332,8 @@ int gptoss_sampler_constrained(const gptoss_sampler *s);
    while the logits are computed (the engine does). gptoss_sampler_draws:
    samples drawn so far; gptoss_sampler_prepare computes the mask the next
    draw will take (its grammar's, or its active arm's), unless a draw
-   happened since `draws` (then there is nothing to do): 1 when it did.
+   happened since `draws` (then there is nothing to do): 1 when it
+   computed one (0: nothing to do, or the mask was known already).
    The two threads are ordered by the sampler's lock. */
 uint64_t gptoss_sampler_draws(gptoss_sampler *s);
 int gptoss_sampler_prepare(gptoss_sampler *s, uint64_t draws);

@@ -283,12 +283,13 @@ static gptoss_status compute(gptoss_matcher *M, uint32_t *bits) {
 }
 
 /* the current state's mask, in its slot of the matcher's cache (computed
-   there when missing: walks need the slot's pad word) */
-static gptoss_status cached(gptoss_matcher *M, const uint32_t **bits) {
+   there when missing: walks need the slot's pad word; *computed says so) */
+static gptoss_status cached(gptoss_matcher *M, const uint32_t **bits, int *computed) {
   gptoss_status rc = gm_compact(M);
   if (rc) return rc;
   int slot = (int)(M->cur % MASK_CACHE);
-  if (M->cache[slot].state != M->cur) {
+  *computed = M->cache[slot].state != M->cur;
+  if (*computed) {
     M->cache[slot].state = UINT32_MAX;
     if (!M->cache[slot].bits && !(M->cache[slot].bits = malloc(sizeof(uint32_t) * gvocab_words(M->voc))))
       return gptoss_fail(GPTOSS_ENOMEM, "grammar: out of memory");
@@ -299,9 +300,10 @@ static gptoss_status cached(gptoss_matcher *M, const uint32_t **bits) {
   return GPTOSS_OK;
 }
 
-gptoss_status gptoss_matcher_prepare(gptoss_matcher *M) {
+gptoss_status gptoss_matcher_prepare(gptoss_matcher *M, int *computed) {
   const uint32_t *bits;
-  return M->ended ? GPTOSS_OK : cached(M, &bits);
+  *computed = 0;
+  return M->ended ? GPTOSS_OK : cached(M, &bits, computed);
 }
 
 gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
@@ -309,7 +311,8 @@ gptoss_status gptoss_matcher_mask(gptoss_matcher *M, uint32_t *bits) {
   if (M->ended) memset(bits, 0, sizeof(uint32_t) * words);
   else {
     const uint32_t *have;
-    gptoss_status rc = cached(M, &have);
+    int computed;
+    gptoss_status rc = cached(M, &have, &computed);
     if (rc) return rc;
     memcpy(bits, have, sizeof(uint32_t) * words);
   }

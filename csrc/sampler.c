@@ -242,9 +242,10 @@ uint64_t gptoss_sampler_draws(gptoss_sampler *p) {
 int gptoss_sampler_prepare(gptoss_sampler *p, uint64_t draws) {
   pthread_mutex_lock(&p->mu);
   gptoss_matcher *m = p->draws != draws ? NULL : p->gm ? p->gm : p->arms ? gptoss_arms_matcher(p->arms) : NULL;
-  int done = m && !gptoss_matcher_ended(m) && gptoss_matcher_prepare(m) == GPTOSS_OK;
+  int computed = 0;
+  if (m && !gptoss_matcher_ended(m) && gptoss_matcher_prepare(m, &computed) != GPTOSS_OK) computed = 0;
   pthread_mutex_unlock(&p->mu);
-  return done;
+  return computed;
 }
 
 static int32_t sample(gptoss_sampler *p, const gptoss_arm_mask *mask, float *logits, const int32_t *hist, size_t nhist) {

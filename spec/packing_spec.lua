@@ -141,6 +141,13 @@ describe("packed examples (CPU)", function()
     finally(function() eng:close() end)
     local t = eng:train(b, o)
     local r2 = assert(t:result())
+    -- a train job takes starts; one that only scores refuses them
+    local ids = {}
+    for i = 1, 12 do ids[i] = 500 + i end
+    assert.has_error(function() eng.c:train_job(b, { { ids = ids, starts = { 1, 5 } } }, { loss_only = true }) end,
+      "train job: example 1: packed examples (starts) are for training; loss_only scores one sequence an example")
+    assert.has_error(function() eng.c:train_job(b, { { ids = ids, starts = { 1, 13 } } }) end,
+      "eng:train_job: examples[1].starts[2] (13) must be after examples[1].starts[1] (1) and at most the 12 ids")
     assert.are.equal(2, r1.examples)   -- 10 + 9 in one sequence, 6 in another
     for s = 1, 2 do assert.is_true(math.abs(r2.history[s].loss - r1.history[s].loss) <= 1e-9 * r1.history[s].loss) end
     assert.is_true(worst_rel(weights(b), weights(a)) <= 1e-9)

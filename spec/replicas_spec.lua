@@ -55,10 +55,15 @@ describe("gptoss.engine over devices", function()
     assert.is_true(eng:wait(5))
     assert.is_true(clock() - t0 < 2)
     r:result()
+    -- no limit: math.huge, as a single engine's wait takes it
+    r = assert(eng:submit(prompt(3, 9), { max_tokens = 2 }))
+    assert.is_true(eng:wait(math.huge))
+    r:result()
     -- the descriptors, as an event loop would watch them
-    local ready = gptoss.core.wait_fds(eng.fds, 0)
-    assert.is_table(ready)
+    assert.same({}, gptoss.core.wait_fds({}, 0))
+    assert.is_table(gptoss.core.wait_fds(eng.fds, 0))
     assert.has_error(function() gptoss.core.wait_fds({ -1 }, 0) end)
+    assert.has_error(function() gptoss.core.wait_fds(eng.fds, -1) end)
     eng:close()
   end)
 

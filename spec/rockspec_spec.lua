@@ -54,7 +54,7 @@ describe("rockspec", function()
     -- print goes to its messages; io.write reaches stdout headless
     for _, nv in ipairs(require("support.nvims").list()) do
       assert(not nv.missing, nv.missing)
-      cmds[#cmds + 1] = nv.cmd .. " --headless -u NONE -c \"lua " .. paths
+      cmds[#cmds + 1] = string.format("%q", nv.cmd) .. " --headless -u NONE -c \"lua " .. paths
         .. probe:gsub("print%((.*)%)$", "io.write(%1, '\\n')") .. "\" -c q"
     end
     for _, cmd in ipairs(cmds) do

@@ -8,17 +8,21 @@
 # glibc comes with it: the binary is pointed at the loader and libraries
 # under DIR (patchelf), so it runs here as it would on Debian 13, and finds
 # its runtime under DIR/usr/share/nvim. Libraries DIR lacks (PCRE2, cJSON,
-# which the gptoss module links) come from the system. Prints DIR/usr/bin/nvim.
+# which the gptoss module links) come from the system. Prints DIR/usr/bin/nvim,
+# absolute.
 #   tools/fetch_nvim.sh [DIR] [SUITE]
 set -eu
 DIR=${1:-build/nvim-current}
 SUITE=${2:-trixie}
 NVIM="$DIR/usr/bin/nvim"
-if [ -x "$NVIM" ] && "$NVIM" --version >/dev/null 2>&1; then echo "$NVIM"; exit 0; fi
+if [ -x "$NVIM" ] && "$NVIM" --version >/dev/null 2>&1; then echo "$(cd "$(dirname "$NVIM")" && pwd)/nvim"; exit 0; fi
 command -v patchelf >/dev/null || { echo "fetch_nvim: patchelf is missing (tools/install_deps.sh installs it)" >&2; exit 1; }
 APT=$(mktemp -d)
-trap 'rm -rf "$APT"' EXIT
+PART=""
+trap 'rm -rf "$APT" ${PART:+"$PART"}' EXIT
+trap 'exit 130' INT TERM
 mkdir -p "$(dirname "$DIR")" "$APT/lists/partial" "$APT/cache/archives/partial" "$APT/debs"
+ABS="$(cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")"
 echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian $SUITE main" > "$APT/sources.list"
 # a status file of nothing installed: the closure is resolved whole, libc included
 set -- -o Dir::Etc::sourcelist="$APT/sources.list" -o Dir::Etc::sourceparts=- -o Dir::State::lists="$APT/lists" \
@@ -29,15 +33,19 @@ pkgs=$(apt-cache "$@" depends --recurse --no-recommends --no-suggests --no-confl
 [ -n "$pkgs" ] || { echo "fetch_nvim: Debian $SUITE has no neovim" >&2; exit 1; }
 # shellcheck disable=SC2086
 (cd "$APT/debs" && apt-get "$@" -qq download $pkgs) >&2 || { echo "fetch_nvim: downloading $pkgs failed" >&2; exit 1; }
-# unpacked beside DIR, then moved in place: an interrupted fetch leaves no half of it
-rm -rf "$DIR.part"
-for d in "$APT"/debs/*.deb; do dpkg-deb -x "$d" "$DIR.part"; done
+# unpacked beside DIR (a directory of this run's own), then moved in place:
+# an interrupted fetch, or two at once, leave no half of it
+PART=$(mktemp -d "$ABS.part.XXXXXX")
+for d in "$APT"/debs/*.deb; do dpkg-deb -x "$d" "$PART"; done
 # the whole closure finds trixie's libraries first (DT_RPATH reaches
 # indirect dependencies too), then the system's, as the loader's default;
 # the paths are where DIR will be once moved in place
-L="$(cd "$(dirname "$DIR")" && pwd)/$(basename "$DIR")/usr/lib/x86_64-linux-gnu"
-patchelf --set-interpreter "$L/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$L" "$DIR.part/usr/bin/nvim"
+L="$ABS/usr/lib/x86_64-linux-gnu"
+patchelf --set-interpreter "$L/ld-linux-x86-64.so.2" --force-rpath --set-rpath "$L" "$PART/usr/bin/nvim"
+chmod 755 "$PART"
+if [ -x "$NVIM" ] && "$NVIM" --version >/dev/null 2>&1; then echo "$ABS/usr/bin/nvim"; exit 0; fi   # another run won
 rm -rf "$DIR"
-mv "$DIR.part" "$DIR"
+mv "$PART" "$DIR"
+PART=""
 "$NVIM" --version >/dev/null || { echo "fetch_nvim: $NVIM does not run" >&2; exit 1; }
-echo "$NVIM"
+echo "$ABS/usr/bin/nvim"

@@ -5,8 +5,10 @@
 ** core.wait_fds(fds, timeout) for a script that waits on several engines.
 */
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
 #include "binding.h"
@@ -33,12 +35,13 @@ static int l_getpid(lua_State *L) {
 }
 
 /* core.wait_fds(fds, timeout_s) -> a list of the 1-based indices of the
-   descriptors readable within timeout_s (empty when none became so):
-   poll(2) over them all, for scripts without an event loop of their own */
+   descriptors readable within timeout_s (math.huge: no limit; empty when
+   none became so): poll(2) over them all, for scripts without an event
+   loop of their own. A descriptor that is not open raises. */
 static int l_wait_fds(lua_State *L) {
   const char *fn = "core.wait_fds";
   lg_check_table(L, 1, fn, "fds", "a list of file descriptors");
-  double timeout = lg_check_num(L, 2, fn, "timeout", 1);
+  double timeout = lg_check_range(L, 2, fn, "timeout", 0, HUGE_VAL, LG_INF);
   size_t n = lua_rawlen(L, 1);
   struct pollfd *p = lua_newuserdatauv(L, sizeof *p * (n ? n : 1), 0);
   for (size_t i = 0; i < n; i++) {
@@ -49,9 +52,12 @@ static int l_wait_fds(lua_State *L) {
     p[i].revents = 0;
     lua_pop(L, 2);
   }
-  int ms = timeout <= 0 ? 0 : timeout > 2e6 ? 2000000000 : (int)(timeout * 1000 + 0.999);
+  int ms = isinf(timeout) ? -1 : timeout > 2e6 ? 2000000000 : (int)(timeout * 1000 + 0.999);
   int rc;
   do rc = poll(p, (nfds_t)n, ms); while (rc < 0 && errno == EINTR);
+  if (rc < 0) return luaL_error(L, "%s: poll: %s", fn, strerror(errno));
+  for (size_t i = 0; rc > 0 && i < n; i++)
+    if (p[i].revents & POLLNVAL) return luaL_error(L, "%s: fds[%d] (%d) is not an open descriptor", fn, (int)i + 1, p[i].fd);
   lua_createtable(L, rc > 0 ? rc : 0, 0);
   int k = 0;
   for (size_t i = 0; rc > 0 && i < n; i++)

@@ -82,7 +82,7 @@ static int engine_train_job(lua_State *L) {
   /* the ids and masks live in userdata on the stack until submit copies them */
   gptoss_train_example *ex = lua_newuserdatauv(L, sizeof *ex * (size_t)n, 0);
   for (int i = 0; i < n; i++) {
-    luaL_checkstack(L, 8, fn);
+    luaL_checkstack(L, 12, fn);   /* an example keeps 5 values; reading its mask takes a few more, its errors more */
     lua_rawgeti(L, 3, i + 1);
     int x = lua_gettop(L);
     char name[64];

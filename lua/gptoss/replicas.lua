@@ -155,7 +155,7 @@ end
 --- eng:wait([timeout_s]) -> true when some replica has news
 function Replicas:wait(timeout)
   -- one poll(2) over every replica's descriptor; those with news are drained
-  local ready = require("gptoss.core").wait_fds(self.fds, timeout or 1e9)
+  local ready = require("gptoss.core").wait_fds(self.fds, timeout or math.huge)
   for _, i in ipairs(ready) do self.replicas[i].engine:wait(0) end
   return #ready > 0
 end

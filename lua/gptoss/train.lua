@@ -20,7 +20,8 @@
 -- attending within its own example from position 0 (TRL's position ids
 -- restarting per example): a step then takes batch * grad_accum packed
 -- sequences, and its loss and gradients are those of their examples one by
--- one. It needs max_len, and trains on the CPU only so far.
+-- one (with LoRA dropout 0: dropout's draws follow a token's row in the
+-- sequence). It needs max_len.
 -- optim = "adamw" (fp32 moments, the default) or "adamw_8bit" (8-bit
 -- moments, as bitsandbytes' AdamW8bit; "adamw_torch" and "adamw_bnb_8bit",
 -- transformers' names, also do).

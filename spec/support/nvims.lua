@@ -31,7 +31,6 @@ function N.list()
     local out, ok = sh("tools/fetch_nvim.sh " .. d.dir .. " " .. d.suite)
     local cmd = ok and out:match("([^\n]+)\n?$")
     v = cmd and version(cmd)
-    if v and cmd:sub(1, 1) ~= "/" then cmd = os.getenv("PWD") .. "/" .. cmd end
     list[#list + 1] = v and { cmd = cmd, version = v } or { missing = "tools/fetch_nvim.sh " .. d.suite .. ": " .. out }
   end
   return list
