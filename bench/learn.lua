@@ -37,14 +37,17 @@ for k = 1, 64 do data[k] = { ids = W.ids(TRAIN_LEN, 900 + k) } end
 local function serve(eng, C, duration, task)
   local live, n = {}, 0
   local itl, out_tokens = {}, 0
-  local function submit()
+  local function submit(len)
     n = n + 1
-    local req = assert(eng:submit(W.ids(PROMPT, 5000 + n), { temperature = 1.0, max_tokens = OUTPUT, stop_tokens = {}, seed = n }))
+    local req = assert(eng:submit(W.ids(PROMPT, 5000 + n), { temperature = 1.0, max_tokens = len or OUTPUT, stop_tokens = {}, seed = n }))
     live[#live + 1] = { req = req, last = nil }
   end
   local st0 = eng:stats()
   local t0 = now()
-  for _ = 1, C do submit() end
+  -- the clients' first requests end at staggered times (client k's after
+  -- k/C of the output), so that the streams do not all end at one step and
+  -- leave the engine idle together, as steady traffic would not
+  for k = 1, C do submit(math.max(1, math.ceil(OUTPUT * k / C))) end
   while true do
     eng:wait(1)
     if task then task:poll() end
