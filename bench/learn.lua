@@ -4,7 +4,8 @@
 -- trains a LoRA at SHARE of the engine's time; then (c) training alone for
 -- the same time. Reported: output tokens/s, P50/P99 inter-token latency
 -- (each token's arrival as a client polling after every engine step sees
--- it; numpy's percentiles) and training tokens/s (fed tokens of finished backward passes).
+-- it; numpy's percentiles) and training tokens/s (fed tokens of finished
+-- backward passes). The clients' first requests are of staggered lengths.
 --
 --   lua5.4 bench/learn.lua [DIR] [DEVICE] [CONCURRENCY] [SHARE] [DURATION]
 --
