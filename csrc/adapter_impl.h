@@ -9,6 +9,18 @@
 #include <cjson/cJSON.h>
 #include "backend.h"
 
+/* unsloth.c: Unsloth's per-expert layout. A tensor name's layer, module,
+   expert and half (0: lora_A); whether a target_modules entry names its
+   modules; reading its tensors into the engine's layout (after peft.c's
+   own, into a->mod; rb: each module's B columns; *nlayers raised); writing
+   one expert module's tensors; the config for a layout (1: Unsloth's) */
+int gptoss_unsloth_name(const char *name, int *layer, int *mod, int *expert, int *ab);
+int gptoss_unsloth_target(const char *s);
+gptoss_status gptoss_unsloth_load(gptoss_adapter *a, gptoss_st *st, const char *wpath, int *rb, int *nlayers,
+                                  gptoss_status (*to_f32)(const gptoss_tensor *, float *));
+gptoss_status gptoss_unsloth_write(const gptoss_lora *x, int l, int m, gptoss_st_writer *w);
+cJSON *gptoss_unsloth_config(const gptoss_adapter *a, int unsloth);
+
 /* PEFT's names of the modules, in gptoss_lora_module order */
 extern const char *const gptoss_lora_names[GPTOSS_LORA_MODULES];
 

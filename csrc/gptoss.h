@@ -475,6 +475,11 @@ typedef struct gptoss_adapter_desc {
 gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out);
 /* writes both files (each atomically); creates dir when missing */
 gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir);
+/* the same in a layout: PEFT's (the experts as target_parameters, as
+   gptoss_adapter_save writes) or Unsloth's (a Linear LoRA per expert,
+   mlp.experts.{gate_up,down}_projs.E: what its gpt-oss port trains) */
+typedef enum { GPTOSS_LAYOUT_PEFT = 0, GPTOSS_LAYOUT_UNSLOTH = 1 } gptoss_layout;
+gptoss_status gptoss_adapter_save_layout(const gptoss_adapter *a, const char *dir, gptoss_layout layout);
 void gptoss_adapter_free(gptoss_adapter *a);      /* drops one reference */
 gptoss_adapter *gptoss_adapter_ref(gptoss_adapter *a);
 void gptoss_adapter_info(const gptoss_adapter *a, gptoss_adapter_desc *out);

@@ -69,9 +69,11 @@ static gptoss_status read_config(const char *path, gptoss_adapter *a) {
       int ok = 0;
       for (int i = 0; s && i < GPTOSS_LORA_ATTN_MODULES && !ok; i++)
         ok = n >= 6 && strcmp(s + n - 6, gptoss_lora_names[i]) == 0 && (n == 6 || s[n - 7] == '.');
+      if (s && !ok) ok = gptoss_unsloth_target(s);   /* Unsloth's experts, a Linear each (unsloth.c) */
       if (!ok)
         return gptoss_fail(GPTOSS_EUNSUP, "%s: field target_modules: entry %s is not a module this engine applies LoRA to "
-                           "(q_proj, k_proj, v_proj, o_proj; the experts through target_parameters)", path, s ? s : "(not a string)");
+                           "(q_proj, k_proj, v_proj, o_proj, Unsloth's gate_up_projs and down_projs; the experts also through "
+                           "target_parameters)", path, s ? s : "(not a string)");
     }
   } else if (v && !cJSON_IsNull(v) && !cJSON_IsString(v)) {
     return gptoss_fail(GPTOSS_EFORMAT, "%s: field target_modules must be a list or a string", path);
@@ -147,14 +149,14 @@ static int parse_name(const gptoss_adapter *a, const char *name, int *layer, int
   return 1;
 }
 
-/* a module's tensor name as PEFT writes it */
-static void tensor_name(const gptoss_adapter *a, int l, int m, char ab, char *buf, size_t n) {
+/* a module's tensor name as PEFT writes it, target_parameters tp[0..ntp) */
+static void tensor_name(const int *tp, int ntp, int l, int m, char ab, char *buf, size_t n) {
   if (m < GPTOSS_LORA_ATTN_MODULES) {
     snprintf(buf, n, "base_model.model.model.layers.%d.self_attn.%s.lora_%c.weight", l, gptoss_lora_names[m], ab);
     return;
   }
   int depth = 0;
-  for (int k = a->ntp - 1; k >= 0 && a->tp[k] != m; k--) depth++;
+  for (int k = ntp - 1; k >= 0 && tp[k] != m; k--) depth++;
   int w = snprintf(buf, n, "base_model.model.model.layers.%d.mlp.experts", l);
   for (int d = 0; d < depth && w > 0 && (size_t)w < n; d++) w += snprintf(buf + w, n - (size_t)w, ".base_layer");
   if (w > 0 && (size_t)w < n) snprintf(buf + w, n - (size_t)w, ".lora_%c.weight", ab);
@@ -197,11 +199,13 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
   if (n == 0) { rc = gptoss_fail(GPTOSS_EFORMAT, "%s: holds no tensors", wpath); goto done; }
   for (size_t i = 0; i < n; i++) {
     const gptoss_tensor *t = gptoss_st_at(st, i);
-    int l, m, ab;
+    int l, m, ab, e;
+    if (gptoss_unsloth_name(t->name, &l, &m, &e, &ab)) continue;   /* per expert: gptoss_unsloth_load below */
     if (!parse_name(a, t->name, &l, &m, &ab)) {
       rc = gptoss_fail(GPTOSS_EUNSUP, "%s: tensor %s is not a LoRA weight of an attention projection "
-                       "(base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight) or of the experts "
-                       "named in target_parameters", wpath, t->name);
+                       "(base_model.model.model.layers.N.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight), of the experts "
+                       "named in target_parameters, or of Unsloth's per-expert modules "
+                       "(base_model.model.model.layers.N.mlp.experts.{gate_up,down}_projs.E.lora_{A,B}.weight)", wpath, t->name);
       goto done;
     }
     if (l + 1 > nl) nl = l + 1;
@@ -223,6 +227,7 @@ gptoss_status gptoss_adapter_load(const char *dir, gptoss_adapter **out) {
       goto done;
     }
   }
+  if ((rc = gptoss_unsloth_load(a, st, wpath, rb, &nl, to_f32))) goto done;
   a->nlayers = nl;
   for (int l = 0; l < nl; l++)
     for (int m = 0; m < GPTOSS_LORA_MODULES; m++) {
@@ -271,7 +276,26 @@ done:
 
 /* {====================================================== save */
 gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
+  return gptoss_adapter_save_layout(a, dir, GPTOSS_LAYOUT_PEFT);
+}
+
+gptoss_status gptoss_adapter_save_layout(const gptoss_adapter *a, const char *dir, gptoss_layout layout) {
+  if (layout != GPTOSS_LAYOUT_PEFT && layout != GPTOSS_LAYOUT_UNSLOTH)
+    return gptoss_fail(GPTOSS_EARG, "adapter save: unknown layout %d", (int)layout);
   gptoss_adapter_wait(a, -1);
+  /* the expert modules it has, and the order PEFT's files name them in:
+     the config's target_parameters when it lists them all (an adapter read
+     from PEFT's files), else gate_up first, as the config is then written */
+  unsigned have = 0;
+  for (int l = 0; l < a->nlayers; l++)
+    for (int i = GPTOSS_LORA_ATTN_MODULES; i < GPTOSS_LORA_MODULES; i++)
+      if (gptoss_adapter_module(a, l, i)) have |= 1u << i;
+  unsigned listed = 0;
+  for (int k = 0; k < a->ntp; k++) listed |= 1u << a->tp[k];
+  int keep = layout == GPTOSS_LAYOUT_PEFT && (have & ~listed) == 0;
+  int tp[2], ntp = 0;
+  if (keep) for (int k = 0; k < a->ntp; k++) tp[ntp++] = a->tp[k];
+  else for (int i = GPTOSS_LORA_GU; i <= GPTOSS_LORA_DN; i++) if (have & (1u << i)) tp[ntp++] = i;
   if (mkdir(dir, 0777) != 0 && errno != EEXIST) return gptoss_fail(GPTOSS_EIO, "%s: %s", dir, strerror(errno));
   if (!gptoss_is_dir(dir)) return gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir);
   char *wpath = gptoss_path_join(dir, "adapter_model.safetensors"), *cpath = gptoss_path_join(dir, "adapter_config.json");
@@ -288,15 +312,21 @@ gptoss_status gptoss_adapter_save(const gptoss_adapter *a, const char *dir) {
       int64_t sa[2] = {x->rk, x->in}, sb[2] = {x->out, x->rk};
       gptoss_fill fa = {GPTOSS_FILL_DATA, 0, 0, 0, x->A, sizeof(float) * (size_t)x->rk * x->in};
       gptoss_fill fb = {GPTOSS_FILL_DATA, 0, 0, 0, x->B, sizeof(float) * (size_t)x->out * x->rk};
-      tensor_name(a, l, i, 'A', name, sizeof name);
+      if (layout == GPTOSS_LAYOUT_UNSLOTH && i >= GPTOSS_LORA_ATTN_MODULES) { rc = gptoss_unsloth_write(x, l, i, w); continue; }
+      tensor_name(tp, ntp, l, i, 'A', name, sizeof name);
       rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sa, &fa);
-      tensor_name(a, l, i, 'B', name, sizeof name);
+      tensor_name(tp, ntp, l, i, 'B', name, sizeof name);
       if (!rc) rc = gptoss_stw_add(w, name, GPTOSS_F32, 2, sb, &fb);
     }
   if (!rc) rc = gptoss_stw_metadata(w, "format", "pt");
   if (!rc) rc = gptoss_stw_commit(w, 1);
   if (rc) goto done;
-  json = cJSON_Print(a->config);
+  if (keep) json = cJSON_Print(a->config);
+  else {
+    cJSON *c = gptoss_unsloth_config(a, layout == GPTOSS_LAYOUT_UNSLOTH);
+    json = c ? cJSON_Print(c) : NULL;
+    cJSON_Delete(c);
+  }
   if (!json) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
   rc = gptoss_write_file(cpath, json, strlen(json));
 done:

@@ -19,10 +19,18 @@ static int l_adapter_load(lua_State *L) {
   return 1;
 }
 
-/* a:save(dir) -> true | nil, message */
+/* a:save(dir [, { layout = "peft" | "unsloth" }]) -> true | nil, message */
 static int adapter_save(lua_State *L) {
-  gptoss_adapter *a = lg_check_adapter(L, 1, "lora:save", "self");
-  if (gptoss_adapter_save(a, lg_check_str(L, 2, "lora:save", "dir", NULL))) return lg_fail(L);
+  const char *fn = "lora:save";
+  static const char *const keys[] = {"layout", NULL}, *const layouts[] = {"peft", "unsloth", NULL};
+  gptoss_adapter *a = lg_check_adapter(L, 1, fn, "self");
+  const char *dir = lg_check_str(L, 2, fn, "dir", NULL);
+  int layout = GPTOSS_LAYOUT_PEFT;
+  if (!lua_isnoneornil(L, 3)) {
+    lg_check_keys(L, 3, fn, keys);
+    layout = lg_opt_choice(L, 3, fn, "layout", layouts, 0) == 1 ? GPTOSS_LAYOUT_UNSLOTH : GPTOSS_LAYOUT_PEFT;
+  }
+  if (gptoss_adapter_save_layout(a, dir, (gptoss_layout)layout)) return lg_fail(L);
   lua_pushboolean(L, 1);
   return 1;
 }
