@@ -20,7 +20,7 @@ BENCH_JSON=$OUT/constrained.json timeout 60 lua5.4 bench/constrained.lua /tmp/gp
 echo "constrained rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/constrained.md; tail -3 $OUT/constrained.err
 timeout 60 lua5.4 bench/grammar.lua tokenizer 40 > $OUT/grammar_cpu.txt 2>&1
 echo "grammar rc=$?"; cat $OUT/grammar_cpu.txt; lscpu | grep "Model name" >> $OUT/grammar_cpu.txt
-# packing on CUDA (issue 24) against the CPU, and the LoRA training specs its kernels' change touches
+# the LoRA training specs on CUDA (to run packing_spec's #gpu case too: re-apply 2d0e934 first)
 timeout 120 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/packing_spec.lua spec/lora_gpu_spec.lua > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"; grep -aE "successes|packed on CUDA|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -12
 t=$(( $(left) - 150 )); [ $t -gt 240 ] && t=240
