@@ -111,9 +111,6 @@ gptoss_status gptoss_lora_backward(gptoss_model *m, gptoss_adapter *a, const int
   return gptoss_lora_backward_packed(m, a, ids, mask, n, NULL, 0, loss, count);
 }
 
-/* packed examples: each token's example start, and the mask without the
-   examples' first tokens (as targets they would be predicted from the
-   example before) */
 gptoss_status gptoss_check_starts(const char *fn, const int32_t *starts, int ns, int n) {
   if (ns < 0) return gptoss_fail(GPTOSS_EARG, "%s: the number of example starts must be >= 0 (got %d)", fn, ns);
   if (ns == 0) return GPTOSS_OK;
@@ -126,6 +123,9 @@ gptoss_status gptoss_check_starts(const char *fn, const int32_t *starts, int ns,
   return GPTOSS_OK;
 }
 
+/* packed examples: each token's example start, and the mask without the
+   examples' first tokens (as targets they would be predicted from the
+   example before) */
 static gptoss_status unpack(const int32_t *starts, int ns, const uint8_t *mask, int n, int32_t **seg0, uint8_t **mask2) {
   *seg0 = NULL;
   *mask2 = NULL;

@@ -173,6 +173,12 @@ local function prepare(model, data, max_len, what, opts, fn)
   return out
 end
 
+-- whether example e's mask makes token t a target (no mask: all; 0 / false: not)
+local function allows(e, t)
+  local m = e.mask and e.mask[t]
+  return not e.mask or (m and m ~= 0) and true or false
+end
+
 -- packing: best-fit decreasing (TRL's "bfd"): the examples longest first
 -- (the earlier first among equals), each into the sequence with the least
 -- room left that still holds it, else a new one; the sequences in the
@@ -203,8 +209,7 @@ function M.pack(data, max_len)
       starts[#starts + 1] = #ids + 1
       for t, id in ipairs(e.ids) do
         ids[#ids + 1] = id
-        local m = e.mask and e.mask[t]
-        mask[#mask + 1] = t > 1 and (not e.mask or (m and m ~= 0)) and true or false
+        mask[#mask + 1] = t > 1 and allows(e, t)
       end
     end
     out[k] = { ids = ids, mask = mask, starts = starts, index = k, examples = #p.members }
@@ -348,8 +353,7 @@ end
 local function targets(e)
   local n = 0
   for t = 2, #e.ids do
-    local m = e.mask and e.mask[t]
-    if not e.mask or (m and m ~= 0) then n = n + 1 end
+    if allows(e, t) then n = n + 1 end
   end
   return n
 end
