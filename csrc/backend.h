@@ -58,6 +58,8 @@ struct gptoss_session {
   int pos;                           /* tokens in the cache */
   int context;                       /* hard limit on pos */
   int ring;                          /* positions a sliding layer keeps */
+  int held_from;                     /* the oldest position a sliding layer still holds: feeds
+                                        overwrite ring slots, rewinds do not bring them back */
   int32_t *history;                  /* every token fed, [context] */
   int has_logits;                    /* the last feed left logits to sample from */
   int lost;                          /* a failed feed overwrote keys its window needs (see gptoss_forward) */
@@ -97,8 +99,11 @@ struct gptoss_backend {
   void (*model_free)(gptoss_model *m);
   gptoss_status (*session_init)(gptoss_session *s);
   void (*session_free)(gptoss_session *s);
-  /* copies the cache of src into dst (same model and capacity) */
-  gptoss_status (*session_copy)(gptoss_session *dst, const gptoss_session *src);
+  /* copies into dst (same model; any capacity holding keep positions) the
+     keys and values of src's first keep positions that src still holds and
+     dst has room for (gptoss_kv_copy_from), slot by slot in each session's
+     own ring */
+  gptoss_status (*session_copy)(gptoss_session *dst, const gptoss_session *src, int keep);
   /* Runs one pass the engine planned (see gptoss_plan): updates the caches
      at the plan's positions, writes its logits rows and keeps the rows the
      plan names as each session's current logits (for sample()). Session
@@ -112,6 +117,10 @@ struct gptoss_backend {
   gptoss_status (*decode)(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
   /* optional: copies the last position's logits to the host; NULL = s->logits holds them */
   gptoss_status (*logits)(const gptoss_session *s, float *out);
+  /* optional: the device bytes a session of this capacity and ring takes
+     when opened (a backend that allocates its whole cache up front); NULL:
+     caches grow with the positions fed, budgeted by positions */
+  uint64_t (*session_bytes)(const gptoss_model *m, int context, int ring);
   /* optional: LoRA training (gptoss_lora_backward's contract); NULL = refused.
      seg0: NULL, or [n] the offset where each token's example begins (packed
      examples: a token attends from there on, at position t - seg0[t]) */
@@ -169,6 +178,29 @@ int gptoss_session_ring(const gptoss_config *c, int context, int rewind);
    position, sliding layers a ring of `ring` (the session's). The one rule,
    for the host and the CUDA kernels alike. */
 static inline GPTOSS_HD int gptoss_kv_slot(int sliding, int ring, int p) { return sliding ? p % ring : p; }
+
+/* The first position of a layer that a copy of a session's first keep
+   positions moves (session_copy moves [from, keep)): 0 on a full layer; on
+   a sliding one the oldest the source still holds (held_from) that the
+   destination's ring of rd has room for, so that the copy can be rewound as
+   far as its source could (gptoss_session_rewind has checked that the
+   window before keep is among them). */
+static inline int gptoss_kv_copy_from(int sliding, int keep, int held_from, int rd) {
+  if (!sliding) return 0;
+  int from = held_from > keep - rd ? held_from : keep - rd;
+  return from > 0 ? from : 0;
+}
+
+/* how many positions from p on (below hi) sit in consecutive slots both in
+   a ring of rs and in one of rd (a full layer: all of them) */
+static inline int gptoss_kv_run(int sliding, int rs, int rd, int p, int hi) {
+  int n = hi - p;
+  if (sliding) {
+    if (rs - p % rs < n) n = rs - p % rs;
+    if (rd - p % rd < n) n = rd - p % rd;
+  }
+  return n;
+}
 
 /* Feeds counts[i] tokens to ss[i] (ids concatenated) through as many
    passes as the plan rules need, then advances every session. Logits:

@@ -28,16 +28,28 @@
 #include "engine_impl.h"
 
 /* {====================================================== memory estimate */
-/* KV bytes the engine budgets for a session that reaches `positions`.
-   A backend that allocates a session's whole cache when it opens it (CUDA)
-   shows it in gptoss_model_memory's kv: the engine measures one session at
-   start and budgets that for each. One that grows caches as tokens come
-   (the CPU) is budgeted by positions: full layers keep every position,
-   sliding layers at most window + rewind, K and V in fp32, so a request
-   counts prompt + max_tokens positions, what it can reach. */
-uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions) {
-  if (e->session_bytes) return e->session_bytes;
-  const gptoss_config *c = &e->m->cfg;
+/* A request's session is opened for the positions it can reach (prompt +
+   max_tokens, within the engine's context) in blocks of kv_block, at most
+   a block past its prompt at first, and grows a block or more at a time as
+   it generates (grow, below): on a backend that allocates a session's whole
+   cache when it opens it (CUDA), a request pays for what it holds, not for
+   the model's 131,072 positions. */
+static int capacity_for(const gptoss_engine *e, int64_t positions) {
+  int64_t b = e->o.kv_block, c = (positions + b - 1) / b * b;
+  return c > e->o.context ? e->o.context : (int)c;
+}
+
+/* What the budget counts for a session of this capacity that reaches
+   `positions`: on a backend that allocates up front, what it takes when
+   opened (gptoss_backend.session_bytes). One that grows its caches as
+   tokens come (the CPU) is budgeted by positions: full layers keep every
+   position, sliding layers at most window + rewind, K and V in fp32, so a
+   request counts prompt + max_tokens positions, what it can reach. */
+static uint64_t kv_bytes_at(const gptoss_engine *e, int capacity, int positions) {
+  const gptoss_model *m = e->m;
+  const gptoss_config *c = &m->cfg;
+  if (m->be->session_bytes)
+    return m->be->session_bytes(m, capacity, gptoss_session_ring(c, capacity, e->o.rewind));
   int ctx = e->o.context;
   if (positions > ctx) positions = ctx;
   int ring = gptoss_session_ring(c, ctx, e->o.rewind);   /* what its sessions keep */
@@ -47,18 +59,8 @@ uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions) {
   return total;
 }
 
-/* what one session of the engine's shape takes when opened (0: nothing up front) */
-static gptoss_status measure_session(gptoss_engine *e) {
-  gptoss_memory before, after;
-  gptoss_model_memory(e->m, &before);
-  gptoss_session_opts so = {e->o.context, e->o.rewind};
-  gptoss_session *s;
-  gptoss_status rc = gptoss_session_new(e->m, &so, &s);
-  if (rc) return rc;
-  gptoss_model_memory(e->m, &after);
-  gptoss_session_free(s);
-  e->session_bytes = after.kv > before.kv ? after.kv - before.kv : 0;
-  return GPTOSS_OK;
+uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions) {
+  return kv_bytes_at(e, capacity_for(e, positions), positions);
 }
 /* }====================================================== */
 
@@ -236,7 +238,7 @@ static void cache_put(gptoss_engine *e, gptoss_session *s) {
   c->adapter = s->adapter;
   c->version = s->adapter ? gptoss_adapter_version(s->adapter) : 0;
   c->used = ++e->tick;
-  c->bytes = gptoss_engine_kv_bytes(e, s->pos);
+  c->bytes = kv_bytes_at(e, s->context, s->pos);
   pthread_mutex_lock(&e->mu);
   e->kv_cached += c->bytes;
   e->st.cached_sessions = e->ncache;
@@ -257,29 +259,75 @@ static gptoss_status request_session(gptoss_engine *e, gptoss_request *r) {
     while (n < lim && c->s->history[n] == r->prompt[n]) n++;
     if (n > best_n) { best = i; best_n = n; }
   }
+  gptoss_session_opts so = {r->cap, e->o.rewind};
   if (best >= 0) {
+    /* a copy of the cached session's first best_n positions, with the
+       request's own capacity (refused when the window before best_n has
+       left the cached session's sliding ring: then it starts fresh) */
     gptoss_session *f;
-    if (gptoss_session_fork(e->cache[best].s, &f) == GPTOSS_OK) {
-      if (gptoss_session_rewind(f, best_n) == GPTOSS_OK) {
-        e->cache[best].used = ++e->tick;
-        r->s = f;
-        r->fed = best_n;
-        pthread_mutex_lock(&e->mu);
-        r->cached_tokens = best_n;
-        e->st.prefix_hits++;
-        e->st.prefix_tokens += (uint64_t)best_n;
-        pthread_mutex_unlock(&e->mu);
-        return GPTOSS_OK;
-      }
-      gptoss_session_free(f);   /* the rewind reaches past the sliding ring: start fresh */
+    if (gptoss_session_fork_at(e->cache[best].s, &so, best_n, &f) == GPTOSS_OK) {
+      e->cache[best].used = ++e->tick;
+      r->s = f;
+      r->fed = best_n;
+      pthread_mutex_lock(&e->mu);
+      r->cached_tokens = best_n;
+      e->st.prefix_hits++;
+      e->st.prefix_tokens += (uint64_t)best_n;
+      pthread_mutex_unlock(&e->mu);
+      return GPTOSS_OK;
     }
   }
-  gptoss_session_opts so = {e->o.context, e->o.rewind};
   gptoss_status rc = gptoss_session_new(e->m, &so, &r->s);
   if (!rc && r->adapter) rc = gptoss_session_set_adapter(r->s, r->adapter);
   if (rc) { gptoss_session_free(r->s); r->s = NULL; }
   r->fed = 0;
   return rc;
+}
+
+/* Room for r's next token: a full session that may reach further is copied
+   into one of twice its capacity (in blocks, at most what r can reach).
+   The budget takes the difference, cached sessions making way first; when
+   it cannot, r sits this step out, unless it is the oldest running request
+   (which always goes on, so that the batch never stalls: it may take the
+   budget past its mark by one growth). 0: room made (or none needed), 1:
+   wait, -1: failed (the error is set). */
+static int grow(gptoss_engine *e, gptoss_request *r, int oldest) {
+  gptoss_session *s = r->s;
+  if (s->pos < s->context || s->context >= r->cap_max) return 0;
+  int cap = capacity_for(e, 2 * (int64_t)s->context);
+  if (cap > r->cap_max) cap = r->cap_max;
+  uint64_t bytes = kv_bytes_at(e, cap, r->reach), before = r->kv_bytes, more = bytes > before ? bytes - before : 0;
+  for (;;) {
+    pthread_mutex_lock(&e->mu);
+    int fits = e->kv_active + e->kv_cached + more <= e->o.kv_budget;
+    pthread_mutex_unlock(&e->mu);
+    if (fits || e->ncache == 0) break;
+    cache_drop(e, cache_lru(e));
+  }
+  pthread_mutex_lock(&e->mu);
+  if (e->kv_active + more > e->o.kv_budget && !oldest) {
+    e->st.kv_waits++;
+    pthread_mutex_unlock(&e->mu);
+    return 1;
+  }
+  e->kv_active += more;
+  r->kv_bytes = bytes;
+  pthread_mutex_unlock(&e->mu);
+  gptoss_session_opts so = {cap, e->o.rewind};
+  gptoss_session *g;
+  if (gptoss_session_fork_at(s, &so, s->pos, &g)) {
+    pthread_mutex_lock(&e->mu);
+    e->kv_active -= more;
+    r->kv_bytes = before;
+    pthread_mutex_unlock(&e->mu);
+    return -1;
+  }
+  gptoss_session_free(s);
+  r->s = g;
+  pthread_mutex_lock(&e->mu);
+  e->st.kv_grows++;
+  pthread_mutex_unlock(&e->mu);
+  return 0;
 }
 /* }====================================================== */
 
@@ -382,8 +430,27 @@ static gptoss_status step_buf_fit(step_buf *b, size_t tokens) {
 static void step(gptoss_engine *e, step_buf *b) {
   int n = 0, budget = e->o.chunk_tokens, prefill = 0;
   size_t total = 0;
+  /* room for each decoding request's next token (from the last, since a
+     failure ends the request and leaves the array) */
+  int oldest = 0;
+  for (int i = 1; i < e->nactive; i++)
+    if (e->active[i]->seq < e->active[oldest]->seq) oldest = i;
+  uint64_t oldest_seq = e->nactive ? e->active[oldest]->seq : 0;
+  for (int i = e->nactive - 1; i >= 0; i--) {
+    gptoss_request *r = e->active[i];
+    r->waits = 0;
+    if (r->fed < r->n_prompt) continue;
+    int g = grow(e, r, r->seq == oldest_seq);
+    if (g > 0) r->waits = 1;
+    else if (g < 0) {
+      char msg[256];
+      snprintf(msg, sizeof msg, "growing the KV cache to the next block: %s", gptoss_errmsg());
+      finish_active(e, i, GPTOSS_FINISH_ERROR, msg);
+    }
+  }
   for (int i = 0; i < e->nactive; i++) {
     gptoss_request *r = e->active[i];
+    if (r->waits) continue;   /* its session is full and the budget has no room yet */
     int c = r->fed < r->n_prompt ? r->n_prompt - r->fed : 1;
     if (r->fed < r->n_prompt) {
       if (c > budget) c = budget;
@@ -467,7 +534,8 @@ static void step(gptoss_engine *e, step_buf *b) {
     int32_t id = b->next[k];
     int finish = 0;
     const gptoss_logprob *lp = b->lp + (size_t)k * LP_STRIDE;
-    if (r->s->pos >= r->s->context) finish = GPTOSS_FINISH_LENGTH;   /* sampled at the context's end: no place for it */
+    /* sampled at the context's end (a session that can grow no more): no place for it */
+    if (r->s->pos >= r->s->context && r->s->context >= r->cap_max) finish = GPTOSS_FINISH_LENGTH;
     else if (r->logprobs && lp[0].id < 0) finish = GPTOSS_FINISH_ERROR, snprintf(r->err, sizeof r->err, "%s", b->lp_err);
     else if (gen_push(r, id, lp)) finish = GPTOSS_FINISH_ERROR, snprintf(r->err, sizeof r->err, "out of memory for the output");
     else {
@@ -585,8 +653,8 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   gptoss_engine_opts d;
   memset(&d, 0, sizeof d);
   if (o) d = *o;
-  if (d.max_batch < 0 || d.max_queue < 0 || d.chunk_tokens < 0 || d.rewind < 0 || d.context < 0)
-    return gptoss_fail(GPTOSS_EARG, "engine: max_batch, max_queue, chunk_tokens, context and rewind must be >= 0");
+  if (d.max_batch < 0 || d.max_queue < 0 || d.chunk_tokens < 0 || d.rewind < 0 || d.context < 0 || d.kv_block < 0)
+    return gptoss_fail(GPTOSS_EARG, "engine: max_batch, max_queue, chunk_tokens, context, rewind and kv_block must be >= 0");
   if (d.context > m->context)
     return gptoss_fail(GPTOSS_EARG, "engine: context %d exceeds the model's %d", d.context, m->context);
   if (!d.context) d.context = m->context;
@@ -594,6 +662,7 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   if (!d.max_queue) d.max_queue = DEFAULT_MAX_QUEUE;
   if (!d.chunk_tokens) d.chunk_tokens = DEFAULT_CHUNK;
   if (!d.rewind) d.rewind = DEFAULT_REWIND;
+  if (!d.kv_block) d.kv_block = DEFAULT_KV_BLOCK;
   if (d.prefix_cache == 0) d.prefix_cache = DEFAULT_CACHE;
   if (d.prefix_cache < 0) d.prefix_cache = 0;
   if (!d.kv_budget) {
@@ -609,8 +678,6 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   if (!e) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   e->m = m;
   e->o = d;
-  gptoss_status mrc = measure_session(e);
-  if (mrc) { free(e); return mrc; }
   e->fd[0] = e->fd[1] = -1;
   e->refs = 1;
   e->queue = malloc(sizeof *e->queue * (size_t)d.max_queue);
@@ -729,15 +796,19 @@ gptoss_status gptoss_engine_submit(gptoss_engine *e, const int32_t *ids, int n, 
   r->top_logprobs = o->top_logprobs;
   r->adapter = gptoss_adapter_ref(o->adapter);
   int64_t reach = (int64_t)n + o->max_tokens;
-  r->kv_bytes = gptoss_engine_kv_bytes(e, reach > e->o.context ? e->o.context : (int)reach);
+  r->reach = reach > e->o.context ? e->o.context : (int)reach;
+  r->cap_max = capacity_for(e, r->reach);
+  r->cap = capacity_for(e, (int64_t)n + e->o.kv_block < r->reach ? (int64_t)n + e->o.kv_block : r->reach);
+  r->kv_bytes = kv_bytes_at(e, r->cap, r->reach);
+  uint64_t most = kv_bytes_at(e, r->cap_max, r->reach);
   r->e = e;
   r->refs = 2;
   r->t_submit = engine_now();
   pthread_mutex_lock(&e->mu);
   if (!e->running || e->stopping) rc = gptoss_fail(GPTOSS_ESTATE, "engine is closed");
-  else if (r->kv_bytes > e->o.kv_budget)
+  else if (most > e->o.kv_budget)
     rc = gptoss_fail(GPTOSS_ENOMEM, "request too large: %d prompt + %d new tokens need %.1f MB of KV cache, the engine's "
-                     "memory budget is %.1f MB", n, o->max_tokens, (double)r->kv_bytes / 1e6, (double)e->o.kv_budget / 1e6);
+                     "memory budget is %.1f MB", n, o->max_tokens, (double)most / 1e6, (double)e->o.kv_budget / 1e6);
   else if (e->nq >= e->o.max_queue)
     rc = gptoss_fail(GPTOSS_EBUSY, "queue full: %d requests are waiting (max_queue)", e->nq);
   if (rc) {

@@ -13,6 +13,7 @@
 #define DEFAULT_CHUNK 256
 #define DEFAULT_CACHE 16
 #define DEFAULT_REWIND 512
+#define DEFAULT_KV_BLOCK 256
 #define LP_STRIDE (1 + GPTOSS_MAX_TOP_LOGPROBS)   /* a sampled token's entry in step_buf.lp */
 
 struct gptoss_request {
@@ -26,13 +27,16 @@ struct gptoss_request {
   int logprobs, top_logprobs;      /* gptoss_request_opts' */
   gptoss_adapter *adapter;
   gptoss_sampler *smp;
-  uint64_t kv_bytes, seq;
+  uint64_t kv_bytes, seq;         /* kv_bytes: budgeted for its session now (under e->mu) */
+  int reach, cap_max;              /* prompt + max_tokens within the context; the capacity that holds it */
+  int cap;                         /* the capacity its session opens with */
   double t_submit;
   /* the engine thread's alone */
   gptoss_session *s;
   int fed;                         /* prompt tokens in the session */
   int32_t last;                    /* sampled, to be fed next step */
   int ending;                      /* the finish this step decided */
+  int waits;                       /* this step: its full session waits for the budget to grow */
   /* shared, under e->mu */
   int state, finish, cancel;
   int32_t *gen;
@@ -92,7 +96,6 @@ struct gptoss_engine {
   uint64_t seq, kv_active, kv_cached;
   gptoss_engine_stats st;
   double t_start;
-  uint64_t session_bytes;          /* KV a session takes when opened (backends that allocate up front), else 0 */
   /* the engine thread's alone */
   step_buf b;
   cache_entry *cache;

@@ -418,6 +418,14 @@ int gptoss_session_pos(const gptoss_session *s);
 int gptoss_session_context(const gptoss_session *s);
 const int32_t *gptoss_session_history(const gptoss_session *s);
 gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out);
+/* A new session holding s's first keep positions (0..pos; what a fork
+   rewound to keep holds, the logits only when keep is pos), with o's
+   context and rewind (NULL: s's own), which may be smaller or larger than
+   s's as long as they hold keep positions. What the engine grows a
+   request's session with. ERANGE when keep is past what s holds or the
+   window before it is no longer in s's sliding layers. */
+gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_session_opts *o, int keep,
+                                     gptoss_session **out);
 gptoss_status gptoss_session_rewind(gptoss_session *s, int pos);
 
 typedef enum { GPTOSS_LOGITS_NONE, GPTOSS_LOGITS_LAST, GPTOSS_LOGITS_ALL } gptoss_logits_mode;
@@ -597,6 +605,9 @@ typedef struct gptoss_engine_opts {
   int context;             /* positions per session; 0 = the model's */
   int prefix_cache;        /* finished sessions kept for prefix reuse; 0 = 16, < 0 = none */
   int rewind;              /* the sessions' rewind allowance (gptoss_session_opts); 0 = 512 */
+  int kv_block;            /* positions a request's session is sized and grown by: it opens with room for its
+                              prompt and one block more (or all it can reach, if less) and grows as it
+                              generates; 0 = 256 */
 } gptoss_engine_opts;
 
 typedef struct gptoss_request_opts {
@@ -655,6 +666,9 @@ typedef struct gptoss_engine_stats {
      and the seconds spent on them */
   uint64_t masks_ahead;
   double masks_ahead_s;
+  /* sessions grown (copied into larger ones) as their requests generated,
+     and steps a request sat out because the budget had no room to grow it */
+  uint64_t kv_grows, kv_waits;
 } gptoss_engine_stats;
 
 gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gptoss_engine **out);
@@ -672,8 +686,8 @@ int gptoss_engine_drain(gptoss_engine *e);
 int gptoss_engine_wait(gptoss_engine *e, double timeout_s);
 void gptoss_engine_stats_get(gptoss_engine *e, gptoss_engine_stats *out);
 /* KV bytes the engine budgets for a session reaching that many positions
-   (the same for any: what one takes when opened, on a backend that
-   allocates it all up front) */
+   (on a backend that allocates a session up front: what one of that
+   capacity, in kv_block positions, takes when opened) */
 uint64_t gptoss_engine_kv_bytes(const gptoss_engine *e, int positions);
 /* Queues a request; smp is taken over (freed by the request, or now on
    failure). GPTOSS_EBUSY: the queue is full; GPTOSS_ENOMEM: the request

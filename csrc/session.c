@@ -81,32 +81,70 @@ int gptoss_session_pos(const gptoss_session *s) { return s->pos; }
 int gptoss_session_context(const gptoss_session *s) { return s->context; }
 const int32_t *gptoss_session_history(const gptoss_session *s) { return s->history; }
 
-gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out) {
+/* whether a session rewound to pos still holds the keys its next token
+   attends to: a sliding layer's ring has overwritten every position before
+   held_from (which a rewind leaves where it was) */
+static gptoss_status rewind_reach(const gptoss_session *s, int pos) {
+  if (uses_sliding(&s->m->cfg) && pos < s->pos) {
+    int need = pos - s->m->cfg.sliding_window;   /* oldest position the next token attends to */
+    if (pos > 0 && (need > 0 ? need : 0) < s->held_from)
+      return gptoss_fail(GPTOSS_ERANGE,
+                         "cannot rewind from %d to %d: sliding layers keep only the last %d positions; "
+                         "open the session with a larger rewind (it allows %d)",
+                         s->pos, pos, s->ring, s->ring - s->m->cfg.sliding_window);
+  }
+  return GPTOSS_OK;
+}
+
+/* after a feed: the positions its ring slots overwrote */
+static void held_after_feed(gptoss_session *s) {
+  if (s->pos - s->ring > s->held_from) s->held_from = s->pos - s->ring;
+}
+
+gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_session_opts *o, int keep,
+                                     gptoss_session **out) {
   *out = NULL;
   gptoss_status urc = check_usable(s, 0);
   if (urc) return urc;
-  gptoss_session_opts o = { s->context, 0 };
+  if (keep < 0 || keep > s->pos)
+    return gptoss_fail(GPTOSS_ERANGE, "fork: keep must be in 0..%d, the positions the session holds (got %d)", s->pos, keep);
+  int ctx = o && o->context ? o->context : s->context;
+  if (o && (o->context < 0 || ctx > s->m->context))
+    return gptoss_fail(GPTOSS_EARG, "fork: context %d must be between 1 and the model's context %d", o->context,
+                       s->m->context);
+  if (o && o->rewind < 0) return gptoss_fail(GPTOSS_EARG, "fork: rewind must be >= 0");
+  if (ctx < keep)
+    return gptoss_fail(GPTOSS_ERANGE, "fork: a context of %d cannot hold the %d positions kept", ctx, keep);
+  urc = rewind_reach(s, keep);
+  if (urc) return urc;
   gptoss_session *c = calloc(1, sizeof *c);
   if (!c) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  (void)o;
   c->m = s->m;
-  c->context = s->context;
-  c->ring = s->ring;
-  c->history = malloc(sizeof(int32_t) * (size_t)s->context);
+  c->context = ctx;
+  /* the same ring unless asked otherwise: the rewinds the source allowed */
+  c->ring = o ? gptoss_session_ring(&s->m->cfg, ctx, o->rewind ? o->rewind : DEFAULT_REWIND)
+              : s->ring;
+  c->history = malloc(sizeof(int32_t) * (size_t)ctx);
   c->logits = malloc(sizeof(float) * (size_t)s->m->cfg.vocab_size);
   gptoss_status rc = GPTOSS_OK;
   if (!c->history || !c->logits) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory for a session");
   if (!rc) rc = s->m->be->session_init(c);
-  if (!rc) rc = s->m->be->session_copy(c, s);
+  if (!rc) rc = s->m->be->session_copy(c, s, keep);
   if (rc) { gptoss_session_free(c); return rc; }
-  memcpy(c->history, s->history, sizeof(int32_t) * (size_t)s->pos);
-  memcpy(c->logits, s->logits, sizeof(float) * (size_t)s->m->cfg.vocab_size);
-  c->pos = s->pos;
-  c->has_logits = s->has_logits;
+  memcpy(c->history, s->history, sizeof(int32_t) * (size_t)keep);
+  c->pos = keep;
+  c->held_from = gptoss_kv_copy_from(1, keep, s->held_from, c->ring);   /* what the copy moved */
+  /* the logits are the last position's: kept only with every position */
+  c->has_logits = keep == s->pos && s->has_logits;
+  if (c->has_logits) memcpy(c->logits, s->logits, sizeof(float) * (size_t)s->m->cfg.vocab_size);
   c->trace = s->trace;
   c->adapter = gptoss_adapter_ref(s->adapter);
   *out = c;
   return GPTOSS_OK;
+}
+
+gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out) {
+  return gptoss_session_fork_at(s, NULL, s ? s->pos : 0, out);
 }
 
 gptoss_status gptoss_session_rewind(gptoss_session *s, int pos) {
@@ -115,15 +153,7 @@ gptoss_status gptoss_session_rewind(gptoss_session *s, int pos) {
   if (pos < 0 || pos > s->pos)
     return gptoss_fail(GPTOSS_ERANGE, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
   if (pos == s->pos) return GPTOSS_OK;
-  if (uses_sliding(&s->m->cfg) && s->pos > s->ring) {
-    int need = pos - s->m->cfg.sliding_window;   /* oldest position the next token attends to */
-    int have = s->pos - s->ring;                 /* oldest position the ring still holds */
-    if (pos > 0 && need < have)
-      return gptoss_fail(GPTOSS_ERANGE,
-                         "cannot rewind from %d to %d: sliding layers keep only the last %d positions; "
-                         "open the session with a larger rewind (it allows %d)",
-                         s->pos, pos, s->ring, s->ring - s->m->cfg.sliding_window);
-  }
+  if ((urc = rewind_reach(s, pos))) return urc;
   s->pos = pos;
   s->has_logits = 0;
   return GPTOSS_OK;
@@ -312,6 +342,7 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
     memcpy(s->history + s->pos, at, sizeof(int32_t) * (size_t)counts[i]);
     at += counts[i];
     s->pos += counts[i];
+    held_after_feed(s);
     if (s->trace) s->trace_n += counts[i];
     s->has_logits = mode != GPTOSS_LOGITS_NONE;
   }
@@ -396,6 +427,7 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
     if (rc) return rc;
     if ((rc = m->be->decode(s, ids[0], smp[0], next))) return rc;
     s->history[s->pos++] = ids[0];
+    held_after_feed(s);
     s->has_logits = 1;
     return GPTOSS_OK;
   }

@@ -369,6 +369,20 @@ static void session_release(cuda_session *cs, cuda_model *cm) {
   free(cs);
 }
 
+// what a session of this capacity and ring takes: its K and V, then its logits, history and view
+static size_t session_parts(const gptoss_model *m, int context, int ring, size_t *kv) {
+  const cuda_model *cm = model_of(m);
+  const dims &d = cm->d;
+  *kv = 0;
+  for (int l = 0; l < d.L; l++) *kv += 2 * ALIGN(kv_size(cm) * (size_t)(m->cfg.layer_sliding[l] ? ring : context) * d.KV);
+  return ALIGN(sizeof(float) * d.V) + ALIGN(sizeof(int32_t) * context) + ALIGN(sizeof(dsess)) + 256;
+}
+
+static uint64_t cuda_session_bytes(const gptoss_model *m, int context, int ring) {
+  size_t kv, extra = session_parts(m, context, ring, &kv);
+  return kv + extra;
+}
+
 static gptoss_status cuda_session_init(gptoss_session *s) {
   cuda_model *cm = model_of(s->m);
   TRY(cuda_device_usable(cm->dev));
@@ -376,9 +390,7 @@ static gptoss_status cuda_session_init(gptoss_session *s) {
   CU(cudaSetDevice(cm->dev));
   cuda_session *cs = (cuda_session *)calloc(1, sizeof *cs);
   if (!cs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  size_t kv = 0;
-  for (int l = 0; l < d.L; l++) kv += 2 * ALIGN(kv_size(cm) * (size_t)layer_slots(s, l) * d.KV);
-  size_t extra = ALIGN(sizeof(float) * d.V) + ALIGN(sizeof(int32_t) * s->context) + ALIGN(sizeof(dsess)) + 256;
+  size_t kv, extra = session_parts(s->m, s->context, s->ring, &kv);
   if (cm->budget && cm->arena_bytes + cm->kv_bytes + cm->ws_bytes + kv + extra > cm->budget) {
     free(cs);
     return gptoss_fail(GPTOSS_ENOMEM, "a session of %d positions needs %.1f MB of KV cache; the memory budget of %.2f GB "
@@ -415,16 +427,21 @@ static void cuda_session_free(gptoss_session *s) {
   s->bs = NULL;
 }
 
-static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session *src) {
+static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session *src, int keep) {
   cuda_model *cm = model_of(src->m);
   cuda_session *d = session_of(dst), *s = session_of(src);
+  size_t row = kv_size(cm) * (size_t)cm->d.KV;
   for (int l = 0; l < cm->d.L; l++) {
-    size_t b = kv_size(cm) * (size_t)layer_slots(src, l) * cm->d.KV;
-    CU(cudaMemcpyAsync(d->view.k[l], s->view.k[l], b, cudaMemcpyDeviceToDevice, cm->stream));
-    CU(cudaMemcpyAsync(d->view.v[l], s->view.v[l], b, cudaMemcpyDeviceToDevice, cm->stream));
+    int sl = src->m->cfg.layer_sliding[l];
+    for (int p = gptoss_kv_copy_from(sl, keep, src->held_from, dst->ring), n; p < keep; p += n) {
+      n = gptoss_kv_run(sl, src->ring, dst->ring, p, keep);
+      size_t from = row * (size_t)gptoss_kv_slot(sl, src->ring, p), to = row * (size_t)gptoss_kv_slot(sl, dst->ring, p);
+      CU(cudaMemcpyAsync((char *)d->view.k[l] + to, (const char *)s->view.k[l] + from, row * n, cudaMemcpyDeviceToDevice, cm->stream));
+      CU(cudaMemcpyAsync((char *)d->view.v[l] + to, (const char *)s->view.v[l] + from, row * n, cudaMemcpyDeviceToDevice, cm->stream));
+    }
   }
-  CU(cudaMemcpyAsync(d->logits, s->logits, sizeof(float) * cm->d.V, cudaMemcpyDeviceToDevice, cm->stream));
-  CU(cudaMemcpyAsync(d->hist, s->hist, sizeof(int32_t) * src->pos, cudaMemcpyDeviceToDevice, cm->stream));
+  if (keep == src->pos) CU(cudaMemcpyAsync(d->logits, s->logits, sizeof(float) * cm->d.V, cudaMemcpyDeviceToDevice, cm->stream));
+  CU(cudaMemcpyAsync(d->hist, s->hist, sizeof(int32_t) * keep, cudaMemcpyDeviceToDevice, cm->stream));
   CU(cudaStreamSynchronize(cm->stream));
   return GPTOSS_OK;
 }
@@ -451,7 +468,7 @@ static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_
 
 static const gptoss_backend cuda_backend = {
   "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
-  cuda_run, PASS_TOKENS, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_train,
+  cuda_run, PASS_TOKENS, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_session_bytes, cuda_train,
 };
 
 extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

@@ -73,6 +73,64 @@ describe("sessions", function()
     assert.are_not.equal(c:bytes(), d:bytes())
   end)
 
+  it("forks the first keep positions into a session of another capacity, which continues as a fresh one fed them", function()
+    local long = {}
+    for i = 1, 60 do long[i] = ids[(i - 1) % #ids + 1] end
+    local tail = { 1000, 2000, 3000 }
+    -- the continuation of a fresh session fed long[1..keep]: the oracle
+    local function fresh(keep)
+      local s = m:session()
+      local head = {}
+      for i = 1, keep do head[i] = long[i] end
+      s:feed(head, "none")
+      return s:feed(tail, "all"):bytes()
+    end
+    local s = m:session()
+    s:feed(long, "none")
+    local f = s:fork { keep = 30, context = 64 }
+    assert.are.equal(30, f:pos())
+    assert.are.equal(64, f:context())
+    local head30 = {}
+    for i = 1, 30 do head30[i] = long[i] end
+    assert.are.same(head30, f:history())
+    assert.are.equal(fresh(30), f:feed(tail, "all"):bytes())
+    -- a source whose sliding ring (16 + 4) has wrapped, into a wider ring
+    local w = m:session { rewind = 4 }
+    w:feed(long, "none")
+    local g = w:fork { keep = 58, context = 128, rewind = 8 }
+    assert.are.equal(fresh(58), g:fork():feed(tail, "all"):bytes())
+    -- the copy rewinds as far as its source could: to 56 (the window before
+    -- it, positions 40 on, is still held), not to 54
+    g:rewind(56)
+    assert.are.equal(fresh(56), g:feed(tail, "all"):bytes())
+    local ok, err = pcall(g.rewind, g, 54)
+    assert.is_false(ok)
+    assert.matches("sliding layers keep only", err)
+    -- keep alone: the session's own capacity
+    local k = s:fork { keep = 10 }
+    assert.are.equal(s:context(), k:context())
+    assert.are.equal(fresh(10), k:feed(tail, "all"):bytes())
+    -- what cannot be: past the end, a context too small, a window no longer held
+    assert.matches("keep must be an integer in 0..60", select(2, pcall(s.fork, s, { keep = 61 })))
+    assert.matches("a context of 20 cannot hold the 30 positions kept", select(2, pcall(s.fork, s, { keep = 30, context = 20 })))
+    assert.matches("cannot rewind from 60 to 50", select(2, pcall(w.fork, w, { keep = 50 })))
+    assert.matches("s:fork: unknown option 'size'", select(2, pcall(s.fork, s, { size = 3 })))
+  end)
+
+  it("checks a second rewind against what the ring still holds, not against where the first left it", function()
+    local s = m:session { rewind = 4 }   -- ring of 16 + 4: feeding 60 overwrote positions before 40
+    local long = {}
+    for i = 1, 60 do long[i] = ids[(i - 1) % #ids + 1] end
+    s:feed(long, "none")
+    s:rewind(57)
+    -- 54's window reaches back to 38: gone, though 57 - 20 = 37 would suggest otherwise
+    local ok, err = pcall(s.rewind, s, 54)
+    assert.is_false(ok)
+    assert.matches("cannot rewind from 57 to 54", err)
+    s:rewind(56)
+    assert.are.equal(56, s:pos())
+  end)
+
   it("rewinds: re-feeding the same tokens reproduces the logits", function()
     local s = m:session()
     local first = s:feed(ids, "all")

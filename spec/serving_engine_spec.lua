@@ -50,7 +50,7 @@ end
 -- 16 requests with different prompt lengths, sampling options, seeds and
 -- adapters, half of them submitted while the first ones decode, each against
 -- model:generate alone on the same model (the oracle)
-local function check_mixed_requests(m, tok, a1, a2)
+local function check_mixed_requests(m, tok, a1, a2, eopts)
   local samplings = {
     { temperature = 0 },
     { temperature = 0.8, seed = 1 },
@@ -74,7 +74,9 @@ local function check_mixed_requests(m, tok, a1, a2)
   end
   for _, j in ipairs(jobs) do j.alone = m:generate(j.ids, j.opts) end
 
-  local eng = gptoss.engine(m, { max_batch = 16, chunk_tokens = 24 })
+  local o = { max_batch = 16, chunk_tokens = 24 }
+  for k, v in pairs(eopts or {}) do o[k] = v end
+  local eng = gptoss.engine(m, o)
 
   finally(function() eng:close() end)
   local reqs = {}
@@ -109,6 +111,7 @@ local function check_mixed_requests(m, tok, a1, a2)
   -- batched: far fewer steps than tokens
   assert.is_true(st.steps < total / 2, st.steps .. " steps for " .. total .. " tokens")
   eng:close()
+  return st, jobs
 end
 
 describe("gptoss.engine", function()
@@ -125,6 +128,49 @@ describe("gptoss.engine", function()
 
   it("gives 16 mixed requests, some submitted mid-decode, exactly model:generate's tokens alone", function()
     check_mixed_requests(m, tok, a1, a2)
+  end)
+
+  it("grows each request's session a block at a time as it generates, with the same tokens", function()
+    -- blocks of 2 positions: a session opens with room for its prompt and
+    -- 2 more, and each request generates 4 to 12 tokens
+    local st, jobs = check_mixed_requests(m, tok, a1, a2, { kv_block = 2 })
+    -- by hand: a session opens for its prompt and a block (in blocks, at most
+    -- what prompt + max_tokens reach) and doubles when the next token has no
+    -- place; every generated token but the last is fed
+    local function blocks(n) return math.ceil(n / 2) * 2 end
+    local grows = 0
+    for _, j in ipairs(jobs) do
+      local n = #j.ids
+      local most = blocks(n + j.opts.max_tokens)
+      local cap, pos = math.min(blocks(n + 2), most), n
+      for _ = 1, #j.alone.ids - 1 do
+        if pos >= cap and cap < most then cap = math.min(blocks(2 * cap), most); grows = grows + 1 end
+        pos = pos + 1
+      end
+    end
+    assert.is_true(grows >= 8)
+    assert.are.equal(grows, st.kv_grows)
+    -- a cached session of one capacity serves a request of another
+    local system = prompt_of(tok, 20, 40)
+    local o = { temperature = 0.8, seed = 5, max_tokens = 30, stop_tokens = {} }
+    local first = m:generate(system, o)
+    local turn2 = {}
+    for _, id in ipairs(system) do turn2[#turn2 + 1] = id end
+    for _, id in ipairs(first.ids) do turn2[#turn2 + 1] = id end
+    for _, id in ipairs(prompt_of(tok, 21, 7)) do turn2[#turn2 + 1] = id end
+    local short = { temperature = 0.8, seed = 5, max_tokens = 3, stop_tokens = {} }
+    local turn2_alone = m:generate(turn2, short)
+    local eng = gptoss.engine(m, { kv_block = 8 })
+    finally(function() eng:close() end)
+    assert.are.same(first.ids, assert(eng:submit(system, o)):result().ids)
+    local r2 = assert(eng:submit(turn2, short)):result()
+    assert.are.same(turn2_alone.ids, r2.ids)
+    assert.are.equal(#system + #first.ids - 1, r2.usage.prompt_tokens_details.cached_tokens)
+    -- the first opened with 40 + 8 positions, grew once to 72 (40 + 30, in
+    -- blocks); the second opened with all it reaches (77 + 3, in blocks)
+    assert.are.equal(1, eng:stats().kv_grows)
+    eng:close()
+    assert.matches("kv_block must be an integer", select(2, pcall(gptoss.engine, m, { kv_block = -1 })))
   end)
 
   it("routes model:generate through a running engine, and generate_batch through one of its own", function()
@@ -253,6 +299,7 @@ describe("gptoss.engine", function()
     wait_until("the first to run", function() return a.c:info().state == "running" end)
     assert.are.equal("queued", b.c:info().state)
     assert.are.equal(kv_bytes(m.config, 40), eng:stats().kv_active)
+    assert.are.equal(kv_bytes(m.config, 40), eng:kv_bytes(40))   -- on the CPU: by positions, whatever the block
     local ra = a:result()
     local rb = b:result()
     assert.are.same(alone.ids, ra.ids)
@@ -463,6 +510,33 @@ describe("gptoss.engine on CUDA #gpu", function()
     assert.is_true(after == b:logits():bytes(), "the decode row among rows of other adapters")
     for _, x in ipairs(ss) do x:close() end
     a:close(); a1:close(); a2:close()
+    m:close()
+  end)
+
+  it("grows sessions within its memory budget: one that cannot grow yet waits for the oldest, tokens exact", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
+    local tok = m.tokenizer
+    local probe = gptoss.engine(m, { kv_block = 8 })
+    -- what a session takes grows with its capacity (it is allocated whole)
+    local b32, b64, b80 = probe:kv_bytes(28), probe:kv_bytes(60), probe:kv_bytes(80)
+    probe:close()
+    assert.is_true(b32 < b64 and b64 < b80)
+    -- two requests of 20 + 60 positions open with 32 each and grow to 64,
+    -- then 80: the budget holds one grown and one not, never both at 64
+    local o = { temperature = 0.9, seed = 3, max_tokens = 60, stop_tokens = {} }
+    local p1, p2 = prompt_of(tok, 71, 20), prompt_of(tok, 72, 20)
+    assert.are.equal(20, #p1); assert.are.equal(20, #p2)
+    local alone1, alone2 = m:generate(p1, o), m:generate(p2, o)
+    local eng = gptoss.engine(m, { kv_block = 8, memory = b32 + b80, prefix_cache = 0 })
+    finally(function() eng:close() end)
+    local r1, r2 = assert(eng:submit(p1, o)), assert(eng:submit(p2, o))
+    assert.are.same(alone1.ids, r1:result().ids)
+    assert.are.same(alone2.ids, r2:result().ids)
+    local st = eng:stats()
+    assert.are.equal(4, st.kv_grows)
+    assert.is_true(st.kv_waits > 0, "the second waited for room")
+    assert.are.equal(0, st.kv_active)
+    eng:close()
     m:close()
   end)
 

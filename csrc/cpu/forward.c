@@ -98,16 +98,20 @@ static gptoss_status kv_reserve(gptoss_session *s, int upto) {
   return GPTOSS_OK;
 }
 
-static gptoss_status cpu_session_copy(gptoss_session *dst, const gptoss_session *src) {
-  gptoss_status rc = kv_reserve(dst, src->pos);
+static gptoss_status cpu_session_copy(gptoss_session *dst, const gptoss_session *src, int keep) {
+  gptoss_status rc = kv_reserve(dst, keep);
   if (rc) return rc;
+  const gptoss_config *c = &src->m->cfg;
   cpu_session *d = dst->bs, *s = src->bs;
-  size_t kd = (size_t)kvdim(&src->m->cfg);
-  for (int l = 0; l < src->m->cfg.num_hidden_layers; l++) {
-    int n = slots_needed(src, l, src->pos);
-    if (!n) continue;
-    memcpy(d->k[l], s->k[l], sizeof(float) * kd * (size_t)n);
-    memcpy(d->v[l], s->v[l], sizeof(float) * kd * (size_t)n);
+  size_t kd = (size_t)kvdim(c);
+  for (int l = 0; l < c->num_hidden_layers; l++) {
+    int sl = c->layer_sliding[l];
+    for (int p = gptoss_kv_copy_from(sl, keep, src->held_from, dst->ring), n; p < keep; p += n) {
+      n = gptoss_kv_run(sl, src->ring, dst->ring, p, keep);
+      size_t from = kd * (size_t)gptoss_kv_slot(sl, src->ring, p), to = kd * (size_t)gptoss_kv_slot(sl, dst->ring, p);
+      memcpy(d->k[l] + to, s->k[l] + from, sizeof(float) * kd * (size_t)n);
+      memcpy(d->v[l] + to, s->v[l] + from, sizeof(float) * kd * (size_t)n);
+    }
   }
   return GPTOSS_OK;
 }
@@ -174,5 +178,5 @@ static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
 
 const gptoss_backend gptoss_cpu_backend = {
   "cpu", cpu_model_init, cpu_model_free, cpu_session_init, cpu_session_free, cpu_session_copy,
-  cpu_run, CPU_PASS_TOKENS, cpu_sample, cpu_memory, NULL, NULL, cpu_lora_train,
+  cpu_run, CPU_PASS_TOKENS, cpu_sample, cpu_memory, NULL, NULL, NULL, cpu_lora_train,
 };

@@ -20,7 +20,7 @@ static const char *const state_names[] = {"queued", "running", "done"};
 
 /* {====================================================== Engine */
 static const char *const engine_keys[] = {"max_batch", "max_queue", "chunk_tokens", "memory", "prefix_cache", "rewind",
-                                          "context", NULL};
+                                          "context", "kv_block", NULL};
 
 /* core.engine(model [, opts]) -> Engine */
 static int l_engine(lua_State *L) {
@@ -35,6 +35,7 @@ static int l_engine(lua_State *L) {
   o.chunk_tokens = (int)lg_opt_int(L, 2, fn, "chunk_tokens", 0, INT32_MAX, 0);
   o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, 0);
   o.context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
+  o.kv_block = (int)lg_opt_int(L, 2, fn, "kv_block", 0, INT32_MAX, 0);
   o.kv_budget = (uint64_t)lg_opt_range(L, 2, fn, "memory", 0, LG_MAX_BYTES, LG_WHOLE, 0);
   int cache = (int)lg_opt_int(L, 2, fn, "prefix_cache", 0, INT32_MAX, 16);
   o.prefix_cache = cache ? cache : -1;
@@ -151,6 +152,16 @@ static int engine_wait(lua_State *L) {
   return 1;
 }
 
+/* eng:kv_bytes(positions) -> the bytes of KV the engine budgets for a
+   request reaching that many positions (prompt + max_tokens) */
+static int engine_kv_bytes(lua_State *L) {
+  lengine *b = lg_udata(L, 1, ENGINE_T);
+  int n = (int)lg_check_int(L, 2, "eng:kv_bytes", "positions", 1, INT32_MAX);
+  if (!b->e) return luaL_error(L, "engine is closed");
+  lua_pushinteger(L, (lua_Integer)gptoss_engine_kv_bytes(b->e, n));
+  return 1;
+}
+
 static int engine_stats(lua_State *L) {
   lengine *b = lg_udata(L, 1, ENGINE_T);
   if (!b->e) return luaL_error(L, "engine is closed");
@@ -165,7 +176,7 @@ static int engine_stats(lua_State *L) {
   I(prompt_tokens); I(prefill_tokens); I(prefix_hits); I(prefix_tokens); I(generated_tokens); I(steps);
   N(busy_s); N(uptime_s); N(tokens_per_s);
   I(train_jobs); I(train_pending); I(train_examples); I(train_tokens); N(train_s);
-  I(masks_ahead); N(masks_ahead_s);
+  I(masks_ahead); N(masks_ahead_s); I(kv_grows); I(kv_waits);
 #undef I
 #undef N
   lua_pushnumber(L, (lua_Number)(s.kv_active + s.kv_cached));
@@ -303,7 +314,7 @@ static int request_gc(lua_State *L) {
 
 void lg_open_engine(lua_State *L) {
   static const luaL_Reg e_methods[] = {
-    {"submit", engine_submit}, {"stats", engine_stats}, {"drain", engine_drain}, {"wait", engine_wait}, {"close", engine_close}, {NULL, NULL}};
+    {"submit", engine_submit}, {"stats", engine_stats}, {"kv_bytes", engine_kv_bytes}, {"drain", engine_drain}, {"wait", engine_wait}, {"close", engine_close}, {NULL, NULL}};
   static const luaL_Reg e_meta[] = {
     {"__gc", engine_gc}, {"__tostring", engine_tostring},
 #if LUA_VERSION_NUM >= 504

@@ -350,10 +350,26 @@ static int session_history(lua_State *L) {
   return 1;
 }
 
+/* s:fork([{ context = n, rewind = n, keep = n }]): a copy of the session,
+   or of its first `keep` positions, in a session of another capacity */
 static int session_fork(lua_State *L) {
   lsession *s = checksession(L, 1);
+  const char *fn = "s:fork";
+  static const char *const keys[] = {"context", "rewind", "keep", NULL};
+  lg_check_keys(L, 2, fn, keys);
   gptoss_session *c;
-  if (gptoss_session_fork(s->s, &c)) return lg_raise(L);
+  int pos = gptoss_session_pos(s->s);
+  if (lua_istable(L, 2)) {
+    gptoss_session_opts o;
+    o.context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
+    o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, 0);
+    int keep = (int)lg_opt_int(L, 2, fn, "keep", 0, pos, pos);
+    lua_getfield(L, 2, "context");
+    lua_getfield(L, 2, "rewind");
+    int same = lua_isnil(L, -1) && lua_isnil(L, -2);   /* only keep: the session's own capacity and ring */
+    lua_pop(L, 2);
+    if (gptoss_session_fork_at(s->s, same ? NULL : &o, keep, &c)) return lg_raise(L);
+  } else if (gptoss_session_fork(s->s, &c)) return lg_raise(L);
   lua_getuservalue(L, 1);
   int env = lua_gettop(L);
   lua_getfield(L, env, "model");

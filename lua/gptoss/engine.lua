@@ -132,11 +132,15 @@ end
 -- with "queue_full"), chunk_tokens (prompt tokens per step across prefills,
 -- 256: what one long prompt may delay the others), memory (KV budget in
 -- bytes; default a quarter of RAM, or half the free GPU memory), context
--- (positions per session, the model's by default; CUDA allocates a
--- session's whole cache when it opens it, so a server sizes this to its
--- longest request), prefix_cache (finished sessions kept for prefix reuse,
--- 16; 0 turns it off), rewind (how far a cached session may be rewound past
--- the sliding window, 512).
+-- (the most positions a request may reach, the model's by default),
+-- kv_block (256: a request's session opens with room for its prompt and a
+-- block more, or all that prompt + max_tokens reach if less, and doubles,
+-- in blocks, when full; CUDA allocates a session's cache when it opens it,
+-- so a request holds what it uses, not the whole context; a session that
+-- cannot grow within the budget waits, unless it is the oldest),
+-- prefix_cache (finished sessions kept for prefix reuse, 16; 0 turns it
+-- off), rewind (how far a cached session may be rewound past the sliding
+-- window, 512).
 function M.new(model, opts)
   local c = core.engine(model, opts)   -- checks them, named as gptoss.engine's
   local eng = setmetatable({ c = c, model = model }, Engine)
@@ -338,6 +342,11 @@ function Engine:wait(timeout) return self.c:wait(timeout) end
 -- kv_budget, prefix_hits, prefix_tokens, prompt_tokens, prefill_tokens,
 -- generated_tokens, tokens_per_s, steps, ... }
 function Engine:stats() return self.c:stats() end
+
+--- eng:kv_bytes(positions): the KV bytes the engine budgets for a request
+-- reaching that many positions (prompt + max_tokens; on CUDA, what a session
+-- of that capacity in kv_block positions takes)
+function Engine:kv_bytes(positions) return self.c:kv_bytes(positions) end
 
 --- eng:close(): cancels what is left and gives the model back to direct use
 function Engine:close()

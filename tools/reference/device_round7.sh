@@ -1,9 +1,9 @@
 #!/bin/bash
 # Device, seventh round (2026-12-07): every #gpu spec (packing on CUDA, the
 # adapter row among other adapters' rows, the 16 mixed engine requests);
-# engine_diag on a batch-invariant model; the HTTP benchmark at 8 and 32
-# streams with each failure's reason, as served by default and with
-# GPTOSS_CONTEXT=4096 (is a session's full-context KV the cause?); then
+# engine_diag on a batch-invariant model; the HTTP benchmark at 8, 32 and
+# 64 streams with each failure's reason (sessions now sized by kv_block, not
+# the model's 131,072 positions); then
 # issue 18's serving benchmark at 1, 8, 32, 64 and 256 clients (512-token
 # prompts, 256 generated) while time is left. Carry .device-kit and .carry.
 set -u
@@ -28,7 +28,7 @@ serve_round() {   # $1: a label, then env settings for the server
     env -u LUA_PATH -u LUA_CPATH -u LUA_PATH_5_4 -u LUA_CPATH_5_4 tools/serve.sh || { tail -5 /tmp/serve/error.log; return; }
   for i in $(seq 300); do curl -sf http://127.0.0.1:8080/health >/dev/null && break; sleep 0.2; done
   echo "[$label] ready: $(curl -s http://127.0.0.1:8080/health | head -c 300)"
-  timeout 100 $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --concurrency 8,32 \
+  timeout 150 $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --concurrency ${HTTP_C:-8,32,64} \
     --only serve --json $OUT/serve_$label.json > $OUT/serve_$label.md 2> $OUT/serve_$label.err
   echo "[$label] serve rc=$?"; grep -v "^|---" $OUT/serve_$label.md | tail -6; sort $OUT/serve_$label.err | uniq -c | sort -rn | head -6
   curl -s http://127.0.0.1:8080/metrics | grep -E "^vllm:(num_requests|gpu_cache|prompt_tokens_total|generation_tokens_total)" | head -8
@@ -37,7 +37,6 @@ serve_round() {   # $1: a label, then env settings for the server
   grep -aE "\[(error|crit|alert|emerg)\]" /tmp/serve/error.log | cut -c1-300 | sort | uniq -c | sort -rn | head -5
 }
 serve_round default
-serve_round ctx4096 GPTOSS_CONTEXT=4096
 echo "serving gets $(left) s"
 t=$(( $(left) - 5 ))
 if [ $t -gt 60 ]; then
