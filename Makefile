@@ -50,7 +50,13 @@ HEADERS := $(wildcard csrc/*.h csrc/cpu/*.h csrc/lua/*.h)
 CUDA_SRC := $(wildcard kernels/*.cu)
 CUDA ?= $(if $(and $(NVCC),$(CUDA_SRC)),1,0)
 CUDA_OBJ := $(CUDA_SRC:kernels/%.cu=$(BUILD)/cuda/%.o)
-CUDA_ARCH ?= -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
+# Ampere (A100: sm_80; RTX 30xx: sm_86), Ada (sm_89) and Hopper (sm_90a, whose
+# wgmma runs training's expert GEMM), and PTX for the GPUs after; the
+# driver picks at load. Every kernel but that GEMM is the same code on all
+# of them (docs/ARCHITECTURE.md, "GPUs"). `make CUDA_ARCH="-gencode
+# arch=compute_90a,code=sm_90a"` builds for one, in a third of the time.
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 -gencode arch=compute_89,code=sm_89 \
+  -gencode arch=compute_90a,code=sm_90a -gencode arch=compute_90,code=compute_90
 NVCC_FLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -lineinfo
 
 TARGETS := $(OUT)/core.so

@@ -218,6 +218,13 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   cudaError_t e = cudaGetDeviceCount(&ndev);
   if (e != cudaSuccess || ndev == 0) return gptoss_fail(GPTOSS_EUNSUP, "no CUDA device (%s)", e ? cudaGetErrorString(e) : "none found");
   if (m->device_index >= ndev) return gptoss_fail(GPTOSS_EARG, "device cuda:%d does not exist (%d devices)", m->device_index, ndev);
+  // bf16 tensor cores (wmma, mma.sync) and cp.async: Ampere on
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, m->device_index);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, m->device_index);
+  if (major < 8)
+    return gptoss_fail(GPTOSS_EUNSUP, "cuda:%d is sm_%d%d: the CUDA backend needs compute capability 8.0 or later "
+                       "(Ampere, Ada, Hopper)", m->device_index, major, minor);
   cuda_model *cm = (cuda_model *)calloc(1, sizeof *cm);
   if (!cm) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   m->bm = cm;

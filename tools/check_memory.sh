@@ -15,8 +15,9 @@ specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lu
   spec/utf8_spec.lua spec/sampler_spec.lua spec/serving_lifecycle_spec.lua spec/hardening_spec.lua spec/fuzz_corpus_spec.lua
   spec/loader_spec.lua"
 # training through the engine (jobs, their cancellation, the engine's end
-# with jobs left) is too slow for valgrind: under the sanitizers only
-asan_only="spec/engine_train_spec.lua"
+# with jobs left) and the engine's sessions (forks, growth, prefix reuse)
+# are too slow for valgrind: under the sanitizers only
+asan_only="spec/engine_train_spec.lua spec/engine_spec.lua spec/serving_engine_spec.lua"
 export GPTOSS_TOKENIZER_DIR="$PWD/tokenizer"
 echo "== valgrind"
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
