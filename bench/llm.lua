@@ -12,7 +12,9 @@
 -- On a CUDA device where python3 has torch and transformers (BENCH_HF=0
 -- turns it off), tools/reference/hf_bench.py first measures transformers on
 -- the same checkpoint and the device-to-device copy bandwidth, in the same
--- run; the table then gives the ratios and the bandwidth floor.
+-- run; the table then gives the ratios and the bandwidth floor. With
+-- LLAMA_CPP=dir (a llama.cpp build, as gptoss.llama_cpp takes it) llama-bench
+-- runs on the same checkpoint, converted to a GGUF, in the same run too.
 package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 local gptoss = require "gptoss"
 local checkpoint = require "gptoss.checkpoint"
@@ -52,6 +54,18 @@ if device:match("^cuda") and os.getenv("BENCH_HF") ~= "0"
   if h then hf = cjson.decode(h:read("*a")); h:close() end
   os.remove(json)
   if not hf then io.stderr:write("bench: transformers run failed; its rows are left out\n") end
+end
+
+-- llama.cpp next (LLAMA_CPP=dir, a build: gptoss.llama_cpp), in its own
+-- process as well: llama-bench's pp2048 and tg128, fresh and at depth 4096
+local peer, peer_rows
+if os.getenv("LLAMA_CPP") and device:match("^cuda") then
+  local L, err = require("gptoss.llama_cpp").find(os.getenv("LLAMA_CPP"))
+  local gguf
+  if L then gguf, err = L:convert(dir) end
+  if gguf then peer_rows, err = L:bench(gguf, { n_prompt = { 2048 }, n_gen = { 128 }, n_depth = { 0, 4096 }, repetitions = 3 }) end
+  if peer_rows then peer = {}; for _, r in ipairs(peer_rows) do peer[r.test] = r end
+  else io.stderr:write("bench: llama.cpp run failed; its rows are left out: ", tostring(err), "\n") end
 end
 
 local t0 = now()
@@ -115,6 +129,7 @@ t0 = now()
 for _ = 1, 64 do id = s:step(id, greedy) end
 dt = now() - t0
 row("decode, batch 1, at depth 4096", 64 / dt, "tok/s")
+results.decode_4096 = 64 / dt
 s:close()
 
 -- aggregate decode with N sessions stepping together
@@ -154,6 +169,20 @@ if hf then
   vs("TTFT, 512-token prompt", hf.ttft_512_ms, results.ttft, "ms", false)
   vs("peak device memory", hf.peak_memory_gb, results.memory, "GB", false)
   vs("load", hf.load_s, results.load, "s", false)
+end
+
+if peer then
+  local build = peer_rows[1] and peer_rows[1].build_commit or "?"
+  local function vs(what, test, ours)
+    local r = peer[test]
+    if r then
+      row("llama.cpp " .. build .. ": " .. what, r.avg_ts, "tok/s",
+        string.format("llama-bench %s, ± %.2f; gptoss %.2f, ratio %.2fx", test, r.stddev_ts or 0, ours, ours / r.avg_ts))
+    end
+  end
+  vs("decode, batch 1", "tg128", results.decode)
+  vs("prefill, 2048-token prompt", "pp2048", results.prefill)
+  vs("decode, batch 1, at depth 4096", "tg128 @ d4096", results.decode_4096)
 end
 
 local gpu = device:match("^cuda") and shell("nvidia-smi --query-gpu=name --format=csv,noheader | head -1") or "cpu"
