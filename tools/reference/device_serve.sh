@@ -40,7 +40,7 @@ if has serve || has study; then
   fi
   if has study; then
     t0=$(date +%s)
-    timeout 200 $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --requests 3 --duration 15 \
+    timeout ${STUDY_TIMEOUT:-200} $J bench/serve.lua --url http://127.0.0.1:8080 --prompt 512 --output 128 --requests 3 --duration ${STUDY_S:-30} \
       --pid "$pid" --only study --json $OUT/study_http.json > $OUT/study_http.md 2> $OUT/study_http.err
     echo "study rc=$? in $(( $(date +%s) - t0 )) s"; head -60 $OUT/study_http.md; tail -3 $OUT/study_http.err
   fi
@@ -49,7 +49,7 @@ if has serve || has study; then
 fi
 if has inprocess; then
   t0=$(date +%s)
-  timeout 200 $J bench/serve.lua --inprocess /tmp/gptoss-20b --device cuda:0 --prompt 512 --output 128 \
+  timeout ${INPROCESS_TIMEOUT:-200} $J bench/serve.lua --inprocess /tmp/gptoss-20b --device cuda:0 --prompt 512 --output 128 \
     --concurrency 1,8,32,64 --only inprocess --json $OUT/inprocess.json > $OUT/inprocess.md 2> $OUT/inprocess.err
   echo "inprocess rc=$? in $(( $(date +%s) - t0 )) s"; cat $OUT/inprocess.md; tail -3 $OUT/inprocess.err
 fi
