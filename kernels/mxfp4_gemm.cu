@@ -31,10 +31,12 @@
 // columns of a K row in each 128-byte row, three such atoms across 192.
 //
 // Reference: a double-precision product in kernels/test/kernels_test.cu.
+#include <mma.h>
+#include <type_traits>
 #include "common.cuh"
 
-// wgmma is sm_90a's alone; the compute_90 PTX (for GPUs after Hopper) gets
-// a plain loop instead, so that the products stay right there
+// wgmma is sm_90a's alone; the other GPUs (and the compute_90 PTX for those
+// after Hopper) run portable_kernel, below, on mma.sync
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define WGMMA 1
 #endif
@@ -250,29 +252,146 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
     }
   }
 #else
-  // the same tile, one output at a time on the CUDA cores
-  const float fp4[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
-  for (int i = tid; i < nrows * NB; i += THREADS) {
-    int r = i / NB, n = n0 + i % NB;
-    if (n >= N) continue;
-    float v = bias ? __bfloat162float(bias[(size_t)e * N + n]) : 0.f;
-    for (int k = 0; k < K; k++) {
-      size_t at = TRANS ? (size_t)k * cols + n : (size_t)n * cols + k;
-      int code = at & 1 ? wb[at / 2] >> 4 : wb[at / 2] & 15;
-      float w = ldexpf(code & 8 ? -fp4[code & 7] : fp4[code & 7], (int)ws[at / 32] - 127);
-      size_t x = (size_t)(row0 + r) * K + k;
-      v += (__bfloat162float(hi[x]) + (SPLIT ? __bfloat162float(lo[x]) : 0.f)) * w;
-    }
-    Y[(size_t)(row0 + r) * ldy + n] = v;
-  }
+  // not compiled with wgmma: launch_mxfp4_gemm runs portable_kernel instead
+  (void)wb; (void)ws; (void)smem; (void)n0; (void)tid; (void)nrows; (void)row0; (void)cols;
 #endif
 }
+
+// {====================================================== the portable path
+// Where wgmma was not compiled (sm_80, sm_86, sm_89, or a build carrying
+// only their PTX): the same products on mma.sync through wmma, bf16 in,
+// fp32 accumulate, as moe.cu's inference GEMM. A block takes 64 rows by 64
+// columns, four warps of 32 x 32; K in steps of 32: the activations copied
+// and the weights decoded from MXFP4 into shared memory (exactly: an FP4
+// value times a power of two is a bf16), then two k16 products (four with
+// split activations). No pipelining: it is the path that runs, not yet the
+// path that is fast (nothing here can time it).
+constexpr int PB_M = 64, PB_N = 64, PB_K = 32, PB_THREADS = 128;
+constexpr int PLD_A = PB_K + 8, PLD_BP = PB_K + 8, PLD_BT = PB_N + 8, PLD_C = PB_N + 4;
+
+__device__ __forceinline__ float mxfp4_value(const uint8_t *wb, const uint8_t *ws, size_t at) {
+  const float fp4[8] = {0.f, .5f, 1.f, 1.5f, 2.f, 3.f, 4.f, 6.f};
+  int code = at & 1 ? wb[at / 2] >> 4 : wb[at / 2] & 15;
+  return ldexpf(code & 8 ? -fp4[code & 7] : fp4[code & 7], (int)ws[at / 32] - 127);
+}
+
+template <bool SPLIT, bool TRANS>
+__global__ void __launch_bounds__(PB_THREADS)
+portable_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, const int32_t *__restrict__ offsets, int E,
+                const uint8_t *__restrict__ blocks, const uint8_t *__restrict__ scales, int N, int K,
+                const bf16 *__restrict__ bias, float *__restrict__ Y, int ldy) {
+  using namespace nvcuda;
+  __shared__ __align__(32) bf16 sA[PB_M * PLD_A];
+  __shared__ __align__(32) bf16 sAl[SPLIT ? PB_M * PLD_A : 16];
+  __shared__ __align__(32) bf16 sB[TRANS ? PB_K * PLD_BT : PB_N * PLD_BP];
+  __shared__ __align__(32) float sC[PB_M * PLD_C];
+  int mt = blockIdx.y, e = 0;
+  for (; e < E; e++) {
+    int tiles = (offsets[e + 1] - offsets[e] + PB_M - 1) / PB_M;
+    if (mt < tiles) break;
+    mt -= tiles;
+  }
+  if (e == E) return;
+  const int row0 = offsets[e] + mt * PB_M, nrows = min(PB_M, offsets[e + 1] - row0), n0 = blockIdx.x * PB_N;
+  const int tid = threadIdx.x, warp = tid / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
+  const int cols = TRANS ? N : K;   // W: [N][K] plain, [K][N] transposed; MXFP4 blocks along its rows
+  const uint8_t *wb = blocks + (size_t)e * N * K / 2, *ws = scales + (size_t)e * N * K / 32;
+  typedef typename std::conditional<TRANS, wmma::row_major, wmma::col_major>::type b_layout;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> c[2][2];
+  for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::fill_fragment(c[i][j], 0.f);
+  for (int k0 = 0; k0 < K; k0 += PB_K) {
+    for (int i = tid; i < PB_M * PB_K; i += PB_THREADS) {
+      int r = i / PB_K, k = i % PB_K;
+      size_t x = (size_t)(row0 + r) * K + k0 + k;
+      sA[r * PLD_A + k] = r < nrows ? hi[x] : __float2bfloat16(0.f);
+      if (SPLIT) sAl[r * PLD_A + k] = r < nrows ? lo[x] : __float2bfloat16(0.f);
+    }
+    for (int i = tid; i < PB_N * PB_K; i += PB_THREADS) {
+      if (TRANS) {   // B[k][n] = W[k][n]: row-major, K rows of the tile
+        int k = i / PB_N, n = i % PB_N;
+        float v = n0 + n < N ? mxfp4_value(wb, ws, (size_t)(k0 + k) * cols + n0 + n) : 0.f;
+        sB[k * PLD_BT + n] = __float2bfloat16(v);
+      } else {       // B[k][n] = W[n][k]: column-major, a column a weight row
+        int n = i / PB_K, k = i % PB_K;
+        float v = n0 + n < N ? mxfp4_value(wb, ws, (size_t)(n0 + n) * cols + k0 + k) : 0.f;
+        sB[n * PLD_BP + k] = __float2bfloat16(v);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < PB_K; kk += 16) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, b_layout> fb[2];
+      for (int j = 0; j < 2; j++) {
+        if (TRANS) wmma::load_matrix_sync(fb[j], sB + kk * PLD_BT + wn + 16 * j, PLD_BT);
+        else wmma::load_matrix_sync(fb[j], sB + (wn + 16 * j) * PLD_BP + kk, PLD_BP);
+      }
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, bf16, wmma::row_major> fa[2];
+      for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], sA + (wm + 16 * i) * PLD_A + kk, PLD_A);
+      for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+      if (SPLIT) {
+        for (int i = 0; i < 2; i++) wmma::load_matrix_sync(fa[i], sAl + (wm + 16 * i) * PLD_A + kk, PLD_A);
+        for (int i = 0; i < 2; i++) for (int j = 0; j < 2; j++) wmma::mma_sync(c[i][j], fa[i], fb[j], c[i][j]);
+      }
+    }
+    __syncthreads();
+  }
+  for (int i = 0; i < 2; i++)
+    for (int j = 0; j < 2; j++) wmma::store_matrix_sync(sC + (wm + 16 * i) * PLD_C + wn + 16 * j, c[i][j], PLD_C, wmma::mem_row_major);
+  __syncthreads();
+  for (int i = tid; i < PB_M * PB_N; i += PB_THREADS) {
+    int r = i / PB_N, n = n0 + i % PB_N;
+    if (r >= nrows || n >= N) continue;
+    float b = bias ? __bfloat162float(bias[(size_t)e * N + n]) : 0.f;
+    Y[(size_t)(row0 + r) * ldy + n] = sC[r * PLD_C + i % PB_N] + b;
+  }
+}
+
+// whether this binary's code for the current device has the wgmma kernel
+// (sm_90a SASS), asked of the device once: the compute_80 or compute_90 PTX
+// that other GPUs (and a portable build on the H100) run has not
+__global__ void wgmma_probe(int *out) {
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+static int wgmma_on[64];   // per device: 0 unknown, 1 yes, 2 no
+
+static cudaError_t has_wgmma(bool *yes, cudaStream_t s) {
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (!wgmma_on[dev]) {
+    int *d = NULL, h = 0;
+    if ((err = cudaMalloc((void **)&d, sizeof(int))) != cudaSuccess) return err;
+    wgmma_probe<<<1, 1, 0, s>>>(d);
+    err = cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s);
+    if (err == cudaSuccess) err = cudaStreamSynchronize(s);
+    cudaFree(d);
+    if (err != cudaSuccess) return err;
+    wgmma_on[dev] = h ? 1 : 2;
+  }
+  *yes = wgmma_on[dev] == 1;
+  return cudaSuccess;
+}
+// }======================================================
 
 template <bool SPLIT, bool TRANS>
 cudaError_t launch(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
                    const uint8_t *scales, int N, int K, const bf16 *bias, float *Y, int ldy, cudaStream_t s) {
+  bool wg = false;
+  cudaError_t err = has_wgmma(&wg, s);
+  if (err != cudaSuccess) return err;
+  if (!wg) {
+    dim3 grid((unsigned)((N + PB_N - 1) / PB_N), (unsigned)((rows_bound + PB_M - 1) / PB_M + E));
+    portable_kernel<SPLIT, TRANS><<<grid, PB_THREADS, 0, s>>>(hi, lo, w->offsets, E, blocks, scales, N, K, bias, Y, ldy);
+    return cudaGetLastError();
+  }
   auto k = mxfp4_gemm_kernel<SPLIT, TRANS>;
-  cudaError_t err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)layout<SPLIT>::BYTES);
+  err = cudaFuncSetAttribute(k, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)layout<SPLIT>::BYTES);
   if (err != cudaSuccess) return err;
   // column tiles fastest: the blocks running together share one tile of
   // rows, which L2 then serves (a layer's rows, 47 MB a half, do not fit)

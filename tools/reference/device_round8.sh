@@ -6,7 +6,7 @@
 # only compute_80 PTX (what sm_80, sm_86 and sm_89 run: no wgmma), which the
 # driver JIT-compiles for the H100, through every #gpu spec. Carry
 # .device-kit and .carry (bundle.tar.xz; pt80.tar.xz: build/pt80/lua5.4/gptoss
-# made with CUDA_ARCH="-gencode arch=compute_80,code=compute_80").
+# and build/pt80/cuda/kernels_test, made with CUDA_ARCH="-gencode arch=compute_80,code=compute_80").
 set -u
 source tools/reference/device_env.sh
 T0=$(date +%s)
@@ -35,6 +35,9 @@ rm -rf build/lua5.4/gptoss && cp -r build/pt80/lua5.4/gptoss build/lua5.4/gptoss
 t0=$(date +%s)
 lua5.4 -e 'local g = require "gptoss"; local m = assert(g.load("/tmp/tiny128", { device = "cuda:0" })); print(m.device, #m:generate({1,2,3}, {max_tokens = 4, temperature = 0}).ids)'
 echo "portable build: first load (the driver JIT-compiles the PTX) in $(( $(date +%s) - t0 )) s"
+# each kernel against its double-precision reference, the portable MXFP4 GEMM (mma.sync) among them
+timeout 120 build/pt80/cuda/kernels_test > $OUT/kernels_test_pt80.log 2>&1; echo "portable kernels_test rc=$?"
+grep -aE "FAIL|mxfp4|kernels_test" $OUT/kernels_test_pt80.log | head -12
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
 t=$(( $(left) - 5 ))
 timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs_pt80.log 2>&1
