@@ -289,7 +289,8 @@ static gptoss_status request_session(gptoss_engine *e, gptoss_request *r) {
    The budget takes the difference, cached sessions making way first; when
    it cannot, r sits this step out, unless it is the oldest running request
    (which always goes on, so that the batch never stalls: it may take the
-   budget past its mark by one growth). 0: room made (or none needed), 1:
+   budget past its mark, its old session and the new one both held while
+   the copy is made). 0: room made (or none needed), 1:
    wait, -1: failed (the error is set). */
 static int grow(gptoss_engine *e, gptoss_request *r, int oldest) {
   gptoss_session *s = r->s;
@@ -297,6 +298,14 @@ static int grow(gptoss_engine *e, gptoss_request *r, int oldest) {
   int cap = capacity_for(e, 2 * (int64_t)s->context);
   if (cap > r->cap_max) cap = r->cap_max;
   uint64_t bytes = kv_bytes_at(e, cap, r->reach), before = r->kv_bytes, more = bytes > before ? bytes - before : 0;
+  pthread_mutex_lock(&e->mu);
+  int room = e->kv_active + more <= e->o.kv_budget;   /* with the cache emptied, if need be */
+  if (!room && !oldest) {   /* emptying the cache would not make room: keep it */
+    e->st.kv_waits++;
+    pthread_mutex_unlock(&e->mu);
+    return 1;
+  }
+  pthread_mutex_unlock(&e->mu);
   for (;;) {
     pthread_mutex_lock(&e->mu);
     int fits = e->kv_active + e->kv_cached + more <= e->o.kv_budget;
@@ -305,11 +314,6 @@ static int grow(gptoss_engine *e, gptoss_request *r, int oldest) {
     cache_drop(e, cache_lru(e));
   }
   pthread_mutex_lock(&e->mu);
-  if (e->kv_active + more > e->o.kv_budget && !oldest) {
-    e->st.kv_waits++;
-    pthread_mutex_unlock(&e->mu);
-    return 1;
-  }
   e->kv_active += more;
   r->kv_bytes = bytes;
   pthread_mutex_unlock(&e->mu);

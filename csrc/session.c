@@ -134,6 +134,7 @@ gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_sessi
   memcpy(c->history, s->history, sizeof(int32_t) * (size_t)keep);
   c->pos = keep;
   c->held_from = gptoss_kv_copy_from(1, keep, s->held_from, c->ring);   /* what the copy moved */
+  if (c->held_from > keep) c->held_from = keep;                           /* keep 0 */
   /* the logits are the last position's: kept only with every position */
   c->has_logits = keep == s->pos && s->has_logits;
   if (c->has_logits) memcpy(c->logits, s->logits, sizeof(float) * (size_t)s->m->cfg.vocab_size);
@@ -154,6 +155,9 @@ gptoss_status gptoss_session_rewind(gptoss_session *s, int pos) {
     return gptoss_fail(GPTOSS_ERANGE, "cannot rewind to position %d: the session holds %d tokens", pos, s->pos);
   if (pos == s->pos) return GPTOSS_OK;
   if ((urc = rewind_reach(s, pos))) return urc;
+  /* back past what the ring holds (only to 0: rewind_reach allows no
+     other): what is fed next is held again from there */
+  if (s->held_from > pos) s->held_from = pos;
   s->pos = pos;
   s->has_logits = 0;
   return GPTOSS_OK;
@@ -329,9 +333,13 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
   free(pos);
   free(keep);
   if (rc) {
-    /* a session's second piece overwrote ring slots of its old window */
-    for (int i = 0; i < nss; i++)
+    /* a session's second piece overwrote ring slots of its old window; a
+       first may have written its slots before the pass failed */
+    for (int i = 0; i < nss; i++) {
       if (pieces[i] >= 2) ss[i]->lost = 1;
+      int over = ss[i]->pos + counts[i] - ss[i]->ring;
+      if (over > ss[i]->held_from) ss[i]->held_from = over;
+    }
     free(pieces);
     return rc;
   }
@@ -425,7 +433,10 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
       return gptoss_fail(GPTOSS_ERANGE, "context limit: batch entry 1 holds %d tokens, its context is %d", s->pos, s->context);
     gptoss_status rc = check_ids(s, ids, 1);
     if (rc) return rc;
-    if ((rc = m->be->decode(s, ids[0], smp[0], next))) return rc;
+    if ((rc = m->be->decode(s, ids[0], smp[0], next))) {
+      if (s->pos + 1 - s->ring > s->held_from) s->held_from = s->pos + 1 - s->ring;   /* its slot may be written */
+      return rc;
+    }
     s->history[s->pos++] = ids[0];
     held_after_feed(s);
     s->has_logits = 1;

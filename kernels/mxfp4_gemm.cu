@@ -368,7 +368,8 @@ static cudaError_t has_wgmma(bool *yes, cudaStream_t s) {
     int *d = NULL, h = 0;
     if ((err = cudaMalloc((void **)&d, sizeof(int))) != cudaSuccess) return err;
     wgmma_probe<<<1, 1, 0, s>>>(d);
-    err = cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s);
+    err = cudaGetLastError();
+    if (err == cudaSuccess) err = cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s);
     if (err == cudaSuccess) err = cudaStreamSynchronize(s);
     cudaFree(d);
     if (err != cudaSuccess) return err;

@@ -115,6 +115,16 @@ describe("sessions", function()
     assert.matches("a context of 20 cannot hold the 30 positions kept", select(2, pcall(s.fork, s, { keep = 30, context = 20 })))
     assert.matches("cannot rewind from 60 to 50", select(2, pcall(w.fork, w, { keep = 50 })))
     assert.matches("s:fork: unknown option 'size'", select(2, pcall(s.fork, s, { size = 3 })))
+    -- back to 0 and fed again, a wrapped ring holds the new positions: a
+    -- fork of them (and one of nothing, fed afterwards) copies them all
+    w:rewind(0)
+    local head30 = {}
+    for i = 1, 30 do head30[i] = long[i] end
+    w:feed(head30, "none")
+    assert.are.equal(fresh(30), w:fork():feed(tail, "all"):bytes())
+    local z = w:fork { keep = 0 }
+    z:feed(head30, "none")
+    assert.are.equal(fresh(30), z:fork():feed(tail, "all"):bytes())
   end)
 
   it("checks a second rewind against what the ring still holds, not against where the first left it", function()
