@@ -14,7 +14,7 @@ T0=$(date +%s)
 left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
-timeout ${SPECS_S:-170} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
+timeout ${SPECS_S:-150} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -30
 lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
@@ -22,9 +22,13 @@ echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 # issue 19: HTTP at 1, 8, 32 and 64 streams (each failure's reason), the
 # seeds' study over HTTP (30 s of CPU, RSS and GPU memory), the same load in
 # process beside it
-SERVE_TIMEOUT=130 STUDY_TIMEOUT=110 INPROCESS_TIMEOUT=90 STAGES="serve study inprocess" \
-  bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -60
-sort $OUT/serve.err 2>/dev/null | uniq -c | sort -rn | head -5
+SERVE_TIMEOUT=120 STAGES=serve bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -30
+cp $OUT/serve.err $OUT/serve_http.err 2>/dev/null
+t=$(( $(left) - 150 )); [ $t -gt 110 ] && t=110
+[ $t -gt 50 ] && STUDY_S=20 STUDY_TIMEOUT=$t STAGES=study bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -40
+t=$(( $(left) - 60 )); [ $t -gt 90 ] && t=90
+[ $t -gt 40 ] && INPROCESS_TIMEOUT=$t STAGES=inprocess bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -12
+sort $OUT/serve_http.err 2>/dev/null | uniq -c | sort -rn | head -5
 grep -aE "\[(error|crit|alert|emerg)\]" $OUT/nginx_error.log 2>/dev/null | cut -c1-300 | sort | uniq -c | sort -rn | head -5
 echo "serving gets $(left) s"
 t=$(( $(left) - 5 ))
