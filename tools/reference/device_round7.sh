@@ -25,7 +25,7 @@ echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 SERVE_TIMEOUT=120 STAGES=serve bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -30
 cp $OUT/serve.err $OUT/serve_http.err 2>/dev/null
 t=$(( $(left) - 150 )); [ $t -gt 110 ] && t=110
-[ $t -gt 50 ] && STUDY_S=20 STUDY_TIMEOUT=$t STAGES=study bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -40
+[ $t -gt 50 ] && STUDY_S=30 STUDY_TIMEOUT=$t STAGES=study bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -40
 t=$(( $(left) - 60 )); [ $t -gt 90 ] && t=90
 [ $t -gt 40 ] && INPROCESS_TIMEOUT=$t STAGES=inprocess bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -12
 sort $OUT/serve_http.err 2>/dev/null | uniq -c | sort -rn | head -5
