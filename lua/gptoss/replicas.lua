@@ -162,7 +162,7 @@ end
 
 local SUM = { "queued", "active", "submitted", "completed", "cancelled", "failed", "prompt_tokens", "prefill_tokens",
   "prefix_hits", "prefix_tokens", "generated_tokens", "steps", "kv_budget", "kv_active", "kv_cached", "kv_in_use",
-  "busy_s", "train_examples", "train_tokens", "train_jobs" }
+  "busy_s", "train_examples", "train_tokens", "train_jobs", "kv_grows", "kv_waits" }
 
 function Replicas:stats()
   local out, each = { replicas = {} }, {}
