@@ -146,11 +146,8 @@ __device__ __forceinline__ void mma_cols(float o[D / 8][4], const float p[8][4],
   }
 }
 
-// does query q see key k: causal, in the window, and in q's example when
-// packed (rows past T, padding of the last tile, have none)
-__device__ __forceinline__ bool sees(const flash_args &a, int q, int k) {
-  return k <= q && (!a.window || k > q - a.window) && (!a.seg0 || q >= a.T || k >= a.seg0[q]);
-}
+// does query q see key k
+__device__ __forceinline__ bool sees(int q, int k, int window) { return k <= q && (!window || k > q - window); }
 
 // the key tiles of query tile q0 .. q0 + BQ - 1
 __device__ __forceinline__ void key_tiles(const flash_args &a, int q0, int *kb0, int *kb1) {
@@ -215,7 +212,7 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(flash_args a) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1);
-        c[j][e] = sees(a, row[e >> 1], key) ? c[j][e] * a.scale : -INFINITY;
+        c[j][e] = sees(row[e >> 1], key, a.window) ? c[j][e] * a.scale : -INFINITY;
         mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
       }
 #pragma unroll
@@ -292,7 +289,7 @@ __global__ void __launch_bounds__(WARPS * 32) dq_kernel(flash_args a) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1), i = e >> 1;
-        float pr = sees(a, row[i], key) ? expf(p[j][e] * a.scale - lse[i]) : 0.f;
+        float pr = sees(row[i], key, a.window) ? expf(p[j][e] * a.scale - lse[i]) : 0.f;
         p[j][e] = pr * (dp[j][e] - dd[i]) * a.scale;
       }
     mma_cols<D, SPLIT>(dq, p, s, s + TILE);
@@ -359,7 +356,7 @@ __global__ void __launch_bounds__(KWARPS * 32) dkv_kernel(flash_args a) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int c = 8 * j + 2 * (lane & 3) + (e & 1), qi = qb * KQ + c;
-        float pr = qi < a.T && sees(a, qi, key[e >> 1]) ? expf(p[j][e] * a.scale - ls[c]) : 0.f;
+        float pr = qi < a.T && sees(qi, key[e >> 1], a.window) ? expf(p[j][e] * a.scale - ls[c]) : 0.f;
         p[j][e] = pr;
         dp[j][e] = pr * (dp[j][e] - ds[c]) * a.scale;
       }

@@ -11,9 +11,6 @@ source tools/reference/device_env.sh
 T0=$(date +%s)
 left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
-# packing on CUDA (issue 24) against the CPU, and the LoRA training specs its kernels' change touches
-timeout 120 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/packing_spec.lua spec/lora_gpu_spec.lua > $OUT/gpu_specs.log 2>&1
-echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"; grep -aE "successes|packed on CUDA|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -12
 lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
 echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 BENCH_JSON=$OUT/learn.json timeout ${LEARN_T:-150} lua5.4 bench/learn.lua /tmp/gptoss-20b cuda:0 8,32 0.3 ${LEARN_S:-10} > $OUT/learn.md 2> $OUT/learn.err
