@@ -1,7 +1,8 @@
 #!/bin/bash
 # Device, the shortest round (2026-12-07, little device time left): every
-# #gpu spec (the engine's growth within its KV budget on CUDA, packing on
-# CUDA, the adapter row among other adapters', the 16 mixed requests), then
+# #gpu spec (the engine's growth within its KV budget on CUDA, the adapter
+# row among other adapters', the 16 mixed requests; packing on CUDA once
+# 2d0e934 is applied again), then
 # the LoRA training specs with the portable expert GEMM forced
 # (GPTOSS_CUDA_PORTABLE=1) while time is left. Carry .device-kit and .carry.
 set -u

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Device, seventh round (2026-12-07): every #gpu spec (packing on CUDA, the
-# adapter row among other adapters' rows, the 16 mixed engine requests, the
+# Device, seventh round (2026-12-07): every #gpu spec (packing on CUDA once
+# 2d0e934 is applied again, the adapter row among other adapters' rows, the 16 mixed engine requests, the
 # KV budget's growth); issue 19's HTTP benchmark at 1, 8, 32 and 64 streams
 # with each failure's reason (sessions now sized by kv_block, not the
 # model's 131,072 positions), its study over HTTP and the in-process
