@@ -218,11 +218,12 @@ static int cache_lru(const gptoss_engine *e) {
   return best;
 }
 
-/* frees cached sessions, oldest first, until the budget holds what is active */
-static void cache_fit(gptoss_engine *e) {
+/* frees cached sessions, oldest first, until the budget holds what is
+   active and `extra` bytes more */
+static void cache_fit(gptoss_engine *e, uint64_t extra) {
   for (;;) {
     pthread_mutex_lock(&e->mu);
-    int over = e->kv_active + e->kv_cached > e->o.kv_budget;
+    int over = e->kv_active + e->kv_cached + extra > e->o.kv_budget;
     pthread_mutex_unlock(&e->mu);
     if (!over || e->ncache == 0) return;
     cache_drop(e, cache_lru(e));
@@ -243,7 +244,7 @@ static void cache_put(gptoss_engine *e, gptoss_session *s) {
   e->kv_cached += c->bytes;
   e->st.cached_sessions = e->ncache;
   pthread_mutex_unlock(&e->mu);
-  cache_fit(e);
+  cache_fit(e, 0);
 }
 
 /* The session a request starts from: a fork of the cached one sharing the
@@ -306,13 +307,7 @@ static int grow(gptoss_engine *e, gptoss_request *r, int oldest) {
     return 1;
   }
   pthread_mutex_unlock(&e->mu);
-  for (;;) {
-    pthread_mutex_lock(&e->mu);
-    int fits = e->kv_active + e->kv_cached + more <= e->o.kv_budget;
-    pthread_mutex_unlock(&e->mu);
-    if (fits || e->ncache == 0) break;
-    cache_drop(e, cache_lru(e));
-  }
+  cache_fit(e, more);
   pthread_mutex_lock(&e->mu);
   e->kv_active += more;
   r->kv_bytes = bytes;
@@ -436,10 +431,9 @@ static void step(gptoss_engine *e, step_buf *b) {
   size_t total = 0;
   /* room for each decoding request's next token (from the last, since a
      failure ends the request and leaves the array) */
-  int oldest = 0;
-  for (int i = 1; i < e->nactive; i++)
-    if (e->active[i]->seq < e->active[oldest]->seq) oldest = i;
-  uint64_t oldest_seq = e->nactive ? e->active[oldest]->seq : 0;
+  uint64_t oldest_seq = UINT64_MAX;
+  for (int i = 0; i < e->nactive; i++)
+    if (e->active[i]->seq < oldest_seq) oldest_seq = e->active[i]->seq;
   for (int i = e->nactive - 1; i >= 0; i--) {
     gptoss_request *r = e->active[i];
     r->waits = 0;
@@ -604,7 +598,7 @@ static void *engine_main(void *arg) {
       continue;
     }
     pthread_mutex_unlock(&e->mu);
-    if (nfresh) cache_fit(e);
+    if (nfresh) cache_fit(e, 0);
     for (int k = 0; k < nfresh; k++) {
       gptoss_request *r = fresh[k];
       if (request_session(e, r) == GPTOSS_OK) continue;

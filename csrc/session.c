@@ -96,9 +96,10 @@ static gptoss_status rewind_reach(const gptoss_session *s, int pos) {
   return GPTOSS_OK;
 }
 
-/* after a feed: the positions its ring slots overwrote */
-static void held_after_feed(gptoss_session *s) {
-  if (s->pos - s->ring > s->held_from) s->held_from = s->pos - s->ring;
+/* after keys up to position end (exclusive) were written, or may have been
+   (a pass that failed): the positions their ring slots overwrote */
+static void held_through(gptoss_session *s, int end) {
+  if (end - s->ring > s->held_from) s->held_from = end - s->ring;
 }
 
 gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_session_opts *o, int keep,
@@ -337,8 +338,7 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
        first may have written its slots before the pass failed */
     for (int i = 0; i < nss; i++) {
       if (pieces[i] >= 2) ss[i]->lost = 1;
-      int over = ss[i]->pos + counts[i] - ss[i]->ring;
-      if (over > ss[i]->held_from) ss[i]->held_from = over;
+      held_through(ss[i], ss[i]->pos + counts[i]);
     }
     free(pieces);
     return rc;
@@ -350,7 +350,7 @@ gptoss_status gptoss_forward(gptoss_session **ss, int nss, const int32_t *ids, c
     memcpy(s->history + s->pos, at, sizeof(int32_t) * (size_t)counts[i]);
     at += counts[i];
     s->pos += counts[i];
-    held_after_feed(s);
+    held_through(s, s->pos);
     if (s->trace) s->trace_n += counts[i];
     s->has_logits = mode != GPTOSS_LOGITS_NONE;
   }
@@ -434,11 +434,11 @@ gptoss_status gptoss_batch_step(gptoss_session **ss, int n, const int32_t *ids, 
     gptoss_status rc = check_ids(s, ids, 1);
     if (rc) return rc;
     if ((rc = m->be->decode(s, ids[0], smp[0], next))) {
-      if (s->pos + 1 - s->ring > s->held_from) s->held_from = s->pos + 1 - s->ring;   /* its slot may be written */
+      held_through(s, s->pos + 1);   /* its slot may be written */
       return rc;
     }
     s->history[s->pos++] = ids[0];
-    held_after_feed(s);
+    held_through(s, s->pos);
     s->has_logits = 1;
     return GPTOSS_OK;
   }
