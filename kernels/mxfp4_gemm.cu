@@ -96,6 +96,22 @@ __device__ __forceinline__ void wgmma192(float d[96], uint64_t a, uint64_t b) {
 
 #endif
 
+// This block's expert and its rows: the experts' tiles of tile_rows rows
+// lie back to back along blockIdx.y (E: a spare block, past the last tile)
+__device__ __forceinline__ int block_rows(const int32_t *offsets, int E, int tile_rows, int *row0, int *nrows) {
+  int mt = blockIdx.y, e = 0;
+  for (; e < E; e++) {
+    int tiles = (offsets[e + 1] - offsets[e] + tile_rows - 1) / tile_rows;
+    if (mt < tiles) break;
+    mt -= tiles;
+  }
+  if (e < E) {
+    *row0 = offsets[e] + mt * tile_rows;
+    *nrows = min(tile_rows, offsets[e + 1] - *row0);
+  }
+  return e;
+}
+
 // K and N are multiples of 32 (MXFP4 blocks run along W's columns), so a
 // word of 8 weights or a chunk of 8 activations is wholly in or wholly out.
 template <bool SPLIT, bool TRANS>
@@ -105,16 +121,9 @@ mxfp4_gemm_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, cons
                   const bf16 *__restrict__ bias, float *__restrict__ Y, int ldy) {
   typedef layout<SPLIT> L;
   extern __shared__ __align__(128) unsigned char smem[];
-  // this block's expert and tile: experts' tiles back to back
-  int mt = blockIdx.y, e = 0;
-  for (; e < E; e++) {
-    int tiles = (offsets[e + 1] - offsets[e] + MB - 1) / MB;
-    if (mt < tiles) break;
-    mt -= tiles;
-  }
+  int row0, nrows;
+  const int e = block_rows(offsets, E, MB, &row0, &nrows);
   if (e == E) return;
-  const int row0 = offsets[e] + mt * MB;
-  const int nrows = min(MB, offsets[e + 1] - row0);
   const int n0 = blockIdx.x * NB;
   const int tid = threadIdx.x;
   // W rows of this expert: [N][K] plain, [K][N] transposed; blocks along the rows
@@ -287,14 +296,10 @@ portable_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, const 
   __shared__ __align__(32) bf16 sAl[SPLIT ? PB_M * PLD_A : 16];
   __shared__ __align__(32) bf16 sB[TRANS ? PB_K * PLD_BT : PB_N * PLD_BP];
   __shared__ __align__(32) float sC[PB_M * PLD_C];
-  int mt = blockIdx.y, e = 0;
-  for (; e < E; e++) {
-    int tiles = (offsets[e + 1] - offsets[e] + PB_M - 1) / PB_M;
-    if (mt < tiles) break;
-    mt -= tiles;
-  }
+  int row0, nrows;
+  const int e = block_rows(offsets, E, PB_M, &row0, &nrows);
   if (e == E) return;
-  const int row0 = offsets[e] + mt * PB_M, nrows = min(PB_M, offsets[e + 1] - row0), n0 = blockIdx.x * PB_N;
+  const int n0 = blockIdx.x * PB_N;
   const int tid = threadIdx.x, warp = tid / 32, wm = (warp / 2) * 32, wn = (warp % 2) * 32;
   const int cols = TRANS ? N : K;   // W: [N][K] plain, [K][N] transposed; MXFP4 blocks along its rows
   const uint8_t *wb = blocks + (size_t)e * N * K / 2, *ws = scales + (size_t)e * N * K / 32;
