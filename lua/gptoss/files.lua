@@ -1,5 +1,6 @@
 --- gptoss.files: the file helpers the checkpoint generator and the trainer's
--- checkpoints share. Each returns true (or the data) or nil and a message.
+-- checkpoints share (each returns true, or the data, or nil and a message),
+-- and the shell quoting of paths that the runners share.
 local M = {}
 
 --- write_file(path, data): atomically (a temporary file renamed into place)
@@ -14,6 +15,9 @@ function M.write_file(path, data)
   if not rok then os.remove(tmp); return nil, rerr end
   return true
 end
+
+--- shell_quote(s): s as one word for sh, in single quotes
+function M.shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
 
 --- read_file(path): the whole file
 function M.read_file(path)

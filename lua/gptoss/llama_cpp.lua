@@ -15,6 +15,8 @@
 -- attention (-ngl 99 -fa 1), the same tests as gptoss.bench (pp, tg, pp+tg,
 -- at depth) and repetitions, and its JSON is read back. Failures return nil
 -- and a message naming the file or the command.
+local files = require "gptoss.files"
+
 local M = {}
 M.__index = M
 
@@ -24,15 +26,7 @@ local function exists(path)
   return false
 end
 
-local function quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
-
-local function read_all(path)
-  local f = io.open(path, "rb")
-  if not f then return nil end
-  local s = f:read("*a")
-  f:close()
-  return s
-end
+local quote, read_all = files.shell_quote, files.read_file
 
 --- M.find(dir) -> the build, or nil and what is missing
 function M.find(dir)
@@ -95,8 +89,7 @@ function M:convert(ckpt, out)
   end
   local ren, rerr = os.rename(tmp, out)
   if not ren then return nil, "llama.cpp: " .. tostring(rerr) end
-  local f = io.open(out .. ".stamp", "wb")
-  if f then f:write(stamp); f:close() end
+  files.write_file(out .. ".stamp", stamp)
   return out
 end
 

@@ -12,7 +12,7 @@ local sweep = require "gptoss.sweep"
 
 local M = {}
 
-local function shell_quote(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local shell_quote = require("gptoss.files").shell_quote
 
 local function absolute(path)
   if path:sub(1, 1) == "/" then return path end

@@ -11,7 +11,7 @@ local slurm = require "gptoss.slurm"
 
 local M = {}
 
-local function q(s) return "'" .. tostring(s):gsub("'", "'\\''") .. "'" end
+local q = require("gptoss.files").shell_quote
 
 --- runs the unfinished trials over opts.devices (a list); opts as
 -- sweep.run's, plus lua and bin (the interpreter and the gptoss script the
