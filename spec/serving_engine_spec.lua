@@ -19,6 +19,15 @@ local function prompt_of(tok, k, n)
   return ids
 end
 
+-- the id lists one after another, in a new list
+local function join(...)
+  local out = {}
+  for _, ids in ipairs { ... } do
+    for _, id in ipairs(ids) do out[#out + 1] = id end
+  end
+  return out
+end
+
 -- runs until done, polling (never blocking but in wait)
 local function drain_request(req)
   local ids, text = {}, {}
@@ -154,10 +163,7 @@ describe("gptoss.engine", function()
     local system = prompt_of(tok, 20, 40)
     local o = { temperature = 0.8, seed = 5, max_tokens = 30, stop_tokens = {} }
     local first = m:generate(system, o)
-    local turn2 = {}
-    for _, id in ipairs(system) do turn2[#turn2 + 1] = id end
-    for _, id in ipairs(first.ids) do turn2[#turn2 + 1] = id end
-    for _, id in ipairs(prompt_of(tok, 21, 7)) do turn2[#turn2 + 1] = id end
+    local turn2 = join(system, first.ids, prompt_of(tok, 21, 7))
     local short = { temperature = 0.8, seed = 5, max_tokens = 3, stop_tokens = {} }
     local turn2_alone = m:generate(turn2, short)
     local eng = gptoss.engine(m, { kv_block = 8 })
@@ -331,13 +337,8 @@ describe("gptoss.engine", function()
     local system = prompt_of(tok, 20, 40)
     local o = { temperature = 0.8, seed = 5, max_tokens = 8, stop_tokens = {} }
     local first_alone = m:generate(system, o)
-    local turn2 = {}
-    for _, id in ipairs(system) do turn2[#turn2 + 1] = id end
-    for _, id in ipairs(first_alone.ids) do turn2[#turn2 + 1] = id end
-    for _, id in ipairs(prompt_of(tok, 21, 7)) do turn2[#turn2 + 1] = id end
-    local other = {}
-    for _, id in ipairs(system) do other[#other + 1] = id end
-    for _, id in ipairs(prompt_of(tok, 22, 9)) do other[#other + 1] = id end
+    local turn2 = join(system, first_alone.ids, prompt_of(tok, 21, 7))
+    local other = join(system, prompt_of(tok, 22, 9))
     local turn2_alone = m:generate(turn2, o)
     local other_alone = m:generate(other, o)
     -- the longest common prefix with the first request's session (its
