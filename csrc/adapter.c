@@ -68,6 +68,14 @@ const gptoss_lora *gptoss_adapter_slot(const gptoss_adapter *a, int layer, gptos
   return l->r ? l : NULL;
 }
 
+unsigned gptoss_adapter_held(const gptoss_adapter *a) {
+  unsigned have = 0;
+  for (int l = 0; l < a->nlayers; l++)
+    for (int m = 0; m < GPTOSS_LORA_MODULES; m++)
+      if (gptoss_adapter_slot(a, l, (gptoss_lora_module)m)) have |= 1u << m;
+  return have;
+}
+
 const gptoss_lora *gptoss_adapter_module(const gptoss_adapter *a, int layer, gptoss_lora_module m) {
   if (a) gptoss_adapter_wait(a, -1);
   return gptoss_adapter_slot(a, layer, m);

@@ -21,6 +21,9 @@ gptoss_status gptoss_unsloth_load(gptoss_adapter *a, gptoss_st *st, const char *
 gptoss_status gptoss_unsloth_write(const gptoss_lora *x, int l, int m, gptoss_st_writer *w);
 cJSON *gptoss_unsloth_config(const gptoss_adapter *a, int unsloth);
 
+/* the modules any layer of a holds, a bit each (1u << gptoss_lora_module) */
+unsigned gptoss_adapter_held(const gptoss_adapter *a);
+
 /* PEFT's names of the modules, in gptoss_lora_module order */
 extern const char *const gptoss_lora_names[GPTOSS_LORA_MODULES];
 

@@ -286,11 +286,7 @@ gptoss_status gptoss_adapter_save_layout(const gptoss_adapter *a, const char *di
   /* the expert modules it has, and the order PEFT's files name them in:
      the config's target_parameters when it lists them all (an adapter read
      from PEFT's files), else gate_up first, as the config is then written */
-  unsigned have = 0;
-  for (int l = 0; l < a->nlayers; l++)
-    for (int i = GPTOSS_LORA_ATTN_MODULES; i < GPTOSS_LORA_MODULES; i++)
-      if (gptoss_adapter_module(a, l, i)) have |= 1u << i;
-  unsigned listed = 0;
+  unsigned have = gptoss_adapter_held(a) & ~((1u << GPTOSS_LORA_ATTN_MODULES) - 1), listed = 0;
   for (int k = 0; k < a->ntp; k++) listed |= 1u << a->tp[k];
   int keep = layout == GPTOSS_LAYOUT_PEFT && (have & ~listed) == 0;
   int tp[2], ntp = 0;

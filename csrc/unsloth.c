@@ -166,10 +166,7 @@ gptoss_status gptoss_unsloth_write(const gptoss_lora *x, int l, int m, gptoss_st
 cJSON *gptoss_unsloth_config(const gptoss_adapter *a, int unsloth) {
   cJSON *j = cJSON_Duplicate(a->config, 1), *tm = cJSON_CreateArray();
   if (!j || !tm) { cJSON_Delete(j); cJSON_Delete(tm); return NULL; }
-  unsigned have = 0;
-  for (int l = 0; l < a->nlayers; l++)
-    for (int m = 0; m < GPTOSS_LORA_MODULES; m++)
-      if (a->mod[l * GPTOSS_LORA_MODULES + m].A) have |= 1u << m;
+  unsigned have = gptoss_adapter_held(a);
   for (int m = 0; m < GPTOSS_LORA_ATTN_MODULES; m++)
     if (have & (1u << m)) cJSON_AddItemToArray(tm, cJSON_CreateString(gptoss_lora_names[m]));
   cJSON *tp = cJSON_CreateArray();
