@@ -39,7 +39,7 @@ VECT := $(shell $(CC) -fvect-cost-model=dynamic -E -x c /dev/null >/dev/null 2>&
 ALL_CFLAGS := -std=gnu11 -fPIC -fvisibility=hidden -fno-math-errno $(VECT) $(WARN) $(CFLAGS) $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread -ldl
 
-ENGINE := error dtype pool files json utf8 safetensors config model quantize session sampler arm gbnf grammar grammar_local grammar_mask tokenizer mxfp4 adapter peft unsloth optim optim8 merge engine engine_train engine_masks loader wake \
+ENGINE := error dtype pool files json utf8 safetensors config model split comm quantize session sampler arm gbnf grammar grammar_local grammar_mask tokenizer mxfp4 adapter peft unsloth optim optim8 merge engine engine_train engine_masks loader wake \
   cpu/alloc cpu/matmul cpu/norm cpu/attention cpu/moe cpu/lora cpu/pointwise cpu/layer cpu/forward cpu/train
 # the Lua binding, in csrc/lua/ (the engine in csrc/ knows no Lua)
 BINDING := gptoss binding floats tokenizer safetensors model adapter engine train_job loader sys grammar

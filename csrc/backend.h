@@ -11,13 +11,19 @@
 #include "internal.h"
 
 typedef struct gptoss_backend gptoss_backend;
+typedef struct gptoss_comm gptoss_comm;
 
 struct gptoss_model {
   gptoss_config cfg;
   gptoss_st *st;
   char *dir;
-  char device[32];
+  char device[128];                  /* "cpu", "cuda:N", or a split model's "cuda:0+cuda:1" */
   int device_index;
+  /* the experts this model runs, [expert_lo, expert_hi): all of them, or a
+     rank's share of a split model (split.c), whose other ranks run the rest;
+     then comm joins the ranks and rank is this one's place among them */
+  int expert_lo, expert_hi, rank;
+  gptoss_comm *comm;
   int context;                       /* max positions per session */
   const gptoss_tensor *embed, *norm, *lm_head;
   const gptoss_tensor *(*layer)[GPTOSS_T_PER_LAYER];   /* [layer][role - GPTOSS_T_LAYER_FIRST] */
@@ -126,9 +132,52 @@ struct gptoss_backend {
      examples: a token attends from there on, at position t - seg0[t]) */
   gptoss_status (*lora_backward)(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                  const int32_t *seg0, double *loss, int *count);
+  /* optional: the communicator joining n ranks on these device indices
+     (repeats allowed) for a model split over them; NULL = cannot be split */
+  gptoss_status (*comm_new)(const int *devices, int n, gptoss_comm **out);
 };
 
 extern const gptoss_backend gptoss_cpu_backend;
+
+/* {====================================================== ranks of a split model
+** A model split over devices (split.c) runs one rank per device, each a
+** whole model but for the experts: attention, router and head run on every
+** rank over every token (the same inputs, so the same routing), and each
+** rank runs only the (token, choice) rows whose expert it holds, leaving
+** zeros in the others. One sum over the ranks then gives every rank every
+** row, and since each element is nonzero on one rank at most the sum is
+** exact: the combination that follows is the one-device model's, bit for
+** bit. */
+struct gptoss_comm {
+  int ranks;
+  /* Rank `rank` calls it at the same point of a pass as every other rank,
+     with its own buf of n floats (host memory for a host comm; device
+     memory on `stream` for a device comm); when it returns, buf holds the
+     element-wise sum over the ranks. Fails at once after an abort. */
+  gptoss_status (*sum)(gptoss_comm *c, int rank, float *buf, size_t n, void *stream);
+  /* a rank that fails mid-pass wakes the others waiting in sum (their sums
+     then fail), until reset, called once every rank has returned */
+  void (*abort)(gptoss_comm *c);
+  gptoss_status (*reset)(gptoss_comm *c);
+  void (*free)(gptoss_comm *c);
+};
+
+/* ranks threads of one process exchanging host buffers (comm.c) */
+#if defined(__GNUC__)
+#pragma GCC visibility push(default)
+#endif
+gptoss_status gptoss_comm_host(int ranks, gptoss_comm **out);
+#if defined(__GNUC__)
+#pragma GCC visibility pop
+#endif
+/* the split backend over ranks of rank_be (split.c); NULL after failing */
+const gptoss_backend *gptoss_split_backend(const gptoss_backend *rank_be);
+/* loads rank `rank` of a split model: experts [lo, hi) on o->device (model.c) */
+gptoss_status gptoss_model_load_rank(const char *dir, const gptoss_model_opts *o, int lo, int hi, int rank,
+                                     gptoss_comm *comm, gptoss_model **out);
+/* the backend and device index a single device's name gives (model.c) */
+gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, int *index);
+/* }====================================================== */
 
 /* packed examples' starts, as gptoss_lora_backward_packed takes them: fn names the caller in the error (optim.c) */
 gptoss_status gptoss_check_starts(const char *fn, const int32_t *starts, int ns, int n);

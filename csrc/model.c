@@ -232,23 +232,59 @@ static const gptoss_backend *cuda_backend(void) {
   return be;
 }
 
-gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out) {
-  *out = NULL;
-  gptoss_model_opts dflt = {0};
-  if (!o) o = &dflt;
-  const gptoss_backend *be = &gptoss_cpu_backend;
-  int devidx = 0;
-  const char *dev = o->device && *o->device ? o->device : "cpu";
-  if (strcmp(dev, "cpu") == 0) be = &gptoss_cpu_backend;
-  else if (strncmp(dev, "cuda", 4) == 0 && (dev[4] == 0 || dev[4] == ':')) {
+gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, int *index) {
+  *index = 0;
+  if (strcmp(dev, "cpu") == 0) { *be = &gptoss_cpu_backend; return GPTOSS_OK; }
+  if (strncmp(dev, "cuda", 4) == 0 && (dev[4] == 0 || dev[4] == ':')) {
     if (dev[4] == ':') {
       char *end;
       long v = strtol(dev + 5, &end, 10);
       if (end == dev + 5 || *end || v < 0 || v > 64) return gptoss_fail(GPTOSS_EARG, "invalid device '%s' (cpu, cuda or cuda:N)", dev);
-      devidx = (int)v;
+      *index = (int)v;
     }
-    if (!(be = cuda_backend())) return gptoss_errcode();
-  } else return gptoss_fail(GPTOSS_EARG, "invalid device '%s' (cpu, cuda or cuda:N)", dev);
+    return (*be = cuda_backend()) ? GPTOSS_OK : gptoss_errcode();
+  }
+  return gptoss_fail(GPTOSS_EARG, "invalid device '%s' (cpu, cuda or cuda:N, or several joined by '+' to split the experts)", dev);
+}
+
+/* The backend a device string names: one device's, or for "a+b+..." the
+   split backend over theirs (which must be one kind; split.c checks the rest) */
+static gptoss_status choose_backend(const char *dev, const gptoss_backend **be, int *index) {
+  if (strlen(dev) >= sizeof ((gptoss_model *)0)->device)
+    return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %zu characters", dev, sizeof ((gptoss_model *)0)->device - 1);
+  if (!strchr(dev, '+')) return gptoss_device_backend(dev, be, index);
+  char part[sizeof ((gptoss_model *)0)->device];
+  const gptoss_backend *first = NULL;
+  for (const char *p = dev, *q;; p = q + 1) {
+    q = strchr(p, '+');
+    size_t n = q ? (size_t)(q - p) : strlen(p);
+    memcpy(part, p, n);
+    part[n] = 0;
+    if (n == 0) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': an empty part at offset %d", dev, (int)(p - dev));
+    const gptoss_backend *b;
+    int idx;
+    gptoss_status rc = gptoss_device_backend(part, &b, &idx);
+    if (rc) return rc;
+    if (first && b != first)
+      return gptoss_fail(GPTOSS_EARG, "invalid device '%s': a split model's parts must all be cpu or all cuda", dev);
+    first = b;
+    if (!q) break;
+  }
+  *index = 0;
+  return (*be = gptoss_split_backend(first)) ? GPTOSS_OK : gptoss_errcode();
+}
+
+static gptoss_status model_load(const char *dir, const gptoss_model_opts *o, int lo, int hi, int rank, gptoss_comm *comm,
+                                gptoss_model **out) {
+  *out = NULL;
+  gptoss_model_opts dflt = {0};
+  if (!o) o = &dflt;
+  const gptoss_backend *be;
+  int devidx;
+  const char *dev = o->device && *o->device ? o->device : "cpu";
+  gptoss_status rc0 = choose_backend(dev, &be, &devidx);
+  if (rc0) return rc0;
+  int split = strchr(dev, '+') != NULL;
   if (o->threads < 0) return gptoss_fail(GPTOSS_EARG, "threads must be >= 0");
   if (o->context < 0) return gptoss_fail(GPTOSS_EARG, "context must be >= 0");
   if (o->precision != GPTOSS_PRECISION_EXACT && o->precision != GPTOSS_PRECISION_MIXED && o->precision != GPTOSS_PRECISION_FAST)
@@ -256,6 +292,8 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
 
   gptoss_model *m = calloc(1, sizeof *m);
   if (!m || !(m->dir = strdup(dir))) { free(m); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  m->rank = rank;
+  m->comm = comm;
   gptoss_status rc;
   if (!gptoss_is_dir(dir)) { rc = gptoss_fail(GPTOSS_EIO, "%s: not a directory", dir); goto fail; }
   char *cp = gptoss_path_join(dir, "config.json");
@@ -265,6 +303,8 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   if (rc) goto fail;
   if ((rc = gptoss_st_open(dir, &m->st))) goto fail;
   if ((rc = bind_tensors(m))) goto fail;
+  m->expert_lo = lo < 0 ? 0 : lo;
+  m->expert_hi = hi < 0 ? m->cfg.num_local_experts : hi;
   uint64_t total = 0;
   for (size_t i = 0; i < gptoss_st_count(m->st); i++) total += gptoss_st_at(m->st, i)->nbytes;
   if (o->progress && o->progress(o->progress_ud, 0, total)) { rc = gptoss_fail(GPTOSS_ESTATE, "%s: the load was cancelled", dir); goto fail; }
@@ -279,11 +319,12 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
   }
   /* the CPU's load is the quantization (it reports bytes read as it goes); a
      device backend reports its upload from 0 after it, so here only cancels */
-  if (m->experts_bf16 && (rc = gptoss_experts_quantize(m, m->threads, o, total, be == &gptoss_cpu_backend))) goto fail;
+  /* (a split model's ranks quantize for themselves) */
+  if (m->experts_bf16 && !split && (rc = gptoss_experts_quantize(m, m->threads, o, total, be == &gptoss_cpu_backend))) goto fail;
   m->batch_invariant = o->batch_invariant != 0;
   m->device_index = devidx;
   snprintf(m->device, sizeof m->device, "%s", be == &gptoss_cpu_backend ? "cpu" : dev);
-  if (be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);
+  if (!split && be != &gptoss_cpu_backend && dev[4] == 0) snprintf(m->device, sizeof m->device, "cuda:%d", devidx);
   m->be = be;
   if ((rc = be->model_init(m, o))) goto fail;   /* model_free releases what init had set up */
   /* a device backend holds its own copy of the quantized experts (read
@@ -295,6 +336,15 @@ gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gpt
 fail:
   gptoss_model_free(m);
   return rc;
+}
+
+gptoss_status gptoss_model_load(const char *dir, const gptoss_model_opts *o, gptoss_model **out) {
+  return model_load(dir, o, -1, -1, 0, NULL, out);
+}
+
+gptoss_status gptoss_model_load_rank(const char *dir, const gptoss_model_opts *o, int lo, int hi, int rank,
+                                     gptoss_comm *comm, gptoss_model **out) {
+  return model_load(dir, o, lo, hi, rank, comm, out);
 }
 
 void gptoss_model_free(gptoss_model *m) {

@@ -169,6 +169,12 @@ static gptoss_status cpu_sample(gptoss_session **ss, int n, gptoss_sampler **smp
   return GPTOSS_OK;
 }
 
+/* the CPU ranks of a split model share the process's memory */
+static gptoss_status cpu_comm_new(const int *devices, int n, gptoss_comm **out) {
+  (void)devices;
+  return gptoss_comm_host(n, out);
+}
+
 static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
   /* the checkpoint is mapped from the page cache, not allocated; what the
      model allocates is the MXFP4 it quantized a bf16 checkpoint's experts to */
@@ -178,5 +184,5 @@ static void cpu_memory(const gptoss_model *m, gptoss_memory *out) {
 
 const gptoss_backend gptoss_cpu_backend = {
   "cpu", cpu_model_init, cpu_model_free, cpu_session_init, cpu_session_free, cpu_session_copy,
-  cpu_run, CPU_PASS_TOKENS, cpu_sample, cpu_memory, NULL, NULL, NULL, cpu_lora_train,
+  cpu_run, CPU_PASS_TOKENS, cpu_sample, cpu_memory, NULL, NULL, NULL, cpu_lora_train, cpu_comm_new,
 };

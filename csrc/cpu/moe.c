@@ -5,7 +5,9 @@
 **
 ** The forward runs expert by expert, so each expert's rows are read once
 ** for all the tokens that chose it; a->row says where each (token, choice)
-** landed, for the backward.
+** landed, for the backward. A rank of a split model runs its own experts'
+** rows, zeroes the others' and sums the rows over the ranks before the
+** combination (backend.h), which then runs as on one device.
 */
 #include <math.h>
 #include <string.h>
@@ -54,6 +56,11 @@ void cpu_moe(const cpu_pass *p, cpu_acts *a, int l, float *xout) {
         n++;
       }
     if (!n) continue;
+    if (e < m->expert_lo || e >= m->expert_hi) {     /* another rank's */
+      memset(a->ye + (size_t)r0 * H, 0, sizeof(float) * (size_t)n * H);
+      r0 += n;
+      continue;
+    }
     float *gu = a->gu + (size_t)r0 * gu_rows, *act = a->act + (size_t)r0 * I, *ye = a->ye + (size_t)r0 * H;
     const int32_t *chs = a->choice + r0;
     cpu_matmul_mxfp4(cm, gu, (int)gu_rows, a->xin, H, n, bytes_at(gub, (size_t)e * gu_blk * 16), bytes_at(gus, (size_t)e * gu_blk),
@@ -73,6 +80,9 @@ void cpu_moe(const cpu_pass *p, cpu_acts *a, int l, float *xout) {
       }
     r0 += n;
   }
+  /* a failed sum leaves this rank's rows, and the pass is failed by the
+     rank whose failure aborted it (split.c) */
+  if (m->comm) (void)m->comm->sum(m->comm, m->rank, a->ye, (size_t)T * K * H, NULL);
   /* The weighted sum, in the order each path was checked in against its
      fixtures (transformers for inference, PEFT's autograd for training):
      inference sums a token's experts in expert order and then adds the
