@@ -93,7 +93,7 @@ $(BUILD)/cuda/%.o: kernels/%.cu $(wildcard kernels/*.cuh) $(HEADERS)
 	$(NVCC) $(NVCC_FLAGS) -Icsrc -c $< -o $@
 
 $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
-	$(NVCC) -shared $(CUDA_ARCH) -o $@ $(CUDA_OBJ) -cudart static -L$(CUDA_HOME)/lib64 -lcublas -Xlinker -rpath,$(CUDA_HOME)/lib64 -Xlinker --version-script=kernels/exports.map
+	$(NVCC) -shared $(CUDA_ARCH) -o $@ $(CUDA_OBJ) -cudart static -L$(CUDA_HOME)/lib64 -lcublas -ldl -Xlinker -rpath,$(CUDA_HOME)/lib64 -Xlinker --version-script=kernels/exports.map
 
 # each kernel against a double-precision CPU computation (run on the GPU machine)
 # the kernels alone, without the engine (backend.o, forward.o, lora.o and

@@ -5,10 +5,12 @@ source = { url = "git+https://github.com/gptoss/gptoss.git" }
 description = {
   summary = "Run and fine-tune OpenAI's gpt-oss models in-process from Lua",
   detailed = [[
-A C engine (CPU reference backend, CUDA backend for sm_90) with a thin Lua
-binding: gpt-oss checkpoint loading (safetensors, MXFP4 experts), the exact
-o200k_harmony tokenizer, sessions with KV caches, sampling and generation,
-harmony chat rendering and parsing (LPeg), and LoRA training.]],
+A C engine (CPU reference backend, CUDA backend for sm_80 to sm_90a) with a
+thin Lua binding: gpt-oss checkpoint loading (safetensors, MXFP4 experts),
+the exact o200k_harmony tokenizer, sessions with KV caches, sampling and
+generation, harmony chat rendering and parsing (LPeg), and LoRA training.
+Optional at run time: cuBLAS (the CUDA backend) and NCCL (a model split
+over several GPUs by its experts), found where NVIDIA's packages put them.]],
   license = "MIT",
 }
 dependencies = {

@@ -246,6 +246,9 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   d.Hkv = c->num_key_value_heads; d.D = c->head_dim; d.Q = d.Hq * d.D; d.KV = d.Hkv * d.D; d.E = c->num_local_experts;
   d.K = c->num_experts_per_tok; d.V = c->vocab_size; d.window = c->sliding_window; d.eps = (float)c->rms_norm_eps;
   d.limit = (float)c->swiglu_limit; d.rope_scale = m->rope_scale;
+  d.e_lo = m->expert_lo; d.e_hi = m->expert_hi;
+  cm->comm = m->comm;
+  cm->rank = m->rank;
   cm->precision = o->precision;
   cm->split = o->precision != GPTOSS_PRECISION_FAST;
   cm->invariant = o->batch_invariant != 0;
@@ -264,10 +267,24 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   size_t off = 0;
   size_t qkv_w_off[CUDA_MAX_LAYERS], qkv_b_off[CUDA_MAX_LAYERS];
   size_t tensor_off[CUDA_MAX_LAYERS][GPTOSS_T_PER_LAYER];   // each layer tensor's offset in the arena
+  // A rank of a split model uploads its own experts [e_lo, e_hi) alone; the
+  // layer's pointers are set as if expert 0 were there (offset back by
+  // e_lo experts), so that the kernels index experts by their number and
+  // only ever reach the ones this rank holds (the sort leaves out the rest).
+  size_t expert_back[CUDA_MAX_LAYERS][GPTOSS_T_PER_LAYER] = {};
   for (int l = 0; l < L; l++) {
     for (int r = 0; r < GPTOSS_T_PER_LAYER; r++) {
       int role = r + GPTOSS_T_LAYER_FIRST;
       const gptoss_tensor *t = m->layer[l][r];
+      if (role == GPTOSS_T_GU_BLOCKS || role == GPTOSS_T_GU_SCALES || role == GPTOSS_T_GU_BIAS ||
+          role == GPTOSS_T_DN_BLOCKS || role == GPTOSS_T_DN_SCALES || role == GPTOSS_T_DN_BIAS) {
+        size_t per = t->nbytes / (size_t)d.E;
+        expert_back[l][r] = per * (size_t)d.e_lo;
+        tensor_off[l][r] = off;
+        items[nit++] = {(const char *)t->data + per * (size_t)d.e_lo, per * (size_t)(d.e_hi - d.e_lo), off};
+        off = ALIGN(off + per * (size_t)(d.e_hi - d.e_lo));
+        continue;
+      }
       if (role == GPTOSS_T_K_W || role == GPTOSS_T_V_W || role == GPTOSS_T_K_B || role == GPTOSS_T_V_B) continue;
       if (role == GPTOSS_T_Q_W || role == GPTOSS_T_Q_B) {
         int w = role == GPTOSS_T_Q_W;
@@ -313,7 +330,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   cm->inv_freq = (float *)(cm->arena + rope_off);
   for (int l = 0; l < L; l++) {
     dlayer &y = cm->layer[l];
-#define AT(role, type) ((type)(cm->arena + tensor_off[l][(role) - GPTOSS_T_LAYER_FIRST]))
+#define AT(role, type) ((type)(cm->arena + tensor_off[l][(role) - GPTOSS_T_LAYER_FIRST] - expert_back[l][(role) - GPTOSS_T_LAYER_FIRST]))
     y.attn_norm = AT(GPTOSS_T_ATTN_NORM, const bf16 *);
     y.mlp_norm = AT(GPTOSS_T_MLP_NORM, const bf16 *);
     y.qkv_w = (const bf16 *)(cm->arena + qkv_w_off[l]);
@@ -436,6 +453,7 @@ static void cuda_session_free(gptoss_session *s) {
 
 static gptoss_status cuda_session_copy(gptoss_session *dst, const gptoss_session *src, int keep) {
   cuda_model *cm = model_of(src->m);
+  CU(cudaSetDevice(cm->dev));   // the caller's thread may be on another device (replicas, split ranks)
   cuda_session *d = session_of(dst), *s = session_of(src);
   size_t row = kv_size(cm) * (size_t)cm->d.KV;
   for (int l = 0; l < cm->d.L; l++) {
@@ -476,7 +494,7 @@ static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_
 
 static const gptoss_backend cuda_backend = {
   "cuda", cuda_model_init, cuda_model_free, cuda_session_init, cuda_session_free, cuda_session_copy,
-  cuda_run, PASS_TOKENS, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_session_bytes, cuda_train,
+  cuda_run, PASS_TOKENS, cuda_sample, cuda_memory, cuda_decode, cuda_logits, cuda_session_bytes, cuda_train, cuda_comm_new,
 };
 
 extern "C" __attribute__((visibility("default"))) const gptoss_backend *gptoss_cuda_backend(void) { return &cuda_backend; }

@@ -49,6 +49,9 @@ struct cuda_model {
   size_t train_bytes;
   // adapters' device copies for sessions that use them (lora.cu)
   lora_cache *lora;
+  // a rank of a split model (csrc/split.c): the ranks' communicator (comm.cu), this one's place
+  gptoss_comm *comm;
+  int rank;
 };
 
 struct cuda_session {
@@ -102,6 +105,8 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S);
 gptoss_status cuda_run(const gptoss_plan *p);
 gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *outids);
 gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
+// the communicator of a model split over these GPUs (comm.cu)
+gptoss_status cuda_comm_new(const int *devices, int n, gptoss_comm **out);
 // what lora.cu needs to make adapters' device copies (adapters: whether
 // sessions use them, which gives back the trainer's memory first)
 lora_view adapter_view(cuda_model *cm, int adapters);

@@ -64,6 +64,7 @@ struct dsess {
 // Shapes every kernel needs.
 struct dims {
   int H, I, L, Hq, Hkv, D, Q, KV, E, K, V, window;
+  int e_lo, e_hi;             // the experts this device holds: all, or a rank's share of a split model
   int kv32;                   // KV cache in fp32 (else fp16)
   float eps, limit, rope_scale;
 };
@@ -307,7 +308,9 @@ struct moe_work {
   int32_t *cursor;           // [E]
   int32_t *perm;             // [T*K]: assignment index (t*K + k) in expert order
 };
-void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaStream_t s);
+// sorts the (token, choice) assignments of experts lo..hi-1 by expert; the
+// others' are left out (a rank of a split model runs its own experts only)
+void launch_moe_sort(const int32_t *sel, int T, int E, int K, int lo, int hi, moe_work *w, cudaStream_t s);
 // grouped GEMMs over the sorted assignments; xn_lo NULL = plain bf16 inputs
 // delta (or NULL): [T*K][2I] in expert order, added to gate_up before SwiGLU (LoRA)
 void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d,

@@ -242,7 +242,7 @@ struct batch_layer : layer_ops {
       CU(cudaMemcpyAsync(cm->trace_sel + (size_t)l * T * d.K, cm->sel, sizeof(int32_t) * T * d.K, cudaMemcpyDeviceToDevice, st));
       CU(cudaMemcpyAsync(cm->trace_w + (size_t)l * T * d.K, cm->wts, sizeof(float) * T * d.K, cudaMemcpyDeviceToDevice, st));
     }
-    launch_moe_sort(cm->sel, T, d.E, d.K, &cm->mw, st);
+    launch_moe_sort(cm->sel, T, d.E, d.K, d.e_lo, d.e_hi, &cm->mw, st);
     cuda_prof_mark("fwd moe sort", st);
     return GPTOSS_OK;
   }
@@ -262,6 +262,9 @@ struct batch_layer : layer_ops {
     if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
     else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->act, st);
     cuda_prof_mark("fwd moe gate_up", st);
+    // a rank of a split model writes its experts' rows; the others' are
+    // zeros until the ranks' sum brings them (csrc/backend.h)
+    if (cm->comm) CU(cudaMemsetAsync(cm->y, 0, sizeof(float) * T * d.K * d.H, st));
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     if (ls.tok) {
@@ -270,6 +273,10 @@ struct batch_layer : layer_ops {
       cuda_prof_mark("fwd lora", st);
     }
     cuda_prof_mark("fwd moe down", st);
+    if (cm->comm) {
+      TRY(cm->comm->sum(cm->comm, cm->rank, cm->y, (size_t)T * d.K * d.H, st));
+      cuda_prof_mark("fwd ranks' sum", st);
+    }
     launch_moe_combine(cm->x, cm->y, cm->wts, T, d.H, d.K, st);
     cuda_prof_mark("fwd moe combine", st);
     LAUNCHED();

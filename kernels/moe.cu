@@ -46,9 +46,9 @@ __device__ __forceinline__ float swiglu(float g, float u, float limit) {
 }
 
 // {====================================================== sorting
-__global__ void moe_count_kernel(const int32_t *sel, int n, int32_t *counts) {
+__global__ void moe_count_kernel(const int32_t *sel, int n, int lo, int hi, int32_t *counts) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) atomicAdd(&counts[sel[i]], 1);
+  if (i < n && sel[i] >= lo && sel[i] < hi) atomicAdd(&counts[sel[i]], 1);
 }
 
 __global__ void moe_scan_kernel(const int32_t *counts, int E, int32_t *offsets, int32_t *tile_offsets, int32_t *cursor) {
@@ -65,20 +65,20 @@ __global__ void moe_scan_kernel(const int32_t *counts, int E, int32_t *offsets, 
   tile_offsets[E] = to;
 }
 
-__global__ void moe_scatter_kernel(const int32_t *sel, int n, const int32_t *offsets, int32_t *cursor, int32_t *perm) {
+__global__ void moe_scatter_kernel(const int32_t *sel, int n, int lo, int hi, const int32_t *offsets, int32_t *cursor, int32_t *perm) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;
-  if (i < n) {
+  if (i < n && sel[i] >= lo && sel[i] < hi) {
     int e = sel[i];
     perm[offsets[e] + atomicAdd(&cursor[e], 1)] = i;   // order within an expert does not change any result
   }
 }
 
-void launch_moe_sort(const int32_t *sel, int T, int E, int K, moe_work *w, cudaStream_t s) {
+void launch_moe_sort(const int32_t *sel, int T, int E, int K, int lo, int hi, moe_work *w, cudaStream_t s) {
   int n = T * K;
   cudaMemsetAsync(w->counts, 0, sizeof(int32_t) * E, s);
-  moe_count_kernel<<<(n + 255) / 256, 256, 0, s>>>(sel, n, w->counts);
+  moe_count_kernel<<<(n + 255) / 256, 256, 0, s>>>(sel, n, lo, hi, w->counts);
   moe_scan_kernel<<<1, 32, 0, s>>>(w->counts, E, w->offsets, w->tile_offsets, w->cursor);
-  moe_scatter_kernel<<<(n + 255) / 256, 256, 0, s>>>(sel, n, w->offsets, w->cursor, w->perm);
+  moe_scatter_kernel<<<(n + 255) / 256, 256, 0, s>>>(sel, n, lo, hi, w->offsets, w->cursor, w->perm);
 }
 // }======================================================
 

@@ -247,7 +247,7 @@ static gptoss_status moe_route(trainer *t) {
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   int T = t->T, TK = T * d.K;
-  launch_moe_sort(t->sel, T, d.E, d.K, &t->mw, st);
+  launch_moe_sort(t->sel, T, d.E, d.K, 0, d.E, &t->mw, st);
   launch_invperm(t->mw.perm, t->invp, TK, st);
   launch_gather_rows(t->xn2, t->mw.perm, TK, d.K, d.H, t->xg, st);
   // for the host's grouped cuBLAS calls (ranks over 64) alone, which wait
