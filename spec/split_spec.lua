@@ -164,8 +164,11 @@ end)
 describe("a model split over GPUs #gpu", function()
   it("cuda:0+cuda:0: two ranks on one GPU (staged through the host) give one GPU's tokens in exact precision", function()
     local dir = H.tiny()
-    local one = assert(gptoss.load(dir, { device = "cuda:0" }))
-    local two = assert(gptoss.load(dir, { device = "cuda:0+cuda:0" }))
+    -- batch-invariant: a row's bytes do not depend on what shares its batch
+    -- (serving_engine_spec), so the engine below can be held to each
+    -- request's tokens alone
+    local one = assert(gptoss.load(dir, { device = "cuda:0", batch_invariant = true }))
+    local two = assert(gptoss.load(dir, { device = "cuda:0+cuda:0", batch_invariant = true }))
     local cpu = assert(gptoss.load(dir, { threads = 4 }))
     local o = { max_tokens = 24, temperature = 0, stop_tokens = {} }
     local want = cpu:generate(prompt(1, 40), o).ids
@@ -174,10 +177,14 @@ describe("a model split over GPUs #gpu", function()
     local s1, s2 = one:session(), two:session()
     same_bytes(s1:feed(prompt(2, 70), "all"):bytes(), s2:feed(prompt(2, 70), "all"):bytes(), "prefill logits")
     s1:close(); s2:close()
+    -- eight requests batched by an engine: each gets its tokens alone
+    local so = { max_tokens = 24, temperature = 0.8, stop_tokens = {} }
+    local alone = {}
+    for k = 1, 8 do so.seed = k; alone[k] = two:generate(prompt(k, 10 + k), so).ids end
     local eng = assert(gptoss.engine(two, { max_batch = 8 }))
     local reqs = {}
-    for k = 1, 8 do reqs[k] = assert(eng:submit(prompt(k, 10 + k), o)) end
-    for k, r in ipairs(reqs) do assert.same(cpu:generate(prompt(k, 10 + k), o).ids, r:result().ids, "request " .. k) end
+    for k = 1, 8 do so.seed = k; reqs[k] = assert(eng:submit(prompt(k, 10 + k), so)) end
+    for k, r in ipairs(reqs) do assert.same(alone[k], r:result().ids, "request " .. k) end
     eng:close()
     one:close(); two:close(); cpu:close()
   end)

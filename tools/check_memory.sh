@@ -17,7 +17,7 @@ specs="spec/lifecycle_spec.lua spec/safetensors_spec.lua spec/model_load_spec.lu
 # training through the engine (jobs, their cancellation, the engine's end
 # with jobs left) and the engine's sessions (forks, growth, prefix reuse)
 # are too slow for valgrind: under the sanitizers only
-asan_only="spec/engine_train_spec.lua spec/engine_spec.lua spec/serving_engine_spec.lua"
+asan_only="spec/engine_train_spec.lua spec/engine_spec.lua spec/serving_engine_spec.lua spec/split_spec.lua"
 export GPTOSS_TOKENIZER_DIR="$PWD/tokenizer"
 echo "== valgrind"
 valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite \
