@@ -255,18 +255,28 @@ static gptoss_status choose_backend(const char *dev, const gptoss_backend **be, 
   if (!strchr(dev, '+')) return gptoss_device_backend(dev, be, index);
   char part[sizeof ((gptoss_model *)0)->device];
   const gptoss_backend *first = NULL;
+  /* the parts' kinds by name first, so that mixing is refused as such
+     (not as a CUDA backend that failed to open) */
+  int kind = -1;
+  for (const char *p = dev, *q;; p = q + 1) {
+    q = strchr(p, '+');
+    size_t n = q ? (size_t)(q - p) : strlen(p);
+    if (n == 0) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': an empty part at offset %d", dev, (int)(p - dev));
+    int k = strncmp(p, "cuda", 4) == 0;
+    if (kind >= 0 && k != kind)
+      return gptoss_fail(GPTOSS_EARG, "invalid device '%s': a split model's parts must all be cpu or all cuda", dev);
+    kind = k;
+    if (!q) break;
+  }
   for (const char *p = dev, *q;; p = q + 1) {
     q = strchr(p, '+');
     size_t n = q ? (size_t)(q - p) : strlen(p);
     memcpy(part, p, n);
     part[n] = 0;
-    if (n == 0) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': an empty part at offset %d", dev, (int)(p - dev));
     const gptoss_backend *b;
     int idx;
     gptoss_status rc = gptoss_device_backend(part, &b, &idx);
     if (rc) return rc;
-    if (first && b != first)
-      return gptoss_fail(GPTOSS_EARG, "invalid device '%s': a split model's parts must all be cpu or all cuda", dev);
     first = b;
     if (!q) break;
   }
