@@ -26,8 +26,10 @@ describe("server learning", function()
   end)
   teardown(function() if srv then srv:stop() end end)
 
-  it("serves from replicas on several devices (GPTOSS_DEVICE=cpu,cpu) the replies one device gives", function()
-    local rep = X.start { GPTOSS_MODEL = H.tiny(), GPTOSS_THREADS = "1", GPTOSS_DEVICE = "cpu,cpu" }
+  -- the first replica a model split by its experts over two CPU ranks
+  -- (split_spec); equal loads take turns, so both replicas answer
+  it("serves from replicas on several devices (GPTOSS_DEVICE=cpu+cpu,cpu) the replies one device gives", function()
+    local rep = X.start { GPTOSS_MODEL = H.tiny(), GPTOSS_THREADS = "1", GPTOSS_DEVICE = "cpu+cpu,cpu" }
     local ok, err = pcall(function()
       for i = 1, 4 do
         local body = { model = "tiny", max_tokens = 6, seed = i, temperature = 0.9,
