@@ -2,7 +2,8 @@
 # Device: issue 19's HTTP benchmark. The device has no nginx: Debian 12's
 # nginx, its Lua module (with ndk, lua-resty-core, lrucache, libpcre3) and
 # LuaJIT (luajit2) are unpacked over / from .carry/serve-debs (made on the
-# dev machine with `apt-get download`), so server/nginx.conf.in runs as it
+# dev machine with `apt-get download`, with lua-lpeg and lua-filesystem
+# for nginx's LuaJIT), so server/nginx.conf.in runs as it
 # does on Debian. Carry .device-kit and .carry (bundle.tar.xz: tokenizer,
 # build/lua5.4/gptoss and build/luajit/gptoss, both made with CUDA).
 #   serve       bench/serve.lua over HTTP at 1, 8, 32, 64 concurrent streams
