@@ -423,9 +423,11 @@ lora_pass lora_pass_of(const dlora_mod *const *tok, int layer, int nm, const int
 void launch_lora(const lora_pass *p, int outs, cudaStream_t s);
 
 // sampler.cu
+// a launch's logit biases, every row's list one after another (bias_off: where a row's begins)
+#define SAMPLE_BIAS_CAP 4096
 struct gpu_sampling {
   float temperature, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty;
-  int top_k, penalty_window, n_bias;
+  int top_k, penalty_window, n_bias, bias_off;
   uint64_t seed, counter;
 };
 struct sampler_work {

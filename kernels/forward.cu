@@ -65,7 +65,7 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
     sizeof(int32_t) * (size_t)d.L * TK, sizeof(float) * (size_t)d.L * TK,   // trace
     cm->sw.cub_bytes, sizeof(float) * d.V * 2, sizeof(int32_t) * d.V * 2,   // sampler sort
     sizeof(float) * 64 * ns, sizeof(int32_t) * 64 * ns,                     // argmax partials
-    sizeof(int32_t) * 4096, sizeof(float) * 4096,                           // logit bias
+    sizeof(int32_t) * SAMPLE_BIAS_CAP, sizeof(float) * SAMPLE_BIAS_CAP,     // logit bias
     sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
   };
   size_t total = 0;
@@ -399,6 +399,7 @@ static void to_gpu_params(const gptoss_sampling *p, gptoss_sampler *smp, gpu_sam
   g->repetition_penalty = p->repetition_penalty; g->presence_penalty = p->presence_penalty;
   g->frequency_penalty = p->frequency_penalty; g->top_k = p->top_k; g->penalty_window = p->penalty_window;
   g->n_bias = p->n_bias;
+  g->bias_off = 0;
   g->seed = gptoss_sampler_draw(smp);
   g->counter = 0;
 }
@@ -410,42 +411,60 @@ gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int3
   if (rc) return rc;
   cudaStream_t st = cm->stream;
   CU(cudaSetDevice(cm->dev));
-  // in groups of rows: each session's logits, then the samplers' parameters
+  for (int i = 0; i < n; i++)
+    if (gptoss_sampler_params(smp[i])->n_bias > SAMPLE_BIAS_CAP)
+      return gptoss_fail(GPTOSS_EUNSUP, "sampler %d: more than %d logit biases on CUDA", i + 1, SAMPLE_BIAS_CAP);
+  const int32_t **hp = (const int32_t **)malloc(sizeof(int32_t *) * cm->ws_out);
+  int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * cm->ws_out), *bid = NULL;
+  float *bval = NULL;
+  if (!hp || !hl) { free(hp); free(hl); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  // in groups of rows whose logit biases fit the workspace together: each
+  // session's logits, then the samplers' parameters and biases
   int done = 0;
-  while (done < n) {
-    int rows = n - done < cm->ws_out ? n - done : cm->ws_out;
-    for (int i = 0; i < rows; i++)
-      CU(cudaMemcpyAsync(cm->logits + (size_t)i * d.V, session_of(ss[done + i])->logits, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st));
-    const int32_t **hp = (const int32_t **)malloc(sizeof(int32_t *) * rows);
-    int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * rows);
-    if (!hp || !hl) { free(hp); free(hl); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-    for (int i = 0; i < rows; i++) {
+  cudaError_t e = cudaSuccess;
+  while (done < n && e == cudaSuccess) {
+    int rows = 0, nb = 0;
+    while (done + rows < n && rows < cm->ws_out) {
+      int b = gptoss_sampler_params(smp[done + rows])->n_bias;
+      if (nb + b > SAMPLE_BIAS_CAP) break;
+      nb += b;
+      rows++;
+    }
+    if (nb && !bid) {
+      bid = (int32_t *)malloc(sizeof(int32_t) * SAMPLE_BIAS_CAP);
+      bval = (float *)malloc(sizeof(float) * SAMPLE_BIAS_CAP);
+      if (!bid || !bval) { free(hp); free(hl); free(bid); free(bval); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+    }
+    nb = 0;
+    for (int i = 0; i < rows && e == cudaSuccess; i++) {
       const gptoss_sampling *p = gptoss_sampler_params(smp[done + i]);
+      e = cudaMemcpyAsync(cm->logits + (size_t)i * d.V, session_of(ss[done + i])->logits, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st);
       to_gpu_params(p, smp[done + i], &cm->params_host[i]);
+      cm->params_host[i].bias_off = nb;
+      if (p->n_bias) {
+        memcpy(bid + nb, p->bias_ids, sizeof(int32_t) * p->n_bias);
+        memcpy(bval + nb, p->bias_values, sizeof(float) * p->n_bias);
+        nb += p->n_bias;
+      }
       hp[i] = session_of(ss[done + i])->hist;
       hl[i] = ss[done + i]->pos;
-      if (p->n_bias) {
-        if (p->n_bias > 4096) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA"); }
-        // bias lists are applied one row at a time
-        if (rows > 1) { free(hp); free(hl); return gptoss_fail(GPTOSS_EUNSUP, "logit_bias in a CUDA batch"); }
-        CU(cudaMemcpyAsync(cm->sw.bias_ids, p->bias_ids, sizeof(int32_t) * p->n_bias, cudaMemcpyHostToDevice, st));
-        CU(cudaMemcpyAsync(cm->sw.bias_vals, p->bias_values, sizeof(float) * p->n_bias, cudaMemcpyHostToDevice, st));
-      }
     }
-    cudaError_t e = cudaMemcpyAsync(cm->params_dev, cm->params_host, sizeof(gpu_sampling) * rows, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->params_dev, cm->params_host, sizeof(gpu_sampling) * rows, cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_arr, hp, sizeof(int32_t *) * rows, cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_len, hl, sizeof(int32_t) * rows, cudaMemcpyHostToDevice, st);
-    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
-    free(hp);
-    free(hl);
-    if (e != cudaSuccess) return cuda_fail(e, "sampling inputs", __FILE__, __LINE__);
+    if (e == cudaSuccess && nb) e = cudaMemcpyAsync(cm->sw.bias_ids, bid, sizeof(int32_t) * nb, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess && nb) e = cudaMemcpyAsync(cm->sw.bias_vals, bval, sizeof(float) * nb, cudaMemcpyHostToDevice, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);   // the host arrays are reused by the next group
+    if (e != cudaSuccess) break;
     launch_sample(cm->logits, rows, d.V, cm->params_dev, cm->params_host, cm->hist_arr, cm->hist_len, &cm->sw, cm->out_dev, st, NULL);
-    LAUNCHED();
-    CU(cudaMemcpyAsync(cm->out_host, cm->out_dev, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, st));
-    CU(cudaStreamSynchronize(st));
-    for (int i = 0; i < rows; i++) outids[done + i] = cm->out_host[i];
+    e = cudaGetLastError();
+    if (e == cudaSuccess) e = cudaMemcpyAsync(cm->out_host, cm->out_dev, sizeof(int32_t) * rows, cudaMemcpyDeviceToHost, st);
+    if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+    if (e == cudaSuccess) for (int i = 0; i < rows; i++) outids[done + i] = cm->out_host[i];
     done += rows;
   }
+  free(hp); free(hl); free(bid); free(bval);
+  if (e != cudaSuccess) return cuda_fail(e, "sampling", __FILE__, __LINE__);
   return GPTOSS_OK;
 }
 // }======================================================
@@ -651,7 +670,7 @@ gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, in
     CU(cudaMemcpyAsync(cs->l_tok, cs->l_tok_host, sizeof tab, cudaMemcpyHostToDevice, cm->stream));
   }
   const gptoss_sampling *p = gptoss_sampler_params(smp);
-  if (p->n_bias > 4096) return gptoss_fail(GPTOSS_EUNSUP, "more than 4096 logit biases on CUDA");
+  if (p->n_bias > SAMPLE_BIAS_CAP) return gptoss_fail(GPTOSS_EUNSUP, "more than %d logit biases on CUDA", SAMPLE_BIAS_CAP);
   cudaStream_t st = cm->stream;
   // the sessions array's first entry is this session while the graph runs
   const dsess *self = cs->dev;

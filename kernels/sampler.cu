@@ -6,7 +6,9 @@
 // alone samples exactly from softmax(l/T) with the Gumbel-max trick
 // (argmax of l/T + Gumbel noise), in one pass. top_k, top_p and min_p sort
 // the logits once (CUB radix sort) and cut the candidates in that order.
-// Random numbers are a pure function of (seed, counter, index).
+// Random numbers are a pure function of (seed, counter, token id), never of
+// a row's place in the batch: a request draws the same tokens alone as among
+// others (the engine's determinism, issue 18).
 #include <float.h>
 #include <cub/cub.cuh>
 #include "common.cuh"
@@ -29,8 +31,8 @@ __global__ void penalties_kernel(float *logits, int V, const gpu_sampling *P, co
   int row = blockIdx.x;
   const gpu_sampling p = P[row];
   float *l = logits + (size_t)row * V;
-  if (p.n_bias > 0 && bias_ids)   // bias lists come one row at a time
-    for (int i = threadIdx.x; i < p.n_bias; i += blockDim.x) l[bias_ids[i]] += bias_vals[i];
+  if (p.n_bias > 0 && bias_ids)   // this row's list, at its offset in the launch's
+    for (int i = threadIdx.x; i < p.n_bias; i += blockDim.x) l[bias_ids[p.bias_off + i]] += bias_vals[p.bias_off + i];
   __syncthreads();
   if (!hist || (p.repetition_penalty == 1.f && p.presence_penalty == 0.f && p.frequency_penalty == 0.f)) return;
   int n = hist_len[row];
@@ -65,7 +67,7 @@ __global__ void argmax_kernel(const float *logits, int V, const gpu_sampling *P,
   for (int i = lo + threadIdx.x; i < hi; i += blockDim.x) {
     float v = l[i];
     if (gumbel && p.temperature > 0.f) {
-      double u = u01(p.seed, p.counter, (uint64_t)row * V + i);
+      double u = u01(p.seed, p.counter, (uint64_t)i);
       v = v / p.temperature - (float)log(-log(u + 1e-300));
     }
     if (v > bv || (v == bv && i < bi)) { bv = v; bi = i; }

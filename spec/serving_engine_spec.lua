@@ -514,6 +514,53 @@ describe("gptoss.engine on CUDA #gpu", function()
     m:close()
   end)
 
+  it("draws a row's tokens as it does alone, whatever its place in the batch, logit biases included", function()
+    local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
+    local tok, V = m.tokenizer, m.config.vocab_size
+    local river = tok:encode(" river")[1]
+    local kinds = {
+      { temperature = 1.5 },
+      { temperature = 1.2, logit_bias = { [river] = 3.0, [7] = -2.0 } },
+      { temperature = 1.3, top_p = 0.95 },
+      { temperature = 1.0, top_k = 40, logit_bias = { [river] = 2.0 } },
+      { temperature = 1.4, presence_penalty = 0.4 },
+      { temperature = 1.1, min_p = 0.02 },
+    }
+    local ids = prompt_of(tok, 5, 12)
+    local function run(order)   -- order[row] = which kind; six steps of every row together
+      local ss, toks, smps, got = {}, {}, {}, {}
+      for row, k in ipairs(order) do
+        local o = {}
+        for key, v in pairs(kinds[k]) do o[key] = v end
+        o.seed = 40 + k
+        ss[row] = m:session()
+        ss[row]:feed(ids, "last")
+        smps[row] = gptoss.sampler(V, o)
+        toks[row] = ss[row]:sample(smps[row])
+        got[k] = { toks[row] }
+      end
+      for _ = 1, 5 do
+        toks = gptoss.batch_step(ss, toks, smps)
+        for row, k in ipairs(order) do table.insert(got[k], toks[row]) end
+      end
+      for _, s in ipairs(ss) do s:close() end
+      return got
+    end
+    local alone = {}
+    for k = 1, #kinds do alone[k] = run({ k })[k] end
+    local forward, backward = run({ 1, 2, 3, 4, 5, 6 }), run({ 6, 5, 4, 3, 2, 1 })
+    local distinct = {}
+    for k = 1, #kinds do
+      assert.are.same(alone[k], forward[k], "kind " .. k .. " in row " .. k)
+      assert.are.same(alone[k], backward[k], "kind " .. k .. " in row " .. (#kinds + 1 - k))
+      distinct[table.concat(alone[k], ",")] = true
+    end
+    local n = 0
+    for _ in pairs(distinct) do n = n + 1 end
+    assert.is_true(n >= 4, "the kinds draw different tokens (" .. n .. " distinct sequences)")
+    m:close()
+  end)
+
   it("grows sessions within its memory budget: one that cannot grow yet waits for the oldest, tokens exact", function()
     local m = assert(gptoss.load(H.tiny(), { device = "cuda:0", batch_invariant = true }))
     local tok = m.tokenizer
