@@ -10,6 +10,8 @@
 
 #include "internal.h"
 
+#define GPTOSS_DEVICE_LEN 128            /* a device string's room, its NUL included */
+
 typedef struct gptoss_backend gptoss_backend;
 typedef struct gptoss_comm gptoss_comm;
 
@@ -17,7 +19,7 @@ struct gptoss_model {
   gptoss_config cfg;
   gptoss_st *st;
   char *dir;
-  char device[128];                  /* "cpu", "cuda:N", or a split model's "cuda:0+cuda:1" */
+  char device[GPTOSS_DEVICE_LEN];    /* "cpu", "cuda:N", or a split model's "cuda:0+cuda:1" */
   int device_index;
   /* the experts this model runs, [expert_lo, expert_hi): all of them, or a
      rank's share of a split model (split.c), whose other ranks run the rest;
@@ -177,6 +179,8 @@ gptoss_status gptoss_model_load_rank(const char *dir, const gptoss_model_opts *o
                                      gptoss_comm *comm, gptoss_model **out);
 /* the backend and device index a single device's name gives (model.c) */
 gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, int *index);
+/* a split device string's n parts, checked by name (model.c) */
+gptoss_status gptoss_device_parts(const char *dev, char (*part)[GPTOSS_DEVICE_LEN], int max, int *n);
 /* }====================================================== */
 
 /* packed examples' starts, as gptoss_lora_backward_packed takes them: fn names the caller in the error (optim.c) */

@@ -249,39 +249,42 @@ gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, 
 
 /* The backend a device string names: one device's, or for "a+b+..." the
    split backend over theirs (which must be one kind; split.c checks the rest) */
-static gptoss_status choose_backend(const char *dev, const gptoss_backend **be, int *index) {
-  if (strlen(dev) >= sizeof ((gptoss_model *)0)->device)
-    return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %zu characters", dev, sizeof ((gptoss_model *)0)->device - 1);
-  if (!strchr(dev, '+')) return gptoss_device_backend(dev, be, index);
-  char part[sizeof ((gptoss_model *)0)->device];
-  const gptoss_backend *first = NULL;
-  /* the parts' kinds by name first, so that mixing is refused as such
-     (not as a CUDA backend that failed to open) */
+/* The parts of a split device string ("cuda:0+cuda:1"), each checked by
+   name: none empty, all cpu or all cuda (so that mixing is refused as such,
+   not as a CUDA backend that failed to open). part holds n of them, room for
+   `max`; what choose_backend and the split backend (split.c) both read. */
+gptoss_status gptoss_device_parts(const char *dev, char (*part)[GPTOSS_DEVICE_LEN], int max, int *n) {
+  *n = 0;
+  if (strlen(dev) >= GPTOSS_DEVICE_LEN)
+    return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %d characters", dev, GPTOSS_DEVICE_LEN - 1);
   int kind = -1;
   for (const char *p = dev, *q;; p = q + 1) {
     q = strchr(p, '+');
-    size_t n = q ? (size_t)(q - p) : strlen(p);
-    if (n == 0) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': an empty part at offset %d", dev, (int)(p - dev));
+    size_t len = q ? (size_t)(q - p) : strlen(p);
+    if (len == 0) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': an empty part at offset %d", dev, (int)(p - dev));
     int k = strncmp(p, "cuda", 4) == 0;
     if (kind >= 0 && k != kind)
       return gptoss_fail(GPTOSS_EARG, "invalid device '%s': a split model's parts must all be cpu or all cuda", dev);
     kind = k;
-    if (!q) break;
+    if (*n >= max) return gptoss_fail(GPTOSS_EARG, "invalid device '%s': more than %d parts", dev, max);
+    memcpy(part[*n], p, len);
+    part[(*n)++][len] = 0;
+    if (!q) return GPTOSS_OK;
   }
-  for (const char *p = dev, *q;; p = q + 1) {
-    q = strchr(p, '+');
-    size_t n = q ? (size_t)(q - p) : strlen(p);
-    memcpy(part, p, n);
-    part[n] = 0;
-    const gptoss_backend *b;
-    int idx;
-    gptoss_status rc = gptoss_device_backend(part, &b, &idx);
-    if (rc) return rc;
-    first = b;
-    if (!q) break;
-  }
+}
+
+static gptoss_status choose_backend(const char *dev, const gptoss_backend **be, int *index) {
+  if (strlen(dev) >= GPTOSS_DEVICE_LEN)
+    return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %d characters", dev, GPTOSS_DEVICE_LEN - 1);
+  if (!strchr(dev, '+')) return gptoss_device_backend(dev, be, index);
+  char part[GPTOSS_DEVICE_LEN / 2][GPTOSS_DEVICE_LEN];
+  int n;
+  gptoss_status rc = gptoss_device_parts(dev, part, GPTOSS_DEVICE_LEN / 2, &n);
+  const gptoss_backend *b = NULL;
+  for (int i = 0; i < n && !rc; i++) rc = gptoss_device_backend(part[i], &b, index);
+  if (rc) return rc;
   *index = 0;
-  return (*be = gptoss_split_backend(first)) ? GPTOSS_OK : gptoss_errcode();
+  return (*be = gptoss_split_backend(b)) ? GPTOSS_OK : gptoss_errcode();
 }
 
 static gptoss_status model_load(const char *dir, const gptoss_model_opts *o, int lo, int hi, int rank, gptoss_comm *comm,

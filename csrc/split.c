@@ -38,28 +38,22 @@ static gptoss_session *rank_session(const gptoss_session *s, int r) { return ((s
 
 /* {====================================================== model */
 static gptoss_status split_model_init(gptoss_model *m, const gptoss_model_opts *o) {
-  int E = m->cfg.num_local_experts, n = 1;
-  for (const char *p = m->device; *p; p++) n += *p == '+';
-  if (n > E)
-    return gptoss_fail(GPTOSS_EARG, "device '%s' splits %d experts over %d ranks: at most one rank an expert", m->device, E, n);
-  split_model *sm = calloc(1, sizeof *sm);
-  if (!sm) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  int E = m->cfg.num_local_experts, n;
+  char (*part)[GPTOSS_DEVICE_LEN] = calloc(GPTOSS_DEVICE_LEN / 2, sizeof *part);
+  if (!part) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  gptoss_status rc = gptoss_device_parts(m->device, part, GPTOSS_DEVICE_LEN / 2, &n);
+  if (!rc && n > E)
+    rc = gptoss_fail(GPTOSS_EARG, "device '%s' splits %d experts over %d ranks: at most one rank an expert", m->device, E, n);
+  split_model *sm = rc ? NULL : calloc(1, sizeof *sm);
+  if (!rc && !sm) rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  if (rc) { free(part); return rc; }
   m->bm = sm;                        /* model_free releases what is set up from here on */
   sm->n = n;
   sm->rank = calloc((size_t)n, sizeof *sm->rank);
   int *devs = calloc((size_t)n, sizeof *devs);
-  char (*part)[sizeof m->device] = calloc((size_t)n, sizeof *part);
-  gptoss_status rc = GPTOSS_OK;
-  if (!sm->rank || !devs || !part) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
-  const char *p = m->device;
-  for (int r = 0; r < n; r++) {
-    const char *q = strchr(p, '+');
-    size_t len = q ? (size_t)(q - p) : strlen(p);
-    memcpy(part[r], p, len);
-    part[r][len] = 0;
+  if (!sm->rank || !devs) { rc = gptoss_fail(GPTOSS_ENOMEM, "out of memory"); goto done; }
+  for (int r = 0; r < n; r++)
     if ((rc = gptoss_device_backend(part[r], &sm->rbe, &devs[r]))) goto done;
-    p = q ? q + 1 : p + len;
-  }
   if (!sm->rbe->comm_new) { rc = gptoss_fail(GPTOSS_EUNSUP, "the %s backend cannot split a model", sm->rbe->name); goto done; }
   if ((rc = sm->rbe->comm_new(devs, n, &sm->comm))) goto done;
   if (!(sm->pool = gptoss_pool_new(n)) || gptoss_pool_size(sm->pool) < n) {
@@ -228,16 +222,37 @@ static gptoss_status on_ranks(gptoss_model *m, split_call *c) {
   return out;
 }
 
+/* ss's rank-r sessions, in stack (room for RANK_STACK) when they fit, else
+   in memory the caller frees when it is not stack; NULL when out of memory */
+#define RANK_STACK 64
+static gptoss_session **rank_sessions(gptoss_session *const *ss, int n, int r, gptoss_session **stack) {
+  gptoss_session **rs = n <= RANK_STACK ? stack : malloc(sizeof *rs * (size_t)n);
+  if (!rs) { gptoss_fail(GPTOSS_ENOMEM, "out of memory"); return NULL; }
+  for (int i = 0; i < n; i++) rs[i] = rank_session(ss[i], r);
+  return rs;
+}
+
+/* Rank 0 computes the head for the plan's rows; the others run the layers
+   alone (no output rows, no session keeps logits): only rank 0's logits
+   are ever read (split_sample, split_logits), so the vocabulary-wide
+   product is made once a pass, not once a rank. */
 static gptoss_status run_op(split_call *c, int r) {
   const gptoss_plan *p = c->plan;
-  gptoss_session *rss[64], **rs = p->nss <= 64 ? rss : malloc(sizeof *rs * (size_t)p->nss);
-  if (!rs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  for (int i = 0; i < p->nss; i++) rs[i] = rank_session(p->ss[i], r);
+  gptoss_session *stack[RANK_STACK], **rs = rank_sessions(p->ss, p->nss, r, stack);
+  int32_t none[RANK_STACK], *keep = r == 0 || p->nss <= RANK_STACK ? none : malloc(sizeof *keep * (size_t)p->nss);
+  if (!rs || !keep) {
+    if (rs && rs != stack) free(rs);
+    return rs ? gptoss_fail(GPTOSS_ENOMEM, "out of memory") : gptoss_errcode();
+  }
   gptoss_plan rp = *p;
   rp.ss = rs;
-  if (r) rp.out = NULL;              /* every rank computes the head; rank 0's rows are the pass's */
+  if (r) {
+    for (int i = 0; i < p->nss; i++) keep[i] = -1;
+    rp.nout = 0; rp.rows = NULL; rp.out = NULL; rp.keep = keep;
+  }
   gptoss_status rc = c->sm->rbe->run(&rp);
-  if (rs != rss) free(rs);
+  if (rs != stack) free(rs);
+  if (keep != none) free(keep);
   return rc;
 }
 
@@ -273,11 +288,11 @@ static gptoss_status split_session_copy(gptoss_session *dst, const gptoss_sessio
 /* sampling and logits are rank 0's, whose sessions hold the pass's logits */
 static gptoss_status split_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *out) {
   split_model *sm = split_of(ss[0]->m);
-  gptoss_session *rss[64], **rs = n <= 64 ? rss : malloc(sizeof *rs * (size_t)n);
-  if (!rs) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
-  for (int i = 0; i < n; i++) { mirror(ss[i]); rs[i] = rank_session(ss[i], 0); }
+  for (int i = 0; i < n; i++) mirror(ss[i]);
+  gptoss_session *stack[RANK_STACK], **rs = rank_sessions(ss, n, 0, stack);
+  if (!rs) return gptoss_errcode();
   gptoss_status rc = sm->rbe->sample(rs, n, smp, out);
-  if (rs != rss) free(rs);
+  if (rs != stack) free(rs);
   return rc;
 }
 

@@ -122,6 +122,13 @@ end
 --- the tiny preset, as tests and the parity fixtures use it (seed 1)
 function H.tiny() return H.checkpoint("tiny", { preset = "tiny", seed = 1 }) end
 
+--- n token ids of prompt k, different for each k: (i * a + k * b) % 5000 + 100
+function H.prompt(k, n, a, b)
+  local ids = {}
+  for i = 1, n do ids[i] = (i * a + k * b) % 5000 + 100 end
+  return ids
+end
+
 --- a very small model with a 1000-token vocabulary and no tokenizer, for
 -- tests that copy and corrupt a whole checkpoint
 function H.micro()

@@ -4,11 +4,7 @@
 local H = require "helpers"
 local gptoss = require "gptoss"
 
-local function prompt(k, n)
-  local ids = {}
-  for i = 1, n do ids[i] = (i * 31 + k * 17) % 5000 + 100 end
-  return ids
-end
+local function prompt(k, n) return H.prompt(k, n, 31, 17) end
 
 describe("gptoss.engine over devices", function()
   local ref

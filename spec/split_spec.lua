@@ -8,11 +8,7 @@ local H = require "helpers"
 local gptoss = require "gptoss"
 local core = require "gptoss.core"
 
-local function prompt(k, n)
-  local ids = {}
-  for i = 1, n do ids[i] = (i * 37 + k * 11) % 5000 + 100 end
-  return ids
-end
+local function prompt(k, n) return H.prompt(k, n, 37, 11) end
 
 local function same_bytes(want, got, what)
   assert.is_true(want == got, what .. " differ (" .. #want .. " and " .. #got .. " bytes)")
