@@ -122,6 +122,12 @@ end
 --- the tiny preset, as tests and the parity fixtures use it (seed 1)
 function H.tiny() return H.checkpoint("tiny", { preset = "tiny", seed = 1 }) end
 
+--- the tiny preset with gpt-oss-120b's 128 experts, 4 a token (seed 2): the
+-- parity fixture's model (tools/reference/device_round8.sh)
+function H.tiny128()
+  return H.checkpoint("tiny128", { preset = "tiny", seed = 2, overrides = { num_local_experts = 128, num_experts_per_tok = 4 } })
+end
+
 --- n token ids of prompt k, different for each k: (i * a + k * b) % 5000 + 100
 function H.prompt(k, n, a, b)
   local ids = {}

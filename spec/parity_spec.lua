@@ -1,16 +1,24 @@
 -- CPU backend against Hugging Face transformers (float32), on the tiny
--- checkpoint (seed 1; sliding window 16 < the 70-token prompt). The fixture
--- comes from tools/reference/transformers_logits.py run on the device.
+-- checkpoint (seed 1; sliding window 16 < the 70-token prompt) and on a
+-- tiny one with gpt-oss-120b's 128 experts (seed 2, 4 a token). The
+-- fixtures come from tools/reference/transformers_logits.py run on the
+-- device (device_round8.sh made the 128-expert one).
 local H = require "helpers"
 local gptoss = require "gptoss"
 
-local FIXTURE = "spec/fixtures/parity/tiny_seed1.safetensors"
+local CASES = {
+  { what = "the tiny checkpoint", fixture = "spec/fixtures/parity/tiny_seed1.safetensors", dir = H.tiny, experts = 8 },
+  { what = "a tiny checkpoint of 128 experts", fixture = "spec/fixtures/parity/tiny128_seed2.safetensors", dir = H.tiny128,
+    experts = 128 },
+}
 
-describe("CPU forward pass vs transformers", function()
+for _, case in ipairs(CASES) do
+describe("CPU forward pass vs transformers, " .. case.what, function()
   local m, fx, prompt, logits
   setup(function()
-    m = assert(gptoss.load(H.tiny()))
-    fx = assert(gptoss.safetensors(FIXTURE))
+    m = assert(gptoss.load(case.dir()))
+    assert.are.equal(case.experts, m.config.num_local_experts)
+    fx = assert(gptoss.safetensors(case.fixture))
     prompt = fx:numbers("prompt_ids")
     logits = m:logits(prompt)
   end)
@@ -67,3 +75,4 @@ describe("CPU forward pass vs transformers", function()
     end
   end)
 end)
+end
