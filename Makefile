@@ -61,7 +61,9 @@ NVCC_FLAGS ?= -O3 -std=c++17 $(CUDA_ARCH) -Xcompiler -fPIC,-fvisibility=hidden -
 
 TARGETS := $(OUT)/core.so
 ifeq ($(CUDA),1)
-TARGETS += $(OUT)/cuda.so
+# kernels_test is built with every CUDA build (it runs on the GPU machine
+# only), so that a kernel's changed signature cannot leave it behind
+TARGETS += $(OUT)/cuda.so $(BUILD)/cuda/kernels_test
 endif
 
 .PHONY: all install test test-gpu run serve bench-serve bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels
@@ -98,7 +100,7 @@ $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
 # each kernel against a double-precision CPU computation (run on the GPU machine)
 # the kernels alone, without the engine (backend.o, forward.o, lora.o and
 # the trainer's train*.o call into it)
-KTEST_OBJ := $(filter-out $(BUILD)/cuda/backend.o $(BUILD)/cuda/forward.o $(BUILD)/cuda/train%.o $(BUILD)/cuda/lora.o,$(CUDA_OBJ))
+KTEST_OBJ := $(filter-out $(BUILD)/cuda/backend.o $(BUILD)/cuda/comm.o $(BUILD)/cuda/forward.o $(BUILD)/cuda/train%.o $(BUILD)/cuda/lora.o,$(CUDA_OBJ))
 $(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(KTEST_OBJ) kernels/common.cuh
 	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(KTEST_OBJ) -cudart static
 

@@ -159,7 +159,7 @@ static void test_moe(int T, int H, int I, int E, int K) {
   char name[96];
   for (int split = 0; split < 2; split++) {
     CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
-    launch_moe_sort(dsel, T, E, K, &mw, 0);
+    launch_moe_sort(dsel, T, E, K, 0, E, &mw, 0);   // every expert: no split
     launch_moe_gate_up(dxn, split ? dxn_lo : NULL, &mw, T, &l, &d, NULL, act, 0);
     launch_moe_down(act, split, &mw, T, &l, &d, y, 0);
     launch_moe_combine(x, y, dw, T, H, K, 0);
