@@ -31,9 +31,10 @@ describe("gptoss.llama_cpp", function()
     local dir = os.getenv("LLAMA_CPP")
     if not dir then pending("LLAMA_CPP is not set (no llama.cpp build on this machine)") return end
     local ckpt = H.tiny()
-    local out = H.tmpdir() .. "/bench.json"
+    local gguf_dir = H.tmpdir()   -- where the GGUF and its stamp go (each H.tmpdir() is a new one)
+    local out = gguf_dir .. "/bench.json"
     local cmd = string.format("GPTOSS_GGUF_DIR=%s %s bin/gptoss bench %s --device cuda:0 -p 64 -n 16 -r 2 --llama-cpp %s -o json > %s",
-      H.tmpdir(), H.lua, ckpt, dir, out)
+      gguf_dir, H.lua, ckpt, dir, out)
     local ok = os.execute(cmd)
     assert.is_true(ok == true or ok == 0, cmd)
     local f = assert(io.open(out, "rb"))
@@ -46,7 +47,7 @@ describe("gptoss.llama_cpp", function()
       assert.is_true(by[k].avg_ts > 0, k)
     end
     -- the GGUF is made once: a second run finds it by its stamp
-    local gguf = H.tmpdir() .. "/" .. ckpt:match("[^/]+$") .. ".q8_0.gguf"
+    local gguf = gguf_dir .. "/" .. ckpt:match("[^/]+$") .. ".q8_0.gguf"
     local f2 = assert(io.open(gguf .. ".stamp", "rb")); f2:close()
     local L = assert(llama.find(dir))
     local t0 = os.time()

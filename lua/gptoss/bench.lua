@@ -7,8 +7,11 @@
 --
 -- As llama-bench (ggml-org/llama.cpp, tools/llama-bench): pp N feeds an
 -- N-token prompt in one pass (logits for its last token), tg N feeds N
--- tokens one at a time, pp N+tg M does both in one timed run, and "@ dD"
--- first fills the KV cache with D tokens, untimed. Every test runs once
+-- tokens one at a time through the decode step that generation takes (with
+-- its greedy draw, on the device on CUDA), pp N+tg M does both in one
+-- timed run, and "@ dD"
+-- first fills the KV cache with D tokens, untimed (once a test: each run
+-- rewinds to it). Every test runs once
 -- untimed (the prompt and one generated token) and then `repetitions`
 -- times; t/s is (prompt + generated tokens) / seconds, given as mean ±
 -- sample standard deviation over the repetitions. Token ids are a fixed
@@ -84,18 +87,27 @@ function M.name(t)
   return s
 end
 
--- one run of a test: seconds for its prompt and generation
-local function once(model, t, rep, n_gen)
-  local clock = gptoss.core.clock
-  local s = model:session { context = t.n_depth + t.n_prompt + t.n_gen + 8 }
+-- One session a test: the depth is fed once, untimed, and each run rewinds
+-- to it, so that the session's decode step (on CUDA a graph captured on a
+-- session's first step) is made once, as in a generation, not once a run.
+local function test_session(model, t)
+  local n = t.n_prompt + t.n_gen + 1
+  local s = model:session { context = t.n_depth + n + 8, rewind = n }
   if t.n_depth > 0 then s:feed(ids(t.n_depth, 7), "none") end
+  return s
+end
+
+-- one run of a test: seconds for its prompt and generation
+local function once(s, t, rep, n_gen, greedy)
+  local clock = gptoss.core.clock
+  s:rewind(t.n_depth)
   local gen = ids(math.max(1, n_gen), 1000 + rep)
   local t0 = clock()
   if t.n_prompt > 0 then s:feed(ids(t.n_prompt, 100 + rep), "last") end
-  for i = 1, n_gen do s:feed({ gen[i] }, "last") end
-  local dt = clock() - t0
-  s:close()
-  return dt
+  -- each token through the decode step model:generate takes (on CUDA the
+  -- graph-captured fused step); the token it draws is not used
+  for i = 1, n_gen do s:step(gen[i], greedy) end
+  return clock() - t0
 end
 
 --- runs the tests; opts: n_prompt, n_gen (lists), pg (list of { pp, tg }),
@@ -117,16 +129,19 @@ function M.run(model, opts)
   }
   local bar = opts.progress and require("gptoss.progress").new { label = "bench", total = #tests * reps, unit = "runs" }
   local results, done = {}, 0
+  local greedy = gptoss.sampler(model.config.vocab_size, { temperature = 0 })
   for _, t in ipairs(tests) do
-    if opts.warmup ~= false then once(model, t, 0, t.n_gen > 0 and 1 or 0) end
+    local s = test_session(model, t)
+    if opts.warmup ~= false then once(s, t, 0, t.n_gen > 0 and 1 or 0, greedy) end
     local ns, ts = {}, {}
     for rep = 1, reps do
-      local dt = once(model, t, rep, t.n_gen)
+      local dt = once(s, t, rep, t.n_gen, greedy)
       ns[rep] = math.floor(dt * 1e9 + 0.5)
       ts[rep] = (t.n_prompt + t.n_gen) / dt
       done = done + 1
       if bar then bar:update(done, { { "test", M.name(t) }, { "t/s", string.format("%.2f", ts[rep]) } }) end
     end
+    s:close()
     local r = {}
     for k, v in pairs(common) do r[k] = v end
     r.n_prompt, r.n_gen, r.n_depth = t.n_prompt, t.n_gen, t.n_depth
