@@ -7,3 +7,7 @@ source .device-kit/env.sh
 export GPTOSS_TOKENIZER_DIR=$PWD/tokenizer
 here="build/lua5.4/?.so"
 export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
+# round_clock S starts a round's clock; then `left` prints the seconds left
+# of its ROUND_S (S unless the caller set ROUND_S)
+round_clock() { T0=$(date +%s); ROUND_S=${ROUND_S:-$1}; }
+left() { echo $(( ROUND_S - ($(date +%s) - T0) )); }

@@ -7,8 +7,7 @@
 # (GPTOSS_CUDA_PORTABLE=1) while time is left. Carry .device-kit and .carry.
 set -u
 source tools/reference/device_env.sh
-T0=$(date +%s)
-left() { echo $(( ${ROUND_S:-230} - ($(date +%s) - T0) )); }
+round_clock 230
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/device.txt
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
 timeout ${SPECS_S:-170} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1

@@ -8,8 +8,7 @@
 # Carry .device-kit and .carry (bundle.tar.xz).
 set -u
 source tools/reference/device_env.sh
-T0=$(date +%s)
-left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
+round_clock 570
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
 echo "20B checkpoint at $(( $(date +%s) - T0 )) s"

@@ -10,8 +10,7 @@
 set -u
 source tools/reference/device_env.sh
 for d in .carry/serve-debs/*.deb; do dpkg -x "$d" /; done; ldconfig
-T0=$(date +%s)
-left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
+round_clock 570
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
 timeout ${SPECS_S:-150} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1

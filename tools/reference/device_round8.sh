@@ -9,8 +9,7 @@
 # and build/pt80/cuda/kernels_test, made with CUDA_ARCH="-gencode arch=compute_80,code=compute_80").
 set -u
 source tools/reference/device_env.sh
-T0=$(date +%s)
-left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
+round_clock 570
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 # spec/fixtures/parity/tiny128_seed2.safetensors (H.tiny128())
 t0=$(date +%s)

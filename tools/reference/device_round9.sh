@@ -7,8 +7,7 @@
 # (bash ../shared/llama.cpp/kit.sh).
 set -u
 source tools/reference/device_env.sh
-T0=$(date +%s)
-left() { echo $(( ${ROUND_S:-570} - ($(date +%s) - T0) )); }
+round_clock 570
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
 tar -xJf .llama-cpp/llama.cpp.tar.xz -C /tmp && export LLAMA_CPP=/tmp/llama.cpp
 lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
