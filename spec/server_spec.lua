@@ -289,9 +289,15 @@ describe("server", function()
   end)
 
   describe("under load", function()
-    it("completes 32 concurrent streams while /health answers within 100 ms", function()
+    -- A worker that generated on its own thread of control would hold every
+    -- /health behind a whole request (about 300 ms of 48 tokens on the tiny
+    -- checkpoint, one thread), so the median check would take 100 ms or
+    -- more; served beside the engine, it takes about 1 ms. The median is the
+    -- measure because one check may wait on the 2-core machine while 32
+    -- curls start; the worst bound still catches a stall of a whole batch.
+    it("completes 32 concurrent streams while /health keeps answering (median under 25 ms)", function()
       local f = main.run .. "/stream.json"
-      H.write(f, '{"model":"tiny","messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":12,"stream":true}')
+      H.write(f, '{"model":"tiny","messages":[{"role":"user","content":"Tell me a story."}],"max_tokens":48,"stream":true}')
       local script = main.run .. "/load.sh"
       H.write(script, string.format([[
 pids=""
@@ -314,13 +320,16 @@ done
         assert.equal("[DONE]", data[#data], "stream " .. i)
         assert.equal("length", data[#data - 1].choices[1].finish_reason)
       end
-      local n, worst = 0, 0
+      local times = {}
       for code, t in H.read(main.run .. "/health"):gmatch("(%d+) ([%d.]+)") do
         assert.equal("200", code)
-        n, worst = n + 1, math.max(worst, tonumber(t))
+        times[#times + 1] = tonumber(t)
       end
-      assert.is_true(n >= 5, "only " .. n .. " health checks ran during the streams")
-      assert.is_true(worst < 0.1, string.format("/health took %.0f ms", worst * 1000))
+      assert.is_true(#times >= 5, "only " .. #times .. " health checks ran during the streams")
+      table.sort(times)
+      local median, worst = times[math.floor((#times + 1) / 2)], times[#times]
+      assert.is_true(median < 0.025, string.format("/health's median took %.0f ms", median * 1000))
+      assert.is_true(worst < 1, string.format("/health took %.0f ms once", worst * 1000))
     end)
 
     it("keeps the worker's memory flat over 500 sequential requests", function()
