@@ -179,7 +179,8 @@ gptoss_status gptoss_model_load_rank(const char *dir, const gptoss_model_opts *o
                                      gptoss_comm *comm, gptoss_model **out);
 /* the backend and device index a single device's name gives (model.c) */
 gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, int *index);
-/* a split device string's n parts, checked by name (model.c) */
+/* a split device string's n parts, checked by name (model.c); dev is
+   shorter than GPTOSS_DEVICE_LEN (model_load has refused longer ones) */
 gptoss_status gptoss_device_parts(const char *dev, char (*part)[GPTOSS_DEVICE_LEN], int max, int *n);
 /* }====================================================== */
 

@@ -255,8 +255,6 @@ gptoss_status gptoss_device_backend(const char *dev, const gptoss_backend **be, 
    `max`; what choose_backend and the split backend (split.c) both read. */
 gptoss_status gptoss_device_parts(const char *dev, char (*part)[GPTOSS_DEVICE_LEN], int max, int *n) {
   *n = 0;
-  if (strlen(dev) >= GPTOSS_DEVICE_LEN)
-    return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %d characters", dev, GPTOSS_DEVICE_LEN - 1);
   int kind = -1;
   for (const char *p = dev, *q;; p = q + 1) {
     q = strchr(p, '+');
@@ -273,6 +271,8 @@ gptoss_status gptoss_device_parts(const char *dev, char (*part)[GPTOSS_DEVICE_LE
   }
 }
 
+/* the one check of a device string's length: every later use (a split
+   model's parts, its ranks) copies it into GPTOSS_DEVICE_LEN bytes */
 static gptoss_status choose_backend(const char *dev, const gptoss_backend **be, int *index) {
   if (strlen(dev) >= GPTOSS_DEVICE_LEN)
     return gptoss_fail(GPTOSS_EARG, "device '%.40s...' is longer than %d characters", dev, GPTOSS_DEVICE_LEN - 1);
