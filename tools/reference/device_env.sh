@@ -11,3 +11,11 @@ export LUA_CPATH="$here;$LUA_CPATH" LUA_CPATH_5_4="$here;$LUA_CPATH_5_4"
 # of its ROUND_S (S unless the caller set ROUND_S)
 round_clock() { T0=$(date +%s); ROUND_S=${ROUND_S:-$1}; }
 left() { echo $(( ROUND_S - ($(date +%s) - T0) )); }
+# gpu_line: the GPU's name, clocks and power limit, to the log and $OUT/device.txt
+gpu_line() { nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt; }
+# need_20b: the 20B-shaped checkpoint at /tmp/gptoss-20b (made unless a
+# warm machine has it already), then the round's clock at that point
+need_20b() {
+  [ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
+  echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+}

@@ -10,7 +10,7 @@ set -u
 source tools/reference/device_env.sh
 STAGES=${STAGES:-specs invariant serving study}
 has() { [[ " $STAGES " == *" $1 "* ]]; }
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 if has specs; then
   t0=$(date +%s)
   timeout 150 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/serving_engine_spec.lua spec/engine_spec.lua spec/logprobs_spec.lua spec/loader_spec.lua > $OUT/gpu_specs.log 2>&1

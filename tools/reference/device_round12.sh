@@ -8,13 +8,12 @@ set -u
 source tools/reference/device_env.sh
 for d in .carry/serve-debs/*.deb; do dpkg -x "$d" /; done; ldconfig
 T0=$(date +%s)
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
 timeout ${SPECS_S:-150} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -30
-[ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 SERVE_TIMEOUT=${SERVE_TIMEOUT:-200} STAGES=serve bash tools/reference/device_serve.sh 2>&1 | grep -v "^|---" | tail -30
 cp $OUT/serve.err $OUT/serve_http.err 2>/dev/null
 sort $OUT/serve_http.err 2>/dev/null | uniq -c | sort -rn | head -5

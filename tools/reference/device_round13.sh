@@ -10,9 +10,8 @@
 set -u
 source tools/reference/device_env.sh
 round_clock 420
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+gpu_line
+need_20b
 GPTOSS_PROGRESS=lines timeout ${BENCH_S:-150} lua5.4 bin/gptoss bench /tmp/gptoss-20b --device cuda:0 -p 512,2048 -n 128 \
   -pg 512,128 -d 0,4096 -r 3 > $OUT/bench.md 2> $OUT/bench_progress.txt
 echo "bench rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/bench.md; grep -v "^\[" $OUT/bench_progress.txt | tail -3

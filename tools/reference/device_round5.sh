@@ -9,9 +9,8 @@
 set -u
 source tools/reference/device_env.sh
 round_clock 570
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+gpu_line
+need_20b
 BENCH_JSON=$OUT/learn.json timeout ${LEARN_T:-150} lua5.4 bench/learn.lua /tmp/gptoss-20b cuda:0 8,32 0.3 ${LEARN_S:-10} > $OUT/learn.md 2> $OUT/learn.err
 echo "learn rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/learn.md; tail -5 $OUT/learn.err
 # issue 23: a constraint's cost to decoding on the GPU, and the masks on this CPU

@@ -7,8 +7,7 @@ set -u
 source tools/reference/device_env.sh
 T0=$(date +%s)
 nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/device.txt
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 BENCH_JSON=$OUT/learn.json timeout 100 lua5.4 bench/learn.lua /tmp/gptoss-20b cuda:0 8,32 0.3 ${LEARN_S:-5} > $OUT/learn.md 2> $OUT/learn.err
 echo "learn rc=$? at $(( $(date +%s) - T0 )) s"; cat $OUT/learn.md; tail -3 $OUT/learn.err
 BENCH_JSON=$OUT/constrained.json timeout 40 lua5.4 bench/constrained.lua /tmp/gptoss-20b cuda:0 1,8 1 > $OUT/constrained.md 2> $OUT/constrained.err

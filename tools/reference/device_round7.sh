@@ -11,13 +11,12 @@ set -u
 source tools/reference/device_env.sh
 for d in .carry/serve-debs/*.deb; do dpkg -x "$d" /; done; ldconfig
 round_clock 570
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua)
 timeout ${SPECS_S:-150} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -30
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 # issue 19: HTTP at 1, 8, 32 and 64 streams (each failure's reason), the
 # seeds' study over HTTP (30 s of CPU, RSS and GPU memory), the same load in
 # process beside it

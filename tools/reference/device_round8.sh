@@ -10,7 +10,7 @@
 set -u
 source tools/reference/device_env.sh
 round_clock 570
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 # spec/fixtures/parity/tiny128_seed2.safetensors (H.tiny128())
 t0=$(date +%s)
 lua5.4 -e 'assert(require("gptoss.checkpoint").write { preset = "tiny", seed = 2, out = "/tmp/tiny128", tokenizer = "tokenizer",
@@ -18,8 +18,7 @@ lua5.4 -e 'assert(require("gptoss.checkpoint").write { preset = "tiny", seed = 2
 timeout 120 python3 tools/reference/transformers_logits.py /tmp/tiny128 tokenizer/tokenizer.json $OUT/tiny128_seed2.safetensors \
   > $OUT/parity128.log 2>&1
 echo "128-expert fixture rc=$? in $(( $(date +%s) - t0 )) s"; tail -3 $OUT/parity128.log
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 [ -d .carry/lr_rank_20b ] && cp -r .carry/lr_rank_20b /tmp/
 t=$(( $(left) - ${PORTABLE_S:-200} )); [ $t -gt 300 ] && t=300
 if [ $t -gt 60 ]; then

@@ -8,10 +8,9 @@
 set -u
 source tools/reference/device_env.sh
 round_clock 570
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 tar -xJf .llama-cpp/llama.cpp.tar.xz -C /tmp && export LLAMA_CPP=/tmp/llama.cpp
-lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 timeout 120 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/llama_cpp_spec.lua > $OUT/llama_spec.log 2>&1
 echo "llama_cpp_spec rc=$? at $(( $(date +%s) - T0 )) s"; grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/llama_spec.log | head
 t=$(( $(left) - 120 )); [ $t -gt 330 ] && t=330

@@ -56,33 +56,41 @@ def summary(prefix, logits, subset):
 
 
 def make(path, out):
-    from peft import LoraConfig, get_peft_model
-    import peft
-    import transformers
     torch.manual_seed(0)
     os.makedirs(out, exist_ok=True)
     for i, (name, kw) in enumerate(CONFIGS.items()):
         base = load_manual(path)
         base.eval()
         ids = prompt_ids(base.config.vocab_size)
-        base_logits = logits_of(base, ids)
-        g = torch.Generator().manual_seed(1)
-        subset = torch.cat([torch.randint(0, base.config.vocab_size, (48,), generator=g),
-                            base_logits.argmax(dim=-1)]).unique()
-        torch.manual_seed(100 + i)
-        cfg = LoraConfig(lora_dropout=0.0, bias="none", init_lora_weights=False, task_type="CAUSAL_LM", **kw)
-        model = get_peft_model(base, cfg)
-        model.eval()
-        logits = logits_of(model, ids)
-        model.save_pretrained(os.path.join(out, name))
-        t = {"ids": ids.to(torch.int32), "subset_ids": subset.to(torch.int32)}
-        t.update(summary("", logits, subset))
-        t.update(summary("base_", base_logits, subset))
-        rel = ((logits - base_logits).norm() / base_logits.norm()).item()
-        save_file(t, os.path.join(out, name + ".safetensors"),
-                  metadata={"peft": peft.__version__, "transformers": transformers.__version__,
-                            "torch": torch.__version__, "adapter_vs_base_rel_l2": "%.4g" % rel})
-        print("%s: adapter moves the logits by relative L2 %.4g" % (name, rel))
+        write_fixture(out, name, base, ids, logits_of(base, ids), 100 + i, kw)
+
+
+def write_fixture(out, name, base, ids, base_logits, seed, kw, metadata=None):
+    """PEFT's random LoRA (LoraConfig(**kw), torch seeded with seed) on
+    base: the adapter at OUT/name/, and OUT/name.safetensors with the
+    logits with and without it at a vocabulary subset (the one at seed 1
+    plus each row's argmax); metadata joins the versions in its header."""
+    from peft import LoraConfig, get_peft_model
+    import peft
+    import transformers
+    g = torch.Generator().manual_seed(1)
+    subset = torch.cat([torch.randint(0, base.config.vocab_size, (48,), generator=g),
+                        base_logits.argmax(dim=-1)]).unique()
+    torch.manual_seed(seed)
+    cfg = LoraConfig(lora_dropout=0.0, bias="none", init_lora_weights=False, task_type="CAUSAL_LM", **kw)
+    model = get_peft_model(base, cfg)
+    model.eval()
+    logits = logits_of(model, ids)
+    model.save_pretrained(os.path.join(out, name))
+    t = {"ids": ids.to(torch.int32), "subset_ids": subset.to(torch.int32)}
+    t.update(summary("", logits, subset))
+    t.update(summary("base_", base_logits, subset))
+    rel = ((logits - base_logits).norm() / base_logits.norm()).item()
+    meta = {"peft": peft.__version__, "transformers": transformers.__version__,
+            "torch": torch.__version__, "adapter_vs_base_rel_l2": "%.4g" % rel}
+    meta.update(metadata or {})
+    save_file(t, os.path.join(out, name + ".safetensors"), metadata=meta)
+    print("%s: adapter moves the logits by relative L2 %.4g" % (name, rel))
 
 
 def check(path, adapter, ref):

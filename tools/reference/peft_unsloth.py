@@ -25,11 +25,10 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from peft_lora import logits_of, prompt_ids, summary  # noqa: E402
+from peft_lora import logits_of, prompt_ids, write_fixture  # noqa: E402
 from transformers_logits import load_manual  # noqa: E402
 
 NAME = "unsloth_r4"
@@ -99,9 +98,6 @@ def unsloth_layout(model):
 
 
 def main(path, out):
-    from peft import LoraConfig, get_peft_model
-    import peft
-    import transformers
     os.makedirs(out, exist_ok=True)
     fused = load_manual(path).eval()
     ids = prompt_ids(fused.config.vocab_size)
@@ -111,23 +107,8 @@ def main(path, out):
     same = ((base_logits - fused_logits).norm() / fused_logits.norm()).item()
     print("Unsloth's layout against the fused experts: relative L2 %.3g" % same)
     assert same < 1e-5, "the per-expert layout does not reproduce the fused model"
-    g = torch.Generator().manual_seed(1)
-    subset = torch.cat([torch.randint(0, base.config.vocab_size, (48,), generator=g), base_logits.argmax(dim=-1)]).unique()
-    torch.manual_seed(200)
-    cfg = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, bias="none", init_lora_weights=False, task_type="CAUSAL_LM",
-                     target_modules=TARGETS)
-    model = get_peft_model(base, cfg).eval()
-    logits = logits_of(model, ids)
-    model.save_pretrained(os.path.join(out, NAME))
-    t = {"ids": ids.to(torch.int32), "subset_ids": subset.to(torch.int32)}
-    t.update(summary("", logits, subset))
-    t.update(summary("base_", base_logits, subset))
-    rel = ((logits - base_logits).norm() / base_logits.norm()).item()
-    save_file(t, os.path.join(out, NAME + ".safetensors"),
-              metadata={"peft": peft.__version__, "transformers": transformers.__version__, "torch": torch.__version__,
-                        "layout": "unsloth per-expert Linear", "layout_vs_fused_rel_l2": "%.4g" % same,
-                        "adapter_vs_base_rel_l2": "%.4g" % rel})
-    print("%s: adapter moves the logits by relative L2 %.4g" % (NAME, rel))
+    write_fixture(out, NAME, base, ids, base_logits, 200, dict(r=4, lora_alpha=8, target_modules=TARGETS),
+                  {"layout": "unsloth per-expert Linear", "layout_vs_fused_rel_l2": "%.4g" % same})
 
 
 if __name__ == "__main__":
