@@ -252,6 +252,19 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   cm->precision = o->precision;
   cm->split = o->precision != GPTOSS_PRECISION_FAST;
   cm->invariant = o->batch_invariant != 0;
+  {
+    // a batch-invariant model keeps its MoE and attention kernels (per-row
+    // sums, splits of fixed length); GPTOSS_MOE_GEMM=wmma keeps moe.cu's own
+    // GEMM on Hopper too, GPTOSS_PREFILL_ATTENTION=split the split kernel
+    // for prompts (to compare)
+    bool wg = false;
+    const char *gemm = getenv("GPTOSS_MOE_GEMM");
+    CU(mxfp4_gemm_has_wgmma(&wg, cm->stream));
+    cm->moe_wgmma = wg && !cm->invariant && !(gemm && strcmp(gemm, "wmma") == 0)
+                    && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
+    const char *att = getenv("GPTOSS_PREFILL_ATTENTION");
+    cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !(att && strcmp(att, "split") == 0);
+  }
   d.kv32 = o->precision != GPTOSS_PRECISION_FAST;
   size_t free_b, total_b;
   CU(cudaMemGetInfo(&free_b, &total_b));
@@ -301,9 +314,16 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
       off = ALIGN(off + t->nbytes);
     }
   }
+  // An untied embedding table stays in host memory that the GPU reads
+  // (pinned and mapped): a token reads one row of it (5.6 KB on the 20B),
+  // which PCIe brings in microseconds, and its 1.16 GB stay off the device.
+  // Tied to lm_head, it is on the device anyway.
+  bool embed_host = m->lm_head != m->embed;
   size_t embed_off = off;
-  items[nit++] = {m->embed->data, m->embed->nbytes, off};
-  off = ALIGN(off + m->embed->nbytes);
+  if (!embed_host) {
+    items[nit++] = {m->embed->data, m->embed->nbytes, off};
+    off = ALIGN(off + m->embed->nbytes);
+  }
   size_t norm_off = off;
   items[nit++] = {m->norm->data, m->norm->nbytes, off};
   off = ALIGN(off + m->norm->nbytes);
@@ -344,7 +364,16 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
     y.dn_bias = AT(GPTOSS_T_DN_BIAS, const bf16 *);
 #undef AT
   }
-  cm->embed = (const bf16 *)(cm->arena + embed_off);
+  if (embed_host) {
+    e = cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined);
+    if (e != cudaSuccess) return cuda_fail(e, "the embedding table in host memory", __FILE__, __LINE__);
+    memcpy(cm->embed_host, m->embed->data, m->embed->nbytes);
+    void *dp = NULL;
+    CU(cudaHostGetDevicePointer(&dp, cm->embed_host, 0));
+    cm->embed = (const bf16 *)dp;
+  } else {
+    cm->embed = (const bf16 *)(cm->arena + embed_off);
+  }
   cm->norm = (const bf16 *)(cm->arena + norm_off);
   cm->lm_head = (const bf16 *)(cm->arena + head_off);
   cm->sw.cub_bytes = sampler_cub_bytes(d.V);
@@ -361,6 +390,7 @@ static void cuda_model_free(gptoss_model *m) {
   lora_cache_free(cm->lora);
   cuda_train_free(cm->train);
   if (cm->arena) cudaFree(cm->arena);
+  if (cm->embed_host) cudaFreeHost(cm->embed_host);
   if (cm->blas) cublasDestroy(cm->blas);
   if (cm->blas_ws) cudaFree(cm->blas_ws);
   if (cm->stream) cudaStreamDestroy(cm->stream);

@@ -9,6 +9,7 @@
 #define ALIGN(x) (((x) + 255) & ~(size_t)255)
 // the most tokens one pass takes: the workspace is sized for this many
 #define PASS_TOKENS 2048
+#define FLASH_MIN_RUN 16
 #define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
 
 struct cuda_model {
@@ -19,7 +20,8 @@ struct cuda_model {
   char *arena;
   size_t arena_bytes;
   dlayer layer[CUDA_MAX_LAYERS];
-  const bf16 *embed, *norm, *lm_head;
+  const bf16 *embed, *norm, *lm_head;     // embed: the device's view of embed_host where that is set
+  void *embed_host;                        // the untied embedding table, pinned host memory the GPU reads
   float *inv_freq;
   dims d;
   int sms;
@@ -36,6 +38,15 @@ struct cuda_model {
   const dsess **sess_arr;
   moe_work mw;
   int32_t *trace_sel; float *trace_w;    // [L][ws_tokens][K]
+  // prefill's experts on wgmma (moe.cu): whether (Hopper, not batch-invariant,
+  // GPTOSS_MOE_GEMM not "wmma"), and their buffers in the workspace
+  int moe_wgmma;
+  // prefill's attention in tiles (flash_attention.cu) for runs of at least
+  // FLASH_MIN_RUN positions: whether (a head shape it takes; not
+  // batch-invariant; GPTOSS_PREFILL_ATTENTION not "split")
+  int flash_prefill;
+  bf16 *moe_hi, *moe_lo;                   // [ws_tokens K][max(H, I)]: sorted operands
+  float *moe_f;                            // [ws_tokens K][max(2I, H)]: gate_up's, then down's products
   char *ws;                                // the workspace allocation
   // host staging for per-call inputs
   int32_t *h_ints;                         // pinned: ids | pos | sess | rows

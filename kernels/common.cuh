@@ -317,6 +317,15 @@ void launch_moe_gate_up(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, in
                         const float *delta, float *act, cudaStream_t s);
 void launch_moe_down(const float *act, int split, const moe_work *w, int T, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 void launch_moe_combine(float *x, const float *y, const float *w, int T, int H, int K, cudaStream_t s);
+// the same two products on Hopper's wgmma (mxfp4_gemm.cu's grouped kernel):
+// the inputs gathered into expert order as bf16 (hi, lo: [T*K][H], lo NULL
+// without a split), gate_up into gu [T*K][2I] (+ delta) and SwiGLU into
+// act; down from act, split into hi/lo [T*K][I], into ys [T*K][H] in
+// expert order, then each row to its assignment's row of y
+cudaError_t launch_moe_gate_up_wgmma(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d,
+                                     const float *delta, bf16 *hi, bf16 *lo, float *gu, float *act, cudaStream_t s);
+cudaError_t launch_moe_down_wgmma(const float *act, const moe_work *w, int T, const dlayer *l, const dims *d, bf16 *hi, bf16 *lo,
+                                  float *ys, float *y, cudaStream_t s);
 // the same two products for few rows per expert (batched decode): each
 // expert's weights read once, its rows taken 8 at a time; same layouts
 void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
@@ -352,6 +361,10 @@ void launch_scatter_rows(float *dxn, const float *dxg, const int32_t *invp, int 
 cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w, int rows_bound, int E, const uint8_t *blocks,
                               const uint8_t *scales, int wrows, int wcols, bool trans, const bf16 *bias, float *Y, int ldy,
                               cudaStream_t s);
+// whether launch_mxfp4_gemm runs the wgmma kernel on the current device
+// (sm_90a code in this build, GPTOSS_CUDA_PORTABLE unset); asks the device
+// once, so not while a stream is being captured
+cudaError_t mxfp4_gemm_has_wgmma(bool *yes, cudaStream_t s);
 
 // flash_attention.cu: training's attention of T tokens, causal with the
 // heads' sinks and (window > 0) a sliding window, for head sizes
@@ -372,6 +385,22 @@ struct flash_args {
 bool flash_supported(int D);
 cudaError_t launch_flash_fwd(const flash_args *a, cudaStream_t s);
 cudaError_t launch_flash_bwd(const flash_args *a, cudaStream_t s);
+// Prefill's attention in the same tiles: n consecutive queries of one
+// session at positions p0 .. p0 + n - 1 (roped, fp32), their keys and values
+// read from the session's KV cache (fp32 or fp16, the ring on a sliding
+// layer, already holding the n new positions), split bf16 or plain bf16
+struct flash_prefill_args {
+  const float *q;                  // [n][Q]
+  const dsess *const *sess;        // device array of session views
+  const bf16 *sinks;               // [Hq]
+  int sess_index, p0, n, layer, window;   // window 0: a full layer
+  int Q, KV, Hq, Hkv, D, kv32, split;
+  float scale;
+  float *att;                      // [n][Q]
+};
+// whether launch_flash_prefill takes this shape (head size, heads a group)
+bool flash_prefill_supported(int D, int Hq, int Hkv);
+cudaError_t launch_flash_prefill(const flash_prefill_args *a, cudaStream_t s);
 
 // lora.cu: adapters in the inference forward
 // one LoRA module's device copy: A [E][r][in], B [E][out][r] (E = 1 for

@@ -392,7 +392,7 @@ __global__ void dkv_sum_kernel(flash_args a) {
   out[a.KV] = sv;
 }
 
-template <typename K> cudaError_t launch(K kernel, dim3 grid, int threads, int smem, const flash_args &a, cudaStream_t s) {
+template <typename K, typename A> cudaError_t launch(K kernel, dim3 grid, int threads, int smem, const A &a, cudaStream_t s) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (e != cudaSuccess) return e;
   kernel<<<grid, threads, smem, s>>>(a);
@@ -412,6 +412,154 @@ template <int D, bool SPLIT> cudaError_t bwd(const flash_args &a, cudaStream_t s
   return cudaGetLastError();
 }
 
+// {====================================================== prefill
+// Inference's prefill: a block takes 16 consecutive queries of one session
+// and every query head of one key/value head (a warp a head), so each tile
+// of keys and values, read once from the session's cache and converted to
+// bf16 (hi and, split, lo) on the way into shared memory, serves the whole
+// group. The tiles are at the keys' absolute positions (multiples of BK),
+// so a query meets the same tiles, in the same order, whichever block and
+// pass it is in. Positions a tile covers that no query of the block sees
+// are loaded as zeros: on a sliding layer the ring holds other positions
+// there (or nothing yet).
+constexpr int PQ = 16;   // queries a block
+
+__device__ __forceinline__ uint32_t split_word(float a, float b, uint32_t *lo, bool split) {
+  return split_pair(a, b, split ? lo : NULL);
+}
+
+// 8 consecutive values of a cache row as floats
+__device__ __forceinline__ void kv8(const float *p, float v[8]) {
+  float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+__device__ __forceinline__ void kv8(const __half *p, float v[8]) {
+  uint4 u = *reinterpret_cast<const uint4 *>(p);
+  const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    float2 f = __half22float2(*reinterpret_cast<const __half2 *>(&w[i]));
+    v[2 * i] = f.x; v[2 * i + 1] = f.y;
+  }
+}
+
+// keys k0 .. k0 + BK - 1 of key/value head g (zeros outside [klo, khi]) into
+// the tiles at s: K hi, K lo, V hi, V lo (without the split: K, V)
+template <int D, bool SPLIT, typename KT>
+__device__ __forceinline__ void stage_cache(const flash_prefill_args &a, const dsess *S, uint32_t s, int k0, int klo, int khi,
+                                            int g) {
+  constexpr int CH = D / 8, TILE = BK * D * 2, NS = SPLIT ? 2 : 1;
+  const KT *kc = (const KT *)S->k[a.layer], *vc = (const KT *)S->v[a.layer];
+  for (int i = threadIdx.x; i < BK * CH; i += blockDim.x) {
+    int r = i / CH, c = i % CH, kp = k0 + r;
+    uint4 kh = make_uint4(0, 0, 0, 0), kl = kh, vh = kh, vl = kh;
+    if (kp >= klo && kp <= khi) {
+      size_t off = (size_t)gptoss_kv_slot(a.window != 0, S->ring, kp) * a.KV + g * D + c * 8;
+      float k[8], v[8];
+      kv8(kc + off, k);
+      kv8(vc + off, v);
+      kh = make_uint4(split_word(k[0], k[1], &kl.x, SPLIT), split_word(k[2], k[3], &kl.y, SPLIT),
+                      split_word(k[4], k[5], &kl.z, SPLIT), split_word(k[6], k[7], &kl.w, SPLIT));
+      vh = make_uint4(split_word(v[0], v[1], &vl.x, SPLIT), split_word(v[2], v[3], &vl.y, SPLIT),
+                      split_word(v[4], v[5], &vl.z, SPLIT), split_word(v[6], v[7], &vl.w, SPLIT));
+    }
+    uint32_t at = swz<D>(r, c);
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(s + at), "r"(kh.x), "r"(kh.y), "r"(kh.z), "r"(kh.w));
+    asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(s + NS * TILE + at), "r"(vh.x), "r"(vh.y), "r"(vh.z), "r"(vh.w));
+    if (SPLIT) {
+      asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(s + TILE + at), "r"(kl.x), "r"(kl.y), "r"(kl.z), "r"(kl.w));
+      asm volatile("st.shared.v4.u32 [%0], {%1,%2,%3,%4};\n" ::"r"(s + 3 * TILE + at), "r"(vl.x), "r"(vl.y), "r"(vl.z), "r"(vl.w));
+    }
+  }
+}
+
+// a warp's 16 query rows r0 .. (zeros from n on) of head h from fp32, as A fragments
+template <int D, bool SPLIT>
+__device__ __forceinline__ void load_q(afrag<D> &q, const float *src, int ld, int c0, int r0, int n) {
+  int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ks++)
+#pragma unroll
+    for (int i = 0; i < 4; i++) {
+      int row = r0 + (lane >> 2) + (i & 1) * 8, col = c0 + ks * 16 + (i >> 1) * 8 + 2 * (lane & 3);
+      float2 v = row < n ? *reinterpret_cast<const float2 *>(src + (size_t)row * ld + col) : make_float2(0.f, 0.f);
+      q.h[ks][i] = split_word(v.x, v.y, &q.l[ks][i], SPLIT);
+    }
+}
+
+// grid (query tiles of 16, Hkv), a warp per query head of the group (8 at most)
+template <int D, bool SPLIT, typename KT>
+__global__ void __launch_bounds__(8 * 32) prefill_kernel(flash_prefill_args a) {
+  constexpr int TILE = BK * D * 2, NS = SPLIT ? 2 : 1;
+  extern __shared__ __align__(128) unsigned char sm[];
+  const uint32_t s = smem_addr(sm);
+  int G = a.Hq / a.Hkv, g = blockIdx.y, h = g * G + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  int i0 = (gridDim.x - 1 - blockIdx.x) * PQ;   // the longest rows first
+  const dsess *S = a.sess[a.sess_index];
+  const int row[2] = {i0 + (lane >> 2), i0 + (lane >> 2) + 8};
+  afrag<D> q;
+  load_q<D, SPLIT>(q, a.q, a.Q, h * D, i0, a.n);
+  float sink = __bfloat162float(a.sinks[h]), m[2] = {sink, sink}, l[2] = {0.f, 0.f}, o[D / 8][4] = {};
+  // the keys the block's queries see: positions klo .. khi
+  int qa = a.p0 + i0, khi = a.p0 + (i0 + PQ < a.n ? i0 + PQ : a.n) - 1;
+  int klo = a.window && qa - a.window + 1 > 0 ? qa - a.window + 1 : 0;
+  for (int kb = klo / BK; kb <= khi / BK; kb++) {
+    __syncthreads();   // the last tile's readers are done with it
+    stage_cache<D, SPLIT, KT>(a, S, s, kb * BK, klo, khi, g);
+    __syncthreads();
+    float c[8][4] = {};
+    mma_rows<D, SPLIT>(c, q, s, s + TILE);
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1);
+        c[j][e] = sees(a.p0 + row[e >> 1], key, a.window) ? c[j][e] * a.scale : -INFINITY;
+        mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
+      }
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+      float corr = expf(m[i] - mx[i]);
+      m[i] = mx[i];
+      l[i] *= corr;
+#pragma unroll
+      for (int dt = 0; dt < D / 8; dt++) { o[dt][2 * i] *= corr; o[dt][2 * i + 1] *= corr; }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        c[j][e] = expf(c[j][e] - m[e >> 1]);
+        l[e >> 1] += c[j][e];
+      }
+    mma_cols<D, SPLIT>(o, c, s + NS * TILE, s + (NS + 1) * TILE);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 1);
+    l[i] += __shfl_xor_sync(0xffffffffu, l[i], 2);
+    float inv = 1.f / (l[i] + expf(sink - m[i]));
+    if (row[i] >= a.n) continue;
+    float *out = a.att + (size_t)row[i] * a.Q + h * D + 2 * (lane & 3);
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) *reinterpret_cast<float2 *>(out + dt * 8) = make_float2(o[dt][2 * i] * inv, o[dt][2 * i + 1] * inv);
+  }
+}
+
+template <int D, bool SPLIT, typename KT> cudaError_t prefill(const flash_prefill_args &a, cudaStream_t s) {
+  int smem = 2 * (SPLIT ? 2 : 1) * BK * D * 2;
+  return launch(prefill_kernel<D, SPLIT, KT>, dim3((a.n + PQ - 1) / PQ, a.Hkv), 32 * (a.Hq / a.Hkv), smem, a, s);
+}
+
+template <int D> cudaError_t prefill_d(const flash_prefill_args &a, cudaStream_t s) {
+  if (a.kv32) return a.split ? prefill<D, true, float>(a, s) : prefill<D, false, float>(a, s);
+  return a.split ? prefill<D, true, __half>(a, s) : prefill<D, false, __half>(a, s);
+}
+// }======================================================
+
 }   // namespace
 
 bool flash_supported(int D) { return D == 16 || D == 32 || D == 64; }
@@ -426,3 +574,14 @@ bool flash_supported(int D) { return D == 16 || D == 32 || D == 64; }
 
 cudaError_t launch_flash_fwd(const flash_args *a, cudaStream_t s) { FLASH_DISPATCH(fwd) }
 cudaError_t launch_flash_bwd(const flash_args *a, cudaStream_t s) { FLASH_DISPATCH(bwd) }
+
+bool flash_prefill_supported(int D, int Hq, int Hkv) { return flash_supported(D) && Hq % Hkv == 0 && Hq / Hkv <= 8; }
+
+cudaError_t launch_flash_prefill(const flash_prefill_args *a, cudaStream_t s) {
+  if (!flash_prefill_supported(a->D, a->Hq, a->Hkv) || a->n <= 0) return cudaErrorInvalidValue;
+  switch (a->D) {
+    case 16: return prefill_d<16>(*a, s);
+    case 32: return prefill_d<32>(*a, s);
+    default: return prefill_d<64>(*a, s);
+  }
+}

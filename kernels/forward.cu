@@ -67,6 +67,9 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
     sizeof(float) * 64 * ns, sizeof(int32_t) * 64 * ns,                     // argmax partials
     sizeof(int32_t) * SAMPLE_BIAS_CAP, sizeof(float) * SAMPLE_BIAS_CAP,     // logit bias
     sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
+    // the wgmma experts' sorted operands (bf16 hi, lo) and fp32 products (gate_up, then down)
+    cm->moe_wgmma ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0, cm->moe_wgmma && cm->split ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0,
+    cm->moe_wgmma ? sizeof(float) * TK * (2 * d.I > d.H ? 2 * d.I : d.H) : 0,
   };
   size_t total = 0;
   for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
@@ -96,6 +99,9 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
   NEXT_PART(cm->sw.bias_ids, int32_t *); NEXT_PART(cm->sw.bias_vals, float *);
   NEXT_PART(cm->params_dev, gpu_sampling *); NEXT_PART(cm->out_dev, int32_t *); NEXT_PART(cm->hist_arr, const int32_t **);
   NEXT_PART(cm->hist_len, int32_t *);
+  NEXT_PART(cm->moe_hi, bf16 *); NEXT_PART(cm->moe_lo, bf16 *); NEXT_PART(cm->moe_f, float *);
+  if (!cm->moe_wgmma) { cm->moe_hi = cm->moe_lo = NULL; cm->moe_f = NULL; }
+  if (!cm->split) cm->moe_lo = NULL;
 #undef NEXT_PART
   cudaError_t e = cudaHostAlloc((void **)&cm->h_ints, sizeof(int32_t) * (size_t)nt * 4, cudaHostAllocDefault);
   if (e == cudaSuccess) e = cudaHostAlloc((void **)&cm->params_host, sizeof(gpu_sampling) * ns, cudaHostAllocDefault);
@@ -165,6 +171,7 @@ struct batch_layer : layer_ops {
   cudaStream_t st;
   const unsigned char *sliding;   // [L]
   int T, maxpos, any_trace;
+  const int32_t *hpos, *hsess;    // [T] on the host: each token's position and session
   lora_site ls;
   float *ldelta;                  // the gate_up LoRA's deltas, a row per assignment
 
@@ -208,15 +215,50 @@ struct batch_layer : layer_ops {
       cuda_prof_mark("fwd rope+attention", st);
       return GPTOSS_OK;
     }
+    if (!cm->flash_prefill) {
+      keys_split(a, y, span, 0, T);
+      cuda_prof_mark("fwd rope+attention", st);
+      return GPTOSS_OK;
+    }
+    // a session's run of FLASH_MIN_RUN or more consecutive positions (a
+    // prompt's chunk) goes to the tiles (flash_attention.cu); the tokens
+    // between such runs (decode steps, short feeds) to the split kernel
+    int rest = 0;
+    for (int t0 = 0; t0 < T;) {
+      int u = t0 + 1;
+      while (u < T && hsess[u] == hsess[t0] && hpos[u] == hpos[u - 1] + 1) u++;
+      if (u - t0 >= FLASH_MIN_RUN) {
+        if (rest < t0) keys_split(a, y, span, rest, t0);
+        flash_prefill_args f;
+        memset(&f, 0, sizeof f);
+        f.q = cm->q + (size_t)t0 * d.Q; f.sess = cm->sess_arr; f.sinks = y.sinks;
+        f.sess_index = hsess[t0]; f.p0 = hpos[t0]; f.n = u - t0; f.layer = l; f.window = sliding[l] ? d.window : 0;
+        f.Q = d.Q; f.KV = d.KV; f.Hq = d.Hq; f.Hkv = d.Hkv; f.D = d.D; f.kv32 = d.kv32; f.split = cm->split;
+        f.scale = 1.f / sqrtf((float)d.D);
+        f.att = cm->att + (size_t)t0 * d.Q;
+        CU(launch_flash_prefill(&f, st));
+        rest = u;
+      }
+      t0 = u;
+    }
+    if (rest < T) keys_split(a, y, span, rest, T);
+    cuda_prof_mark("fwd rope+attention", st);
+    return GPTOSS_OK;
+  }
+
+  // the split kernel (attention.cu) on tokens t0 .. t1 - 1; few tokens
+  // split their keys (up to 64 ways) to fill the multiprocessors
+  void keys_split(const attn_args &a, const dlayer &y, int span, int t0, int t1) {
+    attn_args g = a;
+    int n = t1 - t0;
+    g.q = a.q + (size_t)t0 * d.Q; g.tok_pos = a.tok_pos + t0; g.tok_sess = a.tok_sess + t0; g.T = n;
     int nsplit = 1, split_len = span;
-    if (T <= 64 && T * d.Hkv < 2 * cm->sms) {
+    if (n <= 64 && n * d.Hkv < 2 * cm->sms) {
       nsplit = (span + 255) / 256;
       if (nsplit > 64) nsplit = 64;
       split_len = (span + nsplit - 1) / nsplit;
     }
-    launch_attention(&a, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att, st);
-    cuda_prof_mark("fwd rope+attention", st);
-    return GPTOSS_OK;
+    launch_attention(&g, &d, y.sinks, nsplit, split_len, cm->part_ml, cm->part_acc, cm->att + (size_t)t0 * d.Q, st);
   }
 
   gptoss_status attn_out(int l) override {
@@ -259,13 +301,17 @@ struct batch_layer : layer_ops {
       delta = ldelta;
       cuda_prof_mark("fwd lora", st);
     }
+    // prefill's rows: Hopper's wgmma kernel where the model has its buffers
+    bool wgmma = !small && cm->moe_f;
     if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
+    else if (wgmma) CU(launch_moe_gate_up_wgmma(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->moe_hi, cm->moe_lo, cm->moe_f, cm->act, st));
     else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->act, st);
     cuda_prof_mark("fwd moe gate_up", st);
     // a rank of a split model writes its experts' rows; the others' are
     // zeros until the ranks' sum brings them (csrc/backend.h)
     if (cm->comm) CU(cudaMemsetAsync(cm->y, 0, sizeof(float) * T * d.K * d.H, st));
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
+    else if (wgmma) CU(launch_moe_down_wgmma(cm->act, &cm->mw, T, &y, &d, cm->moe_hi, cm->split ? cm->moe_lo : NULL, cm->moe_f, cm->y, st));
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     if (ls.tok) {
       cuda_prof_mark("fwd moe down", st);
@@ -342,6 +388,7 @@ static gptoss_status forward_tokens(const gptoss_plan *p) {
   for (int i = 0; i < nss; i++) any_trace |= ss[i]->trace;
   batch_layer ops(cm);
   ops.sliding = m->cfg.layer_sliding; ops.T = T; ops.maxpos = maxpos; ops.any_trace = any_trace;
+  ops.hpos = pos; ops.hsess = sidx;
   ops.ls = {ltok, cm->sel, d.K, lu, lr, st};
   ops.ldelta = ldelta;
   for (int l = 0; l < d.L; l++) TRY(layer_sequence(ops, l));

@@ -259,6 +259,71 @@ void launch_moe_down(const float *act, int split, const moe_work *w, int T, cons
                                                    l->dn_scales, l->dn_bias, d->H, d->I, d->limit, NULL, NULL, y);
 }
 
+// {====================================================== prefill on wgmma
+// On Hopper the two products run in mxfp4_gemm.cu's grouped kernel (wgmma,
+// MXFP4 decoded while staged, 128 x 192 tiles; the same kernel as
+// training's), which reads its rows in expert order: so the inputs are
+// gathered into that order first and the outputs scattered back after. The
+// moe_gemm_kernel above stays the path of the GPUs before Hopper and of
+// GPTOSS_MOE_GEMM=wmma. Rows past offsets[E] (another rank's experts) are
+// left alone.
+
+// sorted row r = token perm[r] / K's input row, hi and (if lo) lo, 16 bytes at a time
+__global__ void gather_sorted_kernel(const bf16 *xn, const bf16 *xn_lo, const int32_t *perm, const int32_t *offsets, int E,
+                                     int K, int H, bf16 *hi, bf16 *lo) {
+  int r = blockIdx.x;
+  if (r >= offsets[E]) return;
+  size_t src = (size_t)(perm[r] / K) * H, dst = (size_t)r * H;
+  for (int i = threadIdx.x; i < H / 8; i += blockDim.x) {
+    reinterpret_cast<uint4 *>(hi + dst)[i] = reinterpret_cast<const uint4 *>(xn + src)[i];
+    if (lo) reinterpret_cast<uint4 *>(lo + dst)[i] = reinterpret_cast<const uint4 *>(xn_lo + src)[i];
+  }
+}
+
+// act = SwiGLU(gu (+ delta)) over the sorted rows, as moe_gemm_kernel's epilogue
+__global__ void swiglu_sorted_kernel(const float *gu, const float *delta, const int32_t *offsets, int E, int I, float limit,
+                                     float *act) {
+  size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (size_t)offsets[E] * I) return;
+  float gt = gu[2 * i], up = gu[2 * i + 1];
+  if (delta) { gt += delta[2 * i]; up += delta[2 * i + 1]; }
+  act[i] = swiglu(gt, up, limit);
+}
+
+// y's row of assignment perm[r] = sorted row r of ys
+__global__ void unsort_rows_kernel(const float *ys, const int32_t *perm, const int32_t *offsets, int E, int H, float *y) {
+  int r = blockIdx.x;
+  if (r >= offsets[E]) return;
+  const float4 *src = reinterpret_cast<const float4 *>(ys + (size_t)r * H);
+  float4 *dst = reinterpret_cast<float4 *>(y + (size_t)perm[r] * H);
+  for (int i = threadIdx.x; i < H / 4; i += blockDim.x) dst[i] = src[i];
+}
+
+cudaError_t launch_moe_gate_up_wgmma(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, int T, const dlayer *l, const dims *d,
+                                     const float *delta, bf16 *hi, bf16 *lo, float *gu, float *act, cudaStream_t s) {
+  int n = T * d->K;
+  if (d->H % 8) return cudaErrorInvalidValue;
+  gather_sorted_kernel<<<n, 128, 0, s>>>(xn, xn_lo, w->perm, w->offsets, d->E, d->K, d->H, hi, xn_lo ? lo : NULL);
+  cudaError_t e = launch_mxfp4_gemm(hi, xn_lo ? lo : NULL, w, n, d->E, l->gu_blocks, l->gu_scales, 2 * d->I, d->H, false,
+                                    l->gu_bias, gu, 2 * d->I, s);
+  if (e != cudaSuccess) return e;
+  size_t m = (size_t)n * d->I;
+  swiglu_sorted_kernel<<<(unsigned)((m + 255) / 256), 256, 0, s>>>(gu, delta, w->offsets, d->E, d->I, d->limit, act);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_moe_down_wgmma(const float *act, const moe_work *w, int T, const dlayer *l, const dims *d, bf16 *hi, bf16 *lo,
+                                  float *ys, float *y, cudaStream_t s) {
+  int n = T * d->K;
+  if (d->H % 4) return cudaErrorInvalidValue;
+  launch_split(act, n, d->I, d->I, hi, lo, s);
+  cudaError_t e = launch_mxfp4_gemm(hi, lo, w, n, d->E, l->dn_blocks, l->dn_scales, d->H, d->I, false, l->dn_bias, ys, d->H, s);
+  if (e != cudaSuccess) return e;
+  unsort_rows_kernel<<<n, 128, 0, s>>>(ys, w->perm, w->offsets, d->E, d->H, y);
+  return cudaGetLastError();
+}
+// }======================================================
+
 // x[t] += sum_k w[t][k] * y[t*K + k]
 __global__ void moe_combine_kernel(float *x, const float *y, const float *w, int H, int K, size_t n) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;

@@ -421,3 +421,5 @@ cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w,
   return trans ? launch<false, true>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s)
                : launch<false, false>(hi, lo, w, rows_bound, E, blocks, scales, N, K, bias, Y, ldy, s);
 }
+
+cudaError_t mxfp4_gemm_has_wgmma(bool *yes, cudaStream_t s) { return has_wgmma(yes, s); }

@@ -174,6 +174,23 @@ static void test_moe(int T, int H, int I, int E, int K) {
     CK(cudaGetLastError());
     snprintf(name, sizeof name, "moe small-M GEMVs %s T=%d H=%d I=%d E=%d", split ? "split" : "bf16", T, H, I, E);
     report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
+    // prefill's path on Hopper: gathered rows through mxfp4_gemm.cu's kernel
+    // (where this device has no wgmma, its portable kernel: the same formula)
+    if (H % 32 == 0 && I % 32 == 0) {
+      int mx = H > I ? H : I;
+      std::vector<bf16> sz((size_t)T * K * mx);
+      std::vector<float> fz((size_t)T * K * (2 * I > H ? 2 * I : H));
+      bf16 *shi = dev(sz), *slo = dev(sz);
+      float *f = dev(fz);
+      CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
+      CK(launch_moe_gate_up_wgmma(dxn, split ? dxn_lo : NULL, &mw, T, &l, &d, NULL, shi, slo, f, act, 0));
+      CK(launch_moe_down_wgmma(act, &mw, T, &l, &d, shi, split ? slo : NULL, f, y, 0));
+      launch_moe_combine(x, y, dw, T, H, K, 0);
+      CK(cudaGetLastError());
+      snprintf(name, sizeof name, "moe wgmma GEMMs %s T=%d H=%d I=%d E=%d", split ? "split" : "bf16", T, H, I, E);
+      report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
+      CK(cudaFree(shi)); CK(cudaFree(slo)); CK(cudaFree(f));
+    }
   }
   // decode path, token 0 (fp32 input)
   std::vector<float> x0(H, 0.f), xn0(xnf.begin(), xnf.begin() + H);
@@ -193,9 +210,11 @@ template <> __half kv_from<__half>(float v) { return __float2half(v); }
 static float kv_round(float v, bool f32) { return f32 ? v : hf(v); }
 
 // attention of T consecutive tokens (positions p0..p0+T-1) of one session,
-// with a KV cache of KT (fp32 or fp16)
+// with a KV cache of KT (fp32 or fp16): by the split kernel (flash 0), or by
+// prefill's tiles (flash_attention.cu) in bf16 (flash 1) or split bf16 (2)
 template <typename KT>
-static void test_attention_t(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit, bool f32) {
+static void test_attention_t(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit, bool f32,
+                             int flash = 0) {
   dims d = {};
   d.kv32 = f32;
   d.Hq = Hq; d.Hkv = Hkv; d.D = D; d.Q = Hq * D; d.KV = Hkv * D; d.window = window; d.rope_scale = 1.3f;
@@ -286,12 +305,33 @@ static void test_attention_t(int T, int p0, int Hq, int Hkv, int D, int window, 
   bool dynamic = nsplit < 0;                       // decode's split sizing, from the position
   if (dynamic) { nsplit = -nsplit; split_len = 0; }
   launch_rope_store(&a, &d, 0);
+  char name[128];
+  if (flash) {
+    flash_prefill_args f = {};
+    f.q = a.q; f.sess = arr; f.sinks = dev(sinks); f.sess_index = 0; f.p0 = p0; f.n = T; f.layer = 0;
+    f.window = sliding ? window : 0;
+    f.Q = d.Q; f.KV = d.KV; f.Hq = Hq; f.Hkv = Hkv; f.D = D; f.kv32 = f32; f.split = flash == 2;
+    f.scale = 1.f / sqrtf((float)D); f.att = out;
+    CK(launch_flash_prefill(&f, 0));
+    snprintf(name, sizeof name, "prefill tiles %s %s T=%d p0=%d D=%d G=%d %s", flash == 2 ? "split" : "bf16",
+             f32 ? "f32" : "f16", T, p0, D, G, sliding ? "sliding" : "full");
+    // split bf16 keeps about 16 bits of each operand; bf16 8
+    report(name, host(out, (size_t)T * d.Q), want, flash == 2 ? 1e-4 : 2e-2);
+    return;
+  }
   launch_attention(&a, &d, dev(sinks), nsplit, split_len, ml, acc, out, 0);
   CK(cudaGetLastError());
-  char name[128];
   snprintf(name, sizeof name, "attention %s T=%d p0=%d D=%d G=%d %s split %d%s", f32 ? "f32" : "f16", T, p0, D, G,
            sliding ? "sliding" : "full", nsplit, dynamic ? " dyn" : "");
   report(name, host(out, (size_t)T * d.Q), want, 2e-2);
+}
+
+// prefill's tiles in the four ways the backend runs them (KV fp32 or fp16, operands split or not)
+static void test_prefill(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring) {
+  for (int flash = 1; flash <= 2; flash++) {
+    test_attention_t<float>(T, p0, Hq, Hkv, D, window, sliding, ring, 1, true, flash);
+    test_attention_t<__half>(T, p0, Hq, Hkv, D, window, sliding, ring, 1, false, flash);
+  }
 }
 
 static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, int sliding, int ring, int nsplit) {
@@ -526,6 +566,13 @@ int main() {
   test_attention(1, 300, 64, 8, 64, 128, 1, 640, -4);
   test_attention(20, 0, 4, 2, 6, 16, 0, 0, 1);     // D % 4 != 0: scalar tile loads
   test_attention(1, 50, 4, 2, 6, 16, 1, 64, -4);
+  test_prefill(512, 0, 64, 8, 64, 128, 0, 0);      // the 20B's first chunk, a full layer
+  test_prefill(256, 512, 64, 8, 64, 128, 1, 640);  // a later chunk on a sliding layer's ring
+  test_prefill(200, 700, 64, 8, 64, 128, 0, 0);    // after a prefix, partial tiles
+  test_prefill(83, 0, 4, 2, 16, 16, 1, 528);       // the tiny checkpoint's shape
+  test_prefill(83, 5, 4, 2, 16, 16, 0, 0);
+  test_prefill(20, 100, 16, 4, 64, 32, 1, 64);     // a ring no larger than the window and the run need
+  test_prefill(17, 3, 8, 1, 32, 40, 1, 64);        // eight heads a group, a window no multiple of the tiles
   for (int tr = 0; tr < 2; tr++)
     for (int sp = 0; sp < 2; sp++) {
       test_mxfp4_gemm({0, 1, 64, 130, 0, 7}, 416, 320, tr, sp);   // N and K tails against the 192 x 64 steps

@@ -1,0 +1,31 @@
+#!/bin/bash
+# Device, fourteenth round: issue 22's prefill on tensor cores (branch
+# prefill-tc: the experts through mxfp4_gemm.cu's wgmma kernel, attention in
+# flash_attention.cu's prefill tiles, the embedding table in host memory).
+# First the checks: kernels_test (the new kernels against double precision)
+# and every #gpu spec; then the measures, each new path against the one it
+# replaces in the same run (GPTOSS_MOE_GEMM=wmma, GPTOSS_PREFILL_ATTENTION=split),
+# the stage profile, and bench/llm.lua's targets' table with transformers.
+# Carry .device-kit and .carry (bundle.tar.xz with build/cuda/kernels_test:
+# tar -cJf .carry/bundle.tar.xz tokenizer build/lua5.4/gptoss build/luajit/gptoss build/cuda/kernels_test).
+set -u
+source tools/reference/device_env.sh
+round_clock 560
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1; echo "kernels_test rc=$? at $(( $(date +%s) - T0 )) s"
+grep -aE "prefill tiles|wgmma|FAIL|all ok|CUDA" $OUT/kernels_test.log | head -40
+gpu_specs=$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)
+timeout ${SPECS_S:-170} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
+echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
+grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -30
+[ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
+echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+# prefill of 2,048 tokens, each path against the one it replaces
+for v in "new" "GPTOSS_MOE_GEMM=wmma" "GPTOSS_PREFILL_ATTENTION=split" "GPTOSS_MOE_GEMM=wmma GPTOSS_PREFILL_ATTENTION=split"; do
+  [ "$v" = new ] && e="" || e="$v"
+  env $e GPTOSS_PROFILE=1 timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b prefill exact > $OUT/prefill_$(echo $v | tr ' =' '_-').txt 2>&1
+  echo "== prefill, $v: rc=$?"; grep -aE "total|tok/s|moe|attention" $OUT/prefill_$(echo $v | tr ' =' '_-').txt | head -8
+done
+t=$(( $(left) - 10 )); [ $t -gt 300 ] && t=300
+[ $t -gt 60 ] && BENCH_RESULTS=$OUT/results_exact.md timeout $t lua5.4 bench/llm.lua /tmp/gptoss-20b cuda:0 exact > $OUT/llm.txt 2>&1
+echo "bench/llm.lua rc=$? at $(( $(date +%s) - T0 )) s"; tail -30 $OUT/llm.txt
