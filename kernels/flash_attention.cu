@@ -72,16 +72,23 @@ __device__ __forceinline__ void load_col(uint32_t dst, const float *src, int ld,
 // a warp's 16 rows, r0 .. r0 + 15, of D columns, as mma A fragments: hi and (split) lo
 template <int D> struct afrag { uint32_t h[D / 16][4], l[D / 16][4]; };
 
-template <int D>
-__device__ __forceinline__ void load_a(uint32_t a[D / 16][4], const bf16 *src, int ld, int c0, int r0, int T) {
+// f(ks, i, row, col) for register i of k-step ks of a lane's A fragments
+// over rows r0 .. r0 + 15 and columns c0 .. c0 + D - 1: the pair of values
+// at (row, col) and (row, col + 1)
+template <int D, typename F>
+__device__ __forceinline__ void each_a(int c0, int r0, F f) {
   int lane = threadIdx.x & 31;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ks++)
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-      int row = r0 + (lane >> 2) + (i & 1) * 8, col = c0 + ks * 16 + (i >> 1) * 8 + 2 * (lane & 3);
-      a[ks][i] = row < T ? *reinterpret_cast<const uint32_t *>(src + (size_t)row * ld + col) : 0u;
-    }
+    for (int i = 0; i < 4; i++) f(ks, i, r0 + (lane >> 2) + (i & 1) * 8, c0 + ks * 16 + (i >> 1) * 8 + 2 * (lane & 3));
+}
+
+template <int D>
+__device__ __forceinline__ void load_a(uint32_t a[D / 16][4], const bf16 *src, int ld, int c0, int r0, int T) {
+  each_a<D>(c0, r0, [&](int ks, int i, int row, int col) {
+    a[ks][i] = row < T ? *reinterpret_cast<const uint32_t *>(src + (size_t)row * ld + col) : 0u;
+  });
 }
 
 template <int D, bool SPLIT>
@@ -170,6 +177,42 @@ __device__ __forceinline__ uint32_t ring_wait(int it, int it0, int it1, uint32_t
   return ring_slot(it, it0, base, bytes);
 }
 
+// A key tile's scores into the running softmax of a warp's two rows a
+// lane holds (query positions q[0], q[1]; keys k0 ..): masked and scaled,
+// each row's maximum m and partial sum l brought up to date with o rescaled
+// to match, and c turned into the tile's probabilities
+template <int D>
+__device__ __forceinline__ void online_softmax(float c[8][4], float m[2], float l[2], float o[D / 8][4], const int q[2], int k0,
+                                               int window, float scale) {
+  int lane = threadIdx.x & 31;
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      int key = k0 + 8 * j + 2 * (lane & 3) + (e & 1);
+      c[j][e] = sees(q[e >> 1], key, window) ? c[j][e] * scale : -INFINITY;
+      mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
+    }
+#pragma unroll
+  for (int i = 0; i < 2; i++) {
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+    float corr = expf(m[i] - mx[i]);
+    m[i] = mx[i];
+    l[i] *= corr;
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) { o[dt][2 * i] *= corr; o[dt][2 * i + 1] *= corr; }
+  }
+#pragma unroll
+  for (int j = 0; j < 8; j++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      c[j][e] = expf(c[j][e] - m[e >> 1]);
+      l[e >> 1] += c[j][e];
+    }
+}
+
 // keys kb * BK .. of key/value head g into stage s: K (hi, lo), then V (hi, lo)
 template <int D, bool SPLIT>
 __device__ __forceinline__ void stage_kv(const flash_args &a, uint32_t s, int kb, int g) {
@@ -206,32 +249,7 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(flash_args a) {
     uint32_t s = ring_wait(kb, kb0, kb1, base, STAGE);
     float c[8][4] = {};
     mma_rows<D, SPLIT>(c, q, s, s + TILE);
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1);
-        c[j][e] = sees(row[e >> 1], key, a.window) ? c[j][e] * a.scale : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
-      }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      float corr = expf(m[i] - mx[i]);
-      m[i] = mx[i];
-      l[i] *= corr;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; dt++) { o[dt][2 * i] *= corr; o[dt][2 * i + 1] *= corr; }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        c[j][e] = expf(c[j][e] - m[e >> 1]);
-        l[e >> 1] += c[j][e];
-      }
+    online_softmax<D>(c, m, l, o, row, kb * BK, a.window, a.scale);
     mma_cols<D, SPLIT>(o, c, s + NS * TILE, s + (NS + 1) * TILE);
     __syncthreads();   // the next iteration's loads overwrite this stage
   }
@@ -476,15 +494,10 @@ __device__ __forceinline__ void stage_cache(const flash_prefill_args &a, const d
 // a warp's 16 query rows r0 .. (zeros from n on) of head h from fp32, as A fragments
 template <int D, bool SPLIT>
 __device__ __forceinline__ void load_q(afrag<D> &q, const float *src, int ld, int c0, int r0, int n) {
-  int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int ks = 0; ks < D / 16; ks++)
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      int row = r0 + (lane >> 2) + (i & 1) * 8, col = c0 + ks * 16 + (i >> 1) * 8 + 2 * (lane & 3);
-      float2 v = row < n ? *reinterpret_cast<const float2 *>(src + (size_t)row * ld + col) : make_float2(0.f, 0.f);
-      q.h[ks][i] = split_word(v.x, v.y, &q.l[ks][i], SPLIT);
-    }
+  each_a<D>(c0, r0, [&](int ks, int i, int row, int col) {
+    float2 v = row < n ? *reinterpret_cast<const float2 *>(src + (size_t)row * ld + col) : make_float2(0.f, 0.f);
+    q.h[ks][i] = split_word(v.x, v.y, &q.l[ks][i], SPLIT);
+  });
 }
 
 // grid (query tiles of 16, Hkv), a warp per query head of the group (8 at most)
@@ -509,32 +522,8 @@ __global__ void __launch_bounds__(8 * 32) prefill_kernel(flash_prefill_args a) {
     __syncthreads();
     float c[8][4] = {};
     mma_rows<D, SPLIT>(c, q, s, s + TILE);
-    float mx[2] = {m[0], m[1]};
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1);
-        c[j][e] = sees(a.p0 + row[e >> 1], key, a.window) ? c[j][e] * a.scale : -INFINITY;
-        mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
-      }
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
-      mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
-      float corr = expf(m[i] - mx[i]);
-      m[i] = mx[i];
-      l[i] *= corr;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; dt++) { o[dt][2 * i] *= corr; o[dt][2 * i + 1] *= corr; }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        c[j][e] = expf(c[j][e] - m[e >> 1]);
-        l[e >> 1] += c[j][e];
-      }
+    const int qpos[2] = {a.p0 + row[0], a.p0 + row[1]};
+    online_softmax<D>(c, m, l, o, qpos, kb * BK, a.window, a.scale);
     mma_cols<D, SPLIT>(o, c, s + NS * TILE, s + (NS + 1) * TILE);
   }
 #pragma unroll
