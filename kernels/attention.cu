@@ -225,11 +225,12 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
 // runs the products through cuBLAS). CPU reference: csrc/cpu/train.c.
 // RoPE on nh heads of each row (row stride ld): the half-split rotation of
 // cpu_rope, by angle sign * t * inv_freq (sign -1: the backward)
-__global__ void rope_kernel(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign) {
+__global__ void rope_kernel(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign,
+                            const int32_t *pos) {
   size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x, half = D / 2;
   if (i >= (size_t)T * nh * half) return;
   int t = (int)(i / (nh * half)), h = (int)(i / half % nh), k = (int)(i % half);
-  float th = sign * (float)t * inv_freq[k], sn, cs;
+  float th = sign * (float)(pos ? pos[t] : t) * inv_freq[k], sn, cs;
   sincosf(th, &sn, &cs);
   cs *= scale; sn *= scale;
   float *p = y + (size_t)t * ld + (size_t)h * D;
@@ -238,13 +239,16 @@ __global__ void rope_kernel(float *y, int ld, int T, int nh, int D, const float 
   p[k + half] = b * cs + a * sn;
 }
 
-void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign, cudaStream_t s) {
+void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign,
+                      const int32_t *pos, cudaStream_t s) {
   size_t n = (size_t)T * nh * (D / 2);
-  rope_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(y, ld, T, nh, D, inv_freq, scale, sign);
+  rope_kernel<<<(unsigned)((n + 255) / 256), 256, 0, s>>>(y, ld, T, nh, D, inv_freq, scale, sign, pos);
 }
 
+// a packed example's tokens see from its start on (csrc/cpu/attention.c)
 __device__ __forceinline__ int first_key(const att_rows &a, int t) {
-  return a.window && t - a.window + 1 > 0 ? t - a.window + 1 : 0;
+  int f = a.seg0 ? a.seg0[t] : 0;
+  return a.window && t - a.window + 1 > f ? t - a.window + 1 : f;
 }
 
 // One block per (query t, head i of the batch): scaled scores into

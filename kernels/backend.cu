@@ -512,14 +512,13 @@ static gptoss_status cuda_logits(const gptoss_session *s, float *out) {
 
 static gptoss_status cuda_train(gptoss_model *m, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
                                 const int32_t *seg0, double *loss, int *count) {
-  if (seg0) return gptoss_fail(GPTOSS_EUNSUP, "packed examples (several in one sequence) are trained on the CPU only so far");
   cuda_model *cm = model_of(m);
   TRY(cuda_device_usable(cm->dev));
   CU(cudaSetDevice(cm->dev));
   lora_cache_drop(cm->lora);     // sessions' adapter copies: made again when next used
   train_view v = {cm->stream, cm->blas, cm->layer, cm->embed, cm->norm, cm->lm_head, cm->inv_freq, m->cfg.layer_sliding, cm->d,
                   cm->precision, m->threads, &cm->train, &cm->train_bytes};
-  return cuda_lora_backward(&v, a, ids, mask, n, loss, count);
+  return cuda_lora_backward(&v, a, ids, mask, n, seg0, loss, count);
 }
 
 static const gptoss_backend cuda_backend = {

@@ -293,8 +293,11 @@ struct att_rows {
   int window;               // keys t - window + 1 .. t on a sliding layer, else 0
   const bf16 *sinks;
   float *lse;               // [T][Hq]
+  const int32_t *seg0;      // packed examples: [T] the row each token's example begins at (its keys start there); NULL: 0
 };
-void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign, cudaStream_t s);
+// pos: [T] each row's position (packed examples), NULL: the row's index
+void launch_rope_rows(float *y, int ld, int T, int nh, int D, const float *inv_freq, float scale, float sign,
+                      const int32_t *pos, cudaStream_t s);
 void launch_softmax_rows(float *S, const att_rows *a, int nb, cudaStream_t s);
 void launch_probs_rows(float *S, const att_rows *a, int nb, cudaStream_t s);
 void launch_dsoftmax_rows(const float *P, float *dP, const float *dO, const float *O, int Q, int D, float scale, const att_rows *a,
@@ -381,6 +384,7 @@ struct flash_args {
   float *dd;                       // [T][Hq]: O.dO (backward writes it)
   float *dqkv;                     // [T][ldq]: the gradients of q, k and v (backward writes them)
   float *dk_part, *dv_part;        // [T][Hq][D]: each head's share of dk and dv (backward's scratch)
+  const int32_t *seg0;             // packed examples: [T] where each query's example begins (no key before it); NULL: 0
 };
 bool flash_supported(int D);
 cudaError_t launch_flash_fwd(const flash_args *a, cudaStream_t s);
@@ -489,7 +493,7 @@ struct train_view {
   size_t *bytes;             // device bytes they hold (reported as workspace)
 };
 gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
-                                 double *loss, int *count);
+                                 const int32_t *seg0, double *loss, int *count);
 void cuda_train_free(void *state);
 // gives back the trainer's device memory (the next backward allocates it
 // again): sessions with adapters do, so training and generating with

@@ -153,8 +153,14 @@ __device__ __forceinline__ void mma_cols(float o[D / 8][4], const float p[8][4],
   }
 }
 
-// does query q see key k
+// does query q see key k: causal and in the window
 __device__ __forceinline__ bool sees(int q, int k, int window) { return k <= q && (!window || k > q - window); }
+
+// in training, and in q's example when packed (rows past T, padding of the
+// last tile, have none)
+__device__ __forceinline__ bool sees(const flash_args &a, int q, int k) {
+  return sees(q, k, a.window) && (!a.seg0 || q >= a.T || k >= a.seg0[q]);
+}
 
 // the key tiles of query tile q0 .. q0 + BQ - 1
 __device__ __forceinline__ void key_tiles(const flash_args &a, int q0, int *kb0, int *kb1) {
@@ -178,12 +184,12 @@ __device__ __forceinline__ uint32_t ring_wait(int it, int it0, int it1, uint32_t
 }
 
 // A key tile's scores into the running softmax of a warp's two rows a
-// lane holds (query positions q[0], q[1]; keys k0 ..): masked and scaled,
+// lane holds (keys k0 ..; visible(i, key): whether row i sees it): masked and scaled,
 // each row's maximum m and partial sum l brought up to date with o rescaled
 // to match, and c turned into the tile's probabilities
-template <int D>
-__device__ __forceinline__ void online_softmax(float c[8][4], float m[2], float l[2], float o[D / 8][4], const int q[2], int k0,
-                                               int window, float scale) {
+template <int D, typename V>
+__device__ __forceinline__ void online_softmax(float c[8][4], float m[2], float l[2], float o[D / 8][4], int k0, float scale,
+                                               V visible) {
   int lane = threadIdx.x & 31;
   float mx[2] = {m[0], m[1]};
 #pragma unroll
@@ -191,7 +197,7 @@ __device__ __forceinline__ void online_softmax(float c[8][4], float m[2], float 
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       int key = k0 + 8 * j + 2 * (lane & 3) + (e & 1);
-      c[j][e] = sees(q[e >> 1], key, window) ? c[j][e] * scale : -INFINITY;
+      c[j][e] = visible(e >> 1, key) ? c[j][e] * scale : -INFINITY;
       mx[e >> 1] = fmaxf(mx[e >> 1], c[j][e]);
     }
 #pragma unroll
@@ -249,7 +255,7 @@ __global__ void __launch_bounds__(WARPS * 32) fwd_kernel(flash_args a) {
     uint32_t s = ring_wait(kb, kb0, kb1, base, STAGE);
     float c[8][4] = {};
     mma_rows<D, SPLIT>(c, q, s, s + TILE);
-    online_softmax<D>(c, m, l, o, row, kb * BK, a.window, a.scale);
+    online_softmax<D>(c, m, l, o, kb * BK, a.scale, [&](int i, int key) { return sees(a, row[i], key); });
     mma_cols<D, SPLIT>(o, c, s + NS * TILE, s + (NS + 1) * TILE);
     __syncthreads();   // the next iteration's loads overwrite this stage
   }
@@ -307,7 +313,7 @@ __global__ void __launch_bounds__(WARPS * 32) dq_kernel(flash_args a) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int key = kb * BK + 8 * j + 2 * (lane & 3) + (e & 1), i = e >> 1;
-        float pr = sees(row[i], key, a.window) ? expf(p[j][e] * a.scale - lse[i]) : 0.f;
+        float pr = sees(a, row[i], key) ? expf(p[j][e] * a.scale - lse[i]) : 0.f;
         p[j][e] = pr * (dp[j][e] - dd[i]) * a.scale;
       }
     mma_cols<D, SPLIT>(dq, p, s, s + TILE);
@@ -374,7 +380,7 @@ __global__ void __launch_bounds__(KWARPS * 32) dkv_kernel(flash_args a) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         int c = 8 * j + 2 * (lane & 3) + (e & 1), qi = qb * KQ + c;
-        float pr = qi < a.T && sees(qi, key[e >> 1], a.window) ? expf(p[j][e] * a.scale - ls[c]) : 0.f;
+        float pr = qi < a.T && sees(a, qi, key[e >> 1]) ? expf(p[j][e] * a.scale - ls[c]) : 0.f;
         p[j][e] = pr;
         dp[j][e] = pr * (dp[j][e] - ds[c]) * a.scale;
       }
@@ -522,8 +528,7 @@ __global__ void __launch_bounds__(8 * 32) prefill_kernel(flash_prefill_args a) {
     __syncthreads();
     float c[8][4] = {};
     mma_rows<D, SPLIT>(c, q, s, s + TILE);
-    const int qpos[2] = {a.p0 + row[0], a.p0 + row[1]};
-    online_softmax<D>(c, m, l, o, qpos, kb * BK, a.window, a.scale);
+    online_softmax<D>(c, m, l, o, kb * BK, a.scale, [&](int i, int key) { return sees(a.p0 + row[i], key, a.window); });
     mma_cols<D, SPLIT>(o, c, s + NS * TILE, s + (NS + 1) * TILE);
   }
 #pragma unroll

@@ -85,6 +85,7 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
   CARVE_PART(t->grouped_ptrs, const float *, 3 * (size_t)d.E);
   CARVE_PART(t->xf, float, (size_t)T * d.H); CARVE_PART(t->lossrow, float, T);
   CARVE_PART(t->ids, int32_t, T); CARVE_PART(t->rows, int32_t, T); CARVE_PART(t->targets, int32_t, T);
+  CARVE_PART(t->seg0, int32_t, T); CARVE_PART(t->pos, int32_t, T);
   CARVE_PART(t->sel, int32_t, TK); CARVE_PART(t->invp, int32_t, TK);
   CARVE_PART(t->mw.counts, int32_t, d.E); CARVE_PART(t->mw.offsets, int32_t, d.E + 1); CARVE_PART(t->mw.tile_offsets, int32_t, d.E + 1);
   CARVE_PART(t->mw.cursor, int32_t, d.E); CARVE_PART(t->mw.perm, int32_t, TK);
@@ -122,7 +123,8 @@ static gptoss_status ensure_buffers(trainer *t, int T, int rmax) {
 // }======================================================
 
 // {====================================================== entry
-static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n, double *loss, int *count) {
+static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n, const int32_t *seg0,
+                         double *loss, int *count) {
   const dims &d = t->v->d;
   cudaStream_t st = t->v->stream;
   int rmax;
@@ -134,12 +136,18 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
   t->drop = (float)gptoss_adapter_dropout(a, &seed);
   t->drop_key = gptoss_mix64(seed ^ ((uint64_t)gptoss_adapter_steps(a) << 32));
   // rows with a target: position p predicts ids[p + 1] where mask[p + 1]
-  int32_t *host = (int32_t *)malloc(sizeof(int32_t) * 2 * (size_t)n);
+  int32_t *host = (int32_t *)malloc(sizeof(int32_t) * 3 * (size_t)n);
   if (!host) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   int nr = 0;
   for (int p = 0; p + 1 < n; p++)
     if (mask[p + 1]) { host[nr] = p; host[n + nr] = ids[p + 1]; nr++; }
+  // packed examples: each row's position within its example (RoPE), and
+  // its example's start (attention's first key)
+  t->packed = seg0 != NULL;
+  if (seg0) for (int p = 0; p < n; p++) host[2 * n + p] = p - seg0[p];
   cudaError_t e = cudaMemcpyAsync(t->ids, ids, sizeof(int32_t) * n, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess && seg0) e = cudaMemcpyAsync(t->seg0, seg0, sizeof(int32_t) * n, cudaMemcpyHostToDevice, st);
+  if (e == cudaSuccess && seg0) e = cudaMemcpyAsync(t->pos, host + 2 * n, sizeof(int32_t) * n, cudaMemcpyHostToDevice, st);
   if (e == cudaSuccess && nr) e = cudaMemcpyAsync(t->rows, host, sizeof(int32_t) * nr, cudaMemcpyHostToDevice, st);
   if (e == cudaSuccess && nr) e = cudaMemcpyAsync(t->targets, host + n, sizeof(int32_t) * nr, cudaMemcpyHostToDevice, st);
   if (e == cudaSuccess) e = cudaStreamSynchronize(st);
@@ -181,7 +189,7 @@ static gptoss_status run(trainer *t, gptoss_adapter *a, const int32_t *ids, cons
 }
 
 gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const int32_t *ids, const uint8_t *mask, int n,
-                                 double *loss, int *count) {
+                                 const int32_t *seg0, double *loss, int *count) {
   trainer *t = (trainer *)*v->state;
   if (!t) {
     if (!(t = (trainer *)calloc(1, sizeof *t))) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
@@ -198,7 +206,7 @@ gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const i
   t->prec.routing = v->precision == GPTOSS_PRECISION_FAST ? ROUND_BF16 : ROUND_SPLIT;
   t->prec.past_routing = v->precision == GPTOSS_PRECISION_EXACT ? ROUND_SPLIT : ROUND_BF16;
   double t0 = now_ms();
-  gptoss_status rc = run(t, a, ids, mask, n, loss, count);
+  gptoss_status rc = run(t, a, ids, mask, n, seg0, loss, count);
   if (rc) adder_wait(t);   // this call's adds finish before the caller sees the error
   cuda_prof_host("host backward call", now_ms() - t0);
   if (rc) {

@@ -74,6 +74,7 @@ struct trainer {
   float *rank_parts;         // rank_down_kernel's partial sums over column chunks
   int *grouped_dims;         // host: a grouped product's dimensions, leading dimensions, scalars and operations
   int32_t *ids, *rows, *targets, *sel, *invp;
+  int32_t *seg0, *pos;       // packed examples: each row's example start and position (used when packed)
   moe_work mw;
   bf16 *hi, *lo;             // GEMM inputs as bf16, and their split-bf16 rests (lo NULL in "fast")
   bf16 *router_lo;           // precision "fast": the router's input's split-bf16 rest (see router_logits)
@@ -111,6 +112,7 @@ struct trainer {
   int T;
   float drop;
   uint64_t drop_key;
+  int packed;                // this call's sequence holds packed examples (seg0, pos)
 };
 
 // the split-bf16 rests for products rounded as r: t->lo, or NULL for bf16 alone

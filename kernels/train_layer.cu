@@ -132,7 +132,8 @@ static gptoss_status lora_bwd(trainer *t, int l, int m, const float *x, int ldx,
 // {====================================================== attention
 static att_rows rows_of(trainer *t, int l, int h0) {
   const dims &d = t->v->d;
-  att_rows a = {t->T, d.Hq, h0, t->v->layer_sliding[l] ? d.window : 0, t->v->layer[l].sinks, t->lse};
+  att_rows a = {t->T, d.Hq, h0, t->v->layer_sliding[l] ? d.window : 0, t->v->layer[l].sinks, t->lse,
+                t->packed ? t->seg0 : NULL};
   return a;
 }
 
@@ -181,6 +182,7 @@ static flash_args flash_of(trainer *t, operand_rounding r, int l, bool bwd) {
   a.window = t->v->layer_sliding[l] ? d.window : 0;
   a.scale = 1.f / sqrtf((float)d.D);
   a.att = t->att; a.lse = t->lse; a.dd = t->dd; a.dqkv = t->dqkv; a.dk_part = t->xdrop; a.dv_part = t->tmp;
+  a.seg0 = t->packed ? t->seg0 : NULL;
   return a;
 }
 
@@ -284,8 +286,8 @@ struct train_layer_ops : layer_ops {
     TRY(lora_fwd(t, l, GPTOSS_LORA_Q, t->xn1, d.H, t->qkv, ldq));
     TRY(lora_fwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->qkv + d.Q, ldq));
     TRY(lora_fwd(t, l, GPTOSS_LORA_V, t->xn1, d.H, t->qkv + d.Q + d.KV, ldq));
-    launch_rope_rows(t->qkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, 1.f, st);
-    launch_rope_rows(t->qkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, 1.f, st);
+    launch_rope_rows(t->qkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, 1.f, t->packed ? t->pos : NULL, st);
+    launch_rope_rows(t->qkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, 1.f, t->packed ? t->pos : NULL, st);
     cuda_prof_mark("train qkv fwd", st);
     return GPTOSS_OK;
   }
@@ -407,8 +409,8 @@ gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(attention_bwd(t, t->prec.routing, l));
   cuda_prof_mark("train attention bwd", st);
   // RoPE is a scaled rotation: its transpose rotates back
-  launch_rope_rows(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f, st);
-  launch_rope_rows(t->dqkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, -1.f, st);
+  launch_rope_rows(t->dqkv, ldq, T, d.Hq, d.D, t->v->inv_freq, d.rope_scale, -1.f, t->packed ? t->pos : NULL, st);
+  launch_rope_rows(t->dqkv + d.Q, ldq, T, d.Hkv, d.D, t->v->inv_freq, d.rope_scale, -1.f, t->packed ? t->pos : NULL, st);
   TRY(wgemm(t, r, t->dqkv, T, ldq, w->qkv_w, ldq, d.H, false, t->dxn, d.H, 0.f));
   TRY(lora_bwd(t, l, GPTOSS_LORA_Q, t->xn1, d.H, t->dqkv, ldq, t->dxn, d.H));
   TRY(lora_bwd(t, l, GPTOSS_LORA_K, t->xn1, d.H, t->dqkv + d.Q, ldq, t->dxn, d.H));

@@ -1,8 +1,8 @@
 -- Packing (issue 24): several examples in one sequence, each attending
--- within itself from position 0, on the tiny checkpoint on the CPU. The
--- oracle is the examples' backward passes one by one (lora_train_spec
--- checks those against PEFT): the packed pass must give their loss sum,
--- target count and gradient sums. The tiny model's sliding window is 16
+-- within itself from position 0, on the tiny checkpoint on the CPU (and,
+-- #gpu, on CUDA against the CPU). The oracle is the examples' backward
+-- passes one by one (lora_train_spec checks those against PEFT): the packed
+-- pass must give their loss sum, target count and gradient sums. The tiny model's sliding window is 16
 -- tokens, so an example of 23 crosses it inside the pack.
 local H = require "helpers"
 local gptoss = require "gptoss"
@@ -160,5 +160,37 @@ describe("packed examples (CPU)", function()
       "gptoss.train: packing needs max_len (the length of the packed sequences)")
     assert.has_error(function() train.train(m, a, { data = { { ids = ids_of(5, 1) } }, steps = 1, packing = 1, max_len = 8 }) end)
     a:close()
+  end)
+end)
+
+-- the CUDA backend's packed pass against the CPU's (the reference above)
+-- and against its own passes one by one
+describe("packed examples on CUDA #gpu", function()
+  it("give the CPU's loss and gradients, and the CUDA passes' one by one", function()
+    local cpu = assert(gptoss.load(H.tiny(), { tokenizer = false }))
+    local gpu = assert(gptoss.load(H.tiny(), { tokenizer = false, device = "cuda:0" }))
+    local opts = { r = 4, alpha = 8, seed = 1, targets = { "attn", "experts" }, init = "random" }
+    local EX = { ids_of(9, 1), ids_of(23, 2), ids_of(14, 3) }
+    local ids, starts = {}, {}
+    for k, e in ipairs(EX) do
+      starts[k] = #ids + 1
+      for _, id in ipairs(e) do ids[#ids + 1] = id end
+    end
+    local a, b, c = gptoss.lora(cpu, opts), gptoss.lora(gpu, opts), gptoss.lora(gpu, opts)
+    local la, na = cpu:lora_backward(a, ids, nil, starts)
+    local lb, nb = gpu:lora_backward(b, ids, nil, starts)
+    local lc, nc = 0, 0
+    for _, e in ipairs(EX) do
+      local l, k = gpu:lora_backward(c, e)
+      lc, nc = lc + l, nc + k
+    end
+    assert.are.equal(na, nb)
+    assert.are.equal(na, nc)
+    assert.is_true(math.abs(lb - la) <= 1e-5 * la, lb .. " against the CPU's " .. la)
+    assert.is_true(math.abs(lb - lc) <= 1e-5 * lc, lb .. " against one by one " .. lc)
+    local w1, w2 = worst_rel(grads(b), grads(a)), worst_rel(grads(b), grads(c))
+    print(string.format("\n  packed on CUDA: gradients within %.3g of the CPU's, %.3g of one by one", w1, w2))
+    assert.is_true(w1 <= 1e-3 and w2 <= 1e-3)
+    a:close(); b:close(); c:close(); cpu:close(); gpu:close()
   end)
 end)
