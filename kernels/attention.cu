@@ -35,6 +35,8 @@ __device__ __forceinline__ float4 kv_get4(const __half *p) {
 // large angle takes a slow path and batch-1 decode waits on it.
 template <typename KT>
 __global__ void rope_store_kernel(attn_args a, dims d) {
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   int t = blockIdx.x, p = token_pos(a, t);
   const dsess *S = token_sess(a, t);
   int half = d.D / 2;
@@ -76,8 +78,8 @@ __global__ void rope_store_kernel(attn_args a, dims d) {
 
 void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
   dim3 grid(a->T, ((d->Hq + d->Hkv) * d->D / 2 + 255) / 256);
-  if (d->kv32) rope_store_kernel<float><<<grid, 256, 0, s>>>(*a, *d);
-  else rope_store_kernel<__half><<<grid, 256, 0, s>>>(*a, *d);
+  if (d->kv32) launch_pdl(rope_store_kernel<float>, grid, dim3(256), 0, s, *a, *d);
+  else launch_pdl(rope_store_kernel<__half>, grid, dim3(256), 0, s, *a, *d);
 }
 
 #define TILE 32
@@ -86,6 +88,8 @@ void launch_rope_store(const attn_args *a, const dims *d, cudaStream_t s) {
 // grid (T * Hkv, nsplit); block: one warp per q head of the kv group
 template <typename KT>
 __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len, float *part_ml, float *part_acc) {
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   extern __shared__ float sm[];
   int G = d.Hq / d.Hkv, D = d.D, DP = D + 1;     // padded rows: lanes read different rows, same column
   float *Ks = sm, *Vs = Ks + TILE * DP, *Qs = Vs + TILE * D;
@@ -171,6 +175,8 @@ __global__ void attention_kernel(attn_args a, dims d, int nsplit, int split_len,
 #define COMBINE_THREADS 64
 __global__ void attention_combine_kernel(attn_args a, dims d, const bf16 *sinks, int nsplit, const float *part_ml,
                                          const float *part_acc, float *out) {
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   extern __shared__ float wts[];                  // [nsplit]
   __shared__ float red[COMBINE_THREADS / 32];
   int t = blockIdx.x / d.Hq, h = blockIdx.x % d.Hq;
@@ -211,12 +217,13 @@ void launch_attention(const attn_args *a, const dims *d, const bf16 *sinks, int 
   int G = d->Hq / d->Hkv;
   size_t smem = sizeof(float) * ((size_t)TILE * (d->D + 1) + (size_t)TILE * d->D + (size_t)G * d->D);
   dim3 grid(a->T * d->Hkv, nsplit);
-  if (d->kv32) attention_kernel<float><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
-  else attention_kernel<__half><<<grid, 32 * G, smem, s>>>(*a, *d, nsplit, split_len, part_ml, part_acc);
+  if (d->kv32) launch_pdl(attention_kernel<float>, grid, dim3(32 * G), smem, s, *a, *d, nsplit, split_len, part_ml, part_acc);
+  else launch_pdl(attention_kernel<__half>, grid, dim3(32 * G), smem, s, *a, *d, nsplit, split_len, part_ml, part_acc);
   // whole 16-byte groups: nvcc reads the weights with vector loads that
   // can run past an odd count (compute-sanitizer saw 12-byte reads at nsplit 1)
   size_t wsz = sizeof(float) * (size_t)((nsplit + 3) & ~3);
-  attention_combine_kernel<<<a->T * d->Hq, COMBINE_THREADS, wsz, s>>>(*a, *d, sinks, nsplit, part_ml, part_acc, out);
+  launch_pdl(attention_combine_kernel, dim3(a->T * d->Hq), dim3(COMBINE_THREADS), wsz, s, *a, *d, sinks, nsplit,
+             (const float *)part_ml, (const float *)part_acc, out);
 }
 
 // {====================================================== training

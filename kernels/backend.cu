@@ -264,6 +264,10 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
                     && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
     const char *att = getenv("GPTOSS_PREFILL_ATTENTION");
     cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !(att && strcmp(att, "split") == 0);
+    bool pdl = false;
+    const char *pe = getenv("GPTOSS_PDL");
+    CU(pdl_supported(&pdl, cm->stream));
+    cm->pdl = pdl && !(pe && strcmp(pe, "0") == 0);
   }
   d.kv32 = o->precision != GPTOSS_PRECISION_FAST;
   size_t free_b, total_b;
@@ -317,8 +321,10 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   // An untied embedding table stays in host memory that the GPU reads
   // (pinned and mapped): a token reads one row of it (5.6 KB on the 20B),
   // which PCIe brings in microseconds, and its 1.16 GB stay off the device.
-  // Tied to lm_head, it is on the device anyway.
-  bool embed_host = m->lm_head != m->embed;
+  // Tied to lm_head, it is on the device anyway; GPTOSS_EMBED=device keeps
+  // it there too (to compare).
+  const char *emb = getenv("GPTOSS_EMBED");
+  bool embed_host = m->lm_head != m->embed && !(emb && strcmp(emb, "device") == 0);
   size_t embed_off = off;
   if (!embed_host) {
     items[nit++] = {m->embed->data, m->embed->nbytes, off};

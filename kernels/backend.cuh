@@ -45,6 +45,10 @@ struct cuda_model {
   // FLASH_MIN_RUN positions: whether (a head shape it takes; not
   // batch-invariant; GPTOSS_PREFILL_ATTENTION not "split")
   int flash_prefill;
+  // the decode step's per-layer kernels and lm_head by programmatic
+  // dependent launch (common.cuh): whether (this build's code for the
+  // device is Hopper's; GPTOSS_PDL not "0")
+  int pdl;
   bf16 *moe_hi, *moe_lo;                   // [ws_tokens K][max(H, I)]: sorted operands
   float *moe_f;                            // [ws_tokens K][max(2I, H)]: gate_up's, then down's products
   char *ws;                                // the workspace allocation

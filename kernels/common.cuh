@@ -121,6 +121,64 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool p
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(pred ? 16 : 0));
 }
 
+// {====================================================== programmatic dependent launch
+// On Hopper a kernel launched with programmatic stream serialization may
+// start while the kernel before it in the stream is still running: its
+// blocks take the SMs that kernel leaves idle and do what needs no earlier
+// result (prefetching weights), then pdl_wait() holds them until every
+// earlier kernel has finished and its writes are visible. So a kernel
+// launched that way calls pdl_wait() before it reads what an earlier kernel
+// wrote, and before it ends: a later kernel's wait covers only the kernel
+// just before it. pdl_trigger() lets the next kernel launch once every block
+// of this one has started. The decode step launches its per-layer kernels so
+// (launch_pdl, while pdl_on is set on the calling thread); every other
+// caller launches them plainly, where both calls do nothing. Compiled for
+// GPUs before Hopper they are empty, so pdl_supported asks the device
+// whether this build's code for it has them.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+// bytes [p, p + n) on their way into L2 (n a multiple of 16; Hopper's bulk
+// prefetch, nothing before it)
+__device__ __forceinline__ void prefetch_l2(const void *p, uint32_t n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(p), "r"(n) : "memory");
+#endif
+}
+
+inline thread_local bool pdl_on = false;   // launch_pdl's mode on this thread (decode_launches sets it)
+struct pdl_scope {                          // pdl_on for a scope's launches
+  explicit pdl_scope(bool on) { pdl_on = on; }
+  ~pdl_scope() { pdl_on = false; }
+};
+
+template <typename... P, typename... A>
+cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
+  if (!pdl_on) {
+    kernel<<<grid, block, smem, s>>>(args...);
+    return cudaGetLastError();
+  }
+  cudaLaunchAttribute at[1];
+  at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  at[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = grid; cfg.blockDim = block; cfg.dynamicSmemBytes = smem; cfg.stream = s;
+  cfg.attrs = at; cfg.numAttrs = 1;
+  return cudaLaunchKernelEx(&cfg, kernel, args...);
+}
+// whether this build's code for the current device waits and triggers
+// (mxfp4_gemm.cu asks the device, as for its wgmma kernel; not while a
+// stream is being captured)
+cudaError_t pdl_supported(bool *yes, cudaStream_t s);
+// }======================================================
+
 __device__ __forceinline__ float warp_sum(float v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;

@@ -35,6 +35,15 @@ gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, c
                  int rows, int cols, float *residual) {
   extern __shared__ __align__(16) float xs[];
   __shared__ float red[32];
+  pdl_trigger();   // decode launches this with launch_pdl (common.cuh)
+  {
+    // the weights need no earlier result: each warp's first two rows head
+    // for L2 while the kernel before this one finishes
+    int r0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * 2;
+    if ((threadIdx.x & 31) == 0 && r0 < rows)
+      prefetch_l2(W + (size_t)r0 * cols, (uint32_t)((rows - r0 < 2 ? rows - r0 : 2) * cols * sizeof(bf16)));
+  }
+  pdl_wait();
   float inv = norm_w ? block_inv_rms(x, cols, eps, red) : 1.f;
   for (int i = threadIdx.x; i < cols; i += blockDim.x) xs[i] = norm_w ? __bfloat162float(norm_w[i]) * (x[i] * inv) : x[i];
   __syncthreads();
@@ -82,7 +91,7 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
   int blocks = need < sms * 8 ? need : sms * 8;
   size_t smem = sizeof(float) * (size_t)cols;
   if (smem > 48 * 1024) cudaFuncSetAttribute(gemv_bf16_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  gemv_bf16_kernel<<<blocks, GEMV_WARPS * 32, smem, s>>>(x, norm_w, eps, W, bias, out, rows, cols, residual);
+  launch_pdl(gemv_bf16_kernel, dim3(blocks), dim3(GEMV_WARPS * 32), smem, s, x, norm_w, eps, W, bias, out, rows, cols, residual);
 }
 // }======================================================
 
@@ -136,6 +145,8 @@ __global__ void __launch_bounds__(1024)
 router_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, const bf16 *bias, int H, int E, int K,
               bf16 *xn, bf16 *xn_lo, float *xnf, int32_t *sel, float *w) {
   extern __shared__ __align__(16) float sm[];
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   float *xs = sm, *logit = sm + H;
   __shared__ float red[32];
   int t = blockIdx.x;
@@ -167,5 +178,5 @@ void launch_router(const float *x, int T, const bf16 *norm_w, float eps, const b
   if (smem > 48 * 1024) cudaFuncSetAttribute(router_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
   // a warp per expert: batch-1 decode waits on this kernel's latency
   int threads = E * 32 < 1024 ? E * 32 : 1024;
-  router_kernel<<<T, threads, smem, s>>>(x, norm_w, eps, W, bias, H, E, K, xn, xn_lo, xnf, sel, w);
+  launch_pdl(router_kernel, dim3(T), dim3(threads), smem, s, x, norm_w, eps, W, bias, H, E, K, xn, xn_lo, xnf, sel, w);
 }

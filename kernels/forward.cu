@@ -690,8 +690,13 @@ static gptoss_status decode_launches(gptoss_model *m, cuda_session *cs, const gp
   decode_layer ops(cm);
   ops.cs = cs; ops.sliding = m->cfg.layer_sliding; ops.lr = lr;
   ops.ls = {cs->l_tok, cs->d_sel, d.K, cs->l_u, lr, st};
-  for (int l = 0; l < d.L; l++) TRY(layer_sequence(ops, l));
-  launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
+  {
+    // each kernel starts while the one before finishes (common.cuh); the
+    // sampler's kernels after are launched plainly
+    pdl_scope pdl(cm->pdl != 0);
+    for (int l = 0; l < d.L; l++) TRY(layer_sequence(ops, l));
+    launch_gemv_bf16(cs->d_x, cm->norm, d.eps, cm->lm_head, NULL, cs->logits, d.V, d.H, NULL, st);
+  }
   cuda_prof_mark("dec lm_head", st);
   launch_sample(cs->logits, 1, d.V, cs->params, host_params, cs->hist_ptr, cs->hist_len, &cm->sw, cs->next, st, cm->sw.keys_in);
   cuda_prof_mark("dec sample", st);

@@ -430,6 +430,8 @@ __device__ __forceinline__ void fp4_rows_dot(const uint8_t *const *rows, const u
 __global__ void __launch_bounds__(GU_WARPS * 32)
 moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d, const float *delta, float *act) {
   extern __shared__ __align__(16) float xs[];
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   for (int i = threadIdx.x; i < d.H / 4; i += blockDim.x)
     reinterpret_cast<float4 *>(xs)[i] = reinterpret_cast<const float4 *>(xn)[i];
   __syncthreads();
@@ -454,7 +456,7 @@ moe_gate_up_decode_kernel(const float *xn, const int32_t *sel, dlayer l, dims d,
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, const float *delta, float *act,
                                cudaStream_t s) {
   dim3 grid(d->K, (d->I + GU_WARPS - 1) / GU_WARPS);
-  moe_gate_up_decode_kernel<<<grid, GU_WARPS * 32, sizeof(float) * d->H, s>>>(xn, sel, *l, *d, delta, act);
+  launch_pdl(moe_gate_up_decode_kernel, grid, dim3(GU_WARPS * 32), sizeof(float) * d->H, s, xn, sel, *l, *d, delta, act);
 }
 
 #define DN_WARPS 8
@@ -464,6 +466,8 @@ void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer
 __global__ void __launch_bounds__(DN_WARPS * 32)
 moe_down_decode_kernel(const float *act, const int32_t *sel, const float *w, dlayer l, dims d, float *x) {
   extern __shared__ __align__(16) float as[];
+  pdl_trigger();   // decode launches these with launch_pdl (common.cuh)
+  pdl_wait();
   for (int i = threadIdx.x; i < d.K * d.I / 4; i += blockDim.x)
     reinterpret_cast<float4 *>(as)[i] = reinterpret_cast<const float4 *>(act)[i];
   __syncthreads();
@@ -515,7 +519,7 @@ void launch_moe_down_decode(const float *act, const int32_t *sel, const float *w
                             cudaStream_t s) {
   size_t smem = sizeof(float) * (size_t)d->K * d->I;
   if (smem > 48 * 1024) cudaFuncSetAttribute(moe_down_decode_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-  moe_down_decode_kernel<<<(d->H + DN_WARPS - 1) / DN_WARPS, DN_WARPS * 32, smem, s>>>(act, sel, w, *l, *d, x);
+  launch_pdl(moe_down_decode_kernel, dim3((d->H + DN_WARPS - 1) / DN_WARPS), dim3(DN_WARPS * 32), smem, s, act, sel, w, *l, *d, x);
 }
 // }======================================================
 

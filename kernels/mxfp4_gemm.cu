@@ -353,38 +353,49 @@ portable_kernel(const bf16 *__restrict__ hi, const bf16 *__restrict__ lo, const 
   }
 }
 
-// whether this binary's code for the current device has the wgmma kernel
-// (sm_90a SASS), asked of the device once: the compute_80 or compute_90 PTX
-// that other GPUs (and a portable build on the H100) run has not
-__global__ void wgmma_probe(int *out) {
-#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  *out = 1;
+// What this binary's code for the current device is, asked of the device
+// once: the compute capability it was compiled for (__CUDA_ARCH__, e.g. 800
+// for the compute_80 PTX that other GPUs, and a portable build on the H100,
+// run) and whether it has sm_90a's features (the wgmma kernel)
+__global__ void code_probe(int *out) {
+#if defined(__CUDA_ARCH__)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 2 * __CUDA_ARCH__ + 1;
 #else
-  *out = 0;
+  *out = 2 * __CUDA_ARCH__;
+#endif
 #endif
 }
 
-static int wgmma_on[64];   // per device: 0 unknown, 1 yes, 2 no
+static int code_of[64];   // per device: 0 unknown, else the probe's answer
 
-static cudaError_t has_wgmma(bool *yes, cudaStream_t s) {
+static cudaError_t device_code(int *code, cudaStream_t s) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
-  if (!wgmma_on[dev]) {
+  if (!code_of[dev]) {
     int *d = NULL, h = 0;
     if ((err = cudaMalloc((void **)&d, sizeof(int))) != cudaSuccess) return err;
-    wgmma_probe<<<1, 1, 0, s>>>(d);
+    code_probe<<<1, 1, 0, s>>>(d);
     err = cudaGetLastError();
     if (err == cudaSuccess) err = cudaMemcpyAsync(&h, d, sizeof(int), cudaMemcpyDeviceToHost, s);
     if (err == cudaSuccess) err = cudaStreamSynchronize(s);
     cudaFree(d);
     if (err != cudaSuccess) return err;
-    wgmma_on[dev] = h ? 1 : 2;
+    code_of[dev] = h;
   }
+  *code = code_of[dev];
+  return cudaSuccess;
+}
+
+static cudaError_t has_wgmma(bool *yes, cudaStream_t s) {
+  int code = 0;
+  cudaError_t err = device_code(&code, s);
+  if (err != cudaSuccess) return err;
   // GPTOSS_CUDA_PORTABLE=1: the portable kernel on a Hopper too (to check it there)
   const char *force = getenv("GPTOSS_CUDA_PORTABLE");
-  *yes = wgmma_on[dev] == 1 && !(force && *force && strcmp(force, "0") != 0);
+  *yes = (code & 1) && !(force && *force && strcmp(force, "0") != 0);
   return cudaSuccess;
 }
 // }======================================================
@@ -423,3 +434,10 @@ cudaError_t launch_mxfp4_gemm(const bf16 *hi, const bf16 *lo, const moe_work *w,
 }
 
 cudaError_t mxfp4_gemm_has_wgmma(bool *yes, cudaStream_t s) { return has_wgmma(yes, s); }
+
+cudaError_t pdl_supported(bool *yes, cudaStream_t s) {
+  int code = 0;
+  cudaError_t err = device_code(&code, s);
+  *yes = err == cudaSuccess && code / 2 >= 900;
+  return err;
+}

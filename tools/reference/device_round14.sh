@@ -1,11 +1,15 @@
 #!/bin/bash
 # Device, fourteenth round: issue 22's prefill on tensor cores (branch
 # prefill-tc: the experts through mxfp4_gemm.cu's wgmma kernel, attention in
-# flash_attention.cu's prefill tiles, the embedding table in host memory).
+# flash_attention.cu's prefill tiles, the embedding table in host memory;
+# packing on CUDA) and the decode step by programmatic dependent launch
+# (branch decode-pdl, on top of it).
 # First the checks: kernels_test (the new kernels against double precision)
 # and every #gpu spec; then the measures, each new path against the one it
-# replaces in the same run (GPTOSS_MOE_GEMM=wmma, GPTOSS_PREFILL_ATTENTION=split),
+# replaces in the same run (GPTOSS_MOE_GEMM=wmma, GPTOSS_PREFILL_ATTENTION=split,
+# GPTOSS_PDL=0),
 # the stage profile, and bench/llm.lua's targets' table with transformers.
+# GPTOSS_EMBED=device compares the embedding table on the device.
 # Carry .device-kit and .carry (bundle.tar.xz with build/cuda/kernels_test:
 # tar -cJf .carry/bundle.tar.xz tokenizer build/lua5.4/gptoss build/luajit/gptoss build/cuda/kernels_test).
 set -u
@@ -25,6 +29,16 @@ for v in "new" "GPTOSS_MOE_GEMM=wmma" "GPTOSS_PREFILL_ATTENTION=split" "GPTOSS_M
   [ "$v" = new ] && e="" || e="$v"
   env $e GPTOSS_PROFILE=1 timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b prefill exact > $OUT/prefill_$(echo $v | tr ' =' '_-').txt 2>&1
   echo "== prefill, $v: rc=$?"; grep -aE "total|tok/s|moe|attention" $OUT/prefill_$(echo $v | tr ' =' '_-').txt | head -8
+done
+# batch-1 decode (256 steps after 512 tokens) with and without PDL; 64
+# sessions with the wgmma experts and with moe.cu's GEMM
+for v in "new" "GPTOSS_PDL=0"; do
+  [ "$v" = new ] && e="" || e="$v"
+  echo "== decode, $v: $(env $e timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b decode exact 256 2>&1 | tail -1)"
+done
+for v in "new" "GPTOSS_MOE_GEMM=wmma"; do
+  [ "$v" = new ] && e="" || e="$v"
+  echo "== 64 sessions x 16 steps, $v: $(env $e timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b batch exact 64 16 2>&1 | tail -1)"
 done
 t=$(( $(left) - 10 )); [ $t -gt 300 ] && t=300
 [ $t -gt 60 ] && BENCH_RESULTS=$OUT/results_exact.md timeout $t lua5.4 bench/llm.lua /tmp/gptoss-20b cuda:0 exact > $OUT/llm.txt 2>&1

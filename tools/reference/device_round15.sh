@@ -1,0 +1,18 @@
+#!/bin/bash
+# Device, fifteenth round: gpt-oss-120b's shape on one GPU (issue 22: loads,
+# runs, decodes at >= 250 tok/s; issue 24: weights, one 8k session, memory
+# reported). The checkpoint is about 65 GB: more than a one-GPU machine's
+# 64 GiB disk holds beside the rest, so it is written to /dev/shm, which
+# wants the RAM of a two-GPU machine (run with kind nvidia-h100-x2; the
+# model uses cuda:0 alone). Carry .device-kit and .carry (bundle.tar.xz).
+set -u
+source tools/reference/device_env.sh
+round_clock 580
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,memory.total --format=csv,noheader | tee $OUT/device.txt
+df -h /dev/shm | tail -1; free -g | head -2
+dir=/dev/shm/gptoss-120b
+[ -f $dir/config.json ] || timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer >/dev/null
+echo "120B checkpoint rc=$? at $(( $(date +%s) - T0 )) s: $(du -sh $dir | cut -f1)"
+t=$(( $(left) - 10 ))
+BENCH_HF=0 BENCH_RESULTS=$OUT/results_120b.md timeout $t lua5.4 bench/llm.lua $dir cuda:0 exact > $OUT/llm_120b.txt 2>&1
+echo "bench/llm.lua (120b) rc=$? at $(( $(date +%s) - T0 )) s"; tail -30 $OUT/llm_120b.txt
