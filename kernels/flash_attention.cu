@@ -508,7 +508,7 @@ __device__ __forceinline__ void load_q(afrag<D> &q, const float *src, int ld, in
 
 // grid (query tiles of 16, Hkv), a warp per query head of the group (8 at most)
 template <int D, bool SPLIT, typename KT>
-__global__ void __launch_bounds__(8 * 32) prefill_kernel(flash_prefill_args a) {
+__global__ void __launch_bounds__(8 * 32, 2) prefill_kernel(flash_prefill_args a) {
   constexpr int TILE = BK * D * 2, NS = SPLIT ? 2 : 1;
   extern __shared__ __align__(128) unsigned char sm[];
   const uint32_t s = smem_addr(sm);
