@@ -458,43 +458,42 @@ gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int3
   if (rc) return rc;
   cudaStream_t st = cm->stream;
   CU(cudaSetDevice(cm->dev));
-  for (int i = 0; i < n; i++)
-    if (gptoss_sampler_params(smp[i])->n_bias > SAMPLE_BIAS_CAP)
+  int any_bias = 0;
+  for (int i = 0; i < n; i++) {
+    int b = gptoss_sampler_params(smp[i])->n_bias;
+    if (b > SAMPLE_BIAS_CAP)
       return gptoss_fail(GPTOSS_EUNSUP, "sampler %d: more than %d logit biases on CUDA", i + 1, SAMPLE_BIAS_CAP);
+    any_bias |= b > 0;
+  }
   const int32_t **hp = (const int32_t **)malloc(sizeof(int32_t *) * cm->ws_out);
-  int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * cm->ws_out), *bid = NULL;
-  float *bval = NULL;
-  if (!hp || !hl) { free(hp); free(hl); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
+  int32_t *hl = (int32_t *)malloc(sizeof(int32_t) * cm->ws_out);
+  int32_t *bid = any_bias ? (int32_t *)malloc(sizeof(int32_t) * SAMPLE_BIAS_CAP) : NULL;
+  float *bval = any_bias ? (float *)malloc(sizeof(float) * SAMPLE_BIAS_CAP) : NULL;
+  if (!hp || !hl || (any_bias && (!bid || !bval))) {
+    free(hp); free(hl); free(bid); free(bval);
+    return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
+  }
   // in groups of rows whose logit biases fit the workspace together: each
-  // session's logits, then the samplers' parameters and biases
+  // session's logits, then the samplers' parameters and biases (a sampler
+  // draws its seed here, so a row is taken only once it is known to fit)
   int done = 0;
   cudaError_t e = cudaSuccess;
   while (done < n && e == cudaSuccess) {
     int rows = 0, nb = 0;
-    while (done + rows < n && rows < cm->ws_out) {
-      int b = gptoss_sampler_params(smp[done + rows])->n_bias;
-      if (nb + b > SAMPLE_BIAS_CAP) break;
-      nb += b;
-      rows++;
-    }
-    if (nb && !bid) {
-      bid = (int32_t *)malloc(sizeof(int32_t) * SAMPLE_BIAS_CAP);
-      bval = (float *)malloc(sizeof(float) * SAMPLE_BIAS_CAP);
-      if (!bid || !bval) { free(hp); free(hl); free(bid); free(bval); return gptoss_fail(GPTOSS_ENOMEM, "out of memory"); }
-    }
-    nb = 0;
-    for (int i = 0; i < rows && e == cudaSuccess; i++) {
-      const gptoss_sampling *p = gptoss_sampler_params(smp[done + i]);
-      e = cudaMemcpyAsync(cm->logits + (size_t)i * d.V, session_of(ss[done + i])->logits, sizeof(float) * d.V, cudaMemcpyDeviceToDevice, st);
-      to_gpu_params(p, smp[done + i], &cm->params_host[i]);
-      cm->params_host[i].bias_off = nb;
+    for (; done + rows < n && rows < cm->ws_out && e == cudaSuccess; rows++) {
+      const gptoss_sampling *p = gptoss_sampler_params(smp[done + rows]);
+      if (nb + p->n_bias > SAMPLE_BIAS_CAP) break;
+      e = cudaMemcpyAsync(cm->logits + (size_t)rows * d.V, session_of(ss[done + rows])->logits, sizeof(float) * d.V,
+                          cudaMemcpyDeviceToDevice, st);
+      to_gpu_params(p, smp[done + rows], &cm->params_host[rows]);
+      cm->params_host[rows].bias_off = nb;
       if (p->n_bias) {
         memcpy(bid + nb, p->bias_ids, sizeof(int32_t) * p->n_bias);
         memcpy(bval + nb, p->bias_values, sizeof(float) * p->n_bias);
         nb += p->n_bias;
       }
-      hp[i] = session_of(ss[done + i])->hist;
-      hl[i] = ss[done + i]->pos;
+      hp[rows] = session_of(ss[done + rows])->hist;
+      hl[rows] = ss[done + rows]->pos;
     }
     if (e == cudaSuccess) e = cudaMemcpyAsync(cm->params_dev, cm->params_host, sizeof(gpu_sampling) * rows, cudaMemcpyHostToDevice, st);
     if (e == cudaSuccess) e = cudaMemcpyAsync(cm->hist_arr, hp, sizeof(int32_t *) * rows, cudaMemcpyHostToDevice, st);
