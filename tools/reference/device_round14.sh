@@ -1,9 +1,10 @@
 #!/bin/bash
-# Device, fourteenth round: issue 22's prefill on tensor cores (branch
-# prefill-tc: the experts through mxfp4_gemm.cu's wgmma kernel, attention in
-# flash_attention.cu's prefill tiles, the embedding table in host memory;
-# packing on CUDA) and the decode step by programmatic dependent launch
-# (branch decode-pdl, on top of it).
+# Device, fourteenth round, for branch decode-pdl (everything on it waits
+# for this run): issue 22's prefill on tensor cores (the experts through
+# mxfp4_gemm.cu's wgmma kernel, attention in flash_attention.cu's prefill
+# tiles, the embedding table in host memory), the decode step by
+# programmatic dependent launch, issue 24's packing on CUDA, and
+# cuda_sample's one pass.
 # First the checks: kernels_test (the new kernels against double precision)
 # and every #gpu spec; then the measures, each new path against the one it
 # replaces in the same run (GPTOSS_MOE_GEMM=wmma, GPTOSS_PREFILL_ATTENTION=split,
