@@ -322,9 +322,15 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   // (pinned and mapped): a token reads one row of it (5.6 KB on the 20B),
   // which PCIe brings in microseconds, and its 1.16 GB stay off the device.
   // Tied to lm_head, it is on the device anyway; GPTOSS_EMBED=device keeps
-  // it there too (to compare).
+  // it there too (to compare), and so does a host that cannot pin that
+  // much (a locked-memory limit). model:memory() counts device memory only.
   const char *emb = getenv("GPTOSS_EMBED");
   bool embed_host = m->lm_head != m->embed && !(emb && strcmp(emb, "device") == 0);
+  if (embed_host && cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined)) {
+    cudaGetLastError();   // not sticky; cleared so that the next check does not see it
+    cm->embed_host = NULL;
+    embed_host = false;
+  }
   size_t embed_off = off;
   if (!embed_host) {
     items[nit++] = {m->embed->data, m->embed->nbytes, off};
@@ -371,8 +377,6 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
 #undef AT
   }
   if (embed_host) {
-    e = cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined);
-    if (e != cudaSuccess) return cuda_fail(e, "the embedding table in host memory", __FILE__, __LINE__);
     memcpy(cm->embed_host, m->embed->data, m->embed->nbytes);
     void *dp = NULL;
     CU(cudaHostGetDevicePointer(&dp, cm->embed_host, 0));

@@ -10,6 +10,9 @@
 // the most tokens one pass takes: the workspace is sized for this many
 #define PASS_TOKENS 2048
 #define FLASH_MIN_RUN 16
+// a run whose tiles' blocks do not fill the GPU takes them only if its keys
+// are this few: each block walks all of them, unsplit (below: the split kernel)
+#define FLASH_SHORT_KEYS 1024
 #define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
 
 struct cuda_model {

@@ -163,7 +163,7 @@ template <typename... P, typename... A>
 cudaError_t launch_pdl(void (*kernel)(P...), dim3 grid, dim3 block, size_t smem, cudaStream_t s, A... args) {
   if (!pdl_on) {
     kernel<<<grid, block, smem, s>>>(args...);
-    return cudaGetLastError();
+    return cudaPeekAtLastError();   // left set for the caller's LAUNCHED(), as a launch error is in PDL mode
   }
   cudaLaunchAttribute at[1];
   at[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
@@ -460,6 +460,7 @@ struct flash_prefill_args {
   float scale;
   float *att;                      // [n][Q]
 };
+#define FLASH_PREFILL_QUERIES 16   // a block's queries: a launch is ceil(n / 16) x Hkv blocks
 // whether launch_flash_prefill takes this shape (head size, heads a group)
 bool flash_prefill_supported(int D, int Hq, int Hkv);
 cudaError_t launch_flash_prefill(const flash_prefill_args *a, cudaStream_t s);

@@ -5,10 +5,24 @@
 // cpu_route() in csrc/cpu/kernels.c.
 #include "common.cuh"
 
-__global__ void embed_kernel(const int32_t *ids, const bf16 *embed, float *x, int H) {
+// The table may be in host memory the GPU reads across PCIe (backend.cu):
+// where rows are whole 16-byte pieces, each thread takes one piece at a
+// time, so a row is a few round trips rather than one per element.
+__global__ void embed_kernel(const int32_t *__restrict__ ids, const bf16 *__restrict__ embed, float *__restrict__ x, int H) {
   int t = blockIdx.x;
   const bf16 *row = embed + (size_t)ids[t] * H;
-  for (int i = threadIdx.x; i < H; i += blockDim.x) x[(size_t)t * H + i] = __bfloat162float(row[i]);
+  float *out = x + (size_t)t * H;
+  if (H % 8) {
+    for (int i = threadIdx.x; i < H; i += blockDim.x) out[i] = __bfloat162float(row[i]);
+    return;
+  }
+  for (int c = threadIdx.x; c < H / 8; c += blockDim.x) {
+    uint4 u = reinterpret_cast<const uint4 *>(row)[c];
+    const __nv_bfloat162 *p = reinterpret_cast<const __nv_bfloat162 *>(&u);
+    float2 a = __bfloat1622float2(p[0]), b = __bfloat1622float2(p[1]), e = __bfloat1622float2(p[2]), f = __bfloat1622float2(p[3]);
+    reinterpret_cast<float4 *>(out)[2 * c] = make_float4(a.x, a.y, b.x, b.y);
+    reinterpret_cast<float4 *>(out)[2 * c + 1] = make_float4(e.x, e.y, f.x, f.y);
+  }
 }
 
 void launch_embed(const int32_t *ids, int T, const bf16 *embed, float *x, int H, cudaStream_t s) {
@@ -38,9 +52,11 @@ gemv_bf16_kernel(const float *x, const bf16 *norm_w, float eps, const bf16 *W, c
   pdl_trigger();   // decode launches this with launch_pdl (common.cuh)
   {
     // the weights need no earlier result: each warp's first two rows head
-    // for L2 while the kernel before this one finishes
+    // for L2 while the kernel before this one finishes; where the whole
+    // matrix fits in about half of L2 (qkv, o: 30 and 24 MB on the 20B),
+    // not lm_head's 1.16 GB, whose first rows alone would be twice L2
     int r0 = (blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * 2;
-    if ((threadIdx.x & 31) == 0 && r0 < rows)
+    if ((threadIdx.x & 31) == 0 && r0 < rows && (size_t)rows * cols * sizeof(bf16) <= ((size_t)32 << 20))
       prefetch_l2(W + (size_t)r0 * cols, (uint32_t)((rows - r0 < 2 ? rows - r0 : 2) * cols * sizeof(bf16)));
   }
   pdl_wait();

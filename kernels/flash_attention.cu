@@ -446,7 +446,7 @@ template <int D, bool SPLIT> cudaError_t bwd(const flash_args &a, cudaStream_t s
 // pass it is in. Positions a tile covers that no query of the block sees
 // are loaded as zeros: on a sliding layer the ring holds other positions
 // there (or nothing yet).
-constexpr int PQ = 16;   // queries a block
+constexpr int PQ = FLASH_PREFILL_QUERIES;
 
 __device__ __forceinline__ uint32_t split_word(float a, float b, uint32_t *lo, bool split) {
   return split_pair(a, b, split ? lo : NULL);

@@ -221,13 +221,18 @@ struct batch_layer : layer_ops {
       return GPTOSS_OK;
     }
     // a session's run of FLASH_MIN_RUN or more consecutive positions (a
-    // prompt's chunk) goes to the tiles (flash_attention.cu); the tokens
-    // between such runs (decode steps, short feeds) to the split kernel
+    // prompt's chunk) goes to the tiles (flash_attention.cu), unless their
+    // blocks would not fill the GPU and each would walk many keys (a short
+    // turn deep in a long context), where the split kernel, which splits
+    // the keys, is faster; the tokens between such runs (decode steps,
+    // short feeds) go to the split kernel too
     int rest = 0;
     for (int t0 = 0; t0 < T;) {
       int u = t0 + 1;
       while (u < T && hsess[u] == hsess[t0] && hpos[u] == hpos[u - 1] + 1) u++;
-      if (u - t0 >= FLASH_MIN_RUN) {
+      int n = u - t0, keys = sliding[l] ? d.window + n : hpos[t0] + n;
+      int blocks = (n + FLASH_PREFILL_QUERIES - 1) / FLASH_PREFILL_QUERIES * d.Hkv;
+      if (n >= FLASH_MIN_RUN && (blocks >= cm->sms || keys <= FLASH_SHORT_KEYS)) {
         if (rest < t0) keys_split(a, y, span, rest, t0);
         flash_prefill_args f;
         memset(&f, 0, sizeof f);

@@ -367,13 +367,13 @@ __global__ void code_probe(int *out) {
 #endif
 }
 
-static int code_of[64];   // per device: 0 unknown, else the probe's answer
+static int code_of[65];   // per device (cuda:0 .. cuda:64, as model.c accepts): 0 unknown, else the probe's answer
 
 static cudaError_t device_code(int *code, cudaStream_t s) {
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev < 0 || dev >= 64) return cudaErrorInvalidDevice;
+  if (dev < 0 || dev >= 65) return cudaErrorInvalidDevice;
   if (!code_of[dev]) {
     int *d = NULL, h = 0;
     if ((err = cudaMalloc((void **)&d, sizeof(int))) != cudaSuccess) return err;

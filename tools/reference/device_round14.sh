@@ -41,6 +41,25 @@ for v in "new" "GPTOSS_MOE_GEMM=wmma"; do
   [ "$v" = new ] && e="" || e="$v"
   echo "== 64 sessions x 16 steps, $v: $(env $e timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b batch exact 64 16 2>&1 | tail -1)"
 done
+# a short turn deep in a long context (32 tokens after 8,000): the tiles
+# must not be slower there than the split kernel (forward.cu's routing)
+cat > /tmp/turn.lua <<'LUA'
+local gptoss = require "gptoss"
+local m = assert(gptoss.load(arg[1], { device = "cuda:0", context = 9000 }))
+local s = m:session { context = 9000 }
+local ids = {}
+for i = 1, 8000 do ids[i] = 1000 + i % 5000 end
+s:feed(ids, "none")
+local turn = {}
+for i = 1, 32 do turn[i] = 300 + i end
+local t0 = gptoss.core.clock()
+for _ = 1, 5 do s:rewind(8000); s:feed(turn, "last") end
+print(string.format("32-token turn at 8000: %.2f ms", (gptoss.core.clock() - t0) / 5 * 1e3))
+LUA
+for v in "new" "GPTOSS_PREFILL_ATTENTION=split"; do
+  [ "$v" = new ] && e="" || e="$v"
+  echo "== $v: $(env $e timeout 60 lua5.4 /tmp/turn.lua /tmp/gptoss-20b 2>&1 | tail -1)"
+done
 t=$(( $(left) - 10 )); [ $t -gt 300 ] && t=300
 [ $t -gt 60 ] && BENCH_RESULTS=$OUT/results_exact.md timeout $t lua5.4 bench/llm.lua /tmp/gptoss-20b cuda:0 exact > $OUT/llm.txt 2>&1
 echo "bench/llm.lua rc=$? at $(( $(date +%s) - T0 )) s"; tail -30 $OUT/llm.txt
