@@ -10,6 +10,8 @@ source tools/reference/device_env.sh
 round_clock 580
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,memory.total --format=csv,noheader | tee $OUT/device.txt
 df -h /dev/shm | tail -1; free -g | head -2
+# for issue 24's quantizer check: is OpenAI's triton_kernels (downcast_to_mxfp) importable here?
+python3 -c "import importlib.util as u, triton; print('triton', triton.__version__, 'triton_kernels:', bool(u.find_spec('triton_kernels')))" 2>&1 | tail -1
 dir=/dev/shm/gptoss-120b
 [ -f $dir/config.json ] || timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer >/dev/null
 echo "120B checkpoint rc=$? at $(( $(date +%s) - T0 )) s: $(du -sh $dir | cut -f1)"
