@@ -100,7 +100,7 @@ $(BUILD)/cuda/cuda.so: $(CUDA_OBJ)
 # each kernel against a double-precision CPU computation (run on the GPU machine)
 # the kernels alone, without the engine (backend.o, forward.o, lora.o and
 # the trainer's train*.o call into it)
-KTEST_OBJ := $(filter-out $(BUILD)/cuda/backend.o $(BUILD)/cuda/comm.o $(BUILD)/cuda/forward.o $(BUILD)/cuda/train%.o $(BUILD)/cuda/lora.o,$(CUDA_OBJ))
+KTEST_OBJ := $(filter-out $(BUILD)/cuda/backend.o $(BUILD)/cuda/comm.o $(BUILD)/cuda/forward.o $(BUILD)/cuda/decode.o $(BUILD)/cuda/train%.o $(BUILD)/cuda/lora.o,$(CUDA_OBJ))
 $(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(KTEST_OBJ) kernels/common.cuh
 	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(KTEST_OBJ) -cudart static
 

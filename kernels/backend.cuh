@@ -122,9 +122,36 @@ void free_workspace(cuda_model *cm);
 gptoss_status ensure_workspace(cuda_model *cm, int T, int S);
 gptoss_status cuda_run(const gptoss_plan *p);
 gptoss_status cuda_sample(gptoss_session **ss, int n, gptoss_sampler **smp, int32_t *outids);
+// a sampler's parameters for the GPU, its seed drawn
+void to_gpu_params(const gptoss_sampling *p, gptoss_sampler *smp, gpu_sampling *g);
+// decode.cu
 gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, int32_t *next);
 // the communicator of a model split over these GPUs (comm.cu)
 gptoss_status cuda_comm_new(const int *devices, int n, gptoss_comm **out);
 // what lora.cu needs to make adapters' device copies (adapters: whether
 // sessions use them, which gives back the trainer's memory first)
 lora_view adapter_view(cuda_model *cm, int adapters);
+
+// Where a forward's LoRA passes find their adapters (forward.cu, decode.cu):
+// each token's table, the router's choices (K a token) and the rank
+// products' rows (u, rmax)
+struct lora_site {
+  const dlora_mod *const *tok;
+  const int32_t *sel;
+  int K;
+  float *u;
+  int rmax;
+  cudaStream_t stream;
+};
+
+// one delta pass (lora_pass_of's arguments)
+static inline void lora_run(const lora_site &w, int l, int nm, const int *mods, const int *ooffs, int n, const int32_t *perm,
+                            const float *xf, const bf16 *xh, const bf16 *xl, int in_sorted, float *out, int ostride, int mode,
+                            int outs) {
+  lora_pass p = lora_pass_of(w.tok, l, nm, mods, ooffs, n, perm, w.sel, w.K, xf, xh, xl, in_sorted, w.u, w.rmax, out, ostride, mode);
+  launch_lora(&p, outs, w.stream);
+}
+
+// the modules of each LoRA pass (q, k and v share one), as lora_pass takes them
+static const int qkv_mods[3] = {GPTOSS_LORA_Q, GPTOSS_LORA_K, GPTOSS_LORA_V};
+static const int mod_o = GPTOSS_LORA_O, mod_gu = GPTOSS_LORA_GU, mod_dn = GPTOSS_LORA_DN, off0 = 0;
