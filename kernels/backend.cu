@@ -205,6 +205,13 @@ out:
 // }======================================================
 
 // {====================================================== model
+// whether environment variable name is set to value (the switches that
+// put back the code a new path replaces, to compare)
+static bool env_is(const char *name, const char *value) {
+  const char *v = getenv(name);
+  return v && strcmp(v, value) == 0;
+}
+
 static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o) {
   if (m->device_index < 0 || m->device_index >= LOST_DEVICES)
     return gptoss_fail(GPTOSS_EARG, "device cuda:%d: at most cuda:%d", m->device_index, LOST_DEVICES - 1);
@@ -257,17 +264,13 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
     // sums, splits of fixed length); GPTOSS_MOE_GEMM=wmma keeps moe.cu's own
     // GEMM on Hopper too, GPTOSS_PREFILL_ATTENTION=split the split kernel
     // for prompts (to compare)
-    bool wg = false;
-    const char *gemm = getenv("GPTOSS_MOE_GEMM");
+    bool wg = false, pdl = false;
     CU(mxfp4_gemm_has_wgmma(&wg, cm->stream));
-    cm->moe_wgmma = wg && !cm->invariant && !(gemm && strcmp(gemm, "wmma") == 0)
-                    && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
-    const char *att = getenv("GPTOSS_PREFILL_ATTENTION");
-    cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !(att && strcmp(att, "split") == 0);
-    bool pdl = false;
-    const char *pe = getenv("GPTOSS_PDL");
     CU(pdl_supported(&pdl, cm->stream));
-    cm->pdl = pdl && !(pe && strcmp(pe, "0") == 0);
+    cm->moe_wgmma = wg && !cm->invariant && !env_is("GPTOSS_MOE_GEMM", "wmma")
+                    && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
+    cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !env_is("GPTOSS_PREFILL_ATTENTION", "split");
+    cm->pdl = pdl && !env_is("GPTOSS_PDL", "0");
   }
   d.kv32 = o->precision != GPTOSS_PRECISION_FAST;
   size_t free_b, total_b;
@@ -324,8 +327,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   // Tied to lm_head, it is on the device anyway; GPTOSS_EMBED=device keeps
   // it there too (to compare), and so does a host that cannot pin that
   // much (a locked-memory limit). model:memory() counts device memory only.
-  const char *emb = getenv("GPTOSS_EMBED");
-  bool embed_host = m->lm_head != m->embed && !(emb && strcmp(emb, "device") == 0);
+  bool embed_host = m->lm_head != m->embed && !env_is("GPTOSS_EMBED", "device");
   if (embed_host && cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined)) {
     cudaGetLastError();   // not sticky; cleared so that the next check does not see it
     cm->embed_host = NULL;

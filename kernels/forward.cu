@@ -44,6 +44,7 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
   int outrows = 64;
   // attention partials: T <= 64 tokens may split their keys up to 64 ways
   size_t prows = (size_t)(nt > 64 * 64 ? nt : 64 * 64) * d.Hq;
+  size_t sorted = cm->moe_wgmma ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0;
   size_t sz[] = {
     sizeof(float) * nt * d.H,                     // x
     sizeof(float) * nt * (d.Q + 2 * d.KV),        // qkv
@@ -68,8 +69,7 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
     sizeof(int32_t) * SAMPLE_BIAS_CAP, sizeof(float) * SAMPLE_BIAS_CAP,     // logit bias
     sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
     // the wgmma experts' sorted operands (bf16 hi, lo) and fp32 products (gate_up, then down)
-    cm->moe_wgmma ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0, cm->moe_wgmma && cm->split ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0,
-    cm->moe_wgmma ? sizeof(float) * TK * (2 * d.I > d.H ? 2 * d.I : d.H) : 0,
+    sorted, cm->split ? sorted : 0, cm->moe_wgmma ? sizeof(float) * TK * (2 * d.I > d.H ? 2 * d.I : d.H) : 0,
   };
   size_t total = 0;
   for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);

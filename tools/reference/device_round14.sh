@@ -16,15 +16,14 @@
 set -u
 source tools/reference/device_env.sh
 round_clock 560
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit --format=csv,noheader | tee $OUT/device.txt
+gpu_line
 timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1; echo "kernels_test rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "prefill tiles|wgmma|FAIL|all ok|CUDA" $OUT/kernels_test.log | head -40
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)
 timeout ${SPECS_S:-170} $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -30
-[ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
-echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+need_20b
 # prefill of 2,048 tokens, each path against the one it replaces
 for v in "new" "GPTOSS_MOE_GEMM=wmma" "GPTOSS_PREFILL_ATTENTION=split" "GPTOSS_MOE_GEMM=wmma GPTOSS_PREFILL_ATTENTION=split"; do
   [ "$v" = new ] && e="" || e="$v"
