@@ -1,10 +1,12 @@
 #!/bin/bash
 # Device, fifteenth round: gpt-oss-120b's shape on one GPU (issue 22: loads,
 # runs, decodes at >= 250 tok/s; issue 24: weights, one 8k session, memory
-# reported). The checkpoint is about 65 GB: more than a one-GPU machine's
-# 64 GiB disk holds beside the rest, so it is written to /dev/shm, which
-# wants the RAM of a two-GPU machine (run with kind nvidia-h100-x2; the
-# model uses cuda:0 alone). Carry .device-kit and .carry (bundle.tar.xz).
+# reported). The checkpoint is 65.2 GB: more than a one-GPU machine's
+# 64 GiB disk holds beside the rest, so it goes to /dev/shm (tmpfs, half the
+# RAM by default: 64 GiB of 128) when that has room, grown by a remount
+# when not, else to the disk if that has room. The loader maps the files
+# (MAP_PRIVATE, read only), so the tmpfs pages are the only host copy.
+# Carry .device-kit and .carry (bundle.tar.xz).
 set -u
 source tools/reference/device_env.sh
 round_clock 580
@@ -12,7 +14,19 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,memory.total --form
 df -h /dev/shm | tail -1; free -g | head -2
 # for issue 24's quantizer check: is OpenAI's triton_kernels (downcast_to_mxfp) importable here?
 python3 -c "import importlib.util as u, triton; print('triton', triton.__version__, 'triton_kernels:', bool(u.find_spec('triton_kernels')))" 2>&1 | tail -1
-dir=/dev/shm/gptoss-120b
+need=66   # GB: 65.2 of tensors, the tokenizer, and a margin
+avail_gb() { df -BG --output=avail "$1" 2>/dev/null | tail -1 | tr -dc 0-9; }
+dir=""
+for base in /dev/shm /tmp; do
+  [ -f $base/gptoss-120b/config.json ] && { dir=$base/gptoss-120b; break; }
+done
+if [ -z "$dir" ]; then
+  [ "$(avail_gb /dev/shm)" -lt $need ] && mount -o remount,size=110G /dev/shm 2>&1 | tail -1
+  if [ "$(avail_gb /dev/shm)" -ge $need ]; then dir=/dev/shm/gptoss-120b
+  elif [ "$(avail_gb /tmp)" -ge $need ]; then dir=/tmp/gptoss-120b
+  else echo "no room for the 120B checkpoint: /dev/shm $(avail_gb /dev/shm) GB, /tmp $(avail_gb /tmp) GB free"; exit 3; fi
+fi
+echo "120B checkpoint goes to $dir"
 [ -f $dir/config.json ] || timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer >/dev/null
 echo "120B checkpoint rc=$? at $(( $(date +%s) - T0 )) s: $(du -sh $dir | cut -f1)"
 t=$(( $(left) - 10 ))
