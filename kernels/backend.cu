@@ -328,8 +328,17 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   // it there too (to compare), and so does a host that cannot pin that
   // much (a locked-memory limit). model:memory() counts device memory only.
   bool embed_host = m->lm_head != m->embed && !env_is("GPTOSS_EMBED", "device");
+  // The device pointer is asked for here, before the layout: a device
+  // that cannot map host memory keeps the table in the arena instead.
+  void *embed_dev = NULL;
   if (embed_host && cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined)) {
     cudaGetLastError();   // not sticky; cleared so that the next check does not see it
+    cm->embed_host = NULL;
+    embed_host = false;
+  }
+  if (embed_host && cudaHostGetDevicePointer(&embed_dev, cm->embed_host, 0)) {
+    cudaGetLastError();
+    cudaFreeHost(cm->embed_host);
     cm->embed_host = NULL;
     embed_host = false;
   }
@@ -380,9 +389,7 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   }
   if (embed_host) {
     memcpy(cm->embed_host, m->embed->data, m->embed->nbytes);
-    void *dp = NULL;
-    CU(cudaHostGetDevicePointer(&dp, cm->embed_host, 0));
-    cm->embed = (const bf16 *)dp;
+    cm->embed = (const bf16 *)embed_dev;
   } else {
     cm->embed = (const bf16 *)(cm->arena + embed_off);
   }

@@ -240,15 +240,26 @@ gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, in
   }
   if (!cs->graph || cs->graph_kind != kind || cs->graph_gen != cm->ws_gen || cs->graph_lora != lr) {
     if (cs->graph) { cudaGraphExecDestroy(cs->graph); cs->graph = NULL; }
-    cudaGraph_t g;
-    CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
-    rc = decode_launches(m, cs, cs->params_host, lr);
-    cudaError_t e = cudaStreamEndCapture(st, &g);
-    if (rc) { if (e == cudaSuccess) cudaGraphDestroy(g); return rc; }
-    if (e != cudaSuccess) return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
-    e = cudaGraphInstantiate(&cs->graph, g, 0);
-    cudaGraphDestroy(g);
-    if (e != cudaSuccess) { cs->graph = NULL; return cuda_fail(e, "instantiating the decode graph", __FILE__, __LINE__); }
+    // A driver or chip that cannot capture programmatic launches (seen on
+    // sm_120 elsewhere) gets the plain launches: once a capture with PDL
+    // fails, the model drops PDL and captures again.
+    for (;;) {
+      cudaGraph_t g;
+      CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
+      rc = decode_launches(m, cs, cs->params_host, lr);
+      cudaError_t e = cudaStreamEndCapture(st, &g);
+      if (!rc && e == cudaSuccess) {
+        e = cudaGraphInstantiate(&cs->graph, g, 0);
+        cudaGraphDestroy(g);
+        if (e == cudaSuccess) break;
+        cs->graph = NULL;
+      } else if (e == cudaSuccess) {
+        cudaGraphDestroy(g);
+      }
+      if (cm->pdl) { cudaGetLastError(); cm->pdl = 0; continue; }
+      if (rc) return rc;
+      return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
+    }
     cs->graph_kind = kind;
     cs->graph_gen = cm->ws_gen;
     cs->graph_lora = lr;
