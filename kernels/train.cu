@@ -53,16 +53,19 @@ void cuda_train_free(void *state) {
 
 // carves the buffers for T tokens out of one allocation (size only when base is NULL)
 static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
+  // T K: every token's (expert, weight) pairs; CK: the sorted rows of one
+  // chunk of the experts (moe_chunk)
   size_t off = 0, TK = (size_t)T * d.K, ldq = (size_t)d.Q + 2 * d.KV, HQ = (size_t)(d.H > d.Q ? d.H : d.Q);
-  size_t gu_n = TK * 2 * d.I > (size_t)d.V ? TK * 2 * d.I : (size_t)d.V;   // the logits of a chunk live there too
+  size_t CK = (size_t)(T < t->moe_tokens ? T : t->moe_tokens) * d.K;
+  size_t gu_n = CK * 2 * d.I > (size_t)d.V ? CK * 2 * d.I : (size_t)d.V;   // the logits of a chunk live there too
 #define CARVE_PART(p, type, n) do { if (base) p = (type *)(base + off); off += ALIGN256(sizeof(type) * (size_t)(n)); } while (0)
   CARVE_PART(t->xs, float, (size_t)(d.L + 1) * T * d.H);
   CARVE_PART(t->xn1, float, (size_t)T * d.H); CARVE_PART(t->inv1, float, T); CARVE_PART(t->dd, float, (size_t)T * d.Hq);
   CARVE_PART(t->qkv, float, T * ldq); CARVE_PART(t->att, float, (size_t)T * d.Q); CARVE_PART(t->lse, float, (size_t)T * d.Hq);
   CARVE_PART(t->xmid, float, (size_t)T * d.H); CARVE_PART(t->xn2, float, (size_t)T * d.H); CARVE_PART(t->inv2, float, T);
   CARVE_PART(t->rl, float, (size_t)T * d.E); CARVE_PART(t->w, float, TK);
-  CARVE_PART(t->xg, float, TK * d.H); CARVE_PART(t->gu, float, gu_n); CARVE_PART(t->act, float, TK * d.I);
-  CARVE_PART(t->ye, float, TK * (d.H > d.I ? d.H : d.I));   // rows of H, then of I (layer_bwd)
+  CARVE_PART(t->xg, float, CK * d.H); CARVE_PART(t->gu, float, gu_n); CARVE_PART(t->act, float, CK * d.I);
+  CARVE_PART(t->ye, float, CK * (d.H > d.I ? d.H : d.I));   // rows of H, then of I (experts_bwd)
   CARVE_PART(t->dx, float, (size_t)T * d.H); CARVE_PART(t->dxn, float, T * HQ); CARVE_PART(t->datt, float, (size_t)T * d.Q);
   CARVE_PART(t->dqkv, float, T * ldq);
   // head sizes flash_attention.cu has no tiles for: a batch of heads'
@@ -76,22 +79,25 @@ static size_t carve(trainer *t, const dims &d, int T, int rmax, char *base) {
     CARVE_PART(t->S, float, per_head * t->score_heads); CARVE_PART(t->dP, float, per_head * t->score_heads);
   }
   CARVE_PART(t->xdrop, float, T * HQ); CARVE_PART(t->tmp, float, T * HQ);
-  CARVE_PART(t->lora_h, float, TK * rmax); CARVE_PART(t->lora_dh, float, TK * rmax);   // every expert's rows at once
-  CARVE_PART(t->expert_ax[0], float, TK * rmax); CARVE_PART(t->expert_ax[1], float, TK * rmax);
+  {
+    size_t rows = CK > (size_t)T ? CK : (size_t)T;   // a chunk's expert rows at once, or the attention LoRAs' T
+    CARVE_PART(t->lora_h, float, rows * rmax); CARVE_PART(t->lora_dh, float, rows * rmax);
+  }
+  CARVE_PART(t->expert_ax[0], float, CK * rmax); CARVE_PART(t->expert_ax[1], float, CK * rmax);
   {
     int kc = rank_chunk(rank_rounded(rmax)), wide = 2 * d.I > d.H ? 2 * d.I : d.H;
-    CARVE_PART(t->rank_parts, float, TK * rmax * (size_t)((wide + kc - 1) / kc));   // rank_down's partial sums
+    CARVE_PART(t->rank_parts, float, CK * rmax * (size_t)((wide + kc - 1) / kc));   // rank_down's partial sums
   }
   CARVE_PART(t->grouped_ptrs, const float *, 3 * (size_t)d.E);
   CARVE_PART(t->xf, float, (size_t)T * d.H); CARVE_PART(t->lossrow, float, T);
   CARVE_PART(t->ids, int32_t, T); CARVE_PART(t->rows, int32_t, T); CARVE_PART(t->targets, int32_t, T);
   CARVE_PART(t->seg0, int32_t, T); CARVE_PART(t->pos, int32_t, T);
-  CARVE_PART(t->sel, int32_t, TK); CARVE_PART(t->invp, int32_t, TK);
+  CARVE_PART(t->sel, int32_t, TK); CARVE_PART(t->invp, int32_t, CK);
   CARVE_PART(t->mw.counts, int32_t, d.E); CARVE_PART(t->mw.offsets, int32_t, d.E + 1); CARVE_PART(t->mw.tile_offsets, int32_t, d.E + 1);
-  CARVE_PART(t->mw.cursor, int32_t, d.E); CARVE_PART(t->mw.perm, int32_t, TK);
+  CARVE_PART(t->mw.cursor, int32_t, d.E); CARVE_PART(t->mw.perm, int32_t, CK);
   t->logit_rows = (int)(gu_n / d.V);
   if (t->logit_rows > T) t->logit_rows = T;
-  size_t big = TK * (2 * d.I > d.H ? 2 * d.I : d.H);
+  size_t big = CK * (2 * d.I > d.H ? 2 * d.I : d.H);
   if ((size_t)t->logit_rows * d.V > big) big = (size_t)t->logit_rows * d.V;
   if (T * (ldq + d.Q) > big) big = T * (ldq + d.Q);   // qkv and datt, the attention backward's operands
   if (T * HQ > big) big = T * HQ;
@@ -200,6 +206,11 @@ gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const i
       free(t);
       return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the trainer's threads");
     }
+    // the experts' chunk (moe_chunk): 4,096 tokens hold 16k sorted rows,
+    // about 1.4 GB of expert buffers on the 20B, and leave sequences to 2k as
+    // one chunk; GPTOSS_TRAIN_MOE_TOKENS sets it (specs make it small)
+    const char *mt = getenv("GPTOSS_TRAIN_MOE_TOKENS");
+    t->moe_tokens = mt && atoi(mt) > 0 ? atoi(mt) : 4096;
     *v->state = t;
   }
   t->v = v;

@@ -110,9 +110,28 @@ struct trainer {
   const train_view *v;
   train_precision prec;
   int T;
+  int moe_tokens;            // the experts' chunk: buffers for T K rows of experts hold this many tokens' (moe_chunk)
   float drop;
   uint64_t drop_key;
   int packed;                // this call's sequence holds packed examples (seg0, pos)
+};
+
+// The experts run over a sequence in chunks of t->moe_tokens tokens, so that
+// their buffers (T K sorted rows of up to 2I floats, 92 KB a token on the
+// 20B) hold one chunk, not the sequence: how a 96k-token sequence fits. A
+// chunk is a view of the trainer: t->T and the per-token arrays the
+// experts read (xn2, sel, w) moved to its first token, until it ends.
+struct moe_chunk {
+  trainer *t;
+  int T;
+  float *xn2, *w;
+  int32_t *sel;
+  moe_chunk(trainer *tr, int c0) : t(tr), T(tr->T), xn2(tr->xn2), w(tr->w), sel(tr->sel) {
+    int H = t->v->d.H, K = t->v->d.K;
+    t->T = T - c0 < t->moe_tokens ? T - c0 : t->moe_tokens;
+    t->xn2 += (size_t)c0 * H; t->w += (size_t)c0 * K; t->sel += (size_t)c0 * K;
+  }
+  ~moe_chunk() { t->T = T; t->xn2 = xn2; t->w = w; t->sel = sel; }
 };
 
 // the split-bf16 rests for products rounded as r: t->lo, or NULL for bf16 alone

@@ -260,6 +260,45 @@ static gptoss_status moe_route(trainer *t) {
   return GPTOSS_OK;
 }
 
+// The experts' chunk of the sequence, moe_chunk's (t->T tokens from its
+// first), through both products: sorted by expert, gate_up, SwiGLU, down,
+// combined into xout (= xmid + the experts' weighted sum) at the chunk's
+// rows. xout NULL: the backward's recompute, which stops at what the
+// backward reads (gu, act, and the LoRAs' A x of both products).
+static gptoss_status experts_chunk(trainer *t, int l, operand_rounding r, float *xout, const float *xmid) {
+  const dims &d = t->v->d;
+  const dlayer *w = &t->v->layer[l];
+  cudaStream_t st = t->v->stream;
+  int T = t->T, TK = T * d.K;
+  dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
+  TRY(moe_route(t));
+  // the experts' inputs split once for all their rows (mxfp4_gemm.cu
+  // decodes the weights as it goes)
+  cuda_prof_mark("train moe lora and misc", st);
+  split(t, r, t->xg, TK, d.H, d.H);
+  TRY(expert_products(t, r, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, w->gu_bias, t->gu, 2 * d.I));
+  cuda_prof_mark("train experts mxfp4", st);
+  TRY(lora_experts_fwd(t, lgu, t->xg, d.H, t->gu, 2 * d.I, t->expert_ax[0]));
+  cuda_prof_mark("train gate_up fwd", st);
+  launch_swiglu(t->gu, t->act, (size_t)TK * d.I, d.limit, st);
+  cuda_prof_mark("train moe lora and misc", st);
+  if (!xout) {   // the backward needs only A act of the down product (launch_route_bwd)
+    TRY(lora_experts_ax(t, ldn, t->act, d.I, t->expert_ax[1]));
+    cuda_prof_mark("train down fwd", st);
+    CU(cudaGetLastError());
+    return GPTOSS_OK;
+  }
+  split(t, r, t->act, TK, d.I, d.I);
+  TRY(expert_products(t, r, w->dn_blocks, w->dn_scales, d.H, d.I, true, w->dn_bias, t->ye, d.H));
+  cuda_prof_mark("train experts mxfp4", st);
+  TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H, t->expert_ax[1]));
+  cuda_prof_mark("train down fwd", st);
+  launch_combine_rows(xout, xmid, t->ye, t->w, t->invp, T, d.H, d.K, st);
+  cuda_prof_mark("train moe fwd", st);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
 // The training forward's layer, from x to xout (NULL: the backward's
 // recompute, which needs only the intermediates), keeping the activations
 // the backward reads. Its products to the router are rounded as
@@ -316,40 +355,18 @@ struct train_layer_ops : layer_ops {
     TRY(router_logits(t, w));
     launch_add_bias(t->rl, d.E, w->router_b, T, d.E, st);
     launch_topk(t->rl, T, d.E, d.K, t->sel, t->w, st);
-    TRY(moe_route(t));
     cuda_prof_mark("train router fwd", st);
     return GPTOSS_OK;
   }
 
+  // the forward's experts, chunk by chunk into xout; the recompute's wait
+  // for layer_bwd, which runs them a chunk at a time beside their backward
   gptoss_status experts(int l) override {
-    const dlayer *w = &t->v->layer[l];
-    int T = t->T, TK = T * d.K;
-    operand_rounding r = rounding_experts;
-    dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
-    // the experts' inputs split once for all their rows (mxfp4_gemm.cu
-    // decodes the weights as it goes)
-    cuda_prof_mark("train moe lora and misc", st);
-    split(t, r, t->xg, TK, d.H, d.H);
-    TRY(expert_products(t, r, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, true, w->gu_bias, t->gu, 2 * d.I));
-    cuda_prof_mark("train experts mxfp4", st);
-    TRY(lora_experts_fwd(t, lgu, t->xg, d.H, t->gu, 2 * d.I, t->expert_ax[0]));
-    cuda_prof_mark("train gate_up fwd", st);
-    launch_swiglu(t->gu, t->act, (size_t)TK * d.I, d.limit, st);
-    cuda_prof_mark("train moe lora and misc", st);
-    if (!xout) {   // the backward needs only A act of the down product (launch_route_bwd)
-      TRY(lora_experts_ax(t, ldn, t->act, d.I, t->expert_ax[1]));
-      cuda_prof_mark("train down fwd", st);
-      CU(cudaGetLastError());
-      return GPTOSS_OK;
+    if (!xout) return GPTOSS_OK;
+    for (int c0 = 0; c0 < t->T; c0 += t->moe_tokens) {
+      moe_chunk c(t, c0);
+      TRY(experts_chunk(t, l, rounding_experts, xout + (size_t)c0 * d.H, t->xmid + (size_t)c0 * d.H));
     }
-    split(t, r, t->act, TK, d.I, d.I);
-    TRY(expert_products(t, r, w->dn_blocks, w->dn_scales, d.H, d.I, true, w->dn_bias, t->ye, d.H));
-    cuda_prof_mark("train experts mxfp4", st);
-    TRY(lora_experts_fwd(t, ldn, t->act, d.I, t->ye, d.H, t->expert_ax[1]));
-    cuda_prof_mark("train down fwd", st);
-    launch_combine_rows(xout, t->xmid, t->ye, t->w, t->invp, T, d.H, d.K, st);
-    cuda_prof_mark("train moe fwd", st);
-    CU(cudaGetLastError());
     return GPTOSS_OK;
   }
 };
@@ -359,19 +376,19 @@ gptoss_status layer_fwd(trainer *t, int l, const float *x, float *xout, operand_
   return layer_sequence(ops, l);
 }
 
-// dx (in: d loss / d x_out; out: d loss / d x) through layer l, whose
-// intermediates layer_fwd has just left for input x; the products rounded
-// as t->prec.past_routing, the attention backward as t->prec.routing
-gptoss_status layer_bwd(trainer *t, int l, const float *x) {
+// The experts' backward over moe_chunk's tokens, after experts_chunk's
+// recompute: dy (d loss / d the layer's output at the chunk's rows) back
+// through the down product, SwiGLU, the router's weights and gate_up into
+// dxn (d loss / d the MLP norm's output at those rows), the expert LoRAs'
+// gradients added. ye takes dy's rows (unweighted), then ud = W_e^T dy (+
+// the LoRA's) over them (launch_route_bwd); gu becomes d gu, xg d xg.
+static gptoss_status experts_bwd(trainer *t, int l, operand_rounding r, const float *dy, float *dxn) {
   const dims &d = t->v->d;
   const dlayer *w = &t->v->layer[l];
   cudaStream_t st = t->v->stream;
-  int T = t->T, ldq = d.Q + 2 * d.KV, TK = T * d.K;
-  operand_rounding r = t->prec.past_routing;
+  int T = t->T, TK = T * d.K;
   dlora *lgu = &t->mod[l][GPTOSS_LORA_GU], *ldn = &t->mod[l][GPTOSS_LORA_DN];
-  // MoE: ye takes dy's rows (unweighted), then ud = W_e^T dy (+ the
-  // LoRA's) over them (launch_route_bwd); gu becomes d gu, xg d xg
-  launch_gather_rows(t->dx, t->mw.perm, TK, d.K, d.H, t->ye, st);
+  launch_gather_rows(dy, t->mw.perm, TK, d.K, d.H, t->ye, st);
   if (ldn->host) {   // gB += s (w_k dy)^T A act, with A act weighted in place
     TRY(lora_experts_dh(t, ldn, t->ye, d.H));
     launch_scale_rows(t->expert_ax[1], ldn->r, t->w, t->mw.perm, (size_t)TK * ldn->r, st);
@@ -382,7 +399,7 @@ gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(expert_products(t, r, w->dn_blocks, w->dn_scales, d.H, d.I, false, NULL, t->ye, d.I));
   cuda_prof_mark("train experts mxfp4", st);
   TRY(lora_experts_dx(t, ldn, t->ye, d.I));
-  launch_route_bwd(t->dx, t->ye, t->act, w->dn_bias, t->w, t->sel, t->invp, w->router_w, t->dxn, T, d.H, d.I, d.K, st);
+  launch_route_bwd(dy, t->ye, t->act, w->dn_bias, t->w, t->sel, t->invp, w->router_w, dxn, T, d.H, d.I, d.K, st);
   cuda_prof_mark("train router bwd", st);
   if (ldn->host) {   // gA += (w_k s dy B_e)^T act
     launch_scale_rows(t->lora_dh, ldn->r, t->w, t->mw.perm, (size_t)TK * ldn->r, st);
@@ -396,7 +413,25 @@ gptoss_status layer_bwd(trainer *t, int l, const float *x) {
   TRY(expert_products(t, r, w->gu_blocks, w->gu_scales, 2 * d.I, d.H, false, NULL, t->xg, d.H));
   cuda_prof_mark("train experts mxfp4", st);
   TRY(lora_experts_dx(t, lgu, t->xg, d.H));
-  launch_scatter_rows(t->dxn, t->xg, t->invp, T, d.H, d.K, st);
+  launch_scatter_rows(dxn, t->xg, t->invp, T, d.H, d.K, st);
+  CU(cudaGetLastError());
+  return GPTOSS_OK;
+}
+
+// dx (in: d loss / d x_out; out: d loss / d x) through layer l, whose
+// intermediates layer_fwd has just left for input x; the products rounded
+// as t->prec.past_routing, the attention backward as t->prec.routing
+gptoss_status layer_bwd(trainer *t, int l, const float *x) {
+  const dims &d = t->v->d;
+  const dlayer *w = &t->v->layer[l];
+  cudaStream_t st = t->v->stream;
+  int T = t->T, ldq = d.Q + 2 * d.KV;
+  operand_rounding r = t->prec.past_routing;
+  for (int c0 = 0; c0 < T; c0 += t->moe_tokens) {
+    moe_chunk c(t, c0);
+    TRY(experts_chunk(t, l, r, NULL, NULL));
+    TRY(experts_bwd(t, l, r, t->dx + (size_t)c0 * d.H, t->dxn + (size_t)c0 * d.H));
+  }
   launch_rmsnorm_bwd(t->dx, t->xmid, NULL, T, t->inv2, w->mlp_norm, t->dxn, d.H, st);
   cuda_prof_mark("train gate_up bwd", st);
   // attention: dx is now d x_mid, the o projection's output gradient

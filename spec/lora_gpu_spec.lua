@@ -163,6 +163,54 @@ describe("LoRA training on CUDA #gpu", function()
     cpu:close(); gpu:close()
   end)
 
+  it("trains a sequence in chunks of experts (GPTOSS_TRAIN_MOE_TOKENS) with the CPU's gradients", function()
+    -- in a child process, whose trainer takes 7-token chunks: 45 tokens
+    -- run their experts in 7 chunks, the last of 3; the CPU, which never
+    -- chunks, is the oracle
+    local script = H.tmpdir() .. "/chunks.lua"
+    H.write(script, string.format([[
+package.path, package.cpath = %q, %q
+local gptoss = require "gptoss"
+local tiny = %q
+local cpu = assert(gptoss.load(tiny, { tokenizer = false }))
+local gpu = assert(gptoss.load(tiny, { tokenizer = false, device = "cuda:0" }))
+local ids = {}
+for i = 1, 45 do ids[i] = (i * 104729) %% 200000 end
+local mods = { "q", "k", "v", "o", "gate_up", "down" }
+local opts = { r = 16, alpha = 32, init = "random", seed = 7, targets = mods }
+local a, b = gptoss.lora(cpu, opts), gptoss.lora(gpu, opts)
+local la, na = cpu:lora_backward(a, ids)
+local lb, nb = gpu:lora_backward(b, ids)
+local worst = 0
+for l = 0, 3 do
+  for _, p in ipairs(mods) do
+    local x, y = a:module(l, p), b:module(l, p)
+    for _, w in ipairs { "gA", "gB" } do
+      local d, n, rows, cols = 0, 0, x[w]:shape()
+      for i = 1, rows do
+        for j = 1, cols do
+          local p1, p2 = x[w]:get(i, j), y[w]:get(i, j)
+          d, n = d + (p1 - p2) ^ 2, n + p1 ^ 2
+        end
+      end
+      worst = math.max(worst, math.sqrt(d / n))
+    end
+  end
+end
+print(string.format("chunks %%d %%d %%.10g %%.10g %%.6g", na, nb, la, lb, worst))
+]], package.path, package.cpath, H.tiny()))
+    local f = assert(io.popen("GPTOSS_TRAIN_MOE_TOKENS=7 " .. H.lua .. " " .. script .. " 2>&1"))
+    local out = f:read("a")
+    f:close()
+    local na, nb, la, lb, worst = out:match("chunks (%d+) (%d+) (%S+) (%S+) (%S+)")
+    assert.is_not_nil(na, out)
+    assert.are.equal(na, nb)
+    la, lb, worst = tonumber(la), tonumber(lb), tonumber(worst)
+    assert.is_true(math.abs(la - lb) / la < 1e-5, string.format("loss %.8g vs the CPU's %.8g", lb, la))
+    assert.is_true(worst < 1e-3, string.format("gradients worst relative L2 %.3g", worst))
+    print(string.format("\n  cuda in 7-token expert chunks vs cpu: gradients within %.3g", worst))
+  end)
+
   for _, precision in ipairs { "exact", "mixed" } do
     it("overfits a small dataset with gptoss.train (loss below 0.1), precision " .. precision, function()
       local m = H.v128 { tokenizer = false, device = "cuda:0", precision = precision }
