@@ -12,8 +12,8 @@ need_20b
 for seq in ${SEQS:-2048 8192 32768 98304}; do
   steps=2; [ $seq -ge 32768 ] && steps=1
   t=$(( $(left) - 100 )); [ $t -lt 30 ] && { echo "seq $seq: no time left"; break; }
-  BENCH_JSON=$OUT/train_$seq.json timeout $t lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 mixed $seq $steps 16 > $OUT/train_$seq.txt 2>&1
-  echo "== seq $seq rc=$? at $(( $(date +%s) - T0 )) s"; tail -3 $OUT/train_$seq.txt
+  timeout $t lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 mixed $seq $steps 16 > /tmp/train_$seq.txt 2>&1
+  echo "== seq $seq rc=$? at $(( $(date +%s) - T0 )) s"; tail -3 /tmp/train_$seq.txt
   nvidia-smi --query-gpu=memory.used --format=csv,noheader
 done
 [ $(left) -gt 90 ] && bash tools/reference/device_unsloth.sh
