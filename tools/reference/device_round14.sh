@@ -27,8 +27,8 @@ need_20b
 # prefill of 2,048 tokens, each path against the one it replaces
 for v in "new" "GPTOSS_MOE_GEMM=wmma" "GPTOSS_PREFILL_ATTENTION=split" "GPTOSS_MOE_GEMM=wmma GPTOSS_PREFILL_ATTENTION=split"; do
   [ "$v" = new ] && e="" || e="$v"
-  env $e GPTOSS_PROFILE=1 timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b prefill exact > $OUT/prefill_$(echo $v | tr ' =' '_-').txt 2>&1
-  echo "== prefill, $v: rc=$?"; grep -aE "total|tok/s|moe|attention" $OUT/prefill_$(echo $v | tr ' =' '_-').txt | head -8
+  env $e GPTOSS_PROFILE=1 timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b prefill exact > /tmp/prefill_$(echo $v | tr ' =' '_-').txt 2>&1
+  echo "== prefill, $v: rc=$?"; grep -aE "total|tok/s|moe|attention" /tmp/prefill_$(echo $v | tr ' =' '_-').txt | head -8
 done
 # batch-1 decode (256 steps after 512 tokens) with and without PDL; 64
 # sessions with the wgmma experts and with moe.cu's GEMM
