@@ -402,6 +402,8 @@ void gptoss_loader_free(gptoss_loader *l);
 
 typedef struct gptoss_memory {
   uint64_t weights, kv, workspace, total, device_free, device_total;
+  uint64_t host;   /* pinned host memory the device reads in place (CUDA: the
+                      untied embedding table), not counted in total */
 } gptoss_memory;
 void gptoss_model_memory(const gptoss_model *m, gptoss_memory *out);
 

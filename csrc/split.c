@@ -96,7 +96,7 @@ static void split_memory(const gptoss_model *m, gptoss_memory *out) {
   for (int r = 0; r < sm->n; r++) {
     gptoss_memory x;
     gptoss_model_memory(sm->rank[r], &x);
-    out->weights += x.weights; out->kv += x.kv; out->workspace += x.workspace; out->total += x.total;
+    out->weights += x.weights; out->kv += x.kv; out->workspace += x.workspace; out->total += x.total; out->host += x.host;
     /* a GPU shared by two ranks is counted once */
     int seen = 0;
     for (int q = 0; q < r; q++) seen |= strcmp(sm->rank[q]->device, sm->rank[r]->device) == 0;

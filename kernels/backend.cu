@@ -270,7 +270,10 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
     cm->moe_wgmma = wg && !cm->invariant && !env_is("GPTOSS_MOE_GEMM", "wmma")
                     && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
     cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !env_is("GPTOSS_PREFILL_ATTENTION", "split");
-    cm->pdl = pdl && !env_is("GPTOSS_PDL", "0");
+    // programmatic dependent launch of the decode step is opt-in
+    // (GPTOSS_PDL=1): on the H100 it made the step slower, 3.16 ms against
+    // 2.85 (bench/NOTES.md)
+    cm->pdl = pdl && env_is("GPTOSS_PDL", "1");
   }
   d.kv32 = o->precision != GPTOSS_PRECISION_FAST;
   size_t free_b, total_b;
@@ -423,6 +426,7 @@ static void cuda_memory(const gptoss_model *m, gptoss_memory *out) {
   out->kv = cm->kv_bytes;
   out->workspace = cm->ws_bytes + cm->train_bytes + lora_cache_bytes(cm->lora) + BLAS_WS;
   out->total = out->weights + out->kv + out->workspace;
+  out->host = cm->embed_host ? m->embed->nbytes : 0;
   size_t f = 0, t = 0;
   if (cudaSetDevice(cm->dev) == cudaSuccess && cudaMemGetInfo(&f, &t) == cudaSuccess) { out->device_free = f; out->device_total = t; }
 }

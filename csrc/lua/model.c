@@ -167,9 +167,9 @@ static int model_memory(lua_State *L) {
   lmodel *b = checkmodel(L, 1);
   gptoss_memory mem;
   gptoss_model_memory(b->m, &mem);
-  lua_createtable(L, 0, 6);
+  lua_createtable(L, 0, 8);
 #define F(k) lua_pushnumber(L, (lua_Number)mem.k); lua_setfield(L, -2, #k)
-  F(weights); F(kv); F(workspace); F(total); F(device_free); F(device_total);
+  F(weights); F(kv); F(workspace); F(total); F(device_free); F(device_total); F(host);
 #undef F
   lua_pushnumber(L, (lua_Number)mem.total);
   lua_setfield(L, -2, "device_bytes");

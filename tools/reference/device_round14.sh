@@ -8,7 +8,7 @@
 # First the checks: kernels_test (the new kernels against double precision)
 # and every #gpu spec; then the measures, each new path against the one it
 # replaces in the same run (GPTOSS_MOE_GEMM=wmma, GPTOSS_PREFILL_ATTENTION=split,
-# GPTOSS_PDL=0),
+# GPTOSS_PDL=1, opt-in since it measured slower),
 # the stage profile, and bench/llm.lua's targets' table with transformers.
 # GPTOSS_EMBED=device compares the embedding table on the device.
 # Carry .device-kit and .carry (bundle.tar.xz with build/cuda/kernels_test:
@@ -32,7 +32,7 @@ for v in "new" "GPTOSS_MOE_GEMM=wmma" "GPTOSS_PREFILL_ATTENTION=split" "GPTOSS_M
 done
 # batch-1 decode (256 steps after 512 tokens) with and without PDL; 64
 # sessions with the wgmma experts and with moe.cu's GEMM
-for v in "new" "GPTOSS_PDL=0"; do
+for v in "new" "GPTOSS_PDL=1"; do
   [ "$v" = new ] && e="" || e="$v"
   echo "== decode, $v: $(env $e timeout 60 lua5.4 tools/profile.lua /tmp/gptoss-20b decode exact 256 2>&1 | tail -1)"
 done
