@@ -19,3 +19,19 @@ need_20b() {
   [ -f /tmp/gptoss-20b/config.json ] || lua5.4 tools/make_checkpoint.lua --preset 20b --seed 0 --out /tmp/gptoss-20b --tokenizer tokenizer >/dev/null
   echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 }
+# place_120b: sets dir to where the 120B checkpoint (65.2 GB) goes or is:
+# /dev/shm (tmpfs, half the RAM by default) when it has room, grown by a
+# remount when not, else /tmp when the disk has room; a made one is marked
+# by $dir.complete. Fails, saying why, when neither has room.
+place_120b() {
+  local need=66   # GB: 65.2 of tensors, the tokenizer, and a margin
+  avail_gb() { df -BG --output=avail "$1" 2>/dev/null | tail -1 | tr -dc 0-9; }
+  dir=""
+  for base in /dev/shm /tmp; do
+    [ -e $base/gptoss-120b ] && { dir=$base/gptoss-120b; return 0; }
+  done
+  [ "$(avail_gb /dev/shm)" -lt $need ] && mount -o remount,size=110G /dev/shm 2>&1 | tail -1
+  if [ "$(avail_gb /dev/shm)" -ge $need ]; then dir=/dev/shm/gptoss-120b
+  elif [ "$(avail_gb /tmp)" -ge $need ]; then dir=/tmp/gptoss-120b
+  else echo "no room for the 120B checkpoint: /dev/shm $(avail_gb /dev/shm) GB, /tmp $(avail_gb /tmp) GB free"; return 1; fi
+}

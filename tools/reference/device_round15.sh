@@ -14,20 +14,12 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.limit,memory.total --form
 df -h /dev/shm | tail -1; free -g | head -2
 # for issue 24's quantizer check: is OpenAI's triton_kernels (downcast_to_mxfp) importable here?
 python3 -c "import importlib.util as u, triton; print('triton', triton.__version__, 'triton_kernels:', bool(u.find_spec('triton_kernels')))" 2>&1 | tail -1
-need=66   # GB: 65.2 of tensors, the tokenizer, and a margin
-avail_gb() { df -BG --output=avail "$1" 2>/dev/null | tail -1 | tr -dc 0-9; }
-dir=""
-for base in /dev/shm /tmp; do
-  [ -f $base/gptoss-120b/config.json ] && { dir=$base/gptoss-120b; break; }
-done
-if [ -z "$dir" ]; then
-  [ "$(avail_gb /dev/shm)" -lt $need ] && mount -o remount,size=110G /dev/shm 2>&1 | tail -1
-  if [ "$(avail_gb /dev/shm)" -ge $need ]; then dir=/dev/shm/gptoss-120b
-  elif [ "$(avail_gb /tmp)" -ge $need ]; then dir=/tmp/gptoss-120b
-  else echo "no room for the 120B checkpoint: /dev/shm $(avail_gb /dev/shm) GB, /tmp $(avail_gb /tmp) GB free"; exit 3; fi
-fi
+place_120b || exit 3
 echo "120B checkpoint goes to $dir"
-[ -f $dir/config.json ] || timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer >/dev/null
+# round 16 may have started it in the background: wait for its end
+while [ ! -f $dir.complete ] && pgrep -f "preset 120b" >/dev/null && [ $(left) -gt 200 ]; do sleep 5; done
+pgrep -f "preset 120b" >/dev/null && { echo "the background 120B checkpoint is not done: $(tail -c 300 /tmp/ck120.log)"; exit 4; }
+[ -f $dir.complete ] || { timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer --force >/dev/null && touch $dir.complete; }
 echo "120B checkpoint rc=$? at $(( $(date +%s) - T0 )) s: $(du -sh $dir | cut -f1)"
 t=$(( $(left) - 10 ))
 BENCH_HF=0 BENCH_RESULTS=$OUT/results_120b.md timeout $t lua5.4 bench/llm.lua $dir cuda:0 exact > $OUT/llm_120b.txt 2>&1
