@@ -35,7 +35,12 @@ local function shell(cmd)
 end
 
 local rows = {}
-local function row(what, value, unit, note) rows[#rows + 1] = { what, value, unit, note or "" } end
+-- each row also goes to stderr as it is measured, so that a run cut short
+-- still shows what it measured
+local function row(what, value, unit, note)
+  rows[#rows + 1] = { what, value, unit, note or "" }
+  io.stderr:write(string.format("  %s: %.2f %s %s\n", what, value, unit, note or ""))
+end
 
 local f = io.open(dir .. "/config.json")
 if f then f:close() else
