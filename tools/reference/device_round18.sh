@@ -11,7 +11,7 @@ gpu_line
 timeout 60 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/gpu_spec.lua 2>&1 | grep -aE "successes|Failure|spec.lua:[0-9]+:" | head -8
 bash tools/reference/device_unsloth.sh
 need_20b
-timeout 90 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 mixed 2048 2 16 2>&1 | tail -3
+[ "${BENCH2K:-1}" = 1 ] && timeout 90 lua5.4 bench/train.lua /tmp/gptoss-20b cuda:0 mixed 2048 2 16 2>&1 | tail -3
 for seq in ${SEQS:-98304}; do
   t=$(( $(left) - 5 )); [ $t -lt 30 ] && { echo "seq $seq: no time left"; break; }
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 500 > /tmp/mem_$seq.txt 2>/dev/null &
