@@ -16,7 +16,7 @@ df -h /dev/shm | tail -1; free -g | head -2
 python3 -c "import importlib.util as u, triton; print('triton', triton.__version__, 'triton_kernels:', bool(u.find_spec('triton_kernels')))" 2>&1 | tail -1
 place_120b || exit 3
 echo "120B checkpoint goes to $dir"
-# round 16 may have started it in the background: wait for its end
+# round 17 may have started it in the background: wait for its end
 while [ ! -f $dir.complete ] && pgrep -f "preset 120b" >/dev/null && [ $(left) -gt 200 ]; do sleep 5; done
 pgrep -f "preset 120b" >/dev/null && { echo "the background 120B checkpoint is not done: $(tail -c 300 /tmp/ck120.log)"; exit 4; }
 [ -f $dir.complete ] || { timeout 300 lua5.4 tools/make_checkpoint.lua --preset 120b --seed 0 --out $dir --tokenizer tokenizer --force >/dev/null && touch $dir.complete; }

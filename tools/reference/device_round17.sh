@@ -1,5 +1,5 @@
 #!/bin/bash
-# Device, seventeenth round: rounds 16 and 15 in one call, for a session
+# Device, seventeenth round: the training ladder and round 15 in one call, for a session
 # with one call's device time left. Issue 24: the Unsloth-layout PEFT
 # fixture, gpu_spec.lua, the training length ladder (2k, 32k, 96k) through
 # the chunked experts; issues 22/24: gpt-oss-120b's shape on this one GPU
