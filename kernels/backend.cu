@@ -329,19 +329,15 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
   // which PCIe brings in microseconds, and its 1.16 GB stay off the device.
   // Tied to lm_head, it is on the device anyway; GPTOSS_EMBED=device keeps
   // it there too (to compare), and so does a host that cannot pin that
-  // much (a locked-memory limit). model:memory() counts device memory only.
+  // much (a locked-memory limit) or a device that cannot map host memory:
+  // both are asked here, before the layout. model:memory() counts the
+  // table as host.
   bool embed_host = m->lm_head != m->embed && !env_is("GPTOSS_EMBED", "device");
-  // The device pointer is asked for here, before the layout: a device
-  // that cannot map host memory keeps the table in the arena instead.
   void *embed_dev = NULL;
-  if (embed_host && cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined)) {
+  bool pinned = embed_host && cudaHostAlloc(&cm->embed_host, m->embed->nbytes, cudaHostAllocMapped | cudaHostAllocWriteCombined) == cudaSuccess;
+  if (embed_host && (!pinned || cudaHostGetDevicePointer(&embed_dev, cm->embed_host, 0) != cudaSuccess)) {
     cudaGetLastError();   // not sticky; cleared so that the next check does not see it
-    cm->embed_host = NULL;
-    embed_host = false;
-  }
-  if (embed_host && cudaHostGetDevicePointer(&embed_dev, cm->embed_host, 0)) {
-    cudaGetLastError();
-    cudaFreeHost(cm->embed_host);
+    if (pinned) cudaFreeHost(cm->embed_host);
     cm->embed_host = NULL;
     embed_host = false;
   }

@@ -50,7 +50,7 @@ struct cuda_model {
   int flash_prefill;
   // the decode step's per-layer kernels and lm_head by programmatic
   // dependent launch (common.cuh): whether (this build's code for the
-  // device is Hopper's; GPTOSS_PDL not "0")
+  // device is Hopper's; GPTOSS_PDL=1, since it measured slower)
   int pdl;
   bf16 *moe_hi, *moe_lo;                   // [ws_tokens K][max(H, I)]: sorted operands
   float *moe_f;                            // [ws_tokens K][max(2I, H)]: gate_up's, then down's products

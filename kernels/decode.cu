@@ -245,10 +245,12 @@ gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, in
     // fails, the model drops PDL and captures again.
     for (;;) {
       cudaGraph_t g;
+      const char *stage = "capturing the decode step";
       CU(cudaStreamBeginCapture(st, cudaStreamCaptureModeRelaxed));
       rc = decode_launches(m, cs, cs->params_host, lr);
       cudaError_t e = cudaStreamEndCapture(st, &g);
       if (!rc && e == cudaSuccess) {
+        stage = "instantiating the decode graph";
         e = cudaGraphInstantiate(&cs->graph, g, 0);
         cudaGraphDestroy(g);
         if (e == cudaSuccess) break;
@@ -258,7 +260,7 @@ gptoss_status cuda_decode(gptoss_session *s, int32_t id, gptoss_sampler *smp, in
       }
       if (cm->pdl) { cudaGetLastError(); cm->pdl = 0; continue; }
       if (rc) return rc;
-      return cuda_fail(e, "capturing the decode step", __FILE__, __LINE__);
+      return cuda_fail(e, stage, __FILE__, __LINE__);
     }
     cs->graph_kind = kind;
     cs->graph_gen = cm->ws_gen;

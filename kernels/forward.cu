@@ -215,7 +215,7 @@ struct batch_layer : layer_ops {
         flash_prefill_args f;
         memset(&f, 0, sizeof f);
         f.q = cm->q + (size_t)t0 * d.Q; f.sess = cm->sess_arr; f.sinks = y.sinks;
-        f.sess_index = hsess[t0]; f.p0 = hpos[t0]; f.n = u - t0; f.layer = l; f.window = sliding[l] ? d.window : 0;
+        f.sess_index = hsess[t0]; f.p0 = hpos[t0]; f.n = n; f.layer = l; f.window = sliding[l] ? d.window : 0;
         f.Q = d.Q; f.KV = d.KV; f.Hq = d.Hq; f.Hkv = d.Hkv; f.D = d.D; f.kv32 = d.kv32; f.split = cm->split;
         f.scale = 1.f / sqrtf((float)d.D);
         f.att = cm->att + (size_t)t0 * d.Q;
@@ -294,7 +294,7 @@ struct batch_layer : layer_ops {
     // zeros until the ranks' sum brings them (csrc/backend.h)
     if (cm->comm) CU(cudaMemsetAsync(cm->y, 0, sizeof(float) * T * d.K * d.H, st));
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
-    else if (wgmma) CU(launch_moe_down_wgmma(cm->act, &cm->mw, T, &y, &d, cm->moe_hi, cm->split ? cm->moe_lo : NULL, cm->moe_f, cm->y, st));
+    else if (wgmma) CU(launch_moe_down_wgmma(cm->act, &cm->mw, T, &y, &d, cm->moe_hi, cm->moe_lo, cm->moe_f, cm->y, st));
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     if (ls.tok) {
       cuda_prof_mark("fwd moe down", st);

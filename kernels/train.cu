@@ -207,8 +207,8 @@ gptoss_status cuda_lora_backward(const train_view *v, gptoss_adapter *a, const i
       return gptoss_fail(GPTOSS_ENOMEM, "out of memory for the trainer's threads");
     }
     // the experts' chunk (moe_chunk): 4,096 tokens hold 16k sorted rows,
-    // about 1.4 GB of expert buffers on the 20B, and leave sequences to 2k as
-    // one chunk; GPTOSS_TRAIN_MOE_TOKENS sets it (specs make it small)
+    // about 1.4 GB of expert buffers on the 20B, and sequences up to that
+    // long run as one chunk; GPTOSS_TRAIN_MOE_TOKENS sets it (specs make it small)
     const char *mt = getenv("GPTOSS_TRAIN_MOE_TOKENS");
     t->moe_tokens = mt && atoi(mt) > 0 ? atoi(mt) : 4096;
     *v->state = t;
