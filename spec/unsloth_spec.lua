@@ -5,7 +5,10 @@
 -- Unsloth-layout adapter is assembled here from its tensors by PEFT's
 -- ParamWrapper convention (expert e's A rows e*r .. e*r+r-1, its rank-k
 -- column of B at k*E + e: the same product per expert), and must give
--- PEFT's logits.
+-- PEFT's logits. A second oracle is independent of that convention:
+-- unsloth_r4, an adapter PEFT itself wrote on Unsloth's per-expert modules
+-- with the logits transformers + PEFT gave (tools/reference/peft_unsloth.py,
+-- run on the device by device_unsloth.sh).
 local H = require "helpers"
 local gptoss = require "gptoss"
 local json = require "gptoss.json"
@@ -117,6 +120,41 @@ describe("adapters in Unsloth's expert layout (CPU)", function()
     local p = assert(gptoss.adapter.load(d2))
     same_modules(p, peft)
     u:close(); hand:close(); p:close(); peft:close()
+  end)
+
+  -- the oracle independent of experts_r4: PEFT itself wrote this adapter on
+  -- Unsloth's module layout (a Linear per expert, built over transformers'
+  -- model on the device: tools/reference/peft_unsloth.py), and transformers
+  -- + PEFT computed its logits
+  it("loads the adapter PEFT wrote on Unsloth's per-expert modules, and gives PEFT's logits", function()
+    local cfg = json.decode(H.read(FX .. "unsloth_r4/adapter_config.json"))
+    assert.are.equal("string", type(cfg.target_modules))   -- PEFT's regex, as written
+    local a = assert(gptoss.adapter.load(FX .. "unsloth_r4"))
+    for l = 0, L - 1 do
+      for _, p in ipairs { "q", "v", "gate_up", "down" } do assert.is_table(a:module(l, p), string.format("layer %d %s", l, p)) end
+      assert.is_nil(a:module(l, "k")); assert.is_nil(a:module(l, "o"))
+    end
+    local x = a:module(2, "down")
+    assert.are.equal(E, x.experts); assert.are.equal(R, x.r); assert.are.equal(2.0, x.scale)
+    local fx = assert(gptoss.safetensors(FX .. "unsloth_r4.safetensors"))
+    local ids = fx:numbers("ids")
+    local worst, same = H.compare_peft_logits(H.session_logits(m, ids, a), fx)
+    assert.is_true(worst <= 1e-4 and same, string.format("relative L2 %.3g against PEFT's logits", worst))
+    -- and without it, the layout's base logits (the per-expert rebuild of
+    -- the fused model) are the model's own
+    local bworst, bsame = H.compare_peft_logits(H.session_logits(m, ids), fx, "base_")
+    assert.is_true(bworst <= 1e-4 and bsame, string.format("relative L2 %.3g against the base logits", bworst))
+    -- written back in Unsloth's layout, PEFT's tensor names and bytes return
+    local d = H.tmpdir() .. "/resaved"
+    assert(a:save(d, { layout = "unsloth" }))
+    local src, dst = assert(gptoss.safetensors(FX .. "unsloth_r4/adapter_model.safetensors")), assert(gptoss.safetensors(d .. "/adapter_model.safetensors"))
+    local n = 0
+    for _, t in ipairs(src:tensors()) do
+      assert.are.equal(src:read(t.name), dst:read(t.name), t.name)
+      n = n + 1
+    end
+    assert.are.equal(n, #dst:tensors())
+    src:close(); dst:close(); fx:close(); a:close()
   end)
 
   it("refuses a missing expert, a wrong rank and an unknown layout, naming them", function()
