@@ -103,6 +103,14 @@ local pf = now() - t0
 row("prefill, 2048-token prompt", 2048 / pf, "tok/s", string.format("%.1f ms", pf * 1e3))
 local results = { prefill = 2048 / pf }
 s:close()
+-- the same prompt in the passes of 512 that a ring kept for a rewind of 512
+-- allows (the default before GPTOSS_SESSION_REWIND was 2,048): what one pass gains
+s = m:session { rewind = 512 }
+t0 = now()
+s:feed(ids(2048, 2), "last")
+local pf512 = now() - t0
+row("prefill, 2048-token prompt, passes of 512 (rewind 512)", 2048 / pf512, "tok/s", string.format("%.1f ms", pf512 * 1e3))
+s:close()
 
 -- TTFT and batch-1 decode: 128 tokens after a 512-token prompt
 s = m:session()
@@ -138,7 +146,7 @@ results.decode_4096 = 64 / dt
 s:close()
 
 -- aggregate decode with N sessions stepping together
-for _, n in ipairs { 8, 32, 64 } do
+for _, n in ipairs { 8, 32, 64, 256 } do
   local ss, last, smp = workload.sessions(m, n, greedy)
   last = gptoss.batch_step(ss, last, smp)
   local steps = 32

@@ -412,6 +412,16 @@ typedef struct gptoss_session_opts {
   int rewind;              /* how many positions a rewind may go back past the
                               sliding window; sliding layers keep window+rewind */
 } gptoss_session_opts;
+/* A session's rewind when none is asked for (NULL opts, Lua's default).
+   Besides the rewinds it allows, it bounds a pass: a sliding layer's ring
+   must keep the window before a pass's first token while the pass writes
+   its own keys, so one pass holds at most `rewind` tokens. 2,048 is the
+   CUDA backend's pass, so a prompt of up to 2,048 tokens prefills in one
+   pass (each expert's rows in the fewest tensor-core tiles), for 12 x 1,536
+   more sliding-ring positions than 512 would keep (75 MB in fp32 on the
+   20B, only up to the session's context). The engine keeps its own 512:
+   it cuts prefills into chunk_tokens anyway. */
+#define GPTOSS_SESSION_REWIND 2048
 
 gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o,
                                  gptoss_session **out);

@@ -7,8 +7,9 @@
 #include "backend.h"
 
 /* Default positions a sliding layer keeps beyond its window, so that a
-   multi-turn caller can rewind over a short reply without re-prefilling. */
-#define DEFAULT_REWIND 512
+   multi-turn caller can rewind over a reply without re-prefilling, and a
+   pass can hold a whole 2,048-token prompt (gptoss.h says why). */
+#define DEFAULT_REWIND GPTOSS_SESSION_REWIND
 
 static int uses_sliding(const gptoss_config *c) {
   for (int i = 0; i < c->num_hidden_layers; i++)

@@ -190,6 +190,26 @@ describe("CUDA backend #gpu", function()
     g:close(); c:close()
   end)
 
+  it("prefills a 2,000-token prompt in one pass (the default rewind's ring), with the CPU's logits and tokens", function()
+    -- the default rewind (2,048) gives a sliding ring of 16 + 2,048, so the
+    -- plan runs the whole prompt as one pass, its sliding keys wrapping the
+    -- ring once; the CPU runs it in passes of 256
+    local ids = H.prompt(5, 2000, 7919, 13)
+    local g, c = gpu:session(), cpu:session()
+    local a, b = g:feed(ids, "last"), c:feed(ids, "last")
+    local worst = rel_l2(a:row(1), b:row(1))
+    print(string.format("\n  one pass of 2,000: relative L2 %.3g at the last position", worst))
+    assert.is_true(worst <= 2e-2, string.format("relative L2 %.3g", worst))
+    local greedy = gptoss.sampler(gpu.config.vocab_size, { temperature = 0 })
+    local x, y = g:sample(greedy), c:sample(greedy)
+    assert.are.equal(y, x)
+    for i = 1, 8 do
+      x, y = g:step(x, greedy), c:step(y, greedy)
+      assert.are.equal(y, x, "step " .. i)
+    end
+    g:close(); c:close()
+  end)
+
   it("matches the CPU on a mid-size model (top-1 >= 98%)", function()
     local dir = small()
     local c2 = assert(gptoss.load(dir))

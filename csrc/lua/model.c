@@ -213,7 +213,7 @@ static int model_session(lua_State *L) {
   lg_check_keys(L, 2, fn, keys);
   gptoss_session_opts o;
   o.context = (int)lg_opt_int(L, 2, fn, "context", 0, INT32_MAX, 0);
-  o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, 512);
+  o.rewind = (int)lg_opt_int(L, 2, fn, "rewind", 0, INT32_MAX, GPTOSS_SESSION_REWIND);
   int aidx = 0;
   if (lua_istable(L, 2)) {
     lua_getfield(L, 2, "adapter");
