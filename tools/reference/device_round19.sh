@@ -18,6 +18,12 @@ need_20b
 t=$(( $(left) - 60 )); [ $t -gt 360 ] && t=360
 BENCH_HF=1 BENCH_RESULTS=$OUT/llm_exact.md timeout $t lua5.4 bench/llm.lua /tmp/gptoss-20b cuda:0 exact > $OUT/llm_exact.txt 2>&1
 echo "bench/llm.lua exact rc=$? at $(( $(date +%s) - T0 )) s"; grep -a '^| ' $OUT/llm_exact.md || tail -40 $OUT/llm_exact.txt
+# issue 24: the load-time quantizer against triton_kernels' downcast_to_mxfp
+# (carry .triton-kernels too), its reports kept out of $OUT
+if [ -d .triton-kernels ] && [ $(left) -gt 150 ]; then
+  mkdir -p /tmp/tri; OUT=/tmp/tri timeout $(( $(left) - 60 )) bash tools/reference/device_triton_mxfp4.sh 2>&1 | tail -40
+  echo "triton check at $(( $(date +%s) - T0 )) s"
+fi
 t=$(( $(left) - 5 )); [ $t -lt 60 ] && { echo "fast: no time left"; exit 0; }
 BENCH_HF=0 BENCH_RESULTS=$OUT/llm_fast.md timeout $t lua5.4 bench/llm.lua /tmp/gptoss-20b cuda:0 fast > /dev/null 2>&1
 echo "bench/llm.lua fast rc=$? at $(( $(date +%s) - T0 )) s"; grep -a '^| ' $OUT/llm_fast.md
