@@ -11,9 +11,11 @@ function M.ids(n, seed)
 end
 
 --- n sessions, each fed a 128-token prompt, with their first sampled ids
--- and samplers, ready for gptoss.batch_step
-function M.sessions(m, n, sampler)
-  local ss, last, smp = {}, {}, {}
+-- and samplers, ready for gptoss.batch_step; into ss when given, so that a
+-- caller can close those opened before an error
+function M.sessions(m, n, sampler, ss)
+  local last, smp = {}, {}
+  ss = ss or {}
   for i = 1, n do
     ss[i] = m:session { context = 1024 }
     ss[i]:feed(M.ids(128, 10 + i), "last")

@@ -659,7 +659,7 @@ gptoss_status gptoss_engine_new(gptoss_model *m, const gptoss_engine_opts *o, gp
   if (!d.max_batch) d.max_batch = DEFAULT_MAX_BATCH;
   if (!d.max_queue) d.max_queue = DEFAULT_MAX_QUEUE;
   if (!d.chunk_tokens) d.chunk_tokens = DEFAULT_CHUNK;
-  if (!d.rewind) d.rewind = DEFAULT_REWIND;
+  if (!d.rewind) d.rewind = ENGINE_REWIND;
   if (!d.kv_block) d.kv_block = DEFAULT_KV_BLOCK;
   if (d.prefix_cache == 0) d.prefix_cache = DEFAULT_CACHE;
   if (d.prefix_cache < 0) d.prefix_cache = 0;

@@ -12,7 +12,7 @@
 #define DEFAULT_MAX_QUEUE 1024
 #define DEFAULT_CHUNK 256
 #define DEFAULT_CACHE 16
-#define DEFAULT_REWIND 512
+#define ENGINE_REWIND 512
 #define DEFAULT_KV_BLOCK 256
 #define LP_STRIDE (1 + GPTOSS_MAX_TOP_LOGPROBS)   /* a sampled token's entry in step_buf.lp */
 

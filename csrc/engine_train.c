@@ -61,8 +61,10 @@ gptoss_status gptoss_lora_loss(gptoss_model *m, gptoss_adapter *a, const int32_t
     gptoss_status rc = gptoss_adapter_check(a, m);
     if (rc) return rc;
   }
-  /* the last token is only a target: n - 1 positions are fed */
-  gptoss_session_opts so = {n - 1, 0};
+  /* the last token is only a target: n - 1 positions are fed; the default
+     rewind lets each LOSS_CHUNK go as one pass (a rewind of 0 would keep a
+     ring of window + 1, a pass of one token) */
+  gptoss_session_opts so = {n - 1, GPTOSS_SESSION_REWIND};
   gptoss_session *s;
   gptoss_status rc = gptoss_session_new(m, &so, &s);
   if (rc) return rc;

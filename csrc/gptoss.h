@@ -410,17 +410,22 @@ void gptoss_model_memory(const gptoss_model *m, gptoss_memory *out);
 typedef struct gptoss_session_opts {
   int context;             /* 0 = the model's */
   int rewind;              /* how many positions a rewind may go back past the
-                              sliding window; sliding layers keep window+rewind */
+                              sliding window; sliding layers keep window+rewind
+                              (gptoss_session_new takes 0 as it is: a ring of
+                              window + 1, passes of one token) */
 } gptoss_session_opts;
 /* A session's rewind when none is asked for (NULL opts, Lua's default).
    Besides the rewinds it allows, it bounds a pass: a sliding layer's ring
    must keep the window before a pass's first token while the pass writes
    its own keys, so one pass holds at most `rewind` tokens. 2,048 is the
    CUDA backend's pass, so a prompt of up to 2,048 tokens prefills in one
-   pass (each expert's rows in the fewest tensor-core tiles), for 12 x 1,536
-   more sliding-ring positions than 512 would keep (75 MB in fp32 on the
-   20B, only up to the session's context). The engine keeps its own 512:
-   it cuts prefills into chunk_tokens anyway. */
+   pass (each expert's rows in the fewest tensor-core tiles; 1.39x the rate
+   of passes of 512 on the H100). The cost, on the 20B in exact: 12 x 1,536
+   more sliding-ring positions than 512 would keep (75 MB a session, only
+   up to its context), and a workspace sized for the longer pass (0.85 GB
+   against 0.33 after a 2,048-token prompt), so a load's memory budget that
+   fitted passes of 512 may need `rewind = 512` sessions. The engine keeps
+   512: its prefill chunks (chunk_tokens, 256 by default) fit in that. */
 #define GPTOSS_SESSION_REWIND 2048
 
 gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o,
@@ -432,8 +437,8 @@ const int32_t *gptoss_session_history(const gptoss_session *s);
 gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out);
 /* A new session holding s's first keep positions (0..pos; what a fork
    rewound to keep holds, the logits only when keep is pos), with o's
-   context and rewind (NULL: s's own), which may be smaller or larger than
-   s's as long as they hold keep positions. What the engine grows a
+   context and rewind (NULL, or a rewind of 0: s's own), which may be
+   smaller or larger than s's as long as they hold keep positions. What the engine grows a
    request's session with. ERANGE when keep is past what s holds or the
    window before it is no longer in s's sliding layers. */
 gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_session_opts *o, int keep,

@@ -28,6 +28,13 @@ static gptoss_status check_usable(const gptoss_session *s, int entry) {
   return gptoss_fail(GPTOSS_ESTATE, LOST_WINDOW);
 }
 
+/* the rewind a session was opened with, as its ring tells it (a ring that
+   is the whole context tells none: the default then) */
+static int session_rewind(const gptoss_session *s) {
+  if (!uses_sliding(&s->m->cfg) || s->ring >= s->context) return DEFAULT_REWIND;
+  return s->ring - s->m->cfg.sliding_window;
+}
+
 int gptoss_session_ring(const gptoss_config *c, int context, int rewind) {
   /* a ring needs room for the window plus one chunk of new tokens; the sum
      in 64 bits, since both may come near 2^31 */
@@ -123,9 +130,9 @@ gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_sessi
   if (!c) return gptoss_fail(GPTOSS_ENOMEM, "out of memory");
   c->m = s->m;
   c->context = ctx;
-  /* the same ring unless asked otherwise: the rewinds the source allowed */
-  c->ring = o ? gptoss_session_ring(&s->m->cfg, ctx, o->rewind ? o->rewind : DEFAULT_REWIND)
-              : s->ring;
+  /* the same ring unless asked otherwise; a new context with no rewind
+     keeps the rewind the source allowed */
+  c->ring = o ? gptoss_session_ring(&s->m->cfg, ctx, o->rewind ? o->rewind : session_rewind(s)) : s->ring;
   c->history = malloc(sizeof(int32_t) * (size_t)ctx);
   c->logits = malloc(sizeof(float) * (size_t)s->m->cfg.vocab_size);
   gptoss_status rc = GPTOSS_OK;

@@ -169,6 +169,24 @@ describe("sessions", function()
     assert.are.equal(0, s:pos())
   end)
 
+  it("a fork into a new context keeps its source's rewind unless given one", function()
+    local s = m:session { context = 200, rewind = 4 }   -- ring of 16 + 4
+    local long = {}
+    for i = 1, 60 do long[i] = ids[(i - 1) % #ids + 1] end
+    s:feed(long, "none")
+    local f = s:fork { context = 100 }
+    f:feed({ ids[1], ids[2], ids[3], ids[4], ids[5], ids[6] }, "none")
+    -- at 66 a ring of 20 keeps 46..65; a rewind to 58 needs the window 42..57
+    local ok, err = pcall(f.rewind, f, 58)
+    assert.is_false(ok)
+    assert.matches("sliding layers keep only the last 20 positions", err)
+    local g = s:fork { context = 100, rewind = 40 }   -- asked for: a ring of 16 + 40
+    g:feed({ ids[1], ids[2], ids[3], ids[4], ids[5], ids[6] }, "none")
+    g:rewind(58)
+    assert.are.equal(58, g:pos())
+    s:close(); f:close(); g:close()
+  end)
+
   it("prefills prompts longer than one chunk the same as token by token", function()
     local long = {}
     for i = 1, 300 do long[i] = ids[(i * 7) % #ids + 1] end

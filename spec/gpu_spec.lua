@@ -190,16 +190,42 @@ describe("CUDA backend #gpu", function()
     g:close(); c:close()
   end)
 
-  it("prefills a 2,000-token prompt in one pass (the default rewind's ring), with the CPU's logits and tokens", function()
+  it("prefills a long prompt in one pass (the default rewind's ring), with the CPU's logits, routing and tokens", function()
     -- the default rewind (2,048) gives a sliding ring of 16 + 2,048, so the
-    -- plan runs the whole prompt as one pass, its sliding keys wrapping the
-    -- ring once; the CPU runs it in passes of 256
-    local ids = H.prompt(5, 2000, 7919, 13)
+    -- plan runs 2,000 tokens as one pass (the CPU runs passes of 256); then
+    -- 2,048 more after a first 100, one pass whose keys wrap the ring
+    -- (positions 2,064.. reuse slots 0..) while its first tokens still read
+    -- the window at 84..99
+    local function agree(g, c, ids)
+      g:trace(true); c:trace(true)
+      local a, b = g:feed(ids, "last"), c:feed(ids, "last")
+      local worst = rel_l2(a:row(1), b:row(1))
+      local ta, tb = g:trace_get(), c:trace_get()
+      assert.are.equal(#tb, #ta)
+      local same, total = 0, 0
+      for t = 1, #tb do
+        for l = 1, #tb[t] do
+          total = total + 1
+          if table.concat(ta[t][l].experts, ",") == table.concat(tb[t][l].experts, ",") then same = same + 1 end
+        end
+      end
+      g:trace(false); c:trace(false)
+      return worst, same / total
+    end
+    local ws0 = gpu:memory().workspace
+    local p512 = gpu:session { rewind = 512 }
+    p512:feed(H.prompt(5, 2000, 7919, 13), "none")
+    local ws512 = gpu:memory().workspace
+    p512:close()
     local g, c = gpu:session(), cpu:session()
-    local a, b = g:feed(ids, "last"), c:feed(ids, "last")
-    local worst = rel_l2(a:row(1), b:row(1))
-    print(string.format("\n  one pass of 2,000: relative L2 %.3g at the last position", worst))
-    assert.is_true(worst <= 2e-2, string.format("relative L2 %.3g", worst))
+    local worst, routed = agree(g, c, H.prompt(5, 2000, 7919, 13))
+    local ws1 = gpu:memory().workspace
+    print(string.format("\n  one pass of 2,000: relative L2 %.3g at the last position, %.1f%% of routings agree; workspace %d -> %d (passes of 512) -> %d (one pass)",
+      worst, routed * 100, ws0, ws512, ws1))
+    -- the workspace grows to the longest pass run: one of 2,000 needs more than passes of 512
+    assert.is_true(ws1 > ws512, "the prompt did not run as one pass")
+    assert.is_true(worst <= 1e-3, string.format("relative L2 %.3g", worst))
+    assert.is_true(routed >= 0.98)
     local greedy = gptoss.sampler(gpu.config.vocab_size, { temperature = 0 })
     local x, y = g:sample(greedy), c:sample(greedy)
     assert.are.equal(y, x)
@@ -207,6 +233,13 @@ describe("CUDA backend #gpu", function()
       x, y = g:step(x, greedy), c:step(y, greedy)
       assert.are.equal(y, x, "step " .. i)
     end
+    g:close(); c:close()
+    g, c = gpu:session(), cpu:session()
+    g:feed(H.prompt(6, 100, 7919, 13), "none"); c:feed(H.prompt(6, 100, 7919, 13), "none")
+    worst, routed = agree(g, c, H.prompt(7, 2048, 7919, 13))
+    print(string.format("  2,048 after 100, the ring wrapping inside the pass: relative L2 %.3g, %.1f%% of routings agree", worst, routed * 100))
+    assert.is_true(worst <= 1e-3, string.format("relative L2 %.3g", worst))
+    assert.is_true(routed >= 0.98)
     g:close(); c:close()
   end)
 

@@ -237,9 +237,8 @@ static int model_logits(lua_State *L) {
   if ((int)n > gptoss_model_context(b->m))
     return luaL_error(L, "model:logits: %d tokens exceed the model's context of %d", (int)n, gptoss_model_context(b->m));
   lfloats *f = lg_floats_new(L, (int)n, V);
-  gptoss_session_opts o = {0, 512};
-  gptoss_session *s;
-  if (gptoss_session_new(b->m, &o, &s)) return lg_raise(L);
+  gptoss_session *s;   /* the default rewind: a prompt of a CUDA pass's length in one pass */
+  if (gptoss_session_new(b->m, NULL, &s)) return lg_raise(L);
   gptoss_status rc = gptoss_session_feed(s, ids, (int)n, GPTOSS_LOGITS_ALL, f->v);
   gptoss_session_free(s);
   if (rc) return lg_raise(L);
