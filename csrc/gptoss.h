@@ -438,9 +438,10 @@ gptoss_status gptoss_session_fork(const gptoss_session *s, gptoss_session **out)
 /* A new session holding s's first keep positions (0..pos; what a fork
    rewound to keep holds, the logits only when keep is pos), with o's
    context and rewind (NULL, or a rewind of 0: s's own), which may be
-   smaller or larger than s's as long as they hold keep positions. What the engine grows a
-   request's session with. ERANGE when keep is past what s holds or the
-   window before it is no longer in s's sliding layers. */
+   smaller or larger than s's as long as they hold keep positions. What
+   the engine grows a request's session with. ERANGE when keep is past
+   what s holds or the window before it is no longer in s's sliding
+   layers. */
 gptoss_status gptoss_session_fork_at(const gptoss_session *s, const gptoss_session_opts *o, int keep,
                                      gptoss_session **out);
 gptoss_status gptoss_session_rewind(gptoss_session *s, int pos);

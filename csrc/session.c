@@ -6,11 +6,6 @@
 #include <string.h>
 #include "backend.h"
 
-/* Default positions a sliding layer keeps beyond its window, so that a
-   multi-turn caller can rewind over a reply without re-prefilling, and a
-   pass can hold a whole 2,048-token prompt (gptoss.h says why). */
-#define DEFAULT_REWIND GPTOSS_SESSION_REWIND
-
 static int uses_sliding(const gptoss_config *c) {
   for (int i = 0; i < c->num_hidden_layers; i++)
     if (c->layer_sliding[i]) return 1;
@@ -31,7 +26,7 @@ static gptoss_status check_usable(const gptoss_session *s, int entry) {
 /* the rewind a session was opened with, as its ring tells it (a ring that
    is the whole context tells none: the default then) */
 static int session_rewind(const gptoss_session *s) {
-  if (!uses_sliding(&s->m->cfg) || s->ring >= s->context) return DEFAULT_REWIND;
+  if (!uses_sliding(&s->m->cfg) || s->ring >= s->context) return GPTOSS_SESSION_REWIND;
   return s->ring - s->m->cfg.sliding_window;
 }
 
@@ -44,7 +39,7 @@ int gptoss_session_ring(const gptoss_config *c, int context, int rewind) {
 
 gptoss_status gptoss_session_new(gptoss_model *m, const gptoss_session_opts *o, gptoss_session **out) {
   *out = NULL;
-  gptoss_session_opts dflt = {0, DEFAULT_REWIND};
+  gptoss_session_opts dflt = {0, GPTOSS_SESSION_REWIND};
   if (!o) o = &dflt;
   int ctx = o->context ? o->context : m->context;
   if (o->context < 0 || ctx > m->context)

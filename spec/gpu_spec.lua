@@ -15,6 +15,19 @@ local function agreement(lg_a, lg_b, rows)
   return same / rows
 end
 
+-- how many (token, layer) expert sets two sessions' traces (s:trace_get())
+-- share, and how many there are
+local function same_routes(ta, tb)
+  local same, total = 0, 0
+  for t = 1, #tb do
+    for l = 1, #tb[t] do
+      total = total + 1
+      if table.concat(ta[t][l].experts, ",") == table.concat(tb[t][l].experts, ",") then same = same + 1 end
+    end
+  end
+  return same, total
+end
+
 local function small()
   return H.checkpoint("small", { preset = "small", seed = 2 })
 end
@@ -177,13 +190,7 @@ describe("CUDA backend #gpu", function()
     for t = 1, #prompt do worst = math.max(worst, rel_l2(a:row(t), b:row(t))) end
     local ta, tb = g:trace_get(), c:trace_get()
     assert.are.equal(#prompt, #ta)
-    local same, total = 0, 0
-    for t = 1, #prompt do
-      for l = 1, #tb[t] do
-        total = total + 1
-        if table.concat(ta[t][l].experts, ",") == table.concat(tb[t][l].experts, ",") then same = same + 1 end
-      end
-    end
+    local same, total = same_routes(ta, tb)
     print(string.format("\n  passes of 4: worst relative L2 %.3g, %d of %d routings agree", worst, same, total))
     assert.is_true(worst <= 2e-2)
     assert.is_true(same / total >= 0.98)
@@ -202,13 +209,7 @@ describe("CUDA backend #gpu", function()
       local worst = rel_l2(a:row(1), b:row(1))
       local ta, tb = g:trace_get(), c:trace_get()
       assert.are.equal(#tb, #ta)
-      local same, total = 0, 0
-      for t = 1, #tb do
-        for l = 1, #tb[t] do
-          total = total + 1
-          if table.concat(ta[t][l].experts, ",") == table.concat(tb[t][l].experts, ",") then same = same + 1 end
-        end
-      end
+      local same, total = same_routes(ta, tb)
       g:trace(false); c:trace(false)
       return worst, same / total
     end
