@@ -212,6 +212,14 @@ static bool env_is(const char *name, const char *value) {
   return v && strcmp(v, value) == 0;
 }
 
+// a non-negative integer from the environment, else dflt
+static int env_int(const char *name, int dflt) {
+  const char *v = getenv(name);
+  char *end = NULL;
+  long n = v && *v ? strtol(v, &end, 10) : -1;
+  return n >= 0 && n <= 1 << 20 && end && !*end ? (int)n : dflt;
+}
+
 static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o) {
   if (m->device_index < 0 || m->device_index >= LOST_DEVICES)
     return gptoss_fail(GPTOSS_EARG, "device cuda:%d: at most cuda:%d", m->device_index, LOST_DEVICES - 1);
@@ -269,6 +277,8 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
     CU(pdl_supported(&pdl, cm->stream));
     cm->moe_wgmma = wg && !cm->invariant && !env_is("GPTOSS_MOE_GEMM", "wmma")
                     && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
+    cm->moe_small_rows = env_int("GPTOSS_MOE_SMALL_ROWS", MOE_SMALL_ROWS);
+    cm->moe_mma_rows = env_int("GPTOSS_MOE_MMA_ROWS", MOE_MMA_ROWS);
     cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !env_is("GPTOSS_PREFILL_ATTENTION", "split");
     // programmatic dependent launch of the decode step is opt-in
     // (GPTOSS_PDL=1): on the H100 it made the step slower, 3.16 ms against

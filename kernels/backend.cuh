@@ -15,6 +15,13 @@
 #define FLASH_SHORT_KEYS 1024
 #define TRY(call) do { gptoss_status r_ = (call); if (r_) return r_; } while (0)
 
+// the experts' paths' defaults (cuda_model's moe_small_rows, moe_mma_rows):
+// the CUDA-core GEMVs up to 2 rows an expert (8 sessions: 372 -> 542 tok/s;
+// at 4 or 8 rows they lost to the tensor-core tiles); moe_mma.cu's kernel
+// up to 32 (bench/NOTES.md, "64 sessions")
+#define MOE_SMALL_ROWS 2
+#define MOE_MMA_ROWS 32
+
 struct cuda_model {
   int dev;
   cudaStream_t stream;
@@ -44,6 +51,11 @@ struct cuda_model {
   // prefill's experts on wgmma (moe.cu): whether (Hopper, not batch-invariant,
   // GPTOSS_MOE_GEMM not "wmma"), and their buffers in the workspace
   int moe_wgmma;
+  // which experts' kernels a pass takes, by its (token, expert) rows per
+  // expert on average: up to moe_small_rows the CUDA-core GEMVs, up to
+  // moe_mma_rows moe_mma.cu's kernel, past it the tiled GEMMs (forward.cu;
+  // GPTOSS_MOE_SMALL_ROWS and GPTOSS_MOE_MMA_ROWS set them, to compare)
+  int moe_small_rows, moe_mma_rows;
   // prefill's attention in tiles (flash_attention.cu) for runs of at least
   // FLASH_MIN_RUN positions: whether (a head shape it takes; not
   // batch-invariant; GPTOSS_PREFILL_ATTENTION not "split")

@@ -100,6 +100,14 @@ __device__ __forceinline__ uint4 fp4x8_bf16(uint32_t w, uint32_t s) {
   return out;
 }
 
+// gpt-oss's clamped SwiGLU of one (gate, up) pair, as the CPU's forward.c
+__device__ __forceinline__ float swiglu(float g, float u, float limit) {
+  g = fminf(g, limit);
+  u = fminf(fmaxf(u, -limit), limit);
+  float glu = g / (1.f + __expf(-1.702f * g));
+  return (u + 1.f) * glu;
+}
+
 // two floats as a bf16 pair, a in the low half (the first element in memory)
 __device__ __forceinline__ uint32_t pack_bf16(float a, float b) {
   __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
@@ -392,6 +400,12 @@ cudaError_t launch_moe_down_wgmma(const float *act, const moe_work *w, int T, co
 void launch_moe_gate_up_small(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
                               const float *delta, float *act, cudaStream_t s);
 void launch_moe_down_small(const float *act, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s);
+// the same two products on mma.sync for a few dozen rows per expert
+// (moe_mma.cu: weights as the 16-row operand, the expert's rows 8 at a time,
+// nothing padded to a tile); same layouts; split: act split into bf16 hi/lo
+void launch_moe_gate_up_mma(const bf16 *xn, const bf16 *xn_lo, const moe_work *w, const dlayer *l, const dims *d,
+                            const float *delta, float *act, cudaStream_t s);
+void launch_moe_down_mma(const float *act, int split, const moe_work *w, const dlayer *l, const dims *d, float *y, cudaStream_t s);
 // decode (one token): gate_up (+ delta [K][2I], or NULL) + SwiGLU into act [K][I]; down + weights added to the residual
 void launch_moe_gate_up_decode(const float *xn, const int32_t *sel, const dlayer *l, const dims *d, const float *delta, float *act,
                                cudaStream_t s);

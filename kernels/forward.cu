@@ -14,10 +14,6 @@
 
 // after a batch of launches: a bad launch configuration shows up here
 #define LAUNCHED() CU(cudaGetLastError())
-// at most this many (token, expert) rows per expert on average take the
-// small-M MoE path (measured: 8 sessions 372 -> 542 tok/s; at 4 or 8 rows
-// per expert the CUDA-core path lost to the 64-row tensor-core tiles)
-#define MOE_SMALL_ROWS 2
 // a batch-invariant model's attention splits: keys a split (a TILE multiple)
 #define INVARIANT_SPLIT 256
 
@@ -275,9 +271,11 @@ struct batch_layer : layer_ops {
   gptoss_status experts(int l) override {
     const dlayer &y = cm->layer[l];
     bf16 *xn_lo = this->xn_lo();
-    // few rows per expert (batched decode): read each expert once, no padded tiles
-    // (a batch-invariant model always: their sums are per row, the tiles' are not)
-    bool small = cm->invariant || T * d.K <= MOE_SMALL_ROWS * d.E;
+    // few rows per expert (batched decode): read each expert once, no padded
+    // tiles; a batch-invariant model always takes the CUDA-core GEMVs, whose
+    // sums are per row (the tensor cores' are not)
+    bool small = cm->invariant || T * d.K <= cm->moe_small_rows * d.E;
+    bool mma = !small && T * d.K <= cm->moe_mma_rows * d.E;
     const float *delta = NULL;
     if (ls.tok) {
       lora_run(ls, l, 1, &mod_gu, &off0, T * d.K, cm->mw.perm, NULL, cm->xn, xn_lo, 0, ldelta, 2 * d.I, LORA_SET_ROW, 2 * d.I);
@@ -285,8 +283,9 @@ struct batch_layer : layer_ops {
       cuda_prof_mark("fwd lora", st);
     }
     // prefill's rows: Hopper's wgmma kernel where the model has its buffers
-    bool wgmma = !small && cm->moe_f;
+    bool wgmma = !small && !mma && cm->moe_f;
     if (small) launch_moe_gate_up_small(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
+    else if (mma) launch_moe_gate_up_mma(cm->xn, xn_lo, &cm->mw, &y, &d, delta, cm->act, st);
     else if (wgmma) CU(launch_moe_gate_up_wgmma(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->moe_hi, cm->moe_lo, cm->moe_f, cm->act, st));
     else launch_moe_gate_up(cm->xn, xn_lo, &cm->mw, T, &y, &d, delta, cm->act, st);
     cuda_prof_mark("fwd moe gate_up", st);
@@ -294,6 +293,7 @@ struct batch_layer : layer_ops {
     // zeros until the ranks' sum brings them (csrc/backend.h)
     if (cm->comm) CU(cudaMemsetAsync(cm->y, 0, sizeof(float) * T * d.K * d.H, st));
     if (small) launch_moe_down_small(cm->act, &cm->mw, &y, &d, cm->y, st);
+    else if (mma) launch_moe_down_mma(cm->act, cm->split, &cm->mw, &y, &d, cm->y, st);
     else if (wgmma) CU(launch_moe_down_wgmma(cm->act, &cm->mw, T, &y, &d, cm->moe_hi, cm->moe_lo, cm->moe_f, cm->y, st));
     else launch_moe_down(cm->act, cm->split, &cm->mw, T, &y, &d, cm->y, st);
     if (ls.tok) {

@@ -38,13 +38,6 @@ __device__ __forceinline__ void fp4x8(uint32_t w, __half2 h[4]) {
 
 #define FP4_UNBIAS 16384.f   // 2^14, what fp4x8 leaves out
 
-__device__ __forceinline__ float swiglu(float g, float u, float limit) {
-  g = fminf(g, limit);
-  u = fminf(fmaxf(u, -limit), limit);
-  float glu = g / (1.f + __expf(-1.702f * g));
-  return (u + 1.f) * glu;
-}
-
 // {====================================================== sorting
 __global__ void moe_count_kernel(const int32_t *sel, int n, int lo, int hi, int32_t *counts) {
   int i = blockIdx.x * blockDim.x + threadIdx.x;

@@ -174,6 +174,14 @@ static void test_moe(int T, int H, int I, int E, int K) {
     CK(cudaGetLastError());
     snprintf(name, sizeof name, "moe small-M GEMVs %s T=%d H=%d I=%d E=%d", split ? "split" : "bf16", T, H, I, E);
     report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
+    // batched decode's mma.sync path (moe_mma.cu): 32 rows an expert a pass, 8 a tile
+    CK(cudaMemcpy(x, zeros.data(), sizeof(float) * zeros.size(), cudaMemcpyHostToDevice));
+    launch_moe_gate_up_mma(dxn, split ? dxn_lo : NULL, &mw, &l, &d, NULL, act, 0);
+    launch_moe_down_mma(act, split, &mw, &l, &d, y, 0);
+    launch_moe_combine(x, y, dw, T, H, K, 0);
+    CK(cudaGetLastError());
+    snprintf(name, sizeof name, "moe mma.sync %s T=%d H=%d I=%d E=%d", split ? "split" : "bf16", T, H, I, E);
+    report(name, host(x, (size_t)T * H), want, split ? 1e-4 : 1e-2);
     // prefill's path on Hopper: gathered rows through mxfp4_gemm.cu's kernel
     // (where this device has no wgmma, its portable kernel: the same formula)
     if (H % 32 == 0 && I % 32 == 0) {
@@ -552,6 +560,7 @@ int main() {
   test_moe(300, 64, 64, 8, 4);
   test_moe(8, 2880, 2880, 32, 4);
   test_moe(64, 2880, 2880, 32, 4);      // 64 sessions of the 20B shape: some experts get more than 8 rows
+  test_moe(20, 128, 160, 4, 2);         // gate_up rows no multiple of a block's 128, down K no multiple of 128
   test_attention(1, 40, 64, 8, 64, 128, 0, 0, 1);
   test_attention(1, 900, 64, 8, 64, 128, 0, 0, 4);
   test_attention(1, 300, 64, 8, 64, 128, 1, 640, 1);

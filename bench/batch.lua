@@ -1,0 +1,50 @@
+--- bench/batch.lua: decode throughput of N sessions stepping together
+-- (gptoss.batch_step, greedy, 128-token prompts), one row per N.
+--
+--   lua5.4 bench/batch.lua DIR [DEVICE] [PRECISION] [N,N,...]
+--
+-- DEVICE defaults to cuda:0, PRECISION to exact, the counts to 8,32,64,256.
+-- bench/llm.lua measures the same rows among the issue's others; this one
+-- runs them alone, so that the experts' paths can be compared in one run:
+-- the CUDA backend takes its path per pass by (token, expert) rows per
+-- expert, and GPTOSS_MOE_SMALL_ROWS / GPTOSS_MOE_MMA_ROWS move its
+-- thresholds (kernels/backend.cuh; GPTOSS_MOE_MMA_ROWS=0 is the path before
+-- moe_mma.cu). Prints a Markdown table; BENCH_JSON=file writes the rows.
+package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
+local gptoss = require "gptoss"
+local workload = require "workload"
+
+local dir = assert(arg[1], "usage: lua5.4 bench/batch.lua DIR [DEVICE] [PRECISION] [N,N,...]")
+local device, precision = arg[2] or "cuda:0", arg[3] or "exact"
+local counts = {}
+for c in (arg[4] or "8,32,64,256"):gmatch("[^,]+") do
+  counts[#counts + 1] = assert(math.tointeger(tonumber(c)), "bench/batch.lua: counts are integers, got " .. c)
+end
+local now = gptoss.core.clock
+
+local m = assert(gptoss.load(dir, { device = device, precision = precision }))
+local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
+local paths = string.format("GPTOSS_MOE_SMALL_ROWS=%s GPTOSS_MOE_MMA_ROWS=%s", os.getenv("GPTOSS_MOE_SMALL_ROWS") or "default",
+  os.getenv("GPTOSS_MOE_MMA_ROWS") or "default")
+local rows, json = {}, { device = device, precision = precision, paths = paths, rows = {} }
+for _, n in ipairs(counts) do
+  local ss = {}
+  local ok, err = pcall(function()
+    local last, smp
+    ss, last, smp = workload.sessions(m, n, greedy, ss)
+    last = gptoss.batch_step(ss, last, smp)   -- the first step sizes the workspace
+    local steps = 32
+    local t0 = now()
+    for _ = 1, steps do last = gptoss.batch_step(ss, last, smp) end
+    local dt = now() - t0
+    rows[#rows + 1] = string.format("| %d | %.0f | %.2f |", n, n * steps / dt, dt / steps * 1e3)
+    json.rows[#json.rows + 1] = { sessions = n, tok_s = n * steps / dt, ms_step = dt / steps * 1e3 }
+  end)
+  for _, x in ipairs(ss) do x:close() end
+  if not ok then
+    io.stderr:write(string.format("bench/batch.lua: %d sessions not run: %s\n", n, tostring(err)))
+    break
+  end
+end
+m:close()
+workload.report(string.format("batch_step on %s, %s, %s", device, precision, paths), { "sessions", "tok/s", "ms/step" }, rows, json)
