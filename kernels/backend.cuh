@@ -21,6 +21,8 @@
 // up to 32 (bench/NOTES.md, "64 sessions")
 #define MOE_SMALL_ROWS 2
 #define MOE_MMA_ROWS 32
+// dense_mma.cu's products up to this many tokens a pass (bench/NOTES.md)
+#define DENSE_MMA_TOKENS 64
 
 struct cuda_model {
   int dev;
@@ -56,6 +58,12 @@ struct cuda_model {
   // moe_mma_rows moe_mma.cu's kernel, past it the tiled GEMMs (forward.cu;
   // GPTOSS_MOE_SMALL_ROWS and GPTOSS_MOE_MMA_ROWS set them, to compare)
   int moe_small_rows, moe_mma_rows;
+  // the general pass's dense products of at most dense_mma_tokens tokens on
+  // dense_mma.cu's kernel, not cuBLAS (GPTOSS_DENSE_MMA_TOKENS; 0: cuBLAS
+  // always), and its K slices' buffer in the workspace
+  int dense_mma_tokens;
+  float *dense_part;
+  size_t dense_part_floats;
   // prefill's attention in tiles (flash_attention.cu) for runs of at least
   // FLASH_MIN_RUN positions: whether (a head shape it takes; not
   // batch-invariant; GPTOSS_PREFILL_ATTENTION not "split")

@@ -122,6 +122,20 @@ __device__ __forceinline__ uint32_t split_pair(float a, float b, uint32_t *lo) {
   return *reinterpret_cast<uint32_t *>(&h);
 }
 
+// D (16 x 8, fp32) += A (16 x 16) B (16 x 8), bf16 in (sm_80's mma.sync).
+// Lane l (g = l / 4, t = l % 4) holds A's rows g and g + 8 at columns 2t,
+// 2t + 1 (a[0], a[1]) and 2t + 8, 2t + 9 (a[2], a[3]), B's column g at rows
+// 2t, 2t + 1 (b0) and 2t + 8, 2t + 9 (b1), D's rows g (d[0], d[1]) and g + 8
+// (d[2], d[3]) at columns 2t, 2t + 1; each register a bf16 pair, the lower
+// column or row first
+__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 // 16 bytes global to shared, in flight until cp.async.wait_group; zeros when !pred
@@ -326,6 +340,13 @@ void launch_gemv_bf16(const float *x, const bf16 *norm_w, float eps, const bf16 
 // Y[t][r] = W[r] . x_t (x_t = X[t] + X_lo[t]) with each dot product summed
 // in one order whatever T is: a batch-invariant model's products (cols % 8 == 0)
 void launch_gemm_rows(const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int rows, int T, int cols, cudaStream_t s);
+// Y[T][out] = X W^T (+ X_lo W^T) for a few tokens on mma.sync, K cut into
+// slices summed through part (dense_mma.cu); part holds
+// dense_mma_part_floats(T, out) floats for any out it is used for (fewer:
+// fewer slices)
+size_t dense_mma_part_floats(int T, int out);
+cudaError_t launch_dense_mma(const bf16 *W, const bf16 *X, const bf16 *X_lo, float *Y, int out, int T, int in, float *part,
+                             size_t part_floats, cudaStream_t s);
 // RMSNorm + router + top-k + softmax in fp32, one block per token: routing
 // is a discrete choice, so no rounded input sits right before it. Writes the
 // normalised rows too (xn bf16 for the GEMMs, xnf fp32 for decode), either may be NULL.

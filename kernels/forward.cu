@@ -40,6 +40,9 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
   int outrows = 64;
   // attention partials: T <= 64 tokens may split their keys up to 64 ways
   size_t prows = (size_t)(nt > 64 * 64 ? nt : 64 * 64) * d.Hq;
+  // the few-token dense products' K slices: qkv's and o_proj's outputs (lm_head runs unsliced)
+  int dense_t = nt < cm->dense_mma_tokens ? nt : cm->dense_mma_tokens;
+  size_t dense_part = dense_t ? dense_mma_part_floats(dense_t, d.Q + 2 * d.KV > d.H ? d.Q + 2 * d.KV : d.H) : 0;
   size_t sorted = cm->moe_wgmma ? sizeof(bf16) * TK * (d.H > d.I ? d.H : d.I) : 0;
   size_t sz[] = {
     sizeof(float) * nt * d.H,                     // x
@@ -66,6 +69,7 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
     sizeof(gpu_sampling) * ns, sizeof(int32_t) * ns, sizeof(int32_t *) * ns, sizeof(int32_t) * ns,
     // the wgmma experts' sorted operands (bf16 hi, lo) and fp32 products (gate_up, then down)
     sorted, cm->split ? sorted : 0, cm->moe_wgmma ? sizeof(float) * TK * (2 * d.I > d.H ? 2 * d.I : d.H) : 0,
+    sizeof(float) * dense_part,                   // dense_mma.cu's slices (qkv, o_proj)
   };
   size_t total = 0;
   for (size_t i = 0; i < sizeof sz / sizeof sz[0]; i++) total += ALIGN(sz[i]);
@@ -96,6 +100,8 @@ gptoss_status ensure_workspace(cuda_model *cm, int T, int S) {
   NEXT_PART(cm->params_dev, gpu_sampling *); NEXT_PART(cm->out_dev, int32_t *); NEXT_PART(cm->hist_arr, const int32_t **);
   NEXT_PART(cm->hist_len, int32_t *);
   NEXT_PART(cm->moe_hi, bf16 *); NEXT_PART(cm->moe_lo, bf16 *); NEXT_PART(cm->moe_f, float *);
+  NEXT_PART(cm->dense_part, float *);
+  cm->dense_part_floats = dense_part;
   if (!cm->moe_wgmma) { cm->moe_hi = cm->moe_lo = NULL; cm->moe_f = NULL; }
   if (!cm->split) cm->moe_lo = NULL;
 #undef NEXT_PART
@@ -119,6 +125,11 @@ static gptoss_status gemm(cuda_model *cm, const bf16 *W, const bf16 *X, const bf
   if (cm->invariant) {
     if (in % 8) return gptoss_fail(GPTOSS_EUNSUP, "batch-invariant products need an input size divisible by 8 (got %d)", in);
     launch_gemm_rows(W, X, X_lo, Y, out, T, in, cm->stream);
+    return GPTOSS_OK;
+  }
+  // a few tokens (batched decode): mma.sync over K slices, not cuBLAS's tiles
+  if (T <= cm->dense_mma_tokens && in % 8 == 0) {
+    CU(launch_dense_mma(W, X, X_lo, Y, out, T, in, cm->dense_part, cm->dense_part_floats, cm->stream));
     return GPTOSS_OK;
   }
   BLAS(cublasGemmEx(cm->blas, CUBLAS_OP_T, CUBLAS_OP_N, out, T, in, &one, W, CUDA_R_16BF, in, X, CUDA_R_16BF, in, &zero,

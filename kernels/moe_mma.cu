@@ -37,15 +37,6 @@
 namespace {
 constexpr int WARPS = 4, ROWS_W = 32, NT = 4;   // a warp's weight rows; n8 tiles a pass (32 expert rows)
 
-// D (16 x 8, fp32) += A (16 x 16) B (16 x 8), bf16 in
-__device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __device__ __forceinline__ uint4 decode_block_word(uint32_t w, uint32_t s) {
   return s > 128 ? fp4x8_bf16<true>(w, s) : fp4x8_bf16<false>(w, s);
 }

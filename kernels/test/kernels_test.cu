@@ -347,6 +347,34 @@ static void test_attention(int T, int p0, int Hq, int Hkv, int D, int window, in
   test_attention_t<__half>(T, p0, Hq, Hkv, D, window, sliding, ring, nsplit, false);
 }
 
+// the few-token dense product (dense_mma.cu): Y = X W^T from fp32 inputs
+// split into bf16 hi + lo (or hi alone), over part_floats of slice buffer
+static void test_dense_mma(int out, int in, int T, size_t part_floats) {
+  std::vector<bf16> W = rand_bf16((size_t)out * in, 1.0 / sqrt(in));
+  std::vector<float> xf((size_t)T * in);
+  for (auto &v : xf) v = (float)nrand();
+  std::vector<bf16> hi, lo;
+  split_bf16(xf, hi, lo);
+  std::vector<double> want((size_t)T * out);
+  for (int t = 0; t < T; t++)
+    for (int r = 0; r < out; r++) {
+      double a = 0;
+      for (int c = 0; c < in; c++) a += (double)__bfloat162float(W[(size_t)r * in + c]) * xf[(size_t)t * in + c];
+      want[(size_t)t * out + r] = a;
+    }
+  bf16 *dW = dev(W), *dhi = dev(hi), *dlo = dev(lo);
+  std::vector<float> yz((size_t)T * out, -1.f), pz(part_floats ? part_floats : 1);
+  float *y = dev(yz), *part = dev(pz);
+  char name[96];
+  for (int split = 0; split < 2; split++) {
+    CK(launch_dense_mma(dW, dhi, split ? dlo : NULL, y, out, T, in, part, part_floats, 0));
+    snprintf(name, sizeof name, "dense mma.sync %s out=%d in=%d T=%d slices<=%zu", split ? "split" : "bf16", out, in, T,
+             part_floats / ((size_t)T * out));
+    report(name, host(y, (size_t)T * out), want, split ? 1e-4 : 1e-2);
+  }
+  CK(cudaFree(dW)); CK(cudaFree(dhi)); CK(cudaFree(dlo)); CK(cudaFree(y)); CK(cudaFree(part));
+}
+
 // decode GEMV with the fused RMSNorm, and the router
 static void test_gemv(int rows, int cols) {
   std::vector<float> x(cols);
@@ -554,6 +582,11 @@ int main() {
   test_router(5, 64, 8, 2);
   test_gemv(5120, 2880);
   test_gemv(37, 64);
+  test_dense_mma(2880, 4096, 64, dense_mma_part_floats(64, 5120));   // the 20B's o_proj at 64 sessions: 8 slices
+  test_dense_mma(5120, 2880, 8, dense_mma_part_floats(64, 5120));    // its qkv at 8
+  test_dense_mma(1000, 136, 37, dense_mma_part_floats(37, 1000));    // rows and K no multiple of the tiles
+  test_dense_mma(2880, 4096, 40, (size_t)3 * 40 * 2880);             // a buffer for 3 slices
+  test_dense_mma(4000, 64, 5, 0);                                    // one slice, written straight to Y
   test_moe(1, 128, 128, 8, 4);
   test_moe(37, 128, 128, 8, 4);
   test_moe(150, 512, 512, 16, 4);

@@ -1,38 +1,41 @@
 #!/bin/bash
-# Device, twenty-second round (issue 22): batched decode's experts on
-# mma.sync tiles (kernels/moe_mma.cu). kernels_test (the new kernel against
-# the double-precision MoE, beside the other paths), gpu_spec.lua and
-# lora_gpu_spec.lua with every batch pass on the new kernel
-# (GPTOSS_MOE_SMALL_ROWS=0), compute-sanitizer memcheck of tools/gpu_smoke.lua
-# so, then bench/batch.lua on the 20B shape in exact and fast, new paths
-# against the old (GPTOSS_MOE_MMA_ROWS=0) in the same run, then every #gpu
-# spec with the defaults while time is left.
+# Device, twenty-second round (issue 22): batched decode on mma.sync tiles,
+# the experts (kernels/moe_mma.cu) and the dense products of a few tokens
+# (kernels/dense_mma.cu). kernels_test (both against double-precision
+# references, beside the other paths); every #gpu spec (the 20B checkpoint
+# is made meanwhile); bench/batch.lua on the 20B shape, the new paths
+# against the old in the same run (GPTOSS_MOE_MMA_ROWS=0
+# GPTOSS_DENSE_MMA_TOKENS=0) and each alone; then compute-sanitizer memcheck
+# of tools/gpu_smoke.lua and gpu_spec.lua + lora_gpu_spec.lua with every
+# batch pass's experts on moe_mma.cu (GPTOSS_MOE_SMALL_ROWS=0).
 # Carry .device-kit and .carry/bundle.tar.xz.
 set -u
 source tools/reference/device_env.sh
 round_clock ${ROUND_S:-570}
 gpu_line
+(need_20b > /tmp/need_20b.log 2>&1 &)
 timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1
 echo "kernels_test rc=$? at $(( $(date +%s) - T0 )) s"
-grep -aE "moe|FAIL|all ok" $OUT/kernels_test.log | head -40
-GPTOSS_MOE_SMALL_ROWS=0 timeout 100 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/gpu_spec.lua spec/lora_gpu_spec.lua > $OUT/mma_specs.log 2>&1
-echo "specs with every batch pass on mma.sync: rc=$? at $(( $(date +%s) - T0 )) s"
-grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/mma_specs.log | head -12
-lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
-GPTOSS_MOE_SMALL_ROWS=0 timeout 60 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 tools/gpu_smoke.lua /tmp/tiny > /tmp/memcheck_fwd.log 2>&1
-echo "memcheck forward/decode/batch on mma.sync: rc=$? $(grep -a 'ERROR SUMMARY' /tmp/memcheck_fwd.log)"
-grep -a "=========" /tmp/memcheck_fwd.log | grep -v "ERROR SUMMARY" | head -8
-need_20b
-for p in exact fast; do
-  for rows in default 0; do
-    [ $(left) -lt 150 ] && break
-    if [ $rows = default ]; then env=""; else env="GPTOSS_MOE_MMA_ROWS=$rows"; fi
-    env $env timeout 100 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256 2>&1 | grep -aE "^batch|^\| [0-9]|not run"
-  done
-done
-[ $(left) -gt 120 ] && GPTOSS_MOE_SMALL_ROWS=0 timeout 60 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 1,4,8,16 2>&1 | grep -aE "^batch|^\| [0-9]|not run"
-t=$(( $(left) - 5 )); [ $t -lt 60 ] && { echo "gpu specs: no time left"; exit 0; }
+grep -aE "moe|dense|FAIL|all ok" $OUT/kernels_test.log | head -40
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)
-timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
+timeout 200 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
-grep -aE "successes|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -20
+grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -20
+while [ ! -f /tmp/gptoss-20b/config.json ] || pgrep -f "preset 20b" >/dev/null; do sleep 2; done
+echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
+bb() { timeout 90 env "$@" 2>&1 | grep -aE "^batch|^\| [0-9]|not run"; }
+for p in exact fast; do
+  bb lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256
+  bb GPTOSS_MOE_MMA_ROWS=0 GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256
+  [ $p = exact ] && [ $(left) -gt 200 ] && bb GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 8,64,256
+  [ $p = exact ] && [ $(left) -gt 200 ] && bb GPTOSS_MOE_SMALL_ROWS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 1,4,8
+done
+[ $(left) -lt 60 ] && exit 0
+lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
+GPTOSS_MOE_SMALL_ROWS=0 timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 tools/gpu_smoke.lua /tmp/tiny > /tmp/memcheck_fwd.log 2>&1
+echo "memcheck forward/decode/batch, experts on moe_mma.cu: rc=$? $(grep -a 'ERROR SUMMARY' /tmp/memcheck_fwd.log)"
+grep -a "=========" /tmp/memcheck_fwd.log | grep -v "ERROR SUMMARY" | head -8
+t=$(( $(left) - 5 )); [ $t -lt 30 ] && exit 0
+GPTOSS_MOE_SMALL_ROWS=0 timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/gpu_spec.lua spec/lora_gpu_spec.lua > $OUT/mma_specs.log 2>&1
+echo "specs with every batch pass's experts on moe_mma.cu: rc=$? at $(( $(date +%s) - T0 )) s"
+grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/mma_specs.log | head -12
