@@ -18,18 +18,19 @@ timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1
 echo "kernels_test rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "moe|dense|FAIL|all ok" $OUT/kernels_test.log | head -40
 gpu_specs=$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)
-timeout 200 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
+t=$(( $(left) - 200 )); [ $t -gt 200 ] && t=200
+timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/gpu_specs.log | head -20
-while [ ! -f /tmp/gptoss-20b/config.json ] || pgrep -f "preset 20b" >/dev/null; do sleep 2; done
+while { [ ! -f /tmp/gptoss-20b/config.json ] || pgrep -f "preset 20b" >/dev/null; } && [ $(left) -gt 60 ]; do sleep 2; done
 echo "20B checkpoint at $(( $(date +%s) - T0 )) s"
 bb() { timeout 90 env "$@" 2>&1 | grep -aE "^batch|^\| [0-9]|not run"; }
 for p in exact fast; do
   bb lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256
   bb GPTOSS_MOE_MMA_ROWS=0 GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256
-  [ $p = exact ] && [ $(left) -gt 200 ] && bb GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 8,64,256
-  [ $p = exact ] && [ $(left) -gt 200 ] && bb GPTOSS_MOE_SMALL_ROWS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 1,4,8
 done
+[ $(left) -gt 150 ] && bb GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 8,64,256
+[ $(left) -gt 120 ] && bb GPTOSS_MOE_SMALL_ROWS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 1,4,8
 [ $(left) -lt 60 ] && exit 0
 lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
 GPTOSS_MOE_SMALL_ROWS=0 timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 lua5.4 tools/gpu_smoke.lua /tmp/tiny > /tmp/memcheck_fwd.log 2>&1
