@@ -17,7 +17,8 @@ gpu_line
 timeout 120 build/cuda/kernels_test > $OUT/kernels_test.log 2>&1
 echo "kernels_test rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "moe|dense|FAIL|all ok" $OUT/kernels_test.log | head -40
-gpu_specs=$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)
+# SPECS="spec/a_spec.lua ...": those alone (a short round)
+gpu_specs=${SPECS:-$(grep -l "#gpu" spec/*_spec.lua | grep -v llama_cpp)}
 t=$(( $(left) - 200 )); [ $t -gt 200 ] && t=200
 timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
 echo "gpu specs rc=$? at $(( $(date +%s) - T0 )) s"
