@@ -6,10 +6,12 @@
 -- DEVICE defaults to cuda:0, PRECISION to exact, the counts to 8,32,64,256.
 -- bench/llm.lua measures the same rows among the issue's others; this one
 -- runs them alone, so that the experts' paths can be compared in one run:
--- the CUDA backend takes its path per pass by (token, expert) rows per
--- expert, and GPTOSS_MOE_SMALL_ROWS / GPTOSS_MOE_MMA_ROWS move its
--- thresholds (kernels/backend.cuh; GPTOSS_MOE_MMA_ROWS=0 is the path before
--- moe_mma.cu). Prints a Markdown table; BENCH_JSON=file writes the rows.
+-- the CUDA backend takes the experts' path per pass by (token, expert) rows
+-- per expert and the dense products' by tokens, and GPTOSS_MOE_SMALL_ROWS,
+-- GPTOSS_MOE_MMA_ROWS and GPTOSS_DENSE_MMA_TOKENS move the thresholds
+-- (kernels/backend.cuh; GPTOSS_MOE_MMA_ROWS=32 GPTOSS_DENSE_MMA_TOKENS=64
+-- turn moe_mma.cu and dense_mma.cu on). Prints a Markdown table;
+-- BENCH_JSON=file writes the rows.
 package.path = "lua/?.lua;lua/?/init.lua;bench/?.lua;" .. package.path
 local gptoss = require "gptoss"
 local workload = require "workload"
@@ -24,8 +26,9 @@ local now = gptoss.core.clock
 
 local m = assert(gptoss.load(dir, { device = device, precision = precision }))
 local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
-local paths = string.format("GPTOSS_MOE_SMALL_ROWS=%s GPTOSS_MOE_MMA_ROWS=%s", os.getenv("GPTOSS_MOE_SMALL_ROWS") or "default",
-  os.getenv("GPTOSS_MOE_MMA_ROWS") or "default")
+local paths = string.format("GPTOSS_MOE_SMALL_ROWS=%s GPTOSS_MOE_MMA_ROWS=%s GPTOSS_DENSE_MMA_TOKENS=%s",
+  os.getenv("GPTOSS_MOE_SMALL_ROWS") or "default", os.getenv("GPTOSS_MOE_MMA_ROWS") or "default",
+  os.getenv("GPTOSS_DENSE_MMA_TOKENS") or "default")
 local rows, json = {}, { device = device, precision = precision, paths = paths, rows = {} }
 for _, n in ipairs(counts) do
   local ss = {}

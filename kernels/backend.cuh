@@ -17,12 +17,12 @@
 
 // the experts' paths' defaults (cuda_model's moe_small_rows, moe_mma_rows):
 // the CUDA-core GEMVs up to 2 rows an expert (8 sessions: 372 -> 542 tok/s;
-// at 4 or 8 rows they lost to the tensor-core tiles); moe_mma.cu's kernel
-// up to 32 (bench/NOTES.md, "64 sessions")
+// at 4 or 8 rows they lost to the tensor-core tiles). moe_mma.cu and
+// dense_mma.cu are off until a GPU has run them (bench/NOTES.md, "64
+// sessions"): GPTOSS_MOE_MMA_ROWS=32 GPTOSS_DENSE_MMA_TOKENS=64 turn them on
 #define MOE_SMALL_ROWS 2
-#define MOE_MMA_ROWS 32
-// dense_mma.cu's products up to this many tokens a pass (bench/NOTES.md)
-#define DENSE_MMA_TOKENS 64
+#define MOE_MMA_ROWS 0
+#define DENSE_MMA_TOKENS 0
 
 struct cuda_model {
   int dev;

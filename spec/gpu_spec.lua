@@ -143,10 +143,12 @@ describe("CUDA backend #gpu", function()
     end
   end)
 
-  it("steps 24 sessions together (the experts on mma.sync tiles) with the CPU's logits and top-1, teacher-forced", function()
+  it("steps 24 sessions together with the CPU's logits and top-1, teacher-forced", function()
     -- the tiny model routes each token to 4 of 8 experts: 24 sessions give
-    -- 12 rows an expert a step, past the CUDA-core GEMVs' 2 and within
-    -- moe_mma.cu's 32 (kernels/backend.cuh), so each step's experts run there
+    -- 12 rows an expert a step, past the CUDA-core GEMVs' 2, so the experts
+    -- run on the tiled GEMMs, or on moe_mma.cu with GPTOSS_MOE_MMA_ROWS=32
+    -- (and the dense products on dense_mma.cu with GPTOSS_DENSE_MMA_TOKENS=64:
+    -- tools/reference/device_round22.sh runs the #gpu specs so)
     local n, gs, cs, ids, smp = 24, {}, {}, {}, {}
     local greedy = gptoss.sampler(gpu.config.vocab_size, { temperature = 0 })
     for i = 1, n do
