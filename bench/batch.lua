@@ -20,9 +20,10 @@ local dir = assert(arg[1], "usage: lua5.4 bench/batch.lua DIR [DEVICE] [PRECISIO
 local device, precision = arg[2] or "cuda:0", arg[3] or "exact"
 local counts = {}
 for c in (arg[4] or "8,32,64,256"):gmatch("[^,]+") do
-  counts[#counts + 1] = assert(math.tointeger(tonumber(c)), "bench/batch.lua: counts are integers, got " .. c)
+  local n = tonumber(c)
+  assert(n and n >= 1 and n == math.floor(n), "bench/batch.lua: session counts are positive integers, got " .. c)
+  counts[#counts + 1] = n
 end
-local now = gptoss.core.clock
 
 local m = assert(gptoss.load(dir, { device = device, precision = precision }))
 local greedy = gptoss.sampler(m.config.vocab_size, { temperature = 0 })
@@ -31,23 +32,13 @@ local paths = string.format("GPTOSS_MOE_SMALL_ROWS=%s GPTOSS_MOE_MMA_ROWS=%s GPT
   os.getenv("GPTOSS_DENSE_MMA_TOKENS") or "default")
 local rows, json = {}, { device = device, precision = precision, paths = paths, rows = {} }
 for _, n in ipairs(counts) do
-  local ss = {}
-  local ok, err = pcall(function()
-    local last, smp
-    ss, last, smp = workload.sessions(m, n, greedy, ss)
-    last = gptoss.batch_step(ss, last, smp)   -- the first step sizes the workspace
-    local steps = 32
-    local t0 = now()
-    for _ = 1, steps do last = gptoss.batch_step(ss, last, smp) end
-    local dt = now() - t0
-    rows[#rows + 1] = string.format("| %d | %.0f | %.2f |", n, n * steps / dt, dt / steps * 1e3)
-    json.rows[#json.rows + 1] = { sessions = n, tok_s = n * steps / dt, ms_step = dt / steps * 1e3 }
-  end)
-  for _, x in ipairs(ss) do x:close() end
+  local ok, step = pcall(workload.batch_rate, gptoss, m, n, greedy, 32)
   if not ok then
-    io.stderr:write(string.format("bench/batch.lua: %d sessions not run: %s\n", n, tostring(err)))
+    io.stderr:write(string.format("bench/batch.lua: %d sessions not run: %s\n", n, tostring(step)))
     break
   end
+  rows[#rows + 1] = string.format("| %d | %.0f | %.2f |", n, n / step, step * 1e3)
+  json.rows[#json.rows + 1] = { sessions = n, tok_s = n / step, ms_step = step * 1e3 }
 end
 m:close()
 workload.report(string.format("batch_step on %s, %s, %s", device, precision, paths), { "sessions", "tok/s", "ms/step" }, rows, json)

@@ -165,22 +165,12 @@ results.load, results.memory = load_s, mem.total / 1e9
 -- (a count whose sessions the device cannot hold, 256 on the 120b, is
 -- reported as not run and the rest goes on)
 for _, n in ipairs { 8, 32, 64, 256 } do
-  local ss = {}
-  local ok, err = pcall(function()
-    local last, smp
-    ss, last, smp = workload.sessions(m, n, greedy, ss)
-    last = gptoss.batch_step(ss, last, smp)
-    local steps = 32
-    t0 = now()
-    for _ = 1, steps do last = gptoss.batch_step(ss, last, smp) end
-    dt = now() - t0
-    row(string.format("decode, %d sessions together", n), n * steps / dt, "tok/s", string.format("%.2f ms/step", dt / steps * 1e3))
-  end)
-  for _, x in ipairs(ss) do x:close() end
+  local ok, step = pcall(workload.batch_rate, gptoss, m, n, greedy, 32)
   if not ok then
-    io.stderr:write(string.format("bench: %d sessions together not run: %s\n", n, tostring(err)))
+    io.stderr:write(string.format("bench: %d sessions together not run: %s\n", n, tostring(step)))
     break
   end
+  row(string.format("decode, %d sessions together", n), n / step, "tok/s", string.format("%.2f ms/step", step * 1e3))
 end
 
 row("bytes read per decoded token (weights)", per_token / 1e9, "GB")

@@ -25,6 +25,25 @@ function M.sessions(m, n, sampler, ss)
   return ss, last, smp
 end
 
+--- n sessions stepping together (gptoss.batch_step) for `steps` steps
+-- after one that sizes the workspace: seconds a step. The sessions are
+-- closed whatever happens; an error (a count the device cannot hold) is
+-- raised after.
+function M.batch_rate(gptoss, m, n, sampler, steps)
+  local ss = {}
+  local ok, dt = pcall(function()
+    local last, smp
+    ss, last, smp = M.sessions(m, n, sampler, ss)
+    last = gptoss.batch_step(ss, last, smp)
+    local t0 = gptoss.core.clock()
+    for _ = 1, steps do last = gptoss.batch_step(ss, last, smp) end
+    return (gptoss.core.clock() - t0) / steps
+  end)
+  for _, x in ipairs(ss) do x:close() end
+  if not ok then error(dt, 0) end
+  return dt
+end
+
 --- prints a benchmark's Markdown (a title line, then the table: header
 -- cells and rows of preformatted "| ... |" lines) and, when BENCH_JSON
 -- names a file, writes json there
