@@ -66,7 +66,7 @@ ifeq ($(CUDA),1)
 TARGETS += $(OUT)/cuda.so $(BUILD)/cuda/kernels_test
 endif
 
-.PHONY: all install test test-gpu run serve bench-serve bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels
+.PHONY: all install test test-gpu run serve bench-serve bench bench-train bench-adapter check-memory clean tokenizer fuzz kernels-test bench-kernels warpsim
 all: $(TARGETS)
 
 $(BUILD)/engine/%.o: csrc/%.c $(HEADERS)
@@ -105,6 +105,18 @@ $(BUILD)/cuda/kernels_test: kernels/test/kernels_test.cu $(KTEST_OBJ) kernels/co
 	$(NVCC) $(NVCC_FLAGS) -Icsrc -o $@ kernels/test/kernels_test.cu $(KTEST_OBJ) -cudart static
 
 kernels-test: $(BUILD)/cuda/kernels_test
+
+# the mma.sync kernels' own source run lane by lane on the CPU, every
+# mma.sync rebuilt from the PTX ISA's fragment layouts, against double
+# sums, under AddressSanitizer (tools/warpsim; spec/warpsim_spec.lua runs it)
+CXX ?= g++
+WARPSIM_IN := kernels/moe_mma.cu kernels/dense_mma.cu kernels/common.cuh $(wildcard tools/warpsim/*)
+$(BUILD)/warpsim/mma_test: $(WARPSIM_IN)
+	@mkdir -p $(dir $@)
+	$(LUA) tools/warpsim/gen.lua $(BUILD)/warpsim
+	$(CXX) -std=c++17 -O1 -g -fsanitize=address -fno-omit-frame-pointer -Itools/warpsim -I$(BUILD)/warpsim -o $@ \
+	  tools/warpsim/warp.cpp tools/warpsim/mma_test.cpp $(BUILD)/warpsim/moe_mma.cpp $(BUILD)/warpsim/dense_mma.cpp
+warpsim: $(BUILD)/warpsim/mma_test
 
 # training's grouped expert products against cuBLAS (run on the GPU machine)
 $(BUILD)/cuda/mxfp4_bench: bench/mxfp4_gemm.cu $(BUILD)/cuda/mxfp4_gemm.o kernels/common.cuh
@@ -145,6 +157,7 @@ BUSTED_ARGS = --exclude-tags=gpu,slow
 test: $(TOKENIZER)
 	$(MAKE) LUA=lua5.4 all
 	$(MAKE) LUA=luajit all
+	$(MAKE) LUA=lua5.4 warpsim
 	$(SPEC_ENV) $(BUSTED) --lua=lua5.4 --cpath='$(BUILD)/lua5.4/?.so' $(BUSTED_ARGS) spec
 	$(SPEC_ENV) $(BUSTED) --lua=luajit --cpath='$(BUILD)/luajit/?.so' $(BUSTED_ARGS) spec
 

@@ -279,7 +279,10 @@ static gptoss_status cuda_model_init(gptoss_model *m, const gptoss_model_opts *o
                     && d.H % 32 == 0 && d.I % 32 == 0;   // launch_mxfp4_gemm's shapes
     cm->moe_small_rows = env_int("GPTOSS_MOE_SMALL_ROWS", MOE_SMALL_ROWS);
     cm->moe_mma_rows = env_int("GPTOSS_MOE_MMA_ROWS", MOE_MMA_ROWS);
+    // at most 64: past 32 tokens each further 32 read the weights again
+    // (dense_mma.cu), and its slice buffer grows with the tokens
     cm->dense_mma_tokens = cm->invariant ? 0 : env_int("GPTOSS_DENSE_MMA_TOKENS", DENSE_MMA_TOKENS);
+    if (cm->dense_mma_tokens > 64) cm->dense_mma_tokens = 64;
     cm->flash_prefill = flash_prefill_supported(d.D, d.Hq, d.Hkv) && !cm->invariant && !env_is("GPTOSS_PREFILL_ATTENTION", "split");
     // programmatic dependent launch of the decode step is opt-in
     // (GPTOSS_PDL=1): on the H100 it made the step slower, 3.16 ms against

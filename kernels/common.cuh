@@ -136,6 +136,22 @@ __device__ __forceinline__ void mma16816(float d[4], const uint32_t a[4], uint32
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// Two k16 steps over the 8 consecutive K values a lane holds of each
+// operand: w (A's row g), w8 (row g + 8) and x (B's column g), values 0-3 in
+// the first step and 4-7 in the second. Inside a step K's order is free as
+// long as both operands agree, so one 16-byte load of each serves two steps
+// (moe_mma.cu, dense_mma.cu). With LO, x_lo's products go into d too.
+template <bool LO>
+__device__ __forceinline__ void mma_k8x2(float d[4], const uint4 &w, const uint4 &w8, const uint4 &x, const uint4 &x_lo) {
+  const uint32_t a0[4] = {w.x, w8.x, w.y, w8.y}, a1[4] = {w.z, w8.z, w.w, w8.w};
+  mma16816(d, a0, x.x, x.y);
+  mma16816(d, a1, x.z, x.w);
+  if (LO) {
+    mma16816(d, a0, x_lo.x, x_lo.y);
+    mma16816(d, a1, x_lo.z, x_lo.w);
+  }
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
 // 16 bytes global to shared, in flight until cp.async.wait_group; zeros when !pred

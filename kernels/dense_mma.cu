@@ -68,14 +68,6 @@ dense_mma_kernel(const bf16 *__restrict__ W, const bf16 *__restrict__ X, const b
     for (int k = k0; k < k1; k += 32) {
       if (k + 32 < k1) load_w(k + 32, wn);
       const int kk = k + 8 * t;
-      // A of the two steps, m tile mt: rows (g, g + 8) = wv[2 mt], wv[2 mt + 1]
-      uint32_t a[2][2][4];
-#pragma unroll
-      for (int mt = 0; mt < 2; mt++) {
-        const uint4 &r = wv[2 * mt], &r8 = wv[2 * mt + 1];
-        a[0][mt][0] = r.x; a[0][mt][1] = r8.x; a[0][mt][2] = r.y; a[0][mt][3] = r8.y;
-        a[1][mt][0] = r.z; a[1][mt][1] = r8.z; a[1][mt][2] = r.w; a[1][mt][3] = r8.w;
-      }
 #pragma unroll
       for (int j = 0; j < NT; j++) {
         if (j >= tiles) continue;   // warp-uniform
@@ -84,15 +76,9 @@ dense_mma_kernel(const bf16 *__restrict__ W, const bf16 *__restrict__ X, const b
           hi = *reinterpret_cast<const uint4 *>(xr[j] + kk);
           if (LO) lo = *reinterpret_cast<const uint4 *>(xl[j] + kk);
         }
+        // m tile mt: rows g, g + 8 are wv[2 mt], wv[2 mt + 1]
 #pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-          mma16816(acc[j][mt], a[0][mt], hi.x, hi.y);
-          mma16816(acc[j][mt], a[1][mt], hi.z, hi.w);
-          if (LO) {
-            mma16816(acc[j][mt], a[0][mt], lo.x, lo.y);
-            mma16816(acc[j][mt], a[1][mt], lo.z, lo.w);
-          }
-        }
+        for (int mt = 0; mt < 2; mt++) mma_k8x2<LO>(acc[j][mt], wv[2 * mt], wv[2 * mt + 1], hi, lo);
       }
       if (k + 32 < k1) {
 #pragma unroll

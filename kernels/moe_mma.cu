@@ -124,16 +124,10 @@ moe_mma_kernel(const bf16 *__restrict__ xn, const bf16 *__restrict__ xn_lo, cons
       const bool kok = blk < G;
 #pragma unroll
       for (int wd = 0; wd < 4; wd++) {   // word wd of the block: values 8 wd .. 8 wd + 7, steps 2 wd and 2 wd + 1
+        // the word's 8 weights of each row, bf16: m tile mt's rows g, g + 8 are dv[2 mt], dv[2 mt + 1]
         uint4 dv[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) dv[i] = decode_block_word(word(wv[i], wd), sc[i]);
-        // A of step 2 wd + h, m tile mt: rows g, g + 8; columns (values 4h, 4h+1), then (4h+2, 4h+3)
-        uint32_t a[2][2][4];
-#pragma unroll
-        for (int mt = 0; mt < 2; mt++) {
-          a[0][mt][0] = dv[2 * mt].x; a[0][mt][1] = dv[2 * mt + 1].x; a[0][mt][2] = dv[2 * mt].y; a[0][mt][3] = dv[2 * mt + 1].y;
-          a[1][mt][0] = dv[2 * mt].z; a[1][mt][1] = dv[2 * mt + 1].z; a[1][mt][2] = dv[2 * mt].w; a[1][mt][3] = dv[2 * mt + 1].w;
-        }
 #pragma unroll
         for (int j = 0; j < NT; j++) {
           if (j >= tiles) continue;   // warp-uniform
@@ -152,14 +146,7 @@ moe_mma_kernel(const bf16 *__restrict__ xn, const bf16 *__restrict__ xn_lo, cons
             lo = make_uint4(l0, l1, l2, l3);
           }
 #pragma unroll
-          for (int mt = 0; mt < 2; mt++) {
-            mma16816(acc[j][mt], a[0][mt], hi.x, hi.y);
-            mma16816(acc[j][mt], a[1][mt], hi.z, hi.w);
-            if (SPLIT) {
-              mma16816(acc[j][mt], a[0][mt], lo.x, lo.y);
-              mma16816(acc[j][mt], a[1][mt], lo.z, lo.w);
-            }
-          }
+          for (int mt = 0; mt < 2; mt++) mma_k8x2<SPLIT>(acc[j][mt], dv[2 * mt], dv[2 * mt + 1], hi, lo);
         }
       }
       if (kb + 4 < G) {

@@ -33,6 +33,7 @@ for p in exact fast; do
   bb $OLD lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 $p 8,32,64,256
 done
 [ $(left) -gt 150 ] && bb GPTOSS_MOE_MMA_ROWS=32 GPTOSS_DENSE_MMA_TOKENS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 8,64,256
+[ $(left) -gt 140 ] && bb GPTOSS_MOE_MMA_ROWS=32 GPTOSS_DENSE_MMA_TOKENS=32 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 64
 [ $(left) -gt 120 ] && bb $NEW GPTOSS_MOE_SMALL_ROWS=0 lua5.4 bench/batch.lua /tmp/gptoss-20b cuda:0 exact 1,4,8
 [ $(left) -lt 60 ] && exit 0
 lua5.4 tools/make_checkpoint.lua --preset tiny --seed 1 --out /tmp/tiny --tokenizer tokenizer >/dev/null
