@@ -4,7 +4,7 @@
 # nginx, its Lua module and lua-resty-core serve the API (make serve).
 # json-schema-test-suite: the official JSON Schema Test Suite (spec/schema_suite_spec.lua).
 set -eu
-PKGS="gcc make pkg-config lua5.4 liblua5.4-dev lua5.1 liblua5.1-0-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
+PKGS="gcc g++ make pkg-config lua5.4 liblua5.4-dev lua5.1 liblua5.1-0-dev luajit2 libluajit2-5.1-dev lua-lpeg lua-cjson \
 lua-filesystem lua-busted libpcre2-dev libcjson-dev luarocks gnuplot-nox slurm-wlm munge nginx libnginx-mod-http-lua lua-resty-core curl neovim patchelf \
 json-schema-test-suite"
 missing=""
