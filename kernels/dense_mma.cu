@@ -49,13 +49,7 @@ dense_mma_kernel(const bf16 *__restrict__ W, const bf16 *__restrict__ X, const b
       xr[j] = ok ? X + (size_t)tok * in : NULL;
       xl[j] = ok && LO ? X_lo + (size_t)tok * in : NULL;
     }
-    float acc[NT][2][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-      for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int q = 0; q < 4; q++) acc[j][mt][q] = 0.f;
+    float acc[NT][2][4] = {};
     // a lane's 8 values of each row at k + 8t; the next 32 of K load while these are used
     uint4 wv[4], wn[4];
     auto load_w = [&](int k, uint4 *v) {

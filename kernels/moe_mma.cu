@@ -98,13 +98,7 @@ moe_mma_kernel(const bf16 *__restrict__ xn, const bf16 *__restrict__ xn_lo, cons
         bf[j] = ok ? actf + (size_t)(r0 + rr) * Kd : NULL;
       }
     }
-    float acc[NT][2][4];
-#pragma unroll
-    for (int j = 0; j < NT; j++)
-#pragma unroll
-      for (int mt = 0; mt < 2; mt++)
-#pragma unroll
-        for (int q = 0; q < 4; q++) acc[j][mt][q] = 0.f;
+    float acc[NT][2][4] = {};
     // the weights of the next four blocks load while these are used
     uint4 wv[4], wn[4];
     uint32_t sc[4], scn[4];

@@ -31,10 +31,7 @@ if has specs; then
   timeout 300 $BUSTED --cpath="$here" --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs.log 2>&1
   grep -aE "^  [a-z]|successes|Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs.log | head -60
   if [ -d build/luajit ]; then
-    kit=/opt/kit
-    LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;$kit/usr/share/lua/5.1/?.lua;$kit/usr/share/lua/5.1/?/init.lua;;" \
-    LUA_CPATH="build/luajit/?.so;$kit/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;;" \
-      timeout 300 luajit $kit/usr/bin/busted --cpath='build/luajit/?.so' --tags=gpu -o utfTerminal $gpu_specs > $OUT/gpu_specs_jit.log 2>&1
+    timeout 300 bash -c "jit_busted --tags=gpu -o utfTerminal $gpu_specs" > $OUT/gpu_specs_jit.log 2>&1
     echo "LuaJIT: $(grep -aE 'successes' $OUT/gpu_specs_jit.log)"
     grep -aE "Failure|Error|spec.lua:[0-9]" $OUT/gpu_specs_jit.log | head -20
   fi

@@ -35,3 +35,13 @@ place_120b() {
   elif [ "$(avail_gb /tmp)" -ge $need ]; then dir=/tmp/gptoss-120b
   else echo "no room for the 120B checkpoint: /dev/shm $(avail_gb /dev/shm) GB, /tmp $(avail_gb /tmp) GB free"; return 1; fi
 }
+# jit_busted ARGS: busted under the kit's LuaJIT with the LuaJIT build
+# (build/luajit, carried in the bundle); exported, so that `timeout N bash
+# -c "jit_busted ..."` bounds it
+jit_busted() {
+  local kit=/opt/kit
+  LUA_PATH="./lua/?.lua;./lua/?/init.lua;./spec/?.lua;$kit/usr/share/lua/5.1/?.lua;$kit/usr/share/lua/5.1/?/init.lua;;" \
+  LUA_CPATH="build/luajit/?.so;$kit/usr/lib/x86_64-linux-gnu/lua/5.1/?.so;;" \
+    luajit $kit/usr/bin/busted --cpath='build/luajit/?.so' "$@"
+}
+export -f jit_busted

@@ -44,13 +44,7 @@ t=$(( $(left) - 5 )); [ $t -lt 30 ] && exit 0
 env $NEW GPTOSS_MOE_SMALL_ROWS=0 timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/gpu_spec.lua spec/lora_gpu_spec.lua > $OUT/mma_specs.log 2>&1
 echo "specs with every batch pass's experts on moe_mma.cu: rc=$? at $(( $(date +%s) - T0 )) s"
 grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/mma_specs.log | head -12
-# while time is left: the portable build (compute_80 PTX alone, no wgmma:
-# the path sm_80/86/89 take; carry .carry/pt80.tar.xz) through gpu_spec.lua
-# and lora_gpu_spec.lua
+# while time is left: the portable build's round (device_round21.sh: its
+# kernels_test, gpu_spec.lua and lora_gpu_spec.lua), the new paths on
 t=$(( $(left) - 5 )); { [ $t -lt 60 ] || [ ! -f .carry/pt80.tar.xz ]; } && exit 0
-export CUDA_CACHE_MAXSIZE=4294967296
-# (last: the portable modules take the place of the sm_90a ones on the cpath)
-tar -xJf .carry/pt80.tar.xz && rm -rf build/lua5.4/gptoss && cp -r build/pt80/lua5.4/gptoss build/lua5.4/gptoss
-env $NEW timeout $t $BUSTED --cpath="$here" --tags=gpu -o utfTerminal spec/gpu_spec.lua spec/lora_gpu_spec.lua > $OUT/portable_specs.log 2>&1
-echo "portable specs rc=$? at $(( $(date +%s) - T0 )) s"
-grep -aE "successes|24 sessions|^Failure|^Error|spec.lua:[0-9]+:" $OUT/portable_specs.log | head -12
+env $NEW ROUND_S=$t bash tools/reference/device_round21.sh
